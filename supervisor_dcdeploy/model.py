@@ -1,0 +1,326 @@
+"""Domain values read from and written to the coordination store.
+
+Every value that crosses the store boundary is parsed here, once, into a frozen dataclass.
+Parsing never trusts the store: anything malformed raises :class:`InvalidData` naming the
+path and the field, so an agent can report it and refuse to act on it (DESIGN §6: garbage
+written by hand with ``zkCli.sh set`` or ``consul kv put``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
+VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+
+DEPLOY_STATES = ("waiting", "rolling", "paused", "failed", "done", "aborted")
+ACTIVE_STATES = ("waiting", "rolling")
+HEALTH_KINDS = ("http", "tcp", "cmd", "none")
+
+
+class InvalidData(ValueError):
+    """A value in the store (or given by an operator) is malformed.
+
+    ``where`` names the store path or the CLI argument, ``field`` the offending field.
+    """
+
+    def __init__(self, where: str, field_name: str, problem: str) -> None:
+        self.where = where
+        self.field = field_name
+        self.problem = problem
+        super().__init__(f"{where}: field {field_name!r}: {problem}")
+
+
+def _load(where: str, raw: bytes | str | None) -> dict[str, Any]:
+    if raw is None:
+        raise InvalidData(where, "(node)", "no data")
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+        data = json.loads(text)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InvalidData(where, "(json)", f"not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidData(where, "(json)", f"expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _get(where: str, data: Mapping[str, Any], name: str, kind: type | tuple[type, ...],
+         default: Any = ..., ) -> Any:
+    if name not in data or data[name] is None:
+        if default is ...:
+            raise InvalidData(where, name, "missing")
+        return default
+    value = data[name]
+    # bool is an int subclass: never accept it where a number is asked for.
+    if isinstance(value, bool) and bool not in (kind if isinstance(kind, tuple) else (kind,)):
+        raise InvalidData(where, name, f"expected {_kind_name(kind)}, got {value!r}")
+    if not isinstance(value, kind):
+        raise InvalidData(where, name, f"expected {_kind_name(kind)}, got {value!r}")
+    return value
+
+
+def _kind_name(kind: type | tuple[type, ...]) -> str:
+    if isinstance(kind, tuple):
+        return " or ".join(k.__name__ for k in kind)
+    return kind.__name__
+
+
+def check_name(where: str, field_name: str, value: str) -> str:
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise InvalidData(where, field_name,
+                          f"{value!r} is not a valid name (letters, digits, '_', '.', '-'; "
+                          "at most 63 characters)")
+    return value
+
+
+def check_version(where: str, field_name: str, value: str) -> str:
+    if not isinstance(value, str) or not VERSION_RE.match(value):
+        raise InvalidData(where, field_name,
+                          f"{value!r} is not a valid version (letters, digits, '_', '.', '+', '-')")
+    return value
+
+
+def dumps(obj: Mapping[str, Any]) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def version_key(version: str) -> tuple:
+    """Natural sort key: ``1.10`` is newer than ``1.9``."""
+    parts = re.split(r"(\d+)", version)
+    return tuple((0, int(p)) if p.isdigit() else (1, p) for p in parts if p)
+
+
+@dataclass(frozen=True)
+class HealthCheck:
+    kind: str = "none"  # http | tcp | cmd | none
+    target: str = ""  # URL, host:port or shell command; may use {host} and host-local vars
+    timeout: float = 2.0
+
+    @classmethod
+    def parse(cls, where: str, data: Any) -> "HealthCheck":
+        if data is None:
+            return cls()
+        if not isinstance(data, dict):
+            raise InvalidData(where, "health", f"expected an object, got {data!r}")
+        kind = _get(where, data, "kind", str)
+        if kind not in HEALTH_KINDS:
+            raise InvalidData(where, "health.kind", f"{kind!r} is not one of {HEALTH_KINDS}")
+        target = _get(where, data, "target", str, "")
+        if kind != "none" and not target:
+            raise InvalidData(where, "health.target", f"a {kind} check needs a target")
+        if kind == "tcp" and target.rpartition(":")[2].strip("{}") == "":
+            raise InvalidData(where, "health.target", f"{target!r} is not HOST:PORT")
+        timeout = float(_get(where, data, "timeout", (int, float), 2.0))
+        if timeout <= 0:
+            raise InvalidData(where, "health.timeout", f"must be positive, got {timeout}")
+        return cls(kind, target, timeout)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ServiceSpec:
+    """``/dc/services/<svc>``: how a service is rolled."""
+
+    name: str
+    program: str
+    quorum: int
+    depends_on: tuple[str, ...] = ()
+    max_parallel: int = 1
+    health: HealthCheck = field(default_factory=HealthCheck)
+    healthy_secs: float = 0.0
+    preload: bool = False
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes | str | None, where: str | None = None) -> "ServiceSpec":
+        where = where or f"services/{name}"
+        check_name(where, "name", name)
+        data = _load(where, raw)
+        program = check_name(where, "program", _get(where, data, "program", str))
+        quorum = _get(where, data, "quorum", int)
+        if quorum < 0:
+            raise InvalidData(where, "quorum", f"must be >= 0, got {quorum}")
+        deps = _get(where, data, "depends_on", list, [])
+        for i, dep in enumerate(deps):
+            check_name(where, f"depends_on[{i}]", dep)
+        if name in deps:
+            raise InvalidData(where, "depends_on", f"service {name!r} cannot depend on itself")
+        max_parallel = _get(where, data, "max_parallel", int, 1)
+        if max_parallel < 1:
+            raise InvalidData(where, "max_parallel", f"must be >= 1, got {max_parallel}")
+        healthy_secs = float(_get(where, data, "healthy_secs", (int, float), 0.0))
+        if healthy_secs < 0:
+            raise InvalidData(where, "healthy_secs", f"must be >= 0, got {healthy_secs}")
+        return cls(name=name, program=program, quorum=quorum, depends_on=tuple(deps),
+                   max_parallel=max_parallel,
+                   health=HealthCheck.parse(where, data.get("health")),
+                   healthy_secs=healthy_secs,
+                   preload=_get(where, data, "preload", bool, False))
+
+    def to_json(self) -> bytes:
+        return dumps({"program": self.program, "quorum": self.quorum,
+                      "depends_on": list(self.depends_on), "max_parallel": self.max_parallel,
+                      "health": self.health.to_dict(), "healthy_secs": self.healthy_secs,
+                      "preload": self.preload})
+
+
+@dataclass(frozen=True)
+class StagedRelease:
+    """``/dc/staging/<svc>`` data: the release hosts should prefetch."""
+
+    service: str
+    version: str
+    sha256: str
+    size: int | None = None
+    urls: tuple[str, ...] = ()
+    torrent: str | None = None  # base64 of the .torrent metainfo (issue: p2p distribution)
+    staged_at: float = 0.0
+
+    @classmethod
+    def parse(cls, service: str, raw: bytes | str | None,
+              where: str | None = None) -> "StagedRelease":
+        where = where or f"staging/{service}"
+        data = _load(where, raw)
+        version = check_version(where, "version", _get(where, data, "version", str))
+        sha = _get(where, data, "sha256", str).lower()
+        if not SHA256_RE.match(sha):
+            raise InvalidData(where, "sha256", f"{sha!r} is not 64 hex digits")
+        size = _get(where, data, "size", int, None)
+        if size is not None and size < 0:
+            raise InvalidData(where, "size", f"must be >= 0, got {size}")
+        urls = data.get("urls")
+        if urls is None and isinstance(data.get("url"), str):
+            urls = [data["url"]]
+        urls = urls or []
+        if not isinstance(urls, list) or not all(isinstance(u, str) for u in urls):
+            raise InvalidData(where, "urls", f"expected a list of URLs, got {urls!r}")
+        for i, url in enumerate(urls):
+            if not re.match(r"^(https?|file)://", url):
+                raise InvalidData(where, f"urls[{i}]", f"{url!r}: scheme must be http, https or file")
+        torrent = _get(where, data, "torrent", str, None)
+        if not urls and not torrent:
+            raise InvalidData(where, "urls", "a staged release needs a url or a torrent")
+        staged_at = float(_get(where, data, "staged_at", (int, float), 0.0))
+        return cls(service, version, sha, size, tuple(urls), torrent, staged_at)
+
+    def to_json(self) -> bytes:
+        data: dict[str, Any] = {"version": self.version, "sha256": self.sha256,
+                                "urls": list(self.urls), "staged_at": self.staged_at}
+        if self.size is not None:
+            data["size"] = self.size
+        if self.torrent:
+            data["torrent"] = self.torrent
+        return dumps(data)
+
+
+@dataclass(frozen=True)
+class CurrentEntry:
+    """``/dc/current/<svc>/<host>``: the host serves ``version`` (ephemeral)."""
+
+    host: str
+    version: str
+    state: str = "serving"
+    since: float = 0.0
+    rack: str = ""
+
+    @classmethod
+    def parse(cls, service: str, host: str, raw: bytes | str | None) -> "CurrentEntry":
+        where = f"current/{service}/{host}"
+        data = _load(where, raw)
+        return cls(host=host,
+                   version=check_version(where, "version", _get(where, data, "version", str)),
+                   state=_get(where, data, "state", str, "serving"),
+                   since=float(_get(where, data, "since", (int, float), 0.0)),
+                   rack=_get(where, data, "rack", str, ""))
+
+    def to_json(self) -> bytes:
+        return dumps({"version": self.version, "state": self.state, "since": self.since,
+                      "rack": self.rack})
+
+
+@dataclass(frozen=True)
+class StagingEntry:
+    """``/dc/staging/<svc>/<seq>-<host>``: ``host`` holds ``version`` and is ready to roll."""
+
+    node: str  # the znode name, "<host>-<seq>" (sequence suffix added by the store)
+    seq: int
+    host: str
+    version: str
+
+    @classmethod
+    def parse(cls, service: str, node: str, raw: bytes | str | None) -> "StagingEntry":
+        where = f"staging/{service}/{node}"
+        host, sep, seq = node.rpartition("-")
+        if not sep or not seq.isdigit():
+            raise InvalidData(where, "(name)", f"{node!r} is not <host>-<sequence>")
+        check_name(where, "(name)", host)
+        data = _load(where, raw)
+        version = check_version(where, "version", _get(where, data, "version", str))
+        return cls(node, int(seq), host, version)
+
+
+@dataclass(frozen=True)
+class DeployItem:
+    """``/dc/deploy/<seq>``: one service to roll to one version."""
+
+    node: str
+    seq: int
+    service: str
+    version: str
+    state: str = "waiting"
+    reason: str | None = None
+    host: str | None = None  # the host that failed it, when failed
+    updated: float = 0.0
+    data_version: int = -1  # the store's version of the node, for CAS writes
+
+    @classmethod
+    def parse(cls, node: str, raw: bytes | str | None, data_version: int = -1,
+              where: str | None = None) -> "DeployItem":
+        where = where or f"deploy/{node}"
+        digits = node.rpartition("-")[2]
+        if not digits.isdigit():
+            raise InvalidData(where, "(name)", f"{node!r} does not end in a sequence number")
+        data = _load(where, raw)
+        state = _get(where, data, "state", str, "waiting")
+        if state not in DEPLOY_STATES:
+            raise InvalidData(where, "state", f"{state!r} is not one of {DEPLOY_STATES}")
+        return cls(node=node, seq=int(digits),
+                   service=check_name(where, "service", _get(where, data, "service", str)),
+                   version=check_version(where, "version", _get(where, data, "version", str)),
+                   state=state, reason=_get(where, data, "reason", str, None),
+                   host=_get(where, data, "host", str, None),
+                   updated=float(_get(where, data, "updated", (int, float), 0.0)),
+                   data_version=data_version)
+
+    def to_json(self) -> bytes:
+        return dumps({"service": self.service, "version": self.version, "state": self.state,
+                      "reason": self.reason, "host": self.host, "updated": self.updated})
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    """``/dc/hosts/<host>``: the registry of hosts, online or not (persistent)."""
+
+    name: str
+    rack: str = ""
+    services: tuple[str, ...] = ()
+    last_seen: float = 0.0
+
+    @classmethod
+    def parse(cls, name: str, raw: bytes | str | None) -> "HostInfo":
+        where = f"hosts/{name}"
+        data = _load(where, raw)
+        services = _get(where, data, "services", list, [])
+        for i, svc in enumerate(services):
+            check_name(where, f"services[{i}]", svc)
+        return cls(name, _get(where, data, "rack", str, ""), tuple(services),
+                   float(_get(where, data, "last_seen", (int, float), 0.0)))
+
+    def to_json(self) -> bytes:
+        return dumps({"rack": self.rack, "services": list(self.services),
+                      "last_seen": self.last_seen})

@@ -1,0 +1,181 @@
+"""The coordination store interface, shaped so that ZooKeeper and Consul both fit.
+
+Paths are relative to the store's root (``/dc`` by default): ``"current/api/web-01"``.
+Versions are opaque CAS tokens: a ZooKeeper znode version, a Consul ModifyIndex.
+
+Error contract (one family, always raised, never returned): :class:`NoNode`,
+:class:`NodeExists`, :class:`BadVersion`, :class:`NotEmpty` for the conditions the protocol
+relies on; :class:`StoreUnavailable` when the store cannot be reached or the session is
+gone; :class:`TransactionFailed` when an atomic multi-op was rolled back (``.index`` is the
+operation that failed and ``.cause`` its error).
+"""
+
+from __future__ import annotations
+
+import abc
+import enum
+import threading
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+
+class StoreError(Exception):
+    """Base of every error raised by a store backend."""
+
+
+class NoNode(StoreError):
+    pass
+
+
+class NodeExists(StoreError):
+    pass
+
+
+class BadVersion(StoreError):
+    pass
+
+
+class NotEmpty(StoreError):
+    pass
+
+
+class StoreUnavailable(StoreError):
+    """The store could not be reached, or the session was lost, during the call."""
+
+
+class TransactionFailed(StoreError):
+    def __init__(self, index: int, cause: StoreError) -> None:
+        self.index = index
+        self.cause = cause
+        super().__init__(f"operation {index} failed: {type(cause).__name__}: {cause}")
+
+
+class SessionState(enum.Enum):
+    CONNECTED = "connected"  # session live, ephemerals ours
+    SUSPENDED = "suspended"  # connection lost, session may survive: start nothing destructive
+    LOST = "lost"  # session expired: every ephemeral of ours is gone
+
+
+@dataclass(frozen=True)
+class Check:
+    path: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Create:
+    path: str
+    data: bytes = b""
+    ephemeral: bool = False
+    sequential: bool = False
+
+
+@dataclass(frozen=True)
+class SetData:
+    path: str
+    data: bytes
+    version: int = -1
+
+
+@dataclass(frozen=True)
+class Delete:
+    path: str
+    version: int = -1
+
+
+Op = Check | Create | SetData | Delete
+Watcher = Callable[[], None]
+
+
+class OpCounter:
+    """Counts store round trips (for ``bench/rollout.py``: store operations per upgrade)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.reads = 0
+        self.writes = 0
+
+    def read(self, n: int = 1) -> None:
+        with self._lock:
+            self.reads += n
+
+    def write(self, n: int = 1) -> None:
+        with self._lock:
+            self.writes += n
+
+    @property
+    def total(self) -> int:
+        return self.reads + self.writes
+
+
+class Store(abc.ABC):
+    """One client session to the coordination store.
+
+    Methods block for at most the backend's request timeout and raise
+    :class:`StoreUnavailable` when it cannot answer. Listener and watch callbacks run on the
+    backend's own thread and must not block: set an event and return.
+    """
+
+    url: str
+    ops: OpCounter
+
+    @abc.abstractmethod
+    def start(self, timeout: float = 10.0) -> None:
+        """Connect and open a session; raises :class:`StoreUnavailable` after ``timeout``."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Close the session (our ephemerals go at once) and release the client."""
+
+    @abc.abstractmethod
+    def add_listener(self, listener: Callable[[SessionState], None]) -> None:
+        """Call ``listener`` on every session state change."""
+
+    @property
+    @abc.abstractmethod
+    def connected(self) -> bool:
+        """True while the session is live and the connection up."""
+
+    @abc.abstractmethod
+    def get(self, path: str, watch: Watcher | None = None) -> tuple[bytes, int]:
+        """Return (data, version); raise :class:`NoNode`. ``watch`` fires once on change."""
+
+    @abc.abstractmethod
+    def exists(self, path: str, watch: Watcher | None = None) -> int | None:
+        """Return the node's version, or None; ``watch`` fires once on create/change/delete."""
+
+    @abc.abstractmethod
+    def children(self, path: str, watch: Watcher | None = None) -> list[str]:
+        """Names of the direct children; [] when ``path`` does not exist."""
+
+    @abc.abstractmethod
+    def create(self, path: str, data: bytes = b"", *, ephemeral: bool = False,
+               sequential: bool = False) -> str:
+        """Create (parents too, persistent); return the created path, which for a
+        sequential node ends in a 10-digit, monotonically increasing sequence number."""
+
+    @abc.abstractmethod
+    def set(self, path: str, data: bytes, version: int = -1) -> int:
+        """Write data if the version matches (-1: any); return the new version."""
+
+    @abc.abstractmethod
+    def delete(self, path: str, version: int = -1, *, recursive: bool = False) -> None:
+        """Delete if the version matches; raise :class:`NoNode` when absent."""
+
+    @abc.abstractmethod
+    def sync(self, path: str = "") -> None:
+        """Make the next read at least as fresh as every write committed before this call."""
+
+    @abc.abstractmethod
+    def commit(self, ops: Sequence[Op]) -> list[str | int | None]:
+        """Apply every op or none (ZooKeeper ``multi``, Consul ``/v1/txn``).
+
+        Returns one result per op (created path, new version, or None); raises
+        :class:`TransactionFailed` naming the op that failed."""
+
+    def ensure(self, path: str) -> None:
+        """Create ``path`` (and parents) as an empty persistent node unless it exists."""
+        try:
+            self.create(path)
+        except NodeExists:
+            pass

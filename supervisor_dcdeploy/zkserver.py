@@ -1,0 +1,130 @@
+"""Start and stop real ZooKeeper servers (standalone or an ensemble member) for the demo,
+the tests and the testbed. Uses Debian's ``zookeeper`` package and the machine's Java."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CLASSPATH = "/usr/share/zookeeper/*:/usr/share/java/*"
+MAIN = "org.apache.zookeeper.server.quorum.QuorumPeerMain"
+
+
+class ZooKeeperNotInstalled(RuntimeError):
+    pass
+
+
+def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
+    """Send a ZooKeeper four-letter command (``ruok``, ``srvr``); '' when it cannot answer."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as sock:
+            sock.sendall(cmd.encode())
+            chunks = []
+            while True:
+                chunk = sock.recv(4096)
+                if not chunk:
+                    break
+                chunks.append(chunk)
+            return b"".join(chunks).decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def server_mode(host: str, port: int) -> str | None:
+    """'leader', 'follower', 'standalone', or None when the server is not serving."""
+    for line in four_letter(host, port, "srvr").splitlines():
+        if line.startswith("Mode:"):
+            return line.split(":", 1)[1].strip()
+    return None
+
+
+@dataclass
+class ZooKeeperServer:
+    """One ZooKeeper server process. ``peers`` (id -> (host, quorum_port, election_port))
+    makes it an ensemble member; without it the server runs standalone."""
+
+    data_dir: Path
+    client_port: int
+    host: str = "127.0.0.1"
+    server_id: int = 1
+    peers: dict[int, tuple[str, int, int]] = field(default_factory=dict)
+    tick_ms: int = 250
+    netns: str | None = None  # run inside this network namespace (testbed)
+    heap_mb: int = 192
+    proc: subprocess.Popen | None = None
+
+    def write_config(self) -> Path:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        lines = [f"tickTime={self.tick_ms}", f"dataDir={self.data_dir}",
+                 f"clientPort={self.client_port}", f"clientPortAddress={self.host}",
+                 "initLimit=20", "syncLimit=10", "admin.enableServer=false",
+                 "4lw.commands.whitelist=ruok,srvr,stat,mntr",
+                 f"minSessionTimeout={2 * self.tick_ms}", f"maxSessionTimeout={120 * self.tick_ms}",
+                 "preAllocSize=4096", "snapCount=10000"]
+        if self.peers:
+            (self.data_dir / "myid").write_text(f"{self.server_id}\n")
+            for sid, (h, qport, eport) in sorted(self.peers.items()):
+                lines.append(f"server.{sid}={h}:{qport}:{eport}")
+        cfg = self.data_dir / "zoo.cfg"
+        cfg.write_text("\n".join(lines) + "\n")
+        (self.data_dir / "log4j.properties").write_text(
+            "log4j.rootLogger=WARN, F\nlog4j.appender.F=org.apache.log4j.FileAppender\n"
+            f"log4j.appender.F.File={self.data_dir}/zookeeper.log\n"
+            "log4j.appender.F.layout=org.apache.log4j.PatternLayout\n"
+            "log4j.appender.F.layout.ConversionPattern=%d %p %c: %m%n\n")
+        return cfg
+
+    def start(self) -> None:
+        if not Path("/usr/share/zookeeper").is_dir():
+            raise ZooKeeperNotInstalled(
+                "ZooKeeper is not installed: apt-get install -y zookeeper (see README)")
+        cfg = self.write_config()
+        cmd = ["java", f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
+               "-Dzookeeper.jmx.log4j.disable=true",
+               f"-Dlog4j.configuration=file:{self.data_dir}/log4j.properties",
+               f"-Dlogback.configurationFile=/nonexistent",
+               "-cp", CLASSPATH, MAIN, str(cfg)]
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        log = open(self.data_dir / "stdout.log", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        log.close()
+
+    def wait_serving(self, timeout: float = 60.0) -> None:
+        """Block until the server answers ``ruok`` and is in a quorum (or standalone)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"zookeeper {self.server_id} exited with {self.proc.returncode};"
+                                   f" see {self.data_dir}/stdout.log")
+            if server_mode(self.host, self.client_port) is not None:
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"zookeeper {self.host}:{self.client_port} not serving after {timeout}s")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM) if self.running else None
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
