@@ -1,0 +1,55 @@
+#!/usr/bin/env python3
+"""A tiny service shipped inside sample releases (demo, tests, testbed, benchmarks).
+
+GET /        -> 200 {"service", "version", "host", "pid"}
+GET /health  -> 200, or 500 when the release is marked broken (a failing health check)
+The version is read once, at start, from release.json next to this file, so a host serves
+exactly the release that was started, whatever the ``current`` symlink says later.
+Standard library only: the release must run with any Python 3.
+"""
+
+import argparse
+import json
+import os
+import socket
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+HERE = os.path.dirname(os.path.realpath(__file__))
+with open(os.path.join(HERE, "release.json")) as fh:
+    RELEASE = json.load(fh)
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        if self.path.startswith("/health"):
+            code = 500 if RELEASE.get("broken") else 200
+            body = {"healthy": code == 200}
+        else:
+            code = 200
+            body = {"service": RELEASE["service"], "version": RELEASE["version"],
+                    "host": os.environ.get("DCDEPLOY_HOST", socket.gethostname()),
+                    "pid": os.getpid()}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--bind", default="0.0.0.0")
+    args = parser.parse_args()
+    ThreadingHTTPServer.allow_reuse_address = True
+    server = ThreadingHTTPServer((args.bind, args.port), Handler)
+    server.daemon_threads = True
+    server.serve_forever()
+
+
+if __name__ == "__main__":
+    main()
