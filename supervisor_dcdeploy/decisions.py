@@ -1,0 +1,280 @@
+"""Rollout decisions as pure functions of an immutable snapshot.
+
+Nothing here does I/O: the agent reads a :class:`ServiceView` from the store, asks these
+functions what to do, and performs the answer at the edge. Each answer carries a reason in
+words, which the agent logs and ``dcdeploy status`` shows.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Iterable, Mapping, Sequence
+
+from .model import (ACTIVE_STATES, CurrentEntry, DeployItem, HostInfo, ServiceSpec,
+                    StagedRelease, StagingEntry, version_key)
+
+
+@dataclass(frozen=True)
+class ServiceView:
+    """Everything one agent needs to decide for one service, read once per cycle."""
+
+    service: str
+    spec: ServiceSpec | None
+    staged: StagedRelease | None
+    current: Mapping[str, CurrentEntry]  # online hosts
+    staging: Sequence[StagingEntry]  # ready-to-roll queue, in sequence order
+    queue: Sequence[DeployItem]  # the whole deploy queue, in sequence order
+    hosts: Mapping[str, HostInfo] = field(default_factory=dict)  # registry, for "offline"
+    gate_version: int = -1
+    released: str | None = None  # last version whose deploy item completed (catch-up target)
+    invalid: Sequence[str] = ()  # problems found parsing this service's nodes
+
+    @property
+    def head(self) -> DeployItem | None:
+        return self.queue[0] if self.queue else None
+
+    def offline_hosts(self) -> list[str]:
+        return sorted(h for h, info in self.hosts.items()
+                      if self.service in info.services and h not in self.current)
+
+
+@dataclass(frozen=True)
+class Decision:
+    ok: bool
+    reason: str
+
+    def __bool__(self) -> bool:
+        return self.ok
+
+
+def online_count(view: ServiceView) -> int:
+    return sum(1 for entry in view.current.values() if entry.state == "serving")
+
+
+def quorum_reason(view: ServiceView) -> str:
+    online = online_count(view)
+    quorum = view.spec.quorum if view.spec else 0
+    offline = len(view.offline_hosts())
+    return f"quorum: {online} online, quorum {quorum}, {offline} hosts offline"
+
+
+def ready_queue(view: ServiceView, version: str) -> list[StagingEntry]:
+    """Staging entries for ``version``, one per host (its earliest), in queue order."""
+    seen: set[str] = set()
+    out = []
+    for entry in sorted(view.staging, key=lambda e: e.seq):
+        if entry.version == version and entry.host not in seen:
+            seen.add(entry.host)
+            out.append(entry)
+    return out
+
+
+def rollout_target(view: ServiceView) -> tuple[str | None, str]:
+    """The version this service is rolling to now, and why (None: nothing to roll).
+
+    Rolling happens for the head item of the deploy queue only (items run in series, so a
+    service is never switched while an item before it is not done: S2). With the queue empty,
+    hosts left behind (offline when the item completed) catch up to the released version,
+    through the same gate (L2)."""
+    head = view.head
+    staged = view.staged
+    if head is not None:
+        if head.service != view.service:
+            return None, f"waiting for {head.service} {head.version} ({head.node}) to finish"
+        if head.state not in ACTIVE_STATES:
+            return None, f"deploy {head.node} is {head.state}" + (
+                f": {head.reason}" if head.reason else "")
+        if staged is None or staged.version != head.version:
+            have = staged.version if staged else "nothing"
+            return None, (f"deploy {head.node} wants {head.version} but {have} is staged: "
+                          "stage it, or abort the deploy")
+        return head.version, f"deploy {head.node}"
+    if staged is not None and view.released == staged.version:
+        return staged.version, f"catch up with released version {staged.version}"
+    return None, "no deploy queued"
+
+
+def may_take_down(view: ServiceView, host: str, local_version: str | None) -> Decision:
+    """May ``host`` take itself down now to switch to the rollout target?
+
+    True only when: there is a target; this host runs something else; its ready-queue entry
+    for the target is among the first ``max_parallel``; and, if it is online, taking it away
+    leaves at least ``quorum`` online. The caller must re-check this on a synced read and
+    commit through the gate CAS (the snapshot may be stale by then)."""
+    if view.spec is None:
+        return Decision(False, f"service {view.service} is not defined")
+    target, why = rollout_target(view)
+    if target is None:
+        return Decision(False, why)
+    if local_version == target:
+        return Decision(False, f"already on {target}")
+    queue = ready_queue(view, target)
+    hosts = [e.host for e in queue]
+    if host not in hosts:
+        return Decision(False, f"not ready for {target} (not in the staging queue)")
+    position = hosts.index(host)
+    if position >= view.spec.max_parallel:
+        return Decision(False, f"queue position {position + 1}, max_parallel "
+                               f"{view.spec.max_parallel}")
+    if host in view.current:
+        online = online_count(view)
+        if online - 1 < view.spec.quorum:
+            return Decision(False, quorum_reason(view))
+    return Decision(True, f"{why}: take-down to {target} keeps quorum {view.spec.quorum}")
+
+
+def most_popular(entries: Iterable[CurrentEntry], target: str | None = None) -> str | None:
+    """The version most online hosts run; ties go to ``target``, then to the newer version."""
+    counts = Counter(e.version for e in entries if e.state == "serving")
+    if not counts:
+        return None
+    best = max(counts.values())
+    tied = [v for v, n in counts.items() if n == best]
+    if target in tied:
+        return target
+    return max(tied, key=version_key)
+
+
+def item_complete(view: ServiceView) -> Decision:
+    """Is the head deploy item (which must be this service's) done?
+
+    Done when nobody is queued or mid-switch for it (a switching host keeps its staging entry
+    until it is back), at least one host is online, and every online host runs the version.
+    Offline hosts do not block (L2): they catch up when they return."""
+    head = view.head
+    if head is None or head.service != view.service or head.state not in ACTIVE_STATES:
+        return Decision(False, "not the head item")
+    if ready_queue(view, head.version):
+        return Decision(False, f"{len(ready_queue(view, head.version))} hosts queued or switching")
+    if not view.current:
+        return Decision(False, "no host online")
+    behind = sorted(h for h, e in view.current.items() if e.version != head.version)
+    if behind:
+        return Decision(False, f"hosts not on {head.version}: {', '.join(behind)}")
+    return Decision(True, f"all {len(view.current)} online hosts run {head.version}")
+
+
+def recovery_version(current: Iterable[CurrentEntry], installed: Iterable[str],
+                     local_active: str | None, target: str | None = None) -> tuple[str | None, str]:
+    """Which version a host whose service is not running should start, and why.
+
+    The most popular version online, when it is installed here; else the version this host
+    last ran; else any installed version (newest). With the store unreachable pass no
+    ``current``: the local state decides (L3)."""
+    installed = set(installed)
+    popular = most_popular(current, target)
+    if popular is not None and popular in installed:
+        return popular, f"most popular version online is {popular}"
+    if local_active is not None and local_active in installed:
+        why = f"last active version {local_active}"
+        if popular is not None:
+            why += f" (most popular {popular} is not installed here yet)"
+        return local_active, why
+    if installed:
+        newest = max(installed, key=version_key)
+        return newest, f"newest installed version {newest}"
+    return None, "no release installed"
+
+
+def deploy_status(view: ServiceView, item: DeployItem) -> tuple[str, str | None]:
+    """How ``dcdeploy status`` shows a queue item: its stored state, or ``blocked`` with the
+    reason when it is the active head and nothing can move."""
+    if item.state not in ACTIVE_STATES or view.head is None or view.head.node != item.node:
+        return item.state, item.reason
+    target, why = rollout_target(view)
+    if target is None:
+        return "blocked", why
+    assert view.spec is not None
+    first = ready_queue(view, target)[: view.spec.max_parallel]
+    switching = [e for e in first if e.host not in view.current]
+    if first and not switching and online_count(view) - 1 < view.spec.quorum:
+        return "blocked", quorum_reason(view)
+    if not first and not item_complete(view):
+        return ("rolling" if item.state == "rolling" else item.state), \
+            "waiting for hosts to download and verify"
+    return ("rolling" if item.state == "rolling" or switching else item.state), None
+
+
+class DependencyError(ValueError):
+    pass
+
+
+def check_acyclic(specs: Mapping[str, ServiceSpec]) -> None:
+    """Raise :class:`DependencyError` naming a cycle or an undefined dependency."""
+    for name, spec in specs.items():
+        for dep in spec.depends_on:
+            if dep not in specs:
+                raise DependencyError(
+                    f'service "{name}" depends on "{dep}", which is not defined '
+                    f"(define it with: dcdeploy service set {dep} ...)")
+    state: dict[str, int] = {}  # 1: on the path, 2: finished
+
+    def visit(name: str, path: list[str]) -> None:
+        state[name] = 1
+        for dep in specs[name].depends_on:
+            if state.get(dep) == 1:
+                cycle = path[path.index(dep):] + [dep]
+                raise DependencyError("dependency cycle: " + " -> ".join(cycle))
+            if state.get(dep) is None:
+                visit(dep, path + [dep])
+        state[name] = 2
+
+    for name in sorted(specs):
+        if name not in state:
+            visit(name, [name])
+
+
+def dependencies(specs: Mapping[str, ServiceSpec], name: str) -> set[str]:
+    """Every service ``name`` depends on, directly or not."""
+    out: set[str] = set()
+    todo = list(specs[name].depends_on)
+    while todo:
+        dep = todo.pop()
+        if dep not in out:
+            out.add(dep)
+            todo.extend(specs[dep].depends_on if dep in specs else ())
+    return out
+
+
+def deploy_order(specs: Mapping[str, ServiceSpec], staged: Mapping[str, StagedRelease | None],
+                 requested: Sequence[str], queued: Sequence[DeployItem] = ()) -> list[str]:
+    """Order ``requested`` so that A comes before B when B depends on A.
+
+    Raises :class:`DependencyError` for an unknown or unstaged service, a cycle, a request
+    naming a service twice, or one that would queue a service after a queued item that
+    depends on it."""
+    if not requested:
+        raise DependencyError("name at least one service to deploy")
+    for name in requested:
+        if name not in specs:
+            raise DependencyError(f'service "{name}" is not defined '
+                                  f"(define it with: dcdeploy service set {name} ...)")
+        if staged.get(name) is None:
+            raise DependencyError(f'service "{name}" has no staged release '
+                                  f"(stage one with: dcdeploy stage {name} VERSION --url ...)")
+    dupes = sorted(n for n, c in Counter(requested).items() if c > 1)
+    if dupes:
+        raise DependencyError(f"service named twice: {', '.join(dupes)}")
+    check_acyclic(specs)
+    pending = [i for i in queued if i.state not in ("done", "aborted")]
+    for item in pending:
+        if item.service in requested:
+            raise DependencyError(f'service "{item.service}" is already queued ({item.node}, '
+                                  f"{item.version}, {item.state}): wait for it, or abort")
+        if item.service in specs:
+            for name in requested:
+                if name in dependencies(specs, item.service):
+                    raise DependencyError(
+                        f'"{item.service}" (queued as {item.node}) depends on "{name}": '
+                        f"deploying {name} after it would break the dependency order; "
+                        f"abort and deploy both: dcdeploy deploy {name} {item.service}")
+    want = set(requested)
+    order: list[str] = []
+    placed: set[str] = set()
+    while len(order) < len(requested):
+        ready = sorted(n for n in want - placed
+                       if not (dependencies(specs, n) & (want - placed)))
+        order.append(ready[0])
+        placed.add(ready[0])
+    return order
