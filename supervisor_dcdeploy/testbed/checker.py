@@ -1,0 +1,770 @@
+"""Evaluate DESIGN §5 (S1-S5, L1-L3) on a recorded history (see :mod:`.history`).
+
+Pure functions of the event list: no I/O, no clock. The checker trusts nothing the agents
+say about themselves when an independent observation exists: quorum is checked on what the
+prober saw as well as on what the gate records claim; order, containment and integrity on
+what hosts were *seen serving*, correlated with the store's items and staged releases.
+
+Conservatism: a host is "definitely down" only between the first and the last of a run of
+definite failures (connection refused, non-200), so the real outage contains the interval
+the checker uses; an overlap of such intervals is a real overlap. Timeouts say nothing.
+Hosts disturbed by an injected fault are excluded from the prober's quorum count from the
+fault's start until they are first seen serving again after its end ("failures injected by
+the test aside").
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Sequence
+
+PROPERTIES = ("S1", "S2", "S3", "S4", "S5", "L1", "L2", "L3")
+TITLES = {
+    "S1": "quorum", "S2": "order", "S3": "integrity", "S4": "containment",
+    "S5": "nothing lost", "L1": "convergence", "L2": "unreachable hosts don't block",
+    "L3": "self-sufficiency",
+}
+FINISHED = ("done", "aborted")
+TERMINAL = ("done", "aborted", "failed")
+HALTED = ("failed", "paused", "aborted")
+EXCLUDING = {"process", "unobservable"}
+
+
+@dataclass(frozen=True)
+class Params:
+    """Tolerances, in seconds. Each one is a bound the design promises, with slack for a
+    shared 2-core machine; none is a sampling artefact the checker needs to be correct."""
+
+    order_slack: float = 0.5  # a store event is recorded at most this late
+    block_window: float = 20.0  # L2: an item done this soon after only unreachable hosts lag
+    catchup: float = 45.0  # L2: a returning host serves again within this
+    rollback_window: float = 30.0  # S4: the failed host is back on the previous version
+    unhealthy_window: float = 30.0  # S4: nobody keeps serving an unhealthy release longer
+    takedown_grace: float = 1.0  # L3: a take-down committed just before a cut may still start
+    switch_max: float = 30.0  # L3: longest switch a cut-off host may be in
+    boot_max: float = 45.0  # L3: a rebooted, cut-off host serves again within this
+    strict_order: bool = True  # S2 as in DESIGN §5; False lets independent items overlap
+
+
+@dataclass(frozen=True)
+class Result:
+    prop: str
+    status: str  # held | violated | n/a
+    counterexample: str = ""
+    count: int = 0
+    note: str = ""
+
+    @property
+    def held(self) -> bool:
+        return self.status != "violated"
+
+
+# -- the history, indexed once -------------------------------------------------------------
+
+@dataclass
+class Fault:
+    id: str
+    kind: str
+    hosts: tuple[str, ...]
+    effects: frozenset[str]
+    start: float
+    end: float = math.inf
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Sample:
+    t: float
+    ok: bool | None
+    version: str | None
+    healthy: bool | None
+
+
+@dataclass
+class Item:
+    node: str
+    seq: int
+    service: str = ""
+    version: str = ""
+    states: list[tuple[float, str | None, str]] = field(default_factory=list)  # (t, state, where)
+
+    def at(self, t: float) -> tuple[str | None, str | None]:
+        """(state, where) as last recorded at or before ``t``; (None, None) before creation."""
+        state: tuple[str | None, str | None] = (None, None)
+        for ts, st, where in self.states:
+            if ts > t:
+                break
+            state = (st, where)
+        return state
+
+    def finished_at(self, t: float) -> bool:
+        state, where = self.at(t)
+        return where in ("history", "gone") or state in FINISHED
+
+    def first(self, states: Sequence[str], after: float = -math.inf) -> float | None:
+        for ts, st, _ in self.states:
+            if ts >= after and st in states:
+                return ts
+        return None
+
+
+def _json(data: Any) -> dict[str, Any] | None:
+    if not isinstance(data, str) or not data:
+        return None
+    try:
+        value = json.loads(data)
+    except json.JSONDecodeError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+class Timeline:
+    """The events of one history, sorted by ``t`` and indexed for the checks."""
+
+    def __init__(self, events: Iterable[dict[str, Any]]) -> None:
+        self.events = sorted(events, key=lambda e: e["t"])
+        self.end = self.events[-1]["t"] if self.events else 0.0
+        self.hosts: dict[str, dict[str, Any]] = {}
+        self.quorum: dict[str, int] = {}
+        self.depends: dict[str, set[str]] = {}
+        self.initial: dict[str, str] = {}
+        self.probes: dict[tuple[str, str], list[Sample]] = defaultdict(list)
+        self.store: list[dict[str, Any]] = []
+        self.faults: dict[str, Fault] = {}
+        self.ops: list[dict[str, Any]] = []
+        self.artifacts: dict[tuple[str, str], list[tuple[float, str, bool]]] = defaultdict(list)
+        self.states: list[dict[str, Any]] = []
+        self.final: dict[str, Any] | None = None
+        self.items: dict[str, Item] = {}
+        for event in self.events:
+            getattr(self, "_on_" + event["kind"], lambda e: None)(event)
+        self.services = sorted({s for h in self.hosts.values() for s in h.get("services", {})}
+                               | set(self.quorum))
+
+    # indexing -----------------------------------------------------------------------------
+    def _on_topology(self, e: dict[str, Any]) -> None:
+        self.hosts = dict(e.get("hosts", {}))
+        for svc, spec in e.get("services", {}).items():
+            self.quorum[svc] = int(spec.get("quorum", 0))
+            self.depends[svc] = set(spec.get("depends_on", []))
+        self.initial = dict(e.get("initial", {}))
+
+    def _on_probe(self, e: dict[str, Any]) -> None:
+        self.probes[(e["service"], e["host"])].append(
+            Sample(e["t"], e.get("ok"), e.get("version"), e.get("healthy")))
+
+    def _on_store(self, e: dict[str, Any]) -> None:
+        self.store.append(e)
+        parts = e["path"].split("/")
+        if parts[0] == "services" and len(parts) == 2:
+            spec = _json(e.get("data"))
+            if spec and isinstance(spec.get("quorum"), int):
+                self.quorum[parts[1]] = spec["quorum"]
+                deps = spec.get("depends_on") or []
+                if isinstance(deps, list):
+                    self.depends[parts[1]] = {d for d in deps if isinstance(d, str)}
+        if parts[0] in ("deploy", "history") and len(parts) == 2:
+            digits = parts[1].rpartition("-")[2]
+            if not digits.isdigit():
+                return
+            item = self.items.setdefault(parts[1], Item(parts[1], int(digits)))
+            data = _json(e.get("data"))
+            if e.get("data") is None:
+                # a deletion from deploy/ is a move when history/ has (or gets) the item
+                if parts[0] == "deploy":
+                    item.states.append((e["t"], item.at(e["t"])[0], "gone"))
+                return
+            if data is None:
+                return
+            item.service = item.service or str(data.get("service", ""))
+            item.version = item.version or str(data.get("version", ""))
+            item.states.append((e["t"], data.get("state"), parts[0]))
+
+    def _on_fault(self, e: dict[str, Any]) -> None:
+        if e.get("phase") == "start":
+            self.faults[e["id"]] = Fault(e["id"], e["fault"], tuple(e.get("hosts", ())),
+                                         frozenset(e.get("effects", ())), e["t"],
+                                         detail=dict(e.get("detail", {})))
+        elif e["id"] in self.faults:
+            fault = self.faults[e["id"]]
+            fault.end = e["t"]
+            fault.detail.update(e.get("detail", {}))
+
+    def _on_op(self, e: dict[str, Any]) -> None:
+        self.ops.append(e)
+
+    def _on_artifact(self, e: dict[str, Any]) -> None:
+        self.artifacts[(e["service"], e["version"])].append(
+            (e["t"], e["sha256"], bool(e.get("broken"))))
+
+    def _on_state(self, e: dict[str, Any]) -> None:
+        self.states.append(e)
+
+    def _on_final(self, e: dict[str, Any]) -> None:
+        self.final = e
+
+    # queries ------------------------------------------------------------------------------
+    def hosts_of(self, svc: str) -> list[str]:
+        return sorted(h for h, info in self.hosts.items() if svc in info.get("services", {}))
+
+    def first_ok_after(self, host: str, t: float) -> float:
+        best = math.inf
+        for (svc, h), samples in self.probes.items():
+            if h == host:
+                for s in samples:
+                    if s.t >= t and s.ok:
+                        best = min(best, s.t)
+                        break
+        return best
+
+    def exclusions(self, host: str, effects: set[str] = EXCLUDING) -> list[tuple[float, float]]:
+        """Windows in which ``host`` is excluded from the prober's counts: from a fault's
+        start until the host is first seen serving after the fault's end."""
+        out = []
+        for f in self.faults.values():
+            if host in f.hosts and f.effects & effects:
+                out.append((f.start, self.first_ok_after(host, f.end)))
+        return out
+
+    def latest(self, svc: str, host: str, t: float) -> Sample | None:
+        found = None
+        for s in self.probes.get((svc, host), ()):
+            if s.t > t:
+                break
+            found = s
+        return found
+
+    def down_runs(self, svc: str, host: str) -> list[tuple[float, float]]:
+        """Intervals [first, last] of consecutive definite failures (timeouts neither end nor
+        extend a run)."""
+        runs, start, last = [], None, None
+        for s in self.probes.get((svc, host), ()):
+            if s.ok is False:
+                start = s.t if start is None else start
+                last = s.t
+            elif s.ok is True and start is not None:
+                runs.append((start, last))
+                start = None
+        if start is not None:
+            runs.append((start, last))
+        return runs
+
+    def staged_sha(self, svc: str, version: str, t: float) -> str | None:
+        sha = None
+        for e in self.store:
+            if e["t"] > t:
+                break
+            if e["path"] == f"staging/{svc}":
+                data = _json(e.get("data"))
+                if data and data.get("version") == version and isinstance(data.get("sha256"), str):
+                    sha = data["sha256"].lower()
+        return sha
+
+    def true_sha(self, svc: str, version: str, t: float) -> str | None:
+        sha = None
+        for ts, digest, _ in self.artifacts.get((svc, version), ()):
+            if ts <= t:
+                sha = digest
+        return sha
+
+    def gates(self) -> list[tuple[dict[str, Any], str, dict[str, Any] | None]]:
+        """(event, service, parsed data) for every recorded gate node value."""
+        out = []
+        for e in self.store:
+            parts = e["path"].split("/")
+            if parts[0] == "gate" and len(parts) == 2 and e.get("data") is not None:
+                out.append((e, parts[1], _json(e.get("data"))))
+        return out
+
+    def garbage_on(self, path: str, t: float) -> bool:
+        return any("garbage" in f.effects and f.detail.get("path") == path
+                   and f.start <= t <= f.end + 1.0 for f in self.faults.values())
+
+    def resolving_op(self, t: float, svc: str) -> float:
+        """Time of the first resume/abort for ``svc`` (or for every service) after ``t``."""
+        for op in self.ops:
+            if op["t"] >= t and op.get("action") in ("resume", "abort") and \
+                    op.get("service") in (None, svc):
+                return op["t"]
+        return math.inf
+
+
+def _subtract(interval: tuple[float, float],
+              windows: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
+    pieces = [interval]
+    for ws, we in windows:
+        nxt = []
+        for a, b in pieces:
+            if we < a or ws > b:
+                nxt.append((a, b))
+                continue
+            if a < ws:
+                nxt.append((a, ws))
+            if we < b:
+                nxt.append((we, b))
+        pieces = nxt
+    return pieces
+
+
+def _fmt(t: float, tl: Timeline) -> str:
+    t0 = tl.events[0]["t"] if tl.events else 0.0
+    return f"t={t - t0:.2f}s"
+
+
+# -- the properties ------------------------------------------------------------------------
+
+Found = list[tuple[float, str]]  # (time, detail)
+
+
+def check_s1(tl: Timeline, p: Params) -> tuple[Found, str]:
+    found: Found = []
+    gaps = 0
+    last_version: dict[str, int] = {}
+    for e, svc, data in tl.gates():
+        zv = e.get("zversion")
+        if isinstance(zv, int):
+            if svc in last_version and zv > last_version[svc] + 1:
+                gaps += zv - last_version[svc] - 1
+            last_version[svc] = max(zv, last_version.get(svc, -1))
+        if data is None:
+            continue  # an empty gate (created, never bumped) or garbage
+        online, quorum = data.get("online"), data.get("quorum")
+        if not isinstance(online, int) or not isinstance(quorum, int):
+            if not tl.garbage_on(e["path"], e["t"]):
+                found.append((e["t"], f"gate/{svc} v{zv}: take-down record without online/"
+                                      f"quorum: {e.get('data')!r}"))
+            continue
+        if online - 1 < quorum:
+            found.append((e["t"], f"gate/{svc} v{zv}: {data.get('host')} went down with "
+                                  f"online={online} quorum={quorum}"))
+        spec_q = tl.quorum.get(svc)
+        if spec_q is not None and quorum < spec_q:
+            found.append((e["t"], f"gate/{svc} v{zv}: {data.get('host')} used quorum={quorum}"
+                                  f" but the service's quorum is {spec_q}"))
+    for svc in tl.services:
+        hosts = tl.hosts_of(svc)
+        allowed = len(hosts) - tl.quorum.get(svc, 0)
+        pieces: list[tuple[float, float, str]] = []
+        for h in hosts:
+            windows = tl.exclusions(h)
+            for run in tl.down_runs(svc, h):
+                pieces += [(a, b, h) for a, b in _subtract(run, windows)]
+        for a, _, _ in sorted(pieces):
+            down = sorted({h for x, y, h in pieces if x <= a <= y})
+            if len(down) > allowed:
+                found.append((a, f"{svc}: prober saw {len(down)} of {len(hosts)} hosts down "
+                                 f"({', '.join(down)}) at once, quorum {tl.quorum.get(svc)}"))
+                break
+    note = f"{gaps} gate bump(s) not observed" if gaps else ""
+    return found, note
+
+
+def _before_items(tl: Timeline, item: Item, p: Params) -> list[Item]:
+    out = []
+    for other in tl.items.values():
+        if other.seq >= item.seq or not other.states:
+            continue
+        if not p.strict_order and other.service != item.service and \
+                other.service not in _closure(tl, item.service):
+            continue
+        out.append(other)
+    return out
+
+
+def _closure(tl: Timeline, svc: str) -> set[str]:
+    seen: set[str] = set()
+    todo = list(tl.depends.get(svc, ()))
+    while todo:
+        dep = todo.pop()
+        if dep not in seen:
+            seen.add(dep)
+            todo += tl.depends.get(dep, ())
+    return seen
+
+
+def _item_for(tl: Timeline, svc: str, version: str, t: float) -> Item | None:
+    best = None
+    for item in tl.items.values():
+        if item.service == svc and item.version == version and item.states and \
+                item.states[0][0] <= t + 1.0:
+            best = item if best is None or item.seq > best.seq else best
+    return best
+
+
+def check_s2(tl: Timeline, p: Params) -> tuple[Found, str]:
+    found: Found = []
+    for e, svc, data in tl.gates():
+        if not data or not data.get("host"):
+            continue
+        item = tl.items.get(str(data.get("item"))) or \
+            _item_for(tl, svc, str(data.get("version")), e["t"])
+        if item is None:
+            continue
+        for other in _before_items(tl, item, p):
+            if other.states[0][0] <= e["t"] and not other.finished_at(e["t"] + p.order_slack):
+                found.append((e["t"], f"{data['host']} took {svc} down for {item.node} "
+                                      f"while earlier {other.node} ({other.service} "
+                                      f"{other.version}) was {other.at(e['t'])[0]}"))
+    for (svc, host), samples in tl.probes.items():
+        prev = None
+        for s in samples:
+            if not s.ok or s.version is None:
+                continue
+            if prev is not None and s.version != prev:
+                item = _item_for(tl, svc, s.version, s.t)
+                if item is not None:
+                    for other in _before_items(tl, item, p):
+                        if other.states[0][0] <= s.t and \
+                                not other.finished_at(s.t + p.order_slack):
+                            found.append((s.t, f"{host} started {svc} {s.version} "
+                                               f"({item.node}) while earlier {other.node} "
+                                               f"({other.service}) was {other.at(s.t)[0]}"))
+            prev = s.version
+    return found, ""
+
+
+def check_s3(tl: Timeline, p: Params) -> tuple[Found, str]:
+    found: Found = []
+    reported: set[tuple[str, str, str]] = set()
+    for (svc, host), samples in tl.probes.items():
+        for s in samples:
+            if not s.ok or s.version is None or (svc, host, s.version) in reported:
+                continue
+            staged = tl.staged_sha(svc, s.version, s.t)
+            if staged is None:
+                if s.version != tl.initial.get(svc, s.version):
+                    reported.add((svc, host, s.version))
+                    found.append((s.t, f"{host} serves {svc} {s.version}, which was never "
+                                       "staged"))
+                continue
+            true = tl.true_sha(svc, s.version, s.t)
+            if true is not None and true != staged:
+                reported.add((svc, host, s.version))
+                found.append((s.t, f"{host} serves {svc} {s.version} whose bytes have sha256 "
+                                   f"{true[:12]}.. but {staged[:12]}.. was staged"))
+    for e in tl.states:
+        data = e.get("data") if e.get("ok") else None
+        for svc, st in (data or {}).get("services", {}).items():
+            for version, sha in (st.get("installed") or {}).items():
+                staged = tl.staged_sha(svc, version, e["t"])
+                if staged and isinstance(sha, str) and sha.lower() != staged:
+                    found.append((e["t"], f"{e['host']} installed {svc} {version} with sha256 "
+                                          f"{sha[:12]}.. but {staged[:12]}.. was staged"))
+    return found, ""
+
+
+def check_s4(tl: Timeline, p: Params) -> tuple[Found, str]:
+    found: Found = []
+    for item in tl.items.values():
+        t_f = item.first(("failed",))
+        if t_f is None:
+            continue
+        svc, version = item.service, item.version
+        t_op = tl.resolving_op(t_f, svc)
+        failed_host = None
+        for e in tl.store:
+            if e["path"] in (f"deploy/{item.node}", f"history/{item.node}"):
+                data = _json(e.get("data"))
+                if data and data.get("state") == "failed":
+                    failed_host = data.get("host")
+                    break
+        allowed = {failed_host}
+        for e, gsvc, data in tl.gates():
+            if gsvc != svc or not data:
+                continue
+            if e["t"] <= t_f + p.order_slack:
+                if data.get("item") == item.node or data.get("version") == version:
+                    allowed.add(data.get("host"))
+            elif e["t"] < t_op:
+                found.append((e["t"], f"{data.get('host')} took {svc} down after {item.node} "
+                                      f"failed on {failed_host}, before any operator action"))
+        for (s_svc, host), samples in tl.probes.items():
+            if s_svc != svc:
+                continue
+            if any(s.ok and s.version == version and s.t < t_f for s in samples):
+                allowed.add(host)
+            if host in allowed:
+                continue
+            for s in samples:
+                if t_f + p.order_slack < s.t < t_op and s.ok and s.version == version:
+                    found.append((s.t, f"{host} started {svc} {version} after {item.node} "
+                                       f"failed on {failed_host}"))
+                    break
+        if failed_host and (svc, failed_host) in tl.probes:
+            samples = tl.probes[(svc, failed_host)]
+            before = [s for s in samples if s.ok and s.version and s.version != version
+                      and s.t < t_f]
+            horizon = min(t_f + p.rollback_window, tl.end)
+            excluded = any(a <= horizon <= b for a, b in tl.exclusions(failed_host))
+            if before and not excluded and horizon >= t_f + p.rollback_window:
+                after = [s for s in samples if s.ok and t_f <= s.t <= horizon]
+                prev = before[-1].version
+                if not after or after[-1].version != prev:
+                    now = after[-1].version if after else "nothing"
+                    found.append((horizon, f"{failed_host} serves {now} {p.rollback_window:g}s "
+                                           f"after {item.node} failed, not the previous {prev}"))
+    for (svc, version), records in tl.artifacts.items():
+        if not any(broken for _, _, broken in records):
+            continue
+        for item in tl.items.values():
+            if item.service == svc and item.version == version:
+                t_done = item.first(("done",))
+                if t_done is not None:
+                    found.append((t_done, f"{item.node}: broken {svc} {version} marked done"))
+    for (svc, host), samples in tl.probes.items():
+        start = None
+        for s in samples:
+            if s.healthy is False and s.ok:
+                start = s.t if start is None else start
+                if s.t - start > p.unhealthy_window:
+                    found.append((s.t, f"{host} kept serving unhealthy {svc} {s.version} for "
+                                       f"more than {p.unhealthy_window:g}s"))
+                    break
+            elif s.healthy is True or s.ok is False:
+                start = None
+    return found, ""
+
+
+def check_s5(tl: Timeline, p: Params) -> tuple[Found, str]:
+    found: Found = []
+    for e in tl.states:
+        if not e.get("ok"):
+            found.append((e["t"], f"{e['host']}: local state unreadable: {e.get('error')}"))
+            continue
+        services = (e.get("data") or {}).get("services", {})
+        for svc, st in services.items():
+            active = st.get("active")
+            installed = st.get("installed") or {}
+            if active is not None and installed and active not in installed:
+                found.append((e["t"], f"{e['host']}: state says {svc} active={active} but "
+                                      f"installed={sorted(installed)}"))
+            fault = tl.faults.get(str(e.get("fault")))
+            if fault is not None and active is not None:
+                seen = [s.version for s in tl.probes.get((svc, e["host"]), ())
+                        if s.ok and s.t <= fault.start]
+                targets = {i.version for i in tl.items.values() if i.service == svc
+                           and i.states and i.states[0][0] <= fault.start}
+                if seen and active not in targets | {seen[-1]}:
+                    found.append((e["t"], f"{e['host']}: after {fault.kind} the state says "
+                                          f"{svc} active={active}, but it served {seen[-1]}"))
+    for item in tl.items.values():
+        wheres = [w for _, _, w in item.states]
+        if "gone" in wheres and "history" not in wheres:
+            found.append((item.states[-1][0], f"{item.node} ({item.service} {item.version}) "
+                                              "left the deploy queue without a history record"))
+        for ts, st, where in item.states:
+            if where == "history" and st not in TERMINAL:
+                found.append((ts, f"history/{item.node} has non-final state {st!r}"))
+                break
+    return found, ""
+
+
+def _target(tl: Timeline, svc: str, t: float) -> str | None:
+    done = [i for i in tl.items.values() if i.service == svc and i.first(("done",)) is not None
+            and i.first(("done",)) <= t]  # type: ignore[operator]
+    if done:
+        return max(done, key=lambda i: i.seq).version
+    return tl.initial.get(svc)
+
+
+def check_l1(tl: Timeline, p: Params) -> tuple[Found, str] | None:
+    if not tl.final or not tl.final.get("settled"):
+        return None
+    found: Found = []
+    t = tl.final["t"]
+    for item in tl.items.values():
+        state, where = item.at(t)
+        if where == "deploy":
+            found.append((t, f"deploy queue not empty at the end: {item.node} "
+                             f"({item.service} {item.version}) is {state}"))
+    for svc in tl.services:
+        target = _target(tl, svc, t)
+        for host in tl.hosts_of(svc):
+            last = tl.latest(svc, host, t)
+            if last is None or not last.ok:
+                found.append((t, f"{host} not serving {svc} at the end"))
+            elif target is not None and last.version != target:
+                found.append((t, f"{host} serves {svc} {last.version} at the end, target "
+                                 f"{target}"))
+    return found, ""
+
+
+def check_l2(tl: Timeline, p: Params) -> tuple[Found, str] | None:
+    unreachable = EXCLUDING | {"store_cut"}
+    host_faults = [f for f in tl.faults.values() if f.effects & unreachable and f.hosts]
+    if not host_faults:
+        return None
+    found: Found = []
+    for item in tl.items.values():
+        if not item.states or not item.service:
+            continue
+        hosts = tl.hosts_of(item.service)
+        times = sorted({s.t for h in hosts for s in tl.probes.get((item.service, h), ())
+                        if s.t >= item.states[0][0]})
+        for t in times:
+            state, where = item.at(t)
+            if where != "deploy" or state in HALTED:
+                continue
+            lagging = [f for f in host_faults if f.start <= t and
+                       f.end >= t + p.block_window and set(f.hosts) & set(hosts)]
+            if not lagging:
+                continue
+            out = {h for f in lagging for h in f.hosts}
+            rest = [h for h in hosts if h not in out]
+            if not rest or any((s := tl.latest(item.service, h, t)) is None or not s.ok
+                               or s.version != item.version for h in rest):
+                continue
+            horizon = t + p.block_window
+            if horizon > tl.end:
+                break
+            if not item.finished_at(horizon) and item.at(horizon)[0] not in HALTED:
+                found.append((horizon, f"{item.node} ({item.service}) not done "
+                                       f"{p.block_window:g}s after every reachable host ran "
+                                       f"{item.version}; unreachable: {', '.join(sorted(out))}"))
+            break
+    for f in host_faults:
+        if f.end == math.inf:
+            continue
+        for host in f.hosts:
+            for svc in tl.hosts.get(host, {}).get("services", {}):
+                samples = tl.probes.get((svc, host), [])
+                restarted = any(s.ok is False and f.start <= s.t for s in samples
+                                if s.t <= f.end + p.catchup)
+                if not restarted:
+                    continue
+                back = next((s for s in samples if s.ok and s.t >= f.end), None)
+                if back is None or back.t > f.end + p.catchup:
+                    if f.end + p.catchup <= tl.end:
+                        found.append((f.end + p.catchup, f"{host} not serving {svc} "
+                                                         f"{p.catchup:g}s after {f.kind} ended"))
+                    continue
+                others = Counter()
+                for h in tl.hosts_of(svc):
+                    s = tl.latest(svc, h, back.t)
+                    if h != host and s is not None and s.ok and s.version:
+                        others[s.version] += 1
+                allowed = {v for v, n in others.items() if n == max(others.values())} \
+                    if others else set()
+                allowed |= {i.version for i in tl.items.values() if i.service == svc
+                            and i.at(back.t)[1] == "deploy"}
+                allowed |= {_target(tl, svc, back.t)}
+                first_restart = next((s for s in samples if s.ok is False and s.t >= f.start),
+                                     None)
+                was = tl.latest(svc, host, f.start)
+                if first_restart is not None and back.version not in allowed and \
+                        not (was and was.version == back.version and first_restart.t > back.t):
+                    found.append((back.t, f"{host} came back on {svc} {back.version} after "
+                                          f"{f.kind}; others served {dict(others)}"))
+    return found, ""
+
+
+def check_l3(tl: Timeline, p: Params) -> tuple[Found, str] | None:
+    cuts = [f for f in tl.faults.values() if "store_cut" in f.effects and f.hosts]
+    if not cuts:
+        return None
+    found: Found = []
+    for f in cuts:
+        for host in f.hosts:
+            windows = [w for w in tl.exclusions(host) if not (w[0] == f.start and "reboot"
+                                                               in f.effects)]
+            for svc in tl.hosts.get(host, {}).get("services", {}):
+                if "reboot" in f.effects:
+                    boot = float(f.detail.get("restarted_at", f.start))
+                    before = [s for s in tl.probes.get((svc, host), ())
+                              if s.ok and s.t < f.start]
+                    back = next((s for s in tl.probes.get((svc, host), ())
+                                 if s.ok and s.t >= boot), None)
+                    if back is None or back.t > min(f.end, boot + p.boot_max):
+                        if min(f.end, boot + p.boot_max) <= tl.end:
+                            found.append((min(f.end, boot + p.boot_max),
+                                          f"{host} did not start {svc} after a reboot with "
+                                          "the store unreachable"))
+                        continue
+                    taken = {d.get("version") for e, g, d in tl.gates()
+                             if g == svc and d and d.get("host") == host and e["t"] < f.start}
+                    if before and back.version not in {before[-1].version} | taken:
+                        found.append((back.t, f"{host} rebooted without the store started "
+                                              f"{svc} {back.version}, last known "
+                                              f"{before[-1].version}"))
+                    continue
+                for a, b in tl.down_runs(svc, host):
+                    if any(ws <= a <= we for ws, we in windows):
+                        continue
+                    if f.start + p.takedown_grace < a <= f.end:
+                        found.append((a, f"{host} stopped serving {svc} while cut off from "
+                                         f"the store ({f.kind})"))
+                        break
+                    if a <= f.end and b >= f.start and b - a > p.switch_max:
+                        found.append((b, f"{host} down {b - a:.1f}s on {svc} while cut off "
+                                         "from the store"))
+                        break
+    return found, ""
+
+
+CHECKS = {"S1": check_s1, "S2": check_s2, "S3": check_s3, "S4": check_s4, "S5": check_s5,
+          "L1": check_l1, "L2": check_l2, "L3": check_l3}
+
+
+def check(events: Iterable[dict[str, Any]], params: Params | None = None) -> list[Result]:
+    """Evaluate every property; one :class:`Result` per property, in ``PROPERTIES`` order.
+
+    A liveness property is ``n/a`` when the history gives it nothing to judge (L1 without a
+    settled ``final`` event, L2/L3 without a matching fault). The counter-example is the
+    earliest one found; ``count`` is how many were found."""
+    tl = Timeline(events)
+    p = params or Params()
+    results = []
+    for prop in PROPERTIES:
+        out = CHECKS[prop](tl, p)
+        if out is None:
+            results.append(Result(prop, "n/a"))
+            continue
+        found, note = out
+        if found:
+            found.sort(key=lambda x: x[0])
+            t, detail = found[0]
+            results.append(Result(prop, "violated", f"{_fmt(t, tl)}: {detail}", len(found), note))
+        else:
+            results.append(Result(prop, "held", "", 0, note))
+    return results
+
+
+def violations(results: Sequence[Result]) -> list[Result]:
+    return [r for r in results if r.status == "violated"]
+
+
+def format_table(results: Sequence[Result]) -> str:
+    """A fixed-width table: property, status, first counter-example (or a note)."""
+    rows = [("property", "result", "first counter-example")]
+    for r in results:
+        detail = r.counterexample + (f" (+{r.count - 1} more)" if r.count > 1 else "")
+        rows.append((f"{r.prop} {TITLES[r.prop]}", r.status, detail or r.note))
+    width = [max(len(row[i]) for row in rows) for i in range(2)]
+    return "\n".join(f"{a:<{width[0]}}  {b:<{width[1]}}  {c}".rstrip() for a, b, c in rows)
+
+
+def metrics(events: Iterable[dict[str, Any]]) -> dict[str, Any]:
+    """Counts and timings: faults by kind; for each ZooKeeper leader kill, the election time
+    the fault recorded and how long until the deploy moved again (the first gate bump or
+    deploy item change after the kill), when an item was rolling at the kill."""
+    tl = Timeline(events)
+    kinds = Counter(f.kind for f in tl.faults.values())
+    elections, resumes = [], []
+    for f in tl.faults.values():
+        if f.kind != "zk_leader_kill":
+            continue
+        if isinstance(f.detail.get("election_s"), (int, float)):
+            elections.append(float(f.detail["election_s"]))
+        rolling = any(i.at(f.start) == ("rolling", "deploy") for i in tl.items.values())
+        if not rolling:
+            continue
+        for e in tl.store:
+            head = e["path"].split("/")[0]
+            if e["t"] > f.start and head in ("gate", "deploy", "history"):
+                resumes.append(e["t"] - f.start)
+                break
+    return {"faults": dict(sorted(kinds.items())), "election_s": elections,
+            "resume_s": resumes}

@@ -1,0 +1,369 @@
+"""The checker on hand-written histories: a clean rolling deploy where every property holds,
+and, for each of S1-S5 and L1-L3, a history that violates it (the checker must catch it)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from supervisor_dcdeploy.testbed import checker
+from supervisor_dcdeploy.testbed.history import HistoryWriter, load
+
+HOSTS = ("h1", "h2", "h3")
+SHA = {("a", "v1"): "1" * 64, ("a", "v2"): "2" * 64, ("b", "v1"): "3" * 64,
+       ("b", "v2"): "4" * 64}
+RATE = 0.05  # 20 Hz
+
+
+@dataclass
+class Scenario:
+    """A scripted run: per (service, host), the versions served over time and the outages.
+
+    ``timeline[(svc, host)]`` is a list of (t, version | None): from t on the host serves
+    that version (None: connection refused). Store and other events are added by hand."""
+
+    end: float = 40.0
+    timeline: dict[tuple[str, str], list[tuple[float, str | None]]] = field(default_factory=dict)
+    events: list[dict] = field(default_factory=list)
+    unhealthy: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+
+    def serve(self, svc: str, host: str, t: float, version: str | None) -> None:
+        self.timeline.setdefault((svc, host), [(0.0, "v1")]).append((t, version))
+
+    def switch(self, svc: str, host: str, t: float, version: str, down: float = 1.0,
+               item: str = "", online: int = 3, quorum: int = 2, gate: int = 1) -> None:
+        """A voluntary take-down at ``t`` recorded on the gate, back on ``version``."""
+        self.store(t, f"gate/{svc}", {"host": host, "online": online, "quorum": quorum,
+                                      "version": version, "item": item, "t": t}, gate)
+        self.store(t, f"current/{svc}/{host}", None)
+        self.serve(svc, host, t + 0.01, None)
+        self.serve(svc, host, t + down, version)
+        self.store(t + down + 0.02, f"current/{svc}/{host}", {"version": version})
+
+    def store(self, t: float, path: str, data, zversion: int = 0) -> None:
+        text = data if isinstance(data, str) or data is None else json.dumps(data)
+        self.events.append({"t": t, "kind": "store", "path": path, "data": text,
+                            "zversion": zversion})
+
+    def item(self, t: float, seq: int, svc: str, version: str, state: str,
+             where: str = "deploy", host: str | None = None) -> str:
+        node = f"item-{seq:010d}"
+        self.store(t, f"{where}/{node}", {"service": svc, "version": version, "state": state,
+                                          "reason": None, "host": host, "updated": t})
+        return node
+
+    def add(self, t: float, kind: str, **fields) -> None:
+        self.events.append({"t": t, "kind": kind, **fields})
+
+    def history(self) -> list[dict]:
+        out = [{"t": 0.0, "kind": "topology",
+                "hosts": {h: {"rack": f"r{i % 2}", "address": f"10.0.0.{i}",
+                              "services": {"a": 8001, "b": 8002}}
+                          for i, h in enumerate(HOSTS)},
+                "services": {"a": {"quorum": 2, "depends_on": []},
+                             "b": {"quorum": 2, "depends_on": ["a"]}},
+                "initial": {"a": "v1", "b": "v1"}}]
+        for (svc, version), sha in SHA.items():
+            out.append({"t": 0.0, "kind": "artifact", "service": svc, "version": version,
+                        "sha256": sha, "broken": False})
+        for svc in ("a", "b"):
+            for host in HOSTS:
+                self.timeline.setdefault((svc, host), [(0.0, "v1")])
+        for (svc, host), changes in self.timeline.items():
+            changes = sorted(changes)
+            n = 0
+            while n * RATE <= self.end:
+                t = round(n * RATE + (0.01 if host == "h2" else 0.0), 4)
+                version = [v for ts, v in changes if ts <= t][-1]
+                bad = self.unhealthy.get((svc, host))
+                healthy = None if n % 4 else not (bad and bad[0] <= t <= bad[1])
+                out.append({"t": t, "kind": "probe", "host": host, "service": svc,
+                            "ok": version is not None, "version": version,
+                            "healthy": healthy if version else None})
+                n += 1
+        return out + self.events
+
+
+def clean() -> Scenario:
+    """Deploy a v2 then b v2 (b depends on a), one host at a time; afterwards h3 is killed
+    and comes back, h1 is cut off from the store and keeps serving."""
+    sc = Scenario()
+    for svc, version, seq in (("a", "v2", 1), ("b", "v2", 2)):
+        sc.store(0.5, f"staging/{svc}", {"version": version, "sha256": SHA[(svc, version)],
+                                         "urls": ["http://x/"]})
+        sc.item(1.0, seq, svc, version, "waiting")
+    sc.add(1.0, "op", action="deploy", service="a")
+    node_a = sc.item(1.1, 1, "a", "v2", "rolling")
+    for i, host in enumerate(HOSTS):
+        sc.switch("a", host, 2.0 + 3 * i, "v2", item=node_a, gate=i + 1)
+    sc.item(11.5, 1, "a", "v2", "done", where="history")
+    sc.store(11.51, f"deploy/{node_a}", None)
+    node_b = sc.item(11.6, 2, "b", "v2", "rolling")
+    for i, host in enumerate(HOSTS):
+        sc.switch("b", host, 12.0 + 3 * i, "v2", item=node_b, gate=i + 1)
+    sc.item(21.5, 2, "b", "v2", "done", where="history")
+    sc.store(21.51, f"deploy/{node_b}", None)
+    sc.add(22.0, "fault", fault="host_kill", phase="start", id="f1", hosts=["h3"],
+           effects=["process", "unobservable"], detail={})
+    for svc in ("a", "b"):
+        sc.serve(svc, "h3", 22.01, None)
+        sc.serve(svc, "h3", 27.0, "v2")
+    sc.add(25.0, "fault", fault="host_kill", phase="end", id="f1", hosts=["h3"], detail={})
+    sc.add(25.1, "state", host="h3", ok=True, fault="f1", data={"services": {
+        "a": {"active": "v2", "previous": "v1", "installed": {"v1": SHA[("a", "v1")],
+                                                              "v2": SHA[("a", "v2")]}}}})
+    sc.add(28.0, "fault", fault="store_cut", phase="start", id="f2", hosts=["h1"],
+           effects=["store_cut"], detail={})
+    sc.add(34.0, "fault", fault="store_cut", phase="end", id="f2", hosts=["h1"], detail={})
+    sc.add(40.0, "final", settled=True)
+    return sc
+
+
+def status(events: list[dict], **params) -> dict[str, checker.Result]:
+    return {r.prop: r for r in checker.check(events, checker.Params(**params))}
+
+
+def test_clean_history_holds_everything():
+    results = status(clean().history())
+    assert {p: r.status for p, r in results.items()} == {p: "held" for p in checker.PROPERTIES}
+
+
+def test_history_file_round_trip(tmp_path):
+    writer = HistoryWriter(tmp_path / "h.jsonl")
+    for e in clean().history():
+        writer.emit(e.pop("kind"), **e)
+    writer.close()
+    with open(tmp_path / "h.jsonl", "a") as fh:
+        fh.write('{"t": 99, "kind": "pro')  # a writer killed mid-line
+    events = load(tmp_path / "h.jsonl")
+    assert len(events) == len(writer.events)
+    assert all(r.held for r in checker.check(events))
+
+
+def only(results: dict[str, checker.Result], prop: str,
+         also: tuple[str, ...] = ()) -> checker.Result:
+    """The violated properties are exactly ``prop`` (and ``also``, the consequences the
+    scenario cannot avoid, e.g. a host left on the wrong version also breaks L1)."""
+    bad = sorted(p for p, r in results.items() if r.status == "violated")
+    assert bad == sorted((prop, *also)), {p: results[p].counterexample for p in bad}
+    return results[prop]
+
+
+def test_s1_prober_sees_two_hosts_down_at_once():
+    sc = clean()
+    sc.serve("a", "h2", 2.5, None)  # h2 drops a while h1 is switching: no gate record
+    sc.serve("a", "h2", 2.8, "v1")
+    r = only(status(sc.history()), "S1")
+    assert "h1, h2" in r.counterexample
+
+
+def test_s1_gate_record_below_quorum():
+    sc = clean()
+    sc.store(30.0, "gate/a", {"host": "h2", "online": 2, "quorum": 2, "version": "v2",
+                              "item": "item-0000000001", "t": 30.0}, 4)
+    r = only(status(sc.history()), "S1")
+    assert "online=2 quorum=2" in r.counterexample
+
+
+def test_s1_gate_with_a_smaller_quorum_than_the_spec():
+    sc = clean()
+    sc.store(30.0, "gate/a", {"host": "h2", "online": 2, "quorum": 1, "version": "v2",
+                              "item": "", "t": 30.0}, 4)
+    assert "quorum=1" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_faulted_host_is_not_counted_but_others_are():
+    sc = clean()  # h3 is killed (a fault) at 22-27: a voluntary take-down there is allowed
+    sc.serve("a", "h1", 23.0, None)
+    sc.serve("a", "h1", 24.0, "v2")
+    assert status(sc.history())["S1"].status == "held"
+    sc.serve("a", "h2", 23.5, None)  # but two voluntary ones are not
+    sc.serve("a", "h2", 23.8, "v2")
+    assert "h1, h2" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s2_dependent_service_switched_before_its_dependency_is_done():
+    sc = clean()
+    sc.switch("b", "h1", 5.5, "v2", item="item-0000000002", gate=9, down=0.5)
+    r = only(status(sc.history()), "S2")
+    assert "item-0000000001" in r.counterexample
+
+
+def test_s3_corrupt_bytes_started():
+    sc = clean()
+    sc.add(0.2, "artifact", service="a", version="v2", sha256="f" * 64, broken=False)
+    r = only(status(sc.history()), "S3")
+    assert "a v2" in r.counterexample
+
+
+def test_s3_version_never_staged():
+    sc = clean()
+    sc.serve("b", "h3", 30.0, "v9")
+    sc.serve("b", "h3", 30.2, "v2")
+    assert "never staged" in only(status(sc.history()), "S3").counterexample
+
+
+def failed_deploy() -> Scenario:
+    """a v2 is broken: h1 takes it, fails its health check, rolls back; the item fails and
+    the operator aborts at 20 s."""
+    sc = Scenario(end=40.0)
+    sc.store(0.5, "staging/a", {"version": "v2", "sha256": SHA[("a", "v2")], "urls": ["x"]})
+    sc.add(0.1, "artifact", service="a", version="v2", sha256=SHA[("a", "v2")], broken=True)
+    node = sc.item(1.0, 1, "a", "v2", "rolling")
+    sc.switch("a", "h1", 2.0, "v2", item=node, down=0.5)
+    sc.unhealthy[("a", "h1")] = (2.5, 5.0)
+    sc.serve("a", "h1", 5.0, None)
+    sc.serve("a", "h1", 5.5, "v1")
+    sc.item(6.0, 1, "a", "v2", "failed", host="h1")
+    sc.add(20.0, "op", action="abort", service="a")
+    sc.item(20.1, 1, "a", "v2", "aborted", where="history", host="h1")
+    sc.store(20.11, f"deploy/{node}", None)
+    sc.add(40.0, "final", settled=True)
+    return sc
+
+
+def test_s4_failed_deploy_contained_holds():
+    assert all(r.held for r in checker.check(failed_deploy().history()))
+
+
+def test_s4_another_host_takes_the_version_after_a_failure():
+    sc = failed_deploy()
+    sc.switch("a", "h2", 10.0, "v2", item="item-0000000001", gate=2)
+    r = only(status(sc.history()), "S4", also=("L1",))
+    assert "h2" in r.counterexample
+
+
+def test_s4_failed_host_not_rolled_back():
+    sc = failed_deploy()
+    sc.timeline[("a", "h1")] = [(0.0, "v1"), (2.01, None), (2.5, "v2")]
+    sc.unhealthy[("a", "h1")] = (2.5, 4.0)
+    r = only(status(sc.history()), "S4", also=("L1",))
+    assert "not the previous v1" in r.counterexample
+
+
+def test_s4_broken_release_marked_done():
+    sc = failed_deploy()
+    sc.events = [e for e in sc.events if not (e["kind"] == "store" and "failed" in str(e))]
+    sc.item(6.0, 1, "a", "v2", "done", where="history")
+    r = only(status(sc.history(), rollback_window=100.0), "S4", also=("L1",))
+    assert "marked done" in r.counterexample
+
+
+def test_s5_unreadable_local_state():
+    sc = clean()
+    sc.add(26.0, "state", host="h3", ok=False, error="state.json: JSON truncated")
+    assert "unreadable" in only(status(sc.history()), "S5").counterexample
+
+
+def test_s5_item_lost_without_history():
+    sc = clean()
+    sc.item(30.0, 3, "a", "v2", "waiting")
+    sc.store(31.0, "deploy/item-0000000003", None)
+    assert "without a history record" in only(status(sc.history()), "S5").counterexample
+
+
+def test_s5_state_after_kill_forgets_the_active_version():
+    sc = clean()
+    sc.add(25.2, "state", host="h3", ok=True, fault="f1", data={"services": {
+        "a": {"active": "v0", "previous": None, "installed": {"v0": "0" * 64}}}})
+    assert "active=v0" in only(status(sc.history()), "S5").counterexample
+
+
+def test_l1_host_left_on_the_old_version():
+    sc = clean()
+    sc.serve("b", "h3", 29.0, None)
+    sc.serve("b", "h3", 29.5, "v1")  # recovered onto the old version and stayed there
+    results = status(sc.history())
+    assert results["L1"].status == "violated" and "target v2" in results["L1"].counterexample
+
+
+def test_l1_not_judged_without_a_settled_end():
+    sc = clean()
+    sc.events = [e for e in sc.events if e["kind"] != "final"]
+    assert status(sc.history())["L1"].status == "n/a"
+
+
+def test_l2_unreachable_host_blocks_the_deploy():
+    sc = Scenario(end=60.0)
+    sc.store(0.5, "staging/a", {"version": "v2", "sha256": SHA[("a", "v2")], "urls": ["x"]})
+    node = sc.item(1.0, 1, "a", "v2", "rolling")
+    sc.add(1.5, "fault", fault="store_cut", phase="start", id="c", hosts=["h3"],
+           effects=["store_cut", "unobservable"], detail={})
+    sc.switch("a", "h1", 2.0, "v2", item=node, online=2, quorum=1)
+    sc.switch("a", "h2", 5.0, "v2", item=node, online=2, quorum=1, gate=2)
+    sc.add(55.0, "fault", fault="store_cut", phase="end", id="c", hosts=["h3"], detail={})
+    sc.switch("a", "h3", 56.0, "v2", item=node, online=3, quorum=2, gate=3)
+    sc.item(58.0, 1, "a", "v2", "done", where="history")
+    r = status(sc.history())
+    assert r["L2"].status == "violated" and "unreachable: h3" in r["L2"].counterexample
+
+
+def test_l2_host_returns_on_a_version_nobody_runs():
+    sc = clean()
+    sc.timeline[("a", "h3")] = [(t, v) for t, v in sc.timeline[("a", "h3")] if t < 22]
+    sc.serve("a", "h3", 22.01, None)
+    sc.serve("a", "h3", 27.0, "v1")
+    sc.serve("a", "h3", 30.0, "v2")  # fixed later by the deploy
+    assert "came back on a v1" in only(status(sc.history()), "L2").counterexample
+
+
+def test_l3_host_stops_serving_while_cut_off():
+    sc = clean()
+    sc.serve("b", "h1", 30.0, None)
+    sc.serve("b", "h1", 30.5, "v2")
+    assert "cut off" in only(status(sc.history()), "L3").counterexample
+
+
+def test_l3_reboot_without_store_does_not_start():
+    sc = clean()
+    sc.add(30.0, "fault", fault="reboot_isolated", phase="start", id="r", hosts=["h2"],
+           effects=["process", "unobservable", "store_cut", "reboot"],
+           detail={"restarted_at": 31.0})
+    for svc in ("a", "b"):
+        sc.serve(svc, "h2", 30.02, None)
+    sc.add(38.0, "fault", fault="reboot_isolated", phase="end", id="r", hosts=["h2"])
+    for svc in ("a", "b"):
+        sc.serve(svc, "h2", 39.0, "v2")
+    sc.end = 80.0
+    sc.events = [e for e in sc.events if e["kind"] != "final"]
+    r = status(sc.history(), boot_max=5.0)
+    assert r["L3"].status == "violated" and "did not start" in r["L3"].counterexample
+
+
+def test_table_and_metrics():
+    sc = clean()
+    sc.add(12.5, "fault", fault="zk_leader_kill", phase="start", id="z", hosts=[],
+           effects=["store"], detail={})
+    sc.add(14.0, "fault", fault="zk_leader_kill", phase="end", id="z", hosts=[],
+           detail={"election_s": 1.2})
+    table = checker.format_table(checker.check(sc.history()))
+    assert table.splitlines()[0].split()[:2] == ["property", "result"]
+    assert len(table.splitlines()) == 1 + len(checker.PROPERTIES)
+    m = checker.metrics(sc.history())
+    assert m["faults"] == {"host_kill": 1, "store_cut": 1, "zk_leader_kill": 1}
+    assert m["election_s"] == [1.2]
+    assert m["resume_s"] == [pytest.approx(15.0 - 12.5)]
+
+
+@settings(max_examples=30, deadline=None)
+@given(starts=st.lists(st.floats(min_value=1.0, max_value=30.0), min_size=3, max_size=3),
+       lengths=st.lists(st.floats(min_value=0.2, max_value=3.0), min_size=3, max_size=3))
+def test_s1_prober_check_matches_the_true_overlap(starts, lengths):
+    """Outages of a (quorum 2 of 3): S1 is violated iff two outages overlap by more than
+    a sample period, and held if they are apart by more than one."""
+    sc = Scenario(end=35.0)
+    for host, start, length in zip(HOSTS, starts, lengths):
+        sc.serve("a", host, start, None)
+        sc.serve("a", host, start + length, "v1")
+    spans = sorted(zip(starts, lengths))
+    overlap = max(min(a + la, b + lb) - max(a, b)
+                  for i, (a, la) in enumerate(spans) for b, lb in spans[i + 1:])
+    result = status(sc.history())["S1"].status
+    if overlap > 2 * RATE:
+        assert result == "violated"
+    elif overlap < -2 * RATE:
+        assert result == "held"
