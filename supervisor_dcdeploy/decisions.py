@@ -80,6 +80,8 @@ def rollout_target(view: ServiceView) -> tuple[str | None, str]:
     head = view.head
     staged = view.staged
     if head is not None:
+        if head.state == "invalid":
+            return None, f"deploy queue blocked at {head.node}: {head.reason}"
         if head.service != view.service:
             return None, f"waiting for {head.service} {head.version} ({head.node}) to finish"
         if head.state not in ACTIVE_STATES:
@@ -185,7 +187,8 @@ def deploy_status(view: ServiceView, item: DeployItem) -> tuple[str, str | None]
     target, why = rollout_target(view)
     if target is None:
         return "blocked", why
-    assert view.spec is not None
+    if view.spec is None:
+        return "blocked", f"service {view.service} is not defined"
     first = ready_queue(view, target)[: view.spec.max_parallel]
     switching = [e for e in first if e.host not in view.current]
     if first and not switching and online_count(view) - 1 < view.spec.quorum:

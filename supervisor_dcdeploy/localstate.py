@@ -49,10 +49,13 @@ class ServiceState:
     active: str | None = None
     previous: str | None = None
     installed: Mapping[str, str] = field(default_factory=dict)  # version -> sha256
+    verified: bool = True  # False between pointing ``current`` and a passed health check
+    spec: str | None = None  # last ServiceSpec JSON seen, for when the store is away
 
     def to_dict(self) -> dict[str, Any]:
         return {"active": self.active, "previous": self.previous,
-                "installed": dict(self.installed)}
+                "installed": dict(self.installed), "verified": self.verified,
+                "spec": self.spec}
 
 
 class LocalState:
@@ -71,7 +74,8 @@ class LocalState:
             for svc, data in raw.get("services", {}).items():
                 self.services[svc] = ServiceState(
                     active=data.get("active"), previous=data.get("previous"),
-                    installed=dict(data.get("installed", {})))
+                    installed=dict(data.get("installed", {})),
+                    verified=bool(data.get("verified", True)), spec=data.get("spec"))
         except FileNotFoundError:
             pass
         except (ValueError, AttributeError, TypeError) as exc:

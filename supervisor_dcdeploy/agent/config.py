@@ -1,0 +1,96 @@
+"""The agent's INI config (``/etc/dcdeploy/agent.conf``, see conf/agent.conf.example)."""
+
+from __future__ import annotations
+
+import configparser
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..model import InvalidData, check_name
+from ..store import parse_store_url
+
+
+class ConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    host: str
+    rack: str
+    store: str
+    root: Path
+    services: dict[str, dict[str, str]]  # service -> host-local variables
+    session_timeout: float = 10.0
+    start_timeout: float = 60.0
+    keep_releases: int = 3
+    poll_interval: float = 5.0
+    supervisor_url: str | None = None
+    extra: dict[str, str] = field(default_factory=dict)  # keys for optional parts (p2p)
+
+    def variables(self, svc: str) -> dict[str, str]:
+        return {"host": self.host, "rack": self.rack, **self.services.get(svc, {})}
+
+
+def _number(where: str, raw: str, kind: type, minimum: float) -> float:
+    try:
+        value = kind(raw)
+    except ValueError:
+        raise ConfigError(f"{where}: {raw!r} is not a number") from None
+    if value < minimum:
+        raise ConfigError(f"{where}: must be >= {minimum}, got {value}")
+    return value
+
+
+def load(path: Path) -> AgentConfig:
+    """Parse and validate; raises :class:`ConfigError` naming the file, section and key."""
+    parser = configparser.ConfigParser(interpolation=None)
+    try:
+        with open(path) as fh:
+            parser.read_file(fh)
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read: {exc.strerror}") from None
+    except configparser.Error as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not parser.has_section("agent"):
+        raise ConfigError(f"{path}: no [agent] section")
+    agent = parser["agent"]
+    known = {"host", "rack", "store", "root", "session_timeout", "start_timeout",
+             "keep_releases", "poll_interval", "supervisor_url"}
+    host = agent.get("host") or socket.gethostname().split(".")[0]
+    store = os.environ.get("DCDEPLOY_STORE") or agent.get("store", "")
+    try:
+        check_name(f"{path} [agent]", "host", host)
+        parse_store_url(store)
+    except (InvalidData, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from None
+    if not agent.get("root"):
+        raise ConfigError(f"{path} [agent]: 'root' is required (e.g. /var/lib/dcdeploy)")
+    services = {}
+    for section in parser.sections():
+        if section.startswith("service:"):
+            name = section.split(":", 1)[1].strip()
+            try:
+                check_name(f"{path} [{section}]", "name", name)
+            except InvalidData as exc:
+                raise ConfigError(str(exc)) from None
+            services[name] = dict(parser[section])
+    if not services:
+        raise ConfigError(f"{path}: no [service:NAME] section: this host runs no service")
+    where = f"{path} [agent]"
+    return AgentConfig(
+        host=host, rack=agent.get("rack", ""), store=store, root=Path(agent["root"]),
+        services=services,
+        session_timeout=_number(f"{where} session_timeout",
+                                agent.get("session_timeout", "10"), float, 0.5),
+        start_timeout=_number(f"{where} start_timeout", agent.get("start_timeout", "60"),
+                              float, 0.1),
+        keep_releases=int(_number(f"{where} keep_releases", agent.get("keep_releases", "3"),
+                                  int, 1)),
+        poll_interval=_number(f"{where} poll_interval", agent.get("poll_interval", "5"),
+                              float, 0.1),
+        supervisor_url=agent.get("supervisor_url"),
+        extra={k: v for k, v in agent.items() if k not in known},
+    )

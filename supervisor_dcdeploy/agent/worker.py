@@ -1,0 +1,557 @@
+"""The agent's worker: one reconcile cycle per wake-up, per service (DESIGN §4).
+
+Each cycle reads a snapshot, asks the pure functions in :mod:`..decisions` what to do, and
+does it. The store is the only shared truth; supervisord and the release directories are
+this host's. Rules kept here, in one place:
+
+* store not CONNECTED (suspended, lost, down): nothing destructive starts; a service that is
+  not running is started from local state (L3); running services are left alone.
+* a take-down happens only through the gate transaction, after ``sync()`` and a fresh read.
+* a switch that started is always finished or rolled back locally, store or no store.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Callable
+
+import structlog
+
+from .. import decisions, health
+from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
+from ..model import DeployItem, InvalidData, ServiceSpec, dumps
+from ..snapshot import read_queue, read_view
+from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
+                     StoreError, StoreUnavailable, TransactionFailed, open_store)
+from ..supervisorctl_client import Supervisor, SupervisorError
+from .config import AgentConfig
+
+RUNNING_STATES = ("RUNNING",)
+TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
+FETCH_RETRY_SECS = 10.0
+RECOVER_RETRY_SECS = 5.0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig, store: Store | None = None,
+                 supervisor: Supervisor | None = None,
+                 fetch: Callable[..., Any] | None = None) -> None:
+        self.cfg = cfg
+        self.host = cfg.host
+        self.log = structlog.get_logger("dcdeploy.agent").bind(host=cfg.host)
+        self.store = store or open_store(cfg.store, cfg.session_timeout)
+        self.sup = supervisor or Supervisor(cfg.supervisor_url)
+        self.local = LocalState(cfg.root)
+        self.dirs = {svc: ReleaseDir(cfg.root, svc) for svc in cfg.services}
+        self._fetch = fetch
+        self.wake = threading.Event()
+        self.stopping = threading.Event()
+        self.session = SessionState.LOST
+        self._started = False
+        self._prepared = False
+        self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
+        self._fetches: dict[str, tuple[str, Future]] = {}
+        self._fetch_progress: dict[str, dict[str, Any]] = {}
+        self._fetch_failed: dict[str, tuple[str, float, str]] = {}  # svc -> (sha, when, why)
+        self._recover_after: dict[str, float] = {}
+        self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
+        self._registered_host = False
+        self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
+        self._status_written = b""
+        if self.local.problem:
+            self.log.warning("state.rebuilt", problem=self.local.problem)
+
+    # -- lifecycle --------------------------------------------------------------------
+    def on_session(self, state: SessionState) -> None:
+        """kazoo's thread: never block here."""
+        self.session = state
+        if state is not SessionState.CONNECTED:
+            self._prepared = False
+            self._registered_host = False
+        self.wake.set()
+
+    def _wake(self) -> None:
+        self.wake.set()
+
+    def connect(self, timeout: float) -> bool:
+        """Try to open the store session; False (and keep serving) when it cannot."""
+        if self._started:
+            return self.session is SessionState.CONNECTED
+        try:
+            self.store.start(timeout=timeout)
+        except StoreUnavailable as exc:
+            self.log.warning("store.unreachable", error=str(exc))
+            return False
+        self._started = True
+        self.store.add_listener(self.on_session)
+        self.session = SessionState.CONNECTED
+        self.log.info("store.connected", store=self.cfg.store)
+        return True
+
+    def run(self) -> None:
+        self.log.info("agent.start", services=sorted(self.cfg.services))
+        self.connect(timeout=min(3.0, self.cfg.session_timeout))
+        while not self.stopping.is_set():
+            self.wake.clear()
+            self.cycle()
+            self.wake.wait(self.cfg.poll_interval if self._started else 1.0)
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        if self._started:
+            try:
+                self.store.stop()
+            except StoreError:
+                pass
+        self.log.info("agent.stop")
+
+    # -- one cycle --------------------------------------------------------------------
+    def cycle(self) -> None:
+        if not self._started:
+            self.connect(timeout=1.0)
+        online = self._started and self.session is SessionState.CONNECTED
+        queue: list[DeployItem] | None = None
+        queue_invalid: list[str] = []
+        if online:
+            try:
+                self._prepare()
+                queue, queue_invalid = read_queue(self.store, self._wake)
+            except StoreUnavailable as exc:
+                self.log.warning("store.unavailable", error=str(exc))
+                online = False
+        for svc in self.cfg.services:
+            try:
+                self.cycle_service(svc, queue if online else None, queue_invalid)
+            except StoreUnavailable as exc:
+                self.log.warning("store.unavailable", svc=svc, error=str(exc))
+                self._set(svc, store="unavailable")
+            except (StoreError, SupervisorError, OSError, health.HealthError) as exc:
+                self.log.error("cycle.error", svc=svc, error=str(exc), kind=type(exc).__name__)
+                self._set(svc, error=str(exc))
+            except Exception:  # a bug must not take the host's services down with it
+                self.log.exception("cycle.bug", svc=svc)
+        self.write_status()
+
+    def _prepare(self) -> None:
+        """Once per session: parents for our nodes, and the host registry entry."""
+        if self._prepared:
+            return
+        for path in ("deploy", "history", "hosts", "peers"):
+            self.store.ensure(path)
+        for svc in self.cfg.services:
+            for base in ("current", "staging", "gate", "released"):
+                self.store.ensure(f"{base}/{svc}")
+        info = dumps({"rack": self.cfg.rack, "services": sorted(self.cfg.services),
+                      "last_seen": time.time()})
+        try:
+            self.store.set(f"hosts/{self.host}", info)
+        except NoNode:
+            self.store.create(f"hosts/{self.host}", info)
+        self._prepared = True
+
+    def cycle_service(self, svc: str, queue: list[DeployItem] | None,
+                      queue_invalid: list[str]) -> None:
+        st = self.local.get(svc)
+        rd = self.dirs[svc]
+        view = None
+        if queue is not None:
+            view = read_view(self.store, svc, queue, queue_invalid,
+                             watch_staged=self._wake, watch_current=self._wake,
+                             watch_gate=self._wake)
+            if view.spec is not None and view.spec.to_json().decode() != st.spec:
+                st = self.local.update(svc, spec=view.spec.to_json().decode())
+            self._set(svc, store="connected", invalid=list(view.invalid) or None)
+        else:
+            self._set(svc, store=self.session.value if self._started else "unreachable")
+        spec = self._spec(svc, view)
+        program = spec.program if spec else svc
+        state = self.sup.state(program)
+        self._set(svc, program=program, process=state, version=st.active)
+
+        if state in TRANSIENT_STATES:
+            return
+        if state not in RUNNING_STATES:
+            if view is not None and self.host in view.current:
+                self._unregister(svc)  # not serving: stop counting as online at once
+            self.recover(svc, program, spec, view)
+            return
+        if st.active is None or st.active != rd.active():
+            # Adopt what runs (first start of the agent on a host set up by hand).
+            st = self.local.update(svc, active=rd.active(), verified=True)
+        if view is None:
+            self._set(svc, phase="serving", reason="store unreachable: serving the last "
+                                                   "known version, starting nothing")
+            return
+        if view.spec is None:
+            self._set(svc, phase="serving", reason=f"service {svc} is not defined in the store")
+            return
+        self.retry_pending_failure(svc)
+        self.ensure_presence(svc, view, st.active, spec)
+        self.prefetch(svc, view)
+        self.enqueue(svc, view, st.active)
+        decision = decisions.may_take_down(view, self.host, st.active)
+        self._set(svc, phase="serving", reason=decision.reason)
+        if decision:
+            self.pass_gate_and_switch(svc, program, view.spec)
+        else:
+            self.maybe_complete(svc, view)
+
+    # -- presence ---------------------------------------------------------------------
+    def ensure_presence(self, svc: str, view: decisions.ServiceView, version: str | None,
+                        spec: ServiceSpec | None) -> None:
+        entry = view.current.get(self.host)
+        if version is None or (entry is not None and entry.version == version):
+            return
+        if entry is None and spec is not None:
+            problem = health.probe(spec.health, self.cfg.variables(svc))
+            if problem:
+                self._set(svc, reason=f"running but unhealthy, not registered: {problem}")
+                return
+        self._register(svc, version)
+
+    def _register(self, svc: str, version: str) -> None:
+        data = dumps({"version": version, "state": "serving", "since": time.time(),
+                      "rack": self.cfg.rack})
+        path = f"current/{svc}/{self.host}"
+        try:
+            self.store.create(path, data, ephemeral=True)
+        except NodeExists:
+            self.store.set(path, data)
+        self.log.info("presence.registered", svc=svc, version=version)
+
+    def _unregister(self, svc: str) -> None:
+        try:
+            self.store.delete(f"current/{svc}/{self.host}")
+            self.log.info("presence.removed", svc=svc)
+        except NoNode:
+            pass
+
+    # -- prefetch and the ready queue -------------------------------------------------
+    def prefetch(self, svc: str, view: decisions.ServiceView) -> None:
+        staged = view.staged
+        if staged is None:
+            return
+        from ..fetch import installed_sha256
+        rd = self.dirs[svc]
+        have = installed_sha256(rd.path(staged.version))
+        if have == staged.sha256:
+            self._set(svc, fetch={"version": staged.version, "state": "installed"})
+            return
+        if have is not None:
+            self._set(svc, fetch={"version": staged.version, "state": "error",
+                                  "error": f"version {staged.version} is installed here with "
+                                           f"sha256 {have[:12]}..., the staged one is "
+                                           f"{staged.sha256[:12]}...: stage a new version "
+                                           "number"})
+            return
+        running = self._fetches.get(svc)
+        if running and running[0] == staged.sha256 and not running[1].done():
+            self._set(svc, fetch={"version": staged.version, "state": "downloading",
+                                  **self._fetch_progress.get(svc, {})})
+            return
+        if running and running[0] == staged.sha256 and running[1].done():
+            del self._fetches[svc]
+            exc = running[1].exception()
+            if exc is not None:
+                self._fetch_failed[svc] = (staged.sha256, time.monotonic(), str(exc))
+                self.log.error("fetch.failed", svc=svc, version=staged.version, error=str(exc),
+                               kind=type(exc).__name__)
+            else:
+                self.log.info("fetch.installed", svc=svc, version=staged.version)
+                self.wake.set()
+                return
+        failed = self._fetch_failed.get(svc)
+        if failed and failed[0] == staged.sha256 and \
+                time.monotonic() - failed[1] < FETCH_RETRY_SECS:
+            self._set(svc, fetch={"version": staged.version, "state": "failed",
+                                  "error": failed[2]})
+            return
+        self.log.info("fetch.start", svc=svc, version=staged.version, urls=list(staged.urls))
+        self._fetch_progress[svc] = {}
+        future = self._executor.submit(self._do_fetch, svc, staged)
+        self._fetches[svc] = (staged.sha256, future)
+        self._set(svc, fetch={"version": staged.version, "state": "downloading"})
+
+    def _do_fetch(self, svc: str, staged) -> None:
+        from ..fetch import install_release
+        rd = self.dirs[svc]
+
+        def progress(done: int, total: int | None) -> None:
+            self._fetch_progress[svc] = {"done": done, "total": total}
+
+        try:
+            if self._fetch is not None:
+                self._fetch(svc, staged, rd, progress)
+            else:
+                install_release(list(staged.urls), staged.sha256, rd.releases, staged.version,
+                                rd.cache, size=staged.size, progress=progress)
+        finally:
+            self.wake.set()
+
+    def enqueue(self, svc: str, view: decisions.ServiceView, active: str | None) -> None:
+        """Join the ready-to-roll queue for the staged version once it is installed and
+        verified here; leave entries for any other version."""
+        from ..fetch import installed_sha256
+        staged = view.staged
+        want = None
+        if staged is not None and staged.version != active and \
+                installed_sha256(self.dirs[svc].path(staged.version)) == staged.sha256:
+            want = staged.version
+        mine = [e for e in view.staging if e.host == self.host]
+        for entry in mine:
+            if entry.version != want:
+                try:
+                    self.store.delete(f"staging/{svc}/{entry.node}")
+                except NoNode:
+                    pass
+        if want is not None and not any(e.version == want for e in mine):
+            node = self.store.create(f"staging/{svc}/{self.host}-", dumps({"version": want}),
+                                     ephemeral=True, sequential=True)
+            self.log.info("staging.enqueued", svc=svc, version=want, node=node)
+
+    def _leave_queue(self, svc: str) -> None:
+        for node in self.store.children(f"staging/{svc}"):
+            if node.rpartition("-")[0] == self.host:
+                try:
+                    self.store.delete(f"staging/{svc}/{node}")
+                except NoNode:
+                    pass
+
+    # -- the gate and the switch ------------------------------------------------------
+    def pass_gate_and_switch(self, svc: str, program: str, spec: ServiceSpec) -> None:
+        if self.session is not SessionState.CONNECTED:
+            return
+        self.store.sync()
+        fresh = read_view(self.store, svc)  # queue, gate, current, staging: all after sync
+        active = self.local.get(svc).active
+        decision = decisions.may_take_down(fresh, self.host, active)
+        if not decision:
+            return
+        target, _ = decisions.rollout_target(fresh)
+        assert target is not None and fresh.staged is not None and fresh.spec is not None
+        from ..fetch import installed_sha256
+        if installed_sha256(self.dirs[svc].path(target)) != fresh.staged.sha256:
+            return  # S3: never start bytes that do not match the staged sha256
+        head = fresh.head
+        gate = {"host": self.host, "online": decisions.online_count(fresh),
+                "quorum": fresh.spec.quorum, "version": target,
+                "item": head.node if head else None, "t": time.time()}
+        ops: list = [SetData(f"gate/{svc}", dumps(gate), fresh.gate_version)]
+        if self.host in fresh.current:
+            ops.append(Delete(f"current/{svc}/{self.host}"))
+        if head is not None:
+            item = dumps({**json.loads(DeployItem.to_json(head)),
+                          "state": "rolling", "updated": time.time()}) \
+                if head.state == "waiting" else DeployItem.to_json(head)
+            # Writing the item (even unchanged) makes a concurrent pause or failure mark
+            # invalidate this take-down: the gate and the item move together.
+            ops.append(SetData(f"deploy/{head.node}", item, head.data_version))
+        try:
+            self.store.commit(ops)
+        except TransactionFailed as exc:
+            self.log.info("gate.contended", svc=svc, op=exc.index, error=str(exc.cause))
+            self.wake.set()
+            return
+        self.log.info("gate.passed", svc=svc, version=target, online=gate["online"],
+                      quorum=gate["quorum"], item=gate["item"])
+        self.switch(svc, program, fresh.spec, target, head.node if head else None)
+
+    def switch(self, svc: str, program: str, spec: ServiceSpec, target: str,
+               item: str | None) -> bool:
+        """Stop, repoint ``current``, start, health-check; roll back on failure."""
+        rd = self.dirs[svc]
+        previous = self.local.get(svc).active
+        self._set(svc, phase="switching", reason=f"{previous} -> {target}")
+        self.log.info("switch.start", svc=svc, version=target, previous=previous)
+        self.sup.stop(program)
+        rd.point_current(target)
+        self.local.update(svc, active=target, previous=previous, verified=False)
+        problem = self._start_and_check(svc, program, spec, hold=True)
+        if problem is None:
+            self.local.update(svc, verified=True)
+            self.log.info("switch.done", svc=svc, version=target)
+            self._after_switch(svc, target)
+            self._prune(svc)
+            return True
+        self.log.error("switch.failed", svc=svc, version=target, reason=problem)
+        self.sup.stop(program)
+        if previous is not None:
+            rd.point_current(previous)
+            self.local.update(svc, active=previous, previous=None, verified=False)
+            back = self._start_and_check(svc, program, spec, hold=False)
+            if back is None:
+                self.local.update(svc, verified=True)
+                self.log.info("switch.rolled_back", svc=svc, version=previous)
+            else:
+                self.log.error("switch.rollback_failed", svc=svc, version=previous, reason=back)
+        reason = f"host {self.host}: {target} failed its health check: {problem}"
+        self._set(svc, phase="failed", reason=reason, last_failure=reason)
+        if item is not None:
+            self._pending_fail[svc] = (item, reason)
+        self._after_failure(svc, previous)
+        return False
+
+    def _after_switch(self, svc: str, version: str) -> None:
+        try:
+            self._register(svc, version)
+            self._leave_queue(svc)
+        except StoreError as exc:
+            # The next cycle registers again (presence is checked every cycle).
+            self.log.warning("presence.deferred", svc=svc, error=str(exc))
+        self.wake.set()
+
+    def _after_failure(self, svc: str, previous: str | None) -> None:
+        try:
+            self.retry_pending_failure(svc)
+            if previous is not None and self.local.get(svc).verified:
+                self._register(svc, previous)
+            self._leave_queue(svc)
+        except StoreError as exc:
+            self.log.warning("failure.report_deferred", svc=svc, error=str(exc))
+
+    def retry_pending_failure(self, svc: str) -> None:
+        """Mark the deploy item failed (CAS), retried every cycle until the store takes it."""
+        pending = self._pending_fail.get(svc)
+        if pending is None:
+            return
+        node, reason = pending
+        for _ in range(5):
+            try:
+                raw, version = self.store.get(f"deploy/{node}")
+            except NoNode:
+                break  # aborted meanwhile: nothing to mark
+            try:
+                item = DeployItem.parse(node, raw, version)
+            except InvalidData:
+                break
+            if item.state not in ("waiting", "rolling", "paused"):
+                break
+            data = dumps({**json.loads(item.to_json()), "state": "failed", "reason": reason,
+                          "host": self.host, "updated": time.time()})
+            try:
+                self.store.set(f"deploy/{node}", data, version)
+                self.log.error("deploy.failed", svc=svc, item=node, reason=reason)
+                break
+            except StoreError as exc:
+                if isinstance(exc, StoreUnavailable):
+                    raise
+        self._pending_fail.pop(svc, None)
+
+    def _start_and_check(self, svc: str, program: str, spec: ServiceSpec | None,
+                         hold: bool) -> str | None:
+        try:
+            self.sup.start(program)
+        except SupervisorError as exc:
+            return str(exc)
+        if spec is None:
+            return None
+
+        def alive() -> str | None:
+            state = self.sup.state(program)
+            return None if state in ("RUNNING", "STARTING") else f"process is {state}"
+
+        return health.wait_healthy(spec.health, self.cfg.variables(svc),
+                                   start_timeout=self.cfg.start_timeout,
+                                   healthy_secs=spec.healthy_secs if hold else 0.0,
+                                   alive=alive)
+
+    def _prune(self, svc: str) -> None:
+        st = self.local.get(svc)
+        protect = {v for v in (st.active, st.previous) if v}
+        removed = self.dirs[svc].prune(self.cfg.keep_releases, protect)
+        if removed:
+            self.log.info("releases.pruned", svc=svc, versions=removed)
+
+    # -- recovery ---------------------------------------------------------------------
+    def recover(self, svc: str, program: str, spec: ServiceSpec | None,
+                view: decisions.ServiceView | None) -> None:
+        """Start the right version of a service that is not running (DESIGN §4.7)."""
+        if time.monotonic() < self._recover_after.get(svc, 0.0):
+            return
+        st = self.local.get(svc)
+        rd = self.dirs[svc]
+        installed = rd.installed()
+        local_active = st.active
+        if not st.verified and st.previous in installed:
+            local_active = st.previous  # the switch to `active` never passed its check
+        target = None
+        if view is not None and view.head is not None and view.head.service == svc:
+            target = view.head.version
+        current = list(view.current.values()) if view is not None else []
+        version, why = decisions.recovery_version(current, installed, local_active, target)
+        if version is None:
+            if view is not None and view.staged is not None:
+                self._set(svc, phase="installing", reason="no release installed yet: "
+                          f"fetching staged {view.staged.version}")
+                self.prefetch(svc, view)
+            else:
+                self._set(svc, phase="down", reason=why)
+            return
+        self.log.info("recover.start", svc=svc, version=version, why=why)
+        self._set(svc, phase="recovering", reason=why)
+        rd.point_current(version)
+        self.local.update(svc, active=version, verified=False,
+                          previous=st.previous if version == st.previous else st.active)
+        problem = self._start_and_check(svc, program, spec, hold=False)
+        if problem is not None:
+            self.log.error("recover.failed", svc=svc, version=version, reason=problem)
+            self._set(svc, phase="down", reason=f"recovery with {version} failed: {problem}")
+            self._recover_after[svc] = time.monotonic() + RECOVER_RETRY_SECS
+            return
+        self.local.update(svc, verified=True)
+        self.log.info("recover.done", svc=svc, version=version)
+        if view is not None and self.session is SessionState.CONNECTED:
+            self._register(svc, version)
+        self.wake.set()
+
+    # -- completion -------------------------------------------------------------------
+    def maybe_complete(self, svc: str, view: decisions.ServiceView) -> None:
+        done = decisions.item_complete(view)
+        if not done:
+            return
+        head = view.head
+        assert head is not None
+        record = dumps({**json.loads(head.to_json()), "state": "done", "reason": done.reason,
+                        "updated": time.time()})
+        try:
+            self.store.commit([
+                Delete(f"deploy/{head.node}", head.data_version),
+                Create(f"history/{head.node}", record),
+                SetData(f"released/{svc}", dumps({"version": head.version, "item": head.node})),
+            ])
+        except TransactionFailed as exc:
+            self.log.info("deploy.complete_contended", svc=svc, item=head.node,
+                          error=str(exc.cause))
+            return
+        self.log.info("deploy.done", svc=svc, item=head.node, version=head.version)
+        self.wake.set()
+
+    # -- status -----------------------------------------------------------------------
+    def _spec(self, svc: str, view: decisions.ServiceView | None) -> ServiceSpec | None:
+        if view is not None and view.spec is not None:
+            return view.spec
+        cached = self.local.get(svc).spec
+        if cached:
+            try:
+                return ServiceSpec.parse(svc, cached)
+            except InvalidData:
+                return None
+        return None
+
+    def _set(self, svc: str, **fields: Any) -> None:
+        self.status[svc].update(fields)
+
+    def write_status(self) -> None:
+        """``<root>/status.json``: what ``supervisorctl dcdeploy status`` shows."""
+        for svc in self.cfg.services:
+            self.status[svc]["version"] = self.local.get(svc).active
+        data = dumps({"host": self.host, "rack": self.cfg.rack,
+                      "store": self.session.value if self._started else "unreachable",
+                      "services": self.status})
+        if data != self._status_written:
+            atomic_write(self.cfg.root / STATUS_FILE, data)
+            self._status_written = data

@@ -1,0 +1,272 @@
+"""``dcdeploy``: the operator's command line (define services, stage, deploy, watch)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from contextlib import contextmanager
+from typing import Any, Iterator
+
+from . import ops
+from .model import HealthCheck
+from .store import Store, StoreError, StoreURLError, open_store, store_url_from
+
+
+class CLIError(Exception):
+    pass
+
+
+@contextmanager
+def connected(args: argparse.Namespace) -> Iterator[Store]:
+    url = store_url_from(args.store)
+    try:
+        store = open_store(url)
+    except StoreURLError as exc:
+        raise CLIError(str(exc)) from None
+    store.start(timeout=args.timeout)
+    try:
+        yield store
+    finally:
+        store.stop()
+
+
+def _health(args: argparse.Namespace) -> HealthCheck:
+    given = [(k, v) for k, v in (("http", args.health_http), ("tcp", args.health_tcp),
+                                 ("cmd", args.health_cmd)) if v]
+    if len(given) > 1:
+        raise CLIError("give at most one of --health-http, --health-tcp, --health-cmd")
+    if not given:
+        return HealthCheck()
+    kind, target = given[0]
+    if kind == "http" and not target.startswith(("http://", "https://")):
+        raise CLIError(f"--health-http {target!r}: expected an http:// or https:// URL")
+    if kind == "tcp" and ":" not in target:
+        raise CLIError(f"--health-tcp {target!r}: expected HOST:PORT")
+    return HealthCheck(kind, target, args.health_timeout)
+
+
+def cmd_service(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        if args.action == "set":
+            deps = [d.strip() for d in (args.depends_on or "").split(",") if d.strip()]
+            spec = ops.service_set(store, args.name, program=args.program, quorum=args.quorum,
+                                   depends_on=deps, max_parallel=args.max_parallel,
+                                   health=_health(args), healthy_secs=args.healthy_secs,
+                                   preload=args.preload)
+            print(f"service {spec.name}: program {spec.program}, quorum {spec.quorum}, "
+                  f"max_parallel {spec.max_parallel}, depends on "
+                  f"{', '.join(spec.depends_on) or 'nothing'}")
+            return 0
+        data = ops.status(store)["services"]
+        if args.action == "show":
+            if args.name not in data:
+                raise CLIError(f'service "{args.name}" is not defined')
+            print(json.dumps(data[args.name], indent=2))
+            return 0
+        for name, svc in data.items():
+            print(f"{name:<16} quorum {svc['quorum']!s:<3} max_parallel "
+                  f"{svc['max_parallel']!s:<3} depends on {','.join(svc['depends_on']) or '-'}")
+        return 0
+
+
+def cmd_stage(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        if args.path:
+            from .p2p_stage import stage_path  # the torrent path (p2p distribution)
+            release = stage_path(store, args)
+        else:
+            if not args.url or not args.sha256:
+                raise CLIError("stage needs --url URL and --sha256 HEX (or --path FILE)")
+            release = ops.stage(store, args.name, args.version, sha256=args.sha256,
+                                urls=args.url, size=args.size)
+        print(f"staged {args.name} {release.version} (sha256 {release.sha256[:16]}...): "
+              "hosts are fetching it now")
+        return 0
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        items = ops.deploy(store, args.names)
+        for item in items:
+            print(f"queued {item.node}: {item.service} -> {item.version}")
+        return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        item = ops.pause(store)
+        print(f"paused {item.node} ({item.service} {item.version}): hosts mid-switch finish, "
+              "nobody starts another")
+        return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        item, retarget = ops.resume(store)
+        extra = f", now targeting the staged {retarget}" if retarget else ""
+        print(f"resumed {item.node} ({item.service}){extra}")
+        return 0
+
+
+def cmd_abort(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        nodes = ops.abort(store)
+        print(f"aborted {len(nodes)} queued item(s): {', '.join(nodes)}")
+        return 0
+
+
+def render_status(data: dict[str, Any]) -> str:
+    lines = ["SERVICE          STAGED        VERSIONS (hosts)                 READY-QUEUE"]
+    for name, svc in data["services"].items():
+        staged = svc["staged"]["version"] if svc["staged"] else "-"
+        versions = ", ".join(f"{v}:{n}" for v, n in sorted(svc["versions"].items())) or "-"
+        lines.append(f"{name:<16} {staged:<13} {versions:<32} {len(svc['staging'])}")
+    lines += ["", "DEPLOY QUEUE"]
+    if not data["deploy"]:
+        lines.append("  (empty)")
+    for item in data["deploy"]:
+        reason = f"  ({item['reason']})" if item["reason"] else ""
+        lines.append(f"  {item['item']}  {item['service']:<14} {item['version']:<12} "
+                     f"{item['state']}{reason}")
+    lines += ["", "HOST             RACK     ONLINE  SERVICES"]
+    for name, host in data["hosts"].items():
+        svcs = " ".join(f"{s}={v['version'] or '-'}({v['state']})"
+                        for s, v in host["services"].items())
+        lines.append(f"{name:<16} {host['rack'] or '-':<8} {'yes' if host['online'] else 'NO':<7} "
+                     f"{svcs}")
+    if data.get("problems"):
+        lines += ["", "PROBLEMS (invalid data in the store, not acted on)"]
+        lines += [f"  {p}" for p in data["problems"]]
+    return "\n".join(lines)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        while True:
+            data = ops.status(store)
+            if args.json:
+                print(json.dumps(data, sort_keys=True))
+            else:
+                if args.watch:
+                    print("\033[2J\033[H", end="")
+                print(render_status(data))
+            sys.stdout.flush()
+            if not args.watch:
+                return 0
+            time.sleep(args.watch)
+
+
+def cmd_hosts(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        data = ops.status(store)
+        if args.json:
+            print(json.dumps(data["hosts"], sort_keys=True))
+        else:
+            print("\n".join(render_status(data).split("\n\n")[2:3]))
+        return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        items = ops.history(store, args.limit)
+        if args.json:
+            print(json.dumps(items))
+        else:
+            for item in items:
+                print(f"{item['item']}  {item.get('service', '?'):<14} "
+                      f"{item.get('version', '?'):<12} {item.get('state')}  "
+                      f"{item.get('reason') or ''}")
+        return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+    return run_demo(hosts=args.hosts, keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dcdeploy", description=__doc__)
+    parser.add_argument("--store", help="zk://host:port[,host:port...]/root "
+                                        "(default: $DCDEPLOY_STORE)")
+    parser.add_argument("--timeout", type=float, default=10.0,
+                        help="seconds to wait for the store")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    svc = sub.add_parser("service", help="define and list services")
+    svc_sub = svc.add_subparsers(dest="action", required=True)
+    sset = svc_sub.add_parser("set", help="define or replace a service")
+    sset.add_argument("name")
+    sset.add_argument("--program", help="supervisord program name (default: the service name)")
+    sset.add_argument("--quorum", type=int, required=True,
+                      help="hosts that must stay online")
+    sset.add_argument("--depends-on", default="", help="comma-separated services")
+    sset.add_argument("--max-parallel", type=int, default=1)
+    sset.add_argument("--health-http", metavar="URL")
+    sset.add_argument("--health-tcp", metavar="HOST:PORT")
+    sset.add_argument("--health-cmd", metavar="CMD")
+    sset.add_argument("--health-timeout", type=float, default=2.0)
+    sset.add_argument("--healthy-secs", type=float, default=0.0,
+                      help="the check must hold this long after start")
+    sset.add_argument("--preload", action="store_true",
+                      help="warm releases into the page cache before joining the queue")
+    svc_sub.add_parser("list", help="list services")
+    sshow = svc_sub.add_parser("show", help="one service as JSON")
+    sshow.add_argument("name")
+    svc.set_defaults(func=cmd_service)
+
+    stage = sub.add_parser("stage", help="stage a release; hosts start fetching at once")
+    stage.add_argument("name")
+    stage.add_argument("version")
+    stage.add_argument("--url", action="append", help="http(s):// or file:// (repeatable)")
+    stage.add_argument("--sha256")
+    stage.add_argument("--size", type=int)
+    stage.add_argument("--path", help="stage a local file or dir through the swarm")
+    stage.add_argument("--webseed", action="append", default=[], help="BEP 19 web seed URL")
+    stage.set_defaults(func=cmd_stage)
+
+    dep = sub.add_parser("deploy", help="queue staged versions in dependency order")
+    dep.add_argument("names", nargs="+")
+    dep.set_defaults(func=cmd_deploy)
+
+    st = sub.add_parser("status", help="services, deploy queue and hosts")
+    st.add_argument("--json", action="store_true")
+    st.add_argument("--watch", type=float, nargs="?", const=1.0, metavar="SECS")
+    st.set_defaults(func=cmd_status)
+    hosts = sub.add_parser("hosts", help="hosts and what they run")
+    hosts.add_argument("--json", action="store_true")
+    hosts.set_defaults(func=cmd_hosts)
+    hist = sub.add_parser("history", help="finished deploy items")
+    hist.add_argument("--json", action="store_true")
+    hist.add_argument("--limit", type=int, default=20)
+    hist.set_defaults(func=cmd_history)
+    for name, func, text in (("pause", cmd_pause, "stop new take-downs"),
+                             ("resume", cmd_resume, "continue a paused or failed deploy "
+                                                    "(retargets to a newly staged fix)"),
+                             ("abort", cmd_abort, "drop the whole deploy queue")):
+        sub.add_parser(name, help=text).set_defaults(func=func)
+    demo = sub.add_parser("demo", help="run a local demo data center end to end")
+    demo.add_argument("--hosts", type=int, default=4)
+    demo.add_argument("--keep", action="store_true", help="keep the work directory")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except (CLIError, ops.OpError) as exc:
+        print(f"dcdeploy: {exc}", file=sys.stderr)
+        return 2
+    except StoreError as exc:
+        print(f"dcdeploy: store {store_url_from(args.store)}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Read the store into immutable values (the I/O edge of the decisions in decisions.py).
+
+Malformed nodes never raise out of here: they are left out of the snapshot and described in
+``invalid``, so a hand-written garbage node is reported and never acted on. A malformed
+deploy item blocks the queue at its place (items behind it must not overtake it)."""
+
+from __future__ import annotations
+
+import json
+from typing import Callable
+
+from .decisions import ServiceView
+from .model import (CurrentEntry, DeployItem, HostInfo, InvalidData, ServiceSpec,
+                    StagedRelease, StagingEntry, check_version)
+from .store import NoNode, Store
+
+Watcher = Callable[[], None]
+
+
+def _data(store: Store, path: str, watch: Watcher | None = None) -> tuple[bytes | None, int]:
+    try:
+        return store.get(path, watch)
+    except NoNode:
+        if watch:
+            store.exists(path, watch)
+        return None, -1
+
+
+def read_queue(store: Store, watch: Watcher | None = None) -> tuple[list[DeployItem], list[str]]:
+    """The deploy queue in order, and problems. Stops at the first malformed item, which is
+    returned as a placeholder in state ``invalid`` so nothing behind it proceeds."""
+    items: list[DeployItem] = []
+    invalid: list[str] = []
+    for node in sorted(store.children("deploy", watch), key=lambda n: n.rpartition("-")[2]):
+        raw, version = _data(store, f"deploy/{node}")
+        if raw is None:
+            continue  # completed between the listing and the read
+        try:
+            items.append(DeployItem.parse(node, raw, version))
+        except InvalidData as exc:
+            invalid.append(str(exc))
+            seq = node.rpartition("-")[2]
+            items.append(DeployItem(node=node, seq=int(seq) if seq.isdigit() else -1,
+                                    service="?", version="?", state="invalid",
+                                    reason=f"invalid data, not acted on: {exc}",
+                                    data_version=version))
+            break
+    return items, invalid
+
+
+def read_spec(store: Store, svc: str) -> tuple[ServiceSpec | None, str | None]:
+    raw, _ = _data(store, f"services/{svc}")
+    if raw is None:
+        return None, None
+    try:
+        return ServiceSpec.parse(svc, raw), None
+    except InvalidData as exc:
+        return None, str(exc)
+
+
+def read_specs(store: Store) -> tuple[dict[str, ServiceSpec], list[str]]:
+    specs, invalid = {}, []
+    for svc in store.children("services"):
+        spec, problem = read_spec(store, svc)
+        if spec:
+            specs[svc] = spec
+        if problem:
+            invalid.append(problem)
+    return specs, invalid
+
+
+def read_staged(store: Store, svc: str,
+                watch: Watcher | None = None) -> tuple[StagedRelease | None, str | None]:
+    raw, _ = _data(store, f"staging/{svc}", watch)
+    if not raw:
+        return None, None
+    try:
+        return StagedRelease.parse(svc, raw), None
+    except InvalidData as exc:
+        return None, str(exc)
+
+
+def read_current(store: Store, svc: str, invalid: list[str],
+                 watch: Watcher | None = None) -> dict[str, CurrentEntry]:
+    out = {}
+    for host in store.children(f"current/{svc}", watch):
+        raw, _ = _data(store, f"current/{svc}/{host}")
+        if raw is None:
+            continue
+        try:
+            out[host] = CurrentEntry.parse(svc, host, raw)
+        except InvalidData as exc:
+            invalid.append(str(exc))  # counted as not online: the safe side for quorum
+    return out
+
+
+def read_staging(store: Store, svc: str, invalid: list[str],
+                 watch: Watcher | None = None) -> list[StagingEntry]:
+    out = []
+    for node in store.children(f"staging/{svc}", watch):
+        raw, _ = _data(store, f"staging/{svc}/{node}")
+        if raw is None:
+            continue
+        try:
+            out.append(StagingEntry.parse(svc, node, raw))
+        except InvalidData as exc:
+            invalid.append(str(exc))
+    return sorted(out, key=lambda e: e.seq)
+
+
+def read_released(store: Store, svc: str) -> str | None:
+    raw, _ = _data(store, f"released/{svc}")
+    try:
+        version = json.loads(raw or b"null")
+        return check_version(f"released/{svc}", "version", version.get("version")) \
+            if isinstance(version, dict) else None
+    except (ValueError, InvalidData):
+        return None
+
+
+def read_hosts(store: Store) -> tuple[dict[str, HostInfo], list[str]]:
+    hosts, invalid = {}, []
+    for name in store.children("hosts"):
+        raw, _ = _data(store, f"hosts/{name}")
+        try:
+            hosts[name] = HostInfo.parse(name, raw)
+        except InvalidData as exc:
+            invalid.append(str(exc))
+    return hosts, invalid
+
+
+def read_view(store: Store, svc: str, queue: list[DeployItem] | None = None,
+              queue_invalid: list[str] | None = None, *, hosts: dict[str, HostInfo] | None = None,
+              watch_staged: Watcher | None = None, watch_current: Watcher | None = None,
+              watch_gate: Watcher | None = None) -> ServiceView:
+    """One service's snapshot. Pass ``queue`` when several services are read in one cycle."""
+    invalid: list[str] = []
+    if queue is None:
+        queue, queue_invalid = read_queue(store)
+    invalid.extend(queue_invalid or [])
+    spec, problem = read_spec(store, svc)
+    if problem:
+        invalid.append(problem)
+    staged, problem = read_staged(store, svc, watch_staged)
+    if problem:
+        invalid.append(problem)
+    _, gate_version = _data(store, f"gate/{svc}", watch_gate)
+    current = read_current(store, svc, invalid, watch_current)
+    staging = read_staging(store, svc, invalid)
+    return ServiceView(service=svc, spec=spec, staged=staged, current=current,
+                       staging=staging, queue=queue, hosts=hosts or {},
+                       gate_version=gate_version, released=read_released(store, svc),
+                       invalid=invalid)

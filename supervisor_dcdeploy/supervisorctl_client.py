@@ -1,0 +1,61 @@
+"""The agent's view of its supervisord: program state, stop, start (XML-RPC, unix socket)."""
+
+from __future__ import annotations
+
+import os
+import xmlrpc.client
+
+from supervisor.xmlrpc import Faults, SupervisorTransport
+
+
+class SupervisorError(Exception):
+    pass
+
+
+class Supervisor:
+    """Not thread-safe: one per thread (the agent's worker owns it)."""
+
+    def __init__(self, url: str | None = None) -> None:
+        url = url or os.environ.get("SUPERVISOR_SERVER_URL")
+        if not url:
+            raise SupervisorError("no supervisord URL: run the agent under supervisord, or set "
+                                  "supervisor_url in agent.conf")
+        self.url = url
+        transport = SupervisorTransport(os.environ.get("SUPERVISOR_USERNAME"),
+                                        os.environ.get("SUPERVISOR_PASSWORD"), url)
+        self._proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+
+    @property
+    def rpc(self):
+        return self._proxy
+
+    def state(self, program: str) -> str:
+        """supervisord's state name for ``program`` (RUNNING, STOPPED, FATAL...)."""
+        try:
+            return self._proxy.supervisor.getProcessInfo(program)["statename"]
+        except xmlrpc.client.Fault as exc:
+            if exc.faultCode == Faults.BAD_NAME:
+                raise SupervisorError(f"supervisord has no program {program!r}: add a "
+                                      f"[program:{program}] section (see conf/)") from None
+            raise SupervisorError(f"getProcessInfo({program}): {exc.faultString}") from None
+        except OSError as exc:
+            raise SupervisorError(f"supervisord at {self.url}: {exc}") from None
+
+    def stop(self, program: str) -> None:
+        try:
+            self._proxy.supervisor.stopProcess(program, True)
+        except xmlrpc.client.Fault as exc:
+            if exc.faultCode != Faults.NOT_RUNNING:
+                raise SupervisorError(f"stop {program}: {exc.faultString}") from None
+        except OSError as exc:
+            raise SupervisorError(f"supervisord at {self.url}: {exc}") from None
+
+    def start(self, program: str) -> None:
+        """Start and wait for RUNNING (supervisord's startsecs); raise with its reason."""
+        try:
+            self._proxy.supervisor.startProcess(program, True)
+        except xmlrpc.client.Fault as exc:
+            if exc.faultCode != Faults.ALREADY_STARTED:
+                raise SupervisorError(f"start {program}: {exc.faultString}") from None
+        except OSError as exc:
+            raise SupervisorError(f"supervisord at {self.url}: {exc}") from None
