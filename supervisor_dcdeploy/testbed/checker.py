@@ -279,6 +279,17 @@ class Timeline:
                 out.append((e, parts[1], _json(e.get("data"))))
         return out
 
+    def present_before(self, path: str, t: float) -> bool:
+        """Did the recorded view hold ``path`` just before ``t``? (True when never seen:
+        the conservative answer for a quorum check.)"""
+        present = True
+        for e in self.store:
+            if e["t"] >= t:
+                break
+            if e["path"] == path:
+                present = e.get("data") is not None
+        return present
+
     def garbage_on(self, path: str, t: float) -> bool:
         return any("garbage" in f.effects and f.detail.get("path") == path
                    and f.start <= t <= f.end + 1.0 for f in self.faults.values())
@@ -337,7 +348,12 @@ def check_s1(tl: Timeline, p: Params) -> tuple[Found, str]:
                 found.append((e["t"], f"gate/{svc} v{zv}: take-down record without online/"
                                       f"quorum: {e.get('data')!r}"))
             continue
-        if online - 1 < quorum:
+        # A host that is not in current/ (still recovering) is not counted in ``online``
+        # and takes nothing away from it: the agent's record says so, or the recorded view.
+        was_online = data.get("was_online")
+        if not isinstance(was_online, bool):
+            was_online = tl.present_before(f"current/{svc}/{data.get('host')}", e["t"])
+        if online - (1 if was_online else 0) < quorum:
             found.append((e["t"], f"gate/{svc} v{zv}: {data.get('host')} went down with "
                                   f"online={online} quorum={quorum}"))
         spec_q = tl.quorum.get(svc)

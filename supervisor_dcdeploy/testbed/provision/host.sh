@@ -1,0 +1,42 @@
+#!/bin/sh
+# Provision one dcdeploy host: the same script for a Vagrant VM and a testbed namespace.
+# usage: host.sh NAME RACK ADDRESS ROOT STORE_URL NAME=PORT [NAME=PORT...]
+# env:   DCDT_INSTALL=1  install packages and the project (VMs only)
+#        DCDT_START=1    run supervisord as a systemd service (VMs only)
+#        DCDT_PYTHON     the Python with supervisor_dcdeploy importable (default python3)
+#        DCDT_SRC        the project source (VMs: /vagrant)
+set -eu
+name=$1 rack=$2 address=$3 root=$4 store=$5
+shift 5
+py=${DCDT_PYTHON:-python3}
+if [ "${DCDT_INSTALL:-0}" = 1 ]; then
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q python3-venv transmission-daemon iproute2
+    systemctl disable --now transmission-daemon 2>/dev/null || true
+    python3 -m venv /opt/dcdeploy
+    /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
+    py=/opt/dcdeploy/bin/python
+fi
+services=""
+for svc in "$@"; do services="$services --service $svc"; done
+# shellcheck disable=SC2086
+"$py" -m supervisor_dcdeploy.testbed.provision host --name "$name" --rack "$rack" \
+    --address "$address" --root "$root" --store "$store" --python "$py" --transmission $services
+if [ "${DCDT_START:-0}" = 1 ]; then
+    cat > /etc/systemd/system/dcdeploy-supervisord.service <<UNIT
+[Unit]
+Description=supervisord with the dcdeploy agent ($name)
+After=network-online.target
+
+[Service]
+ExecStart=$py -m supervisor.supervisord -n -c $root/supervisord.conf
+KillMode=control-group
+Restart=always
+
+[Install]
+WantedBy=multi-user.target
+UNIT
+    systemctl daemon-reload
+    systemctl enable --now dcdeploy-supervisord
+fi
