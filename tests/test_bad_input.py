@@ -1,0 +1,108 @@
+"""Bad input gets a clear error naming the problem and never changes what runs."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cluster import Cluster, wait_for
+
+from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.cli import main as cli
+
+
+@pytest.fixture
+def cluster(workdir, store, store_url):
+    c = Cluster(workdir, store, store_url, 3, {"A": {"quorum": 1, "max_parallel": 1},
+                                               "B": {"quorum": 1, "depends_on": ["A"]}})
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def run_cli(capsys, store_url, *argv):
+    code = cli(["--store", store_url, *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def snapshot(cluster):
+    return {(h, s): cluster.version(h, s) for h in cluster.hosts for s in ("A", "B")}
+
+
+def test_garbage_and_bad_requests_change_nothing(cluster, capsys, store_url):
+    cluster.boot({"A": "1", "B": "1"})
+    before = snapshot(cluster)
+    assert set(before.values()) == {"1"}
+
+    # A wrong sha256: every host reports the verification failure; nobody queues.
+    url, real = cluster.release("A", "2")
+    wrong = ("0" if real[0] != "0" else "1") + real[1:]
+    code, out, err = run_cli(capsys, store_url, "stage", "A", "2", "--url", url,
+                             "--sha256", wrong)
+    assert code == 0
+    wait_for(lambda: all(cluster.host_status(h).get("services", {}).get("A", {})
+                         .get("fetch", {}).get("state") == "failed" for h in cluster.hosts),
+             30, "every host to report the failed verification")
+    error = cluster.host_status("h0")["services"]["A"]["fetch"]["error"]
+    assert wrong in error and real in error
+    assert cluster.store.children("staging/A") == []
+    assert not (cluster.hosts["h0"].root / "A" / "releases" / "2").exists()
+
+    # Garbage written by hand into the staged release and into the deploy queue.
+    cluster.store.set("staging/B", b"{not json")
+    cluster.store.create("deploy/item-", b'{"service": "A", "version": 7}', sequential=True)
+    def reported(host: str, what: str) -> bool:
+        problems = cluster.host_status(host).get("services", {}).get("B", {}).get("invalid")
+        return any(what in p for p in problems or [])
+
+    wait_for(lambda: all(reported(h, "staging/B") and reported(h, "deploy/item-")
+                         for h in cluster.hosts), 30, "hosts to report both garbage nodes")
+    code, out, err = run_cli(capsys, store_url, "status", "--json")
+    status = json.loads(out)
+    assert status["deploy"][0]["state"] == "blocked"
+    assert "version" in status["deploy"][0]["reason"]
+    assert any("staging/B" in p and "not valid JSON" in p for p in status["problems"])
+    # A deploy behind the garbage item would not overtake it; the operator clears it.
+    code, out, err = run_cli(capsys, store_url, "abort")
+    assert code == 0 and "aborted 1" in out
+
+    # A dependency cycle, an unknown service, an unstaged service: refused with the reason.
+    code, out, err = run_cli(capsys, store_url, "service", "set", "A", "--quorum", "1",
+                             "--depends-on", "B")
+    assert code == 2 and "cycle" in err and "A -> B -> A" in err
+    code, out, err = run_cli(capsys, store_url, "deploy", "nosuch")
+    assert code == 2 and '"nosuch" is not defined' in err
+    code, out, err = run_cli(capsys, store_url, "deploy", "B")
+    assert code == 2 and "staging/B" in err and "not valid JSON" in err
+    code, out, err = run_cli(capsys, store_url, "stage", "A", "2", "--url", "ftp://x/y",
+                             "--sha256", real)
+    assert code == 2 and "scheme" in err
+    code, out, err = run_cli(capsys, store_url, "stage", "A", "2", "--url", url,
+                             "--sha256", "xyz")
+    assert code == 2 and "64 hex digits" in err
+
+    # Nothing running changed, and the queue is empty.
+    assert snapshot(cluster) == before
+    assert cluster.store.children("deploy") == []
+    for h in cluster.hosts:
+        assert sorted(cluster.store.children("current/A")) == sorted(cluster.hosts)
+        assert cluster.host_status(h)["services"]["A"]["process"] == "RUNNING"
+
+
+def test_dependency_order_is_enforced_when_queueing(cluster, capsys, store_url):
+    cluster.define()
+    cluster.stage("A", "1")
+    cluster.stage("B", "1")
+    code, out, err = run_cli(capsys, store_url, "deploy", "B")
+    assert code == 0
+    # A queued after B, which depends on it, would break the order.
+    code, out, err = run_cli(capsys, store_url, "deploy", "A")
+    assert code == 2 and "depends on" in err and "dcdeploy deploy A B" in err
+    code, out, err = run_cli(capsys, store_url, "deploy", "B")
+    assert code == 2 and "already queued" in err
+    ops.abort(cluster.store)
+    code, out, err = run_cli(capsys, store_url, "deploy", "B", "A")
+    assert code == 0
+    assert [line.split()[2] for line in out.splitlines()] == ["A", "B"]
