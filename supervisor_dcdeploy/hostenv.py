@@ -18,15 +18,15 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-PACKAGED_DROPIN = Path(__file__).resolve().parent / "data" / "dcdeploy.conf"
+PACKAGED_DATA = Path(__file__).resolve().parent / "data"
 
 
-def dropin_text() -> str:
-    """The shipped ``conf/dcdeploy.conf`` (from the source tree, or the packaged copy)."""
-    for path in (CONF_DIR / "dcdeploy.conf", PACKAGED_DROPIN):
+def dropin_text(name: str = "dcdeploy.conf") -> str:
+    """A shipped file of ``conf/`` (from the source tree, or the packaged copy)."""
+    for path in (CONF_DIR / name, PACKAGED_DATA / name):
         if path.is_file():
             return path.read_text()
-    raise FileNotFoundError("conf/dcdeploy.conf not found")
+    raise FileNotFoundError(f"conf/{name} not found")
 
 
 @dataclass
@@ -116,7 +116,8 @@ serverurl = unix://{layout.sock}
 
 [include]
 files = {root}/conf.d/*.conf
-""")
+
+{dropin_text("ctlplugin.conf")}""")
     return layout.conf
 
 

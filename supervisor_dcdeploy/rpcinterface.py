@@ -41,8 +41,17 @@ class DcdeployNamespaceRPCInterface:
     def getState(self) -> dict:  # noqa: N802
         """The agent's status (per service: version, phase, reason, fetch progress) and the
         host's local state (installed releases, active and previous versions)."""
-        return {"status": self._read(STATUS_FILE), "local": self._read(STATE_FILE),
-                "root": str(self.root)}
+        return _scrub({"status": self._read(STATUS_FILE), "local": self._read(STATE_FILE),
+                       "root": str(self.root)})
+
+
+def _scrub(value: Any) -> Any:
+    """XML-RPC has no null: leave out keys whose value is None (and None list items)."""
+    if isinstance(value, dict):
+        return {str(k): _scrub(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_scrub(v) for v in value if v is not None]
+    return value
 
 
 def _root_from(agent_config: str | None) -> tuple[Path | None, str | None]:

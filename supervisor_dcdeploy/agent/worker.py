@@ -58,7 +58,7 @@ class Agent:
         self._fetch_failed: dict[str, tuple[str, float, str]] = {}  # svc -> (sha, when, why)
         self._recover_after: dict[str, float] = {}
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
-        self._registered_host = False
+        self._staged_version: dict[str, str] = {}
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
         if self.local.problem:
@@ -70,8 +70,7 @@ class Agent:
         self.session = state
         if state is not SessionState.CONNECTED:
             self._prepared = False
-            self._registered_host = False
-        self.wake.set()
+            self.wake.set()
 
     def _wake(self) -> None:
         self.wake.set()
@@ -165,6 +164,8 @@ class Agent:
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
                 st = self.local.update(svc, spec=view.spec.to_json().decode())
             self._set(svc, store="connected", invalid=list(view.invalid) or None)
+            if view.staged is not None:
+                self._staged_version[svc] = view.staged.version
         else:
             self._set(svc, store=self.session.value if self._started else "unreachable")
         spec = self._spec(svc, view)
@@ -461,7 +462,7 @@ class Agent:
 
     def _prune(self, svc: str) -> None:
         st = self.local.get(svc)
-        protect = {v for v in (st.active, st.previous) if v}
+        protect = {v for v in (st.active, st.previous, self._staged_version.get(svc)) if v}
         removed = self.dirs[svc].prune(self.cfg.keep_releases, protect)
         if removed:
             self.log.info("releases.pruned", svc=svc, versions=removed)
