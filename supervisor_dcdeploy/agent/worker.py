@@ -550,8 +550,10 @@ class Agent:
         """``<root>/status.json``: what ``supervisorctl dcdeploy status`` shows."""
         for svc in self.cfg.services:
             self.status[svc]["version"] = self.local.get(svc).active
+        ops = self.store.ops
         data = dumps({"host": self.host, "rack": self.cfg.rack,
                       "store": self.session.value if self._started else "unreachable",
+                      "store_ops": {"reads": ops.reads, "writes": ops.writes},
                       "services": self.status})
         if data != self._status_written:
             atomic_write(self.cfg.root / STATUS_FILE, data)

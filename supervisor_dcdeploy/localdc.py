@@ -1,0 +1,198 @@
+"""A small data center of local hosts on one machine: real supervisord processes with the
+real agent, against a real ZooKeeper, and an independent prober that records what every
+host's service endpoint answers. Used by the demo, the integration tests and bench/."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import signal
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from . import ops
+from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
+                                         write_host)
+from .model import HealthCheck
+from .sample import build_release
+from .store import Store
+from .zkserver import free_port
+
+
+def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
+    """Poll ``cond`` until it returns something truthy; fail with ``what`` after timeout."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = cond()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(interval)
+
+
+def get_version(address: str, port: int, timeout: float = 0.25) -> str | None:
+    """The version a service endpoint serves, or None when it does not answer 200."""
+    conn = http.client.HTTPConnection(address, port, timeout=timeout)
+    try:
+        conn.request("GET", "/")
+        resp = conn.getresponse()
+        body = resp.read()
+        if resp.status != 200:
+            return None
+        return json.loads(body)["version"]
+    except (OSError, ValueError, KeyError, http.client.HTTPException):
+        return None
+    finally:
+        conn.close()
+
+
+@dataclass
+class Sample:
+    t: float
+    versions: dict[tuple[str, str], str | None]  # (host, svc) -> version or None
+
+
+@dataclass
+class Prober:
+    """Samples every endpoint in rounds, at ``hz`` rounds per second or more."""
+
+    endpoints: dict[tuple[str, str], tuple[str, int]]
+    hz: float = 25.0
+    samples: list[Sample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        period = 1.0 / self.hz
+        while not self._stop.is_set():
+            started = time.monotonic()
+            row = {key: get_version(*addr, timeout=period) for key, addr in self.endpoints.items()}
+            self.samples.append(Sample(time.time(), row))
+            self._stop.wait(max(0.0, period - (time.monotonic() - started)))
+
+    def start(self) -> "Prober":
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def rate(self) -> float:
+        if len(self.samples) < 2:
+            return 0.0
+        return (len(self.samples) - 1) / (self.samples[-1].t - self.samples[0].t)
+
+    def max_gap(self) -> float:
+        return max((b.t - a.t for a, b in zip(self.samples, self.samples[1:])), default=0.0)
+
+    def serving(self, sample: Sample, svc: str) -> int:
+        return sum(1 for (h, s), v in sample.versions.items() if s == svc and v is not None)
+
+    def first_seen(self, svc: str, version: str, hosts: set[str] | None = None) -> float | None:
+        for sample in self.samples:
+            for (h, s), v in sample.versions.items():
+                if s == svc and v == version and (hosts is None or h in hosts):
+                    return sample.t
+        return None
+
+    def seen(self, host: str, svc: str) -> list[tuple[float, str | None]]:
+        return [(s.t, s.versions[(host, svc)]) for s in self.samples]
+
+
+class Cluster:
+    """``n`` hosts running ``services`` (name -> spec kwargs), all on 127.0.0.1."""
+
+    def __init__(self, workdir: Path, store: Store, store_url: str, n: int,
+                 services: dict[str, dict], racks: int = 2, poll_interval: float = 1.0) -> None:
+        self.workdir = workdir
+        self.store = store
+        self.store_url = store_url
+        self.services = services
+        self.hosts: dict[str, HostLayout] = {}
+        self.procs: dict[str, object] = {}
+        self.artifacts = workdir / "artifacts"
+        for i in range(n):
+            name = f"h{i}"
+            self.hosts[name] = HostLayout(
+                name=name, rack=f"r{i % racks}", root=workdir / name, store_url=store_url,
+                services={svc: free_port() for svc in services}, session_timeout=4.0,
+                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)})
+
+    # -- operator side --------------------------------------------------------------
+    def define(self) -> None:
+        for svc, spec in self.services.items():
+            ops.service_set(self.store, svc, program=svc,
+                            health=HealthCheck("http", "http://127.0.0.1:{port}/health", 1.0),
+                            **spec)
+
+    def release(self, svc: str, version: str, broken: bool = False) -> tuple[str, str]:
+        path, sha = build_release(self.artifacts, svc, version, broken=broken)
+        return f"file://{path}", sha
+
+    def stage(self, svc: str, version: str, broken: bool = False, sha: str | None = None):
+        url, real_sha = self.release(svc, version, broken)
+        return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url])
+
+    # -- hosts ----------------------------------------------------------------------
+    def start(self, name: str | None = None) -> None:
+        for host in ([name] if name else list(self.hosts)):
+            layout = self.hosts[host]
+            write_host(layout)
+            self.procs[host] = start_host(layout)
+        for host in ([name] if name else list(self.hosts)):
+            wait_rpc(self.hosts[host])
+
+    def kill(self, name: str) -> None:
+        """``kill -9`` of the host: supervisord, the agent and the services at once."""
+        stop_host(self.hosts[name], self.procs.pop(name), signal.SIGKILL)
+
+    def stop_all(self) -> None:
+        for name in list(self.procs):
+            stop_host(self.hosts[name], self.procs.pop(name), signal.SIGKILL)
+
+    def endpoints(self) -> dict[tuple[str, str], tuple[str, int]]:
+        return {(h, svc): (layout.address, port) for h, layout in self.hosts.items()
+                for svc, port in layout.services.items()}
+
+    def prober(self, hz: float = 25.0) -> Prober:
+        return Prober(self.endpoints(), hz)
+
+    def version(self, host: str, svc: str) -> str | None:
+        layout = self.hosts[host]
+        return get_version(layout.address, layout.services[svc])
+
+    def all_on(self, svc: str, version: str, hosts: list[str] | None = None) -> bool:
+        return all(self.version(h, svc) == version for h in (hosts or self.hosts))
+
+    def host_status(self, name: str) -> dict:
+        try:
+            return json.loads((self.hosts[name].root / "status.json").read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def status(self) -> dict:
+        return ops.status(self.store)
+
+    def queue_empty(self) -> bool:
+        return not self.store.children("deploy")
+
+    def history(self) -> list[dict]:
+        return ops.history(self.store, 100)
+
+    def boot(self, versions: dict[str, str], timeout: float = 60.0) -> None:
+        """Define the services, stage ``versions`` and start every host on them."""
+        self.define()
+        for svc, version in versions.items():
+            self.stage(svc, version)
+        self.start()
+        for svc, version in versions.items():
+            wait_for(lambda: self.all_on(svc, version), timeout, f"every host on {svc} {version}")
+            wait_for(lambda: len(self.store.children(f"current/{svc}")) == len(self.hosts),
+                     timeout, f"every host registered for {svc}")
