@@ -1,0 +1,123 @@
+"""Bencoding (BEP 3), the small subset a tracker and a metainfo reader need.
+
+Pure functions; :func:`decode` rejects anything that is not canonical enough to round-trip
+(trailing data, leading zeros, unsorted dictionaries are accepted but re-encode sorted).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Union
+
+Value = Union[int, bytes, list, dict]
+
+
+class BencodeError(ValueError):
+    """The input is not valid bencoding; the message names the offset."""
+
+
+def encode(value: Any) -> bytes:
+    """Encode ints, bytes, str (as UTF-8), lists/tuples and dicts (keys sorted as bytes).
+
+    Raises :class:`TypeError` for anything else (floats, None, bools)."""
+    out: list[bytes] = []
+    _encode(value, out)
+    return b"".join(out)
+
+
+def _encode(value: Any, out: list[bytes]) -> None:
+    if isinstance(value, bool):
+        raise TypeError("bencode has no booleans; use 0 or 1")
+    if isinstance(value, int):
+        out.append(b"i%de" % value)
+    elif isinstance(value, (bytes, bytearray)):
+        out.append(b"%d:" % len(value))
+        out.append(bytes(value))
+    elif isinstance(value, str):
+        _encode(value.encode("utf-8"), out)
+    elif isinstance(value, (list, tuple)):
+        out.append(b"l")
+        for item in value:
+            _encode(item, out)
+        out.append(b"e")
+    elif isinstance(value, dict):
+        out.append(b"d")
+        items = [(k.encode("utf-8") if isinstance(k, str) else bytes(k), v)
+                 for k, v in value.items()]
+        for key, item in sorted(items):
+            _encode(key, out)
+            _encode(item, out)
+        out.append(b"e")
+    else:
+        raise TypeError(f"cannot bencode {type(value).__name__}")
+
+
+def decode(data: bytes) -> Value:
+    """Decode one bencoded value that spans all of ``data``; raise :class:`BencodeError`."""
+    value, end = _decode(data, 0)
+    if end != len(data):
+        raise BencodeError(f"trailing data at offset {end}")
+    return value
+
+
+def decode_prefix(data: bytes, start: int = 0) -> tuple[Value, int, int]:
+    """Decode one value starting at ``start``; return (value, start, end) so a caller can
+    hash the exact bytes of a sub-value (the ``info`` dictionary of a metainfo)."""
+    value, end = _decode(data, start)
+    return value, start, end
+
+
+def _decode(data: bytes, i: int) -> tuple[Value, int]:
+    if i >= len(data):
+        raise BencodeError(f"unexpected end at offset {i}")
+    c = data[i:i + 1]
+    if c == b"i":
+        end = data.find(b"e", i)
+        if end < 0:
+            raise BencodeError(f"unterminated integer at offset {i}")
+        text = data[i + 1:end]
+        if not text or (text.startswith(b"0") and len(text) > 1) or text.startswith(b"-0") \
+                or not text.lstrip(b"-").isdigit():
+            raise BencodeError(f"bad integer {text!r} at offset {i}")
+        return int(text), end + 1
+    if c.isdigit():
+        colon = data.find(b":", i)
+        if colon < 0 or not data[i:colon].isdigit():
+            raise BencodeError(f"bad string length at offset {i}")
+        length = int(data[i:colon])
+        start, end = colon + 1, colon + 1 + length
+        if end > len(data):
+            raise BencodeError(f"string at offset {i} runs past the end")
+        return data[start:end], end
+    if c == b"l":
+        items = []
+        i += 1
+        while data[i:i + 1] != b"e":
+            item, i = _decode(data, i)
+            items.append(item)
+        return items, i + 1
+    if c == b"d":
+        result: dict[bytes, Value] = {}
+        i += 1
+        while data[i:i + 1] != b"e":
+            key, i = _decode(data, i)
+            if not isinstance(key, bytes):
+                raise BencodeError(f"dictionary key at offset {i} is not a string")
+            result[key], i = _decode(data, i)
+        return result, i + 1
+    raise BencodeError(f"unexpected byte {c!r} at offset {i}")
+
+
+def info_span(metainfo: bytes) -> tuple[int, int]:
+    """(start, end) of the ``info`` value's bytes inside a metainfo dictionary.
+
+    The infohash is the SHA-1 of exactly these bytes, as written (BEP 3)."""
+    if metainfo[:1] != b"d":
+        raise BencodeError("metainfo is not a dictionary")
+    i = 1
+    while metainfo[i:i + 1] != b"e":
+        key, i = _decode(metainfo, i)
+        start = i
+        _, i = _decode(metainfo, i)
+        if key == b"info":
+            return start, i
+    raise BencodeError("metainfo has no 'info' dictionary")

@@ -1,0 +1,184 @@
+"""transmission-daemon configuration and process handling.
+
+The agent runs the daemon as a supervisord program (``daemon_command`` gives its command line;
+see docs/distribution.md for the ``[program:transmission]`` section); tests, the benchmark and
+``dcdeploy seed`` start it with :class:`DaemonProcess`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+log = structlog.get_logger("dcdeploy.p2p.daemon")
+
+DAEMON = "transmission-daemon"
+
+# Settings that make a LAN swarm of our own hosts fast and closed. Each is explained, with
+# measurements, in docs/distribution.md ("Settings that matter").
+LAN_SETTINGS: dict[str, Any] = {
+    # Closed swarm: peers come only from our tracker (the torrents are private anyway).
+    "dht-enabled": False,
+    "pex-enabled": False,
+    "lpd-enabled": False,
+    "port-forwarding-enabled": False,
+    "blocklist-enabled": False,
+    # uTP backs off under load (LEDBAT) and costs CPU; on our own LAN TCP is what we want.
+    "utp-enabled": False,
+    # Encryption is obfuscation, not security, and costs CPU (RC4) on every byte: prefer clear.
+    "encryption": 0,
+    # Never queue: a release must start downloading (and seeding) at once.
+    "download-queue-enabled": False,
+    "seed-queue-enabled": False,
+    "queue-stalled-enabled": False,
+    "start-added-torrents": True,
+    # Seed for as long as the agent wants: it removes torrents itself.
+    "ratio-limit-enabled": False,
+    "idle-seeding-limit-enabled": False,
+    "speed-limit-down-enabled": False,
+    "speed-limit-up-enabled": False,
+    "alt-speed-enabled": False,
+    "alt-speed-time-enabled": False,
+    # Enough connections and unchoke slots for every host of a large rack.
+    "peer-limit-global": 500,
+    "peer-limit-per-torrent": 200,
+    "upload-slots-per-torrent": 32,
+    # Write-back cache for received blocks (default 4 MiB).
+    "cache-size-mb": 64,
+    "prefetch-enabled": True,
+    # Sparse allocation: no up-front write of the whole file (free space is checked before).
+    "preallocation": 1,
+    "rename-partial-files": False,
+    "incomplete-dir-enabled": False,
+    "watch-dir-enabled": False,
+    "trash-original-torrent-files": False,
+    "scrape-paused-torrents-enabled": False,
+    "message-level": 1,
+    "umask": 18,
+    # RPC without auth: bound to loopback (agent) or the host's own address (tests only).
+    "rpc-enabled": True,
+    "rpc-authentication-required": False,
+    "rpc-whitelist-enabled": False,
+    "rpc-host-whitelist-enabled": False,
+    "peer-port-random-on-start": False,
+    "peer-socket-tos": "default",
+}
+
+
+def settings(*, download_dir: Path, rpc_bind: str, rpc_port: int, peer_port: int,
+             bind_address: str, **tuning: Any) -> dict[str, Any]:
+    """The settings dictionary (pure). ``tuning`` uses Python names for settings keys
+    (``cache_size_mb=128`` sets ``cache-size-mb``) and overrides :data:`LAN_SETTINGS`."""
+    out = dict(LAN_SETTINGS)
+    out.update({"download-dir": str(download_dir), "incomplete-dir": str(download_dir),
+                "rpc-bind-address": rpc_bind, "rpc-port": rpc_port, "peer-port": peer_port,
+                "bind-address-ipv4": bind_address, "bind-address-ipv6": "::1"})
+    for key, value in tuning.items():
+        out[key.replace("_", "-")] = value
+    return out
+
+
+def write_settings(config_dir: Path, *, download_dir: Path, rpc_bind: str, rpc_port: int,
+                   peer_port: int, bind_address: str, **tuning: Any) -> Path:
+    """Write ``config_dir/settings.json`` (creating both directories); return its path.
+
+    Rewriting while the daemon runs has no effect until it restarts (the daemon also rewrites
+    the file on exit, keeping our values)."""
+    config_dir = Path(config_dir)
+    config_dir.mkdir(parents=True, exist_ok=True)
+    Path(download_dir).mkdir(parents=True, exist_ok=True)
+    path = config_dir / "settings.json"
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(settings(download_dir=download_dir, rpc_bind=rpc_bind,
+                                       rpc_port=rpc_port, peer_port=peer_port,
+                                       bind_address=bind_address, **tuning),
+                              indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def daemon_command(config_dir: Path, *, logfile: Path | None = None) -> list[str]:
+    """Foreground daemon reading ``config_dir/settings.json`` (for supervisord or Popen)."""
+    cmd = [DAEMON, "-f", "-g", str(config_dir)]
+    if logfile is not None:
+        cmd += ["-e", str(logfile)]
+    return cmd
+
+
+def rpc_url(address: str, port: int) -> str:
+    return f"http://{address}:{port}/transmission/rpc"
+
+
+@dataclass
+class DaemonProcess:
+    """A transmission-daemon child process (optionally inside a network namespace)."""
+
+    config_dir: Path
+    rpc_address: str
+    rpc_port: int
+    netns: str | None = None
+    proc: subprocess.Popen | None = field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        return rpc_url(self.rpc_address, self.rpc_port)
+
+    def start(self, wait: float = 15.0) -> None:
+        """Start the daemon and block until its RPC answers (``TimeoutError`` otherwise)."""
+        cmd = daemon_command(self.config_dir, logfile=self.config_dir / "daemon.log")
+        if self.netns:
+            cmd = ["ip", "netns", "exec", self.netns, *cmd]
+        out = open(self.config_dir / "daemon.stdout", "ab")
+        self.proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT,
+                                     stdin=subprocess.DEVNULL, start_new_session=True)
+        out.close()
+        log.info("daemon.started", pid=self.proc.pid, config_dir=str(self.config_dir),
+                 netns=self.netns)
+        self.wait_rpc(wait)
+
+    def wait_rpc(self, timeout: float) -> None:
+        import requests
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise RuntimeError(f"transmission-daemon exited with {self.proc.returncode}; "
+                                   f"see {self.config_dir}/daemon.log")
+            try:
+                # 409 with a session id is the daemon's normal first answer.
+                if requests.get(self.url, timeout=1.0).status_code in (200, 409):
+                    return
+            except requests.RequestException:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"transmission RPC at {self.url} not answering after {timeout}s")
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self, sig: int = signal.SIGKILL, timeout: float = 20.0) -> None:
+        """Signal the daemon's process group and wait for it. Idempotent."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+        log.info("daemon.stopped", pid=self.proc.pid, signal=sig)
+
+    def stop(self) -> None:
+        self.kill(signal.SIGTERM)

@@ -1,0 +1,450 @@
+"""The per-agent BitTorrent tracker (BEP 3 announce, BEP 23 compact peers), backed by the store.
+
+Each agent serves ``GET /announce`` on loopback for its own transmission-daemon only. An
+announce registers this host under ``peers/<infohash>/<host>`` (ephemeral JSON
+``{"address","port","rack","complete"}``, with the host's *routable* address, never the
+127.0.0.1 the announce came from) and answers with the other hosts registered for that
+infohash: same rack first, then the rest, capped at ``numwant``. There is no central tracker:
+the store is the peer list, and a host whose agent dies vanishes from it with its session.
+
+``GET /status`` answers JSON (registrations and the hosts of the last answer per infohash) for
+``supervisorctl dcdeploy status``, tests and debugging.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import json
+import threading
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs
+
+import structlog
+
+from ..model import InvalidData, _get, _load, check_name, dumps
+from ..store import NodeExists, NoNode, SessionState, Store, StoreError
+from . import bencode
+
+log = structlog.get_logger("dcdeploy.p2p.tracker")
+
+PEERS = "peers"
+INTERVAL_ACTIVE = 5  # seconds between announces while a deploy is active
+INTERVAL_IDLE = 60
+DEFAULT_NUMWANT = 50  # BEP 3: "defaults to 50 peers"
+MAX_NUMWANT = 200
+PEER_CACHE_SECS = 1.0  # an announce storm costs at most one store listing per second per torrent
+
+
+class AnnounceError(ValueError):
+    """The announce request is malformed; the message is sent back as ``failure reason``."""
+
+
+@dataclass(frozen=True)
+class PeerInfo:
+    """``peers/<infohash>/<host>``: a host in the swarm of one torrent."""
+
+    host: str
+    address: str
+    port: int
+    rack: str = ""
+    complete: bool = False
+
+    @classmethod
+    def parse(cls, infohash: str, host: str, raw: bytes | str | None) -> "PeerInfo":
+        """Validate a store node; raise :class:`InvalidData` naming the field."""
+        where = f"{PEERS}/{infohash}/{host}"
+        check_name(where, "(name)", host)
+        data = _load(where, raw)
+        address = _get(where, data, "address", str)
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise InvalidData(where, "address", f"{address!r} is not an IP address") from None
+        port = _get(where, data, "port", int)
+        if not 0 < port < 65536:
+            raise InvalidData(where, "port", f"{port} is not a TCP port")
+        return cls(host, address, port, _get(where, data, "rack", str, ""),
+                   _get(where, data, "complete", bool, False))
+
+    def to_json(self) -> bytes:
+        return dumps({"address": self.address, "port": self.port, "rack": self.rack,
+                      "complete": self.complete})
+
+
+@dataclass(frozen=True)
+class Announce:
+    """A parsed ``/announce`` query."""
+
+    infohash: str  # 40 lowercase hex digits
+    peer_id: bytes
+    port: int
+    left: int | None
+    event: str  # "", "started", "completed", "stopped"
+    numwant: int
+    compact: bool
+
+
+def parse_announce(query: str) -> Announce:
+    """Parse the raw query string of an announce (binary ``info_hash`` percent-encoded).
+
+    Raises :class:`AnnounceError` naming the bad parameter. Pure."""
+    # latin-1 maps every byte to one code point, so the 20 raw bytes survive unquoting.
+    params = parse_qs(query, keep_blank_values=True, encoding="latin-1")
+
+    def one(name: str, default: str | None = None) -> str:
+        values = params.get(name)
+        if not values:
+            if default is None:
+                raise AnnounceError(f"missing parameter {name!r}")
+            return default
+        return values[0]
+
+    raw_hash = one("info_hash").encode("latin-1")
+    if len(raw_hash) != 20:
+        raise AnnounceError(f"info_hash must be 20 bytes, got {len(raw_hash)}")
+    try:
+        port = int(one("port"))
+    except ValueError:
+        raise AnnounceError(f"port {one('port')!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise AnnounceError(f"port {port} is out of range")
+    left_text = one("left", "")
+    try:
+        left = int(left_text) if left_text else None
+        numwant = int(one("numwant", str(DEFAULT_NUMWANT)))
+    except ValueError:
+        raise AnnounceError("left and numwant must be numbers") from None
+    event = one("event", "")
+    if event not in ("", "started", "completed", "stopped", "paused"):
+        raise AnnounceError(f"unknown event {event!r}")
+    return Announce(infohash=raw_hash.hex(), peer_id=one("peer_id", "").encode("latin-1"),
+                    port=port, left=left, event=event,
+                    numwant=max(0, min(numwant, MAX_NUMWANT)),
+                    compact=one("compact", "1") != "0")
+
+
+def _spread_key(self_host: str, peer: PeerInfo) -> bytes:
+    # Stable per asker, different across askers: hosts of one rack don't all pick the same
+    # first peers when numwant caps the answer, and answers don't churn between announces.
+    return hashlib.sha1(f"{self_host}\0{peer.host}".encode()).digest()
+
+
+def order_peers(self_host: str, self_rack: str, peers: Iterable[PeerInfo],
+                numwant: int) -> list[PeerInfo]:
+    """The peers to answer, best first. Pure.
+
+    Excludes ``self_host``; same-rack peers first, then the others, each group in a
+    per-asker stable pseudo-random order; at most ``numwant``. One exception keeps a rack
+    from starving: when the capped answer holds no complete peer (seeder) but one exists,
+    the last slot goes to the first complete peer in the same order."""
+    if numwant <= 0:
+        return []
+    others = [p for p in peers if p.host != self_host]
+    same = sorted((p for p in others if self_rack and p.rack == self_rack),
+                  key=lambda p: _spread_key(self_host, p))
+    rest = sorted((p for p in others if not (self_rack and p.rack == self_rack)),
+                  key=lambda p: _spread_key(self_host, p))
+    ordered = same + rest
+    answer = ordered[:numwant]
+    if answer and not any(p.complete for p in answer):
+        seeder = next((p for p in ordered[numwant:] if p.complete), None)
+        if seeder is not None:
+            answer[-1] = seeder
+    return answer
+
+
+def compact_peers(peers: Sequence[PeerInfo]) -> tuple[bytes, bytes]:
+    """(BEP 23 ``peers``, BEP 7 ``peers6``): 6 bytes per IPv4 peer, 18 per IPv6 peer."""
+    v4, v6 = bytearray(), bytearray()
+    for p in peers:
+        addr = ipaddress.ip_address(p.address)
+        target = v4 if addr.version == 4 else v6
+        target += addr.packed + p.port.to_bytes(2, "big")
+    return bytes(v4), bytes(v6)
+
+
+def announce_response(peers: Sequence[PeerInfo], *, interval: int, compact: bool = True,
+                      complete: int | None = None, incomplete: int | None = None) -> bytes:
+    """The bencoded answer to an announce. Pure."""
+    body: dict[str, Any] = {"interval": interval, "min interval": interval,
+                            "complete": sum(p.complete for p in peers) if complete is None
+                            else complete,
+                            "incomplete": sum(not p.complete for p in peers) if incomplete is None
+                            else incomplete}
+    if compact:
+        v4, v6 = compact_peers(peers)
+        body["peers"] = v4
+        if v6:
+            body["peers6"] = v6
+    else:
+        body["peers"] = [{"ip": p.address, "port": p.port} for p in peers]
+    return bencode.encode(body)
+
+
+def failure_response(reason: str, interval: int = INTERVAL_ACTIVE) -> bytes:
+    return bencode.encode({"failure reason": reason, "interval": interval,
+                           "min interval": interval})
+
+
+class Tracker:
+    """One per agent: an HTTP announce endpoint on ``bind``:``port``, in a thread.
+
+    ``address`` is what other hosts must dial (the host's address on the data network);
+    ``active()`` says whether a deploy is in progress (short announce interval). Store
+    writes are idempotent; after a session loss every registration is re-created by the
+    maintenance thread, which also drops registrations not refreshed by an announce within
+    ``expire_after`` seconds (the daemon died without saying ``stopped``).
+    """
+
+    def __init__(self, store: Store, host: str, address: str, rack: str, port: int = 6969,
+                 active: Callable[[], bool] = lambda: False, *, bind: str = "127.0.0.1",
+                 interval_active: int = INTERVAL_ACTIVE, interval_idle: int = INTERVAL_IDLE,
+                 expire_after: float | None = None) -> None:
+        check_name("tracker", "host", host)
+        ipaddress.ip_address(address)
+        self.store = store
+        self.host = host
+        self.address = address
+        self.rack = rack
+        self.port = port
+        self.bind = bind
+        self.active = active
+        self.interval_active = interval_active
+        self.interval_idle = interval_idle
+        self.expire_after = expire_after or 3 * interval_idle + 20
+        self._lock = threading.Lock()
+        self._registered: dict[str, tuple[PeerInfo, float]] = {}  # infohash -> (info, last seen)
+        self._written: dict[str, PeerInfo] = {}  # what this session wrote
+        self._cache: dict[str, tuple[float, list[PeerInfo]]] = {}
+        self._answers: dict[str, list[str]] = {}
+        self._resync = threading.Event()
+        self._stopping = threading.Event()
+        self._server: ThreadingHTTPServer | None = None
+        self._threads: list[threading.Thread] = []
+        store.add_listener(self._on_session)
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Bind and serve in background threads; returns once the socket is listening
+        (``self.port`` is then the real port, also when 0 was asked)."""
+        tracker = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"
+
+            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+                path, _, query = self.path.partition("?")
+                if path == "/announce":
+                    code, ctype, body = 200, "text/plain", tracker.handle_announce(query)
+                elif path == "/status":
+                    code, ctype = 200, "application/json"
+                    body = json.dumps(tracker.status()).encode()
+                else:
+                    code, ctype, body = 404, "text/plain", b"not found\n"
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        ThreadingHTTPServer.allow_reuse_address = True
+        self._server = ThreadingHTTPServer((self.bind, self.port), Handler)
+        self._server.daemon_threads = True
+        self.port = self._server.server_address[1]
+        self._stopping.clear()
+        self._threads = [threading.Thread(target=self._server.serve_forever, kwargs={
+            "poll_interval": 0.2}, name="tracker-http", daemon=True),
+            threading.Thread(target=self._maintain, name="tracker-maint", daemon=True)]
+        for t in self._threads:
+            t.start()
+        log.info("tracker.started", host=self.host, bind=self.bind, port=self.port,
+                 address=self.address, rack=self.rack)
+
+    def stop(self) -> None:
+        """Stop serving and delete this host's registrations (best effort). Idempotent."""
+        self._stopping.set()
+        self._resync.set()
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads = []
+        with self._lock:
+            infohashes = list(self._written)
+            self._registered.clear()
+        for ih in infohashes:
+            self._unregister(ih)
+        log.info("tracker.stopped", host=self.host)
+
+    # -- announce -------------------------------------------------------------------------
+    def interval(self) -> int:
+        try:
+            return self.interval_active if self.active() else self.interval_idle
+        except Exception:  # the callback is the agent's; never fail an announce on it
+            return self.interval_active
+
+    def handle_announce(self, query: str) -> bytes:
+        """Answer one announce query (the part after ``?``); never raises."""
+        interval = self.interval()
+        try:
+            ann = parse_announce(query)
+        except AnnounceError as exc:
+            log.warning("tracker.bad_announce", host=self.host, error=str(exc))
+            return failure_response(str(exc), interval)
+        if ann.event in ("stopped", "paused"):
+            with self._lock:
+                self._registered.pop(ann.infohash, None)
+            self._unregister(ann.infohash)
+            return announce_response([], interval=interval, compact=ann.compact)
+        me = PeerInfo(self.host, self.address, ann.port, self.rack, complete=ann.left == 0)
+        with self._lock:
+            self._registered[ann.infohash] = (me, time.monotonic())
+        self._register(ann.infohash, me)
+        peers = order_peers(self.host, self.rack, self._peers(ann.infohash), ann.numwant)
+        with self._lock:
+            self._answers[ann.infohash] = [p.host for p in peers]
+        log.debug("tracker.announce", host=self.host, infohash=ann.infohash, ann_event=ann.event,
+                  left=ann.left, answered=[p.host for p in peers], interval=interval)
+        return announce_response(peers, interval=interval, compact=ann.compact)
+
+    def status(self) -> dict[str, Any]:
+        with self._lock:
+            return {"host": self.host, "rack": self.rack, "address": self.address,
+                    "registered": {ih: {"port": info.port, "complete": info.complete}
+                                   for ih, (info, _) in self._registered.items()},
+                    "answers": {ih: list(hosts) for ih, hosts in self._answers.items()}}
+
+    def last_answer(self, infohash: str) -> list[str] | None:
+        """Hosts of the last answer for ``infohash``, in order; None before any."""
+        with self._lock:
+            hosts = self._answers.get(infohash)
+            return None if hosts is None else list(hosts)
+
+    # -- store ----------------------------------------------------------------------------
+    def _path(self, infohash: str) -> str:
+        return f"{PEERS}/{infohash}/{self.host}"
+
+    def _register(self, infohash: str, me: PeerInfo) -> None:
+        with self._lock:
+            if self._written.get(infohash) == me:
+                return
+            first = infohash not in self._written
+        try:
+            if first:
+                # A node left by our previous session (agent restarted within the session
+                # timeout) would vanish when that session expires: replace it with ours.
+                try:
+                    self.store.delete(self._path(infohash))
+                except NoNode:
+                    pass
+                try:
+                    self.store.create(self._path(infohash), me.to_json(), ephemeral=True)
+                except NodeExists:
+                    self.store.set(self._path(infohash), me.to_json())
+            else:
+                try:
+                    self.store.set(self._path(infohash), me.to_json())
+                except NoNode:
+                    self.store.create(self._path(infohash), me.to_json(), ephemeral=True)
+        except StoreError as exc:
+            log.warning("tracker.register_failed", host=self.host, infohash=infohash,
+                        error=f"{type(exc).__name__}: {exc}")
+            self._resync.set()
+            return
+        with self._lock:
+            self._written[infohash] = me
+        log.info("tracker.registered", host=self.host, infohash=infohash, port=me.port,
+                 complete=me.complete)
+
+    def _unregister(self, infohash: str) -> None:
+        with self._lock:
+            self._written.pop(infohash, None)
+        try:
+            self.store.delete(self._path(infohash))
+        except NoNode:
+            pass
+        except StoreError as exc:  # the ephemeral goes with the session anyway
+            log.warning("tracker.unregister_failed", host=self.host, infohash=infohash,
+                        error=f"{type(exc).__name__}: {exc}")
+            return
+        log.info("tracker.unregistered", host=self.host, infohash=infohash)
+
+    def _peers(self, infohash: str) -> list[PeerInfo]:
+        now = time.monotonic()
+        with self._lock:
+            cached = self._cache.get(infohash)
+        if cached and now - cached[0] < PEER_CACHE_SECS:
+            return cached[1]
+        base = f"{PEERS}/{infohash}"
+        try:
+            peers = []
+            for host in self.store.children(base):
+                try:
+                    raw, _ = self.store.get(f"{base}/{host}")
+                    peers.append(PeerInfo.parse(infohash, host, raw))
+                except NoNode:
+                    continue  # left between listing and reading
+                except InvalidData as exc:
+                    log.warning("tracker.bad_peer", infohash=infohash, peer=host, error=str(exc))
+        except StoreError as exc:
+            # Self-sufficiency: keep answering from the last list we saw.
+            log.warning("tracker.store_unavailable", host=self.host, infohash=infohash,
+                        error=f"{type(exc).__name__}: {exc}", cached=bool(cached))
+            return cached[1] if cached else []
+        with self._lock:
+            self._cache[infohash] = (now, peers)
+        return peers
+
+    def _on_session(self, state: SessionState) -> None:
+        # Runs on the store's thread: never block here.
+        if state is SessionState.LOST:
+            with self._lock:
+                self._written.clear()  # our ephemerals are gone
+        if state in (SessionState.LOST, SessionState.CONNECTED):
+            self._resync.set()
+
+    def _maintain(self) -> None:
+        failed = False
+        while not self._stopping.is_set():
+            # After a store error retry every second, not in a tight loop.
+            if failed:
+                self._stopping.wait(1.0)
+            else:
+                self._resync.wait(timeout=10.0)
+            if self._stopping.is_set():
+                return
+            self._resync.clear()
+            failed = False
+            now = time.monotonic()
+            with self._lock:
+                expired = [ih for ih, (_, seen) in self._registered.items()
+                           if now - seen > self.expire_after]
+                for ih in expired:
+                    del self._registered[ih]
+                wanted = {ih: info for ih, (info, _) in self._registered.items()}
+            for ih in expired:
+                log.info("tracker.expired", host=self.host, infohash=ih)
+                self._unregister(ih)
+            for ih, info in wanted.items():
+                try:
+                    present = self.store.exists(self._path(ih)) is not None
+                except StoreError:
+                    failed = True
+                    break
+                if not present:
+                    with self._lock:
+                        self._written.pop(ih, None)
+                    log.info("tracker.reregister", host=self.host, infohash=ih)
+                    self._register(ih, info)
+                    with self._lock:
+                        failed = failed or ih not in self._written
