@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +37,7 @@ PREFIX = "dcdt"
 SUBNET = "10.216.0.0/16"
 DEFAULT_BASE = Path("/tmp/dcdt-testbed")
 STATE_FILE = "testbed.json"
+NETNS_ETC = Path("/etc/netns")
 AGENT = "dcdeploy-agent"
 
 
@@ -126,10 +128,12 @@ class Testbed:
         if not ok:
             raise RuntimeError(f"testbed: {why}")
         teardown(self.base)
+        shutil.rmtree(self.base, ignore_errors=True)  # a testbed starts from nothing
         self.base.mkdir(parents=True, exist_ok=True)
         try:
             self.net.up()
             self.ensemble.add_hosts()
+            self._write_resolver()
             self._write_state()
             for sid, host in self.ensemble.hosts.items():
                 subprocess.run(["sh", str(SCRIPTS / "zk.sh"), str(sid), host.addr,
@@ -140,6 +144,7 @@ class Testbed:
             self.ensemble.start(timeout)
             for i in range(1, self.config.hosts + 1):
                 self._add_host(f"h{i}", f"r{(i - 1) % self.config.racks + 1}")
+            self._write_resolver()
             self._write_state()
             self.store = open_store(self.store_url, session_timeout=10.0)
             self.store.start(timeout=30)
@@ -190,6 +195,19 @@ class Testbed:
                                 service=[f"{s.name}={s.port}" for s in self.config.services],
                                 transmission=False)
         return host_layout(ns)
+
+    def _write_resolver(self) -> None:
+        """Give every namespace an /etc/hosts naming all testbed addresses and a resolver
+        that fails at once (``ip netns exec`` bind-mounts ``/etc/netns/<ns>/*``): without it
+        a reverse lookup (http.server's ``getfqdn`` at bind) waits ~10 s for an
+        unreachable DNS server."""
+        names = [(h.addr, n) for n, h in self.net.hosts.items()]
+        text = "127.0.0.1 localhost\n" + "".join(f"{a} {n}\n" for a, n in names)
+        for nh in self.net.hosts.values():
+            etc = NETNS_ETC / nh.ns
+            etc.mkdir(parents=True, exist_ok=True)
+            (etc / "hosts").write_text(text)
+            (etc / "resolv.conf").write_text("nameserver 127.0.0.1\noptions timeout:1 attempts:1\n")
 
     def start_host(self, name: str) -> None:
         host = self.hosts[name]
@@ -324,6 +342,10 @@ def teardown(base: Path = DEFAULT_BASE) -> list[str]:
     ``base`` or named ``dcdt-*``. Returns what was removed, for the log. Idempotent."""
     removed = [f"netns {ns}" for ns in netns.namespaces() if ns.startswith(PREFIX)]
     netns.cleanup(PREFIX)
+    if NETNS_ETC.is_dir():
+        for etc in NETNS_ETC.glob(f"{PREFIX}-*"):
+            shutil.rmtree(etc, ignore_errors=True)
+            removed.append(f"dir {etc}")
     for mount in _mounts_under(Path(base)):
         subprocess.run(["umount", "-l", mount], capture_output=True)
         removed.append(f"mount {mount}")
@@ -344,6 +366,8 @@ def leftovers(base: Path = DEFAULT_BASE) -> dict[str, list[str]]:
             if str(base) + "/" in cmd and "pytest" not in cmd:
                 procs.append(f"{entry}: {cmd[:120]}")
     return {"namespaces": [n for n in netns.namespaces() if n.startswith(PREFIX)],
+            "netns_etc": [str(p) for p in NETNS_ETC.glob(f"{PREFIX}-*")]
+            if NETNS_ETC.is_dir() else [],
             "links": [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()
                       if line.split(":")[1].strip().startswith(PREFIX)],
             "mounts": _mounts_under(Path(base)),

@@ -1,0 +1,353 @@
+"""Faults for the testbed (DESIGN §6), each an object with ``inject()`` and ``heal()``.
+
+:class:`FaultRunner` records a ``fault`` start event just before ``inject`` and an end
+event just after ``heal`` returns, with the fault's effects (see :mod:`.history`), so the
+checker knows which hosts were disturbed and how. ``heal`` blocks until the fault is really
+over (a restarted host's supervisord answers; a restarted ZooKeeper server serves).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import structlog
+from kazoo.client import KazooClient
+
+from .. import netns
+from ..hostenv import wait_rpc
+from .bed import AGENT, Testbed
+from .ensemble import CLIENT_PORT
+from .history import HistoryWriter
+from .recorder import snapshot_state, wait_for
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Fault:
+    """Base: ``kind`` names it in histories and reports; ``effects`` tells the checker."""
+
+    bed: Testbed
+    host: str | None = None
+    detail: dict[str, Any] = field(default_factory=dict)
+    kind: ClassVar[str] = "fault"
+    effects: ClassVar[tuple[str, ...]] = ()
+    needs_host: ClassVar[bool] = True
+
+    def hosts(self) -> list[str]:
+        return [self.host] if self.host else []
+
+    def inject(self) -> None:
+        raise NotImplementedError
+
+    def heal(self) -> None:
+        """Undo the fault; idempotent."""
+
+
+def _kill(pid: int | None, sig: int) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, sig)
+        return True
+    except ProcessLookupError:
+        return False
+
+
+class AgentKill(Fault):
+    """kill -9 of the agent; supervisord restarts it."""
+
+    kind = "agent_kill"
+    effects = ("process",)
+
+    def inject(self) -> None:
+        pid = self.bed.hosts[self.host].agent_pid()
+        self.detail["pid"] = pid
+        _kill(pid, signal.SIGKILL)
+
+    def heal(self) -> None:
+        host = self.bed.hosts[self.host]
+        old = self.detail.get("pid")
+        wait_for(lambda: (p := host.agent_pid()) and p != old, 30, f"{self.host} agent back")
+
+
+class AgentStop(Fault):
+    """SIGSTOP of the agent for longer than the session timeout, then SIGCONT."""
+
+    kind = "agent_stop"
+    effects = ("process",)
+
+    def inject(self) -> None:
+        pid = self.bed.hosts[self.host].agent_pid()
+        self.detail["pid"] = pid
+        _kill(pid, signal.SIGSTOP)
+
+    def heal(self) -> None:
+        _kill(self.detail.get("pid"), signal.SIGCONT)
+
+
+class SupervisordKill(Fault):
+    """kill -9 of supervisord alone. Its children are orphaned; on heal they are killed
+    (what systemd's control-group kill does to a crashed unit) and supervisord restarts."""
+
+    kind = "supervisord_kill"
+    effects = ("process",)
+
+    def inject(self) -> None:
+        host = self.bed.hosts[self.host]
+        pid = host.supervisord_pid()
+        self.detail["pid"] = pid
+        _kill(pid, signal.SIGKILL)
+        if host.proc is not None:
+            host.proc.wait(timeout=10)
+
+    def heal(self) -> None:
+        self.bed.kill_host(self.host)
+        if getattr(self, "writer", None):
+            snapshot_state(self.writer, self.host, self.bed.hosts[self.host].layout.root,
+                           self.fault_id)
+        self.bed.start_host(self.host)
+        wait_rpc(self.bed.hosts[self.host].layout, timeout=30)
+
+
+class HostKill(Fault):
+    """A whole host crashes: every process killed at once, its link down while it is off;
+    on heal the link comes back and it boots (supervisord, agent, transmission)."""
+
+    kind = "host_kill"
+    effects = ("process", "unobservable")
+
+    def inject(self) -> None:
+        self.bed.kill_host(self.host)
+        self.bed.net.set_link(self.host, False)
+
+    def heal(self) -> None:
+        if getattr(self, "writer", None):
+            snapshot_state(self.writer, self.host, self.bed.hosts[self.host].layout.root,
+                           self.fault_id)
+        self.bed.net.set_link(self.host, True)
+        if self.bed.hosts[self.host].proc is None:
+            self.bed.start_host(self.host)
+            wait_rpc(self.bed.hosts[self.host].layout, timeout=30)
+
+
+class LinkCut(Fault):
+    """The host's only link goes down: cut off from the store (and from the prober)."""
+
+    kind = "link_cut"
+    effects = ("store_cut", "unobservable")
+
+    def inject(self) -> None:
+        self.bed.net.set_link(self.host, False)
+
+    def heal(self) -> None:
+        self.bed.net.set_link(self.host, True)
+
+
+class StoreFilter(Fault):
+    """A packet filter in the host's namespace drops its traffic to the ZooKeeper client
+    port: cut off from the store, still reachable by clients (and the prober)."""
+
+    kind = "store_filter"
+    effects = ("store_cut",)
+    RULE: ClassVar[list[str]] = ["OUTPUT", "-p", "tcp", "--dport", str(CLIENT_PORT), "-j", "DROP"]
+
+    def inject(self) -> None:
+        netns.run_in(self.bed.hosts[self.host].ns, "iptables", "-I", *self.RULE)
+
+    def heal(self) -> None:
+        ns = self.bed.hosts[self.host].ns
+        while netns.run_in(ns, "iptables", "-D", *self.RULE, check=False).returncode == 0:
+            pass
+
+
+class RebootIsolated(Fault):
+    """The host is cut off from the store, then crashes and boots again while still cut
+    off: it must start its last known version from local state (L3)."""
+
+    kind = "reboot_isolated"
+    effects = ("process", "store_cut", "reboot")
+
+    def inject(self) -> None:
+        StoreFilter(self.bed, self.host).inject()
+        self.bed.kill_host(self.host)
+        self.bed.start_host(self.host)
+        self.detail["restarted_at"] = time.monotonic()
+        wait_rpc(self.bed.hosts[self.host].layout, timeout=30)
+
+    def heal(self) -> None:
+        StoreFilter(self.bed, self.host).heal()
+
+
+class ZkLeaderKill(Fault):
+    """kill -9 of the ZooKeeper leader; heal restarts it. Records the election time."""
+
+    kind = "zk_leader_kill"
+    effects = ("store",)
+    needs_host = False
+
+    def inject(self) -> None:
+        old, new, seconds = self.bed.ensemble.kill_leader()
+        self.detail.update(old=old, new=new, election_s=round(seconds, 3))
+
+    def heal(self) -> None:
+        sid = self.detail.get("old")
+        if sid is not None and not self.bed.ensemble.servers[sid].running:
+            self.bed.ensemble.restart(sid)
+
+
+class Netem(Fault):
+    """tc netem delay and loss on the host's link, both ways."""
+
+    kind = "netem"
+    effects = ("network",)
+
+    def inject(self) -> None:
+        spec = self.detail.setdefault("netem", "delay 80ms 20ms loss 5%")
+        self.bed.net.shape(self.host, 0, spec)
+
+    def heal(self) -> None:
+        self.bed.net.unshape(self.host)
+
+
+class DiskFull(Fault):
+    """The host's disk (a small tmpfs) is filled to the last byte; heal frees it."""
+
+    kind = "disk_full"
+    effects = ("disk",)
+
+    def inject(self) -> None:
+        host = self.bed.hosts[self.host]
+        if host.layout.root not in self.bed.mounts:
+            raise RuntimeError(f"{self.host} has no tmpfs root (BedConfig.disk_host)")
+        ballast = host.layout.root / ".ballast"
+        with open(ballast, "ab") as fh:
+            block = b"\0" * (1 << 20)
+            try:
+                while True:
+                    fh.write(block)
+                    fh.flush()
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+            small = b"\0" * 512
+            try:
+                while True:
+                    fh.write(small)
+                    fh.flush()
+            except OSError:
+                pass
+        self.detail["ballast"] = str(ballast)
+
+    def heal(self) -> None:
+        Path(self.bed.hosts[self.host].layout.root / ".ballast").unlink(missing_ok=True)
+
+
+class Garbage(Fault):
+    """Garbage written into the store by hand (as with ``zkCli.sh set``): a service spec,
+    the staged release, and a bogus presence entry. Heal restores what was there."""
+
+    kind = "garbage"
+    effects = ("store", "garbage")
+    needs_host = False
+    TARGETS: ClassVar[tuple[str, ...]] = ("services/{svc}", "staging/{svc}",
+                                          "current/{svc}/ghost", "hosts/{host}")
+
+    def inject(self) -> None:
+        svc = self.detail.setdefault("service", next(iter(self.bed.services)))
+        target = self.detail.setdefault("target", self.TARGETS[0])
+        path = target.format(svc=svc, host=next(iter(self.bed.hosts)))
+        self.detail["path"] = path
+        client = self._client()
+        full = f"/dc/{path}"
+        try:
+            stat = client.exists(full)
+            if stat is None:
+                self.detail["original"] = None
+                client.create(full, b"\xff{garbage", makepath=True)
+            else:
+                data, _ = client.get(full)
+                self.detail["original"] = data.decode("utf-8", errors="replace")
+                client.set(full, b"\xff{garbage")
+        finally:
+            client.stop()
+            client.close()
+
+    def heal(self) -> None:
+        if "path" not in self.detail:
+            return
+        client = self._client()
+        full = f"/dc/{self.detail['path']}"
+        try:
+            original = self.detail.get("original")
+            if original is None:
+                if client.exists(full):
+                    client.delete(full)
+            else:
+                client.set(full, original.encode())
+        finally:
+            client.stop()
+            client.close()
+
+    def _client(self) -> KazooClient:
+        client = KazooClient(hosts=self.bed.ensemble.connect_string, timeout=10.0)
+        client.start(timeout=20)
+        return client
+
+
+KINDS: dict[str, type[Fault]] = {cls.kind: cls for cls in (
+    AgentKill, SupervisordKill, HostKill, AgentStop, LinkCut, StoreFilter, ZkLeaderKill,
+    Netem, DiskFull, Garbage, RebootIsolated)}
+REQUIRED = ("agent_kill", "supervisord_kill", "host_kill", "agent_stop", "link_cut",
+            "store_filter", "zk_leader_kill", "netem", "disk_full", "garbage")
+
+
+class FaultRunner:
+    """Injects faults into a bed and records them in a history."""
+
+    def __init__(self, bed: Testbed, writer: HistoryWriter) -> None:
+        self.bed = bed
+        self.writer = writer
+        self.count = 0
+        self.active: list[Fault] = []
+
+    def inject(self, fault: Fault) -> Fault:
+        self.count += 1
+        fault.fault_id = f"f{self.count}-{fault.kind}"  # type: ignore[attr-defined]
+        fault.writer = self.writer  # type: ignore[attr-defined]
+        self.writer.emit("fault", fault=fault.kind, phase="start", id=fault.fault_id,
+                         hosts=fault.hosts(), effects=list(fault.effects),
+                         detail=dict(fault.detail))
+        log.info("fault.inject", kind=fault.kind, host=fault.host)
+        try:
+            fault.inject()
+        finally:
+            self.active.append(fault)
+        return fault
+
+    def heal(self, fault: Fault) -> None:
+        try:
+            fault.heal()
+        finally:
+            if fault in self.active:
+                self.active.remove(fault)
+            self.writer.emit("fault", fault=fault.kind, phase="end", id=fault.fault_id,
+                             hosts=fault.hosts(), detail=json.loads(json.dumps(
+                                 fault.detail, default=str)))
+            log.info("fault.healed", kind=fault.kind, host=fault.host, **{
+                k: v for k, v in fault.detail.items() if k in ("election_s",)})
+
+    def heal_all(self) -> None:
+        for fault in list(reversed(self.active)):
+            try:
+                self.heal(fault)
+            except Exception as exc:  # noqa: BLE001 - heal the others anyway, then report
+                log.error("fault.heal_failed", kind=fault.kind, error=str(exc))

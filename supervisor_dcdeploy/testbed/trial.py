@@ -1,0 +1,193 @@
+"""One recorded deploy with faults: the unit of the integration tests and of
+``bench/chaos.py``.
+
+:func:`plan` draws a fault schedule from a seed (pure: the same seed gives the same kinds,
+hosts, moments and durations); :func:`run_deploy` stages a new version of every service,
+queues the deploy, runs the schedule against the live testbed while the prober and the store
+recorder write the history, heals everything, waits for convergence and returns the
+checker's verdict. Faults run one after another (never two at once), so a trial's outcome
+is attributable to one fault at a time.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import structlog
+
+from .. import ops
+from . import checker
+from .bed import Testbed
+from .faults import KINDS, FaultRunner
+from .history import HistoryWriter
+from .recorder import Endpoint, Prober, StoreRecorder, snapshot_state
+
+log = structlog.get_logger(__name__)
+
+DURATIONS = {  # (min, max) seconds a fault lasts before it is healed
+    "agent_kill": (0.0, 0.0), "supervisord_kill": (1.0, 3.0), "host_kill": (2.0, 5.0),
+    "agent_stop": (6.0, 8.0),  # longer than the 4 s session timeout
+    "link_cut": (5.0, 8.0), "store_filter": (5.0, 8.0), "zk_leader_kill": (2.0, 4.0),
+    "netem": (3.0, 6.0), "disk_full": (3.0, 6.0), "garbage": (2.0, 4.0),
+    "reboot_isolated": (6.0, 9.0),
+}
+
+
+@dataclass(frozen=True)
+class Planned:
+    at: float  # seconds after the deploy was queued (or after the previous fault healed)
+    kind: str
+    host: str | None
+    duration: float
+    detail: dict[str, Any] = field(default_factory=dict)
+
+
+def plan(seed: int, hosts: Sequence[str], kinds: Sequence[str], n: int,
+         window: float = 20.0) -> list[Planned]:
+    """``n`` faults of the given kinds, drawn from ``seed`` alone: the moments spread over
+    ``window`` seconds, hosts and durations uniformly."""
+    rng = random.Random(seed)
+    moments = sorted(rng.uniform(0.5, window) for _ in range(n))
+    out = []
+    for at in moments:
+        kind = rng.choice(list(kinds))
+        cls = KINDS[kind]
+        host = rng.choice(list(hosts)) if cls.needs_host else None
+        lo, hi = DURATIONS[kind]
+        detail: dict[str, Any] = {}
+        if kind == "garbage":
+            detail["target"] = rng.choice(cls.TARGETS)  # type: ignore[attr-defined]
+        if kind == "netem":
+            detail["netem"] = (f"delay {rng.choice([20, 50, 100])}ms 10ms "
+                               f"loss {rng.choice([1, 5, 10])}%")
+        out.append(Planned(round(at, 3), kind, host, round(rng.uniform(lo, hi), 3), detail))
+    return out
+
+
+@dataclass
+class TrialResult:
+    version: str
+    events: list[dict[str, Any]]
+    results: list[checker.Result]
+    metrics: dict[str, Any]
+    converged: bool
+    injected: Counter = field(default_factory=Counter)
+    during_deploy: Counter = field(default_factory=Counter)
+
+    @property
+    def violations(self) -> list[checker.Result]:
+        return checker.violations(self.results)
+
+
+def _deploy_active(bed: Testbed) -> bool:
+    assert bed.store is not None
+    return bool(bed.store.children("deploy"))
+
+
+def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history: Path,
+               timeout: float = 180.0, disk_host_faults_only: bool = True) -> TrialResult:
+    """Deploy ``version`` of every service with ``schedule`` injected; block until healed
+    and converged (or ``timeout`` after the last heal); check the history.
+
+    Faults needing the tmpfs host are redirected to it (``disk_full``)."""
+    assert bed.store is not None
+    writer = HistoryWriter(history)
+    services = list(bed.services)
+    initial = {svc: _majority([bed.version(h, svc) for h in bed.hosts]) for svc in services}
+    writer.emit("topology", **bed.topology(), initial=initial)
+    recorder = StoreRecorder(writer, bed.ensemble.connect_string).start()
+    prober = Prober(writer, [Endpoint(h, s, host.addr, bed.services[s].port)
+                             for h, host in bed.hosts.items() for s in services]).start()
+    runner = FaultRunner(bed, writer)
+    injected: Counter = Counter()
+    during: Counter = Counter()
+    converged = False
+    try:
+        for svc in services:
+            path, sha = bed.stage(svc, version)
+            writer.emit("artifact", service=svc, version=version, sha256=sha, broken=False)
+            writer.emit("op", action="stage", service=svc, version=version)
+        writer.emit("op", action="deploy", services=services)
+        bed.deploy(services)
+        t0 = time.monotonic()
+        for planned in schedule:
+            host = planned.host
+            if planned.kind == "disk_full" and bed.config.disk_host:
+                host = bed.config.disk_host
+            _sleep_until(t0 + planned.at)
+            fault = KINDS[planned.kind](bed, host, dict(planned.detail))
+            active = _deploy_active(bed)
+            runner.inject(fault)
+            injected[planned.kind] += 1
+            during[planned.kind] += int(active)
+            time.sleep(planned.duration)
+            runner.heal(fault)
+            t0 = max(t0, time.monotonic() - planned.at)  # faults never overlap
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not _deploy_active(bed) and all(
+                    bed.version(h, s) == version for s in services for h in bed.hosts):
+                converged = True
+                break
+            time.sleep(0.25)
+        time.sleep(1.0)  # let the prober see the settled state
+    finally:
+        runner.heal_all()
+        for name, host in bed.hosts.items():
+            snapshot_state(writer, name, host.layout.root)
+        writer.emit("final", settled=True, converged=converged)
+        prober.stop()
+        recorder.stop()
+        writer.close()
+    events = writer.events
+    return TrialResult(version, events, checker.check(events), checker.metrics(events),
+                       converged, injected, during)
+
+
+def abort_if_stuck(bed: Testbed) -> None:
+    """Leave an empty queue for the next trial (a failed item is aborted by the operator)."""
+    assert bed.store is not None
+    try:
+        if bed.store.children("deploy"):
+            ops.abort(bed.store)
+    except ops.OpError:
+        pass
+
+
+def _majority(values: list[str | None]) -> str | None:
+    counts = Counter(v for v in values if v)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def _sleep_until(when: float) -> None:
+    delay = when - time.monotonic()
+    if delay > 0:
+        time.sleep(delay)
+
+
+class Background(threading.Thread):
+    """Run a callable in a thread, keeping its exception for :meth:`result`."""
+
+    def __init__(self, fn, *args: Any) -> None:
+        super().__init__(daemon=True)
+        self.fn, self.args = fn, args
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.value = self.fn(*self.args)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            self.error = exc
+
+    def result(self, timeout: float | None = None) -> Any:
+        self.join(timeout)
+        if self.error:
+            raise self.error
+        return self.value
