@@ -179,7 +179,8 @@ class Testbed:
             self.mounts.append(root)
         args = [str(SCRIPTS / "host.sh"), name, rack, nh.addr, str(root), self.store_url,
                 *[f"{s.name}={s.port}" for s in self.config.services]]
-        env = {**os.environ, "DCDT_PYTHON": sys.executable}
+        env = {**os.environ, "DCDT_PYTHON": sys.executable,
+               "DCDT_TRANSMISSION": "1" if self.config.transmission else "0"}
         subprocess.run(["sh", *args], check=True, capture_output=True, env=env)
         layout = self._layout(name, rack, nh.addr, root)
         host = Host(name, nh.ns, nh.addr, nh.veth, layout)

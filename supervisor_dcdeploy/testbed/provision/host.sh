@@ -5,6 +5,7 @@
 #        DCDT_START=1    run supervisord as a systemd service (VMs only)
 #        DCDT_PYTHON     the Python with supervisor_dcdeploy importable (default python3)
 #        DCDT_SRC        the project source (VMs: /vagrant)
+#        DCDT_TRANSMISSION=0  no transmission-daemon program
 set -eu
 name=$1 rack=$2 address=$3 root=$4 store=$5
 shift 5
@@ -18,11 +19,13 @@ if [ "${DCDT_INSTALL:-0}" = 1 ]; then
     /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
     py=/opt/dcdeploy/bin/python
 fi
+tm=--transmission
+[ "${DCDT_TRANSMISSION:-1}" = 1 ] || tm=""
 services=""
 for svc in "$@"; do services="$services --service $svc"; done
 # shellcheck disable=SC2086
 "$py" -m supervisor_dcdeploy.testbed.provision host --name "$name" --rack "$rack" \
-    --address "$address" --root "$root" --store "$store" --python "$py" --transmission $services
+    --address "$address" --root "$root" --store "$store" --python "$py" $tm $services
 if [ "${DCDT_START:-0}" = 1 ]; then
     cat > /etc/systemd/system/dcdeploy-supervisord.service <<UNIT
 [Unit]

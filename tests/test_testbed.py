@@ -1,0 +1,102 @@
+"""The namespace testbed itself: up/down through the CLI leaves nothing behind, also when
+``up`` is killed half-way; the shared provisioning scripts write what the hosts run."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor_dcdeploy import netns
+from supervisor_dcdeploy.testbed import bed as tb
+from supervisor_dcdeploy.testbed.cli import main as bed_cli
+from supervisor_dcdeploy.testbed.recorder import wait_for
+
+
+def _require_root() -> None:
+    ok, why = netns.available()
+    if not ok:
+        print(f"SKIP testbed: {why}")
+        pytest.skip(why)
+    if not Path("/usr/share/zookeeper").is_dir():
+        print("SKIP testbed: ZooKeeper not installed (apt-get install -y zookeeper)")
+        pytest.skip("ZooKeeper not installed")
+
+
+def _nothing_left(base: Path) -> dict[str, list[str]]:
+    return {k: v for k, v in tb.leftovers(base).items() if v}
+
+
+def test_cli_up_status_down_leaves_nothing(tmp_path, capsys):
+    _require_root()
+    base = tmp_path / "bed"
+    try:
+        assert bed_cli(["--base", str(base), "up", "--hosts", "2", "--racks", "2"]) == 0
+        capsys.readouterr()
+        assert bed_cli(["--base", str(base), "status", "--json"]) == 0
+        info = json.loads(capsys.readouterr().out)
+        assert info["up"] is True
+        assert sorted(m for m in (z["mode"] for z in info["zk"].values())) == \
+            ["follower", "follower", "leader"]
+        assert {h: s["services"] for h, s in info["hosts"].items()} == \
+            {"h1": {"a": "1", "b": "1"}, "h2": {"a": "1", "b": "1"}}
+        assert {h["rack"] for h in info["hosts"].values()} == {"r1", "r2"}
+        # every host runs supervisord, the agent, transmission and both services
+        assert all(h["processes"] >= 5 for h in info["hosts"].values()), info["hosts"]
+        assert _nothing_left(base) != {}
+    finally:
+        assert bed_cli(["--base", str(base), "down"]) == 0
+    assert _nothing_left(base) == {}
+
+
+def test_down_after_a_killed_up_leaves_nothing(tmp_path):
+    _require_root()
+    base = tmp_path / "bed"
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor_dcdeploy.testbed.cli",
+                             "--base", str(base), "up", "--hosts", "2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            cwd=Path(__file__).resolve().parent.parent)
+    try:
+        # kill it once the ensemble runs and a host namespace exists: a half-built testbed
+        wait_for(lambda: "dcdt-h1" in netns.namespaces() or proc.poll() is not None, 120,
+                 "the testbed's first host namespace")
+        assert proc.poll() is None, "up finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=10)
+        assert _nothing_left(base) != {}  # the crash did leave things behind
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        assert bed_cli(["--base", str(base), "down"]) == 0
+    assert _nothing_left(base) == {}
+
+
+def test_provision_scripts_write_a_host_and_a_zookeeper(tmp_path):
+    """What a Vagrant VM runs (without installing), checked on its output files."""
+    env = {**os.environ, "DCDT_PYTHON": sys.executable, "DCDT_INSTALL": "0",
+           "DCDT_START": "0", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    root = tmp_path / "host"
+    subprocess.run(["sh", str(tb.SCRIPTS / "host.sh"), "web-1", "r3", "10.9.0.5", str(root),
+                    "zk://10.9.0.2:2181/dc", "api=8080", "db=8081"],
+                   check=True, env=env, capture_output=True)
+    agent = (root / "agent.conf").read_text()
+    assert "host = web-1" in agent and "rack = r3" in agent
+    assert "[service:api]" in agent and "[service:db]" in agent
+    assert "store = zk://10.9.0.2:2181/dc" in agent
+    dropin = (root / "conf.d" / "dcdeploy.conf").read_text()
+    assert "[eventlistener:dcdeploy-agent]" in dropin and str(root / "agent.conf") in dropin
+    assert "[program:transmission]" in (root / "conf.d" / "services.conf").read_text()
+    settings = json.loads((root / "transmission" / "settings.json").read_text())
+    assert settings["bind-address-ipv4"] == "10.9.0.5"
+    out = subprocess.run(["sh", str(tb.SCRIPTS / "zk.sh"), "2", "10.9.0.3", str(tmp_path / "zk"),
+                          "1=10.9.0.2", "2=10.9.0.3", "3=10.9.0.4"],
+                         check=True, env=env, capture_output=True, text=True).stdout
+    cfg = Path(out.strip().splitlines()[-1]).read_text()
+    assert "server.3=10.9.0.4:2888:3888" in cfg and "clientPortAddress=10.9.0.3" in cfg
+    assert (tmp_path / "zk" / "myid").read_text().strip() == "2"
