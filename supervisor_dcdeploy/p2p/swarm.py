@@ -87,17 +87,19 @@ def status_name(raw: Any) -> str:
     return str(getattr(raw, "value", raw))
 
 
-def classify_error(state: TorrentState) -> type[Exception] | None:
-    """Which fetch error a daemon-reported error means (None: not fatal). Pure.
+def error_for(state: TorrentState, directory: Path) -> FetchError | None:
+    """The fetch error a daemon-reported error means, or None when it is not fatal. Pure.
 
-    Only local (I/O) errors are fatal; tracker warnings and errors are not, the swarm may
-    still deliver and the tracker is our own agent."""
+    Only local (I/O) errors are fatal; tracker warnings and errors are not (the swarm may
+    still deliver, and the tracker is our own agent)."""
     if state.error != ERROR_LOCAL:
         return None
     text = state.error_string.lower()
+    reason = (f"transmission: {state.error_string} while downloading {state.name} into "
+              f"{state.download_dir or directory} (the running version is untouched)")
     if "no space" in text or "disk full" in text or "quota" in text:
-        return DiskFull
-    return DownloadError
+        return DiskFull(reason + "; free space or prune old releases", directory=directory)
+    return DownloadError(reason)
 
 
 def decode_metainfo(metainfo_b64: str) -> bytes:
@@ -247,7 +249,7 @@ class SwarmFetcher:
         raise VerificationError(
             f"{target}: sha256 {actual} does not match the staged {sha256} after "
             f"{REPAIR_ATTEMPTS} re-checks (the staged sha256 or the torrent is wrong: "
-            "re-stage the release)")
+            "re-stage the release)", expected=sha256, actual=actual)
 
     def _check_space(self, target: Path, size: int) -> None:
         have = min(size, allocated_bytes(target)) if target.is_file() else 0
@@ -257,7 +259,8 @@ class SwarmFetcher:
         if free < need:
             raise DiskFull(f"{self.download_dir}: {free} bytes free, {need} needed for "
                            f"{target.name} ({size} bytes + {DISK_RESERVE} reserve); "
-                           "free space or prune old releases (the running version is untouched)")
+                           "free space or prune old releases (the running version is untouched)",
+                           directory=self.download_dir)
 
     def _wait_complete(self, meta: bytes, ih: str, bound: Any,
                        progress: Callable[[int, int], None] | None,
@@ -271,10 +274,9 @@ class SwarmFetcher:
                 self._check_space(self.download_dir / torrent_name(meta), torrent_size(meta))
                 self.add(meta)
                 continue
-            fatal = classify_error(st)
+            fatal = error_for(st, self.download_dir)
             if fatal is not None:
-                raise fatal(f"transmission: {st.error_string} while downloading {st.name} "
-                            f"into {st.download_dir} (the running version is untouched)")
+                raise fatal
             if progress is not None:
                 progress(st.done_bytes, st.total_bytes)
             if st.complete:
@@ -395,9 +397,9 @@ class SwarmFetcher:
         while True:
             st = self.state(infohash_)
             if st is not None:
-                fatal = classify_error(st)
+                fatal = error_for(st, Path(st.download_dir or self.download_dir))
                 if fatal is not None:
-                    raise fatal(f"transmission: {st.error_string} ({st.name})")
+                    raise fatal
                 if st.complete and st.status in ("seeding", "seed pending"):
                     return st
             if time.monotonic() > deadline:

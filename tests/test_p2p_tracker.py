@@ -1,0 +1,132 @@
+"""The store-backed tracker against a real ZooKeeper: registration under peers/<infohash>,
+answers ordered by rack, stop events, garbage in the store, and re-registration after the
+session is lost."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from urllib.parse import quote_from_bytes
+
+import pytest
+from kazoo.client import KazooClient
+
+from supervisor_dcdeploy.p2p import bencode
+from supervisor_dcdeploy.p2p.tracker import Tracker
+
+IH = bytes.fromhex("aa" * 20)
+
+
+def announce(tracker: Tracker, *, port: int, left: int = 100, event: str = "",
+             numwant: int = 50) -> dict:
+    q = (f"info_hash={quote_from_bytes(IH)}&peer_id=-TR3000-000000000000&port={port}"
+         f"&uploaded=0&downloaded=0&left={left}&numwant={numwant}&compact=1"
+         + (f"&event={event}" if event else ""))
+    with urllib.request.urlopen(f"http://127.0.0.1:{tracker.port}/announce?{q}", timeout=5) as r:
+        return bencode.decode(r.read())
+
+
+def peers_of(body: dict) -> list[tuple[str, int]]:
+    raw = body[b"peers"]
+    return [(".".join(str(b) for b in raw[i:i + 4]), int.from_bytes(raw[i + 4:i + 6], "big"))
+            for i in range(0, len(raw), 6)]
+
+
+def wait_for(cond, timeout=20.0, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture
+def trackers(store):
+    made: list[Tracker] = []
+
+    def make(host, address, rack, **kw):
+        t = Tracker(store, host, address, rack, port=0, **kw)
+        t.start()
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.stop()
+
+
+def test_announce_registers_routable_address_and_answers_same_rack_first(store, trackers):
+    hosts = {"a1": ("10.9.0.1", "A"), "a2": ("10.9.0.2", "A"), "b1": ("10.9.0.3", "B"),
+             "b2": ("10.9.0.4", "B")}
+    ts = {h: trackers(h, addr, rack) for h, (addr, rack) in hosts.items()}
+    for i, (h, t) in enumerate(ts.items()):
+        announce(t, port=7000 + i, event="started")
+    # what the store holds: the host's address (not the 127.0.0.1 the announce came from)
+    raw, _ = store.get(f"peers/{IH.hex()}/a1")
+    assert json.loads(raw) == {"address": "10.9.0.1", "port": 7000, "rack": "A",
+                               "complete": False}
+    assert sorted(store.children(f"peers/{IH.hex()}")) == sorted(hosts)
+    time.sleep(1.1)  # let the 1 s peer-list cache of a1 expire (it answered before b* joined)
+    body = announce(ts["a1"], port=7000)
+    got = peers_of(body)
+    assert ("10.9.0.1", 7000) not in got
+    assert got[0] == ("10.9.0.2", 7001)  # same rack first
+    assert set(got[1:]) == {("10.9.0.3", 7002), ("10.9.0.4", 7003)}
+    assert ts["a1"].last_answer(IH.hex()) == ["a2", "b1", "b2"] or \
+        ts["a1"].last_answer(IH.hex()) == ["a2", "b2", "b1"]
+    # numwant caps the answer: only the same-rack peer
+    assert peers_of(announce(ts["b1"], port=7002, numwant=1)) == [("10.9.0.4", 7003)]
+
+
+def test_complete_flag_stop_event_and_interval(store, trackers):
+    active = {"on": True}
+    t = trackers("h1", "10.9.1.1", "A", active=lambda: active["on"])
+    body = announce(t, port=7100, left=0, event="completed")
+    assert body[b"interval"] == 5
+    assert json.loads(store.get(f"peers/{IH.hex()}/h1")[0])["complete"] is True
+    active["on"] = False
+    assert announce(t, port=7100, left=0)[b"interval"] == 60
+    announce(t, port=7100, event="stopped")
+    assert store.exists(f"peers/{IH.hex()}/h1") is None
+
+
+def test_garbage_peer_nodes_are_skipped(store, trackers):
+    t = trackers("h1", "10.9.2.1", "A")
+    store.create(f"peers/{IH.hex()}/junk", b"{not json", ephemeral=True)
+    store.create(f"peers/{IH.hex()}/h2", json.dumps(
+        {"address": "10.9.2.2", "port": 7201, "rack": "A", "complete": True}).encode(),
+        ephemeral=True)
+    assert peers_of(announce(t, port=7200)) == [("10.9.2.2", 7201)]
+
+
+def test_bad_announce_gets_a_failure_reason(trackers):
+    t = trackers("h1", "10.9.3.1", "A")
+    with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/announce?info_hash=x&port=1",
+                                timeout=5) as r:
+        body = bencode.decode(r.read())
+    assert b"20 bytes" in body[b"failure reason"]
+
+
+def test_reregisters_after_session_loss(store, trackers, zk_server):
+    t = trackers("h1", "10.9.4.1", "A")
+    announce(t, port=7300, event="started")
+    path = f"peers/{IH.hex()}/h1"
+    assert store.exists(path) is not None
+    # Expire the tracker's session the kazoo.testing way: a second client with the same
+    # session id closes it.
+    session_id, password = store.client.client_id
+    other = KazooClient(hosts=f"127.0.0.1:{zk_server.client_port}",
+                        client_id=(session_id, password))
+    other.start(timeout=10)
+    other.stop()
+    other.close()
+    wait_for(lambda: not store.connected or store.exists(path) is None, 15, "session loss")
+    # No announce in between: the tracker's maintenance thread restores the registration.
+    wait_for(lambda: store.connected and store.exists(path) is not None, 30,
+             "re-registration after session loss")
+    assert json.loads(store.get(path)[0])["port"] == 7300
+    owner = store.client.exists(f"{store.root}/{path}").ephemeralOwner
+    assert owner == store.client.client_id[0] != session_id  # owned by the new session
