@@ -59,6 +59,7 @@ class Agent:
         self._recover_after: dict[str, float] = {}
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
+        self._in_front: dict[str, bool] = {}
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
         if self.local.problem:
@@ -158,9 +159,12 @@ class Agent:
         rd = self.dirs[svc]
         view = None
         if queue is not None:
-            view = read_view(self.store, svc, queue, queue_invalid,
-                             watch_staged=self._wake, watch_current=self._wake,
-                             watch_gate=self._wake)
+            # No herd (DESIGN §4.6): only hosts that may pass the gate now watch current
+            # and the gate; the others watch the queue entries just ahead of them.
+            front = self._in_front.get(svc, True)
+            view = read_view(self.store, svc, queue, queue_invalid, watch_staged=self._wake,
+                             watch_current=self._wake if front else None,
+                             watch_gate=self._wake if front else None)
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
                 st = self.local.update(svc, spec=view.spec.to_json().decode())
             self._set(svc, store="connected", invalid=list(view.invalid) or None)
@@ -196,6 +200,7 @@ class Agent:
         self.enqueue(svc, view, st.active)
         decision = decisions.may_take_down(view, self.host, st.active)
         self._set(svc, phase="serving", reason=decision.reason)
+        self._arm_queue_watches(svc, view, st.active)
         if decision:
             self.pass_gate_and_switch(svc, program, view.spec)
         else:
@@ -313,6 +318,24 @@ class Agent:
             node = self.store.create(f"staging/{svc}/{self.host}-", dumps({"version": want}),
                                      ephemeral=True, sequential=True)
             self.log.info("staging.enqueued", svc=svc, version=want, node=node)
+
+    def _arm_queue_watches(self, svc: str, view: decisions.ServiceView,
+                           active: str | None) -> None:
+        """A host at position p >= k of the ready queue can only become eligible after one
+        of the k entries just ahead of it leaves (pigeonhole): watch those, nothing else."""
+        target, _ = decisions.rollout_target(view)
+        queue = decisions.ready_queue(view, target) if target else []
+        hosts = [e.host for e in queue]
+        k = view.spec.max_parallel if view.spec else 1
+        if target is None or active == target or self.host not in hosts:
+            self._in_front[svc] = target is not None and active != target
+            return
+        position = hosts.index(self.host)
+        self._in_front[svc] = position < k
+        if position >= k:
+            for entry in queue[position - k: position]:
+                if self.store.exists(f"staging/{svc}/{entry.node}", self._wake) is None:
+                    self.wake.set()  # gone already: look again now
 
     def _leave_queue(self, svc: str) -> None:
         for node in self.store.children(f"staging/{svc}"):

@@ -52,6 +52,7 @@ class ZooKeeperStore(Store):
         self.url = url
         self.root = root
         self.ops = OpCounter()
+        self._wrappers: dict[Watcher, Callable] = {}
         self.request_timeout = request_timeout or max(2.0, session_timeout / 2)
         hosts = ",".join(f"{h}:{p}" for h, p in servers)
         self._client = KazooClient(
@@ -97,9 +98,15 @@ class ZooKeeperStore(Store):
         except BaseException as exc:  # kazoo raises its own family; translate once, here
             raise _translate(exc) from exc
 
-    @staticmethod
-    def _watch(watch: Watcher | None):
-        return (lambda _event: watch()) if watch else None
+    def _watch(self, watch: Watcher | None):
+        # One wrapper per callback, so kazoo's per-path watcher sets de-duplicate a watch
+        # re-armed every cycle instead of piling up copies until the node changes.
+        if watch is None:
+            return None
+        wrapper = self._wrappers.get(watch)
+        if wrapper is None:
+            wrapper = self._wrappers[watch] = lambda _event: watch()
+        return wrapper
 
     # -- reads --------------------------------------------------------------------------
     def get(self, path: str, watch: Watcher | None = None) -> tuple[bytes, int]:
