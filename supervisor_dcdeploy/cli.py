@@ -186,6 +186,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(hosts=args.hosts, keep=args.keep)
 
 
+def cmd_testbed(args: argparse.Namespace) -> int:
+    from .testbed.cli import main as testbed_main
+    return testbed_main(args.rest)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dcdeploy", description=__doc__)
     parser.add_argument("--store", help="zk://host:port[,host:port...]/root "
@@ -250,6 +255,11 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--hosts", type=int, default=4)
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
     demo.set_defaults(func=cmd_demo)
+    bed = sub.add_parser("testbed", help="hosts in network namespaces, a ZooKeeper ensemble, "
+                                         "faults (root): testbed up|down|status|check",
+                         add_help=False)
+    bed.add_argument("rest", nargs=argparse.REMAINDER)
+    bed.set_defaults(func=cmd_testbed)
     return parser
 
 
