@@ -1,0 +1,99 @@
+"""The operator CLI against a real ZooKeeper (no hosts needed for these)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from supervisor_dcdeploy.cli import main as cli
+
+SHA = "c" * 64
+
+
+@pytest.fixture
+def run(store_url, capsys):
+    def _run(*argv: str) -> tuple[int, str, str]:
+        code = cli(["--store", store_url, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return _run
+
+
+def test_service_definition_and_listing(run):
+    assert run("service", "set", "db", "--quorum", "2", "--max-parallel", "2",
+               "--health-tcp", "127.0.0.1:{port}")[0] == 0
+    code, out, _ = run("service", "set", "api", "--quorum", "1", "--depends-on", "db",
+                       "--health-http", "http://127.0.0.1:{port}/health", "--healthy-secs", "3")
+    assert code == 0 and "depends on db" in out
+    code, out, _ = run("service", "list")
+    assert [line.split()[0] for line in out.splitlines()] == ["api", "db"]
+    code, out, _ = run("service", "show", "api")
+    shown = json.loads(out)
+    assert shown["quorum"] == 1 and shown["depends_on"] == ["db"]
+    code, _, err = run("service", "show", "nope")
+    assert code == 2 and '"nope" is not defined' in err
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (("service", "set", "x", "--quorum", "-1"), "quorum"),
+    (("service", "set", "x", "--quorum", "1", "--max-parallel", "0"), "max_parallel"),
+    (("service", "set", "x", "--quorum", "1", "--depends-on", "ghost"),
+     '"ghost", which is not defined'),
+    (("service", "set", "bad name", "--quorum", "1"), "not a valid name"),
+    (("service", "set", "x", "--quorum", "1", "--health-http", "ftp://h"), "http:// or https://"),
+    (("service", "set", "x", "--quorum", "1", "--health-tcp", "nohostport"), "HOST:PORT"),
+    (("service", "set", "x", "--quorum", "1", "--health-tcp", "h:1", "--health-cmd", "true"),
+     "at most one"),
+    (("stage", "ghost", "1", "--url", "file:///x", "--sha256", SHA), '"ghost" is not defined'),
+    (("stage", "db", "1"), "needs --url"),
+    (("deploy", "db"), "no staged release"),
+    (("pause",), "queue is empty"),
+    (("resume",), "queue is empty"),
+    (("abort",), "nothing to abort"),
+])
+def test_bad_arguments_exit_2_with_the_reason(run, argv, fragment):
+    run("service", "set", "db", "--quorum", "1")
+    code, out, err = run(*argv)
+    assert code == 2, (out, err)
+    assert fragment in err
+
+
+def test_bad_store_url_and_unreachable_store(capsys):
+    assert cli(["--store", "etcd://x/dc", "status"]) == 2
+    assert "zk:// or consul://" in capsys.readouterr().err
+    assert cli(["--store", "zk://127.0.0.1:1/dc", "--timeout", "1", "status"]) == 1
+    assert "no answer within 1s" in capsys.readouterr().err
+
+
+def test_pause_resume_abort_and_status(run):
+    run("service", "set", "db", "--quorum", "1")
+    run("service", "set", "api", "--quorum", "1", "--depends-on", "db")
+    for svc in ("db", "api"):
+        assert run("stage", svc, "2", "--url", "file:///x.tgz", "--sha256", SHA)[0] == 0
+    code, out, _ = run("deploy", "api", "db")
+    assert code == 0
+    code, out, _ = run("status", "--json")
+    status = json.loads(out)
+    assert [(d["service"], d["state"]) for d in status["deploy"]] == [("db", "waiting"),
+                                                                       ("api", "waiting")]
+    assert status["deploy"][0]["reason"] == "waiting for hosts to download and verify"
+    assert status["services"]["api"]["depends_on"] == ["db"]
+    assert status["services"]["db"]["staged"]["version"] == "2"
+    # Re-staging a service that is being deployed is refused.
+    code, _, err = run("stage", "db", "3", "--url", "file:///y.tgz", "--sha256", SHA)
+    assert code == 2 and "being deployed" in err
+    assert run("pause")[0] == 0
+    code, out, _ = run("status", "--json")
+    assert json.loads(out)["deploy"][0]["state"] == "paused"
+    code, out, _ = run("status")
+    assert "db             2            paused" in out
+    assert run("resume")[0] == 0
+    code, out, _ = run("status", "--json")
+    assert json.loads(out)["deploy"][0]["state"] == "rolling"
+    code, out, _ = run("abort")
+    assert code == 0 and "aborted 2" in out
+    code, out, _ = run("history", "--json")
+    assert [h["state"] for h in json.loads(out)] == ["aborted", "aborted"]
+    code, out, _ = run("status", "--json")
+    assert json.loads(out)["deploy"] == []
