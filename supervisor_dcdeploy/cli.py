@@ -117,6 +117,14 @@ def cmd_abort(args: argparse.Namespace) -> int:
         return 0
 
 
+def _fetch_note(svc: dict[str, Any]) -> str:
+    fetch = svc.get("fetch") or {}
+    if fetch.get("state") in (None, "installed"):
+        return ""
+    note = f"[{fetch.get('version')} {fetch['state']}"
+    return note + (f": {fetch['error']}]" if fetch.get("error") else "]")
+
+
 def render_status(data: dict[str, Any]) -> str:
     lines = ["SERVICE          STAGED        VERSIONS (hosts)                 READY-QUEUE"]
     for name, svc in data["services"].items():
@@ -132,7 +140,7 @@ def render_status(data: dict[str, Any]) -> str:
                      f"{item['state']}{reason}")
     lines += ["", "HOST             RACK     ONLINE  SERVICES"]
     for name, host in data["hosts"].items():
-        svcs = " ".join(f"{s}={v['version'] or '-'}({v['state']})"
+        svcs = " ".join(f"{s}={v['version'] or '-'}({v['state']})" + _fetch_note(v)
                         for s, v in host["services"].items())
         lines.append(f"{name:<16} {host['rack'] or '-':<8} {'yes' if host['online'] else 'NO':<7} "
                      f"{svcs}")

@@ -310,6 +310,7 @@ class HostInfo:
     rack: str = ""
     services: tuple[str, ...] = ()
     last_seen: float = 0.0
+    fetch: Mapping[str, Any] = field(default_factory=dict)  # svc -> {version, state, error}
 
     @classmethod
     def parse(cls, name: str, raw: bytes | str | None) -> "HostInfo":
@@ -319,8 +320,9 @@ class HostInfo:
         for i, svc in enumerate(services):
             check_name(where, f"services[{i}]", svc)
         return cls(name, _get(where, data, "rack", str, ""), tuple(services),
-                   float(_get(where, data, "last_seen", (int, float), 0.0)))
+                   float(_get(where, data, "last_seen", (int, float), 0.0)),
+                   _get(where, data, "fetch", dict, {}))
 
     def to_json(self) -> bytes:
         return dumps({"rack": self.rack, "services": list(self.services),
-                      "last_seen": self.last_seen})
+                      "last_seen": self.last_seen, "fetch": dict(self.fetch)})

@@ -269,6 +269,9 @@ def status(store: Store) -> dict[str, Any]:
         svcs = dict(host_services.get(name, {}))
         for svc in (info.services if info else ()):
             svcs.setdefault(svc, {"version": None, "state": "offline"})
+        for svc, fetch in (info.fetch if info else {}).items():
+            if svc in svcs and isinstance(fetch, dict) and fetch.get("state"):
+                svcs[svc] = {**svcs[svc], "fetch": fetch}
         host_out[name] = {"online": name in online_hosts, "rack": info.rack if info else "",
                           "services": dict(sorted(svcs.items()))}
     return {"services": services, "deploy": deploy, "hosts": host_out,

@@ -48,6 +48,12 @@ def test_garbage_and_bad_requests_change_nothing(cluster, capsys, store_url):
     error = cluster.host_status("h0")["services"]["A"]["fetch"]["error"]
     assert wrong in error and real in error
     assert cluster.store.children("staging/A") == []
+    # ... and the operator sees it in `dcdeploy status`.
+    wait_for(lambda: all(h["services"]["A"].get("fetch", {}).get("state") == "failed"
+                         for h in ops.status(cluster.store)["hosts"].values()), 30,
+             "the failed download in dcdeploy status")
+    code, out, err = run_cli(capsys, store_url, "status")
+    assert "[2 failed:" in out and wrong in out
     assert not (cluster.hosts["h0"].root / "A" / "releases" / "2").exists()
 
     # Garbage written by hand into the staged release and into the deploy queue.

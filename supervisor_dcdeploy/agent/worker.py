@@ -22,7 +22,7 @@ import structlog
 
 from .. import decisions, health
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
-from ..model import DeployItem, InvalidData, ServiceSpec, dumps
+from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
 from ..snapshot import read_queue, read_view
 from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
                      StoreError, StoreUnavailable, TransactionFailed, open_store)
@@ -60,6 +60,7 @@ class Agent:
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
         self._in_front: dict[str, bool] = {}
+        self._published: dict[str, Any] | None = None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
         if self.local.problem:
@@ -134,6 +135,11 @@ class Agent:
                 self._set(svc, error=str(exc))
             except Exception:  # a bug must not take the host's services down with it
                 self.log.exception("cycle.bug", svc=svc)
+        if online and self.session is SessionState.CONNECTED:
+            try:
+                self.publish_host()
+            except StoreError as exc:
+                self.log.warning("host.publish_failed", error=str(exc))
         self.write_status()
 
     def _prepare(self) -> None:
@@ -145,13 +151,24 @@ class Agent:
         for svc in self.cfg.services:
             for base in ("current", "staging", "gate", "released"):
                 self.store.ensure(f"{base}/{svc}")
-        info = dumps({"rack": self.cfg.rack, "services": sorted(self.cfg.services),
-                      "last_seen": time.time()})
+        self._prepared = True
+        self._published = None
+        self.publish_host()
+
+    def publish_host(self) -> None:
+        """``/dc/hosts/<host>``: rack, services and each download's state (not its bytes:
+        written on transitions only), so ``dcdeploy status`` shows failed downloads."""
+        fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
+                       if k in ("version", "state", "error")} for svc in self.cfg.services}
+        if fetch == self._published:
+            return
+        info = HostInfo(self.host, self.cfg.rack, tuple(sorted(self.cfg.services)),
+                        time.time(), fetch).to_json()
         try:
             self.store.set(f"hosts/{self.host}", info)
         except NoNode:
             self.store.create(f"hosts/{self.host}", info)
-        self._prepared = True
+        self._published = fetch
 
     def cycle_service(self, svc: str, queue: list[DeployItem] | None,
                       queue_invalid: list[str]) -> None:
