@@ -131,6 +131,7 @@ class Timeline:
         self.quorum: dict[str, int] = {}
         self.depends: dict[str, set[str]] = {}
         self.initial: dict[str, str] = {}
+        self.present: dict[str, set[str]] = {}  # versions served when recording began
         self.probes: dict[tuple[str, str], list[Sample]] = defaultdict(list)
         self.store: list[dict[str, Any]] = []
         self.faults: dict[str, Fault] = {}
@@ -151,6 +152,7 @@ class Timeline:
             self.quorum[svc] = int(spec.get("quorum", 0))
             self.depends[svc] = set(spec.get("depends_on", []))
         self.initial = dict(e.get("initial", {}))
+        self.present = {svc: set(v) for svc, v in e.get("present", {}).items()}
 
     def _on_probe(self, e: dict[str, Any]) -> None:
         self.probes[(e["service"], e["host"])].append(
@@ -451,7 +453,8 @@ def check_s3(tl: Timeline, p: Params) -> tuple[Found, str]:
                 continue
             staged = tl.staged_sha(svc, s.version, s.t)
             if staged is None:
-                if s.version != tl.initial.get(svc, s.version):
+                if s.version != tl.initial.get(svc, s.version) and \
+                        s.version not in tl.present.get(svc, ()):
                     reported.add((svc, host, s.version))
                     found.append((s.t, f"{host} serves {svc} {s.version}, which was never "
                                        "staged"))

@@ -184,6 +184,14 @@ class RebootIsolated(Fault):
         wait_rpc(self.bed.hosts[self.host].layout, timeout=30)
 
     def heal(self) -> None:
+        """Lift the filter once the host serves again (or after ``boot_max`` seconds: the
+        checker then reports that it did not start without the store)."""
+        bed, name = self.bed, self.host
+        try:
+            wait_for(lambda: all(bed.version(name, svc) for svc in bed.services),
+                     float(self.detail.get("boot_max", 45.0)), f"{name} serving after reboot")
+        except TimeoutError:
+            self.detail["served"] = False
         StoreFilter(self.bed, self.host).heal()
 
 
@@ -205,17 +213,47 @@ class ZkLeaderKill(Fault):
 
 
 class Netem(Fault):
-    """tc netem delay and loss on the host's link, both ways."""
+    """Delay and loss on the host's link, both ways: ``tc netem`` where the kernel has it.
+
+    Kernels without ``sch_netem`` (this CI's) get an emulation, recorded in the fault's
+    detail: random loss with iptables' ``statistic`` match on the host's input and output,
+    and a ``tbf`` rate limit whose queue adds delay under load (no fixed delay)."""
 
     kind = "netem"
     effects = ("network",)
 
     def inject(self) -> None:
         spec = self.detail.setdefault("netem", "delay 80ms 20ms loss 5%")
-        self.bed.net.shape(self.host, 0, spec)
+        try:
+            self.bed.net.shape(self.host, 0, spec)
+            self.detail["mechanism"] = "netem"
+            return
+        except netns.NetnsError as exc:
+            if "unknown" not in str(exc):
+                raise
+        words = spec.split()
+        loss = float(words[words.index("loss") + 1].rstrip("%")) / 100 if "loss" in words \
+            else 0.0
+        self.detail["mechanism"] = "iptables-statistic+tbf (kernel without sch_netem)"
+        self.detail["loss"] = loss
+        ns = self.bed.hosts[self.host].ns
+        for chain in ("INPUT", "OUTPUT"):
+            netns.run_in(ns, "iptables", "-I", chain, *self._rule(loss))
+        self.bed.net.shape(self.host, 2_000_000)
+
+    @staticmethod
+    def _rule(loss: float) -> list[str]:
+        return ["-m", "statistic", "--mode", "random", "--probability", f"{loss:.4f}",
+                "-j", "DROP"]
 
     def heal(self) -> None:
         self.bed.net.unshape(self.host)
+        if "loss" in self.detail:
+            ns = self.bed.hosts[self.host].ns
+            for chain in ("INPUT", "OUTPUT"):
+                while netns.run_in(ns, "iptables", "-D", chain,
+                                   *self._rule(self.detail["loss"]), check=False).returncode == 0:
+                    pass
 
 
 class DiskFull(Fault):
@@ -229,22 +267,19 @@ class DiskFull(Fault):
         if host.layout.root not in self.bed.mounts:
             raise RuntimeError(f"{self.host} has no tmpfs root (BedConfig.disk_host)")
         ballast = host.layout.root / ".ballast"
-        with open(ballast, "ab") as fh:
-            block = b"\0" * (1 << 20)
-            try:
+        fd = os.open(ballast, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            for size in (1 << 20, 4096, 1):  # big blocks first, then fill the last bytes
+                block = b"\0" * size
                 while True:
-                    fh.write(block)
-                    fh.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
-            small = b"\0" * 512
-            try:
-                while True:
-                    fh.write(small)
-                    fh.flush()
-            except OSError:
-                pass
+                    try:
+                        os.write(fd, block)
+                    except OSError as exc:
+                        if exc.errno != errno.ENOSPC:
+                            raise
+                        break
+        finally:
+            os.close(fd)
         self.detail["ballast"] = str(ballast)
 
     def heal(self) -> None:

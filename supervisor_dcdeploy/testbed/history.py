@@ -4,7 +4,9 @@ Every event is a JSON object with a monotonic time ``t`` (seconds, same clock fo
 writer of one history) and a ``kind``. The kinds and their fields:
 
 ``topology``  {hosts: {host: {rack, address, services: {svc: port}}},
-              services: {svc: {quorum, depends_on: [svc]}}, initial: {svc: version}}
+              services: {svc: {quorum, depends_on: [svc]}}, initial: {svc: version},
+              present: {svc: [version]}} (the majority version, and every version served,
+              when recording began)
               written once, first.
 ``probe``     {host, service, ok, version, healthy}: one sample of ``GET /`` on the host's
               service endpoint. ``ok`` is True (200 with a JSON body), False (a definite

@@ -22,6 +22,7 @@ from typing import Any, Sequence
 import structlog
 
 from .. import ops
+from ..snapshot import read_queue
 from . import checker
 from .bed import Testbed
 from .faults import KINDS, FaultRunner
@@ -91,16 +92,19 @@ def _deploy_active(bed: Testbed) -> bool:
 
 
 def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history: Path,
-               timeout: float = 180.0, disk_host_faults_only: bool = True) -> TrialResult:
+               timeout: float = 180.0, max_resumes: int = 3) -> TrialResult:
     """Deploy ``version`` of every service with ``schedule`` injected; block until healed
     and converged (or ``timeout`` after the last heal); check the history.
 
-    Faults needing the tmpfs host are redirected to it (``disk_full``)."""
+    Faults needing the tmpfs host are redirected to it (``disk_full``). A deploy halted by
+    a failed health check is resumed (an ``op`` event), at most ``max_resumes`` times."""
     assert bed.store is not None
     writer = HistoryWriter(history)
     services = list(bed.services)
-    initial = {svc: _majority([bed.version(h, svc) for h in bed.hosts]) for svc in services}
-    writer.emit("topology", **bed.topology(), initial=initial)
+    served = {svc: [bed.version(h, svc) for h in bed.hosts] for svc in services}
+    initial = {svc: _majority(v) for svc, v in served.items()}
+    present = {svc: sorted({x for x in v if x}) for svc, v in served.items()}
+    writer.emit("topology", **bed.topology(), initial=initial, present=present)
     recorder = StoreRecorder(writer, bed.ensemble.connect_string).start()
     prober = Prober(writer, [Endpoint(h, s, host.addr, bed.services[s].port)
                              for h, host in bed.hosts.items() for s in services]).start()
@@ -130,7 +134,20 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
             runner.heal(fault)
             t0 = max(t0, time.monotonic() - planned.at)  # faults never overlap
         deadline = time.monotonic() + timeout
+        resumes = 0
         while time.monotonic() < deadline:
+            head = _failed_head(bed)
+            if head is not None and resumes < max_resumes:
+                # A fault can make a health check fail (loss, a paused agent): the deploy
+                # halts (S4) until an operator acts. Act as one, on the record.
+                resumes += 1
+                writer.emit("op", action="resume", service=head.service,
+                            reason=head.reason)
+                try:
+                    ops.resume(bed.store)
+                except ops.OpError as exc:
+                    log.warning("trial.resume_failed", error=str(exc))
+                continue
             if not _deploy_active(bed) and all(
                     bed.version(h, s) == version for s in services for h in bed.hosts):
                 converged = True
@@ -158,6 +175,15 @@ def abort_if_stuck(bed: Testbed) -> None:
             ops.abort(bed.store)
     except ops.OpError:
         pass
+
+
+def _failed_head(bed: Testbed):
+    assert bed.store is not None
+    try:
+        queue, _ = read_queue(bed.store)
+    except Exception:  # noqa: BLE001 - store busy (leader election): look again later
+        return None
+    return queue[0] if queue and queue[0].state == "failed" else None
 
 
 def _majority(values: list[str | None]) -> str | None:

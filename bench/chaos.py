@@ -1,0 +1,143 @@
+#!/usr/bin/env python3
+"""Chaos runs on the namespace testbed (issue #4).
+
+Each trial deploys a new version of a dependency chain (b depends on a, quorum 2 of 4 hosts
+in 2 racks) while faults of random kinds hit random hosts at random moments; the prober and
+the store recorder write the trial's history and the checker evaluates S1-S5, L1-L3 on it.
+A trial's fault plan depends only on (--seed, trial number): rerun one with
+``--seed S --only-trial K``. Timing (when a process dies relative to a switch) is the
+machine's; the plan is not.
+
+    python bench/chaos.py --trials 5 --seed 42            # tables and a summary
+    python bench/chaos.py --trials 2 --seed 7 --json      # one JSON object on stdout
+
+With --json stdout holds exactly {"trials", "seed", "faults", "violations"}; the summary
+(leader election and deploy-resume times) goes to stderr. Exit status 1 when any property
+was violated, 2 when the testbed could not be built.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from supervisor_dcdeploy.testbed import checker  # noqa: E402
+from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed  # noqa: E402
+from supervisor_dcdeploy.testbed.faults import KINDS  # noqa: E402
+from supervisor_dcdeploy.testbed.trial import abort_if_stuck, plan, run_deploy  # noqa: E402
+
+
+def trial_seed(seed: int, trial: int) -> int:
+    return seed * 1_000_003 + trial
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--trials", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--only-trial", type=int, default=None,
+                        help="run just this trial number of the seed (to reproduce it)")
+    parser.add_argument("--faults-per-trial", type=int, default=3)
+    parser.add_argument("--window", type=float, default=15.0,
+                        help="faults start within this many seconds of the deploy")
+    parser.add_argument("--kinds", default=",".join(KINDS),
+                        help=f"comma-separated fault kinds (default all: {','.join(KINDS)})")
+    parser.add_argument("--hosts", type=int, default=4)
+    parser.add_argument("--healthy-secs", type=float, default=1.0)
+    parser.add_argument("--keep", type=Path, default=None,
+                        help="write each trial's history here (default: a temp dir)")
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    unknown = [k for k in kinds if k not in KINDS]
+    if unknown or not kinds:
+        parser.error(f"unknown fault kind(s) {unknown}; known: {', '.join(KINDS)}")
+    if args.trials < 1:
+        parser.error(f"--trials must be >= 1, got {args.trials}")
+    _quiet()
+    out = sys.stderr if args.json else sys.stdout
+    keep = args.keep or Path(tempfile.mkdtemp(prefix="dcdt-chaos-"))
+    keep.mkdir(parents=True, exist_ok=True)
+    services = (ServiceDef("a", 8001, 2, healthy_secs=args.healthy_secs),
+                ServiceDef("b", 8002, 2, ("a",), healthy_secs=args.healthy_secs))
+    bed = Testbed(BedConfig(hosts=args.hosts, racks=2, services=services,
+                            base=Path(tempfile.mkdtemp(prefix="dcdt-chaos-bed-")),
+                            disk_host="h1"))
+    faults: Counter = Counter()
+    violations: list[dict] = []
+    elections: list[float] = []
+    resumes: list[float] = []
+    trials = [args.only_trial] if args.only_trial is not None else list(range(args.trials))
+    started = time.monotonic()
+    try:
+        try:
+            bed.up()
+        except Exception as exc:  # noqa: BLE001 - reported, exit 2
+            print(f"chaos: the testbed did not come up: {exc}", file=sys.stderr)
+            return 2
+        for n, trial in enumerate(trials):
+            schedule = plan(trial_seed(args.seed, trial), list(bed.hosts), kinds,
+                            args.faults_per_trial, args.window)
+            history = keep / f"trial-{args.seed}-{trial}.jsonl"
+            print(f"trial {trial} (seed {args.seed}): "
+                  + ", ".join(f"{p.kind}@{p.at:.1f}s{'/' + p.host if p.host else ''}"
+                              for p in schedule), file=out, flush=True)
+            try:
+                result = run_deploy(bed, str(n + 2), schedule, history)
+            except Exception as exc:  # noqa: BLE001 - a broken harness is a failed trial
+                violations.append({"trial": trial, "property": "harness",
+                                   "detail": f"{type(exc).__name__}: {exc}"})
+                abort_if_stuck(bed)
+                continue
+            abort_if_stuck(bed)
+            faults.update(result.injected)
+            elections += result.metrics["election_s"]
+            resumes += result.metrics["resume_s"]
+            for r in result.violations:
+                violations.append({"trial": trial, "property": r.prop,
+                                   "detail": r.counterexample})
+            print(checker.format_table(result.results), file=out)
+            print(f"  history {history}; converged {result.converged}", file=out, flush=True)
+    finally:
+        bed.down()
+    report = {"trials": len(trials), "seed": args.seed, "faults": dict(sorted(faults.items())),
+              "violations": violations}
+    summary = [f"chaos: {len(trials)} trial(s), seed {args.seed}, "
+               f"{sum(faults.values())} faults {dict(sorted(faults.items()))}, "
+               f"{len(violations)} violation(s), {time.monotonic() - started:.0f}s"]
+    if elections:
+        summary.append(f"  leader election after kill -9 of the leader: "
+                       f"{_stats(elections)} s (n={len(elections)})")
+    if resumes:
+        summary.append(f"  deploy moved again after the leader kill: {_stats(resumes)} s "
+                       f"(n={len(resumes)})")
+    print("\n".join(summary), file=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps(report, sort_keys=True))
+    return 1 if violations else 0
+
+
+def _stats(values: list[float]) -> str:
+    return (f"median {statistics.median(values):.2f}, min {min(values):.2f}, "
+            f"max {max(values):.2f}")
+
+
+def _quiet() -> None:
+    """Keep stdout for the report: library logs go to stderr at warning level."""
+    import logging
+    logging.basicConfig(level=logging.ERROR, stream=sys.stderr)
+    import structlog
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+                        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""Every fault kind of issue #4 injected during a real deploy on the namespace testbed
+(4 hosts in 2 racks, services a and b with b depending on a, quorum 2 each), with the
+history recorded by the prober and the store recorder; the checker must find every property
+held, and each fault must have been injected while the deploy was still in the queue."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import pytest
+
+from supervisor_dcdeploy import netns
+from supervisor_dcdeploy.testbed import checker
+from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed, leftovers
+from supervisor_dcdeploy.testbed.faults import REQUIRED
+from supervisor_dcdeploy.testbed.trial import Planned, abort_if_stuck, run_deploy
+
+# (kind, host, seconds the fault lasts); faults run one after another from 0.3 s after the
+# deploy is queued. healthy_secs=2 makes each switch last ~3 s, the deploy ~25 s.
+GROUPS = {
+    "processes": [("agent_kill", "h2", 0.0), ("host_kill", "h3", 3.0),
+                  ("zk_leader_kill", None, 3.0), ("netem", "h4", 3.0)],
+    "pauses": [("supervisord_kill", "h4", 2.0), ("agent_stop", "h2", 6.0),
+               ("disk_full", "h1", 3.0)],
+    "isolation": [("garbage", None, 2.0), ("link_cut", "h3", 5.0),
+                  ("store_filter", "h2", 5.0), ("reboot_isolated", "h4", 7.0)],
+}
+assert set(REQUIRED) <= {k for faults in GROUPS.values() for k, _, _ in faults}
+_versions = itertools.count(2)
+_seen: dict[str, dict] = {}
+
+
+@pytest.fixture(scope="module")
+def bed(tmp_path_factory):
+    ok, why = netns.available()
+    if not ok:
+        print(f"SKIP testbed faults: {why}")
+        pytest.skip(why)
+    if not Path("/usr/share/zookeeper").is_dir():
+        print("SKIP testbed faults: ZooKeeper not installed")
+        pytest.skip("ZooKeeper not installed")
+    base = tmp_path_factory.mktemp("faultbed")
+    services = (ServiceDef("a", 8001, 2, healthy_secs=2.0),
+                ServiceDef("b", 8002, 2, ("a",), healthy_secs=2.0))
+    testbed = Testbed(BedConfig(hosts=4, racks=2, services=services, base=base,
+                                disk_host="h1"))
+    try:
+        testbed.up()
+        yield testbed
+    finally:
+        testbed.down()
+        left = {k: v for k, v in leftovers(base).items() if v}
+        assert not left, left
+
+
+@pytest.mark.parametrize("group", list(GROUPS))
+def test_faults_during_a_deploy_keep_every_property(bed, group, tmp_path):
+    version = str(next(_versions))
+    schedule = [Planned(0.3, kind, host, duration) for kind, host, duration in GROUPS[group]]
+    history = tmp_path / f"{group}.jsonl"
+    try:
+        result = run_deploy(bed, version, schedule, history, timeout=150)
+    finally:
+        abort_if_stuck(bed)
+    table = checker.format_table(result.results)
+    print(f"\n[{group}] history {history}\n{table}\nmetrics {result.metrics}")
+    assert dict(result.injected) == {k: 1 for k, _, _ in GROUPS[group]}
+    assert result.during_deploy == result.injected, "a fault came after the deploy finished"
+    assert result.converged, table
+    assert not result.violations, table
+    # the recorder saw the deploy: a gate bump per host and service, and the prober ran
+    gates = [e for e in result.events if e["kind"] == "store" and
+             e["path"].startswith("gate/") and e.get("data")]
+    assert len(gates) >= len(bed.hosts) * len(bed.services) - 2
+    probes = [e for e in result.events if e["kind"] == "probe"]
+    span = probes[-1]["t"] - probes[0]["t"]
+    assert len(probes) / span / (len(bed.hosts) * len(bed.services)) >= 20.0
+    _seen[group] = result.metrics
+    if group == "processes":
+        assert result.metrics["election_s"] and result.metrics["election_s"][0] < 15.0
