@@ -193,9 +193,10 @@ def deploy_status(view: ServiceView, item: DeployItem) -> tuple[str, str | None]
     switching = [e for e in first if e.host not in view.current]
     if first and not switching and online_count(view) - 1 < view.spec.quorum:
         return "blocked", quorum_reason(view)
-    if not first and not item_complete(view):
+    complete = item_complete(view)
+    if not first and not complete:
         return ("rolling" if item.state == "rolling" else item.state), \
-            "waiting for hosts to download and verify"
+            f"waiting for hosts to download and verify ({complete.reason})"
     return ("rolling" if item.state == "rolling" or switching else item.state), None
 
 

@@ -88,6 +88,9 @@ class LocalState:
         return self.services.get(svc, ServiceState())
 
     def update(self, svc: str, **changes: Any) -> ServiceState:
+        """Change and save. The in-memory state changes even when saving fails (a full
+        disk): the caller decides whether that failure matters; the agent logs it and goes
+        on, because the ``current`` symlink is what supervisord starts."""
         new = replace(self.get(svc), **changes)
         self.services[svc] = new
         self.save()
@@ -124,19 +127,31 @@ class ReleaseDir:
         except OSError:
             return None
 
-    def point_current(self, version: str) -> None:
-        """Atomically repoint ``current`` at ``releases/<version>`` (symlink + rename)."""
+    def prepare_current(self, version: str) -> Path:
+        """Make the new symlink beside ``current`` (the step that can fail on a full disk),
+        so that a switch can give up before its service is stopped."""
         target = Path("releases") / version
         if not (self.base / target).is_dir():
             raise FileNotFoundError(f"release {version} is not installed at {self.base / target}")
-        tmp = self.base / f".current.{os.getpid()}"
+        tmp = self.base / f".current.{os.getpid()}.{version}"
         try:
             os.unlink(tmp)
         except FileNotFoundError:
             pass
         os.symlink(target, tmp)
-        os.replace(tmp, self.current)
-        _fsync_dir(self.base)
+        return tmp
+
+    def commit_current(self, prepared: Path) -> None:
+        """Atomically replace ``current`` with a prepared symlink (rename)."""
+        os.replace(prepared, self.current)
+        try:
+            _fsync_dir(self.base)
+        except OSError:
+            pass  # the rename is done; durability is best effort on a failing disk
+
+    def point_current(self, version: str) -> None:
+        """Atomically repoint ``current`` at ``releases/<version>`` (symlink + rename)."""
+        self.commit_current(self.prepare_current(version))
 
     def prune(self, keep: int, protect: set[str]) -> list[str]:
         """Delete the oldest installed releases beyond ``keep``, never one in ``protect``."""

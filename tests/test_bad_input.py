@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
 
 import pytest
 from cluster import Cluster, wait_for
 
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.cli import main as cli
+from supervisor_dcdeploy.sample import build_release
 
 
 @pytest.fixture
@@ -112,3 +115,41 @@ def test_dependency_order_is_enforced_when_queueing(cluster, capsys, store_url):
     code, out, err = run_cli(capsys, store_url, "deploy", "B", "A")
     assert code == 0
     assert [line.split()[2] for line in out.splitlines()] == ["A", "B"]
+
+
+def test_full_disk_fails_the_download_and_keeps_serving(workdir, store, store_url):
+    """A host whose disk is full reports the failed download, keeps serving its version,
+    and does not block the others; with space again it catches up."""
+    cluster = Cluster(workdir, store, store_url, 3, {"A": {"quorum": 1, "max_parallel": 1}})
+    tight = cluster.hosts["h2"].root
+    tight.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tight)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+    try:
+        cluster.boot({"A": "1"})
+        filler = tight / "filler"
+        subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=64k", "count=1000"],
+                       capture_output=True)
+        assert shutil.disk_usage(tight).free < 64 * 1024
+        # Bigger than what is left on h2, so its download cannot fit.
+        big, big_sha = build_release(workdir / "big", "A", "2", padding=256 * 1024)
+        ops.stage(cluster.store, "A", "2", sha256=big_sha, urls=[f"file://{big}"])
+        wait_for(lambda: "h2" in ops.status(cluster.store)["hosts"] and
+                 ops.status(cluster.store)["hosts"]["h2"]["services"]["A"]
+                 .get("fetch", {}).get("state") == "failed", 60, "h2 to report the full disk")
+        error = ops.status(cluster.store)["hosts"]["h2"]["services"]["A"]["fetch"]["error"]
+        assert "full" in error.lower() or "space" in error.lower()
+        ops.deploy(cluster.store, ["A"])
+        wait_for(lambda: cluster.all_on("A", "2", ["h0", "h1"]), 60, "h0 and h1 on 2")
+        assert cluster.version("h2", "A") == "1"  # still serving, untouched
+        wait_for(lambda: ops.status(cluster.store)["deploy"][0]["reason"] ==
+                 "waiting for hosts to download and verify (hosts not on 2: h2)", 30,
+                 "status to name h2 as the host the deploy waits for")
+        filler.unlink()
+        wait_for(cluster.queue_empty, 90, "h2 to catch up once space is back")
+        assert cluster.all_on("A", "2")
+    finally:
+        cluster.stop_all()
+        subprocess.run(["umount", "-l", str(tight)], capture_output=True)

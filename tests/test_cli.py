@@ -77,7 +77,8 @@ def test_pause_resume_abort_and_status(run):
     status = json.loads(out)
     assert [(d["service"], d["state"]) for d in status["deploy"]] == [("db", "waiting"),
                                                                        ("api", "waiting")]
-    assert status["deploy"][0]["reason"] == "waiting for hosts to download and verify"
+    assert status["deploy"][0]["reason"] == \
+        "waiting for hosts to download and verify (no host online)"
     assert status["services"]["api"]["depends_on"] == ["db"]
     assert status["services"]["db"]["staged"]["version"] == "2"
     # Re-staging a service that is being deployed is refused.

@@ -97,7 +97,10 @@ class Agent:
         self.connect(timeout=min(3.0, self.cfg.session_timeout))
         while not self.stopping.is_set():
             self.wake.clear()
-            self.cycle()
+            try:
+                self.cycle()
+            except Exception:  # the loop must survive anything: services depend on it
+                self.log.exception("cycle.crashed")
             self.wake.wait(self.cfg.poll_interval if self._started else 1.0)
         self.shutdown()
 
@@ -183,7 +186,8 @@ class Agent:
                              watch_current=self._wake if front else None,
                              watch_gate=self._wake if front else None)
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
-                st = self.local.update(svc, spec=view.spec.to_json().decode())
+                self._record(svc, spec=view.spec.to_json().decode())
+                st = self.local.get(svc)
             self._set(svc, store="connected", invalid=list(view.invalid) or None)
             if view.staged is not None:
                 self._staged_version[svc] = view.staged.version
@@ -203,7 +207,8 @@ class Agent:
             return
         if st.active is None or st.active != rd.active():
             # Adopt what runs (first start of the agent on a host set up by hand).
-            st = self.local.update(svc, active=rd.active(), verified=True)
+            self._record(svc, active=rd.active(), verified=True)
+            st = self.local.get(svc)
         if view is None:
             self._set(svc, phase="serving", reason="store unreachable: serving the last "
                                                    "known version, starting nothing")
@@ -408,12 +413,21 @@ class Agent:
         previous = self.local.get(svc).active
         self._set(svc, phase="switching", reason=f"{previous} -> {target}")
         self.log.info("switch.start", svc=svc, version=target, previous=previous)
+        try:
+            prepared = rd.prepare_current(target)
+        except OSError as exc:
+            # Nothing is stopped yet: give the slot back by registering again.
+            self.log.error("switch.not_started", svc=svc, version=target, error=str(exc))
+            self._set(svc, phase="serving", error=f"cannot prepare the switch: {exc}")
+            if previous is not None:
+                self._after_switch(svc, previous)
+            return False
         self.sup.stop(program)
-        rd.point_current(target)
-        self.local.update(svc, active=target, previous=previous, verified=False)
+        rd.commit_current(prepared)
+        self._record(svc, active=target, previous=previous, verified=False)
         problem = self._start_and_check(svc, program, spec, hold=True)
         if problem is None:
-            self.local.update(svc, verified=True)
+            self._record(svc, verified=True)
             self.log.info("switch.done", svc=svc, version=target)
             self._after_switch(svc, target)
             self._prune(svc)
@@ -421,11 +435,14 @@ class Agent:
         self.log.error("switch.failed", svc=svc, version=target, reason=problem)
         self.sup.stop(program)
         if previous is not None:
-            rd.point_current(previous)
-            self.local.update(svc, active=previous, previous=None, verified=False)
+            try:
+                rd.point_current(previous)
+            except OSError as exc:
+                self.log.error("switch.repoint_failed", svc=svc, error=str(exc))
+            self._record(svc, active=previous, previous=None, verified=False)
             back = self._start_and_check(svc, program, spec, hold=False)
             if back is None:
-                self.local.update(svc, verified=True)
+                self._record(svc, verified=True)
                 self.log.info("switch.rolled_back", svc=svc, version=previous)
             else:
                 self.log.error("switch.rollback_failed", svc=svc, version=previous, reason=back)
@@ -534,16 +551,17 @@ class Agent:
             return
         self.log.info("recover.start", svc=svc, version=version, why=why)
         self._set(svc, phase="recovering", reason=why)
-        rd.point_current(version)
-        self.local.update(svc, active=version, verified=False,
-                          previous=st.previous if version == st.previous else st.active)
+        if rd.active() != version:
+            rd.point_current(version)
+        self._record(svc, active=version, verified=False,
+                     previous=st.previous if version == st.previous else st.active)
         problem = self._start_and_check(svc, program, spec, hold=False)
         if problem is not None:
             self.log.error("recover.failed", svc=svc, version=version, reason=problem)
             self._set(svc, phase="down", reason=f"recovery with {version} failed: {problem}")
             self._recover_after[svc] = time.monotonic() + RECOVER_RETRY_SECS
             return
-        self.local.update(svc, verified=True)
+        self._record(svc, verified=True)
         self.log.info("recover.done", svc=svc, version=version)
         if view is not None and self.session is SessionState.CONNECTED:
             self._register(svc, version)
@@ -572,6 +590,15 @@ class Agent:
         self.wake.set()
 
     # -- status -----------------------------------------------------------------------
+    def _record(self, svc: str, **changes: Any) -> None:
+        """Save local state; a failure (full disk) is reported, never fatal to a switch:
+        the ``current`` symlink is what supervisord starts."""
+        try:
+            self.local.update(svc, **changes)
+        except OSError as exc:
+            self.log.error("state.write_failed", svc=svc, error=str(exc))
+            self._set(svc, error=f"cannot write {self.local.path}: {exc.strerror or exc}")
+
     def _spec(self, svc: str, view: decisions.ServiceView | None) -> ServiceSpec | None:
         if view is not None and view.spec is not None:
             return view.spec
@@ -596,5 +623,8 @@ class Agent:
                       "store_ops": {"reads": ops.reads, "writes": ops.writes},
                       "services": self.status})
         if data != self._status_written:
-            atomic_write(self.cfg.root / STATUS_FILE, data)
-            self._status_written = data
+            try:
+                atomic_write(self.cfg.root / STATUS_FILE, data)
+                self._status_written = data
+            except OSError as exc:
+                self.log.error("status.write_failed", error=str(exc))
