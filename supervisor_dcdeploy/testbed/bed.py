@@ -108,6 +108,8 @@ class Testbed:
     manager). Operator actions go through :attr:`store` (a :class:`Store` session from the
     root namespace)."""
 
+    __test__ = False  # not a pytest test class, whatever its name
+
     def __init__(self, config: BedConfig | None = None) -> None:
         self.config = config or BedConfig()
         self.base = Path(self.config.base)
