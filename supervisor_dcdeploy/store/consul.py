@@ -1,0 +1,656 @@
+"""Consul backend on py-consul: the :class:`~.base.Store` contract over Consul's HTTP API.
+
+Verified only against ``tests/fakeconsul.py`` (an in-process fake written from Consul's HTTP
+API documentation), never against a real Consul server: see ``docs/consul.md``.
+
+How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key prefix ``dc``):
+
+* **Nodes** are keys: ``"current/api/web-01"`` is ``dc/current/api/web-01``; the root node is
+  the key ``dc``. Consul has no tree, so this module keeps ZooKeeper's: ``create`` makes the
+  parent keys, a ``Create`` inside ``commit`` requires its parent (``get`` verb), and a
+  non-recursive ``delete`` refuses a key that has children (:class:`NotEmpty`; that check is
+  a separate read, not atomic with the delete).
+* **Versions** are the key's ``ModifyIndex``. ``-1`` means "any version, but it must exist"
+  (a ``get`` in the same transaction), as with ZooKeeper.
+* **Sessions**: one Consul session per store, ``Behavior=delete``, ``TTL=max(10 s,
+  session_timeout)``, ``LockDelay=0``, no health checks (the agent we talk to need not be on
+  our host), renewed by a daemon thread every TTL/3. Renew answering 404 means the session
+  was invalidated: listeners get LOST, then a new session is made and they get CONNECTED.
+  Consul unreachable: SUSPENDED until it answers again.
+* **Ephemeral** keys are created ``check-not-exists`` + ``lock`` with our session: Consul
+  deletes them when the session is invalidated (``stop()``, TTL expiry, ``destroy``).
+* **Sequential** names take a 10-digit suffix from a counter key
+  ``<root>/.seq/<parent path>``, bumped with ``cas`` *inside the same transaction* as the
+  create (so a failed create consumes no number and two creators never share one); the
+  counter is floored at 1 + the largest 10-digit suffix among the parent's children, so
+  keys written by hand with ``consul kv put`` do not break the order.
+* **commit** is one ``PUT /v1/txn``. A 409 names the failed operation (``Errors[].OpIndex``)
+  and why (``What``); it becomes :class:`TransactionFailed` with the index of *our* op.
+* **sync()**: Consul has no sync; it switches the calling thread's reads to ``?consistent``
+  (leader-verified, never stale) until that thread's next ``commit()``.
+* **Watches**: one background blocking query (``?index=&wait=``) on the whole root prefix.
+  Any change under the root fires every pending watch (once). The interface allows spurious
+  wake-ups; this is herd-prone compared with ZooKeeper's per-node watches.
+
+Every HTTP call has a deadline (``request_timeout``; blocking queries: their wait on top).
+Reads are retried with tenacity on transport errors and 5xx until the deadline; writes are
+retried only when the request provably never left (connection refused / connect timeout),
+because a Consul write that timed out may still be applied. Errors leave this module only
+as the :mod:`.base` family.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import os
+import queue
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence, TypeVar
+
+import consul
+import consul.base
+import requests
+import structlog
+from consul.exceptions import ACLDisabled, ACLPermissionDenied, ConsulException, NotFound
+from tenacity import (Retrying, retry_if_exception, stop_after_delay,
+                      wait_random_exponential)
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+
+from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotEmpty, Op,
+                   OpCounter, SessionState, SetData, Store, StoreError, StoreUnavailable,
+                   TransactionFailed, Watcher)
+
+T = TypeVar("T")
+
+log = structlog.get_logger("dcdeploy.store.consul")
+
+MIN_TTL = 10  # seconds: Consul refuses session TTLs below 10 s
+WATCH_WAIT = 5.0  # seconds a watch blocking query may be held by the server
+SEQ_DIGITS = 10
+
+
+# -- error classification at the HTTP boundary ---------------------------------------------
+def _never_sent(exc: BaseException) -> bool:
+    """True when the request provably did not reach the server (safe to retry a write)."""
+    if isinstance(exc, requests.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.ConnectionError) and exc.args:
+        reason = getattr(exc.args[0], "reason", None)
+        return isinstance(reason, (NewConnectionError, ConnectTimeoutError))
+    return False
+
+
+def _server_error(exc: BaseException) -> bool:
+    # py-consul raises a bare ConsulException("5xx body") for server errors ("No cluster
+    # leader", "rpc error"): the store is unavailable, not our request wrong.
+    return type(exc) is ConsulException and str(exc)[:1] == "5"
+
+
+def _transient(exc: BaseException) -> bool:
+    return isinstance(exc, requests.RequestException) or _server_error(exc)
+
+
+@dataclass
+class _TxOp:
+    """One Consul txn operation and what its failure means for the caller."""
+
+    body: dict[str, Any]
+    owner: int | None  # index of the caller's op, None for internal bookkeeping
+    role: str  # exists | version | absent | lock | write | counter | parent | mkparent
+
+
+@dataclass
+class _Txn:
+    ops: list[_TxOp] = field(default_factory=list)
+    names: dict[int, str] = field(default_factory=dict)  # caller op index -> created path
+
+    def add(self, owner: int | None, role: str, verb: str, key: str, **extra: Any) -> None:
+        self.ops.append(_TxOp({"Verb": verb, "Key": key, **extra}, owner, role))
+
+
+def _cause(role: str, what: str) -> StoreError:
+    """The :mod:`.base` error a failed txn operation of ``role`` stands for."""
+    if role == "absent":
+        return NodeExists(what)
+    if role in ("exists", "parent"):
+        return NoNode(what)
+    if role == "version":  # check-index: the key is missing, or at another index
+        return NoNode(what) if "doesn't exist" in what or "not exist" in what \
+            else BadVersion(what)
+    return BadVersion(what)
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+class _Raw:
+    """py-consul callback returning the raw response (for /v1/txn, whose 409 carries data)."""
+
+    def __call__(self, response: consul.base.Response) -> consul.base.Response:
+        return response
+
+
+class ConsulStore(Store):
+    """One Consul session and KV view rooted at ``root`` (see the module docstring)."""
+
+    def __init__(self, url: str, servers: list[tuple[str, int]], root: str,
+                 session_timeout: float = 10.0, request_timeout: float | None = None) -> None:
+        self.url = url
+        self.root = root
+        self.prefix = root.strip("/")
+        if not self.prefix:
+            raise StoreError(f"consul store {url!r}: the root must not be empty (e.g. /dc)")
+        self.ops = OpCounter()
+        self.servers = servers
+        self.ttl = max(MIN_TTL, int(math.ceil(session_timeout)))
+        self.request_timeout = request_timeout or max(2.0, session_timeout / 2)
+        self.renew_interval = self.ttl / 3
+        self._server = 0  # index into servers; rotated on transport errors
+        self._tls = threading.local()
+        self._state = SessionState.LOST
+        self._session_id: str | None = None
+        self._listeners: list[Callable[[SessionState], None]] = []
+        self._events: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._stopping = threading.Event()
+        self._kick = threading.Event()  # renew now (a call just failed)
+        self._closed = True
+        self._wlock = threading.Lock()
+        self._watch_index = 0
+        self._pending: dict[Watcher, int] = {}
+        self._threads: list[threading.Thread] = []
+
+    # -- HTTP boundary ------------------------------------------------------------------
+    def _client(self) -> consul.Consul:
+        clients = getattr(self._tls, "clients", None)
+        if clients is None:  # one client per thread: requests.Session is not thread-safe
+            clients = self._tls.clients = [
+                consul.Consul(host=h, port=p, connections_timeout=self.request_timeout)
+                for h, p in self.servers]
+        return clients[self._server % len(clients)]
+
+    def _call(self, what: str, fn: Callable[[consul.Consul], T], *, write: bool = False,
+              deadline: float | None = None, attempt_timeout: float | None = None) -> T:
+        """Run ``fn(client)`` with retries until ``deadline``; translate every failure.
+
+        Reads retry on transport errors and 5xx; writes only when never sent.
+        Raises :class:`StoreUnavailable` (unreachable, no leader, deadline) or
+        :class:`StoreError` (refused: ACL, bad request)."""
+        if self._closed:
+            raise StoreUnavailable(f"consul at {self.url}: store is not started")
+        end = deadline if deadline is not None else time.monotonic() + self.request_timeout
+
+        def rotate(_state: Any) -> None:
+            self._server += 1
+
+        retrying = Retrying(
+            stop=stop_after_delay(max(0.0, end - time.monotonic())),
+            wait=wait_random_exponential(multiplier=0.05, max=0.5),
+            retry=retry_if_exception(_never_sent if write else _transient),
+            before_sleep=rotate, reraise=True)
+        try:
+            for attempt in retrying:
+                with attempt:
+                    client = self._client()
+                    client.http.connections_timeout = attempt_timeout or \
+                        max(0.1, end - time.monotonic())
+                    return fn(client)
+        except (ACLPermissionDenied, ACLDisabled) as exc:
+            raise StoreError(f"consul {what}: permission denied ({exc}); give the token "
+                             f"(CONSUL_HTTP_TOKEN) key write on {self.prefix!r} and "
+                             f"session write") from exc
+        except requests.RequestException as exc:
+            self._kick.set()
+            raise StoreUnavailable(f"consul {what} at {self.url}: {type(exc).__name__}") \
+                from exc
+        except ConsulException as exc:
+            if _server_error(exc):
+                self._kick.set()
+                raise StoreUnavailable(f"consul {what} at {self.url}: {exc}") from exc
+            raise StoreError(f"consul {what}: {exc}") from exc
+        raise AssertionError("unreachable")  # Retrying(reraise=True) returns or raises
+
+    def _key(self, path: str) -> str:
+        return f"{self.prefix}/{path}" if path else self.prefix
+
+    def _rel(self, key: str) -> str:
+        return key[len(self.prefix) + 1:]
+
+    def _kv_get(self, key: str, **kw: Any) -> tuple[int, Any]:
+        consistency = "consistent" if getattr(self._tls, "consistent", False) else "default"
+        index, data = self._call(f"get {key}", lambda c: c.kv.get(
+            key, consistency=consistency, **kw))
+        return int(index), data
+
+    def _list(self, path: str) -> list[str]:
+        _, keys = self._kv_get(self._key(path) + "/", keys=True, separator="/")
+        start = len(self._key(path)) + 1
+        names = {k[start:].rstrip("/") for k in keys or ()}
+        if not path:
+            names.discard(".seq")  # the sequence counters are ours, not nodes
+        return sorted(n for n in names if n)
+
+    # -- session ------------------------------------------------------------------------
+    def start(self, timeout: float = 10.0) -> None:
+        """Open a session and start the renew, watch and callback threads.
+
+        Raises :class:`StoreUnavailable` when Consul does not answer within ``timeout``."""
+        if not self._closed:
+            raise StoreError(f"consul store {self.url}: already started")
+        self._closed = False
+        self._stopping = threading.Event()  # per start: threads of an earlier start see theirs
+        deadline = time.monotonic() + timeout
+        try:
+            self._session_id = self._create_session(deadline)
+            self.ensure("")
+            self._watch_index, _ = self._call("watch index", lambda c: c.kv.get(
+                self.prefix, keys=True), deadline=max(deadline, time.monotonic() + 1))
+            self._watch_index = max(1, int(self._watch_index))
+        except StoreError:
+            self._closed = True
+            self._stopping.set()
+            raise
+        self._events = queue.Queue()
+        self._set_state(SessionState.CONNECTED)
+        for name, target in (("session", self._session_loop), ("watch", self._watch_loop),
+                             ("events", self._event_loop)):
+            thread = threading.Thread(target=target, args=(self._stopping, self._events),
+                                      name=f"consul-{name}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info("consul.connected", url=self.url, session=self._session_id, ttl=self.ttl)
+
+    def stop(self) -> None:
+        """Destroy the session (Consul deletes our ephemerals at once) and stop threads."""
+        if self._closed:
+            return
+        self._stopping.set()
+        self._kick.set()
+        sid, self._session_id = self._session_id, None
+        if sid:
+            try:
+                self._call("session destroy", lambda c: c.session.destroy(sid), write=True,
+                           deadline=time.monotonic() + min(2.0, self.request_timeout))
+            except StoreError as exc:  # it will expire after its TTL instead
+                log.warning("consul.session.destroy_failed", session=sid, error=str(exc))
+        self._closed = True
+        self._set_state(SessionState.LOST)
+        self._events.put(None)
+
+    def add_listener(self, listener: Callable[[SessionState], None]) -> None:
+        self._listeners.append(listener)
+
+    @property
+    def connected(self) -> bool:
+        return self._state is SessionState.CONNECTED and not self._closed
+
+    @property
+    def session_id(self) -> str | None:
+        """The current Consul session id (for tests and diagnostics)."""
+        return self._session_id
+
+    def _create_session(self, deadline: float) -> str:
+        name = f"dcdeploy {socket.gethostname()} pid={os.getpid()} {self.prefix}"
+        sid = self._call("session create", lambda c: c.session.create(
+            name=name, behavior="delete", ttl=self.ttl, lock_delay=0, checks=[]),
+            write=True, deadline=deadline)
+        log.info("consul.session.created", session=sid, ttl=self.ttl)
+        return str(sid)
+
+    def _set_state(self, state: SessionState) -> None:
+        if state is self._state:
+            return
+        self._state = state
+        log.info("consul.session.state", state=state.value, session=self._session_id)
+        for listener in list(self._listeners):
+            self._events.put(lambda listener=listener: listener(state))
+
+    def _renew(self, sid: str) -> bool:
+        """True: renewed. False: Consul says the session is gone (404). One attempt: a
+        failure must show as SUSPENDED now, not after a retry budget."""
+        def renew(client: consul.Consul) -> bool:
+            try:
+                client.session.renew(sid)
+                return True
+            except NotFound:
+                return False
+        return self._call("session renew", renew, deadline=time.monotonic(),
+                          attempt_timeout=self.request_timeout)
+
+    def _session_loop(self, stopping: threading.Event, _events: queue.Queue) -> None:
+        while not stopping.is_set():
+            wait = self.renew_interval if self._state is SessionState.CONNECTED else 1.0
+            self._kick.wait(wait)
+            self._kick.clear()
+            if stopping.is_set():
+                return
+            try:
+                self._session_step()
+            except StoreUnavailable as exc:
+                if self._state is SessionState.CONNECTED:
+                    log.warning("consul.unreachable", error=str(exc))
+                    self._set_state(SessionState.SUSPENDED)
+            except StoreError as exc:  # refused (ACL...): keep trying, say why
+                log.error("consul.session.error", error=str(exc))
+            finally:
+                self._kick.clear()  # our own failed call kicked: wait before trying again
+
+    def _session_step(self) -> None:
+        sid = self._session_id
+        if sid is not None and self._renew(sid):
+            self._set_state(SessionState.CONNECTED)
+            return
+        if sid is not None:
+            log.warning("consul.session.lost", session=sid)
+            self._session_id = None
+            self._set_state(SessionState.LOST)
+        new = self._create_session(time.monotonic() + self.request_timeout)
+        if self._stopping.is_set():  # stop() raced us: do not leak the new session
+            try:
+                self._call("session destroy", lambda c: c.session.destroy(new), write=True)
+            except StoreError:
+                pass
+            return
+        self._session_id = new
+        self._set_state(SessionState.CONNECTED)
+
+    # -- watches ------------------------------------------------------------------------
+    def _event_loop(self, _stopping: threading.Event, events: queue.Queue) -> None:
+        """The one thread that runs listener and watch callbacks, in order."""
+        while True:
+            callback = events.get()
+            if callback is None:
+                return
+            try:
+                callback()
+            except Exception:  # a broken callback must not stop the others
+                log.exception("consul.callback.error")
+
+    def _add_watch(self, watch: Watcher, baseline: int) -> None:
+        """Fire ``watch`` once on the first change after index ``baseline`` (taken before
+        the read it guards, so a change racing the read fires it rather than being lost)."""
+        with self._wlock:
+            if baseline < self._watch_index:
+                self._events.put(watch)
+                return
+            self._pending[watch] = min(baseline, self._pending.get(watch, baseline))
+
+    def _watch_loop(self, stopping: threading.Event, _events: queue.Queue) -> None:
+        failures = 0
+        while not stopping.is_set():
+            index = self._watch_index
+            try:
+                new, _ = self._call("watch", lambda c: c.kv.get(
+                    self.prefix, index=index, wait=f"{WATCH_WAIT:g}s", keys=True),
+                    deadline=time.monotonic() + self.request_timeout + WATCH_WAIT * 1.1,
+                    attempt_timeout=self.request_timeout)
+            except StoreError as exc:
+                failures += 1
+                if failures == 1:
+                    log.warning("consul.watch.error", error=str(exc))
+                stopping.wait(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                continue
+            failures = 0
+            new = max(1, int(new))
+            if new == index:
+                continue  # the wait ran out with no change
+            with self._wlock:
+                # An index that went backwards (snapshot restore, new cluster): Consul's
+                # docs say start over; everything pending may have changed.
+                fire = [w for w, base in self._pending.items() if new < index or base < new]
+                for w in fire:
+                    del self._pending[w]
+                self._watch_index = new
+            for w in fire:
+                self._events.put(w)
+
+    # -- reads --------------------------------------------------------------------------
+    def get(self, path: str, watch: Watcher | None = None) -> tuple[bytes, int]:
+        self.ops.read()
+        baseline = self._watch_index
+        _, entry = self._kv_get(self._key(path))
+        if entry is None:
+            raise NoNode(f"{self._key(path)}: no such key")
+        if watch is not None:
+            self._add_watch(watch, baseline)
+        return entry.get("Value") or b"", int(entry["ModifyIndex"])
+
+    def exists(self, path: str, watch: Watcher | None = None) -> int | None:
+        self.ops.read()
+        baseline = self._watch_index
+        _, entry = self._kv_get(self._key(path))
+        if watch is not None:
+            self._add_watch(watch, baseline)
+        return None if entry is None else int(entry["ModifyIndex"])
+
+    def children(self, path: str, watch: Watcher | None = None) -> list[str]:
+        """Names of the keys one level below ``path`` (also when the key ``path`` itself
+        was never written, e.g. keys put by hand without their parents)."""
+        self.ops.read()
+        baseline = self._watch_index
+        names = self._list(path)
+        if watch is not None:
+            self._add_watch(watch, baseline)
+        return names
+
+    def sync(self, path: str = "") -> None:
+        """Switch this thread's reads to ``?consistent`` until its next :meth:`commit`.
+
+        One consistent read of the root now, so that an unreachable or leaderless cluster
+        raises :class:`StoreUnavailable` here rather than at the gate read."""
+        self.ops.read()
+        self._tls.consistent = True
+        self._kv_get(self.prefix)
+
+    # -- writes -------------------------------------------------------------------------
+    def create(self, path: str, data: bytes = b"", *, ephemeral: bool = False,
+               sequential: bool = False) -> str:
+        self.ops.write()
+        try:
+            created = self._commit([Create(path, data, ephemeral, sequential)], makepath=True)
+        except TransactionFailed as exc:
+            raise exc.cause from exc
+        return str(created[0])
+
+    def set(self, path: str, data: bytes, version: int = -1) -> int:
+        self.ops.write()
+        try:
+            result = self._commit([SetData(path, data, version)])
+        except TransactionFailed as exc:
+            raise exc.cause from exc
+        return int(result[0])  # type: ignore[arg-type]
+
+    def delete(self, path: str, version: int = -1, *, recursive: bool = False) -> None:
+        """Delete ``path``. Recursive deletes ignore ``version`` and a missing node (like
+        kazoo's); a non-recursive one raises :class:`NotEmpty` if it has children."""
+        self.ops.write()
+        key = self._key(path)
+        if recursive:
+            tx = _Txn()
+            tx.add(0, "write", "delete-tree", key + "/")
+            tx.add(0, "write", "delete", key)
+            ok, _, errors = self._txn(tx, time.monotonic() + self.request_timeout)
+            if not ok:
+                raise StoreError(f"consul delete-tree {key}: {errors}")
+            return
+        if self._list(path):
+            raise NotEmpty(f"{key}: has children")
+        try:
+            self._commit([Delete(path, version)])
+        except TransactionFailed as exc:
+            raise exc.cause from exc
+
+    def commit(self, ops: Sequence[Op]) -> list[str | int | None]:
+        """Apply every op or none, in one ``/v1/txn``; ends this thread's ``sync()``."""
+        self.ops.write()
+        self._tls.consistent = False
+        return self._commit(list(ops))
+
+    # -- transactions -------------------------------------------------------------------
+    def _commit(self, ops: Sequence[Op], makepath: bool = False) -> list[str | int | None]:
+        deadline = time.monotonic() + self.request_timeout
+        mkparents: list[str] = []  # keys to create (cas 0) before the op, create() only
+        attempt = 0
+        while True:
+            tx = self._expand(ops, mkparents)
+            ok, results, errors = self._txn(tx, deadline)
+            if ok:
+                return self._results(ops, tx, results)
+            index, what = min((int(e.get("OpIndex", 0)), str(e.get("What", ""))) for e in errors)
+            failed = tx.ops[index]
+            if failed.role == "lock":  # check-not-exists passed: our session is invalid
+                self._kick.set()
+                raise StoreUnavailable(f"consul: session {self._session_id} refused: {what}")
+            retry = failed.role in ("counter", "mkparent") or \
+                (failed.role == "parent" and makepath)
+            if not retry:
+                assert failed.owner is not None
+                raise TransactionFailed(failed.owner, _cause(failed.role, what))
+            if failed.role != "counter":
+                mkparents = self._missing_ancestors(ops[0].path)
+            attempt += 1
+            if time.monotonic() > deadline:
+                raise StoreUnavailable(f"consul: {what!r} still contended after {attempt} "
+                                       f"attempts")
+            time.sleep(min(0.2, 0.005 * 2 ** attempt))  # contention on a counter: back off
+
+    def _missing_ancestors(self, path: str) -> list[str]:
+        parts = path.split("/") if path else []
+        ancestors = [""] + ["/".join(parts[:i]) for i in range(1, len(parts))]
+        missing = []
+        for p in ancestors:
+            _, entry = self._kv_get(self._key(p))
+            if entry is None:
+                missing.append(self._key(p))
+        return missing
+
+    def _expand(self, ops: Sequence[Op], mkparents: list[str]) -> _Txn:
+        """Translate our ops into Consul txn verbs (one of ours may become several)."""
+        tx = _Txn()
+        for key in mkparents:
+            tx.add(None, "mkparent", "cas", key, Value="", Index=0)
+        seq, counters = self._allocate(ops)
+        for i, op in enumerate(ops):
+            key = self._key(op.path)
+            if isinstance(op, Check):
+                if op.version == -1:
+                    tx.add(i, "exists", "get", key)
+                else:
+                    tx.add(i, "version", "check-index", key, Index=op.version)
+            elif isinstance(op, Create):
+                if op.path:
+                    parent = self._key(op.path.rpartition("/")[0])
+                    if parent not in mkparents:
+                        tx.add(i, "parent", "get", parent)
+                if op.sequential:
+                    name = seq.pop(0)
+                    key = self._key(name)
+                tx.names[i] = self._rel(key) if key != self.prefix else ""
+                value = _b64(op.data)
+                if op.ephemeral:
+                    sid = self._session_id
+                    if sid is None or self._state is not SessionState.CONNECTED:
+                        raise StoreUnavailable(f"consul: no live session for ephemeral {key}")
+                    tx.add(i, "absent", "check-not-exists", key)
+                    tx.add(i, "lock", "lock", key, Value=value, Session=sid)
+                else:
+                    tx.add(i, "absent", "cas", key, Value=value, Index=0)
+            elif isinstance(op, SetData):
+                value = _b64(op.data)
+                if op.version == -1:  # "set" keeps the key's session: ephemerals stay so
+                    tx.add(i, "exists", "get", key)
+                    tx.add(i, "write", "set", key, Value=value)
+                else:
+                    tx.add(i, "version", "check-index", key, Index=op.version)
+                    tx.add(i, "write", "cas", key, Value=value, Index=op.version)
+            elif isinstance(op, Delete):
+                if op.version == -1:
+                    tx.add(i, "exists", "get", key)
+                    tx.add(i, "write", "delete", key)
+                else:
+                    tx.add(i, "version", "check-index", key, Index=op.version)
+                    tx.add(i, "write", "delete-cas", key, Index=op.version)
+            else:
+                raise TypeError(f"not a store operation: {op!r}")
+        for counter, (index, value) in counters.items():
+            tx.add(None, "counter", "cas", counter, Value=_b64(str(value).encode()),
+                   Index=index)
+        return tx
+
+    def _allocate(self, ops: Sequence[Op]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+        """Names for the sequential creates in ``ops``, in order, and the counter bumps
+        that must commit with them (counter key -> (ModifyIndex to cas against, value))."""
+        counters: dict[str, tuple[int, int]] = {}
+        names: list[str] = []
+        nxt: dict[str, int] = {}
+        for op in ops:
+            if not (isinstance(op, Create) and op.sequential):
+                continue
+            parent = op.path.rpartition("/")[0]
+            counter = "/".join([self.prefix, ".seq"] + ([parent] if parent else []))
+            if counter not in nxt:
+                _, entry = self._kv_get(counter)
+                try:
+                    current = int(entry["Value"] or b"0") if entry else 0
+                except ValueError:
+                    raise StoreError(f"consul: sequence counter {counter} holds "
+                                     f"{entry['Value']!r}, not a number (delete it; the "
+                                     f"next create rebuilds it from the children)") from None
+                floor = max((int(n[-SEQ_DIGITS:]) + 1 for n in self._list(parent)
+                             if n[-SEQ_DIGITS:].isdigit() and len(n) >= SEQ_DIGITS),
+                            default=0)
+                nxt[counter] = max(current, floor)
+                counters[counter] = (int(entry["ModifyIndex"]) if entry else 0, 0)
+            names.append(f"{op.path}{nxt[counter]:0{SEQ_DIGITS}d}")
+            nxt[counter] += 1
+            counters[counter] = (counters[counter][0], nxt[counter])
+        return names, counters
+
+    def _txn(self, tx: _Txn, deadline: float) -> tuple[bool, list[dict], list[dict]]:
+        """PUT /v1/txn. Returns (applied, Results, Errors); raises for anything but 200/409."""
+        payload = json.dumps([{"KV": op.body} for op in tx.ops])
+
+        def put(client: consul.Consul) -> consul.base.Response:
+            return client.http.put(_Raw(), "/v1/txn", data=payload,
+                                   headers=client.prepare_headers())
+
+        response = self._call("txn", put, write=True, deadline=deadline)
+        if response.code in (200, 409):
+            try:
+                body = json.loads(response.body) or {}
+            except ValueError:
+                raise StoreError(f"consul txn: unreadable answer {response.body[:200]!r}") \
+                    from None
+            return response.code == 200, body.get("Results") or [], body.get("Errors") or []
+        if response.code >= 500:
+            self._kick.set()
+            raise StoreUnavailable(f"consul txn at {self.url}: {response.code} "
+                                   f"{response.body[:200]}")
+        if response.code in (401, 403):
+            raise StoreError(f"consul txn: permission denied ({response.body[:200]}); give "
+                             f"the token key write on {self.prefix!r}")
+        raise StoreError(f"consul txn: {response.code} {response.body[:200]}")
+
+    def _results(self, ops: Sequence[Op], tx: _Txn,
+                 results: list[dict]) -> list[str | int | None]:
+        out: list[str | int | None] = []
+        for i, op in enumerate(ops):
+            if isinstance(op, Create):
+                out.append(tx.names[i])
+            elif isinstance(op, SetData):
+                # Every write of one txn gets the same raft index: the highest ModifyIndex
+                # reported for the key is the one our write gave it.
+                key = self._key(op.path)
+                indexes = [int(r["KV"]["ModifyIndex"]) for r in results
+                           if r.get("KV") and r["KV"].get("Key") == key]
+                if not indexes:
+                    raise StoreError(f"consul txn: no result for {key} (ACL hides it?)")
+                out.append(max(indexes))
+            else:
+                out.append(None)
+        return out

@@ -1,0 +1,463 @@
+"""An in-process fake of the part of Consul's HTTP API that the Consul store uses.
+
+Written from Consul's HTTP API documentation (KV store endpoint, /v1/txn, sessions, blocking
+queries), not from its code, and never compared with a real server: it is what
+``tests/test_store_contract.py`` verifies the Consul backend against, so where it is wrong
+the backend may be wrong too (see docs/consul.md, "What is verified").
+
+Semantics kept:
+
+* one raft-like ``index`` that every write bumps; entries carry CreateIndex, ModifyIndex,
+  LockIndex, Flags, Value (base64 on the wire), Session;
+* ``GET /v1/kv/<key>`` with ``recurse``, ``keys`` + ``separator``, ``consistent``/``stale``
+  (accepted, all reads here are fresh), blocking ``index`` + ``wait``; ``X-Consul-Index`` is
+  the highest ModifyIndex among the matching keys and their tombstones, else the KV table's;
+* ``PUT`` with ``cas`` (0: only if absent), ``acquire``/``release``, ``flags``; ``DELETE`` with
+  ``recurse`` and ``cas``;
+* sessions: ``create`` (TTL 10s..86400s, Behavior release|delete, LockDelay, default 15s),
+  ``renew`` (404 when gone), ``destroy``, ``info``; invalidation deletes (``delete``) or
+  unlocks (``release``) the session's keys and puts their lock-delay in force. TTL expiry
+  happens at exactly TTL here; real Consul may take up to 2 x TTL;
+* ``PUT /v1/txn``: KV verbs set, cas, lock, unlock, get, get-tree, check-index,
+  check-session, check-not-exists, delete, delete-tree, delete-cas; all or nothing; 409 with
+  ``Errors[{OpIndex, What}]`` for every failed op (later ops see earlier ops' effects); no
+  result entries for deletes and check-not-exists; at most 128 ops (413 beyond).
+
+Test hooks: :meth:`FakeConsul.expire_session` (as if its TTL ran out), :meth:`down` /
+:meth:`up` (stop listening / listen again on the same port: the server is unreachable, its
+state and session timers go on).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import re
+import socket
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlsplit
+
+UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+MAX_TXN_OPS = 128
+
+
+def duration(text: Any, default: float) -> float:
+    """A Go duration ("10s", "1m30s", "0s") or a number of nanoseconds, in seconds."""
+    if text is None or text == "":
+        return default
+    if isinstance(text, (int, float)):
+        return float(text) / 1e9
+    parts = re.findall(r"([\d.]+)(ns|us|µs|ms|s|m|h)", str(text))
+    if not parts:
+        raise ValueError(f"bad duration {text!r}")
+    return sum(float(n) * UNITS[u] for n, u in parts)
+
+
+class TxnError(Exception):
+    pass
+
+
+class FakeConsul:
+    """State plus an HTTP server on 127.0.0.1 (``port`` 0: pick one)."""
+
+    def __init__(self, port: int = 0) -> None:
+        self.port = port
+        self.cond = threading.Condition()
+        self.index = 1
+        self.kv: dict[str, dict[str, Any]] = {}
+        self.tombstones: dict[str, int] = {}
+        self.sessions: dict[str, dict[str, Any]] = {}
+        self.lock_delay: dict[str, float] = {}  # key -> monotonic time the delay ends
+        self.requests = 0
+        self._connections: set[Any] = set()  # open client sockets, cut by down()
+        self._server: ThreadingHTTPServer | None = None
+        self._closed = threading.Event()
+        self._reaper = threading.Thread(target=self._reap, name="fakeconsul-ttl", daemon=True)
+
+    # -- lifecycle ----------------------------------------------------------------------
+    def start(self) -> "FakeConsul":
+        self.up()
+        self._reaper.start()
+        return self
+
+    def up(self) -> None:
+        """(Re)start listening on ``self.port``."""
+        fake = self
+
+        class Handler(_Handler):
+            pass
+        Handler.fake = fake
+        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server.daemon_threads = True
+        self.port = server.server_address[1]
+        self._server = server
+        threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
+                         name="fakeconsul-http", daemon=True).start()
+
+    def down(self) -> None:
+        """Stop listening: clients get 'connection refused'; state and TTLs go on."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        for conn in list(self._connections):  # keep-alive connections would still answer
+            try:
+                conn.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        with self.cond:
+            self.cond.notify_all()  # held blocking queries answer now
+
+    def close(self) -> None:
+        self._closed.set()
+        self.down()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    # -- sessions -----------------------------------------------------------------------
+    def _reap(self) -> None:
+        while not self._closed.wait(0.1):
+            now = time.monotonic()
+            with self.cond:
+                for sid in [s for s, v in self.sessions.items()
+                            if v["ttl"] and now >= v["expires"]]:
+                    self._invalidate(sid)
+
+    def expire_session(self, sid: str) -> None:
+        """Invalidate ``sid`` as Consul does when its TTL runs out."""
+        with self.cond:
+            self._invalidate(sid)
+
+    def _invalidate(self, sid: str) -> None:
+        session = self.sessions.pop(sid, None)
+        if session is None:
+            return
+        self.index += 1
+        for key, entry in list(self.kv.items()):
+            if entry.get("Session") != sid:
+                continue
+            if session["lock_delay"] > 0:
+                self.lock_delay[key] = time.monotonic() + session["lock_delay"]
+            if session["behavior"] == "delete":
+                del self.kv[key]
+                self.tombstones[key] = self.index
+            else:
+                entry = dict(entry, ModifyIndex=self.index)
+                entry.pop("Session")
+                self.kv[key] = entry
+        self.cond.notify_all()
+
+    def create_session(self, body: dict[str, Any]) -> str:
+        body = {k.lower(): v for k, v in body.items()}
+        ttl = duration(body.get("ttl"), 0.0)
+        if ttl and not 10 <= ttl <= 86400:
+            raise ValueError(f"Invalid Session TTL '{body.get('ttl')}', must be between "
+                             f"[10s=24h0m0s]")
+        behavior = body.get("behavior") or "release"
+        if behavior not in ("release", "delete"):
+            raise ValueError(f"Invalid Behavior setting '{behavior}'")
+        sid = str(uuid.uuid4())
+        with self.cond:
+            self.index += 1
+            self.sessions[sid] = {
+                "ID": sid, "Name": body.get("name", ""), "Behavior": behavior, "ttl": ttl,
+                "behavior": behavior, "lock_delay": duration(body.get("lockdelay"), 15.0),
+                "expires": time.monotonic() + ttl, "CreateIndex": self.index,
+                "Checks": body.get("checks", ["serfHealth"])}
+        return sid
+
+    def renew_session(self, sid: str) -> dict[str, Any] | None:
+        with self.cond:
+            session = self.sessions.get(sid)
+            if session is None:
+                return None
+            session["expires"] = time.monotonic() + session["ttl"]
+            return self._session_json(session)
+
+    @staticmethod
+    def _session_json(session: dict[str, Any]) -> dict[str, Any]:
+        return {"ID": session["ID"], "Name": session["Name"], "Behavior": session["Behavior"],
+                "TTL": f"{session['ttl']:g}s" if session["ttl"] else "",
+                "LockDelay": int(session["lock_delay"] * 1e9), "Checks": session["Checks"],
+                "CreateIndex": session["CreateIndex"]}
+
+    # -- KV reads -----------------------------------------------------------------------
+    def query_index(self, prefix: str, exact: bool) -> int:
+        """X-Consul-Index of a read: newest change among the matching keys (tombstones
+        included), else the whole KV table's."""
+        match = (lambda k: k == prefix) if exact else (lambda k: k.startswith(prefix))
+        best = max([e["ModifyIndex"] for k, e in self.kv.items() if match(k)]
+                   + [i for k, i in self.tombstones.items() if match(k)], default=0)
+        if best:
+            return best
+        return max([e["ModifyIndex"] for e in self.kv.values()]
+                   + list(self.tombstones.values()), default=1)
+
+    def read(self, key: str, params: dict[str, str]) -> tuple[int, Any]:
+        recurse, keys = "recurse" in params, "keys" in params
+        exact = not (recurse or keys)
+        with self.cond:
+            if "index" in params:
+                wanted = int(params["index"] or 0)
+                wait = min(duration(params.get("wait"), 300.0), 600.0)
+                end = time.monotonic() + wait
+                while self.query_index(key, exact) <= wanted and self._server is not None:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self.cond.wait(left)
+            index = self.query_index(key, exact)
+            if exact:
+                entry = self.kv.get(key)
+                return index, None if entry is None else [self._entry_json(entry)]
+            found = sorted(k for k in self.kv if k.startswith(key))
+            if keys:
+                sep = params.get("separator", "")
+                out: list[str] = []
+                for k in found:
+                    cut = k.find(sep, len(key)) if sep else -1
+                    name = k if cut < 0 else k[:cut + len(sep)]
+                    if not out or out[-1] != name:
+                        out.append(name)
+                return index, out or None
+            return index, [self._entry_json(self.kv[k]) for k in found] or None
+
+    @staticmethod
+    def _entry_json(entry: dict[str, Any], value: bool = True) -> dict[str, Any]:
+        out = {k: entry[k] for k in ("Key", "CreateIndex", "ModifyIndex", "LockIndex", "Flags")}
+        out["Value"] = base64.b64encode(entry["Value"]).decode() \
+            if value and entry["Value"] else None
+        if entry.get("Session"):
+            out["Session"] = entry["Session"]
+        return out
+
+    # -- KV writes (one engine for PUT/DELETE and /v1/txn) --------------------------------
+    def apply(self, ops: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
+        """Run KV ops all-or-nothing. Returns (results, errors); errors empty = applied."""
+        with self.cond:
+            kv = copy.deepcopy(self.kv)
+            tomb: dict[str, int] = {}
+            idx = self.index + 1
+            results: list[dict] = []
+            errors: list[dict] = []
+            for i, op in enumerate(ops):
+                try:
+                    results.extend(self._op(kv, tomb, idx, op))
+                except TxnError as exc:
+                    errors.append({"OpIndex": i, "What": str(exc)})
+            if errors:
+                return [], errors
+            if kv != self.kv or tomb:
+                self.index = idx
+                self.kv = kv
+                self.tombstones.update(tomb)
+                self.cond.notify_all()
+            return results, []
+
+    def _op(self, kv: dict, tomb: dict, idx: int, op: dict[str, Any]) -> list[dict]:
+        verb, key = op.get("Verb", ""), op.get("Key", "")
+        index = int(op.get("Index") or 0)
+        value = base64.b64decode(op.get("Value") or "")
+        flags = int(op.get("Flags") or 0)
+        session = op.get("Session") or ""
+        entry = kv.get(key)
+
+        def put(sess: str | None = None, lock: bool = False) -> list[dict]:
+            new = {"Key": key, "Value": value, "Flags": flags, "ModifyIndex": idx,
+                   "CreateIndex": entry["CreateIndex"] if entry else idx,
+                   "LockIndex": (entry["LockIndex"] if entry else 0) + (1 if lock else 0)}
+            keep = sess if sess is not None else (entry or {}).get("Session")
+            if keep:
+                new["Session"] = keep
+            kv[key] = new
+            return [{"KV": self._entry_json(new, value=False)}]
+
+        def remove(k: str) -> None:
+            kv.pop(k)
+            tomb[k] = idx
+
+        if verb == "set":
+            return put()
+        if verb == "cas":
+            if index == 0 and entry is not None:
+                raise TxnError(f"failed to set key {key!r}: it exists (cas index 0)")
+            if index != 0 and (entry is None or entry["ModifyIndex"] != index):
+                raise TxnError(f"failed to set key {key!r}: modify index is not {index}")
+            return put()
+        if verb == "lock":
+            if session not in self.sessions:
+                raise TxnError(f"failed to lock key {key!r}: invalid session {session!r}")
+            if entry is not None and entry.get("Session") not in (None, session):
+                raise TxnError(f"failed to lock key {key!r}: held by another session")
+            if time.monotonic() < self.lock_delay.get(key, 0.0) and \
+                    (entry is None or entry.get("Session") != session):
+                raise TxnError(f"failed to lock key {key!r}: lock-delay in force")
+            already = entry is not None and entry.get("Session") == session
+            return put(session, lock=not already)
+        if verb == "unlock":
+            if entry is None or entry.get("Session") != session:
+                raise TxnError(f"failed to unlock key {key!r}: not held by {session!r}")
+            put()
+            kv[key].pop("Session", None)
+            return [{"KV": self._entry_json(kv[key], value=False)}]
+        if verb == "get":
+            if entry is None:
+                raise TxnError(f"key {key!r} doesn't exist")
+            return [{"KV": self._entry_json(entry)}]
+        if verb == "get-tree":
+            return [{"KV": self._entry_json(kv[k])} for k in sorted(kv) if k.startswith(key)]
+        if verb == "check-index":
+            if entry is None:
+                raise TxnError(f"failed to check index of key {key!r}: it doesn't exist")
+            if entry["ModifyIndex"] != index:
+                raise TxnError(f"failed index check for key {key!r}: modify index "
+                               f"{entry['ModifyIndex']} is not {index}")
+            return [{"KV": self._entry_json(entry, value=False)}]
+        if verb == "check-session":
+            if entry is None:
+                raise TxnError(f"failed session check of key {key!r}: it doesn't exist")
+            if entry.get("Session", "") != session:
+                raise TxnError(f"failed session check for key {key!r}")
+            return [{"KV": self._entry_json(entry, value=False)}]
+        if verb == "check-not-exists":
+            if entry is not None:
+                raise TxnError(f"key {key!r} exists")
+            return []
+        if verb == "delete":
+            if entry is not None:
+                remove(key)
+            return []
+        if verb == "delete-tree":
+            for k in [k for k in kv if k.startswith(key)]:
+                remove(k)
+            return []
+        if verb == "delete-cas":
+            if entry is None or entry["ModifyIndex"] != index:
+                raise TxnError(f"failed to delete key {key!r}: modify index is not {index}")
+            remove(key)
+            return []
+        raise TxnError(f"unknown KV verb {verb!r}")
+
+
+class _Handler(BaseHTTPRequestHandler):
+    fake: FakeConsul
+    protocol_version = "HTTP/1.1"
+
+    def log_message(self, *_args: Any) -> None:
+        pass
+
+    def setup(self) -> None:
+        super().setup()
+        self.fake._connections.add(self.connection)
+
+    def finish(self) -> None:
+        self.fake._connections.discard(self.connection)
+        try:
+            super().finish()
+        except OSError:
+            pass
+
+    def _send(self, code: int, body: Any, index: int | None = None) -> None:
+        raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json" if not isinstance(body, str)
+                         else "text/plain")
+        self.send_header("Content-Length", str(len(raw)))
+        if index is not None:
+            self.send_header("X-Consul-Index", str(index))
+            self.send_header("X-Consul-KnownLeader", "true")
+            self.send_header("X-Consul-LastContact", "0")
+        self.end_headers()
+        self.wfile.write(raw)
+
+    def _parse(self) -> tuple[str, dict[str, str], bytes]:
+        parts = urlsplit(self.path)
+        params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
+        length = int(self.headers.get("Content-Length") or 0)
+        return unquote(parts.path), params, self.rfile.read(length) if length else b""
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        path, params, _ = self._parse()
+        self.fake.requests += 1
+        if path.startswith("/v1/kv/"):
+            index, data = self.fake.read(path[len("/v1/kv/"):], params)
+            self._send(404 if data is None else 200, "" if data is None else data, index)
+        elif path.startswith("/v1/session/info/"):
+            with self.fake.cond:
+                session = self.fake.sessions.get(path.rsplit("/", 1)[1])
+                out = [self.fake._session_json(session)] if session else None
+                self._send(200, out, self.fake.index)
+        else:
+            self._send(404, f"no fake for GET {path}")
+
+    def do_PUT(self) -> None:  # noqa: N802
+        path, params, body = self._parse()
+        fake = self.fake
+        fake.requests += 1
+        if path.startswith("/v1/kv/"):
+            key = path[len("/v1/kv/"):]
+            op: dict[str, Any] = {"Key": key, "Value": base64.b64encode(body).decode(),
+                                  "Flags": int(params.get("flags") or 0)}
+            if "acquire" in params:
+                op.update(Verb="lock", Session=params["acquire"])
+            elif "release" in params:
+                op.update(Verb="unlock", Session=params["release"])
+            elif "cas" in params:
+                op.update(Verb="cas", Index=int(params["cas"]))
+            else:
+                op["Verb"] = "set"
+            _, errors = fake.apply([op])
+            self._send(200, not errors)
+        elif path == "/v1/txn":
+            try:
+                ops = json.loads(body or b"[]")
+            except ValueError:
+                return self._send(400, "Failed to parse body")
+            if len(ops) > MAX_TXN_OPS:
+                return self._send(413, f"Transaction contains too many operations "
+                                       f"({len(ops)} > {MAX_TXN_OPS})")
+            if not all(isinstance(o, dict) and "KV" in o for o in ops):
+                return self._send(400, "only KV operations are faked")
+            results, errors = fake.apply([o["KV"] for o in ops])
+            if errors:
+                return self._send(409, {"Results": None, "Errors": errors})
+            self._send(200, {"Results": results, "Errors": None})
+        elif path == "/v1/session/create":
+            try:
+                sid = fake.create_session(json.loads(body) if body else {})
+            except ValueError as exc:
+                return self._send(400, str(exc))
+            self._send(200, {"ID": sid})
+        elif path.startswith("/v1/session/renew/"):
+            sid = path.rsplit("/", 1)[1]
+            session = fake.renew_session(sid)
+            if session is None:
+                return self._send(404, f"Session id '{sid}' not found")
+            self._send(200, [session])
+        elif path.startswith("/v1/session/destroy/"):
+            fake.expire_session(path.rsplit("/", 1)[1])
+            self._send(200, True)
+        else:
+            self._send(404, f"no fake for PUT {path}")
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        path, params, _ = self._parse()
+        self.fake.requests += 1
+        if not path.startswith("/v1/kv/"):
+            return self._send(404, f"no fake for DELETE {path}")
+        key = path[len("/v1/kv/"):]
+        if "recurse" in params:
+            op = {"Verb": "delete-tree", "Key": key}
+        elif "cas" in params:
+            op = {"Verb": "delete-cas", "Key": key, "Index": int(params["cas"])}
+        else:
+            op = {"Verb": "delete", "Key": key}
+        _, errors = self.fake.apply([op])
+        self._send(200, not errors)
