@@ -367,3 +367,16 @@ def test_s1_prober_check_matches_the_true_overlap(starts, lengths):
         assert result == "violated"
     elif overlap < -2 * RATE:
         assert result == "held"
+
+
+def test_s1_gate_record_of_a_host_not_online_takes_nothing_away():
+    """A recovering host (no presence) switching is not counted in ``online``: online=2,
+    quorum=2 is then fine, whereas the same record from an online host is a violation."""
+    sc = clean()
+    sc.store(29.0, "current/a/h2", None)  # h2 lost its presence (session expired)
+    sc.store(30.0, "gate/a", {"host": "h2", "online": 2, "quorum": 2, "version": "v2",
+                              "item": "", "t": 30.0}, 4)
+    assert status(sc.history())["S1"].status == "held"
+    sc.store(30.5, "gate/a", {"host": "h1", "online": 2, "quorum": 2, "version": "v2",
+                              "item": "", "t": 30.5}, 5)
+    assert "h1 went down with online=2" in only(status(sc.history()), "S1").counterexample

@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,7 +87,7 @@ class Host:
 
     def agent_pid(self) -> int | None:
         try:
-            info = host_rpc(self.layout).supervisor.getProcessInfo(AGENT)
+            info: Any = host_rpc(self.layout).supervisor.getProcessInfo(AGENT)
         except Exception:  # noqa: BLE001 - supervisord down or agent unknown: no pid
             return None
         return int(info["pid"]) or None
@@ -326,7 +326,7 @@ def _wait_gone(pids, ns: str, timeout: float = 10.0) -> None:
 
 
 def _mounts_under(base: Path) -> list[str]:
-    out = []
+    out: list[str] = []
     try:
         lines = Path("/proc/mounts").read_text().splitlines()
     except OSError:

@@ -242,7 +242,9 @@ class Timeline:
     def down_runs(self, svc: str, host: str) -> list[tuple[float, float]]:
         """Intervals [first, last] of consecutive definite failures (timeouts neither end nor
         extend a run)."""
-        runs, start, last = [], None, None
+        runs: list[tuple[float, float]] = []
+        start: float | None = None
+        last = 0.0
         for s in self.probes.get((svc, host), ()):
             if s.ok is False:
                 start = s.t if start is None else start
@@ -660,13 +662,13 @@ def check_l2(tl: Timeline, p: Params) -> tuple[Found, str] | None:
                         found.append((f.end + p.catchup, f"{host} not serving {svc} "
                                                          f"{p.catchup:g}s after {f.kind} ended"))
                     continue
-                others = Counter()
+                others: Counter[str] = Counter()
                 for h in tl.hosts_of(svc):
                     s = tl.latest(svc, h, back.t)
                     if h != host and s is not None and s.ok and s.version:
                         others[s.version] += 1
-                allowed = {v for v, n in others.items() if n == max(others.values())} \
-                    if others else set()
+                allowed: set[str | None] = \
+                    {v for v, n in others.items() if n == max(others.values())}
                 allowed |= {i.version for i in tl.items.values() if i.service == svc
                             and i.at(back.t)[1] == "deploy"}
                 allowed |= {_target(tl, svc, back.t)}

@@ -12,7 +12,6 @@ import errno
 import json
 import os
 import signal
-import subprocess
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from kazoo.client import KazooClient
 
 from .. import netns
 from ..hostenv import wait_rpc
-from .bed import AGENT, Testbed
+from .bed import Testbed
 from .ensemble import CLIENT_PORT
 from .history import HistoryWriter
 from .recorder import snapshot_state, wait_for
@@ -38,9 +37,18 @@ class Fault:
     bed: Testbed
     host: str | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    fault_id: str = ""  # set by FaultRunner
+    writer: HistoryWriter | None = None  # set by FaultRunner: state snapshots after kills
     kind: ClassVar[str] = "fault"
     effects: ClassVar[tuple[str, ...]] = ()
     needs_host: ClassVar[bool] = True
+
+    @property
+    def name(self) -> str:
+        """The target host; ValueError for a host fault built without one."""
+        if self.host is None:
+            raise ValueError(f"fault {self.kind} needs a host")
+        return self.host
 
     def hosts(self) -> list[str]:
         return [self.host] if self.host else []
@@ -69,12 +77,12 @@ class AgentKill(Fault):
     effects = ("process",)
 
     def inject(self) -> None:
-        pid = self.bed.hosts[self.host].agent_pid()
+        pid = self.bed.hosts[self.name].agent_pid()
         self.detail["pid"] = pid
         _kill(pid, signal.SIGKILL)
 
     def heal(self) -> None:
-        host = self.bed.hosts[self.host]
+        host = self.bed.hosts[self.name]
         old = self.detail.get("pid")
         wait_for(lambda: (p := host.agent_pid()) and p != old, 30, f"{self.host} agent back")
 
@@ -86,7 +94,7 @@ class AgentStop(Fault):
     effects = ("process",)
 
     def inject(self) -> None:
-        pid = self.bed.hosts[self.host].agent_pid()
+        pid = self.bed.hosts[self.name].agent_pid()
         self.detail["pid"] = pid
         _kill(pid, signal.SIGSTOP)
 
@@ -102,7 +110,7 @@ class SupervisordKill(Fault):
     effects = ("process",)
 
     def inject(self) -> None:
-        host = self.bed.hosts[self.host]
+        host = self.bed.hosts[self.name]
         pid = host.supervisord_pid()
         self.detail["pid"] = pid
         _kill(pid, signal.SIGKILL)
@@ -110,12 +118,12 @@ class SupervisordKill(Fault):
             host.proc.wait(timeout=10)
 
     def heal(self) -> None:
-        self.bed.kill_host(self.host)
-        if getattr(self, "writer", None):
-            snapshot_state(self.writer, self.host, self.bed.hosts[self.host].layout.root,
+        self.bed.kill_host(self.name)
+        if self.writer is not None:
+            snapshot_state(self.writer, self.name, self.bed.hosts[self.name].layout.root,
                            self.fault_id)
-        self.bed.start_host(self.host)
-        wait_rpc(self.bed.hosts[self.host].layout, timeout=30)
+        self.bed.start_host(self.name)
+        wait_rpc(self.bed.hosts[self.name].layout, timeout=30)
 
 
 class HostKill(Fault):
@@ -126,17 +134,17 @@ class HostKill(Fault):
     effects = ("process", "unobservable")
 
     def inject(self) -> None:
-        self.bed.kill_host(self.host)
-        self.bed.net.set_link(self.host, False)
+        self.bed.kill_host(self.name)
+        self.bed.net.set_link(self.name, False)
 
     def heal(self) -> None:
-        if getattr(self, "writer", None):
-            snapshot_state(self.writer, self.host, self.bed.hosts[self.host].layout.root,
+        if self.writer is not None:
+            snapshot_state(self.writer, self.name, self.bed.hosts[self.name].layout.root,
                            self.fault_id)
-        self.bed.net.set_link(self.host, True)
-        if self.bed.hosts[self.host].proc is None:
-            self.bed.start_host(self.host)
-            wait_rpc(self.bed.hosts[self.host].layout, timeout=30)
+        self.bed.net.set_link(self.name, True)
+        if self.bed.hosts[self.name].proc is None:
+            self.bed.start_host(self.name)
+            wait_rpc(self.bed.hosts[self.name].layout, timeout=30)
 
 
 class LinkCut(Fault):
@@ -146,10 +154,10 @@ class LinkCut(Fault):
     effects = ("store_cut", "unobservable")
 
     def inject(self) -> None:
-        self.bed.net.set_link(self.host, False)
+        self.bed.net.set_link(self.name, False)
 
     def heal(self) -> None:
-        self.bed.net.set_link(self.host, True)
+        self.bed.net.set_link(self.name, True)
 
 
 class StoreFilter(Fault):
@@ -161,10 +169,10 @@ class StoreFilter(Fault):
     RULE: ClassVar[list[str]] = ["OUTPUT", "-p", "tcp", "--dport", str(CLIENT_PORT), "-j", "DROP"]
 
     def inject(self) -> None:
-        netns.run_in(self.bed.hosts[self.host].ns, "iptables", "-I", *self.RULE)
+        netns.run_in(self.bed.hosts[self.name].ns, "iptables", "-I", *self.RULE)
 
     def heal(self) -> None:
-        ns = self.bed.hosts[self.host].ns
+        ns = self.bed.hosts[self.name].ns
         while netns.run_in(ns, "iptables", "-D", *self.RULE, check=False).returncode == 0:
             pass
 
@@ -178,15 +186,15 @@ class RebootIsolated(Fault):
 
     def inject(self) -> None:
         StoreFilter(self.bed, self.host).inject()
-        self.bed.kill_host(self.host)
-        self.bed.start_host(self.host)
+        self.bed.kill_host(self.name)
+        self.bed.start_host(self.name)
         self.detail["restarted_at"] = time.monotonic()
-        wait_rpc(self.bed.hosts[self.host].layout, timeout=30)
+        wait_rpc(self.bed.hosts[self.name].layout, timeout=30)
 
     def heal(self) -> None:
         """Lift the filter once the host serves again (or after ``boot_max`` seconds: the
         checker then reports that it did not start without the store)."""
-        bed, name = self.bed, self.host
+        bed, name = self.bed, self.name
         try:
             wait_for(lambda: all(bed.version(name, svc) for svc in bed.services),
                      float(self.detail.get("boot_max", 45.0)), f"{name} serving after reboot")
@@ -225,7 +233,7 @@ class Netem(Fault):
     def inject(self) -> None:
         spec = self.detail.setdefault("netem", "delay 80ms 20ms loss 5%")
         try:
-            self.bed.net.shape(self.host, 0, spec)
+            self.bed.net.shape(self.name, 0, spec)
             self.detail["mechanism"] = "netem"
             return
         except netns.NetnsError as exc:
@@ -236,10 +244,10 @@ class Netem(Fault):
             else 0.0
         self.detail["mechanism"] = "iptables-statistic+tbf (kernel without sch_netem)"
         self.detail["loss"] = loss
-        ns = self.bed.hosts[self.host].ns
+        ns = self.bed.hosts[self.name].ns
         for chain in ("INPUT", "OUTPUT"):
             netns.run_in(ns, "iptables", "-I", chain, *self._rule(loss))
-        self.bed.net.shape(self.host, 2_000_000)
+        self.bed.net.shape(self.name, 2_000_000)
 
     @staticmethod
     def _rule(loss: float) -> list[str]:
@@ -247,9 +255,9 @@ class Netem(Fault):
                 "-j", "DROP"]
 
     def heal(self) -> None:
-        self.bed.net.unshape(self.host)
+        self.bed.net.unshape(self.name)
         if "loss" in self.detail:
-            ns = self.bed.hosts[self.host].ns
+            ns = self.bed.hosts[self.name].ns
             for chain in ("INPUT", "OUTPUT"):
                 while netns.run_in(ns, "iptables", "-D", chain,
                                    *self._rule(self.detail["loss"]), check=False).returncode == 0:
@@ -263,7 +271,7 @@ class DiskFull(Fault):
     effects = ("disk",)
 
     def inject(self) -> None:
-        host = self.bed.hosts[self.host]
+        host = self.bed.hosts[self.name]
         if host.layout.root not in self.bed.mounts:
             raise RuntimeError(f"{self.host} has no tmpfs root (BedConfig.disk_host)")
         ballast = host.layout.root / ".ballast"
@@ -283,7 +291,7 @@ class DiskFull(Fault):
         self.detail["ballast"] = str(ballast)
 
     def heal(self) -> None:
-        Path(self.bed.hosts[self.host].layout.root / ".ballast").unlink(missing_ok=True)
+        Path(self.bed.hosts[self.name].layout.root / ".ballast").unlink(missing_ok=True)
 
 
 class Garbage(Fault):
@@ -356,8 +364,8 @@ class FaultRunner:
 
     def inject(self, fault: Fault) -> Fault:
         self.count += 1
-        fault.fault_id = f"f{self.count}-{fault.kind}"  # type: ignore[attr-defined]
-        fault.writer = self.writer  # type: ignore[attr-defined]
+        fault.fault_id = f"f{self.count}-{fault.kind}"
+        fault.writer = self.writer
         self.writer.emit("fault", fault=fault.kind, phase="start", id=fault.fault_id,
                          hosts=fault.hosts(), effects=list(fault.effects),
                          detail=dict(fault.detail))

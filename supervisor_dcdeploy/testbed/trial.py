@@ -114,7 +114,7 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
     converged = False
     try:
         for svc in services:
-            path, sha = bed.stage(svc, version)
+            _, sha = bed.stage(svc, version)
             writer.emit("artifact", service=svc, version=version, sha256=sha, broken=False)
             writer.emit("op", action="stage", service=svc, version=version)
         writer.emit("op", action="deploy", services=services)
@@ -156,8 +156,8 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
         time.sleep(1.0)  # let the prober see the settled state
     finally:
         runner.heal_all()
-        for name, host in bed.hosts.items():
-            snapshot_state(writer, name, host.layout.root)
+        for name, node in bed.hosts.items():
+            snapshot_state(writer, name, node.layout.root)
         writer.emit("final", settled=True, converged=converged)
         prober.stop()
         recorder.stop()
