@@ -42,6 +42,7 @@ as the :mod:`.base` family.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import math
 import os
@@ -49,8 +50,9 @@ import queue
 import socket
 import threading
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import consul
 import consul.base
@@ -148,7 +150,7 @@ class ConsulStore(Store):
             raise StoreError(f"consul store {url!r}: the root must not be empty (e.g. /dc)")
         self.ops = OpCounter()
         self.servers = servers
-        self.ttl = max(MIN_TTL, int(math.ceil(session_timeout)))
+        self.ttl = max(MIN_TTL, math.ceil(session_timeout))
         self.request_timeout = request_timeout or max(2.0, session_timeout / 2)
         self.renew_interval = self.ttl / 3
         self._server = 0  # index into servers; rotated on transport errors
@@ -227,13 +229,14 @@ class ConsulStore(Store):
             key, consistency=consistency, **kw))
         return int(index), data
 
-    def _list(self, path: str) -> list[str]:
-        _, keys = self._kv_get(self._key(path) + "/", keys=True, separator="/")
+    def _list(self, path: str) -> tuple[int, list[str]]:
+        """(X-Consul-Index, names of the keys one level below ``path``)."""
+        index, keys = self._kv_get(self._key(path) + "/", keys=True, separator="/")
         start = len(self._key(path)) + 1
         names = {k[start:].rstrip("/") for k in keys or ()}
         if not path:
             names.discard(".seq")  # the sequence counters are ours, not nodes
-        return sorted(n for n in names if n)
+        return index, sorted(n for n in names if n)
 
     # -- session ------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
@@ -308,7 +311,7 @@ class ConsulStore(Store):
         self._state = state
         log.info("consul.session.state", state=state.value, session=self._session_id)
         for listener in list(self._listeners):
-            self._events.put(lambda listener=listener: listener(state))
+            self._events.put(functools.partial(listener, state))
 
     def _renew(self, sid: str) -> bool:
         """True: renewed. False: Consul says the session is gone (404). One attempt: a
@@ -372,8 +375,12 @@ class ConsulStore(Store):
                 log.exception("consul.callback.error")
 
     def _add_watch(self, watch: Watcher, baseline: int) -> None:
-        """Fire ``watch`` once on the first change after index ``baseline`` (taken before
-        the read it guards, so a change racing the read fires it rather than being lost)."""
+        """Fire ``watch`` once on the first change after index ``baseline``.
+
+        ``baseline`` is the larger of the watch thread's index taken *before* the read and
+        the read's own X-Consul-Index: either way no later than the state the read saw, so
+        any change after the read has a higher index and fires the watch (never lost). A
+        change racing the read may fire it needlessly (spurious wake-ups are allowed)."""
         with self._wlock:
             if baseline < self._watch_index:
                 self._events.put(watch)
@@ -384,19 +391,25 @@ class ConsulStore(Store):
         failures = 0
         while not stopping.is_set():
             index = self._watch_index
+
+            def block(client: consul.Consul, index: int = index) -> tuple[str, Any]:
+                return client.kv.get(self.prefix, index=index, wait=f"{WATCH_WAIT:g}s",
+                                     keys=True)
             try:
-                new, _ = self._call("watch", lambda c: c.kv.get(
-                    self.prefix, index=index, wait=f"{WATCH_WAIT:g}s", keys=True),
+                raw_index, _ = self._call(
+                    "watch", block,
                     deadline=time.monotonic() + self.request_timeout + WATCH_WAIT * 1.1,
                     attempt_timeout=self.request_timeout)
             except StoreError as exc:
+                if stopping.is_set():
+                    return
                 failures += 1
                 if failures == 1:
                     log.warning("consul.watch.error", error=str(exc))
                 stopping.wait(min(5.0, 0.2 * 2 ** min(failures, 5)))
                 continue
             failures = 0
-            new = max(1, int(new))
+            new = max(1, int(raw_index))
             if new == index:
                 continue  # the wait ran out with no change
             with self._wlock:
@@ -413,19 +426,19 @@ class ConsulStore(Store):
     def get(self, path: str, watch: Watcher | None = None) -> tuple[bytes, int]:
         self.ops.read()
         baseline = self._watch_index
-        _, entry = self._kv_get(self._key(path))
+        index, entry = self._kv_get(self._key(path))
         if entry is None:
             raise NoNode(f"{self._key(path)}: no such key")
         if watch is not None:
-            self._add_watch(watch, baseline)
+            self._add_watch(watch, max(baseline, index))
         return entry.get("Value") or b"", int(entry["ModifyIndex"])
 
     def exists(self, path: str, watch: Watcher | None = None) -> int | None:
         self.ops.read()
         baseline = self._watch_index
-        _, entry = self._kv_get(self._key(path))
+        index, entry = self._kv_get(self._key(path))
         if watch is not None:
-            self._add_watch(watch, baseline)
+            self._add_watch(watch, max(baseline, index))
         return None if entry is None else int(entry["ModifyIndex"])
 
     def children(self, path: str, watch: Watcher | None = None) -> list[str]:
@@ -433,9 +446,9 @@ class ConsulStore(Store):
         was never written, e.g. keys put by hand without their parents)."""
         self.ops.read()
         baseline = self._watch_index
-        names = self._list(path)
+        index, names = self._list(path)
         if watch is not None:
-            self._add_watch(watch, baseline)
+            self._add_watch(watch, max(baseline, index))
         return names
 
     def sync(self, path: str = "") -> None:
@@ -478,7 +491,7 @@ class ConsulStore(Store):
             if not ok:
                 raise StoreError(f"consul delete-tree {key}: {errors}")
             return
-        if self._list(path):
+        if self._list(path)[1]:
             raise NotEmpty(f"{key}: has children")
         try:
             self._commit([Delete(path, version)])
@@ -501,7 +514,11 @@ class ConsulStore(Store):
             ok, results, errors = self._txn(tx, deadline)
             if ok:
                 return self._results(ops, tx, results)
-            index, what = min((int(e.get("OpIndex", 0)), str(e.get("What", ""))) for e in errors)
+            failures = sorted((int(e.get("OpIndex", 0)), str(e.get("What", ""))) for e in errors)
+            # Consul reports every failed op. A stale counter or a parent made meanwhile
+            # explains the others (our name or parent was taken): those mean "try again".
+            index, what = next(((i, w) for i, w in failures
+                                if tx.ops[i].role in ("counter", "mkparent")), failures[0])
             failed = tx.ops[index]
             if failed.role == "lock":  # check-not-exists passed: our session is invalid
                 self._kick.set()
@@ -577,9 +594,9 @@ class ConsulStore(Store):
                     tx.add(i, "write", "delete-cas", key, Index=op.version)
             else:
                 raise TypeError(f"not a store operation: {op!r}")
-        for counter, (index, value) in counters.items():
-            tx.add(None, "counter", "cas", counter, Value=_b64(str(value).encode()),
-                   Index=index)
+        for counter, (cas_index, count) in counters.items():
+            tx.add(None, "counter", "cas", counter, Value=_b64(str(count).encode()),
+                   Index=cas_index)
         return tx
 
     def _allocate(self, ops: Sequence[Op]) -> tuple[list[str], dict[str, tuple[int, int]]]:
@@ -601,7 +618,7 @@ class ConsulStore(Store):
                     raise StoreError(f"consul: sequence counter {counter} holds "
                                      f"{entry['Value']!r}, not a number (delete it; the "
                                      f"next create rebuilds it from the children)") from None
-                floor = max((int(n[-SEQ_DIGITS:]) + 1 for n in self._list(parent)
+                floor = max((int(n[-SEQ_DIGITS:]) + 1 for n in self._list(parent)[1]
                              if n[-SEQ_DIGITS:].isdigit() and len(n) >= SEQ_DIGITS),
                             default=0)
                 nxt[counter] = max(current, floor)
