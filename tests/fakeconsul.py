@@ -10,8 +10,9 @@ Semantics kept:
 * one raft-like ``index`` that every write bumps; entries carry CreateIndex, ModifyIndex,
   LockIndex, Flags, Value (base64 on the wire), Session;
 * ``GET /v1/kv/<key>`` with ``recurse``, ``keys`` + ``separator``, ``consistent``/``stale``
-  (accepted, all reads here are fresh), blocking ``index`` + ``wait``; ``X-Consul-Index`` is
-  the highest ModifyIndex among the matching keys and their tombstones, else the KV table's;
+  (accepted, all reads here are fresh), blocking ``index`` + ``wait`` (+ up to wait/16);
+  ``X-Consul-Index`` is the highest ModifyIndex among the matching keys and their
+  tombstones, else the KV table's;
 * ``PUT`` with ``cas`` (0: only if absent), ``acquire``/``release``, ``flags``; ``DELETE`` with
   ``recurse`` and ``cas``;
 * sessions: ``create`` (TTL 10s..86400s, Behavior release|delete, LockDelay, default 15s),
@@ -33,6 +34,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import random
 import re
 import socket
 import threading
@@ -207,6 +209,7 @@ class FakeConsul:
             if "index" in params:
                 wanted = int(params["index"] or 0)
                 wait = min(duration(params.get("wait"), 300.0), 600.0)
+                wait += random.uniform(0, wait / 16)  # Consul's documented jitter
                 end = time.monotonic() + wait
                 while self.query_index(key, exact) <= wanted and self._server is not None:
                     left = end - time.monotonic()

@@ -240,9 +240,10 @@ class ConsulStore(Store):
 
     # -- session ------------------------------------------------------------------------
     def start(self, timeout: float = 10.0) -> None:
-        """Open a session and start the renew, watch and callback threads.
+        """Open a session, make the root key, start the renew, watch and callback threads.
 
-        Raises :class:`StoreUnavailable` when Consul does not answer within ``timeout``."""
+        Raises :class:`StoreUnavailable` when Consul does not answer within ``timeout``, or
+        refuses (ACL: the message says so). Not restartable after :meth:`stop`."""
         if not self._closed:
             raise StoreError(f"consul store {self.url}: already started")
         self._closed = False
@@ -254,10 +255,14 @@ class ConsulStore(Store):
             self._watch_index, _ = self._call("watch index", lambda c: c.kv.get(
                 self.prefix, keys=True), deadline=max(deadline, time.monotonic() + 1))
             self._watch_index = max(1, int(self._watch_index))
-        except StoreError:
+        except StoreError as exc:
             self._closed = True
             self._stopping.set()
-            raise
+            if isinstance(exc, StoreUnavailable):
+                raise
+            # The contract: start() fails only with StoreUnavailable (callers retry it);
+            # keep what was wrong (an ACL refusal, say) in the message.
+            raise StoreUnavailable(str(exc)) from exc
         self._events = queue.Queue()
         self._set_state(SessionState.CONNECTED)
         for name, target in (("session", self._session_loop), ("watch", self._watch_loop),
