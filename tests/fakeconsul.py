@@ -8,7 +8,8 @@ the backend may be wrong too (see docs/consul.md, "What is verified").
 Semantics kept:
 
 * one raft-like ``index`` that every write bumps; entries carry CreateIndex, ModifyIndex,
-  LockIndex, Flags, Value (base64 on the wire), Session;
+  LockIndex, Flags, Value (base64 on the wire), Session; a write that changes nothing
+  (same Value, Flags, Session, LockIndex) keeps the old ModifyIndex, as recent Consul does;
 * ``GET /v1/kv/<key>`` with ``recurse``, ``keys`` + ``separator``, ``consistent``/``stale``
   (accepted, all reads here are fresh), blocking ``index`` + ``wait`` (+ up to wait/16);
   ``X-Consul-Index`` is the highest ModifyIndex among the matching keys and their
@@ -77,7 +78,7 @@ class FakeConsul:
         self.lock_delay: dict[str, float] = {}  # key -> monotonic time the delay ends
         self.requests = 0
         self._connections: set[Any] = set()  # open client sockets, cut by down()
-        self._server: ThreadingHTTPServer | None = None
+        self._server: _Server | None = None
         self._closed = threading.Event()
         self._reaper = threading.Thread(target=self._reap, name="fakeconsul-ttl", daemon=True)
 
@@ -94,7 +95,7 @@ class FakeConsul:
         class Handler(_Handler):
             pass
         Handler.fake = fake
-        server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        server = _Server(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
         self.port = server.server_address[1]
         self._server = server
@@ -279,6 +280,10 @@ class FakeConsul:
             keep = sess if sess is not None else (entry or {}).get("Session")
             if keep:
                 new["Session"] = keep
+            same = ("Value", "Flags", "LockIndex", "Session")
+            if entry is not None and all(entry.get(f) == new.get(f) for f in same):
+                # Consul skips a write that changes nothing: the ModifyIndex stays.
+                return [{"KV": self._entry_json(entry, value=False)}]
             kv[key] = new
             return [{"KV": self._entry_json(new, value=False)}]
 
@@ -347,6 +352,11 @@ class FakeConsul:
             remove(key)
             return []
         raise TxnError(f"unknown KV verb {verb!r}")
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a client that went away (down(), a stopped store) is not news
 
 
 class _Handler(BaseHTTPRequestHandler):

@@ -222,6 +222,13 @@ def test_set_and_delete_with_versions(st: Store) -> None:
     assert st.get("gate/api") == (b"1", v1)
     v2 = st.set("gate/api", b"2")  # -1: any version
     assert st.get("gate/api") == (b"2", v2)
+    # Rewriting the same bytes is a new version too: the gate commit rewrites the deploy
+    # item unchanged so that a concurrent CAS on it (pause, fail) is refused.
+    v2b = st.set("gate/api", b"2", v2)
+    assert v2b != v2
+    with pytest.raises(BadVersion):
+        st.set("gate/api", b"3", v2)
+    v2 = v2b
     with pytest.raises(NoNode):
         st.set("gate/nope", b"x")
     with pytest.raises(NoNode):
@@ -238,6 +245,7 @@ def test_set_and_delete_with_versions(st: Store) -> None:
     st.delete("tree", recursive=True)
     assert st.exists("tree") is None and st.exists("tree/a/b") is None
     assert st.children("tree") == []
+    st.delete("tree", recursive=True)  # recursive: a missing node is no error (kazoo's)
 
 
 # -- transactions ------------------------------------------------------------------------

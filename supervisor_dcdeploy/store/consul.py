@@ -11,7 +11,9 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
   non-recursive ``delete`` refuses a key that has children (:class:`NotEmpty`; that check is
   a separate read, not atomic with the delete).
 * **Versions** are the key's ``ModifyIndex``. ``-1`` means "any version, but it must exist"
-  (a ``get`` in the same transaction), as with ZooKeeper.
+  (a ``get`` in the same transaction), as with ZooKeeper. Every set writes a random
+  ``Flags`` nonce so that, as in ZooKeeper, a set of unchanged data still makes a new
+  version (Consul skips writes that change nothing).
 * **Sessions**: one Consul session per store, ``Behavior=delete``, ``TTL=max(10 s,
   session_timeout)``, ``LockDelay=0``, no health checks (the agent we talk to need not be on
   our host), renewed by a daemon thread every TTL/3. Renew answering 404 means the session
@@ -47,6 +49,7 @@ import json
 import math
 import os
 import queue
+import random
 import socket
 import threading
 import time
@@ -583,13 +586,17 @@ class ConsulStore(Store):
                 else:
                     tx.add(i, "absent", "cas", key, Value=value, Index=0)
             elif isinstance(op, SetData):
-                value = _b64(op.data)
+                # Consul skips a write that changes nothing (same value, flags, session), so
+                # the ModifyIndex would stay; a ZooKeeper set always makes a new version and
+                # the protocol relies on that (the gate commit rewrites the deploy item to
+                # invalidate concurrent CAS writers). A random Flags nonce forces a new index.
+                value, nonce = _b64(op.data), random.getrandbits(63)
                 if op.version == -1:  # "set" keeps the key's session: ephemerals stay so
                     tx.add(i, "exists", "get", key)
-                    tx.add(i, "write", "set", key, Value=value)
+                    tx.add(i, "write", "set", key, Value=value, Flags=nonce)
                 else:
                     tx.add(i, "version", "check-index", key, Index=op.version)
-                    tx.add(i, "write", "cas", key, Value=value, Index=op.version)
+                    tx.add(i, "write", "cas", key, Value=value, Index=op.version, Flags=nonce)
             elif isinstance(op, Delete):
                 if op.version == -1:
                     tx.add(i, "exists", "get", key)
