@@ -438,3 +438,13 @@ def test_consul_reregister_right_after_expiry(consul: ConsulFakeBackend) -> None
     wait_for(lambda: st.connected and st.session_id not in (None, old), 10,  # type: ignore
              "a new session")
     st.create("current/api/h1", b"again", ephemeral=True)
+
+
+def test_consul_tries_the_next_address(consul: ConsulFakeBackend) -> None:
+    root = consul.url.rsplit("/", 1)[1]
+    url = f"consul://127.0.0.1:{free_port()},{consul.fake.address}/{root}"
+    st = open_store(url)
+    st.start(timeout=10)
+    consul.stores.append(st)
+    st.create("hosts/h1", b"{}")
+    assert st.get("hosts/h1")[0] == b"{}"

@@ -210,6 +210,7 @@ class ConsulStore(Store):
                              f"(CONSUL_HTTP_TOKEN) key write on {self.prefix!r} and "
                              f"session write") from exc
         except requests.RequestException as exc:
+            self._server += 1  # the next call (a renew, say) tries the next address
             self._kick.set()
             raise StoreUnavailable(f"consul {what} at {self.url}: {type(exc).__name__}") \
                 from exc
