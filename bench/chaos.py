@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for n, trial in enumerate(trials):
             schedule = plan(trial_seed(args.seed, trial), list(bed.hosts), kinds,
-                            args.faults_per_trial, args.window)
+                            args.faults_per_trial, args.window, bed.config.disk_host)
             history = keep / f"trial-{args.seed}-{trial}.jsonl"
             print(f"trial {trial} (seed {args.seed}): "
                   + ", ".join(f"{p.kind}@{p.at:.1f}s{'/' + p.host if p.host else ''}"

@@ -380,3 +380,23 @@ def test_s1_gate_record_of_a_host_not_online_takes_nothing_away():
     sc.store(30.5, "gate/a", {"host": "h1", "online": 2, "quorum": 2, "version": "v2",
                               "item": "", "t": 30.5}, 5)
     assert "h1 went down with online=2" in only(status(sc.history()), "S1").counterexample
+
+
+def test_reboot_without_store_comes_back_on_its_own_version_then_catches_up():
+    """L3 wants the last known version after a reboot with the store away; L2's "most
+    popular version" applies only to hosts returning with the store reachable."""
+    sc = clean()
+    sc.timeline[("b", "h2")] = [(0.0, "v1")]  # h2 was cut off before it could switch b
+    sc.events = [e for e in sc.events if not (e["kind"] == "store" and e["path"] in
+                                              ("gate/b", "current/b/h2") and "h2" in
+                                              str(e.get("data")) + e["path"])]
+    sc.add(30.0, "fault", fault="reboot_isolated", phase="start", id="r", hosts=["h2"],
+           effects=["process", "store_cut", "reboot"], detail={})
+    sc.serve("b", "h2", 30.02, None)
+    sc.serve("b", "h2", 32.0, "v1")  # its last known version, while still cut off
+    sc.add(33.0, "fault", fault="reboot_isolated", phase="end", id="r", hosts=["h2"],
+           detail={"restarted_at": 30.5})
+    sc.serve("b", "h2", 36.0, None)  # back in touch: it rolls to the target
+    sc.serve("b", "h2", 37.0, "v2")
+    results = status(sc.history())
+    assert {p: r.status for p, r in results.items()} == {p: "held" for p in checker.PROPERTIES}

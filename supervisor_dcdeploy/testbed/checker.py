@@ -647,7 +647,9 @@ def check_l2(tl: Timeline, p: Params) -> tuple[Found, str] | None:
                                        f"{item.version}; unreachable: {', '.join(sorted(out))}"))
             break
     for f in host_faults:
-        if f.end == math.inf:
+        # A host that came back while cut off from the store cannot know the most popular
+        # version: it starts its last known one (L3) and catches up by rolling later (L1).
+        if f.end == math.inf or "store_cut" in f.effects:
             continue
         for host in f.hosts:
             for svc in tl.hosts.get(host, {}).get("services", {}):

@@ -268,7 +268,7 @@ class DiskFull(Fault):
     """The host's disk (a small tmpfs) is filled to the last byte; heal frees it."""
 
     kind = "disk_full"
-    effects = ("disk",)
+    effects = ("disk", "process")  # process: supervisord may die of it (see heal)
 
     def inject(self) -> None:
         host = self.bed.hosts[self.name]
@@ -291,7 +291,19 @@ class DiskFull(Fault):
         self.detail["ballast"] = str(ballast)
 
     def heal(self) -> None:
-        Path(self.bed.hosts[self.name].layout.root / ".ballast").unlink(missing_ok=True)
+        """Free the space. supervisord writes its logs on the same disk and can die of
+        ENOSPC (seen here: an OSError out of its log handler ends its main loop); when it
+        did, do what systemd's ``Restart=always`` with ``KillMode=control-group`` does on a
+        real host (provision/host.sh installs such a unit): kill the leftovers, restart."""
+        host = self.bed.hosts[self.name]
+        Path(host.layout.root / ".ballast").unlink(missing_ok=True)
+        if host.supervisord_pid() is None:
+            self.detail["supervisord_died"] = True
+            if self.writer is not None:
+                snapshot_state(self.writer, self.name, host.layout.root, self.fault_id)
+            self.bed.kill_host(self.name)
+            self.bed.start_host(self.name)
+            wait_rpc(host.layout, timeout=30)
 
 
 class Garbage(Fault):

@@ -50,9 +50,10 @@ class Planned:
 
 
 def plan(seed: int, hosts: Sequence[str], kinds: Sequence[str], n: int,
-         window: float = 20.0) -> list[Planned]:
+         window: float = 20.0, disk_host: str | None = None) -> list[Planned]:
     """``n`` faults of the given kinds, drawn from ``seed`` alone: the moments spread over
-    ``window`` seconds, hosts and durations uniformly."""
+    ``window`` seconds, hosts and durations uniformly (``disk_full`` always on
+    ``disk_host``, the one with a small tmpfs, when given)."""
     rng = random.Random(seed)
     moments = sorted(rng.uniform(0.5, window) for _ in range(n))
     out = []
@@ -60,6 +61,8 @@ def plan(seed: int, hosts: Sequence[str], kinds: Sequence[str], n: int,
         kind = rng.choice(list(kinds))
         cls = KINDS[kind]
         host = rng.choice(list(hosts)) if cls.needs_host else None
+        if kind == "disk_full" and disk_host is not None:
+            host = disk_host
         lo, hi = DURATIONS[kind]
         detail: dict[str, Any] = {}
         if kind == "garbage":
