@@ -98,10 +98,19 @@ def status(node_dir: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     try:
-        os.kill(int(info["pid"]), 0)
-    except (ProcessLookupError, KeyError, ValueError):
+        pid = int(info["pid"])
+    except (KeyError, ValueError):
         return None
-    return info
+    return info if pid_alive(pid) else None
+
+
+def pid_alive(pid: int) -> bool:
+    """True when ``pid`` runs (a zombie, killed but not yet reaped, does not count)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rpartition(")")[2].split()[0] != "Z"
 
 
 def start(cfg: SeedConfig, *, wait: float = 60.0, prefix: Sequence[str] = ()) -> dict:
@@ -141,9 +150,7 @@ def stop(node_dir: Path, *, timeout: float = 30.0) -> bool:
     os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
+        if not pid_alive(pid):
             log.info("seed.stopped", pid=pid)
             return True
         time.sleep(0.1)

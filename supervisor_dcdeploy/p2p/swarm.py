@@ -102,6 +102,19 @@ def error_for(state: TorrentState, directory: Path) -> FetchError | None:
     return DownloadError(reason)
 
 
+def kick_reasons(fields: dict[str, Any]) -> int:
+    """How many peer connections of one torrent (``torrent-get`` fields ``peers`` and
+    ``leftUntilDone``) wait for a choke/interest pass. Pure."""
+    downloading = int(fields.get("leftUntilDone", 0)) > 0
+    n = 0
+    for p in fields.get("peers", []):
+        if p.get("peerIsInterested") and p.get("peerIsChoked"):
+            n += 1
+        elif downloading and not p.get("clientIsInterested") and p.get("progress", 0) > 0:
+            n += 1
+    return n
+
+
 def decode_metainfo(metainfo_b64: str) -> bytes:
     """Base64 -> metainfo bytes; :class:`DownloadError` naming the problem."""
     try:
@@ -345,12 +358,12 @@ class SwarmFetcher:
         self._rpc(call, retry_secs=5.0)
 
     def waiting_peers(self) -> int:
-        """Peers, over all torrents, that want data from us but are choked by us: what a
-        rechoke pass would unchoke now. One RPC."""
+        """Peer connections, over all torrents, that a choke/interest pass would change now:
+        peers that want data from us but are choked by us, and, for torrents we still
+        download, peers that have data (progress > 0) we are not interested in yet. One RPC."""
         def call(c: Client) -> int:
-            return sum(1 for t in c.get_torrents(arguments=["peers"])
-                       for p in t.fields.get("peers", [])
-                       if p.get("peerIsInterested") and p.get("peerIsChoked"))
+            return sum(kick_reasons(t.fields) for t in
+                       c.get_torrents(arguments=["peers", "leftUntilDone"]))
         return self._rpc(call, retry_secs=5.0)
 
     def kick_if_waiting(self) -> bool:
@@ -383,9 +396,9 @@ class SwarmFetcher:
         log.info("swarm.removed", infohash=infohash_, delete_data=delete_data)
 
     def prune(self, keep: set[str], *, delete_data: bool = True) -> list[str]:
-        """Remove every torrent whose infohash is not in ``keep``; return those removed.
-        Use :func:`retained` to compute ``keep``."""
-        keep = {k.lower() for k in keep}
+        """Remove every torrent whose infohash is not in ``keep`` (except the internal kick
+        torrent); return those removed. Use :func:`retained` to compute ``keep``."""
+        keep = {k.lower() for k in keep} | {infohash(_kick_metainfo())}
         removed = [s.infohash for s in self.states() if s.infohash not in keep]
         for ih in removed:
             self.remove(ih, delete_data)

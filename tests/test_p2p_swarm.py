@@ -1,0 +1,285 @@
+"""Swarm tests: real transmission-daemons in network namespaces, a real ZooKeeper, one
+store-backed tracker per host. A build host (rack "build") and four hosts in two racks.
+
+Needs root (namespaces, tc, a tmpfs); skips with the reason otherwise. On CI it runs as root
+and must not skip. Every namespace is prefixed "dcdp" (10.214.0.0/16) and torn down after
+the module, failures included.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from supervisor_dcdeploy import netns
+from supervisor_dcdeploy.p2p.errors import DiskFull
+from supervisor_dcdeploy.p2p.lab import LabHost, SwarmLab
+from supervisor_dcdeploy.p2p.seed import Staged, add_seed, stage
+from supervisor_dcdeploy.p2p.swarm import SwarmFetcher
+from supervisor_dcdeploy.p2p.torrent import artifact_sha256
+
+MiB = 1 << 20
+HOSTS = {"h1": "r1", "h2": "r1", "h3": "r2", "h4": "r2"}
+FETCH_TIMEOUT = 120
+
+
+def _why_not() -> str:
+    ok, why = netns.available()
+    if not ok:
+        return why
+    if not shutil.which("transmission-daemon"):
+        return "transmission-daemon is not installed (apt-get install transmission-daemon)"
+    if not Path("/usr/share/zookeeper").is_dir():
+        return "zookeeper is not installed (apt-get install zookeeper)"
+    return ""
+
+
+REASON = _why_not()
+if REASON:
+    print(f"\ntests/test_p2p_swarm.py skipped: {REASON}", file=sys.stderr)
+pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON)
+
+
+@pytest.fixture(scope="module")
+def small_disk(tmp_path_factory):
+    """A 24 MiB tmpfs, mounted before the daemons start so their namespaces see it."""
+    path = tmp_path_factory.mktemp("small")
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=24m", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@pytest.fixture(scope="module")
+def lab(tmp_path_factory, small_disk):
+    work = tmp_path_factory.mktemp("swarm")
+    lab = SwarmLab(work, prefix="dcdp", subnet="10.214.0.0/16")
+    try:
+        lab.up()
+        lab.add_host("build", "build")
+        for name, rack in HOSTS.items():
+            lab.add_host(name, rack)
+        for name in ["build", *HOSTS]:
+            lab.start_node(name)
+        yield lab
+    finally:
+        lab.down()
+
+
+def make_artifact(lab: SwarmLab, name: str, size: int) -> Path:
+    d = lab.workdir / "artifacts"
+    d.mkdir(exist_ok=True)
+    path = d / name
+    with open(path, "wb") as fh:
+        fh.write(os.urandom(size))
+    return path
+
+
+def stage_and_seed(lab: SwarmLab, name: str, size: int = 4 * MiB) -> Staged:
+    staged = stage(make_artifact(lab, name, size))
+    build = lab.hosts["build"]
+    add_seed(build.dir, build.rpc_url, staged, wait=60)
+    return staged
+
+
+def fetch_all(hosts: list[LabHost], staged: Staged) -> dict[str, Path | BaseException]:
+    results: dict[str, Path | BaseException] = {}
+
+    def one(host: LabHost) -> None:
+        try:
+            results[host.name] = host.fetcher().fetch(staged.metainfo_b64, staged.sha256,
+                                                      timeout=FETCH_TIMEOUT)
+        except BaseException as exc:  # noqa: BLE001 - reported by the caller
+            results[host.name] = exc
+
+    threads = [threading.Thread(target=one, args=(h,)) for h in hosts]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def assert_verified(results: dict, staged: Staged) -> None:
+    for name, got in results.items():
+        assert isinstance(got, Path), f"{name}: {got!r}"
+        assert artifact_sha256(got) == staged.sha256, name
+        assert got.read_bytes() == staged.path.read_bytes(), name
+
+
+def wait_for(cond, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = cond()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@pytest.fixture(scope="module")
+def everywhere(lab):
+    """A release staged on the build host and fetched by all four hosts at once."""
+    staged = stage_and_seed(lab, "rel-1.bin", 8 * MiB)
+    return staged, fetch_all([lab.hosts[h] for h in HOSTS], staged)
+
+
+def test_everyone_completes_verifies_and_prefers_its_rack(lab, everywhere):
+    staged, results = everywhere
+    assert_verified(results, staged)
+
+    # The store holds every host of the swarm, with its routable address, complete.
+    base = f"peers/{staged.infohash}"
+    import json
+    def all_complete():
+        names = set(lab.store.children(base))
+        if names != {"build", *HOSTS}:
+            return False
+        return all(json.loads(lab.store.get(f"{base}/{n}")[0])["complete"] for n in names)
+    wait_for(all_complete, 30, "every host registered complete")
+    raw = json.loads(lab.store.get(f"{base}/h3")[0])
+    assert raw["address"] == lab.hosts["h3"].address and raw["rack"] == "r2"
+
+    # Rack preference in what the trackers answered the real daemons: same rack first.
+    for name, rack in HOSTS.items():
+        answered = lab.hosts[name].tracker_status()["answers"][staged.infohash]
+        racks = [HOSTS.get(h, "build") for h in answered]
+        assert racks and racks[0] == rack, (name, answered)
+        assert racks == sorted(racks, key=lambda r: r != rack), (name, answered)
+    # ... and when numwant caps the answer, only the same-rack peer is given.
+    from supervisor_dcdeploy.p2p import bencode
+    from urllib.parse import quote_from_bytes
+    h1 = lab.hosts["h1"]
+    body = bencode.decode(h1.announce(
+        f"info_hash={quote_from_bytes(bytes.fromhex(staged.infohash))}&peer_id=x&port=51413"
+        f"&left=0&numwant=1&compact=1"))
+    peers = body[b"peers"]
+    assert len(peers) == 6
+    assert ".".join(str(b) for b in peers[:4]) == lab.hosts["h2"].address
+
+
+def test_corrupted_copy_is_repaired_from_peers(lab, everywhere):
+    staged, results = everywhere
+    assert_verified(results, staged)
+    h3 = lab.hosts["h3"]
+    copy = h3.releases / staged.path.name
+    with open(copy, "r+b") as fh:  # flip bytes in two distant pieces
+        for offset in (1 * MiB + 100, 6 * MiB + 5):
+            fh.seek(offset)
+            old = fh.read(64)
+            fh.seek(offset)
+            fh.write(bytes(b ^ 0xFF for b in old))
+    assert artifact_sha256(copy) != staged.sha256  # really corrupted
+    got = h3.fetcher().fetch(staged.metainfo_b64, staged.sha256, timeout=FETCH_TIMEOUT)
+    assert got == copy and copy.read_bytes() == staged.path.read_bytes()
+
+
+def test_peer_serving_bad_data_is_detected_and_data_comes_from_others(lab):
+    staged = stage_and_seed(lab, "rel-3.bin", 4 * MiB)
+    h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
+    assert_verified(fetch_all([h1], staged), staged)
+    # h1 now serves garbage for most of the file (its daemon does not know) and is fast;
+    # the build host is the only good source and is slow.
+    copy = h1.releases / staged.path.name
+    with open(copy, "r+b") as fh:
+        fh.seek(512 * 1024)
+        fh.write(os.urandom(3 * MiB))
+    lab.net.shape("build", 20_000_000)
+    try:
+        assert_verified(fetch_all([h2], staged), staged)
+        state = h2.fetcher().state(staged.infohash)
+        assert state is not None and state.corrupt > 0  # bad pieces were received and dropped
+    finally:
+        lab.net.unshape("build")
+
+
+def test_origin_killed_after_one_full_copy_the_rest_still_finish(lab):
+    staged = stage_and_seed(lab, "rel-4.bin")
+    first, rest = lab.hosts["h2"], [lab.hosts[h] for h in ("h1", "h3", "h4")]
+    assert_verified(fetch_all([first], staged), staged)
+    lab.kill_node("build")
+    try:
+        assert_verified(fetch_all(rest, staged), staged)
+    finally:
+        lab.start_node("build")
+
+
+def test_fetch_survives_daemon_restart(lab):
+    staged = stage_and_seed(lab, "rel-5.bin", 16 * MiB)
+    h4 = lab.hosts["h4"]
+    lab.net.shape("h4", 40_000_000)  # slow enough to be mid-download when killed
+    started = threading.Event()
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["path"] = h4.fetcher().fetch(
+                staged.metainfo_b64, staged.sha256, timeout=FETCH_TIMEOUT,
+                progress=lambda done, total: started.set() if 0 < done < total else None)
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    try:
+        t.start()
+        assert started.wait(60), "download never started"
+        old_pid = h4.info["daemon_pid"]
+        os.kill(old_pid, 9)
+        t.join(FETCH_TIMEOUT + 30)
+    finally:
+        lab.net.unshape("h4")
+    assert "error" not in result, result.get("error")
+    assert result["path"].read_bytes() == staged.path.read_bytes()
+    import json
+    assert json.loads((h4.dir / "node.json").read_text())["daemon_pid"] != old_pid
+
+
+def test_forgotten_torrent_is_added_again(lab):
+    staged = stage_and_seed(lab, "rel-6.bin", 4 * MiB)
+    h1 = lab.hosts["h1"]
+    f = h1.fetcher()
+    assert_verified({"h1": f.fetch(staged.metainfo_b64, staged.sha256, timeout=60)}, staged)
+    f.remove(staged.infohash, delete_data=False)  # as if the daemon lost its state
+    assert f.state(staged.infohash) is None
+    got = f.fetch(staged.metainfo_b64, staged.sha256, timeout=60)
+    assert got.read_bytes() == staged.path.read_bytes()
+    assert staged.infohash in f.seeding()
+    removed = f.prune(set())  # keep nothing: drops this torrent (and the others) with data
+    assert staged.infohash in removed and f.prune(set()) == []
+    assert f.state(staged.infohash) is None and not got.exists()
+
+
+def test_disk_full_fails_clearly_and_leaves_the_running_version(lab, small_disk):
+    h2 = lab.hosts["h2"]
+    running = small_disk / "current-release.bin"
+    running.write_bytes(b"the version that runs")
+    fetcher = SwarmFetcher(h2.rpc_url, small_disk, poll=0.25)
+    # Too big for the free space: refused before anything is added.
+    big = stage_and_seed(lab, "rel-7.bin", 16 * MiB)
+    with pytest.raises(DiskFull, match="bytes free"):
+        fetcher.fetch(big.metainfo_b64, big.sha256, timeout=60)
+    assert fetcher.state(big.infohash) is None
+    # Fits at first, then the disk fills while downloading: the daemon's ENOSPC surfaces.
+    mid = stage_and_seed(lab, "rel-8.bin", 4 * MiB)
+    filler = small_disk / "filler"
+
+    def fill(done: int, total: int) -> None:
+        if not filler.exists():
+            free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
+            with open(filler, "wb") as fh:
+                fh.write(b"\0" * (free - 64 * 1024))
+    try:
+        with pytest.raises(DiskFull, match="No space left"):
+            fetcher.fetch(mid.metainfo_b64, mid.sha256, timeout=60, progress=fill)
+    finally:
+        filler.unlink(missing_ok=True)
+        fetcher.remove(mid.infohash, delete_data=True)
+    assert running.read_bytes() == b"the version that runs"
