@@ -79,3 +79,29 @@ def test_faults_during_a_deploy_keep_every_property(bed, group, tmp_path):
     _seen[group] = result.metrics
     if group == "processes":
         assert result.metrics["election_s"] and result.metrics["election_s"][0] < 15.0
+
+
+@pytest.mark.parametrize("bad", ["broken", "corrupt"])
+def test_bad_releases_are_contained(bed, bad, tmp_path):
+    """A release failing its health check halts the deploy with the host rolled back (S4);
+    bytes not matching the staged sha256 are never started (S3). The operator aborts."""
+    version = str(next(_versions))
+    history = tmp_path / f"{bad}.jsonl"
+    try:
+        result = run_deploy(bed, version, [], history, timeout=90,
+                            **{bad: ["a"]})  # type: ignore[arg-type]
+    finally:
+        abort_if_stuck(bed)
+    table = checker.format_table(result.results)
+    print(f"\n[{bad}] history {history}\n{table}")
+    assert result.converged, table
+    assert not result.violations, table
+    served = {e.get("version") for e in result.events if e["kind"] == "probe" and e["ok"]}
+    items = [e for e in result.events if e["kind"] == "store" and
+             e["path"].startswith(("deploy/", "history/")) and e.get("data")]
+    if bad == "broken":
+        assert any('"failed"' in e["data"] for e in items), "no item was marked failed"
+        assert any('"aborted"' in e["data"] for e in items)
+    else:
+        assert version not in served
+        assert any(e["kind"] == "op" and e["action"] == "abort" for e in result.events)

@@ -11,6 +11,7 @@ is attributable to one fault at a time.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import threading
 import time
@@ -95,12 +96,19 @@ def _deploy_active(bed: Testbed) -> bool:
 
 
 def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history: Path,
-               timeout: float = 180.0, max_resumes: int = 3) -> TrialResult:
+               timeout: float = 180.0, max_resumes: int = 3, broken: Sequence[str] = (),
+               corrupt: Sequence[str] = (), give_up_after: float = 25.0) -> TrialResult:
     """Deploy ``version`` of every service with ``schedule`` injected; block until healed
     and converged (or ``timeout`` after the last heal); check the history.
 
     Faults needing the tmpfs host are redirected to it (``disk_full``). A deploy halted by
-    a failed health check is resumed (an ``op`` event), at most ``max_resumes`` times."""
+    a failed health check is resumed (an ``op`` event), at most ``max_resumes`` times.
+
+    ``broken`` services get a release that fails its health check, ``corrupt`` ones a URL
+    serving bytes other than the staged sha256 (the ``artifact`` event records their real
+    digest). With either, the operator aborts the deploy (a failed broken item at once, a
+    deploy that cannot start after ``give_up_after`` seconds), and convergence means every
+    host still serving the version it had."""
     assert bed.store is not None
     writer = HistoryWriter(history)
     services = list(bed.services)
@@ -117,12 +125,27 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
     converged = False
     try:
         for svc in services:
-            _, sha = bed.stage(svc, version)
-            writer.emit("artifact", service=svc, version=version, sha256=sha, broken=False)
+            if svc in corrupt:
+                good, sha = bed.release(svc, version)
+                bad = good.with_name(f"{svc}-{version}-corrupt.tar.gz")
+                data = bytearray(good.read_bytes())
+                data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, other digest
+                bad.write_bytes(bytes(data))
+                assert bed.store is not None
+                ops.stage(bed.store, svc, version, sha256=sha, urls=[f"file://{bad}"])
+                writer.emit("artifact", service=svc, version=version,
+                            sha256=hashlib.sha256(data).hexdigest(), broken=False)
+            else:
+                _, sha = bed.stage(svc, version, broken=svc in broken)
+                writer.emit("artifact", service=svc, version=version, sha256=sha,
+                            broken=svc in broken)
             writer.emit("op", action="stage", service=svc, version=version)
         writer.emit("op", action="deploy", services=services)
         bed.deploy(services)
         t0 = time.monotonic()
+        started = t0
+        doomed = bool(broken or corrupt)
+        want = initial if doomed else {svc: version for svc in services}
         for planned in schedule:
             host = planned.host
             if planned.kind == "disk_full" and bed.config.disk_host:
@@ -140,6 +163,12 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
         resumes = 0
         while time.monotonic() < deadline:
             head = _failed_head(bed)
+            if doomed and _deploy_active(bed) and (
+                    head is not None or time.monotonic() - started > give_up_after):
+                writer.emit("op", action="abort", service=None,
+                            reason=head.reason if head else "no progress")
+                abort_if_stuck(bed)
+                continue
             if head is not None and resumes < max_resumes:
                 # A fault can make a health check fail (loss, a paused agent): the deploy
                 # halts (S4) until an operator acts. Act as one, on the record.
@@ -152,7 +181,7 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
                     log.warning("trial.resume_failed", error=str(exc))
                 continue
             if not _deploy_active(bed) and all(
-                    bed.version(h, s) == version for s in services for h in bed.hosts):
+                    bed.version(h, s) == want[s] for s in services for h in bed.hosts):
                 converged = True
                 break
             time.sleep(0.25)
