@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Release distribution: BitTorrent swarm against plain HTTP from one origin, in the same run.
+
+N hosts (default 8, in 2 racks) and an origin/build host, each in its own network namespace
+on one bridge, each capped at B (default 100 Mbit/s) both ways with tc tbf. An artifact of S
+bytes (default 256 MiB, random) is distributed twice:
+
+- swarm: staged as a private torrent, seeded by the origin's transmission-daemon, fetched by
+  every host at once through its own daemon (SwarmFetcher: add, wait, sha256 verify);
+- http:  every host downloads it at once with curl from a Python HTTP server on the origin.
+
+For each it prints the time until the last host is complete (from the moment all fetches are
+started; the swarm's includes its sha256 verification), that time over the ideal S/B, and
+the origin's egress (bytes leaving its interface, TCP/IP headers included) over S.
+Targets (issue #3): swarm <= 1.5 x S/B with origin egress < 1.5 x S; HTTP needs ~N x S/B.
+
+    sudo python bench/distribute.py [--hosts 8] [--size-mib 256] [--mbit 100] [--json]
+
+Needs root. Namespaces "dcdb-*" on 10.215.0.0/16, torn down on exit (failures included).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from supervisor_dcdeploy import netns
+from supervisor_dcdeploy.p2p.lab import SwarmLab
+from supervisor_dcdeploy.p2p.seed import Staged, add_seed
+from supervisor_dcdeploy.p2p.torrent import artifact_sha256, make_torrent
+
+MiB = 1 << 20
+HTTP_PORT = 8080
+
+
+def quiet_logs() -> None:
+    import logging
+    structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
+
+
+def write_artifact(path: Path, size: int) -> None:
+    chunk = 8 * MiB
+    with open(path, "wb") as fh:
+        left = size
+        while left:
+            n = min(chunk, left)
+            fh.write(os.urandom(n))
+            left -= n
+
+
+def summary(last: float, ideal: float, egress: int, size: int) -> dict:
+    return {"last_complete_s": round(last, 2), "ideal_s": round(ideal, 2),
+            "ratio": round(last / ideal, 2), "origin_egress_ratio": round(egress / size, 3)}
+
+
+def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
+              log: list[str]) -> tuple[float, int, dict[str, float]]:
+    build = lab.hosts["origin"]
+    add_seed(build.dir, build.rpc_url, staged, wait=600)
+    before = lab.egress_bytes("origin")
+    done: dict[str, float] = {}
+    errors: dict[str, BaseException] = {}
+    start = time.monotonic()
+
+    def one(name: str) -> None:
+        try:
+            lab.hosts[name].fetcher().fetch(staged.metainfo_b64, staged.sha256, timeout=timeout)
+            done[name] = time.monotonic() - start
+        except BaseException as exc:  # noqa: BLE001 - reported below
+            errors[name] = exc
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError(f"swarm fetch failed: {errors}")
+    last = max(done.values())
+    egress = lab.egress_bytes("origin") - before
+    log.append("swarm per host (s): " + " ".join(f"{n}={done[n]:.1f}" for n in names))
+    return last, egress, done
+
+
+def run_http(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
+             log: list[str]) -> tuple[float, int, dict[str, float]]:
+    origin = lab.hosts["origin"]
+    server = subprocess.Popen(origin.ns.exec_args(
+        sys.executable, "-m", "http.server", "--bind", origin.address,
+        "--directory", str(staged.path.parent), str(HTTP_PORT)),
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://{origin.address}:{HTTP_PORT}/{staged.path.name}"
+    try:
+        deadline = time.monotonic() + 20
+        while subprocess.run(lab.hosts[names[0]].ns.exec_args(
+                "curl", "-sf", "-o", "/dev/null", "-r", "0-0", url)).returncode != 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("HTTP origin did not come up")
+            time.sleep(0.2)
+        before = lab.egress_bytes("origin")
+        start = time.monotonic()
+        procs = {}
+        for n in names:
+            dest = lab.hosts[n].dir / "http" / staged.path.name
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            procs[n] = (subprocess.Popen(lab.hosts[n].ns.exec_args(
+                "curl", "-sf", "--max-time", str(int(timeout)), "-o", str(dest), url)), dest)
+        done: dict[str, float] = {}
+        while len(done) < len(procs):
+            for n, (p, dest) in procs.items():
+                if n not in done and p.poll() is not None:
+                    if p.returncode != 0:
+                        raise RuntimeError(f"curl on {n} exited with {p.returncode}")
+                    done[n] = time.monotonic() - start
+            time.sleep(0.05)
+        last = max(done.values())
+        egress = lab.egress_bytes("origin") - before
+        for n, (_, dest) in procs.items():  # same bytes, or the comparison means nothing
+            if artifact_sha256(dest) != staged.sha256:
+                raise RuntimeError(f"HTTP copy on {n} is corrupt")
+            dest.unlink()
+    finally:
+        server.kill()
+        server.wait()
+    log.append("http per host (s):  " + " ".join(f"{n}={done[n]:.1f}" for n in names))
+    return last, egress, done
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--hosts", type=int, default=8)
+    ap.add_argument("--racks", type=int, default=2)
+    ap.add_argument("--size-mib", type=int, default=256)
+    ap.add_argument("--mbit", type=int, default=100)
+    ap.add_argument("--piece-kib", type=int, default=0, help="override the piece size")
+    ap.add_argument("--tuning", default="", help="JSON of extra transmission settings")
+    ap.add_argument("--skip-http", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object only")
+    ap.add_argument("--workdir", default=None)
+    args = ap.parse_args(argv)
+    ok, why = netns.available()
+    if not ok:
+        print(f"bench/distribute.py: {why}", file=sys.stderr)
+        return 2
+    quiet_logs()
+    size = args.size_mib * MiB
+    bps = args.mbit * 1_000_000
+    ideal = size * 8 / bps
+    timeout = max(600.0, 3 * args.hosts * ideal)
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="dcdb-"))
+    lab = SwarmLab(work, prefix="dcdb", subnet="10.215.0.0/16", root="/dcdb",
+                   tuning=json.loads(args.tuning) if args.tuning else None)
+    notes: list[str] = []
+    try:
+        lab.up()
+        names = [f"h{i + 1}" for i in range(args.hosts)]
+        lab.add_host("origin", "build", mbit=args.mbit)
+        for i, n in enumerate(names):
+            lab.add_host(n, f"r{i % args.racks + 1}", mbit=args.mbit)
+        for n in ["origin", *names]:
+            lab.start_node(n)
+        art_dir = work / "artifacts"
+        art_dir.mkdir()
+        art = art_dir / "release.bin"
+        write_artifact(art, size)
+        t0 = time.monotonic()
+        meta, ih = make_torrent(art, piece_size=args.piece_kib * 1024 or None)
+        hash_s = time.monotonic() - t0
+        staged = Staged(art, meta, ih, artifact_sha256(art), size)
+        notes.append(f"torrent: {ih}, hashed in {hash_s:.1f} s")
+        s_last, s_egress, _ = run_swarm(lab, names, staged, timeout, notes)
+        result = {"hosts": args.hosts, "size_bytes": size, "bandwidth_bps": bps,
+                  "swarm": summary(s_last, ideal, s_egress, size)}
+        if not args.skip_http:
+            h_last, h_egress, _ = run_http(lab, names, staged, timeout, notes)
+            result["http"] = summary(h_last, ideal, h_egress, size)
+    finally:
+        lab.down()
+        shutil.rmtree(work, ignore_errors=True)
+    if args.json:
+        print(json.dumps(result))
+        return 0
+    print(f"{args.hosts} hosts in {args.racks} racks + origin, S = {args.size_mib} MiB, "
+          f"B = {args.mbit} Mbit/s per host, ideal S/B = {ideal:.1f} s")
+    for line in notes:
+        print("  " + line)
+    print(f"{'':8}{'last host done':>16}{'/ (S/B)':>10}{'origin egress / S':>20}")
+    for kind in ("swarm", "http"):
+        if kind in result:
+            r = result[kind]
+            print(f"{kind:8}{r['last_complete_s']:>14.1f} s{r['ratio']:>10.2f}"
+                  f"{r['origin_egress_ratio']:>20.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
