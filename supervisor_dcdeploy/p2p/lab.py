@@ -63,12 +63,11 @@ class LabHost:
 
 class SwarmLab:
     def __init__(self, workdir: Path, *, prefix: str = "dcdp", subnet: str = "10.214.0.0/16",
-                 root: str = "/dcdp", tuning: dict | None = None, interval: int = 5) -> None:
+                 root: str = "/dcdp", tuning: dict | None = None) -> None:
         self.workdir = Path(workdir)
         self.net = netns.Network(prefix=prefix, subnet=subnet)
         self.root = root
         self.tuning = tuning
-        self.interval = interval
         self.zk: ZooKeeperServer | None = None
         self.hosts: dict[str, LabHost] = {}
         self.store: Store | None = None
@@ -108,8 +107,6 @@ class SwarmLab:
         cfg = self.config(host)
         cmd_prefix = ["ip", "netns", "exec", host.ns.ns]
         host.info = start_node(cfg, prefix=cmd_prefix, wait=60)
-        # The node runs inside the namespace: its argv can't carry the interval setting via
-        # SeedConfig, so the lab's nodes use the node default (5 s) unless changed here.
         return host
 
     def kill_node(self, name: str) -> None:

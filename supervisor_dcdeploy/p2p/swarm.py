@@ -218,7 +218,8 @@ class SwarmFetcher:
               progress: Callable[[int, int], None] | None = None,
               cancel: threading.Event | None = None, timeout: float | None = None) -> Path:
         """Download through the swarm and return the verified path (``download_dir/<name>``,
-        a file, or a directory for a multi-file torrent: see :func:`artifact_sha256`).
+        a file, or a directory for a multi-file torrent: see :func:`artifact_sha256`; for a
+        torrent the daemon already holds elsewhere, e.g. a seed, the path where it is).
 
         Blocks until complete. Idempotent: an already complete, intact copy returns after a
         sha256 read. Survives daemon restarts (re-adds a forgotten torrent). After
@@ -244,7 +245,9 @@ class SwarmFetcher:
             self.add(meta)
             bound.info("swarm.fetch_started")
         for attempt in range(REPAIR_ATTEMPTS + 1):
-            self._wait_complete(meta, ih, bound, progress, cancel, deadline)
+            final = self._wait_complete(meta, ih, bound, progress, cancel, deadline)
+            # A torrent added earlier with another directory (a seed) is verified where it is.
+            target = Path(final.download_dir or self.download_dir) / target.name
             actual = artifact_sha256(target)
             if actual == sha256.lower():
                 bound.info("swarm.verified", sha256=actual,
@@ -277,7 +280,7 @@ class SwarmFetcher:
 
     def _wait_complete(self, meta: bytes, ih: str, bound: Any,
                        progress: Callable[[int, int], None] | None,
-                       cancel: threading.Event | None, deadline: float | None) -> None:
+                       cancel: threading.Event | None, deadline: float | None) -> TorrentState:
         last_log = last_kick = 0.0
         while True:
             self._check_stop(ih, cancel, deadline)
@@ -293,7 +296,7 @@ class SwarmFetcher:
             if progress is not None:
                 progress(st.done_bytes, st.total_bytes)
             if st.complete:
-                return
+                return st
             if st.status == "stopped":  # paused by someone, or stopped after an error
                 self._rpc(lambda c: c.start_torrent_now(ih))
             now = time.monotonic()
