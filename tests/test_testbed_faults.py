@@ -6,6 +6,7 @@ held, and each fault must have been injected while the deploy was still in the q
 from __future__ import annotations
 
 import itertools
+import time
 from pathlib import Path
 
 import pytest
@@ -105,3 +106,35 @@ def test_bad_releases_are_contained(bed, bad, tmp_path):
     else:
         assert version not in served
         assert any(e["kind"] == "op" and e["action"] == "abort" for e in result.events)
+
+
+def test_checker_catches_an_unrecorded_take_down_on_the_live_testbed(bed, tmp_path):
+    """The negative control: during a deploy, something outside the protocol (here the test,
+    over supervisord's XML-RPC, recorded as no fault) stops service a on three of the four
+    hosts at once. The prober must see it and the checker must report S1."""
+    from supervisor_dcdeploy.hostenv import host_rpc
+    from supervisor_dcdeploy.testbed.trial import Background
+
+    def rogue() -> None:
+        time.sleep(2.0)
+        victims = ["h1", "h2", "h3"]
+        for name in victims:
+            host_rpc(bed.hosts[name].layout).supervisor.stopProcess("a", False)
+        time.sleep(1.5)
+        for name in victims:
+            try:
+                host_rpc(bed.hosts[name].layout).supervisor.startProcess("a", False)
+            except Exception:  # noqa: BLE001 - the agent may have restarted it already
+                pass
+
+    version = str(next(_versions))
+    action = Background(rogue)
+    action.start()
+    try:
+        result = run_deploy(bed, version, [], tmp_path / "rogue.jsonl", timeout=120)
+    finally:
+        abort_if_stuck(bed)
+    action.result(timeout=30)
+    s1 = {r.prop: r for r in result.results}["S1"]
+    print(f"\n[rogue] {s1}")
+    assert s1.status == "violated" and "hosts down" in s1.counterexample

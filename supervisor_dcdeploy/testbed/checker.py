@@ -659,6 +659,10 @@ def check_l2(tl: Timeline, p: Params) -> tuple[Found, str] | None:
                 if not restarted:
                     continue
                 back = next((s for s in samples if s.ok and s.t >= f.end), None)
+                if back is not None and any(
+                        g is not f and host in g.hosts and f.end <= g.start <= back.t
+                        for g in host_faults):
+                    continue  # a later fault on the host came first: judged on its own
                 if back is None or back.t > f.end + p.catchup:
                     if f.end + p.catchup <= tl.end:
                         found.append((f.end + p.catchup, f"{host} not serving {svc} "

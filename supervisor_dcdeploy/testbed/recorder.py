@@ -63,8 +63,8 @@ def probe_once(address: str, port: int, path: str = "/",
         return None, None
     except (ConnectionError, http.client.HTTPException):
         return False, None
-    except OSError as exc:  # no route / host unreachable (link down): indeterminate
-        return (False, None) if exc.errno in (111,) else (None, None)
+    except OSError:  # no route / host unreachable (link down): indeterminate
+        return None, None
     finally:
         conn.close()
 
@@ -133,7 +133,8 @@ class StoreRecorder:
         self.client = KazooClient(hosts=hosts, timeout=10.0,
                                   connection_retry={"max_tries": -1, "delay": 0.1,
                                                     "max_delay": 1.0})
-        self._watched: set[str] = set()
+        self._watched_data: set[str] = set()
+        self._watched_children: set[str] = set()
         self._lock = threading.Lock()
         self.events = 0
 
@@ -158,9 +159,9 @@ class StoreRecorder:
 
     def _children(self, rel: str, *, data: bool, nested: bool = False) -> None:
         with self._lock:
-            if ("c", rel) in self._watched:
+            if rel in self._watched_children:
                 return
-            self._watched.add(("c", rel))  # type: ignore[arg-type]
+            self._watched_children.add(rel)
         self.client.ensure_path(self._abs(rel))
 
         def on_children(children: list[str]) -> None:
@@ -174,9 +175,9 @@ class StoreRecorder:
 
     def _data(self, rel: str) -> None:
         with self._lock:
-            if rel in self._watched:
+            if rel in self._watched_data:
                 return
-            self._watched.add(rel)
+            self._watched_data.add(rel)
 
         def on_data(data: bytes | None, stat: Any) -> None:
             text = None if stat is None else (data or b"").decode("utf-8", errors="replace")
