@@ -247,7 +247,8 @@ class ConsulStore(Store):
         """Open a session, make the root key, start the renew, watch and callback threads.
 
         Raises :class:`StoreUnavailable` when Consul does not answer within ``timeout``, or
-        refuses (ACL: the message says so). Not restartable after :meth:`stop`."""
+        refuses (ACL: the message says so). After :meth:`stop` it may be started again
+        (with a new session)."""
         if not self._closed:
             raise StoreError(f"consul store {self.url}: already started")
         self._closed = False
@@ -260,6 +261,13 @@ class ConsulStore(Store):
                 self.prefix, keys=True), deadline=max(deadline, time.monotonic() + 1))
             self._watch_index = max(1, int(self._watch_index))
         except StoreError as exc:
+            sid, self._session_id = self._session_id, None
+            if sid:  # made before the failure: do not leave it to its TTL
+                try:
+                    self._call("session destroy", lambda c: c.session.destroy(sid),
+                               write=True)
+                except StoreError:
+                    pass
             self._closed = True
             self._stopping.set()
             if isinstance(exc, StoreUnavailable):
