@@ -13,8 +13,8 @@ writer of one history) and a ``kind``. The kinds and their fields:
               "not serving": connection refused or reset, or a non-200 answer) or None
               (indeterminate: a timeout, which says nothing about the server). ``healthy``
               is the ``GET /health`` answer when it was sampled, else None.
-``store``     {path, data, zversion}: the store node ``path`` (relative to the root, e.g.
-              ``gate/api``) was seen holding ``data`` (text, possibly garbage) at node
+``store``     {path, data, zversion, mzxid}: the store node ``path`` (relative to the root,
+              e.g. ``gate/api``) was seen holding ``data`` (text, possibly garbage) at node
               version ``zversion``; ``data`` None means the node was seen deleted.
 ``fault``     {fault, phase: start|end, id, hosts: [host], effects: [effect], detail: {}}.
               Effects: ``process`` (the host's processes were disturbed), ``unobservable``
@@ -26,10 +26,11 @@ writer of one history) and a ``kind``. The kinds and their fields:
 ``artifact``  {service, version, sha256, broken}: the true digest of the bytes served at the
               release URL (a corrupt-artifact scenario publishes bytes whose digest differs
               from the staged one).
-``state``     {host, ok, data | error}: a snapshot of the host's local ``state.json``.
+``state``     {host, ok, data | error, fault}: a snapshot of the host's local
+              ``state.json``; ``fault`` names the kill it was taken after, if any.
 ``recorder``  {status: connected | disconnected}: the store watcher's own session.
-``final``     {settled}: the end of the run; ``settled`` says every fault was healed and
-              the testbed waited for convergence, so liveness properties apply.
+``final``     {settled, converged}: the end of the run; ``settled`` says every fault was
+              healed and the testbed waited for convergence, so liveness properties apply.
 """
 
 from __future__ import annotations
