@@ -142,15 +142,21 @@ def item_complete(view: ServiceView) -> Decision:
     """Is the head deploy item (which must be this service's) done?
 
     Done when nobody is queued or mid-switch for it (a switching host keeps its staging entry
-    until it is back), at least one host is online, and every online host runs the version.
+    until it is back), at least quorum hosts (and at least one) are online, and every online
+    host runs the version.
     Offline hosts do not block (L2): they catch up when they return."""
     head = view.head
     if head is None or head.service != view.service or head.state not in ACTIVE_STATES:
         return Decision(False, "not the head item")
     if ready_queue(view, head.version):
         return Decision(False, f"{len(ready_queue(view, head.version))} hosts queued or switching")
-    if not view.current:
-        return Decision(False, "no host online")
+    # At least quorum hosts must be back: after an outage longer than the session timeout
+    # every presence is gone at once, and the first host back must not see itself alone
+    # on the new version and call the deploy done.
+    needed = max(1, view.spec.quorum if view.spec else 1)
+    if len(view.current) < needed:
+        return Decision(False, f"{len(view.current)} hosts online, fewer than "
+                               f"{'quorum ' + str(needed) if needed > 1 else 'one'}")
     behind = sorted(h for h, e in view.current.items() if e.version != head.version)
     if behind:
         return Decision(False, f"hosts not on {head.version}: {', '.join(behind)}")

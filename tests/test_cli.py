@@ -78,7 +78,7 @@ def test_pause_resume_abort_and_status(run):
     assert [(d["service"], d["state"]) for d in status["deploy"]] == [("db", "waiting"),
                                                                        ("api", "waiting")]
     assert status["deploy"][0]["reason"] == \
-        "waiting for hosts to download and verify (no host online)"
+        "waiting for hosts to download and verify (0 hosts online, fewer than one)"
     assert status["services"]["api"]["depends_on"] == ["db"]
     assert status["services"]["db"]["staged"]["version"] == "2"
     # Re-staging a service that is being deployed is refused.

@@ -109,6 +109,7 @@ def test_most_popular_ties_prefer_target_then_newer():
     ({"h0": "2", "h1": "1"}, [], False),
     ({"h0": "2"}, [("h1", "2")], False),  # h1 queued or mid-switch
     ({}, [], False),  # nobody online
+    ({"h0": "2"}, [], False),  # fewer than quorum (2) back, e.g. after a mass expiry
 ])
 def test_item_complete(current, staging, expected):
     assert d.item_complete(view(current=current, staging=staging)).ok is expected
