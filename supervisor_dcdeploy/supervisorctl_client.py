@@ -41,21 +41,21 @@ class Supervisor:
         except OSError as exc:
             raise SupervisorError(f"supervisord at {self.url}: {exc}") from None
 
-    def stop(self, program: str) -> None:
+    def _call(self, what: str, method, *args, ok_fault: int) -> None:
         try:
-            self._proxy.supervisor.stopProcess(program, True)
+            method(*args)
         except xmlrpc.client.Fault as exc:
-            if exc.faultCode != Faults.NOT_RUNNING:
-                raise SupervisorError(f"stop {program}: {exc.faultString}") from None
+            if exc.faultCode != ok_fault:
+                raise SupervisorError(f"{what}: {exc.faultString}") from None
         except OSError as exc:
             raise SupervisorError(f"supervisord at {self.url}: {exc}") from None
 
+    def stop(self, program: str) -> None:
+        """Stop and wait until stopped; a program already stopped is fine."""
+        self._call(f"stop {program}", self._proxy.supervisor.stopProcess, program, True,
+                   ok_fault=Faults.NOT_RUNNING)
+
     def start(self, program: str) -> None:
         """Start and wait for RUNNING (supervisord's startsecs); raise with its reason."""
-        try:
-            self._proxy.supervisor.startProcess(program, True)
-        except xmlrpc.client.Fault as exc:
-            if exc.faultCode != Faults.ALREADY_STARTED:
-                raise SupervisorError(f"start {program}: {exc.faultString}") from None
-        except OSError as exc:
-            raise SupervisorError(f"supervisord at {self.url}: {exc}") from None
+        self._call(f"start {program}", self._proxy.supervisor.startProcess, program, True,
+                   ok_fault=Faults.ALREADY_STARTED)
