@@ -74,9 +74,13 @@ def test_faults_during_a_deploy_keep_every_property(bed, group, tmp_path):
     gates = [e for e in result.events if e["kind"] == "store" and
              e["path"].startswith("gate/") and e.get("data")]
     assert len(gates) >= len(bed.hosts) * len(bed.services) - 2
-    probes = [e for e in result.events if e["kind"] == "probe"]
-    span = probes[-1]["t"] - probes[0]["t"]
-    assert len(probes) / span / (len(bed.hosts) * len(bed.services)) >= 20.0
+    rates = []
+    for host in bed.hosts:
+        for svc in bed.services:
+            ts = [e["t"] for e in result.events if e["kind"] == "probe" and
+                  e["host"] == host and e["service"] == svc]
+            rates.append((len(ts) - 1) / (ts[-1] - ts[0]))
+    assert sorted(rates)[len(rates) // 2] >= 20.0, rates  # the median endpoint, in Hz
     _seen[group] = result.metrics
     if group == "processes":
         assert result.metrics["election_s"] and result.metrics["election_s"][0] < 15.0

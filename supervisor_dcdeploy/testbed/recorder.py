@@ -109,13 +109,14 @@ class Prober:
                              version=version, healthy=healthy)
             self.samples += 1
             n += 1
-            # fixed schedule; when late, skip ahead rather than burst
+            # A fixed schedule: a late sample is made up at once, so the rate holds on a
+            # loaded machine; more than a second behind (a long timeout), start afresh.
             nxt = t0 + n * self.period
             now = time.monotonic()
-            if nxt < now:
-                n = int((now - t0) / self.period) + 1
-                nxt = t0 + n * self.period
-            self._stop.wait(nxt - now)
+            if now - nxt > 1.0:
+                t0, n = now, 0
+                nxt = now
+            self._stop.wait(max(0.0, nxt - now))
 
     def stop(self) -> None:
         self._stop.set()
