@@ -15,6 +15,7 @@ the test aside").
 
 from __future__ import annotations
 
+import bisect
 import json
 import math
 from collections import Counter, defaultdict
@@ -140,6 +141,7 @@ class Timeline:
         self.states: list[dict[str, Any]] = []
         self.final: dict[str, Any] | None = None
         self.items: dict[str, Item] = {}
+        self._times: dict[tuple[str, str], list[float]] = {}
         for event in self.events:
             getattr(self, "_on_" + event["kind"], lambda e: None)(event)
         self.services = sorted({s for h in self.hosts.values() for s in h.get("services", {})}
@@ -232,12 +234,15 @@ class Timeline:
         return out
 
     def latest(self, svc: str, host: str, t: float) -> Sample | None:
-        found = None
-        for s in self.probes.get((svc, host), ()):
-            if s.t > t:
-                break
-            found = s
-        return found
+        """The last sample of (svc, host) at or before ``t`` (binary search)."""
+        samples = self.probes.get((svc, host))
+        if not samples:
+            return None
+        times = self._times.get((svc, host))
+        if times is None or len(times) != len(samples):
+            times = self._times[(svc, host)] = [x.t for x in samples]
+        i = bisect.bisect_right(times, t)
+        return samples[i - 1] if i else None
 
     def down_runs(self, svc: str, host: str) -> list[tuple[float, float]]:
         """Intervals [first, last] of consecutive definite failures (timeouts neither end nor
