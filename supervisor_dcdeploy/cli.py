@@ -7,11 +7,16 @@ import json
 import sys
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Iterator
 
 from . import ops
 from .model import HealthCheck
+from .snapshot import read_spec
 from .store import Store, StoreError, StoreURLError, open_store, store_url_from
+
+
+DEFAULT_SEED_DIR = Path("/var/lib/dcdeploy/seed")
 
 
 class CLIError(Exception):
@@ -72,18 +77,78 @@ def cmd_service(args: argparse.Namespace) -> int:
 
 
 def cmd_stage(args: argparse.Namespace) -> int:
+    if args.path:
+        return _stage_path(args)
+    if not args.url or not args.sha256:
+        raise CLIError("stage needs --url URL and --sha256 HEX, or --path FILE_OR_DIR")
     with connected(args) as store:
-        if args.path:
-            from .p2p_stage import stage_path  # the torrent path (p2p distribution)
-            release = stage_path(store, args)
-        else:
-            if not args.url or not args.sha256:
-                raise CLIError("stage needs --url URL and --sha256 HEX (or --path FILE)")
-            release = ops.stage(store, args.name, args.version, sha256=args.sha256,
-                                urls=args.url, size=args.size)
-        print(f"staged {args.name} {release.version} (sha256 {release.sha256[:16]}...): "
-              "hosts are fetching it now")
-        return 0
+        release = ops.stage(store, args.name, args.version, sha256=args.sha256,
+                            urls=args.url, size=args.size)
+    print(f"staged {args.name} {release.version} (sha256 {release.sha256[:16]}...): "
+          "hosts are fetching it now")
+    return 0
+
+
+def _stage_path(args: argparse.Namespace) -> int:
+    """Stage a build host's file or directory through the swarm: make the torrent, check
+    the seeder has it, then publish the staged release (hosts start at once)."""
+    from .p2p import seed
+    path = Path(args.path)
+    if not path.exists():
+        raise CLIError(f"--path {path}: no such file or directory")
+    if args.sha256:
+        raise CLIError("--sha256 goes with --url: with --path it is computed")
+    info = seed.status(args.seed_dir)
+    if not info:
+        raise CLIError(f"no seeder is running in {args.seed_dir}: start one with "
+                       "dcdeploy seed start --dir DIR --host NAME --address ADDR")
+    with connected(args) as store:
+        spec, problem = read_spec(store, args.name)  # refuse before hashing for minutes
+        if spec is None:
+            raise CLIError(problem or f'service "{args.name}" is not defined '
+                                      f"(define it with: dcdeploy service set {args.name} ...)")
+
+        def progress(done: int, total: int) -> None:
+            print(f"\rhashing {path.name}: {done}/{total} pieces", end="", file=sys.stderr,
+                  flush=True)
+
+        staged = seed.stage(path, webseeds=args.webseed, progress=progress)
+        print(file=sys.stderr)
+        seed.add_seed(args.seed_dir, info["rpc_url"], staged)
+        # A single file's web seed is its plain URL too (BEP 19): hosts without a
+        # transmission-daemon fetch from there.
+        fallback = list(args.webseed) if path.is_file() else []
+        release = ops.stage(store, args.name, args.version, sha256=staged.sha256,
+                            urls=(args.url or []) + fallback, size=staged.size,
+                            torrent=staged.metainfo_b64)
+    print(f"staged {args.name} {release.version} through the swarm (infohash "
+          f"{staged.infohash}, {staged.size} bytes, sha256 {staged.sha256[:16]}...): "
+          "seeding from this host; hosts are fetching it now")
+    return 0
+
+
+def cmd_seed(args: argparse.Namespace) -> int:
+    from .p2p import seed
+    if args.action == "start":
+        if not args.host or not args.address:
+            raise CLIError("seed start needs --host NAME and --address ADDR (what peers dial)")
+        url = store_url_from(args.store)
+        try:
+            open_store(url)  # validates the URL before a process is started with it
+        except StoreURLError as exc:
+            raise CLIError(str(exc)) from None
+        info = seed.start(seed.SeedConfig(dir=args.dir, store_url=url, host=args.host,
+                                          address=args.address, rack=args.rack,
+                                          rpc_port=args.rpc_port, peer_port=args.peer_port,
+                                          tracker_port=args.tracker_port))
+        print(f"seeder running: pid {info['pid']}, RPC {info['rpc_url']}")
+    elif args.action == "stop":
+        print("seeder stopped" if seed.stop(args.dir) else f"no seeder running in {args.dir}")
+    else:
+        info = seed.status(args.dir)
+        print(json.dumps(info) if info else f"no seeder running in {args.dir}")
+        return 0 if info else 1
+    return 0
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
@@ -235,9 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--url", action="append", help="http(s):// or file:// (repeatable)")
     stage.add_argument("--sha256")
     stage.add_argument("--size", type=int)
-    stage.add_argument("--path", help="stage a local file or dir through the swarm")
+    stage.add_argument("--path", help="stage a local file or dir through the swarm "
+                                       "(needs a seeder: dcdeploy seed start)")
     stage.add_argument("--webseed", action="append", default=[], help="BEP 19 web seed URL")
+    stage.add_argument("--seed-dir", type=Path, default=DEFAULT_SEED_DIR,
+                       help=f"the build host's seeder directory (default {DEFAULT_SEED_DIR})")
     stage.set_defaults(func=cmd_stage)
+
+    sd = sub.add_parser("seed", help="the build host's seeder: transmission-daemon + tracker")
+    sd.add_argument("action", choices=["start", "stop", "status"])
+    sd.add_argument("--dir", type=Path, default=DEFAULT_SEED_DIR)
+    sd.add_argument("--host", help="this build host's name in the store")
+    sd.add_argument("--address", help="the address peers dial")
+    sd.add_argument("--rack", default="build")
+    sd.add_argument("--rpc-port", type=int, default=9091)
+    sd.add_argument("--peer-port", type=int, default=51413)
+    sd.add_argument("--tracker-port", type=int, default=6969)
+    sd.set_defaults(func=cmd_seed)
 
     dep = sub.add_parser("deploy", help="queue staged versions in dependency order")
     dep.add_argument("names", nargs="+")

@@ -731,7 +731,7 @@ def _unpack(archive: Path, target: Path, *, sha256: str, version: str) -> None:
         try:
             try:
                 _extract(kind, handle, members, tmp)
-                _write_marker(tmp, version=version, sha256=sha256)
+                write_marker(tmp, version=version, sha256=sha256)
                 os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
                 os.rename(tmp, target)
                 _fsync_dir(target.parent)
@@ -751,7 +751,9 @@ def _unpack(archive: Path, target: Path, *, sha256: str, version: str) -> None:
     log.info("unpack.done", target=str(target), sha256=sha256)
 
 
-def _write_marker(directory: Path, *, version: str, sha256: str) -> None:
+def write_marker(directory: Path, *, version: str, sha256: str) -> None:
+    """Write the release marker (last, atomically): a directory without one is not an
+    installed release."""
     data = json.dumps({"version": version, "sha256": sha256,
                        "installed_at": datetime.now(UTC).isoformat()}).encode()
     tmp = directory / (MARKER_NAME + ".tmp")

@@ -28,6 +28,7 @@ from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, 
                      StoreError, StoreUnavailable, TransactionFailed, open_store)
 from ..supervisorctl_client import Supervisor, SupervisorError
 from .config import AgentConfig
+from .distribution import Distribution
 
 RUNNING_STATES = ("RUNNING",)
 TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
@@ -61,6 +62,8 @@ class Agent:
         self._staged_version: dict[str, str] = {}
         self._in_front: dict[str, bool] = {}
         self._published: dict[str, Any] | None = None
+        self._views: dict[str, decisions.ServiceView] = {}
+        self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
         if self.local.problem:
@@ -93,7 +96,13 @@ class Agent:
         return True
 
     def run(self) -> None:
-        self.log.info("agent.start", services=sorted(self.cfg.services))
+        self.log.info("agent.start", services=sorted(self.cfg.services),
+                      swarm=self.dist is not None)
+        if self.dist is not None:
+            try:
+                self.dist.start()
+            except OSError as exc:  # the tracker's port: downloads fall back to URLs
+                self.log.error("swarm.tracker_failed", error=str(exc))
         self.connect(timeout=min(3.0, self.cfg.session_timeout))
         while not self.stopping.is_set():
             self.wake.clear()
@@ -106,6 +115,8 @@ class Agent:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        if self.dist is not None:
+            self.dist.stop()
         if self._started:
             try:
                 self.store.stop()
@@ -143,6 +154,13 @@ class Agent:
                 self.publish_host()
             except StoreError as exc:
                 self.log.warning("host.publish_failed", error=str(exc))
+        if self.dist is not None and queue is not None:
+            try:
+                self.dist.maintain({s: v.staged for s, v in self._views.items()},
+                                   {s: v.released for s, v in self._views.items()},
+                                   deploying=bool(queue))
+            except Exception as exc:  # noqa: BLE001 - seeding upkeep must not stop the cycle
+                self.log.warning("swarm.maintain_failed", error=str(exc))
         self.write_status()
 
     def _prepare(self) -> None:
@@ -188,6 +206,7 @@ class Agent:
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
                 self._record(svc, spec=view.spec.to_json().decode())
                 st = self.local.get(svc)
+            self._views[svc] = view
             self._set(svc, store="connected", invalid=list(view.invalid) or None)
             if view.staged is not None:
                 self._staged_version[svc] = view.staged.version
@@ -300,12 +319,15 @@ class Agent:
             return
         self.log.info("fetch.start", svc=svc, version=staged.version, urls=list(staged.urls))
         self._fetch_progress[svc] = {}
-        future = self._executor.submit(self._do_fetch, svc, staged)
+        preload = bool(view.spec and view.spec.preload)
+        future = self._executor.submit(self._do_fetch, svc, staged, preload)
         self._fetches[svc] = (staged.sha256, future)
         self._set(svc, fetch={"version": staged.version, "state": "downloading"})
 
-    def _do_fetch(self, svc: str, staged) -> None:
-        from ..fetch import install_release
+    def _do_fetch(self, svc: str, staged, preload: bool) -> None:
+        """Fetch thread: download (swarm or URL), verify, install, then warm the page cache
+        when the spec asks for it. The host joins the ready queue only after all of it."""
+        from ..fetch import DownloadError, install_release
         rd = self.dirs[svc]
 
         def progress(done: int, total: int | None) -> None:
@@ -314,9 +336,26 @@ class Agent:
         try:
             if self._fetch is not None:
                 self._fetch(svc, staged, rd, progress)
-            else:
+            elif staged.torrent and self.dist is not None:
+                self._fetch_progress[svc] = {"via": "swarm"}
+                self.dist.fetch(staged, rd.path(staged.version), progress)
+            elif staged.urls:
                 install_release(list(staged.urls), staged.sha256, rd.releases, staged.version,
                                 rd.cache, size=staged.size, progress=progress)
+            else:
+                raise DownloadError("the staged release has only a torrent and this host has "
+                                    "no transmission_rpc in its agent.conf")
+            if preload:
+                from ..p2p.warm import warm
+                result = warm(rd.path(staged.version),
+                              mlock_cap=self.dist.mlock_cap if self.dist else 0)
+                self._set(svc, preload={"bytes": result.bytes_total,
+                                        "resident": result.bytes_resident,
+                                        "locked": result.bytes_locked,
+                                        "mlock_error": result.mlock_error})
+                self.log.info("preload.done", svc=svc, version=staged.version,
+                              resident=result.bytes_resident, total=result.bytes_total,
+                              mlock_error=result.mlock_error)
         finally:
             self.wake.set()
 
@@ -326,9 +365,10 @@ class Agent:
         from ..fetch import installed_sha256
         staged = view.staged
         want = None
-        if staged is not None and staged.version != active and \
+        fetching = svc in self._fetches and not self._fetches[svc][1].done()
+        if staged is not None and staged.version != active and not fetching and \
                 installed_sha256(self.dirs[svc].path(staged.version)) == staged.sha256:
-            want = staged.version
+            want = staged.version  # installed, verified and (with preload) warm
         mine = [e for e in view.staging if e.host == self.host]
         for entry in mine:
             if entry.version != want:

@@ -1,0 +1,136 @@
+"""This host's side of peer-to-peer distribution (DESIGN §2, docs/distribution.md).
+
+Enabled by ``transmission_rpc`` in ``[agent]``. The agent then serves the tracker on
+loopback (peers registered in ``/dc/peers/<infohash>/<host>``, same rack first), fetches
+staged releases that carry a torrent through the local transmission-daemon, verifies the
+whole-file sha256 after Transmission's piece checks, installs them like an HTTP download,
+keeps seeding until the deploy of that version is done plus ``seed_grace`` seconds, and
+removes superseded torrents. Optional page-cache warming (``preload`` in the service spec)
+runs after verification, because Transmission's verify evicts the pages.
+
+Keys (all optional but the first): ``transmission_rpc`` (``http://ADDR:9091/transmission/rpc``),
+``address`` (what peers dial; default the RPC host), ``tracker_port`` (6969),
+``swarm_dir`` (the daemon's download dir; default ``<root>/downloads``), ``seed_grace``
+(seconds, 60), ``mlock_cap`` (bytes pinned with mlock by preload, 0).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tarfile
+import tempfile
+import time
+import zipfile
+from pathlib import Path
+from typing import Any, Callable
+from urllib.parse import urlsplit
+
+import structlog
+
+from ..fetch import DownloadError, VerificationError, installed_sha256, unpack, write_marker
+from ..model import StagedRelease
+from ..store import Store
+from .config import AgentConfig
+
+log = structlog.get_logger("dcdeploy.agent.distribution")
+PRUNE_EVERY_SECS = 15.0
+
+
+def install_from(path: Path, target: Path, version: str, sha256: str) -> None:
+    """Install a verified download at ``target``: an archive is unpacked (with fetch's
+    checks), a directory or a plain file is copied; the marker goes last, atomically."""
+    if installed_sha256(target) == sha256:
+        return
+    if path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path)):
+        unpack(path, target)
+        if installed_sha256(target) != sha256:  # unpack records the archive's own digest
+            raise VerificationError(f"{path}: installed digest differs from the staged "
+                                    f"{sha256}", expected=sha256,
+                                    actual=installed_sha256(target) or "none")
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{version}-", dir=target.parent))
+    try:
+        if path.is_dir():
+            shutil.copytree(path, tmp, symlinks=True, dirs_exist_ok=True)
+        else:
+            shutil.copy2(path, tmp / path.name)
+        write_marker(tmp, version=version, sha256=sha256)
+        tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+class Distribution:
+    def __init__(self, cfg: AgentConfig, store: Store) -> None:
+        from ..p2p.swarm import SwarmFetcher
+        from ..p2p.tracker import Tracker
+        rpc = cfg.extra["transmission_rpc"]
+        self.address = cfg.extra.get("address") or urlsplit(rpc).hostname or "127.0.0.1"
+        self.seed_grace = float(cfg.extra.get("seed_grace", "60"))
+        self.mlock_cap = int(cfg.extra.get("mlock_cap", "0"))
+        self.active = False
+        self.fetcher = SwarmFetcher(rpc, Path(cfg.extra.get("swarm_dir",
+                                                            str(cfg.root / "downloads"))))
+        self.tracker = Tracker(store, cfg.host, self.address, cfg.rack,
+                               port=int(cfg.extra.get("tracker_port", "6969")),
+                               active=lambda: self.active)
+        self._released_at: dict[str, float] = {}  # infohash -> when its deploy was done
+        self._last_prune = 0.0
+
+    @staticmethod
+    def enabled(cfg: AgentConfig) -> bool:
+        return bool(cfg.extra.get("transmission_rpc"))
+
+    def start(self) -> None:
+        self.tracker.start()
+        log.info("swarm.tracker_started", port=self.tracker.port, address=self.address)
+
+    def stop(self) -> None:
+        self.tracker.stop()
+
+    def fetch(self, staged: StagedRelease, target: Path,
+              progress: Callable[[int, int | None], None]) -> None:
+        """Download through the swarm, verify, install at ``target``. Blocks."""
+        if not staged.torrent:
+            raise DownloadError("the staged release has no torrent")
+        path = self.fetcher.fetch(staged.torrent, staged.sha256,
+                                  progress=lambda done, total: progress(done, total))
+        install_from(path, target, staged.version, staged.sha256)
+
+    def warm(self, release: Path) -> dict[str, Any]:
+        """Read a verified release into the page cache (and pin up to ``mlock_cap``)."""
+        from ..p2p.warm import warm
+        result = warm(release, mlock_cap=self.mlock_cap)
+        return {"bytes": result.bytes_total, "resident": result.bytes_resident,
+                "locked": result.bytes_locked, "mlock_error": result.mlock_error}
+
+    def maintain(self, staged: dict[str, StagedRelease | None],
+                 released: dict[str, str | None], deploying: bool) -> None:
+        """Keep seeding what is staged until its deploy is done plus the grace period;
+        remove every other torrent (superseded releases; the unpacked release dirs stay,
+        pruned by the agent's ``keep_releases``). Rate-limited: one RPC every 15 s."""
+        from ..p2p.torrent import infohash
+        from ..p2p.swarm import decode_metainfo
+        self.active = deploying
+        now = time.monotonic()
+        if now - self._last_prune < PRUNE_EVERY_SECS:
+            return
+        self._last_prune = now
+        keep: set[str] = set()
+        for svc, release in staged.items():
+            if release is None or not release.torrent:
+                continue
+            try:
+                ih = infohash(decode_metainfo(release.torrent))
+            except (DownloadError, ValueError):
+                continue
+            if released.get(svc) == release.version:
+                done_at = self._released_at.setdefault(ih, now)
+                if now - done_at >= self.seed_grace:
+                    continue  # done and past the grace period: stop seeding it
+            keep.add(ih)
+        removed = self.fetcher.prune(keep)
+        if removed:
+            log.info("swarm.pruned", infohashes=removed)

@@ -1,0 +1,68 @@
+"""A deploy whose release travels through the BitTorrent swarm, end to end: hosts in network
+namespaces (Transmission refuses loopback peers), each with supervisord, the agent (tracker
+on its loopback) and transmission-daemon; a build host seeds; the operator stages with
+`dcdeploy stage --path`. The staged release has no URL, so the swarm is the only way in."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from supervisor_dcdeploy import netns, ops
+from supervisor_dcdeploy.p2p import seed
+from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed
+from supervisor_dcdeploy.testbed.recorder import wait_for
+
+
+def test_stage_path_and_deploy_through_the_swarm(tmp_path):
+    ok, why = netns.available()
+    if not ok:
+        print(f"SKIP swarm deploy: {why}")
+        pytest.skip(why)
+    config = BedConfig(hosts=4, racks=2, base=tmp_path / "bed", disk_host=None,
+                       services=(ServiceDef("a", 8001, 2, max_parallel=2),))
+    bed = Testbed(config)
+    seed_dir = tmp_path / "seed"
+    try:
+        bed.up()
+        build = bed.net.add_host("build")
+        bed._write_resolver()
+        seed.start(seed.SeedConfig(dir=seed_dir, store_url=bed.store_url, host="build",
+                                   address=build.addr, rack="build"),
+                   prefix=["ip", "netns", "exec", build.ns])
+        artifact, sha = build_release(tmp_path / "art", "a", "2", padding=4 << 20)
+        cli = subprocess.run([sys.executable, "-m", "supervisor_dcdeploy.cli", "--store",
+                              bed.store_url, "stage", "a", "2", "--path", str(artifact),
+                              "--seed-dir", str(seed_dir)], capture_output=True, text=True,
+                             timeout=300)
+        assert cli.returncode == 0, cli.stderr
+        staged = json.loads(bed.store.get("staging/a")[0])
+        assert staged["sha256"] == sha and staged["urls"] == [] and staged["torrent"]
+        store = bed.store
+        wait_for(lambda: len(store.children("staging/a")) == 4, 180,
+                 "every host to fetch, verify and queue a 2 through the swarm")
+        infohash = store.children("peers")[0]
+        peers = store.children(f"peers/{infohash}")
+        assert set(peers) >= {"h1", "h2", "h3", "h4", "build"}
+        for name, host in bed.hosts.items():
+            release = host.layout.root / "a" / "releases" / "2" / "release.json"
+            assert json.loads(release.read_text())["version"] == "2", name
+        ops.deploy(store, ["a"])
+        wait_for(bed.queue_empty, 120, "the deploy to finish")
+        assert all(bed.version(h, "a") == "2" for h in bed.hosts)
+        # Each host's status names the swarm download as installed.
+        for host in bed.hosts.values():
+            status = json.loads((host.layout.root / "status.json").read_text())
+            assert status["services"]["a"]["fetch"]["state"] == "installed"
+    finally:
+        try:
+            seed.stop(seed_dir)
+        finally:
+            bed.down()
+    assert not [ns for ns in netns.namespaces() if ns.startswith("dcdt")]
+    assert Path(seed_dir / "node.json").exists() is False
