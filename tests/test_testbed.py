@@ -124,3 +124,20 @@ def test_fault_plan_is_a_function_of_the_seed():
     assert [p.at for p in first] == sorted(p.at for p in first)
     assert all(p.kind in KINDS and (p.host in hosts) == KINDS[p.kind].needs_host
                for p in first)
+
+
+def test_a_second_testbed_waits_for_the_first(tmp_path):
+    """Testbeds share a prefix and a subnet: a second one must wait for the machine's
+    testbed lock (here: time out) rather than tear down a live one."""
+    _require_root()
+    first = tb.Testbed(tb.BedConfig(base=tmp_path / "one"))
+    second = tb.Testbed(tb.BedConfig(base=tmp_path / "two", lock_timeout=1.0))
+    first._lock()
+    try:
+        with pytest.raises(TimeoutError, match="another testbed"):
+            second.up()
+        assert not (tmp_path / "two").exists()
+    finally:
+        first._unlock()
+    second._lock()  # free again
+    second._unlock()

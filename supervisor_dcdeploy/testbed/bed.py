@@ -10,6 +10,7 @@ crashed run, from another process (``dcdeploy testbed down``).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -38,6 +39,7 @@ SUBNET = "10.216.0.0/16"
 DEFAULT_BASE = Path("/tmp/dcdt-testbed")
 STATE_FILE = "testbed.json"
 NETNS_ETC = Path("/etc/netns")
+LOCK_FILE = Path("/run/lock" if Path("/run/lock").is_dir() else "/tmp") / "dcdt-testbed.lock"
 AGENT = "dcdeploy-agent"
 
 
@@ -65,6 +67,7 @@ class BedConfig:
     disk_host: str | None = "h1"  # this host's root is a small tmpfs (the disk-full fault)
     disk_mb: int = 48
     initial_version: str = "1"
+    lock_timeout: float = 1800.0  # wait this long for another testbed on this machine
 
 
 @dataclass
@@ -120,6 +123,7 @@ class Testbed:
         self.mounts: list[Path] = []
         self.artifacts = self.base / "artifacts"
         self.services = {s.name: s for s in self.config.services}
+        self._lock_fd: int | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
     def up(self, start_hosts: bool = True, timeout: float = 120.0) -> "Testbed":
@@ -129,6 +133,7 @@ class Testbed:
         ok, why = netns.available()
         if not ok:
             raise RuntimeError(f"testbed: {why}")
+        self._lock()
         teardown(self.base)
         shutil.rmtree(self.base, ignore_errors=True)  # a testbed starts from nothing
         self.base.mkdir(parents=True, exist_ok=True)
@@ -244,7 +249,41 @@ class Testbed:
         self.ensemble.stop()
         teardown(self.base)
         self.hosts.clear()
+        self._unlock()
         log.info("testbed.down", base=str(self.base))
+
+    def detach(self) -> None:
+        """Leave the testbed running for others (``dcdeploy testbed up``): close the store
+        session and release the machine's testbed lock."""
+        if self.store is not None:
+            self.store.stop()
+            self.store = None
+        self._unlock()
+
+    def _lock(self) -> None:
+        """One testbed per machine: every testbed uses the same prefix and subnet, and
+        ``up`` clears what a crashed one left. Wait (``lock_timeout``) for a live one held
+        by another process (``flock``, released when that process exits)."""
+        if self._lock_fd is not None:
+            return
+        fd = os.open(LOCK_FILE, os.O_CREAT | os.O_RDWR, 0o644)
+        deadline = time.monotonic() + self.config.lock_timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    os.close(fd)
+                    raise TimeoutError(f"another testbed holds {LOCK_FILE} for more than "
+                                       f"{self.config.lock_timeout:g}s") from None
+                time.sleep(1.0)
+        self._lock_fd = fd
+
+    def _unlock(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # closing releases the flock
+            self._lock_fd = None
 
     def __enter__(self) -> "Testbed":
         return self.up()

@@ -47,9 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:  # noqa: BLE001 - up() tore down; say what failed
             print(f"dcdeploy testbed: up failed: {exc}", file=sys.stderr)
             return 1
-        if bed.store is not None:
-            bed.store.stop()
-            bed.store = None
+        bed.detach()
         print(f"testbed up: {len(bed.hosts)} hosts, store {bed.store_url}")
         print(f"DCDEPLOY_STORE={bed.store_url}")
         return 0
