@@ -18,12 +18,12 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
-PACKAGED_DATA = Path(__file__).resolve().parent / "data"
+INSTALLED_CONF_DIR = Path(sys.prefix) / "share" / "supervisor-dcdeploy" / "conf"  # data_files
 
 
 def dropin_text(name: str = "dcdeploy.conf") -> str:
-    """A shipped file of ``conf/`` (from the source tree, or the packaged copy)."""
-    for path in (CONF_DIR / name, PACKAGED_DATA / name):
+    """A shipped file of ``conf/`` (from the source tree, or where pip installed it)."""
+    for path in (CONF_DIR / name, INSTALLED_CONF_DIR / name):
         if path.is_file():
             return path.read_text()
     raise FileNotFoundError(f"conf/{name} not found")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import subprocess
 from dataclasses import dataclass, field
@@ -55,19 +56,22 @@ def pids_in(ns: str) -> list[int]:
 
 
 def cleanup(prefix: str) -> None:
-    """Kill every process in, and delete, every namespace and link named ``prefix*``."""
+    """Kill every process in, and delete, the namespaces and links made by a
+    :class:`Network` with this exact ``prefix`` (``<prefix>-*``, ``<prefix>br``,
+    ``<prefix>v<N>``): another prefix that merely starts the same is left alone."""
     for ns in namespaces():
-        if ns.startswith(prefix):
+        if ns.startswith(f"{prefix}-"):
             for pid in pids_in(ns):
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
             ip("netns", "del", ns, check=False)
+    ours = re.compile(rf"^{re.escape(prefix)}(br|v\d+)$")
     links = ip("-o", "link", "show", check=False).stdout
     for line in links.splitlines():
         name = line.split(":")[1].strip().split("@")[0]
-        if name.startswith(prefix):
+        if ours.match(name):
             ip("link", "del", name, check=False)
 
 
@@ -89,7 +93,7 @@ class NsHost:
 class Network:
     """A bridge ``<prefix>br`` with address ``.1`` of ``subnet``, and hosts added to it."""
 
-    prefix: str = "dcd"
+    prefix: str = "dcdn"
     subnet: str = "10.213.0.0/16"
     hosts: dict[str, NsHost] = field(default_factory=dict)
 

@@ -34,6 +34,7 @@ RUNNING_STATES = ("RUNNING",)
 TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
 FETCH_RETRY_SECS = 10.0
 RECOVER_RETRY_SECS = 5.0
+RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
 
 
 class Agent:
@@ -52,6 +53,7 @@ class Agent:
         self.stopping = threading.Event()
         self.session = SessionState.LOST
         self._started = False
+        self._last_connect = 0.0
         self._prepared = False
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self._fetches: dict[str, tuple[str, Future]] = {}
@@ -84,6 +86,7 @@ class Agent:
         """Try to open the store session; False (and keep serving) when it cannot."""
         if self._started:
             return self.session is SessionState.CONNECTED
+        self._last_connect = time.monotonic()
         try:
             self.store.start(timeout=timeout)
         except StoreUnavailable as exc:
@@ -103,7 +106,7 @@ class Agent:
                 self.dist.start()
             except OSError as exc:  # the tracker's port: downloads fall back to URLs
                 self.log.error("swarm.tracker_failed", error=str(exc))
-        self.connect(timeout=min(3.0, self.cfg.session_timeout))
+        self.connect(timeout=1.0)  # with the store down, local state decides at once (L3)
         while not self.stopping.is_set():
             self.wake.clear()
             try:
@@ -126,7 +129,7 @@ class Agent:
 
     # -- one cycle --------------------------------------------------------------------
     def cycle(self) -> None:
-        if not self._started:
+        if not self._started and time.monotonic() - self._last_connect > RECONNECT_SECS:
             self.connect(timeout=1.0)
         online = self._started and self.session is SessionState.CONNECTED
         queue: list[DeployItem] | None = None
@@ -424,6 +427,7 @@ class Agent:
             return  # S3: never start bytes that do not match the staged sha256
         head = fresh.head
         gate = {"host": self.host, "online": decisions.online_count(fresh),
+                "was_online": self.host in fresh.current,
                 "quorum": fresh.spec.quorum, "version": target,
                 "item": head.node if head else None, "t": time.time()}
         ops: list = [SetData(f"gate/{svc}", dumps(gate), fresh.gate_version)]

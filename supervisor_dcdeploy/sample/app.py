@@ -40,15 +40,24 @@ class Handler(BaseHTTPRequestHandler):
         pass
 
 
+class Server(ThreadingHTTPServer):
+    allow_reuse_address = True
+    daemon_threads = True
+
+    def server_bind(self):
+        # http.server resolves its own name at bind (getfqdn); with no reachable DNS that
+        # stalls every start by ~10 s. The name is never used here.
+        import socketserver
+        socketserver.TCPServer.server_bind(self)
+        self.server_name, self.server_port = self.server_address[:2]
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--bind", default="0.0.0.0")
     args = parser.parse_args()
-    ThreadingHTTPServer.allow_reuse_address = True
-    server = ThreadingHTTPServer((args.bind, args.port), Handler)
-    server.daemon_threads = True
-    server.serve_forever()
+    Server((args.bind, args.port), Handler).serve_forever()
 
 
 if __name__ == "__main__":
