@@ -12,7 +12,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from . import ops
 from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
@@ -20,19 +19,10 @@ from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
 from .model import HealthCheck
 from .sample import build_release
 from .store import Store
+from .waiting import wait_for
 from .zkserver import free_port
 
-
-def wait_for(cond: Callable[[], object], timeout: float, what: str, interval: float = 0.1):
-    """Poll ``cond`` until it returns something truthy; fail with ``what`` after timeout."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(interval)
+__all__ = ["Cluster", "Prober", "Sample", "get_version", "wait_for"]
 
 
 def get_version(address: str, port: int, timeout: float = 0.25) -> str | None:

@@ -14,7 +14,7 @@ from .model import (DeployItem, HealthCheck, InvalidData, ServiceSpec, StagedRel
                     check_name, check_version, dumps)
 from .snapshot import (read_current, read_hosts, read_queue, read_spec, read_specs,
                        read_staged, read_staging, read_view)
-from .store import Create, Delete, NoNode, SetData, Store, StoreError, TransactionFailed
+from .store import Create, Delete, NoNode, Store, StoreError, TransactionFailed
 
 HISTORY_CAP = 1000
 

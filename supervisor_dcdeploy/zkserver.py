@@ -87,7 +87,7 @@ class ZooKeeperServer:
         cmd = ["java", f"-Xmx{self.heap_mb}m", "-XX:+UseSerialGC", "-XX:TieredStopAtLevel=1",
                "-Dzookeeper.jmx.log4j.disable=true",
                f"-Dlog4j.configuration=file:{self.data_dir}/log4j.properties",
-               f"-Dlogback.configurationFile=/nonexistent",
+               "-Dlogback.configurationFile=/nonexistent",
                "-cp", CLASSPATH, MAIN, str(cfg)]
         if self.netns:
             cmd = ["ip", "netns", "exec", self.netns, *cmd]

@@ -13,11 +13,11 @@ import shutil
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
 
+from supervisor_dcdeploy.waiting import wait_for
 from supervisor_dcdeploy import netns
 from supervisor_dcdeploy.p2p.errors import DiskFull
 from supervisor_dcdeploy.p2p.lab import LabHost, SwarmLab
@@ -113,16 +113,6 @@ def assert_verified(results: dict, staged: Staged) -> None:
         assert isinstance(got, Path), f"{name}: {got!r}"
         assert artifact_sha256(got) == staged.sha256, name
         assert got.read_bytes() == staged.path.read_bytes(), name
-
-
-def wait_for(cond, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ from urllib.parse import quote_from_bytes
 import pytest
 from kazoo.client import KazooClient
 
+from supervisor_dcdeploy.waiting import wait_for as _wait_for
 from supervisor_dcdeploy.p2p import bencode
 from supervisor_dcdeploy.p2p.tracker import Tracker
 
@@ -34,13 +35,7 @@ def peers_of(body: dict) -> list[tuple[str, int]]:
 
 
 def wait_for(cond, timeout=20.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = cond()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
+    return _wait_for(cond, timeout, what, interval=0.05)
 
 
 @pytest.fixture

@@ -48,7 +48,10 @@ def any_cluster(request, workdir, store_url):
         url = f"consul://{fake.address}/dc-{uuid.uuid4().hex[:12]}"
     st = open_store(url)
     st.start(timeout=15)
-    c = Cluster(workdir, st, url, 5, SERVICES)
+    # Switches held healthy for 1.5 s, so two hosts' switches overlap even on a loaded
+    # machine and the parallelism check below can see it.
+    c = Cluster(workdir, st, url, 5, {svc: {**spec, "healthy_secs": 1.5}
+                                      for svc, spec in SERVICES.items()})
     try:
         yield c
     finally:

@@ -12,13 +12,14 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 
 import pytest
 from kazoo.client import KazooClient
 
 from fakeconsul import FakeConsul
+from supervisor_dcdeploy.waiting import wait_for as _wait_for
 from supervisor_dcdeploy.zkserver import free_port
 from supervisor_dcdeploy.store import (BadVersion, Check, Create, Delete, NodeExists, NoNode,
                                        NotEmpty, SessionState, SetData, Store,
@@ -30,13 +31,8 @@ REAL_CONSUL = os.environ.get("DCDEPLOY_TEST_CONSUL", "")
 BACKENDS = ["zookeeper", "consul-fake"] + (["consul-real"] if REAL_CONSUL else [])
 
 
-def wait_for(cond: Callable[[], object], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+def wait_for(cond, timeout: float, what: str):
+    return _wait_for(cond, timeout, what, interval=0.02)
 
 
 class Backend:

@@ -22,13 +22,14 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from kazoo.client import KazooClient, KazooState
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .history import HistoryWriter
+from ..waiting import wait_for  # noqa: F401 (re-exported for the testbed)
 
 log = structlog.get_logger(__name__)
 
@@ -212,13 +213,3 @@ def snapshot_state(writer: HistoryWriter, host: str, root: Path, fault: str | No
         return writer.emit("state", host=host, ok=False, error=f"{path}: {exc}", fault=fault)
 
 
-def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
-    """Poll ``cond`` until it returns a truthy value (returned); TimeoutError naming ``what``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = cond()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what}: not after {timeout:g}s")
-        time.sleep(interval)
