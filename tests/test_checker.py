@@ -334,6 +334,34 @@ def test_l3_reboot_without_store_does_not_start():
     assert r["L3"].status == "violated" and "did not start" in r["L3"].counterexample
 
 
+def _rebooted_mid_switch(switched_at: float) -> Scenario:
+    """h2 switched b to v2 at ``switched_at``, was rebooted cut off from the store at 30.0,
+    and came back on v1 (its previous version) while still cut off."""
+    sc = clean()
+    sc.timeline[("b", "h2")] = [(0.0, "v1"), (switched_at - 0.5, None), (switched_at, "v2")]
+    sc.add(30.0, "fault", fault="reboot_isolated", phase="start", id="r", hosts=["h2"],
+           effects=["process", "store_cut", "reboot"], detail={})
+    sc.serve("b", "h2", 30.02, None)
+    sc.serve("b", "h2", 32.0, "v1")
+    sc.add(33.0, "fault", fault="reboot_isolated", phase="end", id="r", hosts=["h2"],
+           detail={"restarted_at": 30.5})
+    sc.serve("b", "h2", 36.0, None)
+    sc.serve("b", "h2", 37.0, "v2")
+    return sc
+
+
+def test_l3_reboot_during_the_healthy_hold_may_start_the_previous_version():
+    """v2 served 1.5 s before the crash had not finished its healthy hold: starting v1, the
+    last verified version, is what the agent is meant to do."""
+    results = status(_rebooted_mid_switch(28.5).history())
+    assert results["L3"].status == "held"
+
+
+def test_l3_reboot_long_after_a_switch_must_start_the_new_version():
+    sc = _rebooted_mid_switch(20.0)  # v2 served for 10 s: verified; v1 is a step back
+    assert "last known v2" in only(status(sc.history()), "L3").counterexample
+
+
 def test_table_and_metrics():
     sc = clean()
     sc.add(12.5, "fault", fault="zk_leader_kill", phase="start", id="z", hosts=[],

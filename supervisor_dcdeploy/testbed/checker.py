@@ -47,6 +47,7 @@ class Params:
     takedown_grace: float = 1.0  # L3: a take-down committed just before a cut may still start
     switch_max: float = 30.0  # L3: longest switch a cut-off host may be in
     boot_max: float = 45.0  # L3: a rebooted, cut-off host serves again within this
+    probation: float = 5.0  # L3: a version served this briefly may not be verified yet
     strict_order: bool = True  # S2 as in DESIGN §5; False lets independent items overlap
 
 
@@ -717,7 +718,22 @@ def check_l3(tl: Timeline, p: Params) -> tuple[Found, str] | None:
                         continue
                     taken = {d.get("version") for e, g, d in tl.gates()
                              if g == svc and d and d.get("host") == host and e["t"] < f.start}
-                    if before and back.version not in {before[-1].version} | taken:
+                    allowed = {before[-1].version} | taken if before else set()
+                    if before:
+                        # "Last known" is the last *verified* version: a switch still in its
+                        # healthy hold when the host went down is not, and the agent then
+                        # starts the version before it (docs/protocol.md, local files).
+                        last = before[-1].version
+                        run_start = before[-1].t
+                        for s in reversed(before):
+                            if s.version != last:
+                                break
+                            run_start = s.t
+                        if f.start - run_start < p.probation:
+                            earlier = [s.version for s in before if s.t < run_start]
+                            if earlier:
+                                allowed.add(earlier[-1])
+                    if before and back.version not in allowed:
                         found.append((back.t, f"{host} rebooted without the store started "
                                               f"{svc} {back.version}, last known "
                                               f"{before[-1].version}"))
