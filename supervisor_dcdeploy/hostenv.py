@@ -149,7 +149,8 @@ def wait_rpc(layout: HostLayout, timeout: float = 20.0) -> None:
             return
         except (OSError, xmlrpc.client.Fault):
             if time.monotonic() > deadline:
-                raise TimeoutError(f"supervisord of {layout.name} not answering on {layout.sock}")
+                raise TimeoutError(f"supervisord of {layout.name} not answering on "
+                                   f"{layout.sock}") from None
             time.sleep(0.1)
 
 

@@ -187,6 +187,7 @@ class Cluster:
             self.stage(svc, version)
         self.start()
         for svc, version in versions.items():
-            wait_for(lambda: self.all_on(svc, version), timeout, f"every host on {svc} {version}")
-            wait_for(lambda: len(self.store.children(f"current/{svc}")) == len(self.hosts),
+            wait_for(lambda s=svc, v=version: self.all_on(s, v), timeout,
+                     f"every host on {svc} {version}")
+            wait_for(lambda s=svc: len(self.store.children(f"current/{s}")) == len(self.hosts),
                      timeout, f"every host registered for {svc}")

@@ -201,7 +201,8 @@ class StagedRelease:
             raise InvalidData(where, "urls", f"expected a list of URLs, got {urls!r}")
         for i, url in enumerate(urls):
             if not re.match(r"^(https?|file)://", url):
-                raise InvalidData(where, f"urls[{i}]", f"{url!r}: scheme must be http, https or file")
+                raise InvalidData(where, f"urls[{i}]",
+                                  f"{url!r}: scheme must be http, https or file")
         torrent = _get(where, data, "torrent", str, None)
         if not urls and not torrent:
             raise InvalidData(where, "urls", "a staged release needs a url or a torrent")

@@ -18,7 +18,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from supervisor_dcdeploy.p2p import bencode
-from supervisor_dcdeploy.p2p.daemon import daemon_command, settings as daemon_settings, write_settings
+from supervisor_dcdeploy.p2p.daemon import daemon_command, write_settings
+from supervisor_dcdeploy.p2p.daemon import settings as daemon_settings
 from supervisor_dcdeploy.p2p.errors import DiskFull, DownloadError
 from supervisor_dcdeploy.p2p.swarm import (TorrentState, choose_transport, decode_metainfo,
                                            error_for, kick_reasons, retained, status_name)

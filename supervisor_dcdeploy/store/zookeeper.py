@@ -67,7 +67,8 @@ class ZooKeeperStore(Store):
             self._client.start(timeout=timeout)
         except KazooTimeoutError:
             self._client.stop()
-            raise StoreUnavailable(f"zookeeper at {self.url}: no answer within {timeout:g}s")
+            raise StoreUnavailable(
+                f"zookeeper at {self.url}: no answer within {timeout:g}s") from None
         self.ensure("")
 
     def stop(self) -> None:
