@@ -245,6 +245,27 @@ def test_s4_failed_host_not_rolled_back():
     assert "not the previous v1" in r.counterexample
 
 
+def test_s4_failed_host_may_take_the_version_again_after_a_resume():
+    """A failure caused by a fault (not a broken release), then the operator resumes: the
+    failed host rolling forward again afterwards is the deploy continuing, not a breach."""
+    sc = Scenario(end=40.0)
+    sc.store(0.5, "staging/a", {"version": "v2", "sha256": SHA[("a", "v2")], "urls": ["x"]})
+    sc.add(0.1, "artifact", service="a", version="v2", sha256=SHA[("a", "v2")], broken=False)
+    node = sc.item(1.0, 1, "a", "v2", "rolling")
+    sc.switch("a", "h1", 2.0, "v2", item=node, down=0.5)
+    sc.serve("a", "h1", 5.0, None)
+    sc.serve("a", "h1", 5.5, "v1")
+    sc.item(6.0, 1, "a", "v2", "failed", host="h1")
+    sc.add(15.0, "op", action="resume", service="a")
+    sc.item(15.1, 1, "a", "v2", "rolling")
+    for i, host in enumerate(["h2", "h3", "h1"]):
+        sc.switch("a", host, 17.0 + 3 * i, "v2", item=node, gate=2 + i)
+    sc.item(30.0, 1, "a", "v2", "done", where="history")
+    sc.store(30.01, f"deploy/{node}", None)
+    sc.add(40.0, "final", settled=True)
+    assert status(sc.history())["S4"].status == "held"
+
+
 def test_s4_broken_release_marked_done():
     sc = failed_deploy()
     sc.events = [e for e in sc.events if not (e["kind"] == "store" and "failed" in str(e))]

@@ -524,15 +524,19 @@ def check_s4(tl: Timeline, p: Params) -> tuple[Found, str]:
             samples = tl.probes[(svc, failed_host)]
             before = [s for s in samples if s.ok and s.version and s.version != version
                       and s.t < t_f]
-            horizon = min(t_f + p.rollback_window, tl.end)
+            # Judged at the end of the rollback window, or just before an operator acted
+            # (a resume lets the failed host take the version again: S4 ends there).
+            horizon = min(t_f + p.rollback_window, tl.end, t_op - p.order_slack)
             excluded = any(a <= horizon <= b for a, b in tl.exclusions(failed_host))
-            if before and not excluded and horizon >= t_f + p.rollback_window:
+            due = horizon >= t_f + p.rollback_window or t_op < t_f + p.rollback_window
+            if before and not excluded and due and horizon > t_f:
                 after = [s for s in samples if s.ok and t_f <= s.t <= horizon]
                 prev = before[-1].version
                 if not after or after[-1].version != prev:
                     now = after[-1].version if after else "nothing"
-                    found.append((horizon, f"{failed_host} serves {now} {p.rollback_window:g}s "
-                                           f"after {item.node} failed, not the previous {prev}"))
+                    found.append((horizon, f"{failed_host} serves {now} "
+                                           f"{horizon - t_f:.1f}s after {item.node} failed "
+                                           f"(no operator action yet), not the previous {prev}"))
     for (svc, version), records in tl.artifacts.items():
         if not any(broken for _, _, broken in records):
             continue
