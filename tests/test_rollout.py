@@ -187,9 +187,18 @@ def test_store_outage_keeps_serving_and_deploy_completes(cluster, zk_server):
                  "a first host on A 2")
         zk_server.kill()
         outage_start = prober.samples[-1].t
-        # L3: a host rebooted while the store is down starts its last known version.
-        victim = "h4" if cluster.version("h4", "A") else "h3"
-        before = cluster.version(victim, "A")
+        # L3: a host rebooted while the store is down starts its last known version. With
+        # the store away no switch starts, and one under way finishes: wait for that, so
+        # the victim's last known (verified) version is settled before it is killed.
+        def local(host: str) -> dict:
+            path = cluster.hosts[host].root / "state.json"
+            return json.loads(path.read_text())["services"]["A"]
+
+        wait_for(lambda: all(local(h)["verified"] for h in cluster.hosts), 30,
+                 "switches under way to finish")
+        victim = "h4"
+        before = local(victim)["active"]
+        assert cluster.version(victim, "A") == before
         cluster.kill(victim)
         cluster.start(victim)
         wait_for(lambda: cluster.version(victim, "A") == before, 30,
@@ -203,6 +212,9 @@ def test_store_outage_keeps_serving_and_deploy_completes(cluster, zk_server):
         wait_for(lambda: cluster.all_on("A", "2"), 30, "every host on A 2")
     finally:
         prober.stop()
+        if not zk_server.running:  # the server is shared by the session: never leave it down
+            zk_server.start()
+            zk_server.wait_serving()
     during = [s for s in prober.samples if outage_start <= s.t <= outage_end]
     assert during, "no samples during the outage"
     # No service went below quorum while the store was away (the rebooted host aside: the
