@@ -22,6 +22,7 @@ Needs root. Namespaces "dcdb-*" on 10.215.0.0/16, torn down on exit (failures in
 from __future__ import annotations
 
 import argparse
+import base64
 import json
 import os
 import shutil
@@ -31,13 +32,14 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import structlog
 
 from supervisor_dcdeploy import netns
 from supervisor_dcdeploy.p2p.lab import SwarmLab
 from supervisor_dcdeploy.p2p.seed import Staged, add_seed
-from supervisor_dcdeploy.p2p.torrent import artifact_sha256, make_torrent
+from supervisor_dcdeploy.p2p.torrent import artifact_sha256, make_torrent, piece_count
 
 MiB = 1 << 20
 HTTP_PORT = 8080
@@ -63,14 +65,75 @@ def summary(last: float, ideal: float, egress: int, size: int) -> dict:
             "ratio": round(last / ideal, 2), "origin_egress_ratio": round(egress / size, 3)}
 
 
+def pieces_held(bitfields: list[str], piece_count: int) -> int:
+    """How many pieces at least one of the hosts holds (Transmission's base64 ``pieces``)."""
+    union = 0
+    for b64 in bitfields:
+        union |= int.from_bytes(base64.b64decode(b64), "big")
+    raw_bits = len(base64.b64decode(bitfields[0])) * 8 if bitfields else 0
+    return bin(union >> (raw_bits - piece_count)).count("1") if raw_bits else 0
+
+
+class Timeline:
+    """Polls every daemon twice a second while the swarm runs; writes JSON lines
+    ``{"t", "host", "done", "rate_down", "rate_up", "pieces", "peers": [{"host", "flags",
+    "down", "up", "progress"}]}`` and notes when the first block arrived anywhere and when
+    every piece first existed on some host (after that the origin only sends duplicates).
+    Used to find where the time goes (docs/distribution.md)."""
+
+    def __init__(self, lab: SwarmLab, infohash: str, piece_count: int, path: Path,
+                 start: float) -> None:
+        from transmission_rpc import Client
+        self.infohash, self.piece_count, self.path, self.start = infohash, piece_count, path, start
+        self.by_addr = {h.address: n for n, h in lab.hosts.items()}
+        self.clients = {n: Client(host=h.address, port=int(urlsplit(h.rpc_url).port or 9091),
+                                  timeout=5) for n, h in lab.hosts.items()}
+        self.first_data: float | None = None
+        self.all_pieces_out: float | None = None
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self.run, daemon=True)
+
+    def run(self) -> None:
+        fields = ["percentDone", "rateDownload", "rateUpload", "peers", "pieces"]
+        bitfields: dict[str, str] = {}
+        with open(self.path, "w") as out:
+            while not self.stop.wait(0.5):
+                t = round(time.monotonic() - self.start, 2)
+                for n, c in self.clients.items():
+                    try:
+                        f = c.get_torrent(self.infohash, arguments=fields).fields
+                    except Exception:  # noqa: BLE001 - a diagnostic: skip one sample
+                        continue
+                    peers = [{"host": self.by_addr.get(p["address"], p["address"]),
+                              "flags": p["flagStr"], "down": p["rateToClient"],
+                              "up": p["rateToPeer"], "progress": round(p["progress"], 3)}
+                             for p in f.get("peers", [])]
+                    out.write(json.dumps({"t": t, "host": n, "done": f["percentDone"],
+                                          "rate_down": f["rateDownload"],
+                                          "rate_up": f["rateUpload"], "peers": peers,
+                                          "pieces": f.get("pieces", "")}) + "\n")
+                    if n != "origin" and f.get("pieces"):
+                        bitfields[n] = f["pieces"]
+                        if self.first_data is None and f["percentDone"] > 0:
+                            self.first_data = t
+                if self.all_pieces_out is None and bitfields and pieces_held(
+                        list(bitfields.values()), self.piece_count) == self.piece_count:
+                    self.all_pieces_out = t
+                out.flush()
+
+
 def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
-              log: list[str]) -> tuple[float, int, dict[str, float]]:
+              log: list[str], timeline: Path | None = None) -> tuple[float, int, dict[str, float]]:
     build = lab.hosts["origin"]
     add_seed(build.dir, build.rpc_url, staged, wait=600)
     before = lab.egress_bytes("origin")
     done: dict[str, float] = {}
     errors: dict[str, BaseException] = {}
     start = time.monotonic()
+    recorder = (Timeline(lab, staged.infohash, piece_count(staged.metainfo), timeline, start)
+                if timeline else None)
+    if recorder:
+        recorder.thread.start()
 
     def one(name: str) -> None:
         try:
@@ -84,11 +147,17 @@ def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
         t.start()
     for t in threads:
         t.join()
+    if recorder:
+        recorder.stop.set()
+        recorder.thread.join()
     if errors:
         raise RuntimeError(f"swarm fetch failed: {errors}")
     last = max(done.values())
     egress = lab.egress_bytes("origin") - before
     log.append("swarm per host (s): " + " ".join(f"{n}={done[n]:.1f}" for n in names))
+    if recorder:
+        log.append(f"timeline: first block at {recorder.first_data} s, every piece on some "
+                   f"host at {recorder.all_pieces_out} s ({timeline})")
     return last, egress, done
 
 
@@ -144,9 +213,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mbit", type=int, default=100)
     ap.add_argument("--piece-kib", type=int, default=0, help="override the piece size")
     ap.add_argument("--tuning", default="", help="JSON of extra transmission settings")
+    ap.add_argument("--origin-tuning", default="",
+                    help="JSON of extra transmission settings for the origin only")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
     ap.add_argument("--workdir", default=None)
+    ap.add_argument("--timeline", default=None, metavar="FILE",
+                    help="write the swarm's per-host timeline (JSON lines) to FILE")
     args = ap.parse_args(argv)
     ok, why = netns.available()
     if not ok:
@@ -159,7 +232,9 @@ def main(argv: list[str] | None = None) -> int:
     timeout = max(600.0, 3 * args.hosts * ideal)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dcdb-"))
     lab = SwarmLab(work, prefix="dcdb", subnet="10.215.0.0/16", root="/dcdb",
-                   tuning=json.loads(args.tuning) if args.tuning else None)
+                   tuning=json.loads(args.tuning) if args.tuning else None,
+                   host_tuning={"origin": json.loads(args.origin_tuning)}
+                   if args.origin_tuning else None)
     notes: list[str] = []
     try:
         lab.up()
@@ -178,7 +253,8 @@ def main(argv: list[str] | None = None) -> int:
         hash_s = time.monotonic() - t0
         staged = Staged(art, meta, ih, artifact_sha256(art), size)
         notes.append(f"torrent: {ih}, hashed in {hash_s:.1f} s")
-        s_last, s_egress, _ = run_swarm(lab, names, staged, timeout, notes)
+        s_last, s_egress, _ = run_swarm(lab, names, staged, timeout, notes,
+                                         Path(args.timeline) if args.timeline else None)
         result = {"hosts": args.hosts, "size_bytes": size, "bandwidth_bps": bps,
                   "swarm": summary(s_last, ideal, s_egress, size)}
         if not args.skip_http:

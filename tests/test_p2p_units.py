@@ -24,7 +24,8 @@ from supervisor_dcdeploy.p2p.errors import DiskFull, DownloadError
 from supervisor_dcdeploy.p2p.swarm import (TorrentState, choose_transport, decode_metainfo,
                                            error_for, kick_reasons, retained, status_name)
 from supervisor_dcdeploy.p2p.torrent import (artifact_sha256, infohash, make_torrent,
-                                             piece_size_for, torrent_name, torrent_size)
+                                             piece_count, piece_size_for, torrent_name,
+                                             torrent_size)
 from supervisor_dcdeploy.p2p.tracker import (AnnounceError, PeerInfo, announce_response,
                                              compact_peers, order_peers, parse_announce)
 from supervisor_dcdeploy.p2p.warm import drop_cache, residency, unlock, warm
@@ -202,7 +203,7 @@ def test_make_torrent_private_webseed_infohash_matches_torf(tmp_path):
     assert t.private and t.webseeds == ["http://origin/rel-1.tar.gz"]
     assert t.trackers == [["http://127.0.0.1:6969/announce"]]
     assert t.piece_size == piece_size_for(art.stat().st_size)
-    assert calls[-1][0] == calls[-1][1] == t.pieces
+    assert calls[-1][0] == calls[-1][1] == t.pieces == piece_count(meta)
     assert torrent_name(meta) == art.name and torrent_size(meta) == art.stat().st_size
     assert make_torrent(art)[1] == make_torrent(art)[1]  # deterministic: no creation date
 

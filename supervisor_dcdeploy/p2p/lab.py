@@ -63,11 +63,13 @@ class LabHost:
 
 class SwarmLab:
     def __init__(self, workdir: Path, *, prefix: str = "dcdp", subnet: str = "10.214.0.0/16",
-                 root: str = "/dcdp", tuning: dict | None = None) -> None:
+                 root: str = "/dcdp", tuning: dict | None = None,
+                 host_tuning: dict[str, dict] | None = None) -> None:
         self.workdir = Path(workdir)
         self.net = netns.Network(prefix=prefix, subnet=subnet)
         self.root = root
         self.tuning = tuning
+        self.host_tuning = host_tuning or {}
         self.zk: ZooKeeperServer | None = None
         self.hosts: dict[str, LabHost] = {}
         self.store: Store | None = None
@@ -100,7 +102,8 @@ class SwarmLab:
     def config(self, host: LabHost) -> SeedConfig:
         return SeedConfig(dir=host.dir, store_url=self.store_url, host=host.name,
                           address=host.address, rack=host.rack, tracker_bind="0.0.0.0",
-                          tuning=self.tuning)
+                          tuning={**(self.tuning or {}), **self.host_tuning.get(host.name, {})}
+                          or None)
 
     def start_node(self, name: str) -> LabHost:
         host = self.hosts[name]

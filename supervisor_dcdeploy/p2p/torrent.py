@@ -113,6 +113,12 @@ def torrent_size(metainfo: bytes) -> int:
     return sum(int(f[b"length"]) for f in info[b"files"])
 
 
+def piece_count(metainfo: bytes) -> int:
+    """Number of pieces of a metainfo (20 bytes of SHA-1 each in ``info.pieces``)."""
+    info = decode(metainfo)[b"info"]  # type: ignore[index]
+    return len(info[b"pieces"]) // 20
+
+
 def artifact_size(path: Path) -> int:
     """Bytes in a file, or in every regular file under a directory."""
     if path.is_file():
