@@ -19,7 +19,7 @@ import pytest
 
 from supervisor_dcdeploy.waiting import wait_for
 from supervisor_dcdeploy import netns
-from supervisor_dcdeploy.p2p.errors import DiskFull
+from supervisor_dcdeploy.p2p.errors import DiskFull, DownloadError
 from supervisor_dcdeploy.p2p.lab import LabHost, SwarmLab
 from supervisor_dcdeploy.p2p.seed import Staged, add_seed, stage
 from supervisor_dcdeploy.p2p.swarm import SwarmFetcher
@@ -278,3 +278,14 @@ def test_disk_full_fails_clearly_and_leaves_the_running_version(lab, small_disk)
         filler.unlink(missing_ok=True)
         fetcher.remove(mid.infohash, delete_data=True)
     assert running.read_bytes() == b"the version that runs"
+
+
+def test_a_swarm_nobody_seeds_fails_as_stalled_not_forever(lab):
+    staged = stage(make_artifact(lab, "rel-10.bin", 1 * MiB))  # staged, never seeded
+    f = lab.hosts["h3"].fetcher()
+    try:
+        with pytest.raises(DownloadError, match="stalled: no new data for 5 s at 0/"):
+            f.fetch(staged.metainfo_b64, staged.sha256, timeout=FETCH_TIMEOUT,
+                    stall_timeout=5)
+    finally:
+        f.remove(staged.infohash, delete_data=True)

@@ -43,6 +43,7 @@ STATUS_NAMES = {0: "stopped", 1: "check pending", 2: "checking", 3: "download pe
 ERROR_LOCAL = 3  # tr_stat.error: TR_STAT_LOCAL_ERROR (I/O); 1 and 2 are tracker trouble
 DISK_RESERVE = 16 * 1024 * 1024  # keep this much free beyond the artifact
 REPAIR_ATTEMPTS = 2
+LONELY_SECS = 10.0  # an incomplete torrent with no peer for this long re-announces
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,8 @@ class SwarmFetcher:
     # -- the fetch ------------------------------------------------------------------------
     def fetch(self, metainfo_b64: str, sha256: str, *,
               progress: Callable[[int, int], None] | None = None,
-              cancel: threading.Event | None = None, timeout: float | None = None) -> Path:
+              cancel: threading.Event | None = None, timeout: float | None = None,
+              stall_timeout: float | None = None) -> Path:
         """Download through the swarm and return the verified path (``download_dir/<name>``,
         a file, or a directory for a multi-file torrent: see :func:`artifact_sha256`; for a
         torrent the daemon already holds elsewhere, e.g. a seed, the path where it is).
@@ -247,8 +249,8 @@ class SwarmFetcher:
 
         Raises :class:`DiskFull` (not enough free space, or ENOSPC while writing),
         :class:`VerificationError` (sha256 still wrong after repair), :class:`Cancelled`,
-        :class:`DownloadError` (timeout, daemon I/O error, bad metainfo, daemon unreachable
-        for longer than ``rpc_retry_secs``)."""
+        :class:`DownloadError` (timeout, no new byte for ``stall_timeout`` seconds, daemon
+        I/O error, bad metainfo, daemon unreachable for longer than ``rpc_retry_secs``)."""
         meta = decode_metainfo(metainfo_b64)
         ih = infohash(meta)
         target = self.download_dir / torrent_name(meta)
@@ -262,7 +264,8 @@ class SwarmFetcher:
             self.add(meta)
             bound.info("swarm.fetch_started")
         for attempt in range(REPAIR_ATTEMPTS + 1):
-            final = self._wait_complete(meta, ih, bound, progress, cancel, deadline)
+            final = self._wait_complete(meta, ih, bound, progress, cancel, deadline,
+                                        stall_timeout)
             # A torrent added earlier with another directory (a seed) is verified where it is.
             target = Path(final.download_dir or self.download_dir) / target.name
             actual = artifact_sha256(target)
@@ -297,8 +300,11 @@ class SwarmFetcher:
 
     def _wait_complete(self, meta: bytes, ih: str, bound: Any,
                        progress: Callable[[int, int], None] | None,
-                       cancel: threading.Event | None, deadline: float | None) -> TorrentState:
-        last_log = last_kick = 0.0
+                       cancel: threading.Event | None, deadline: float | None,
+                       stall_timeout: float | None = None) -> TorrentState:
+        last_log = last_kick = last_announce = 0.0
+        last_done, moved_at = -1, time.monotonic()
+        lonely_since: float | None = None
         while True:
             self._check_stop(ih, cancel, deadline)
             st = self.state(ih)
@@ -314,9 +320,27 @@ class SwarmFetcher:
                 progress(st.done_bytes, st.total_bytes)
             if st.complete:
                 return st
+            now = time.monotonic()
+            if st.done_bytes != last_done or st.status in ("checking", "check pending"):
+                last_done, moved_at = st.done_bytes, now
+            elif stall_timeout is not None and now - moved_at > stall_timeout:
+                raise DownloadError(
+                    f"fetch of {ih} stalled: no new data for {stall_timeout:.0f} s at "
+                    f"{st.done_bytes}/{st.total_bytes} bytes, {st.peers} peers connected "
+                    "(is any host or the build host seeding it?)")
             if st.status == "stopped":  # paused by someone, or stopped after an error
                 self._rpc(lambda c: c.start_torrent_now(ih))
-            now = time.monotonic()
+            # No peer at all (a restarted daemon, a network blip): ask the tracker again now
+            # rather than at the daemon's next scheduled announce or reconnect attempt.
+            lonely_since = (lonely_since or now) if st.peers == 0 else None
+            if lonely_since is not None and now - lonely_since > LONELY_SECS and \
+                    now - last_announce > LONELY_SECS:
+                last_announce = now
+                bound.info("swarm.reannounce", reason=f"no peer for {LONELY_SECS:.0f} s")
+                try:
+                    self._rpc(lambda c: c.reannounce_torrent(ih), retry_secs=5.0)
+                except FetchError:
+                    pass
             if self.kick_while_fetching and st.peers and now - last_kick > 1.0:
                 last_kick = now
                 try:
@@ -464,6 +488,10 @@ class Kicker:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
 
     def _run(self) -> None:
         while not self._stop.wait(self.period):
