@@ -29,7 +29,8 @@ from supervisor_dcdeploy.p2p.torrent import (artifact_sha256, infohash, make_tor
 from supervisor_dcdeploy.p2p.tracker import (AnnounceError, PeerInfo, announce_response,
                                              compact_peers, order_peers, parse_announce)
 from supervisor_dcdeploy.p2p.warm import drop_cache, residency, unlock, warm
-from supervisor_dcdeploy.model import InvalidData
+from supervisor_dcdeploy.agent.distribution import fetch_transport
+from supervisor_dcdeploy.model import InvalidData, StagedRelease
 
 MiB = 1 << 20
 
@@ -334,6 +335,26 @@ def test_warm_reports_rlimit_memlock_refusal(tmp_path):
 def test_choose_transport(size_mib, hosts, want):
     assert choose_transport(size_mib * MiB, hosts, 100e6) == want
     assert choose_transport(size_mib * MiB, hosts, 100e6, has_urls=False) == "swarm"
+
+
+def test_fetch_transport_picks_http_for_small_releases_only_when_it_can(tmp_path):
+    art = tmp_path / "rel.bin"
+    art.write_bytes(b"x" * 100_000)
+    meta_b64 = base64.b64encode(make_torrent(art)[0]).decode()
+    sha = "0" * 64
+    both_small = StagedRelease("a", "2", sha, size=MiB, urls=("http://o/rel",), torrent=meta_b64)
+    both_big = StagedRelease("a", "2", sha, size=4096 * MiB, urls=("http://o/rel",),
+                             torrent=meta_b64)
+    torrent_only = StagedRelease("a", "2", sha, size=MiB, torrent=meta_b64)
+    urls_only = StagedRelease("a", "2", sha, size=4096 * MiB, urls=("http://o/rel",))
+    assert fetch_transport(both_small, 8, 100e6, swarm_available=True) == "http"
+    assert fetch_transport(both_big, 8, 100e6, swarm_available=True) == "swarm"
+    assert fetch_transport(torrent_only, 8, 100e6, swarm_available=True) == "swarm"
+    assert fetch_transport(urls_only, 8, 100e6, swarm_available=True) == "http"
+    assert fetch_transport(both_big, 8, 100e6, swarm_available=False) == "http"
+    # Without a size the torrent's own length decides (100 kB: HTTP is faster).
+    no_size = StagedRelease("a", "2", sha, urls=("http://o/rel",), torrent=meta_b64)
+    assert fetch_transport(no_size, 8, 100e6, swarm_available=True) == "http"
 
 
 def test_kick_reasons_counts_choked_wanters_and_ignored_holders():

@@ -55,10 +55,15 @@ def test_stage_path_and_deploy_through_the_swarm(tmp_path):
         ops.deploy(store, ["a"])
         wait_for(bed.queue_empty, 120, "the deploy to finish")
         assert all(bed.version(h, "a") == "2" for h in bed.hosts)
-        # Each host's status names the swarm download as installed.
+        # Each host's status names the swarm download as installed, and every agent runs
+        # its kicker while it seeds (peers were unchoked without the daemon's 10 s wait).
+        kicks = 0
         for host in bed.hosts.values():
             status = json.loads((host.layout.root / "status.json").read_text())
             assert status["services"]["a"]["fetch"]["state"] == "installed"
+            assert status["swarm"]["kicker_running"] is True
+            kicks += status["swarm"]["kicks"]
+        assert kicks > 0
     finally:
         try:
             seed.stop(seed_dir)

@@ -171,6 +171,13 @@ def test_agent_config(tmp_path):
                    "[service:api]\n")
     with pytest.raises(ConfigError, match="session_timeout: 'soon' is not a number"):
         load(cfg)
+    cfg.write_text("[agent]\nstore = zk://z/dc\nroot = /x\ntransmission_rpc = http://a:9091/x\n"
+                   "link_mbit = fast\n[service:api]\n")
+    with pytest.raises(ConfigError, match="link_mbit: 'fast' is not a number"):
+        load(cfg)
+    cfg.write_text("[agent]\nstore = zk://z/dc\nroot = /x\nkick_secs = -1\n[service:api]\n")
+    with pytest.raises(ConfigError, match="kick_secs: must be >= 0"):
+        load(cfg)
     cfg.write_text("[agent]\nstore = http://z/dc\nroot = /x\n[service:api]\n")
     with pytest.raises(ConfigError, match="scheme"):
         load(cfg)

@@ -34,6 +34,13 @@ class AgentConfig:
         return {"host": self.host, "rack": self.rack, **self.services.get(svc, {})}
 
 
+# Numeric keys of the optional swarm part (agent/distribution.py), validated at load time so
+# a typo is a clear error at start-up, not a crash in the middle of a deploy.
+SWARM_NUMBERS = (("tracker_port", int, 1), ("seed_grace", float, 0), ("mlock_cap", int, 0),
+                 ("kick_secs", float, 0), ("swarm_stall_secs", float, 0),
+                 ("link_mbit", float, 0.001))
+
+
 def _number(where: str, raw: str, kind: type, minimum: float) -> float:
     try:
         value = kind(raw)
@@ -80,6 +87,9 @@ def load(path: Path) -> AgentConfig:
     if not services:
         raise ConfigError(f"{path}: no [service:NAME] section: this host runs no service")
     where = f"{path} [agent]"
+    for key, kind, minimum in SWARM_NUMBERS:  # kept as text in ``extra``, checked here
+        if agent.get(key, "").strip():
+            _number(f"{where} {key}", agent[key].strip(), kind, minimum)
     return AgentConfig(
         host=host, rack=agent.get("rack", ""), store=store, root=Path(agent["root"]),
         services=services,

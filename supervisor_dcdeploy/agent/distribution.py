@@ -11,7 +11,13 @@ runs after verification, because Transmission's verify evicts the pages.
 Keys (all optional but the first): ``transmission_rpc`` (``http://ADDR:9091/transmission/rpc``),
 ``address`` (what peers dial; default the RPC host), ``tracker_port`` (6969),
 ``swarm_dir`` (the daemon's download dir; default ``<root>/downloads``), ``seed_grace``
-(seconds, 60), ``mlock_cap`` (bytes pinned with mlock by preload, 0).
+(seconds, 60), ``mlock_cap`` (bytes pinned with mlock by preload, 0), ``kick_secs`` (how
+often the kicker looks for peers waiting on Transmission's 10 s choke pass, 1; 0 turns it off),
+``swarm_stall_secs`` (a swarm download with no new byte for this long fails, and is
+retried from the release's URLs when it has some; 120, 0 waits forever), ``link_mbit``
+(this host's link, 1000: with it, a release staged with both a torrent and URLs
+small enough that plain HTTP from the origin is faster goes over HTTP; see
+:func:`fetch_transport`).
 """
 
 from __future__ import annotations
@@ -62,20 +68,48 @@ def install_from(path: Path, target: Path, version: str, sha256: str) -> None:
         raise
 
 
+def fetch_transport(staged: StagedRelease, hosts: int, link_bps: float,
+                    swarm_available: bool) -> str:
+    """"swarm" or "http" for one staged release on this host. Pure.
+
+    Only a release that has both a torrent and URLs is a choice; then
+    :func:`p2p.swarm.choose_transport` weighs ``hosts`` downloads from one origin against
+    the swarm's fixed start-up and tail cost. A host without a daemon takes the URLs."""
+    from ..p2p.swarm import choose_transport, decode_metainfo
+    from ..p2p.torrent import torrent_size
+    if not staged.torrent or not swarm_available:
+        return "http"
+    if not staged.urls:
+        return "swarm"
+    size = staged.size
+    if size is None:
+        try:
+            size = torrent_size(decode_metainfo(staged.torrent))
+        except (DownloadError, ValueError, KeyError, TypeError):
+            return "http"  # the URLs still work; the fetch reports nothing odd
+    return choose_transport(size, hosts, link_bps, has_urls=True)
+
+
 class Distribution:
     def __init__(self, cfg: AgentConfig, store: Store) -> None:
-        from ..p2p.swarm import SwarmFetcher
+        from ..p2p.swarm import Kicker, SwarmFetcher
         from ..p2p.tracker import Tracker
         rpc = cfg.extra["transmission_rpc"]
         self.address = cfg.extra.get("address") or urlsplit(rpc).hostname or "127.0.0.1"
         self.seed_grace = float(cfg.extra.get("seed_grace", "60"))
         self.mlock_cap = int(cfg.extra.get("mlock_cap", "0"))
+        self.link_bps = float(cfg.extra.get("link_mbit", "1000")) * 1e6
+        self.stall_secs = float(cfg.extra.get("swarm_stall_secs", "120")) or None
         self.active = False
         self.fetcher = SwarmFetcher(rpc, Path(cfg.extra.get("swarm_dir",
                                                             str(cfg.root / "downloads"))))
         self.tracker = Tracker(store, cfg.host, self.address, cfg.rack,
                                port=int(cfg.extra.get("tracker_port", "6969")),
                                active=lambda: self.active)
+        # While this host seeds, peers asking it for data must not wait up to 10 s for the
+        # daemon's choke pass (docs/distribution.md, "The first ~10 s").
+        kick_secs = float(cfg.extra.get("kick_secs", "1"))
+        self.kicker = Kicker(self.fetcher, kick_secs) if kick_secs > 0 else None
         self._released_at: dict[str, float] = {}  # infohash -> when its deploy was done
         self._last_prune = 0.0
 
@@ -86,9 +120,19 @@ class Distribution:
     def start(self) -> None:
         self.tracker.start()
         log.info("swarm.tracker_started", port=self.tracker.port, address=self.address)
+        if self.kicker is not None:
+            self.kicker.start()
 
     def stop(self) -> None:
+        if self.kicker is not None:
+            self.kicker.stop()
         self.tracker.stop()
+
+    def status(self) -> dict[str, Any]:
+        """For ``status.json``: where peers reach us and what the kicker did."""
+        return {"address": self.address, "tracker_port": self.tracker.port,
+                "kicker_running": bool(self.kicker and self.kicker.running),
+                "kicks": self.kicker.kicks if self.kicker else 0}
 
     def fetch(self, staged: StagedRelease, target: Path,
               progress: Callable[[int, int | None], None]) -> None:
@@ -96,7 +140,8 @@ class Distribution:
         if not staged.torrent:
             raise DownloadError("the staged release has no torrent")
         path = self.fetcher.fetch(staged.torrent, staged.sha256,
-                                  progress=lambda done, total: progress(done, total))
+                                  progress=lambda done, total: progress(done, total),
+                                  stall_timeout=self.stall_secs)
         install_from(path, target, staged.version, staged.sha256)
 
     def warm(self, release: Path) -> dict[str, Any]:

@@ -28,7 +28,7 @@ from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, 
                      StoreError, StoreUnavailable, TransactionFailed, open_store)
 from ..supervisorctl_client import Supervisor, SupervisorError
 from .config import AgentConfig
-from .distribution import Distribution
+from .distribution import Distribution, fetch_transport
 
 RUNNING_STATES = ("RUNNING",)
 TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
@@ -320,32 +320,48 @@ class Agent:
             self._set(svc, fetch={"version": staged.version, "state": "failed",
                                   "error": failed[2]})
             return
-        self.log.info("fetch.start", svc=svc, version=staged.version, urls=list(staged.urls))
-        self._fetch_progress[svc] = {}
+        hosts = max(len(view.current), sum(svc in h.services for h in view.hosts.values()))
+        transport = fetch_transport(staged, hosts, self.dist.link_bps if self.dist else 0,
+                                    self.dist is not None)
+        self.log.info("fetch.start", svc=svc, version=staged.version, urls=list(staged.urls),
+                      via=transport)
+        self._fetch_progress[svc] = {"via": transport}
         preload = bool(view.spec and view.spec.preload)
-        future = self._executor.submit(self._do_fetch, svc, staged, preload)
+        future = self._executor.submit(self._do_fetch, svc, staged, preload, transport)
         self._fetches[svc] = (staged.sha256, future)
         self._set(svc, fetch={"version": staged.version, "state": "downloading"})
 
-    def _do_fetch(self, svc: str, staged, preload: bool) -> None:
-        """Fetch thread: download (swarm or URL), verify, install, then warm the page cache
-        when the spec asks for it. The host joins the ready queue only after all of it."""
-        from ..fetch import DownloadError, install_release
+    def _do_fetch(self, svc: str, staged, preload: bool, transport: str) -> None:
+        """Fetch thread: download (swarm or URL, see ``fetch_transport``), verify, install,
+        then warm the page cache when the spec asks for it. The host joins the ready queue
+        only after all of it. A swarm download that fails for any reason but a full disk or
+        a wrong checksum is retried from the URLs, when there are some."""
+        from ..fetch import DiskFull, DownloadError, VerificationError, install_release
         rd = self.dirs[svc]
+        via = {"via": transport}
 
         def progress(done: int, total: int | None) -> None:
-            self._fetch_progress[svc] = {"done": done, "total": total}
+            self._fetch_progress[svc] = {**via, "done": done, "total": total}
 
         try:
             if self._fetch is not None:
                 self._fetch(svc, staged, rd, progress)
-            elif staged.torrent and self.dist is not None:
-                self._fetch_progress[svc] = {"via": "swarm"}
-                self.dist.fetch(staged, rd.path(staged.version), progress)
-            elif staged.urls:
+                transport = "injected"
+            if transport == "swarm" and self.dist is not None:
+                try:
+                    self.dist.fetch(staged, rd.path(staged.version), progress)
+                except (DiskFull, VerificationError):
+                    raise
+                except DownloadError as exc:
+                    if not staged.urls:
+                        raise
+                    self.log.warning("fetch.swarm_failed", svc=svc, version=staged.version,
+                                     error=str(exc), action="download from the URLs")
+                    transport = via["via"] = "http"
+            if transport == "http" and staged.urls:
                 install_release(list(staged.urls), staged.sha256, rd.releases, staged.version,
                                 rd.cache, size=staged.size, progress=progress)
-            else:
+            elif transport == "http":
                 raise DownloadError("the staged release has only a torrent and this host has "
                                     "no transmission_rpc in its agent.conf")
             if preload:
@@ -662,10 +678,13 @@ class Agent:
         for svc in self.cfg.services:
             self.status[svc]["version"] = self.local.get(svc).active
         ops = self.store.ops
-        data = dumps({"host": self.host, "rack": self.cfg.rack,
-                      "store": self.session.value if self._started else "unreachable",
-                      "store_ops": {"reads": ops.reads, "writes": ops.writes},
-                      "services": self.status})
+        status = {"host": self.host, "rack": self.cfg.rack,
+                  "store": self.session.value if self._started else "unreachable",
+                  "store_ops": {"reads": ops.reads, "writes": ops.writes},
+                  "services": self.status}
+        if self.dist is not None:
+            status["swarm"] = self.dist.status()
+        data = dumps(status)
         if data != self._status_written:
             try:
                 atomic_write(self.cfg.root / STATUS_FILE, data)
