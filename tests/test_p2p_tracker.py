@@ -20,9 +20,9 @@ IH = bytes.fromhex("aa" * 20)
 
 
 def announce(tracker: Tracker, *, port: int, left: int = 100, event: str = "",
-             numwant: int = 50) -> dict:
+             numwant: int = 50, downloaded: int = 0) -> dict:
     q = (f"info_hash={quote_from_bytes(IH)}&peer_id=-TR3000-000000000000&port={port}"
-         f"&uploaded=0&downloaded=0&left={left}&numwant={numwant}&compact=1"
+         f"&uploaded=0&downloaded={downloaded}&left={left}&numwant={numwant}&compact=1"
          + (f"&event={event}" if event else ""))
     with urllib.request.urlopen(f"http://127.0.0.1:{tracker.port}/announce?{q}", timeout=5) as r:
         return bencode.decode(r.read())
@@ -125,3 +125,20 @@ def test_reregisters_after_session_loss(store, trackers, zk_server):
     assert json.loads(store.get(path)[0])["port"] == 7300
     owner = store.client.exists(f"{store.root}/{path}").ephemeralOwner
     assert owner == store.client.client_id[0] != session_id  # owned by the new session
+
+
+def test_an_empty_host_meets_the_seeders_first_then_everyone(store, trackers):
+    seeder = trackers("s1", "10.9.5.1", "A")
+    other = trackers("h2", "10.9.5.2", "A")
+    late = trackers("h1", "10.9.5.3", "A", intro_window=30)
+    announce(seeder, port=7401, left=0, event="completed")
+    announce(other, port=7402, downloaded=1 << 20)
+    body = announce(late, port=7403, event="started")  # has nothing yet: the seeder only
+    assert peers_of(body) == [("10.9.5.1", 7401)]
+    assert body[b"interval"] == 2  # ... and is asked back soon
+    body = announce(late, port=7403, downloaded=16384)  # holds pieces now: everyone
+    assert set(peers_of(body)) == {("10.9.5.1", 7401), ("10.9.5.2", 7402)}
+    assert body[b"interval"] == 60
+    # Past its window an empty host gets everyone (the seeders may not unchoke it).
+    impatient = trackers("h3", "10.9.5.4", "A", intro_window=0)
+    assert len(peers_of(announce(impatient, port=7404, event="started"))) == 3

@@ -27,7 +27,8 @@ from supervisor_dcdeploy.p2p.torrent import (artifact_sha256, infohash, make_tor
                                              piece_count, piece_size_for, torrent_name,
                                              torrent_size)
 from supervisor_dcdeploy.p2p.tracker import (AnnounceError, PeerInfo, announce_response,
-                                             compact_peers, order_peers, parse_announce)
+                                             compact_peers, order_peers, parse_announce,
+                                             seeders_first)
 from supervisor_dcdeploy.p2p.warm import drop_cache, residency, unlock, warm
 from supervisor_dcdeploy.agent.distribution import fetch_transport
 from supervisor_dcdeploy.model import InvalidData, StagedRelease
@@ -125,6 +126,19 @@ def test_order_peers_caps_at_numwant_and_keeps_a_seeder():
     assert len(out) == 3
     assert [p.rack for p in out[:2]] == ["A", "A"]
     assert out[-1].host == "build"  # no same-rack peer is complete: a seeder takes the last slot
+
+
+def test_seeders_first_only_for_an_empty_host_inside_its_window():
+    peers = [peer("a1", "A", 1), peer("b1", "B", 2), peer("build", "build", 3, complete=True)]
+    empty = parse_announce(query(left="100", downloaded="0"))
+    has_some = parse_announce(query(left="100", downloaded="16384"))
+    done = parse_announce(query(left="0", downloaded="0"))
+    assert [p.host for p in seeders_first(empty, peers, waited=1, window=6)] == ["build"]
+    assert seeders_first(empty, peers, waited=6, window=6) == peers  # seeders did not serve it
+    assert seeders_first(has_some, peers, waited=1, window=6) == peers
+    assert seeders_first(done, peers, waited=1, window=6) == peers
+    no_seeder = peers[:2]
+    assert seeders_first(empty, no_seeder, waited=1, window=6) == no_seeder
 
 
 def test_order_peers_is_stable_per_asker_and_differs_between_askers():

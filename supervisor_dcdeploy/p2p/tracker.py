@@ -35,6 +35,8 @@ log = structlog.get_logger("dcdeploy.p2p.tracker")
 PEERS = "peers"
 INTERVAL_ACTIVE = 5  # seconds between announces while a deploy is active
 INTERVAL_IDLE = 60
+INTRO_WINDOW = 6.0  # seconds an empty host is shown only seeders (see seeders_first)
+INTERVAL_INTRO = 2  # its announce interval meanwhile, so it meets the others soon after
 DEFAULT_NUMWANT = 50  # BEP 3: "defaults to 50 peers"
 MAX_NUMWANT = 200
 PEER_CACHE_SECS = 1.0  # an announce storm costs at most one store listing per second per torrent
@@ -87,6 +89,7 @@ class Announce:
     event: str  # "", "started", "completed", "stopped"
     numwant: int
     compact: bool
+    downloaded: int | None = None
 
 
 def parse_announce(query: str) -> Announce:
@@ -114,18 +117,20 @@ def parse_announce(query: str) -> Announce:
     if not 0 < port < 65536:
         raise AnnounceError(f"port {port} is out of range")
     left_text = one("left", "")
+    downloaded_text = one("downloaded", "")
     try:
         left = int(left_text) if left_text else None
+        downloaded = int(downloaded_text) if downloaded_text else None
         numwant = int(one("numwant", str(DEFAULT_NUMWANT)))
     except ValueError:
-        raise AnnounceError("left and numwant must be numbers") from None
+        raise AnnounceError("left, downloaded and numwant must be numbers") from None
     event = one("event", "")
     if event not in ("", "started", "completed", "stopped", "paused"):
         raise AnnounceError(f"unknown event {event!r}")
     return Announce(infohash=raw_hash.hex(), peer_id=one("peer_id", "").encode("latin-1"),
                     port=port, left=left, event=event,
                     numwant=max(0, min(numwant, MAX_NUMWANT)),
-                    compact=one("compact", "1") != "0")
+                    compact=one("compact", "1") != "0", downloaded=downloaded)
 
 
 def _spread_key(self_host: str, peer: PeerInfo) -> bytes:
@@ -156,6 +161,24 @@ def order_peers(self_host: str, self_rack: str, peers: Iterable[PeerInfo],
         if seeder is not None:
             answer[-1] = seeder
     return answer
+
+
+def seeders_first(ann: Announce, peers: list[PeerInfo], waited: float,
+                  window: float) -> list[PeerInfo]:
+    """The peers an announcing host should learn about now. Pure.
+
+    A host that has nothing yet (``left > 0``, ``downloaded == 0``) is given only the
+    complete peers for its first ``window`` seconds, when there are some. Transmission 3.00
+    tells connected peers about new pieces in HAVE messages batched for up to 10 s, but sends
+    its whole bitfield at once on connecting: hosts that meet once they hold pieces start
+    trading at once, where hosts that met empty ignore each other for ~10 s
+    (docs/distribution.md, "Downloaders ignore each other"). Everyone else, and anyone
+    after the window (seeders that do not unchoke it) or with no seeder around, gets all."""
+    empty = bool(ann.left) and not ann.downloaded
+    if not empty or waited >= window:
+        return peers
+    seeders = [p for p in peers if p.complete]
+    return seeders or peers
 
 
 def compact_peers(peers: Sequence[PeerInfo]) -> tuple[bytes, bytes]:
@@ -204,7 +227,8 @@ class Tracker:
     def __init__(self, store: Store, host: str, address: str, rack: str, port: int = 6969,
                  active: Callable[[], bool] = lambda: False, *, bind: str = "127.0.0.1",
                  interval_active: int = INTERVAL_ACTIVE, interval_idle: int = INTERVAL_IDLE,
-                 expire_after: float | None = None) -> None:
+                 expire_after: float | None = None, intro_window: float = INTRO_WINDOW
+                 ) -> None:
         check_name("tracker", "host", host)
         ipaddress.ip_address(address)
         self.store = store
@@ -217,6 +241,8 @@ class Tracker:
         self.interval_active = interval_active
         self.interval_idle = interval_idle
         self.expire_after = expire_after or 3 * interval_idle + 20
+        self.intro_window = intro_window
+        self._first_seen: dict[str, float] = {}  # infohash -> first announce (monotonic)
         self._lock = threading.Lock()
         self._registered: dict[str, tuple[PeerInfo, float]] = {}  # infohash -> (info, last seen)
         self._written: dict[str, PeerInfo] = {}  # what this session wrote
@@ -304,13 +330,20 @@ class Tracker:
         if ann.event in ("stopped", "paused"):
             with self._lock:
                 self._registered.pop(ann.infohash, None)
+                self._first_seen.pop(ann.infohash, None)
             self._unregister(ann.infohash)
             return announce_response([], interval=interval, compact=ann.compact)
         me = PeerInfo(self.host, self.address, ann.port, self.rack, complete=ann.left == 0)
+        now = time.monotonic()
         with self._lock:
-            self._registered[ann.infohash] = (me, time.monotonic())
+            self._registered[ann.infohash] = (me, now)
+            first = self._first_seen.setdefault(ann.infohash, now)
         self._register(ann.infohash, me)
-        peers = order_peers(self.host, self.rack, self._peers(ann.infohash), ann.numwant)
+        known = self._peers(ann.infohash)
+        offered = seeders_first(ann, known, now - first, self.intro_window)
+        if len(offered) < len([p for p in known if p.host != self.host]):
+            interval = min(interval, INTERVAL_INTRO)  # come back soon for the others
+        peers = order_peers(self.host, self.rack, offered, ann.numwant)
         with self._lock:
             self._answers[ann.infohash] = [p.host for p in peers]
         log.debug("tracker.announce", host=self.host, infohash=ann.infohash, ann_event=ann.event,
