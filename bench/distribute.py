@@ -123,7 +123,8 @@ class Timeline:
 
 
 def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
-              log: list[str], timeline: Path | None = None) -> tuple[float, int, dict[str, float]]:
+              log: list[str], timeline: Path | None = None,
+              parts: int = 1) -> tuple[float, int, dict[str, float]]:
     build = lab.hosts["origin"]
     add_seed(build.dir, build.rpc_url, staged, wait=600)
     before = lab.egress_bytes("origin")
@@ -137,7 +138,12 @@ def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
 
     def one(name: str) -> None:
         try:
-            lab.hosts[name].fetcher().fetch(staged.metainfo_b64, staged.sha256, timeout=timeout)
+            fetcher = lab.hosts[name].fetcher()
+            if parts > 1:  # experiment: each host prefers "its" part (see --parts)
+                ih = fetcher.add(staged.metainfo)
+                mine = names.index(name) % parts
+                fetcher._rpc(lambda c: c.change_torrent(ih, priority_high=[mine]))
+            fetcher.fetch(staged.metainfo_b64, staged.sha256, timeout=timeout)
             done[name] = time.monotonic() - start
         except BaseException as exc:  # noqa: BLE001 - reported below
             errors[name] = exc
@@ -215,12 +221,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tuning", default="", help="JSON of extra transmission settings")
     ap.add_argument("--origin-tuning", default="",
                     help="JSON of extra transmission settings for the origin only")
+    ap.add_argument("--parts", type=int, default=1,
+                    help="experiment: split the artifact into N files, host i prefers part i")
     ap.add_argument("--skip-http", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--timeline", default=None, metavar="FILE",
                     help="write the swarm's per-host timeline (JSON lines) to FILE")
     args = ap.parse_args(argv)
+    if args.parts > 1 and not args.skip_http:
+        ap.error("--parts makes a directory torrent; the HTTP baseline needs one file: "
+                 "add --skip-http")
     ok, why = netns.available()
     if not ok:
         print(f"bench/distribute.py: {why}", file=sys.stderr)
@@ -246,15 +257,22 @@ def main(argv: list[str] | None = None) -> int:
             lab.start_node(n)
         art_dir = work / "artifacts"
         art_dir.mkdir()
-        art = art_dir / "release.bin"
-        write_artifact(art, size)
+        if args.parts > 1:
+            art = art_dir / "release"
+            art.mkdir()
+            for i in range(args.parts):
+                write_artifact(art / f"part-{i:03d}", size // args.parts)
+        else:
+            art = art_dir / "release.bin"
+            write_artifact(art, size)
         t0 = time.monotonic()
         meta, ih = make_torrent(art, piece_size=args.piece_kib * 1024 or None)
         hash_s = time.monotonic() - t0
         staged = Staged(art, meta, ih, artifact_sha256(art), size)
         notes.append(f"torrent: {ih}, hashed in {hash_s:.1f} s")
         s_last, s_egress, _ = run_swarm(lab, names, staged, timeout, notes,
-                                         Path(args.timeline) if args.timeline else None)
+                                         Path(args.timeline) if args.timeline else None,
+                                         parts=args.parts)
         result = {"hosts": args.hosts, "size_bytes": size, "bandwidth_bps": bps,
                   "swarm": summary(s_last, ideal, s_egress, size)}
         if not args.skip_http:
