@@ -23,8 +23,11 @@ def processes_mentioning(text: str) -> list[int]:
 
 
 def start_demo(*args: str) -> tuple[subprocess.Popen, str]:
+    # SIGINT back to its default in the child: a test run started in the background (where
+    # the shell ignores SIGINT, and children inherit that) must still be able to interrupt.
     proc = subprocess.Popen([sys.executable, "-m", "supervisor_dcdeploy.cli", "demo", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     first = proc.stdout.readline()
     assert "work directory" in first, first
     return proc, first.rsplit(" ", 1)[1].strip()
@@ -46,6 +49,6 @@ def test_demo_interrupted_leaves_nothing_behind():
             break
     assert processes_mentioning(workdir), "the demo's hosts should be running now"
     proc.send_signal(signal.SIGINT)
-    proc.communicate(timeout=120)
-    assert proc.returncode == 130
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
     assert processes_mentioning(workdir) == []
