@@ -8,6 +8,7 @@ the module, failures included.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -181,6 +182,10 @@ def test_peer_serving_bad_data_is_detected_and_data_comes_from_others(lab):
     staged = stage_and_seed(lab, "rel-3.bin", 4 * MiB)
     h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
     assert_verified(fetch_all([h1], staged), staged)
+    # h2 must be told about h1 at once: an empty host first meets only complete peers
+    # (tracker: seeders_first), so wait until h1 is registered complete.
+    wait_for(lambda: json.loads(lab.store.get(f"peers/{staged.infohash}/h1")[0])["complete"],
+             30, "h1 registered as a complete peer")
     # h1 now serves garbage for most of the file (its daemon does not know) and is fast;
     # the build host is the only good source and is slow.
     copy = h1.releases / staged.path.name
