@@ -62,8 +62,26 @@ def test_stage_path_and_deploy_through_the_swarm(tmp_path):
             status = json.loads((host.layout.root / "status.json").read_text())
             assert status["services"]["a"]["fetch"]["state"] == "installed"
             assert status["swarm"]["kicker_running"] is True
+            assert status["services"]["a"]["fetch"]["via"] == "swarm"
             kicks += status["swarm"]["kicks"]
         assert kicks > 0
+        # A small release staged with a torrent *and* a URL goes over HTTP: 4 hosts x S/B
+        # is far below the swarm's fixed cost (fetch_transport).
+        artifact3, _ = build_release(tmp_path / "art3", "a", "3")
+        cli = subprocess.run([sys.executable, "-m", "supervisor_dcdeploy.cli", "--store",
+                              bed.store_url, "stage", "a", "3", "--path", str(artifact3),
+                              "--url", artifact3.resolve().as_uri(), "--seed-dir",
+                              str(seed_dir)], capture_output=True, text=True, timeout=300)
+        assert cli.returncode == 0, cli.stderr
+
+        def fetched_3(host) -> dict | None:
+            status = json.loads((host.layout.root / "status.json").read_text())
+            fetch = status["services"]["a"]["fetch"]
+            return fetch if fetch.get("version") == "3" and fetch["state"] == "installed" \
+                else None
+        wait_for(lambda: all(fetched_3(h) for h in bed.hosts.values()), 120,
+                 "every host to install a 3")
+        assert {fetched_3(h)["via"] for h in bed.hosts.values()} == {"http"}
     finally:
         try:
             seed.stop(seed_dir)

@@ -289,7 +289,9 @@ class Agent:
         rd = self.dirs[svc]
         have = installed_sha256(rd.path(staged.version))
         if have == staged.sha256:
-            self._set(svc, fetch={"version": staged.version, "state": "installed"})
+            via = self._fetch_progress.get(svc, {}).get("via")  # how this agent fetched it
+            self._set(svc, fetch={"version": staged.version, "state": "installed",
+                                  **({"via": via} if via else {})})
             return
         if have is not None:
             self._set(svc, fetch={"version": staged.version, "state": "error",
