@@ -294,3 +294,29 @@ def test_a_swarm_nobody_seeds_fails_as_stalled_not_forever(lab):
                     stall_timeout=5)
     finally:
         f.remove(staged.infohash, delete_data=True)
+
+
+def test_web_seed_alone_serves_a_host(lab):
+    """BEP 19: nobody seeds this release over BitTorrent; an HTTP server on the build host
+    that answers Range requests is the torrent's web seed, and a host's daemon fetches the
+    whole release from it."""
+    build = lab.hosts["build"]
+    art = make_artifact(lab, "rel-9.bin", 4 * MiB)
+    port = 8089
+    server = subprocess.Popen(
+        build.ns.exec_args(sys.executable, str(Path(__file__).with_name("rangeserver.py")),
+                           build.address, str(port), str(art.parent)),
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        staged = stage(art, webseeds=[f"http://{build.address}:{port}/{art.name}"])
+        before = lab.egress_bytes("build")
+        got = lab.hosts["h1"].fetcher().fetch(staged.metainfo_b64, staged.sha256,
+                                              timeout=FETCH_TIMEOUT)
+        assert got.read_bytes() == art.read_bytes()
+        # Every byte came from the web seed: the build host's daemon never had the torrent.
+        assert SwarmFetcher(build.rpc_url, build.releases).state(staged.infohash) is None
+        assert lab.egress_bytes("build") - before >= staged.size
+    finally:
+        server.kill()
+        server.wait()

@@ -25,7 +25,7 @@ from supervisor_dcdeploy.p2p.swarm import (TorrentState, choose_transport, decod
                                            error_for, kick_reasons, retained, status_name)
 from supervisor_dcdeploy.p2p.torrent import (artifact_sha256, infohash, make_torrent,
                                              piece_count, piece_size_for, torrent_name,
-                                             torrent_size)
+                                             torrent_size, web_seeds)
 from supervisor_dcdeploy.p2p.tracker import (AnnounceError, PeerInfo, announce_response,
                                              compact_peers, order_peers, parse_announce,
                                              seeders_first)
@@ -221,6 +221,8 @@ def test_make_torrent_private_webseed_infohash_matches_torf(tmp_path):
     assert calls[-1][0] == calls[-1][1] == t.pieces == piece_count(meta)
     assert torrent_name(meta) == art.name and torrent_size(meta) == art.stat().st_size
     assert make_torrent(art)[1] == make_torrent(art)[1]  # deterministic: no creation date
+    assert web_seeds(meta) == ["http://origin/rel-1.tar.gz"]
+    assert web_seeds(make_torrent(art)[0]) == []
 
 
 def test_artifact_sha256_file_and_directory_manifest(tmp_path):

@@ -113,6 +113,17 @@ def torrent_size(metainfo: bytes) -> int:
     return sum(int(f[b"length"]) for f in info[b"files"])
 
 
+def web_seeds(metainfo: bytes) -> list[str]:
+    """The BEP 19 ``url-list`` of a metainfo (one URL or a list; empty when absent)."""
+    data = decode(metainfo)
+    raw = data.get(b"url-list") if isinstance(data, dict) else None
+    if isinstance(raw, bytes):
+        raw = [raw]
+    if not isinstance(raw, list):
+        return []
+    return [u.decode("utf-8", "replace") for u in raw if isinstance(u, bytes) and u]
+
+
 def piece_count(metainfo: bytes) -> int:
     """Number of pieces of a metainfo (20 bytes of SHA-1 each in ``info.pieces``)."""
     info = decode(metainfo)[b"info"]  # type: ignore[index]
