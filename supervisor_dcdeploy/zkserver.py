@@ -4,9 +4,11 @@ the tests and the testbed. Uses Debian's ``zookeeper`` package and the machine's
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -124,7 +126,41 @@ class ZooKeeperServer:
         self.kill(signal.SIGTERM) if self.running else None
 
 
+PORT_FLOOR = 10000
+_handed_out: set[int] = set()
+_ports_lock = threading.Lock()
+
+
+def ephemeral_range(path: str = "/proc/sys/net/ipv4/ip_local_port_range") -> tuple[int, int]:
+    """The kernel's range for automatically assigned (outgoing) source ports."""
+    try:
+        low, high = (int(x) for x in Path(path).read_text().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A TCP port nobody listens on now, for a server the caller starts next.
+
+    Chosen *below* the kernel's ephemeral range: a port from ``bind(0)`` is one an outgoing
+    connection may take as its source port before the caller's server binds it ("Address
+    already in use": seen with the many connections of the consul-fake tests). Never the
+    same port twice in one process."""
+    low, _ = ephemeral_range()
+    rng = random.Random()
+    with _ports_lock:
+        for _ in range(500) if low - 1 > PORT_FLOOR else ():
+            port = rng.randint(PORT_FLOOR, low - 1)
+            if port in _handed_out:
+                continue
+            with socket.socket() as sock:
+                try:
+                    sock.bind((host, port))
+                except OSError:
+                    continue
+            _handed_out.add(port)
+            return port
+        with socket.socket() as sock:  # no room below the range: the kernel's choice
+            sock.bind((host, 0))
+            return sock.getsockname()[1]

@@ -192,3 +192,18 @@ def test_store_urls():
     for bad in ("", "etcd://x", "zk://:1/x", "zk://a:port/x"):
         with pytest.raises(StoreURLError):
             parse_store_url(bad)
+
+
+def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range(tmp_path):
+    from supervisor_dcdeploy.zkserver import ephemeral_range, free_port
+    low, high = ephemeral_range()
+    ports = [free_port() for _ in range(30)]
+    assert len(set(ports)) == 30
+    assert all(p < low for p in ports), (low, ports)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # nothing took it
+    rng = tmp_path / "range"
+    rng.write_text("1024\t65000\n")
+    assert ephemeral_range(str(rng)) == (1024, 65000)
+    rng.write_text("garbage")
+    assert ephemeral_range(str(rng)) == (32768, 60999)
