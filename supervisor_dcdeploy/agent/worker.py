@@ -360,6 +360,7 @@ class Agent:
                     self.log.warning("fetch.swarm_failed", svc=svc, version=staged.version,
                                      error=str(exc), action="download from the URLs")
                     transport = via["via"] = "http"
+                    self._fetch_progress[svc] = dict(via)
             if transport == "http" and staged.urls:
                 install_release(list(staged.urls), staged.sha256, rd.releases, staged.version,
                                 rd.cache, size=staged.size, progress=progress)
