@@ -130,7 +130,6 @@ def test_everyone_completes_verifies_and_prefers_its_rack(lab, everywhere):
 
     # The store holds every host of the swarm, with its routable address, complete.
     base = f"peers/{staged.infohash}"
-    import json
     def all_complete():
         names = set(lab.store.children(base))
         if names != {"build", *HOSTS}:
@@ -251,7 +250,6 @@ def test_fetch_survives_daemon_restart(lab):
         lab.net.unshape("h4")
     assert "error" not in result, result.get("error")
     assert result["path"].read_bytes() == staged.path.read_bytes()
-    import json
     assert json.loads((h4.dir / "node.json").read_text())["daemon_pid"] != old_pid
 
 
