@@ -47,6 +47,9 @@ class Params:
     takedown_grace: float = 1.0  # L3: a take-down committed just before a cut may still start
     switch_max: float = 30.0  # L3: longest switch a cut-off host may be in
     boot_max: float = 45.0  # L3: a rebooted, cut-off host serves again within this
+    # L3: the reboot fault lifts the cut as soon as its own check sees the host serve; the
+    # prober samples on its own clock, so its first sample may come a little after that.
+    probe_slack: float = 0.5
     probation: float = 5.0  # L3: a version served this briefly may not be verified yet
     strict_order: bool = True  # S2 as in DESIGN §5; False lets independent items overlap
 
@@ -714,7 +717,7 @@ def check_l3(tl: Timeline, p: Params) -> tuple[Found, str] | None:
                               if s.ok and s.t < f.start]
                     back = next((s for s in tl.probes.get((svc, host), ())
                                  if s.ok and s.t >= boot), None)
-                    if back is None or back.t > min(f.end, boot + p.boot_max):
+                    if back is None or back.t > min(f.end + p.probe_slack, boot + p.boot_max):
                         if min(f.end, boot + p.boot_max) <= tl.end:
                             found.append((min(f.end, boot + p.boot_max),
                                           f"{host} did not start {svc} after a reboot with "
