@@ -89,7 +89,10 @@ def test_switch_on_a_full_disk_survives_an_isolated_reboot(bed):
                  "h1 serving a after the isolated reboot")
         # No switch can start without the store, so what it serves is what it started.
         assert bed.version("h1", "a") == "2"
-        assert _local(bed, "h1")["active"] == "2" and _local(bed, "h1")["verified"] is True
+        assert _local(bed, "h1")["active"] == "2"
+        # Recovery's own health check then marks it verified again.
+        wait_for(lambda: _local(bed, "h1").get("verified") is True, 30,
+                 f"h1's recovery to verify a 2 (local state {_local(bed, 'h1')})")
     finally:
         reboot.heal()
     wait_for(bed.queue_empty, 120, "the deploy to finish")
