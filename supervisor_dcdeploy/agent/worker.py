@@ -478,6 +478,7 @@ class Agent:
         self._set(svc, phase="switching", reason=f"{previous} -> {target}")
         self.log.info("switch.start", svc=svc, version=target, previous=previous)
         back: Path | None = None
+        prepared: Path | None = None
         try:
             prepared = rd.prepare_current(target)
             # The way back is made now too, so that a rollback on a disk that filled up
@@ -486,6 +487,8 @@ class Agent:
                 back = rd.prepare_current(previous)
         except OSError as exc:
             # Nothing is stopped yet: give the slot back by registering again.
+            if prepared is not None:
+                prepared.unlink(missing_ok=True)
             self.log.error("switch.not_started", svc=svc, version=target, error=str(exc))
             self._set(svc, phase="serving", error=f"cannot prepare the switch: {exc}")
             if previous is not None:
