@@ -49,8 +49,10 @@ if REASON:
     print(f"\ntests/test_p2p_swarm.py skipped: {REASON}", file=sys.stderr)
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture(scope="module", autouse=True)
 def _needs_namespaces():
+    """Before the module's other fixtures (autouse comes first in its scope): they mount
+    and build namespaces."""
     if REASON:
         unavailable(REASON)
 
