@@ -159,9 +159,16 @@ class SlotFile:
     def write(self, payload: bytes) -> None:
         """Store ``payload`` as the newest copy: in place in the other slot, then
         ``fdatasync``. Makes the file when it is missing or too small."""
-        if self.index < 0 and not self.path.exists():
-            self.create(payload)
-            return
+        if self.index < 0:
+            # No valid copy known: reuse the file only if it is two slots of our size (its
+            # blocks exist); a missing or misshapen file is made again.
+            try:
+                fits = self.path.stat().st_size == 2 * self.slot_size
+            except FileNotFoundError:
+                fits = False
+            if not fits:
+                self.create(payload)
+                return
         if _HEADER.size + len(payload) > self.slot_size:
             self.create(payload)
             return

@@ -85,10 +85,17 @@ def test_no_valid_slot_is_reported_and_the_file_reused(tmp_path):
     state.update("api", active="3")
     assert path.stat().st_size == 8192
     assert LocalState(tmp_path).get("api").active == "3"
+    odd = tmp_path / "odd"
+    odd.mkdir()
+    (odd / STATE_FILE).write_bytes(b"x" * 100)
     with pytest.raises(ValueError, match="not two slots"):
-        (tmp_path / "odd").mkdir()
-        (tmp_path / "odd" / STATE_FILE).write_bytes(b"x" * 100)
-        read_state(tmp_path / "odd")
+        read_state(odd)
+    # A misshapen file is made again, in the right shape, by the next update.
+    misshapen = LocalState(odd)
+    assert misshapen.problem and "not two slots" in misshapen.problem
+    misshapen.update("api", active="4")
+    assert (odd / STATE_FILE).stat().st_size % 8192 == 0
+    assert read_state(odd)["services"]["api"]["active"] == "4"
 
 
 def test_a_state_larger_than_a_slot_makes_the_file_larger(tmp_path):
