@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Rolling-deploy makespan against the lower bound of DESIGN §8, and store operations per
+"""Rolling-deploy makespan against the lower bound of docs/design.md §8, and store operations per
 host upgrade.
 
 N local hosts (real supervisord + agent each) and a chain of services (s1 <- s2 <- ...),

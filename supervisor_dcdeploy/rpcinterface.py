@@ -13,7 +13,7 @@ from typing import Any
 
 from supervisor.xmlrpc import RPCError
 
-from .localstate import STATE_FILE, STATUS_FILE
+from .localstate import STATUS_FILE, read_state
 
 API_VERSION = "1.0"
 
@@ -38,10 +38,18 @@ class DcdeployNamespaceRPCInterface:
         except (OSError, ValueError) as exc:
             raise RPCError(500, f"{self.root / name}: {exc}") from None
 
+    def _local(self) -> dict:
+        if self.root is None:
+            raise RPCError(500, self.problem or "agent root unknown")
+        try:
+            return read_state(self.root)
+        except (OSError, ValueError) as exc:
+            raise RPCError(500, f"local state in {self.root}: {exc}") from None
+
     def getState(self) -> dict:  # noqa: N802
         """The agent's status (per service: version, phase, reason, fetch progress) and the
         host's local state (installed releases, active and previous versions)."""
-        return _scrub({"status": self._read(STATUS_FILE), "local": self._read(STATE_FILE),
+        return _scrub({"status": self._read(STATUS_FILE), "local": self._local(),
                        "root": str(self.root)})
 
 

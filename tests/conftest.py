@@ -1,5 +1,11 @@
 """Shared fixtures: one real ZooKeeper per test session, a fresh store root per test
-(the kazoo.testing model: real server, chroot per test)."""
+(the kazoo.testing model: real server, chroot per test).
+
+Markers (registered in setup.cfg) are given here, from what a test uses, so that test files
+need no decorations: ``netns`` for the namespace modules, ``integration`` for tests that use
+a real ZooKeeper, the Consul fake, supervisord or a demo data center, ``unit`` for the rest
+(``pytest -m unit`` runs in seconds and starts no server; a unit test that tries to start
+ZooKeeper fails)."""
 
 from __future__ import annotations
 
@@ -10,6 +16,47 @@ import pytest
 
 from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port
+
+from needs import unavailable
+
+# Modules whose tests build network namespaces (root, fixed interface names, the testbed's
+# machine-wide lock): never run beside another copy of themselves.
+NETNS_MODULES = {"test_p2p_swarm", "test_swarm_deploy", "test_testbed", "test_testbed_chaos",
+                 "test_testbed_faults", "test_testbed_durable"}
+# Fixtures that start a real server (ZooKeeper, the Consul fake) or a cluster of hosts.
+INTEGRATION_FIXTURES = {"zk_server", "store_url", "store", "cluster", "any_cluster",
+                        "serial_cluster", "backend", "st", "consul", "trackers"}
+# Modules that start processes themselves (supervisord, a demo data center).
+INTEGRATION_MODULES = {"test_demo", "test_supervisor_plugin"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rsplit(".", 1)[-1] if item.module else ""
+        if module in NETNS_MODULES:
+            item.add_marker(pytest.mark.netns)
+        elif module in INTEGRATION_MODULES or \
+                INTEGRATION_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)
+        else:
+            item.add_marker(pytest.mark.unit)
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_start_no_zookeeper(request, monkeypatch):
+    """Keeps the ``unit`` marker honest: a unit test that reaches for ZooKeeper fails."""
+    if request.node.get_closest_marker("unit") is not None:
+        def refuse(self, *args, **kwargs):
+            raise AssertionError(f"{request.node.nodeid} is marked unit but starts ZooKeeper; "
+                                 "use a fixture from INTEGRATION_FIXTURES (tests/conftest.py)")
+        monkeypatch.setattr(ZooKeeperServer, "start", refuse)
+
+
+@pytest.fixture
+def require_root():
+    """``require_root(reason)``: skip the test locally, fail it under CI=true, with the
+    reason (see tests/needs.py)."""
+    return unavailable
 
 
 @pytest.fixture(scope="session")

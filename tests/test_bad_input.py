@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 from cluster import Cluster, wait_for
+from needs import unavailable
 
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.cli import main as cli
@@ -128,7 +129,7 @@ def test_full_disk_fails_the_download_and_keeps_serving(workdir, store, store_ur
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(tight)],
                              capture_output=True, text=True)
     if mounted.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
+        unavailable(f"cannot mount a tmpfs (needs root): {mounted.stderr.strip()}")
     try:
         cluster.boot({"A": "1"})
         filler = tight / "filler"

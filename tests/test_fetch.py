@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from needs import unavailable
 
 from supervisor_dcdeploy import fetch
 from supervisor_dcdeploy.fetch import (
@@ -390,7 +391,7 @@ def tiny_fs(tmp_path: Path) -> Iterator[Path]:
     if res.returncode != 0:
         reason = f"cannot mount a tmpfs (needs root): {res.stderr.strip() or res.returncode}"
         print(reason)
-        pytest.skip(reason)
+        unavailable(reason)
     try:
         yield mnt
     finally:

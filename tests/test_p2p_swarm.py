@@ -1,8 +1,8 @@
 """Swarm tests: real transmission-daemons in network namespaces, a real ZooKeeper, one
 store-backed tracker per host. A build host (rack "build") and four hosts in two racks.
 
-Needs root (namespaces, tc, a tmpfs); skips with the reason otherwise. On CI it runs as root
-and must not skip. Every namespace is prefixed "dcdp" (10.214.0.0/16) and torn down after
+Needs root (namespaces, tc, a tmpfs); skips with the reason otherwise, and fails with it
+under CI=true (tests/needs.py). Every namespace is prefixed "dcdp" (10.214.0.0/16) and torn down after
 the module, failures included.
 """
 
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
+from needs import unavailable
 
 from supervisor_dcdeploy.waiting import wait_for
 from supervisor_dcdeploy import netns
@@ -46,7 +47,14 @@ def _why_not() -> str:
 REASON = _why_not()
 if REASON:
     print(f"\ntests/test_p2p_swarm.py skipped: {REASON}", file=sys.stderr)
-pytestmark = pytest.mark.skipif(bool(REASON), reason=REASON)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _needs_namespaces():
+    """Before the module's other fixtures (autouse comes first in its scope): they mount
+    and build namespaces."""
+    if REASON:
+        unavailable(REASON)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from cluster import Cluster, wait_for
 from fakeconsul import FakeConsul
 
 from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.localstate import read_state
 from supervisor_dcdeploy.store import open_store
 
 SERVICES = {"A": {"quorum": 3, "max_parallel": 2, "healthy_secs": 0.5},
@@ -210,8 +211,7 @@ def test_store_outage_keeps_serving_and_deploy_completes(cluster, zk_server):
         # the store away no switch starts, and one under way finishes: wait for that, so
         # the victim's last known (verified) version is settled before it is killed.
         def local(host: str) -> dict:
-            path = cluster.hosts[host].root / "state.json"
-            return json.loads(path.read_text())["services"]["A"]
+            return read_state(cluster.hosts[host].root)["services"]["A"]
 
         wait_for(lambda: all(local(h)["verified"] for h in cluster.hosts), 30,
                  "switches under way to finish")

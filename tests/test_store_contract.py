@@ -405,7 +405,7 @@ def test_expired_session_loses_ephemerals_then_reconnects(backend: Backend, st: 
     assert states.after(states.after(0).index(SessionState.LOST))[-1] is SessionState.CONNECTED
     assert owner.connected
     assert st.exists("current/api/h1") is None, "the ephemeral outlived its session"
-    # The new session works: the agent re-registers its presence (DESIGN §4.8).
+    # The new session works: the agent re-registers its presence (docs/design.md §4.8).
     owner.create("current/api/h1", b"back", ephemeral=True)
     assert st.get("current/api/h1")[0] == b"back"
     owner.stop()

@@ -10,7 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from needs import netns_reason, require
 
 from supervisor_dcdeploy import netns, ops
 from supervisor_dcdeploy.p2p import seed
@@ -20,10 +20,7 @@ from supervisor_dcdeploy.testbed.recorder import wait_for
 
 
 def test_stage_path_and_deploy_through_the_swarm(tmp_path):
-    ok, why = netns.available()
-    if not ok:
-        print(f"SKIP swarm deploy: {why}")
-        pytest.skip(why)
+    require(netns_reason())
     config = BedConfig(hosts=4, racks=2, base=tmp_path / "bed", disk_host=None,
                        services=(ServiceDef("a", 8001, 2, max_parallel=2),))
     bed = Testbed(config)

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from needs import netns_reason, require, zookeeper_reason
 
 from supervisor_dcdeploy import netns
 from supervisor_dcdeploy.testbed import bed as tb
@@ -20,13 +21,7 @@ from supervisor_dcdeploy.testbed.recorder import wait_for
 
 
 def _require_root() -> None:
-    ok, why = netns.available()
-    if not ok:
-        print(f"SKIP testbed: {why}")
-        pytest.skip(why)
-    if not Path("/usr/share/zookeeper").is_dir():
-        print("SKIP testbed: ZooKeeper not installed (apt-get install -y zookeeper)")
-        pytest.skip("ZooKeeper not installed")
+    require(netns_reason(), zookeeper_reason())
 
 
 def _nothing_left(base: Path) -> dict[str, list[str]]:

@@ -9,22 +9,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
+from needs import netns_reason, require, zookeeper_reason
 
-from supervisor_dcdeploy import netns
 from supervisor_dcdeploy.testbed.bed import leftovers
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 def test_chaos_short_set_reports_no_violation(tmp_path):
-    ok, why = netns.available()
-    if not ok:
-        print(f"SKIP chaos: {why}")
-        pytest.skip(why)
-    if not Path("/usr/share/zookeeper").is_dir():
-        print("SKIP chaos: ZooKeeper not installed")
-        pytest.skip("ZooKeeper not installed")
+    require(netns_reason(), zookeeper_reason())
     proc = subprocess.run([sys.executable, str(REPO / "bench" / "chaos.py"), "--trials", "2",
                            "--seed", "7", "--faults-per-trial", "2", "--json",
                            "--keep", str(tmp_path)],

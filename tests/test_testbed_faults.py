@@ -7,11 +7,10 @@ from __future__ import annotations
 
 import itertools
 import time
-from pathlib import Path
 
 import pytest
+from needs import netns_reason, require, zookeeper_reason
 
-from supervisor_dcdeploy import netns
 from supervisor_dcdeploy.testbed import checker
 from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed, leftovers
 from supervisor_dcdeploy.testbed.faults import REQUIRED
@@ -34,13 +33,7 @@ _seen: dict[str, dict] = {}
 
 @pytest.fixture(scope="module")
 def bed(tmp_path_factory):
-    ok, why = netns.available()
-    if not ok:
-        print(f"SKIP testbed faults: {why}")
-        pytest.skip(why)
-    if not Path("/usr/share/zookeeper").is_dir():
-        print("SKIP testbed faults: ZooKeeper not installed")
-        pytest.skip("ZooKeeper not installed")
+    require(netns_reason(), zookeeper_reason())
     base = tmp_path_factory.mktemp("faultbed")
     services = (ServiceDef("a", 8001, 2, healthy_secs=2.0),
                 ServiceDef("b", 8002, 2, ("a",), healthy_secs=2.0))

@@ -83,12 +83,14 @@ def test_atomic_write_and_local_state_survive_reload(tmp_path):
     state.update("api", active="2", previous="1", installed={"2": SHA})
     again = LocalState(tmp_path)
     assert again.get("api").active == "2" and again.get("api").previous == "1"
-    assert not [p for p in os.listdir(tmp_path) if p.startswith(".state.json")]
-    atomic_write(tmp_path / "state.json", b"{garbage")
-    broken = LocalState(tmp_path)
+    assert not [p for p in os.listdir(tmp_path) if p.startswith(".state")]
+    # A host from before the slots: its unreadable state.json is kept aside, not fatal.
+    legacy_host = tmp_path / "legacy"
+    atomic_write(legacy_host / "state.json", b"{garbage")
+    broken = LocalState(legacy_host)
     assert broken.problem and "unreadable" in broken.problem
     assert broken.get("api").active is None
-    assert (tmp_path / "state.corrupt").exists()
+    assert (legacy_host / "state.corrupt").exists()
 
 
 def test_release_dir_symlink_switch(tmp_path):

@@ -16,6 +16,7 @@ import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, Callable
 
 import structlog
@@ -476,10 +477,18 @@ class Agent:
         previous = self.local.get(svc).active
         self._set(svc, phase="switching", reason=f"{previous} -> {target}")
         self.log.info("switch.start", svc=svc, version=target, previous=previous)
+        back: Path | None = None
+        prepared: Path | None = None
         try:
             prepared = rd.prepare_current(target)
+            # The way back is made now too, so that a rollback on a disk that filled up
+            # meanwhile needs no new directory entry: it is a rename.
+            if previous is not None and previous != target and rd.path(previous).is_dir():
+                back = rd.prepare_current(previous)
         except OSError as exc:
             # Nothing is stopped yet: give the slot back by registering again.
+            if prepared is not None:
+                prepared.unlink(missing_ok=True)
             self.log.error("switch.not_started", svc=svc, version=target, error=str(exc))
             self._set(svc, phase="serving", error=f"cannot prepare the switch: {exc}")
             if previous is not None:
@@ -491,6 +500,8 @@ class Agent:
         problem = self._start_and_check(svc, program, spec, hold=True)
         if problem is None:
             self._record(svc, verified=True)
+            if back is not None:
+                back.unlink(missing_ok=True)
             self.log.info("switch.done", svc=svc, version=target)
             self._after_switch(svc, target)
             self._prune(svc)
@@ -499,7 +510,10 @@ class Agent:
         self.sup.stop(program)
         if previous is not None:
             try:
-                rd.point_current(previous)
+                if back is not None:
+                    rd.commit_current(back)
+                else:
+                    rd.point_current(previous)
             except OSError as exc:
                 self.log.error("switch.repoint_failed", svc=svc, error=str(exc))
             self._record(svc, active=previous, previous=None, verified=False)
@@ -615,7 +629,15 @@ class Agent:
         self.log.info("recover.start", svc=svc, version=version, why=why)
         self._set(svc, phase="recovering", reason=why)
         if rd.active() != version:
-            rd.point_current(version)
+            try:
+                rd.point_current(version)
+            except OSError as exc:
+                self.log.error("recover.repoint_failed", svc=svc, version=version,
+                               error=str(exc))
+                self._set(svc, phase="down", reason=f"cannot point current at {version}: "
+                                                    f"{exc}")
+                self._recover_after[svc] = time.monotonic() + RECOVER_RETRY_SECS
+                return
         self._record(svc, active=version, verified=False,
                      previous=st.previous if version == st.previous else st.active)
         problem = self._start_and_check(svc, program, spec, hold=False)

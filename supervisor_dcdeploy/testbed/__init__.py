@@ -1,2 +1,2 @@
 """Multi-host testbed: hosts in network namespaces, a 3-node ZooKeeper ensemble, faults,
-a prober and store recorder, and a checker of DESIGN §5 on the recorded history."""
+a prober and store recorder, and a checker of docs/design.md §5 on the recorded history."""

@@ -1,4 +1,4 @@
-"""Evaluate DESIGN §5 (S1-S5, L1-L3) on a recorded history (see :mod:`.history`).
+"""Evaluate docs/design.md §5 (S1-S5, L1-L3) on a recorded history (see :mod:`.history`).
 
 Pure functions of the event list: no I/O, no clock. The checker trusts nothing the agents
 say about themselves when an independent observation exists: quorum is checked on what the
@@ -51,7 +51,7 @@ class Params:
     # prober samples on its own clock, so its first sample may come a little after that.
     probe_slack: float = 0.5
     probation: float = 5.0  # L3: a version served this briefly may not be verified yet
-    strict_order: bool = True  # S2 as in DESIGN §5; False lets independent items overlap
+    strict_order: bool = True  # S2 as in docs/design.md §5; False lets independent items overlap
 
 
 @dataclass(frozen=True)

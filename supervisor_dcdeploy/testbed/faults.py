@@ -1,4 +1,4 @@
-"""Faults for the testbed (DESIGN §6), each an object with ``inject()`` and ``heal()``.
+"""Faults for the testbed (docs/design.md §6), each an object with ``inject()`` and ``heal()``.
 
 :class:`FaultRunner` records a ``fault`` start event just before ``inject`` and an end
 event just after ``heal`` returns, with the fault's effects (see :mod:`.history`), so the

@@ -29,6 +29,7 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .history import HistoryWriter
+from ..localstate import read_state
 from ..waiting import wait_for  # noqa: F401 (re-exported for the testbed)
 
 log = structlog.get_logger(__name__)
@@ -198,18 +199,15 @@ class StoreRecorder:
 
 def snapshot_state(writer: HistoryWriter, host: str, root: Path, fault: str | None = None
                    ) -> dict[str, Any]:
-    """Record the host's ``state.json`` as a ``state`` event (``ok`` False when it is missing
-    or unreadable, which S5 reports)."""
-    path = Path(root) / "state.json"
+    """Record the host's local state (``state.slots``, the newest valid slot) as a
+    ``state`` event (``ok`` False when no copy is readable, which S5 reports)."""
     try:
-        data = json.loads(path.read_text())
-        if not isinstance(data, dict):
-            raise ValueError("not a JSON object")
+        data = read_state(Path(root))
+        if not data:
+            return writer.emit("state", host=host, ok=True, data={"services": {}},
+                               fault=fault, note="no local state yet")
         return writer.emit("state", host=host, ok=True, data=data, fault=fault)
-    except FileNotFoundError:
-        return writer.emit("state", host=host, ok=True, data={"services": {}}, fault=fault,
-                           note="no state.json yet")
     except (OSError, ValueError) as exc:
-        return writer.emit("state", host=host, ok=False, error=f"{path}: {exc}", fault=fault)
+        return writer.emit("state", host=host, ok=False, error=f"{root}: {exc}", fault=fault)
 
 
