@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from supervisor_dcdeploy import health
+from supervisor_dcdeploy import ctlplugin, health
 from supervisor_dcdeploy.agent.config import ConfigError, load
 from supervisor_dcdeploy.model import HealthCheck, InvalidData, ServiceSpec
 
@@ -187,3 +187,12 @@ def test_address_comes_from_local_config():
     six = health.Local("api", {"port": "81", "address": "::1"})
     assert health.resolve(check, six).url == "http://[::1]:81/health"
     assert health.resolve(HealthCheck(kind="tcp", port=82), six).address == ("::1", 82)
+
+
+def test_supervisorctl_status_shows_an_unusable_check():
+    problem = "the health check of api is the local check 'ready', which ..."
+    state = {"status": {"host": "h1", "services": {"api": {"version": "1", "process": "RUNNING",
+                                                           "health_problem": problem}}}}
+    assert problem in ctlplugin.render(state)
+    del state["status"]["services"]["api"]["health_problem"]
+    assert "health check" not in ctlplugin.render(state)
