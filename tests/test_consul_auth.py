@@ -263,3 +263,15 @@ def test_tls_with_a_ca_and_a_client_certificate(tmp_path, pki):
             assert fragment in str(exc.value)
     finally:
         fake.close()
+
+
+def test_the_agent_refuses_to_start_with_a_readable_token_file(tmp_path):
+    from supervisor_dcdeploy.agent.config import ConfigError, load
+    token = secret_file(tmp_path / "token", "abc", 0o644)
+    conf = tmp_path / "agent.conf"
+    conf.write_text(f"[agent]\nstore = consul://c:8500/dc?token_file={token}\nroot = /x\n"
+                    "[service:api]\nport = 80\n")
+    with pytest.raises(ConfigError, match="readable by group or others"):
+        load(conf)
+    token.chmod(0o600)
+    assert load(conf).store.endswith(f"token_file={token}")

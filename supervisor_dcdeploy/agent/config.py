@@ -103,7 +103,9 @@ def load(path: Path) -> AgentConfig:
     store = os.environ.get("DCDEPLOY_STORE") or agent.get("store", "")
     try:
         check_name(f"{path} [agent]", "host", host)
-        parse_store_url(store)
+        if parse_store_url(store)[0] == "consul":
+            from ..store.consul import consul_auth
+            consul_auth(store)  # token file and TLS files: refused here, not at first use
     except (InvalidData, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not agent.get("root"):
