@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any, ClassVar, Mapping
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -123,8 +123,8 @@ class HealthCheck:
     check: str = ""  # cmd: the name of a [check:NAME] section in the host's agent.conf
     timeout: float = 2.0
 
-    KINDS = HEALTH_KINDS
-    FIELDS = {"http": ("path", "port"), "tcp": ("port",), "cmd": ("check",), "none": ()}
+    FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "http": ("path", "port"), "tcp": ("port",), "cmd": ("check",), "none": ()}
     PORT_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
     PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")  # printable ASCII, no space, bounded
     MAX_TIMEOUT = 3600.0

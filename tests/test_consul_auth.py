@@ -7,7 +7,6 @@ Against tests/fakeconsul.py, whose ACL and txn answers follow Consul's source
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import subprocess
 import uuid
