@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import ops
-from .model import HealthCheck
+from .model import HealthCheck, InvalidData
 from .snapshot import read_spec
 from .store import Store, StoreError, StoreURLError, open_store, store_url_from
 
@@ -38,18 +38,34 @@ def connected(args: argparse.Namespace) -> Iterator[Store]:
 
 
 def _health(args: argparse.Namespace) -> HealthCheck:
+    """The check as the store holds it: a path and a port variable, or a local check's name
+    (the hosts' agent.conf says what runs). Old-style loopback URLs / HOST:PORT are converted
+    by the model; a command line is refused."""
     given = [(k, v) for k, v in (("http", args.health_http), ("tcp", args.health_tcp),
                                  ("cmd", args.health_cmd)) if v]
     if len(given) > 1:
         raise CLIError("give at most one of --health-http, --health-tcp, --health-cmd")
     if not given:
         return HealthCheck()
-    kind, target = given[0]
-    if kind == "http" and not target.startswith(("http://", "https://")):
-        raise CLIError(f"--health-http {target!r}: expected an http:// or https:// URL")
-    if kind == "tcp" and ":" not in target:
-        raise CLIError(f"--health-tcp {target!r}: expected HOST:PORT")
-    return HealthCheck(kind, target, args.health_timeout)
+    kind, value = given[0]
+    data: dict = {"kind": kind, "timeout": args.health_timeout}
+    if kind == "http" and value.startswith("/"):
+        data.update(path=value, port=args.health_port)
+    elif kind == "http":
+        data["target"] = value  # old style: only a loopback URL with a {var} port is read
+    elif kind == "tcp" and ":" in value:
+        data["target"] = value  # old style HOST:PORT, likewise
+    elif kind == "tcp":
+        data["port"] = int(value) if value.isdigit() else value
+    else:
+        data["check"] = value
+    try:
+        return HealthCheck.parse(f"--health-{kind}", data)
+    except InvalidData as exc:
+        raise CLIError(str(exc) if kind != "cmd" else
+                       f"--health-cmd {value!r}: give the name of a [check:NAME] section of "
+                       "the hosts' agent.conf (its argv runs there, without a shell); a "
+                       "command line is not accepted") from None
 
 
 def cmd_service(args: argparse.Namespace) -> int:
@@ -281,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
                       help="hosts that must stay online")
     sset.add_argument("--depends-on", default="", help="comma-separated services")
     sset.add_argument("--max-parallel", type=int, default=1)
-    sset.add_argument("--health-http", metavar="URL")
-    sset.add_argument("--health-tcp", metavar="HOST:PORT")
-    sset.add_argument("--health-cmd", metavar="CMD")
+    sset.add_argument("--health-http", metavar="PATH",
+                      help="GET PATH on each host's own address, at --health-port")
+    sset.add_argument("--health-port", metavar="KEY", default="port",
+                      help="the [service:NAME] key holding the port on each host "
+                           "(default: port)")
+    sset.add_argument("--health-tcp", metavar="KEY",
+                      help="connect to each host's own address at the port in KEY")
+    sset.add_argument("--health-cmd", metavar="CHECK",
+                      help="run the [check:CHECK] argv of each host's agent.conf")
     sset.add_argument("--health-timeout", type=float, default=2.0)
     sset.add_argument("--healthy-secs", type=float, default=0.0,
                       help="the check must hold this long after start")

@@ -24,6 +24,8 @@ def render(state: dict[str, Any]) -> str:
                 fetch_text += f" ({fetch['error']})"
         lines.append(f"{svc:<16} {info.get('version') or '-':<12} {info.get('process', '?'):<9} "
                      f"{info.get('phase', '?'):<11} {info.get('reason') or ''}{fetch_text}")
+        if info.get("health_problem"):  # a check this host cannot run (health.resolve)
+            lines.append(f"{'':<16} cannot run the health check: {info['health_problem']}")
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ class HostLayout:
     start_timeout: float = 20.0
     extra_programs: str = ""  # more supervisord sections (e.g. transmission-daemon)
     agent_extra: dict[str, str] = field(default_factory=dict)  # more [agent] keys
+    # more agent.conf sections, e.g. {"check:ready": {"argv": "..."}}
+    agent_sections: dict[str, dict[str, str]] = field(default_factory=dict)
 
     @property
     def conf(self) -> Path:
@@ -71,6 +73,8 @@ def write_host(layout: HostLayout) -> Path:
     agent_lines += [f"{k} = {v}" for k, v in layout.agent_extra.items()]
     for svc, port in layout.services.items():
         agent_lines += ["", f"[service:{svc}]", f"port = {port}", f"address = {layout.address}"]
+    for section, keys in layout.agent_sections.items():
+        agent_lines += ["", f"[{section}]", *(f"{k} = {v}" for k, v in keys.items())]
     layout.agent_conf.write_text("\n".join(agent_lines) + "\n")
 
     dropin = dropin_text()

@@ -122,9 +122,9 @@ class Cluster:
     # -- operator side --------------------------------------------------------------
     def define(self) -> None:
         for svc, spec in self.services.items():
-            ops.service_set(self.store, svc, program=svc,
-                            health=HealthCheck("http", "http://127.0.0.1:{port}/health", 1.0),
-                            **spec)
+            spec = {"health": HealthCheck(kind="http", path="/health", port="port",
+                                          timeout=1.0), **spec}
+            ops.service_set(self.store, svc, program=svc, **spec)
 
     def release(self, svc: str, version: str, broken: bool = False) -> tuple[str, str]:
         path, sha = build_release(self.artifacts, svc, version, broken=broken)

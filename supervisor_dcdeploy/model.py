@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Mapping
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$")
 VERSION_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}$")
@@ -96,12 +96,47 @@ def version_key(version: str) -> tuple:
 
 @dataclass(frozen=True)
 class HealthCheck:
+    """A service's health check as the store may state it: *which* check, never *how*.
+
+    The store is not trusted to say what a host runs or connects to (docs/protocol.md,
+    "Health checks"), so a spec only names things each host resolves from its own
+    ``agent.conf``:
+
+    - ``{"kind": "http", "path": "/health", "port": "port"}``: ``GET`` of ``path`` on the
+      host's own ``address`` (``[service:NAME] address``, default ``127.0.0.1``) at the port
+      held by the host-local variable ``port`` (a key of ``[service:NAME]``; a number is
+      taken as the port itself);
+    - ``{"kind": "tcp", "port": "port"}``: a TCP connect to the same address and port;
+    - ``{"kind": "cmd", "check": "NAME"}``: the argv of ``[check:NAME]`` in the host's
+      ``agent.conf``, run without a shell;
+    - ``{"kind": "none"}``.
+
+    Old specs with a ``target`` are read only where that is safe: an http or tcp target on
+    the loopback (or ``{address}``) whose port is a ``{var}`` or a number is converted; any
+    other target, and every ``cmd`` target (a shell command from the store), is refused as
+    :class:`InvalidData` with the migration in words.
+    """
+
     kind: str = "none"  # http | tcp | cmd | none
-    target: str = ""  # URL, host:port or shell command; may use {host} and host-local vars
+    path: str = "/"  # http: the URL path on the host's own address
+    port: str | int = "port"  # http, tcp: a [service:NAME] key holding the port, or a port number
+    check: str = ""  # cmd: the name of a [check:NAME] section in the host's agent.conf
     timeout: float = 2.0
+
+    FIELDS: ClassVar[Mapping[str, tuple[str, ...]]] = {
+        "http": ("path", "port"), "tcp": ("port",), "cmd": ("check",), "none": ()}
+    PORT_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+    PATH_RE = re.compile(r"/[\x21-\x7e]{0,511}")  # printable ASCII, no space, bounded
+    MAX_TIMEOUT = 3600.0
+    # Old-style targets kept readable: loopback (or the host's own {address}) only.
+    _LEGACY_HOST = r"(?:127\.0\.0\.1|localhost|\[::1\]|\{address\})"
+    _LEGACY_PORT = r"(?:\{(?P<key>[A-Za-z_][A-Za-z0-9_]{0,62})\}|(?P<num>[0-9]{1,5}))"
+    LEGACY_HTTP_RE = re.compile(rf"http://{_LEGACY_HOST}:{_LEGACY_PORT}(?P<path>/[\x21-\x7e]*)?")
+    LEGACY_TCP_RE = re.compile(rf"{_LEGACY_HOST}:{_LEGACY_PORT}")
 
     @classmethod
     def parse(cls, where: str, data: Any) -> "HealthCheck":
+        """Validate ``health`` of a spec; raises :class:`InvalidData` naming the field."""
         if data is None:
             return cls()
         if not isinstance(data, dict):
@@ -109,18 +144,106 @@ class HealthCheck:
         kind = _get(where, data, "kind", str)
         if kind not in HEALTH_KINDS:
             raise InvalidData(where, "health.kind", f"{kind!r} is not one of {HEALTH_KINDS}")
+        timeout = cls._timeout(where, data.get("timeout", 2.0))
+        if "target" in data:
+            return cls._legacy(where, kind, data, timeout)
+        allowed = {"kind", "timeout", *cls.FIELDS[kind]}
+        extra = sorted(set(data) - allowed)
+        if extra:
+            raise InvalidData(where, f"health.{extra[0]}",
+                              f"not a field of a {kind} check (fields: {sorted(allowed)})")
+        if kind == "none":
+            return cls()
+        if kind == "cmd":
+            name = _get(where, data, "check", str, "")
+            if not name:
+                raise InvalidData(where, "health.check",
+                                  "a cmd check names a [check:NAME] section of the hosts' "
+                                  "agent.conf, e.g. {\"kind\": \"cmd\", \"check\": \"api\"}")
+            return cls(kind="cmd", check=check_name(where, "health.check", name),
+                       timeout=timeout)
+        port = cls._port(where, data.get("port", "port"))
+        if kind == "tcp":
+            return cls(kind="tcp", port=port, timeout=timeout)
+        path = _get(where, data, "path", str, "/")
+        if not cls.PATH_RE.fullmatch(path):
+            raise InvalidData(where, "health.path",
+                              f"{path[:80]!r} is not a URL path (starts with '/', printable "
+                              "ASCII without spaces, at most 512 characters)")
+        return cls(kind="http", path=path, port=port, timeout=timeout)
+
+    @classmethod
+    def _timeout(cls, where: str, value: Any) -> float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+                not 0 < value <= cls.MAX_TIMEOUT:  # False for NaN; ints compared exactly
+            raise InvalidData(where, "health.timeout",
+                              f"expected seconds in (0, {cls.MAX_TIMEOUT:g}], got {value!r:.40}")
+        return float(value)
+
+    @classmethod
+    def _port(cls, where: str, value: Any) -> str | int:
+        if isinstance(value, int) and not isinstance(value, bool) and 0 < value < 65536:
+            return value
+        if isinstance(value, str) and cls.PORT_KEY_RE.fullmatch(value):
+            return value
+        raise InvalidData(where, "health.port",
+                          f"expected the name of a host-local variable holding the port (a "
+                          f"key of [service:NAME] in agent.conf, e.g. \"port\") or a port "
+                          f"number, got {value!r:.40}")
+
+    @classmethod
+    def _legacy(cls, where: str, kind: str, data: dict, timeout: float) -> "HealthCheck":
         target = _get(where, data, "target", str, "")
-        if kind != "none" and not target:
-            raise InvalidData(where, "health.target", f"a {kind} check needs a target")
-        if kind == "tcp" and target.rpartition(":")[2].strip("{}") == "":
-            raise InvalidData(where, "health.target", f"{target!r} is not HOST:PORT")
-        timeout = float(_get(where, data, "timeout", (int, float), 2.0))
-        if timeout <= 0:
-            raise InvalidData(where, "health.timeout", f"must be positive, got {timeout}")
-        return cls(kind, target, timeout)
+        extra = sorted(set(data) - {"kind", "target", "timeout"})
+        if extra:
+            raise InvalidData(where, f"health.{extra[0]}", "not a field of an old-style check")
+        if kind == "none":
+            return cls()
+        if kind == "cmd":
+            raise InvalidData(where, "health.target",
+                              "a command from the store is never run (it would run as root on "
+                              "every host): define it in each host's agent.conf as [check:NAME] "
+                              "argv = ... and name it here: {\"kind\": \"cmd\", \"check\": "
+                              "\"NAME\"} (dcdeploy service set SVC --health-cmd NAME)")
+        pattern = cls.LEGACY_HTTP_RE if kind == "http" else cls.LEGACY_TCP_RE
+        found = pattern.fullmatch(target)
+        if found is None:
+            example = ('{"kind": "http", "path": "/health", "port": "port"}' if kind == "http"
+                       else '{"kind": "tcp", "port": "port"}')
+            raise InvalidData(where, "health.target",
+                              f"{target[:120]!r}: a {kind} check's address comes from each "
+                              f"host's agent.conf, not from the store; only targets on "
+                              f"127.0.0.1, localhost, [::1] or {{address}} with a {{var}} or "
+                              f"numeric port are still read. Write {example} instead")
+        port: str | int = found["key"] if found["key"] else int(found["num"])
+        port = cls._port(where, port)
+        if kind == "tcp":
+            return cls(kind="tcp", port=port, timeout=timeout)
+        path = found["path"] or "/"
+        if "{" in path or "}" in path or not cls.PATH_RE.fullmatch(path):
+            raise InvalidData(where, "health.target",
+                              f"{target[:120]!r}: the path may not use host variables; write "
+                              '{"kind": "http", "path": "/health", "port": "port"}')
+        return cls(kind="http", path=path, port=port, timeout=timeout)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The store form: only the fields of this kind (stable, for spec comparison)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        for name in self.FIELDS[self.kind]:
+            out[name] = getattr(self, name)
+        if self.kind != "none":
+            out["timeout"] = self.timeout
+        return out
+
+    def describe(self) -> str:
+        """The check in words, for the CLI and status lines."""
+        if self.kind == "http":
+            return f"http GET {self.path} on the host's address, port {self.port}"
+        if self.kind == "tcp":
+            return f"tcp connect to the host's address, port {self.port}"
+        if self.kind == "cmd":
+            return f"the host's local check {self.check!r}"
+        return "none"
 
 
 @dataclass(frozen=True)

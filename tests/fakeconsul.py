@@ -25,6 +25,23 @@ Semantics kept:
   ``Errors[{OpIndex, What}]`` for every failed op (later ops see earlier ops' effects); no
   result entries for deletes and check-not-exists; at most 128 ops (413 beyond).
 
+* ACLs (off until :meth:`FakeConsul.add_token` makes the first token; then the default
+  policy is *deny*, as a production Consul is set up): a token is a set of ``key_prefix``
+  rules (the longest matching prefix decides: ``read``, ``write`` or ``deny``) and a
+  ``session_prefix`` level; requests name it with ``X-Consul-Token`` (or ``?token=``, or
+  ``Authorization: Bearer``); no token is the anonymous token. As in Consul's
+  ``agent/consul/kvs_endpoint.go`` and ``txn_endpoint.go``: reading a key needs ``read``
+  (else 403), listings are filtered to readable keys, writes need ``write`` (403 outside a
+  transaction), ``delete-tree`` needs write on the whole prefix; inside ``/v1/txn`` every op
+  is checked before any is applied (``get``/``get-tree`` are filtered instead,
+  ``check-index``/``check-session`` need read, every other verb write), and the denials come
+  back as **409** with ``Errors[{OpIndex, What}]`` where ``What`` is Consul's text
+  ``Permission denied: token with AccessorID '<id>' lacks permission 'key:write' on
+  "<key>"`` (acl/errors.go), exactly as CAS failures do; results are filtered to readable
+  keys. An unknown token is 403 ``ACL not found``. Sessions need ``session:write``.
+* TLS: ``FakeConsul(tls=ssl_context)`` serves https (a context with ``CERT_REQUIRED`` asks
+  for client certificates, like ``verify_incoming``).
+
 Test hooks: :meth:`FakeConsul.expire_session` (as if its TTL ran out), :meth:`down` /
 :meth:`up` (stop listening / listen again on the same port: the server is unreachable, its
 state and session timers go on).
@@ -38,10 +55,13 @@ import json
 import random
 import re
 import socket
+import ssl
 import threading
 import time
 import uuid
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
@@ -65,11 +85,79 @@ class TxnError(Exception):
     pass
 
 
+ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"  # Consul's anonymous token
+FAKE_NODE = "fake-node"  # the node this fake agent runs on (sessions are made for it)
+READ_VERBS = ("get", "get-tree")  # filtered on output, not checked before
+CHECK_VERBS = ("check-index", "check-session")  # need key:read
+
+
+class Denied(Exception):
+    """An ACL refusal; ``str()`` is Consul's error text."""
+
+
+@dataclass
+class FakeToken:
+    """An ACL token: ``keys`` maps a key prefix to read | write | deny (Consul's
+    ``key_prefix`` rules; the longest matching prefix wins, no match is deny)."""
+
+    secret: str
+    accessor: str
+    keys: dict[str, str] = field(default_factory=dict)
+    session: str = "write"  # session_prefix "" level: write | read | deny
+
+    def level(self, key: str) -> str:
+        best = max((p for p in self.keys if key.startswith(p)), key=len, default=None)
+        return "deny" if best is None else self.keys[best]
+
+    def _denied(self, resource: str, level: str, name: str) -> Denied:
+        # acl/errors.go, PermissionDeniedError.Error()
+        if self.accessor == ANONYMOUS_ACCESSOR:
+            return Denied(f"Permission denied: anonymous token lacks permission "
+                          f"'{resource}:{level}' on \"{name}\". The anonymous token is used "
+                          "implicitly when a request does not specify a token.")
+        return Denied(f"Permission denied: token with AccessorID '{self.accessor}' lacks "
+                      f"permission '{resource}:{level}' on \"{name}\"")
+
+    def can_read(self, key: str) -> bool:
+        return self.level(key) in ("read", "write")
+
+    def need_read(self, key: str) -> None:
+        if not self.can_read(key):
+            raise self._denied("key", "read", key)
+
+    def need_write(self, key: str) -> None:
+        if self.level(key) != "write":
+            raise self._denied("key", "write", key)
+
+    def need_write_prefix(self, prefix: str) -> None:
+        # KeyWritePrefix: write on the prefix and no narrower rule under it taking it away.
+        if self.level(prefix) != "write" or any(
+                p.startswith(prefix) and lvl != "write" for p, lvl in self.keys.items()):
+            raise self._denied("key", "write", prefix)
+
+    def need_session_write(self) -> None:
+        if self.session != "write":
+            raise self._denied("session", "write", FAKE_NODE)
+
+
+class _AllowAll(FakeToken):
+    """ACLs disabled: everything is allowed (the fake's default, like a dev agent)."""
+
+    def level(self, key: str) -> str:
+        return "write"
+
+    def need_session_write(self) -> None:
+        pass
+
+
 class FakeConsul:
     """State plus an HTTP server on 127.0.0.1 (``port`` 0: pick one)."""
 
-    def __init__(self, port: int = 0) -> None:
+    def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
         self.port = port
+        self.tls = tls
+        self.tokens: dict[str, FakeToken] = {}  # secret -> token; empty: ACLs disabled
+        self.anonymous = FakeToken("", ANONYMOUS_ACCESSOR)  # no rules: denied everything
         self.cond = threading.Condition()
         self.index = 1
         self.kv: dict[str, dict[str, Any]] = {}
@@ -97,6 +185,10 @@ class FakeConsul:
         Handler.fake = fake
         server = _Server(("127.0.0.1", self.port), Handler)
         server.daemon_threads = True
+        if self.tls is not None:
+            # The handshake runs in the request's thread (first read), not in accept().
+            server.socket = self.tls.wrap_socket(server.socket, server_side=True,
+                                                 do_handshake_on_connect=False)
         self.port = server.server_address[1]
         self._server = server
         threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05},
@@ -123,6 +215,23 @@ class FakeConsul:
     @property
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
+
+    # -- ACLs -----------------------------------------------------------------------------
+    def add_token(self, keys: dict[str, str], session: str = "write") -> str:
+        """Make a token with these ``key_prefix`` rules (turns ACLs on); returns its secret."""
+        secret = str(uuid.uuid4())
+        self.tokens[secret] = FakeToken(secret, str(uuid.uuid4()), dict(keys), session)
+        return secret
+
+    def token(self, secret: str | None) -> FakeToken:
+        """The token a request presents; raises :class:`Denied` ("ACL not found")."""
+        if not self.tokens:
+            return _AllowAll("", "")
+        if not secret:
+            return self.anonymous
+        if secret not in self.tokens:
+            raise Denied("ACL not found")
+        return self.tokens[secret]
 
     # -- sessions -----------------------------------------------------------------------
     def _reap(self) -> None:
@@ -203,7 +312,10 @@ class FakeConsul:
         return max([e["ModifyIndex"] for e in self.kv.values()]
                    + list(self.tombstones.values()), default=1)
 
-    def read(self, key: str, params: dict[str, str]) -> tuple[int, Any]:
+    def read(self, key: str, params: dict[str, str],
+             readable: Callable[[str], bool] = lambda _k: True) -> tuple[int, Any]:
+        """A KV GET; listings hold only the keys ``readable`` allows (Consul filters them
+        by the token's read rules; FilterDirEnt)."""
         recurse, keys = "recurse" in params, "keys" in params
         exact = not (recurse or keys)
         with self.cond:
@@ -221,7 +333,7 @@ class FakeConsul:
             if exact:
                 entry = self.kv.get(key)
                 return index, None if entry is None else [self._entry_json(entry)]
-            found = sorted(k for k in self.kv if k.startswith(key))
+            found = sorted(k for k in self.kv if k.startswith(key) and readable(k))
             if keys:
                 sep = params.get("separator", "")
                 out: list[str] = []
@@ -243,8 +355,31 @@ class FakeConsul:
         return out
 
     # -- KV writes (one engine for PUT/DELETE and /v1/txn) --------------------------------
-    def apply(self, ops: list[dict[str, Any]]) -> tuple[list[dict], list[dict]]:
-        """Run KV ops all-or-nothing. Returns (results, errors); errors empty = applied."""
+    def apply(self, ops: list[dict[str, Any]],
+              token: FakeToken | None = None) -> tuple[list[dict], list[dict]]:
+        """Run KV ops all-or-nothing. Returns (results, errors); errors empty = applied.
+
+        With a ``token``, every op is checked against its rules first, as Consul's
+        Txn.preCheck does: each denied op is an error ``{OpIndex, What: "Permission
+        denied: ..."}`` and nothing is applied; results are then filtered to keys the
+        token may read (FilterTxnResults)."""
+        if token is not None:
+            denied = []
+            for i, op in enumerate(ops):
+                verb, key = op.get("Verb", ""), op.get("Key", "")
+                try:
+                    if verb == "delete-tree":
+                        token.need_write_prefix(key)
+                    elif verb in CHECK_VERBS:
+                        token.need_read(key)
+                    elif verb not in READ_VERBS:
+                        token.need_write(key)
+                except Denied as exc:
+                    denied.append({"OpIndex": i, "What": str(exc)})
+            if denied:
+                return [], denied
+            results, errors = self.apply(ops)
+            return [r for r in results if token.can_read(r["KV"]["Key"])], errors
         with self.cond:
             kv = copy.deepcopy(self.kv)
             tomb: dict[str, int] = {}
@@ -391,6 +526,26 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(raw)
 
+    def _token(self, params: dict[str, str]) -> FakeToken:
+        secret = self.headers.get("X-Consul-Token") or params.get("token")
+        auth = self.headers.get("Authorization") or ""
+        if not secret and auth.startswith("Bearer "):
+            secret = auth[len("Bearer "):]
+        return self.fake.token(secret)
+
+    def setup_tls(self) -> bool:
+        """Finish the TLS handshake (https fake); False when the client failed it."""
+        if isinstance(self.connection, ssl.SSLSocket):
+            try:
+                self.connection.do_handshake()
+            except (ssl.SSLError, OSError):
+                return False
+        return True
+
+    def handle(self) -> None:
+        if self.setup_tls():
+            super().handle()
+
     def _parse(self) -> tuple[str, dict[str, str], bytes]:
         parts = urlsplit(self.path)
         params = {k: v[-1] for k, v in parse_qs(parts.query, keep_blank_values=True).items()}
@@ -400,8 +555,14 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path, params, _ = self._parse()
         self.fake.requests += 1
+        try:
+            token = self._token(params)
+            if path.startswith("/v1/kv/") and not ("recurse" in params or "keys" in params):
+                token.need_read(path[len("/v1/kv/"):])
+        except Denied as exc:
+            return self._send(403, str(exc))
         if path.startswith("/v1/kv/"):
-            index, data = self.fake.read(path[len("/v1/kv/"):], params)
+            index, data = self.fake.read(path[len("/v1/kv/"):], params, token.can_read)
             self._send(404 if data is None else 200, "" if data is None else data, index)
         elif path.startswith("/v1/session/info/"):
             with self.fake.cond:
@@ -415,6 +576,14 @@ class _Handler(BaseHTTPRequestHandler):
         path, params, body = self._parse()
         fake = self.fake
         fake.requests += 1
+        try:
+            token = self._token(params)
+            if path.startswith("/v1/kv/"):
+                token.need_write(path[len("/v1/kv/"):])
+            elif path.startswith("/v1/session/"):
+                token.need_session_write()
+        except Denied as exc:
+            return self._send(403, str(exc))
         if path.startswith("/v1/kv/"):
             key = path[len("/v1/kv/"):]
             op: dict[str, Any] = {"Key": key, "Value": base64.b64encode(body).decode(),
@@ -439,7 +608,8 @@ class _Handler(BaseHTTPRequestHandler):
                                        f"({len(ops)} > {MAX_TXN_OPS})")
             if not all(isinstance(o, dict) and "KV" in o for o in ops):
                 return self._send(400, "only KV operations are faked")
-            results, errors = fake.apply([o["KV"] for o in ops])
+            results, errors = fake.apply([o["KV"] for o in ops],
+                                         None if isinstance(token, _AllowAll) else token)
             if errors:
                 return self._send(409, {"Results": None, "Errors": errors})
             self._send(200, {"Results": results, "Errors": None})
@@ -467,6 +637,14 @@ class _Handler(BaseHTTPRequestHandler):
         if not path.startswith("/v1/kv/"):
             return self._send(404, f"no fake for DELETE {path}")
         key = path[len("/v1/kv/"):]
+        try:
+            token = self._token(params)
+            if "recurse" in params:
+                token.need_write_prefix(key)
+            else:
+                token.need_write(key)
+        except Denied as exc:
+            return self._send(403, str(exc))
         op: dict[str, Any]
         if "recurse" in params:
             op = {"Verb": "delete-tree", "Key": key}

@@ -20,7 +20,10 @@ def run(store_url, capsys):
     return _run
 
 
-def test_service_definition_and_listing(run):
+def test_service_definition_and_listing(run, store):
+    def health_of(svc):
+        return json.loads(store.get(f"services/{svc}")[0])["health"]
+
     assert run("service", "set", "db", "--quorum", "2", "--max-parallel", "2",
                "--health-tcp", "127.0.0.1:{port}")[0] == 0
     code, out, _ = run("service", "set", "api", "--quorum", "1", "--depends-on", "db",
@@ -31,6 +34,15 @@ def test_service_definition_and_listing(run):
     code, out, _ = run("service", "show", "api")
     shown = json.loads(out)
     assert shown["quorum"] == 1 and shown["depends_on"] == ["db"]
+    # The old loopback URL is stored as a path and a port variable (docs/protocol.md).
+    assert health_of("api") == {"kind": "http", "path": "/health", "port": "port",
+                               "timeout": 2.0}
+    assert run("service", "set", "web", "--quorum", "1", "--health-cmd", "ready")[0] == 0
+    assert health_of("web") == {"kind": "cmd", "check": "ready", "timeout": 2.0}
+    assert run("service", "set", "web", "--quorum", "1", "--health-http", "/ok",
+               "--health-port", "admin_port")[0] == 0
+    assert health_of("web") == {"kind": "http", "path": "/ok", "port": "admin_port",
+                                "timeout": 2.0}
     code, _, err = run("service", "show", "nope")
     assert code == 2 and '"nope" is not defined' in err
 
@@ -41,8 +53,12 @@ def test_service_definition_and_listing(run):
     (("service", "set", "x", "--quorum", "1", "--depends-on", "ghost"),
      '"ghost", which is not defined'),
     (("service", "set", "bad name", "--quorum", "1"), "not a valid name"),
-    (("service", "set", "x", "--quorum", "1", "--health-http", "ftp://h"), "http:// or https://"),
-    (("service", "set", "x", "--quorum", "1", "--health-tcp", "nohostport"), "HOST:PORT"),
+    (("service", "set", "x", "--quorum", "1", "--health-http", "ftp://h"), "health.target"),
+    (("service", "set", "x", "--quorum", "1", "--health-http", "http://10.0.0.9:80/"),
+     "agent.conf"),
+    (("service", "set", "x", "--quorum", "1", "--health-tcp", "no-such key"), "health.port"),
+    (("service", "set", "x", "--quorum", "1", "--health-cmd", "curl -sf http://x/"),
+     "[check:NAME]"),
     (("service", "set", "x", "--quorum", "1", "--health-tcp", "h:1", "--health-cmd", "true"),
      "at most one"),
     (("stage", "ghost", "1", "--url", "file:///x", "--sha256", SHA), '"ghost" is not defined'),

@@ -54,7 +54,9 @@ def test_staged_release_round_trip():
     ({"program": "api", "quorum": 1, "max_parallel": 0}, "max_parallel"),
     ({"program": "api", "quorum": 1, "depends_on": ["api"]}, "depends_on"),
     ({"program": "api", "quorum": 1, "health": {"kind": "smtp", "target": "x"}}, "health.kind"),
-    ({"program": "api", "quorum": 1, "health": {"kind": "http"}}, "health.target"),
+    ({"program": "api", "quorum": 1, "health": {"kind": "cmd"}}, "health.check"),
+    ({"program": "api", "quorum": 1, "health": {"kind": "cmd", "target": "true"}},
+     "health.target"),
     ({"quorum": 1}, "program"),
 ])
 def test_service_spec_rejects(data, field):
@@ -143,21 +145,19 @@ def http_server():
 
 def test_health_checks(http_server):
     port = str(http_server.server_address[1])
-    check = HealthCheck("http", "http://127.0.0.1:{port}/health", 1.0)
-    assert health.probe(check, {"port": port}) is None
+    local = health.Local("api", {"port": port})
+    check = HealthCheck(kind="http", path="/health", port="port", timeout=1.0)
+    assert health.probe(check, local) is None
     http_server.code = 503
-    assert "HTTP 503" in health.probe(check, {"port": port})
-    assert health.probe(HealthCheck("tcp", "127.0.0.1:{port}", 1.0), {"port": port}) is None
+    assert "HTTP 503" in health.probe(check, local)
+    assert health.probe(HealthCheck(kind="tcp", port="port", timeout=1.0), local) is None
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         closed = s.getsockname()[1]
-    assert "connect" in health.probe(HealthCheck("tcp", f"127.0.0.1:{closed}", 1.0), {})
-    assert health.probe(HealthCheck("cmd", "true"), {}) is None
-    assert "exited 3" in health.probe(HealthCheck("cmd", "exit 3"), {})
-    with pytest.raises(health.HealthError, match="port"):
-        health.probe(check, {})
+    assert "connect" in health.probe(HealthCheck(kind="tcp", port=closed, timeout=1.0), local)
+    assert "'port'" in health.probe(check, health.Local("api", {}))
     alive_calls = []
-    result = health.wait_healthy(check, {"port": port}, start_timeout=0.3, healthy_secs=0,
+    result = health.wait_healthy(check, local, start_timeout=0.3, healthy_secs=0,
                                  alive=lambda: alive_calls.append(1) or None, interval=0.05)
     assert result and "not healthy after" in result and alive_calls
 

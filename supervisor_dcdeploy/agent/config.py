@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import configparser
+import math
 import os
+import shlex
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..health import Local, LocalCheck
 from ..model import InvalidData, check_name
 from ..store import parse_store_url
 
@@ -29,9 +32,14 @@ class AgentConfig:
     poll_interval: float = 5.0
     supervisor_url: str | None = None
     extra: dict[str, str] = field(default_factory=dict)  # keys for optional parts (p2p)
+    checks: dict[str, LocalCheck] = field(default_factory=dict)  # [check:NAME] sections
 
     def variables(self, svc: str) -> dict[str, str]:
         return {"host": self.host, "rack": self.rack, **self.services.get(svc, {})}
+
+    def health(self, svc: str) -> Local:
+        """What a health check of ``svc`` may use on this host (see health.resolve)."""
+        return Local(svc, self.variables(svc), self.checks)
 
 
 # Numeric keys of the optional swarm part (agent/distribution.py), validated at load time so
@@ -49,6 +57,31 @@ def _number(where: str, raw: str, kind: type, minimum: float) -> float:
     if value < minimum:
         raise ConfigError(f"{where}: must be >= {minimum}, got {value}")
     return value
+
+
+def _check(path: Path, name: str, section: configparser.SectionProxy) -> LocalCheck:
+    """``[check:NAME]``: ``argv`` (split like a shell would, but never run by one; the
+    program an absolute path) and an optional ``timeout`` in seconds."""
+    where = f"{path} [check:{name}]"
+    unknown = sorted(set(section) - {"argv", "timeout"})
+    if unknown:
+        raise ConfigError(f"{where}: unknown key {unknown[0]!r} (keys: argv, timeout)")
+    try:
+        argv = tuple(shlex.split(section.get("argv", ""), comments=False, posix=True))
+    except ValueError as exc:
+        raise ConfigError(f"{where} argv: {exc}") from None
+    if not argv:
+        raise ConfigError(f"{where}: 'argv' is required (e.g. argv = /usr/bin/curl -sf "
+                          "http://127.0.0.1:{port}/health)")
+    if not os.path.isabs(argv[0]):
+        raise ConfigError(f"{where} argv: {argv[0]!r} is not an absolute path (the agent "
+                          "runs checks without a shell or a PATH search)")
+    timeout = None
+    if section.get("timeout", "").strip():
+        timeout = _number(f"{where} timeout", section["timeout"].strip(), float, 0.001)
+        if not math.isfinite(timeout):
+            raise ConfigError(f"{where} timeout: must be a finite number of seconds")
+    return LocalCheck(name, argv, timeout)
 
 
 def load(path: Path) -> AgentConfig:
@@ -70,13 +103,23 @@ def load(path: Path) -> AgentConfig:
     store = os.environ.get("DCDEPLOY_STORE") or agent.get("store", "")
     try:
         check_name(f"{path} [agent]", "host", host)
-        parse_store_url(store)
+        if parse_store_url(store)[0] == "consul":
+            from ..store.consul import consul_auth
+            consul_auth(store)  # token file and TLS files: refused here, not at first use
     except (InvalidData, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from None
     if not agent.get("root"):
         raise ConfigError(f"{path} [agent]: 'root' is required (e.g. /var/lib/dcdeploy)")
     services = {}
+    checks = {}
     for section in parser.sections():
+        if section.startswith("check:"):
+            name = section.split(":", 1)[1].strip()
+            try:
+                check_name(f"{path} [{section}]", "name", name)
+            except InvalidData as exc:
+                raise ConfigError(str(exc)) from None
+            checks[name] = _check(path, name, parser[section])
         if section.startswith("service:"):
             name = section.split(":", 1)[1].strip()
             try:
@@ -103,4 +146,5 @@ def load(path: Path) -> AgentConfig:
                               float, 0.1),
         supervisor_url=agent.get("supervisor_url"),
         extra={k: v for k, v in agent.items() if k not in known},
+        checks=checks,
     )

@@ -239,6 +239,9 @@ class Agent:
         if view.spec is None:
             self._set(svc, phase="serving", reason=f"service {svc} is not defined in the store")
             return
+        # A check this host cannot run (it names a local check or port variable that its
+        # agent.conf lacks) is reported every cycle; the gate below refuses to switch on it.
+        self._set(svc, health_problem=health.problem(view.spec.health, self.cfg.health(svc)))
         self.retry_pending_failure(svc)
         self.ensure_presence(svc, view, st.active, spec)
         self.prefetch(svc, view)
@@ -258,7 +261,7 @@ class Agent:
         if version is None or (entry is not None and entry.version == version):
             return
         if entry is None and spec is not None:
-            problem = health.probe(spec.health, self.cfg.variables(svc))
+            problem = health.probe(spec.health, self.cfg.health(svc))
             if problem:
                 self._set(svc, reason=f"running but unhealthy, not registered: {problem}")
                 return
@@ -446,6 +449,16 @@ class Agent:
         if installed_sha256(self.dirs[svc].path(target)) != fresh.staged.sha256:
             return  # S3: never start bytes that do not match the staged sha256
         head = fresh.head
+        unusable = health.problem(fresh.spec.health, self.cfg.health(svc))
+        if unusable is not None:
+            # Stopping what runs for a release this host could never verify would only
+            # end in a rollback: keep serving, and fail the item with the reason instead.
+            reason = f"host {self.host}: cannot check {target}: {unusable}"
+            self._set(svc, phase="serving", reason=reason, last_failure=reason)
+            if head is not None and svc not in self._pending_fail:
+                self._pending_fail[svc] = (head.node, reason)
+                self.retry_pending_failure(svc)
+            return
         gate = {"host": self.host, "online": decisions.online_count(fresh),
                 "was_online": self.host in fresh.current,
                 "quorum": fresh.spec.quorum, "version": target,
@@ -589,7 +602,7 @@ class Agent:
             state = self.sup.state(program)
             return None if state in ("RUNNING", "STARTING") else f"process is {state}"
 
-        return health.wait_healthy(spec.health, self.cfg.variables(svc),
+        return health.wait_healthy(spec.health, self.cfg.health(svc),
                                    start_timeout=self.cfg.start_timeout,
                                    healthy_secs=spec.healthy_secs if hold else 0.0,
                                    alive=alive)

@@ -6,12 +6,13 @@ import os
 from urllib.parse import urlsplit
 
 from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotEmpty, Op,
-                   SessionState, SetData, Store, StoreError, StoreUnavailable,
-                   TransactionFailed)
+                   SessionState, SetData, Store, StoreError, StoreUnauthorized,
+                   StoreUnavailable, TransactionFailed)
 
 __all__ = ["BadVersion", "Check", "Create", "Delete", "NodeExists", "NoNode", "NotEmpty", "Op",
-           "SessionState", "SetData", "Store", "StoreError", "StoreUnavailable",
-           "TransactionFailed", "StoreURLError", "open_store", "parse_store_url", "store_url_from"]
+           "SessionState", "SetData", "Store", "StoreError", "StoreUnauthorized",
+           "StoreUnavailable", "TransactionFailed", "StoreURLError", "open_store",
+           "parse_store_url", "store_url_from"]
 
 DEFAULT_ROOT = "/dc"
 

@@ -6,8 +6,10 @@ Versions are opaque CAS tokens: a ZooKeeper znode version, a Consul ModifyIndex.
 Error contract (one family, always raised, never returned): :class:`NoNode`,
 :class:`NodeExists`, :class:`BadVersion`, :class:`NotEmpty` for the conditions the protocol
 relies on; :class:`StoreUnavailable` when the store cannot be reached or the session is
-gone; :class:`TransactionFailed` when an atomic multi-op was rolled back (``.index`` is the
-operation that failed and ``.cause`` its error).
+gone; :class:`StoreUnauthorized` when the store refuses the request for lack of permission
+(never reported as a CAS conflict: retrying will not help); :class:`TransactionFailed`
+when an atomic multi-op was rolled back (``.index`` is the operation that failed and
+``.cause`` its error).
 """
 
 from __future__ import annotations
@@ -41,6 +43,12 @@ class NotEmpty(StoreError):
 
 class StoreUnavailable(StoreError):
     """The store could not be reached, or the session was lost, during the call."""
+
+
+class StoreUnauthorized(StoreError):
+    """The store refused the request for lack of permission: no credentials, unknown ones,
+    or ones that do not allow this read or write (a Consul ACL denial, also one inside a
+    transaction). Nothing was applied; the message names the path and what to grant."""
 
 
 class TransactionFailed(StoreError):

@@ -34,6 +34,13 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
   Any change under the root fires every pending watch (once). The interface allows spurious
   wake-ups; this is herd-prone compared with ZooKeeper's per-node watches.
 
+* **ACL token and TLS** come from the store URL's query (see :func:`consul_auth`):
+  ``consul://h:8501/dc?token_file=/etc/dcdeploy/consul.token&ca_file=...&client_cert=...
+  &client_key=...``; without them, from Consul's own environment variables. A token file
+  (and a client key) readable by group or others is refused. An ACL denial is
+  :class:`StoreUnauthorized`, also inside ``/v1/txn``, where Consul answers 409 with
+  ``Errors[{OpIndex, What: "Permission denied: ..."}]`` exactly as for a failed CAS.
+
 Every HTTP call has a deadline (``request_timeout``; blocking queries: their wait on top).
 Reads are retried with tenacity on transport errors and 5xx until the deadline; writes are
 retried only when the request provably never left (connection refused / connect timeout),
@@ -51,11 +58,13 @@ import os
 import queue
 import random
 import socket
+import stat
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
+from urllib.parse import parse_qs, urlsplit
 
 import consul
 import consul.base
@@ -66,9 +75,10 @@ from tenacity import (Retrying, retry_if_exception, stop_after_delay,
                       wait_random_exponential)
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
+from . import StoreURLError
 from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotEmpty, Op,
-                   OpCounter, SessionState, SetData, Store, StoreError, StoreUnavailable,
-                   TransactionFailed, Watcher)
+                   OpCounter, SessionState, SetData, Store, StoreError, StoreUnauthorized,
+                   StoreUnavailable, TransactionFailed, Watcher)
 
 T = TypeVar("T")
 
@@ -98,6 +108,136 @@ def _server_error(exc: BaseException) -> bool:
 
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, requests.RequestException) or _server_error(exc)
+
+
+# -- credentials and TLS from config ----------------------------------------------------
+URL_OPTIONS = ("token_file", "ca_file", "client_cert", "client_key", "tls")
+# Consul's own environment variables, read only when the URL does not say (as its CLI does).
+ENV_OPTIONS = {"token_file": "CONSUL_HTTP_TOKEN_FILE", "ca_file": "CONSUL_CACERT",
+               "client_cert": "CONSUL_CLIENT_CERT", "client_key": "CONSUL_CLIENT_KEY",
+               "tls": "CONSUL_HTTP_SSL"}
+MAX_TOKEN_BYTES = 4096
+# Consul's ACL error texts (acl/errors.go): "Permission denied[: token with AccessorID ...
+# lacks permission 'key:write' on \"dc/x\"]" and, for a token it does not know, "ACL not
+# found". Inside /v1/txn they come back as an op's ``What`` in a 409, like a failed CAS.
+ACL_DENIED = ("Permission denied", "ACL not found")
+
+
+@dataclass(frozen=True)
+class ConsulAuth:
+    """How to authenticate to Consul: the ACL token (and where it came from, for messages;
+    the token itself is never logged) and the TLS settings handed to requests."""
+
+    token: str | None = None
+    source: str = "no token"
+    scheme: str = "http"
+    verify: bool | str = True  # True: the system CAs; a path: that CA bundle
+    cert: tuple[str, str] | None = None  # (client certificate, client key)
+
+
+def _private_file(what: str, path: str) -> os.stat_result:
+    """A secret file must be a regular file of ours (or root's), not readable by group or
+    others: a token anyone on the host can read is anyone's token."""
+    try:
+        info = os.stat(path)
+    except OSError as exc:
+        raise StoreURLError(f"consul {what} {path!r}: {exc.strerror}") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise StoreURLError(f"consul {what} {path!r}: not a regular file")
+    if info.st_mode & 0o077:
+        raise StoreURLError(f"consul {what} {path!r} is readable by group or others (mode "
+                            f"{stat.S_IMODE(info.st_mode):04o}): make it readable only by "
+                            f"its owner (chmod 600 {path})")
+    if info.st_uid not in (0, os.geteuid()):
+        raise StoreURLError(f"consul {what} {path!r} belongs to uid {info.st_uid}, neither "
+                            f"root nor this process's user: chown it")
+    return info
+
+
+def _read_token(path: str) -> str:
+    _private_file("token_file", path)
+    try:
+        with open(path, "rb") as fh:
+            raw = fh.read(MAX_TOKEN_BYTES + 1)
+    except OSError as exc:
+        raise StoreURLError(f"consul token_file {path!r}: {exc.strerror}") from None
+    try:
+        token = raw.decode("ascii").strip()
+    except UnicodeDecodeError:
+        token = ""
+    if len(raw) > MAX_TOKEN_BYTES or not token or not token.isprintable() or " " in token:
+        raise StoreURLError(f"consul token_file {path!r}: expected one ACL token (a secret "
+                            "ID) on one line")
+    return token
+
+
+def consul_auth(url: str, environ: Mapping[str, str] | None = None) -> ConsulAuth:
+    """The token and TLS settings for ``url``; raises :class:`StoreURLError` naming the option.
+
+    Options in the URL's query: ``token_file`` (a file holding the ACL token; must not be
+    readable by group or others), ``ca_file`` (CA bundle to verify Consul's certificate),
+    ``client_cert`` + ``client_key`` (for ``verify_incoming``; the key file private like the
+    token), ``tls=1`` (https with the system CAs). Any TLS option means https. An option the
+    URL does not give is taken from Consul's environment variable (``CONSUL_HTTP_TOKEN_FILE``,
+    ``CONSUL_HTTP_TOKEN``, ``CONSUL_CACERT``, ``CONSUL_CLIENT_CERT``, ``CONSUL_CLIENT_KEY``,
+    ``CONSUL_HTTP_SSL``). A token written in the URL itself is refused: URLs are logged."""
+    env = os.environ if environ is None else environ
+    query = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    if "token" in query:
+        raise StoreURLError("consul store URL: do not put the ACL token in the URL (it is "
+                            "logged and shown in process lists); write it to a file only "
+                            "root can read and give token_file=PATH")
+    for name, values in query.items():
+        if name not in URL_OPTIONS:
+            raise StoreURLError(f"consul store URL: unknown option {name!r} (options: "
+                                f"{', '.join(URL_OPTIONS)})")
+        if len(values) > 1 or not values[0]:
+            raise StoreURLError(f"consul store URL: give {name}= once, with a value")
+
+    def option(name: str) -> tuple[str | None, str]:
+        if name in query:
+            return query[name][0], f"{name} in the store URL"
+        value = env.get(ENV_OPTIONS[name]) or None
+        return value, ENV_OPTIONS[name]
+
+    token_file, where = option("token_file")
+    if token_file:
+        token, source = _read_token(token_file), f"token_file {token_file} ({where})"
+    elif env.get("CONSUL_HTTP_TOKEN"):
+        token, source = env["CONSUL_HTTP_TOKEN"], "CONSUL_HTTP_TOKEN"
+    else:
+        token, source = None, "no token (the anonymous token)"
+    ca_file, _ = option("ca_file")
+    client_cert, _ = option("client_cert")
+    client_key, _ = option("client_key")
+    tls_flag, where = option("tls")
+    tls = None
+    if tls_flag is not None:
+        if tls_flag.lower() not in ("1", "true", "0", "false"):
+            raise StoreURLError(f"consul tls ({where}): {tls_flag!r} is not 1/true or 0/false")
+        tls = tls_flag.lower() in ("1", "true")
+    if (client_cert is None) != (client_key is None):
+        raise StoreURLError("consul store URL: client_cert and client_key go together")
+    if tls is False and (ca_file or client_cert):
+        raise StoreURLError("consul store URL: tls=0 with a CA or client certificate")
+    for name, path in (("ca_file", ca_file), ("client_cert", client_cert)):
+        if path and not os.path.isfile(path):
+            raise StoreURLError(f"consul {name} {path!r}: no such file")
+    if client_key:
+        _private_file("client_key", client_key)
+    https = bool(tls or ca_file or client_cert)
+    return ConsulAuth(token=token, source=source, scheme="https" if https else "http",
+                      verify=ca_file or True,
+                      cert=(client_cert, client_key) if client_cert and client_key else None)
+
+
+def _acl_denial(errors: Sequence[dict]) -> dict | None:
+    """The first txn error that is an ACL refusal (Consul checks ACLs for every op before
+    applying any, so such a 409 applied nothing), else None."""
+    for error in errors:
+        if any(text in str(error.get("What", "")) for text in ACL_DENIED):
+            return error
+    return None
 
 
 @dataclass
@@ -153,6 +293,7 @@ class ConsulStore(Store):
             raise StoreError(f"consul store {url!r}: the root must not be empty (e.g. /dc)")
         self.ops = OpCounter()
         self.servers = servers
+        self.auth = consul_auth(url)  # read once: a new token needs a restart (docs/consul.md)
         self.ttl = max(MIN_TTL, math.ceil(session_timeout))
         self.request_timeout = request_timeout or max(2.0, session_timeout / 2)
         self.renew_interval = self.ttl / 3
@@ -174,10 +315,26 @@ class ConsulStore(Store):
     def _client(self) -> consul.Consul:
         clients = getattr(self._tls, "clients", None)
         if clients is None:  # one client per thread: requests.Session is not thread-safe
-            clients = self._tls.clients = [
-                consul.Consul(host=h, port=p, connections_timeout=self.request_timeout)
-                for h, p in self.servers]
+            clients = self._tls.clients = [self._new_client(h, p) for h, p in self.servers]
         return clients[self._server % len(clients)]
+
+    def _new_client(self, host: str, port: int) -> consul.Consul:
+        auth = self.auth
+        client = consul.Consul(host=host, port=port, token=auth.token, scheme=auth.scheme,
+                               verify=auth.verify, cert=auth.cert,
+                               connections_timeout=self.request_timeout)
+        client.token = auth.token  # py-consul lets CONSUL_HTTP_TOKEN override it: config wins
+        return client
+
+    def _unauthorized(self, what: str, body: str) -> StoreUnauthorized:
+        body = body.strip()[:300]
+        if "ACL not found" in body:
+            return StoreUnauthorized(f"consul {what}: Consul does not know the token from "
+                                     f"{self.auth.source} ({body}): check the token file")
+        return StoreUnauthorized(f"consul {what}: permission denied ({body}); the token from "
+                                 f"{self.auth.source} needs key write on the prefix "
+                                 f"{self.prefix + '/'!r}, key write on {self.prefix!r} and "
+                                 "session write (docs/consul.md, \"ACLs\")")
 
     def _call(self, what: str, fn: Callable[[consul.Consul], T], *, write: bool = False,
               deadline: float | None = None, attempt_timeout: float | None = None) -> T:
@@ -206,14 +363,15 @@ class ConsulStore(Store):
                         max(0.1, end - time.monotonic())
                     return fn(client)
         except (ACLPermissionDenied, ACLDisabled) as exc:
-            raise StoreError(f"consul {what}: permission denied ({exc}); give the token "
-                             f"(CONSUL_HTTP_TOKEN) key write on {self.prefix!r} and "
-                             f"session write") from exc
+            raise self._unauthorized(what, str(exc)) from exc
         except requests.RequestException as exc:
             self._server += 1  # the next call (a renew, say) tries the next address
             self._kick.set()
-            raise StoreUnavailable(f"consul {what} at {self.url}: {type(exc).__name__}") \
-                from exc
+            # A TLS failure says why (unknown CA, no client certificate); others by type.
+            detail = f": {str(exc)[:200]}" if isinstance(exc, requests.exceptions.SSLError) \
+                else ""
+            raise StoreUnavailable(f"consul {what} at {self.url}: {type(exc).__name__}"
+                                   f"{detail}") from exc
         except ConsulException as exc:
             if _server_error(exc):
                 self._kick.set()
@@ -664,14 +822,22 @@ class ConsulStore(Store):
             except ValueError:
                 raise StoreError(f"consul txn: unreadable answer {response.body[:200]!r}") \
                     from None
-            return response.code == 200, body.get("Results") or [], body.get("Errors") or []
+            errors = body.get("Errors") or []
+            denied = _acl_denial(errors) if response.code == 409 else None
+            if denied is not None:
+                # Not a conflict: retrying or reporting TransactionFailed would hide it.
+                try:
+                    key = tx.ops[int(denied.get("OpIndex", 0))].body.get("Key", "?")
+                except (IndexError, ValueError, TypeError):
+                    key = "?"
+                raise self._unauthorized(f"txn writing {key}", str(denied.get("What", "")))
+            return response.code == 200, body.get("Results") or [], errors
         if response.code >= 500:
             self._kick.set()
             raise StoreUnavailable(f"consul txn at {self.url}: {response.code} "
                                    f"{response.body[:200]}")
         if response.code in (401, 403):
-            raise StoreError(f"consul txn: permission denied ({response.body[:200]}); give "
-                             f"the token key write on {self.prefix!r}")
+            raise self._unauthorized("txn", str(response.body))
         raise StoreError(f"consul txn: {response.code} {response.body[:200]}")
 
     def _results(self, ops: Sequence[Op], tx: _Txn,

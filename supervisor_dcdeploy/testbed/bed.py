@@ -308,7 +308,8 @@ class Testbed:
         for s in self.config.services:
             ops.service_set(self.store, s.name, program=s.name, quorum=s.quorum,
                             depends_on=list(s.depends_on), max_parallel=s.max_parallel,
-                            health=HealthCheck("http", "http://{address}:{port}/health", 1.0),
+                            health=HealthCheck(kind="http", path="/health", port="port",
+                                               timeout=1.0),
                             healthy_secs=s.healthy_secs)
 
     def release(self, svc: str, version: str, broken: bool = False) -> tuple[Path, str]:
