@@ -262,8 +262,9 @@ def test_settings_close_the_swarm_and_never_queue(tmp_path):
     assert data["download-dir"] == str(tmp_path / "dl") and (tmp_path / "dl").is_dir()
     assert daemon_command(tmp_path / "cfg")[:4] == ["transmission-daemon", "-f", "-g",
                                                     str(tmp_path / "cfg")]
-    assert daemon_settings(download_dir=Path("/x"), rpc_bind="a", rpc_port=1, peer_port=2,
-                           bind_address="b", peer_limit_global=7)["peer-limit-global"] == 7
+    assert daemon_settings(download_dir=Path("/x"), rpc_bind="127.0.0.1", rpc_port=1,
+                           peer_port=2, bind_address="b", rpc_password="p",
+                           peer_limit_global=7)["peer-limit-global"] == 7
 
 
 def state(error=0, text=""):
