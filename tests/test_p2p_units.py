@@ -99,7 +99,7 @@ def test_parse_announce_clamps_numwant_and_defaults_it():
 
 @pytest.mark.parametrize("params, needle", [
     ({"info_hash": b"short"}, "20 bytes"), ({"port": "0"}, "port"), ({"port": "x"}, "port"),
-    ({"event": "bogus"}, "event"), ({"left": "many"}, "numbers"),
+    ({"event": "bogus"}, "event"), ({"left": "many"}, "left"),
 ])
 def test_parse_announce_names_the_bad_parameter(params, needle):
     with pytest.raises(AnnounceError, match=needle):

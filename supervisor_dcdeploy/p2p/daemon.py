@@ -88,8 +88,9 @@ LAN_SETTINGS: dict[str, Any] = {
 
 RPC_USER = LAN_SETTINGS["rpc-username"]
 SECRET_FILE = "rpc-secret"  # in the daemon's config dir, 0600
-# Keys a ``tuning`` override may not change: they are the RPC's protection.
-LOCKED = frozenset(k for k in LAN_SETTINGS if k.startswith(("rpc-", "script-")))
+# Keys a ``tuning`` override may not change: every ``rpc-*`` and ``script-*`` key (the RPC's
+# protection, and the done-scripts that run commands).
+LOCKED_PREFIXES = ("rpc-", "script-")
 
 
 def check_loopback(what: str, address: str) -> str:
@@ -108,7 +109,7 @@ def settings(*, download_dir: Path, rpc_bind: str, rpc_port: int, peer_port: int
              bind_address: str, rpc_password: str, **tuning: Any) -> dict[str, Any]:
     """The settings dictionary (pure). ``tuning`` uses Python names for settings keys
     (``cache_size_mb=128`` sets ``cache-size-mb``) and overrides :data:`LAN_SETTINGS`,
-    except the RPC and script keys (:data:`LOCKED`). Raises :class:`ValueError` when
+    except the RPC and script keys (:data:`LOCKED_PREFIXES`). Raises :class:`ValueError` when
     ``rpc_bind`` is not a loopback address, the password is empty, or ``tuning`` names a
     locked key."""
     check_loopback("rpc_bind", rpc_bind)
@@ -121,7 +122,7 @@ def settings(*, download_dir: Path, rpc_bind: str, rpc_port: int, peer_port: int
                 "bind-address-ipv4": bind_address, "bind-address-ipv6": "::1"})
     for key, value in tuning.items():
         name = key.replace("_", "-")
-        if name in LOCKED or name == "rpc-password":
+        if name.startswith(LOCKED_PREFIXES):
             raise ValueError(f"tuning key {key!r} is fixed by dcdeploy (RPC protection)")
         out[name] = value
     return out
