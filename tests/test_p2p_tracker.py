@@ -214,3 +214,13 @@ def test_superseded_swarm_is_removed_from_the_store(store, trackers):
         b"failure reason", b""), 15, "the old torrent refused")
     assert store.children("peers") == []
     assert prune_unstaged_peers(store) == []
+
+
+def test_the_seeders_own_torrents_are_answered_before_they_are_staged(store, trackers):
+    # dcdeploy stage --path seeds first, then publishes: the seeder's tracker must answer.
+    own = bytes.fromhex(infohash(metainfo(b"w")))
+    t = trackers("build", "10.9.9.1", "build", local_torrents=lambda: [own.hex()])
+    assert b"failure reason" not in announce(t, port=7800, left=0, ih=own)
+    assert store.exists(f"peers/{own.hex()}/build") is not None
+    other = trackers("h1", "10.9.9.2", "A")  # not its seed, not staged: refused
+    assert b"not a staged release" in announce(other, port=7801, ih=own)[b"failure reason"]

@@ -81,6 +81,11 @@ def forget_seed(node_dir: Path, infohash: str) -> None:
     (seeds_dir(node_dir) / f"{infohash}.json").unlink(missing_ok=True)
 
 
+def seeded_infohashes(node_dir: Path) -> list[str]:
+    """The infohashes recorded under ``seeds/`` (file names only: cheap per announce)."""
+    return [p.stem for p in seeds_dir(node_dir).glob("*.json")]
+
+
 def load_seeds(node_dir: Path) -> list[SeedEntry]:
     out = []
     for p in sorted(seeds_dir(node_dir).glob("*.json")):
@@ -112,7 +117,7 @@ class Node:
                                port=self.args.tracker_port, bind=self.args.tracker_bind,
                                active=lambda: self.args.active,
                                interval_active=self.args.interval,
-                               local_torrents=lambda: [e.infohash for e in load_seeds(self.dir)])
+                               local_torrents=lambda: seeded_infohashes(self.dir))
         self.tracker.start()
         self.daemon.start()
         fetcher = SwarmFetcher(self.daemon.url, self.dir / "releases",

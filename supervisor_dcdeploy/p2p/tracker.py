@@ -533,17 +533,24 @@ class Tracker:
         of the staged releases (re-read every :data:`STAGED_REFRESH_SECS`, and on a miss at
         most every ``staged_miss_secs``; the last good read is kept while the store is
         unreachable)."""
-        try:
-            if infohash in set(self.local_torrents()):
-                return True
-        except Exception as exc:  # noqa: BLE001 - the callback reads local files
-            log.warning("tracker.local_torrents_failed", error=str(exc))
         now = time.monotonic()
         with self._lock:
             staged, age = self._staged, now - self._staged_at
-        if age < STAGED_REFRESH_SECS and (infohash in staged or age < self.staged_miss_secs):
-            return infohash in staged
+        fresh = age < STAGED_REFRESH_SECS
+        if fresh and infohash in staged:
+            return True
+        if infohash in self._local():
+            return True
+        if fresh and age < self.staged_miss_secs:
+            return False
         return infohash in self.refresh_staged(sync=infohash not in staged)
+
+    def _local(self) -> set[str]:
+        try:
+            return set(self.local_torrents())
+        except Exception as exc:  # noqa: BLE001 - the callback reads local files
+            log.warning("tracker.local_torrents_failed", error=str(exc))
+            return set()
 
     def refresh_staged(self, *, sync: bool = False) -> set[str]:
         """Re-read the staged infohashes now (``sync``: as fresh as the latest write by any
@@ -565,10 +572,7 @@ class Tracker:
                     return set(self._staged)
             for problem in problems:
                 log.warning("tracker.bad_staging", host=self.host, problem=problem)
-            try:
-                local = set(self.local_torrents())
-            except Exception:  # noqa: BLE001 - see is_staged
-                local = set()
+            local = self._local()
             with self._lock:
                 self._staged, self._staged_at = staged, time.monotonic()
                 gone = [ih for ih in set(self._registered) | set(self._written)
