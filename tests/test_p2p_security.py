@@ -141,6 +141,8 @@ def test_a_real_announce_parses():
     ({"port": 65536}, "port 65536 is out of range"),
     ({"port": "-1"}, "out of range"),
     ({"port": "+80"}, "is not a number"),
+    ({"numwant": "--5"}, "is not a number"),
+    ({"port": "80\n"}, "is not a number"),
     ({"port": "8_0"}, "is not a number"),
     ({"port": "٣"}, "is not a number"),  # a digit int() would take
     ({"left": -1}, "left -1 is out of range"),
@@ -227,9 +229,10 @@ def test_staged_infohashes_from_staging_values():
         "d": staged("d", "!!not base64!!"),
         "e": staged("e", base64.b64encode(b"l" * 100_000).decode()),  # nested 100,000 deep
         "f": None,  # a service whose staging node is empty
+        "g": b"[" * 100_000,  # JSON nested 100,000 deep
     })
     assert found == {infohash(good)}
-    assert len(problems) == 3
+    assert len(problems) == 4
     assert any(p.startswith("staging/c") for p in problems)
     assert any(p.startswith("staging/d: torrent") for p in problems)
     assert any(p.startswith("staging/e: torrent") for p in problems)

@@ -376,3 +376,6 @@ def test_tracker_of_a_real_host_refuses_an_unstaged_infohash(lab):
     assert b"not a staged release" in body[b"failure reason"]
     assert lab.store.exists(f"peers/{unstaged.infohash}") is None
     assert lab.hosts["h1"].tracker_status()["refused"]["unstaged"] >= 1
+    # The real daemons of this module's swarms never ran into the rate limit.
+    refused = {n: lab.hosts[n].tracker_status()["refused"] for n in ["build", *HOSTS]}
+    assert all(r["rate"] == 0 and r["malformed"] == 0 for r in refused.values()), refused

@@ -25,6 +25,7 @@ import binascii
 import hashlib
 import ipaddress
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -145,7 +146,7 @@ def parse_announce(query: str) -> Announce:
 
     def number(name: str, text: str, low: int, high: int) -> int:
         # int() alone takes "+1", " 1", "1_0" and 4,300 digits: digits only, bounded length.
-        if not text.isascii() or not text.lstrip("-").isdigit() or len(text) > 20:
+        if not re.fullmatch(r"-?[0-9]{1,20}", text):
             raise AnnounceError(f"{name} {text[:30]!r} is not a number")
         value = int(text)
         if not low <= value <= high:
@@ -208,6 +209,9 @@ def staged_infohashes(staging: dict[str, bytes | str | None]) -> tuple[set[str],
             release = StagedRelease.parse(svc, raw)
         except InvalidData as exc:
             problems.append(str(exc))
+            continue
+        except (RecursionError, ValueError, OverflowError) as exc:  # until model.py bounds it
+            problems.append(f"staging/{svc}: {type(exc).__name__}")
             continue
         if not release.torrent:
             continue
