@@ -87,6 +87,10 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
                           f"{item.state}): pause or abort it before staging {version}")
     _ensure_service_nodes(store, name)
     store.set(f"staging/{name}", release.to_json())
+    # The superseded release's swarm (peers/<infohash>) goes now: the operator's write is
+    # the one moment a release stops being staged (docs/distribution.md, "Security").
+    from .p2p.tracker import prune_unstaged_peers
+    prune_unstaged_peers(store)
     return release
 
 
