@@ -24,8 +24,8 @@ from .. import decisions, health
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
 from ..snapshot import read_queue, read_view
-from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
-                     StoreError, StoreUnavailable, TransactionFailed, open_store)
+from ..store import (Create, Delete, NodeExists, NoNode, NotAuthorized, SessionState, SetData,
+                     Store, StoreError, StoreUnavailable, TransactionFailed, open_store)
 from ..supervisorctl_client import Supervisor, SupervisorError
 from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
@@ -170,14 +170,20 @@ class Agent:
         """Once per session: parents for our nodes, and the host registry entry."""
         if self._prepared:
             return
-        for path in ("deploy", "history", "hosts", "peers"):
-            self.store.ensure(path)
-        for svc in self.cfg.services:
-            for base in ("current", "staging", "gate", "released"):
-                self.store.ensure(f"{base}/{svc}")
+        paths = ["deploy", "history", "hosts", "peers"]
+        paths += [f"{base}/{svc}" for svc in self.cfg.services
+                  for base in ("current", "staging", "gate", "released")]
+        for path in paths:
+            try:
+                self.store.ensure(path)
+            except NotAuthorized as exc:  # under ACLs the operator makes these (init, service set)
+                self.log.warning("store.not_authorized", path=path, error=str(exc))
         self._prepared = True
         self._published = None
-        self.publish_host()
+        try:
+            self.publish_host()
+        except NotAuthorized as exc:  # not registered by `dcdeploy init`: report, keep going
+            self.log.warning("host.publish_failed", error=str(exc))
 
     def publish_host(self) -> None:
         """``/dc/hosts/<host>``: rack, services and each download's state (not its bytes:

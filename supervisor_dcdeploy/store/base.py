@@ -39,6 +39,11 @@ class NotEmpty(StoreError):
     pass
 
 
+class NotAuthorized(StoreError):
+    """The store refused the operation: this identity lacks the permission (ZooKeeper
+    NoAuth), or the store is not set up for the credentials given."""
+
+
 class StoreUnavailable(StoreError):
     """The store could not be reached, or the session was lost, during the call."""
 
@@ -172,6 +177,13 @@ class Store(abc.ABC):
 
         Returns one result per op (created path, new version, or None); raises
         :class:`TransactionFailed` naming the op that failed."""
+
+    def secure(self, hosts: dict[str, str], initial: dict[str, bytes]) -> int:
+        """Set up access control for the operator (this session's identity) and the given
+        hosts (name -> credential id), creating the nodes in ``initial`` (path -> data)
+        when missing; idempotent. Returns how many nodes were created or changed."""
+        raise StoreError(f"{type(self).__name__}: access control is not managed by dcdeploy "
+                         "for this backend")
 
     def ensure(self, path: str) -> None:
         """Create ``path`` (and parents) as an empty persistent node unless it exists."""
