@@ -48,21 +48,29 @@ def item_done_time(cluster: Cluster, node: str) -> float:
     return json.loads(cluster.store.get(f"history/{node}")[0])["updated"]
 
 
-@pytest.fixture(params=["zookeeper", "consul-fake"])
+@pytest.fixture(params=["zookeeper", "consul-fake", "zookeeper-tls-auth"])
 def any_cluster(request, workdir, store_url):
-    """The same data center on the real ZooKeeper, and on the Consul backend against an
-    in-process fake of Consul's HTTP API (not a real Consul: docs/consul.md)."""
+    """The same data center on the real ZooKeeper, on the Consul backend against an
+    in-process fake of Consul's HTTP API (not a real Consul: docs/consul.md), and on a
+    ZooKeeper with mutual TLS, `dcdeploy init`'s ACLs and one credential per host (the
+    operator's for the test's own writes)."""
     fake = None
     url = store_url
+    host_url = None
     if request.param == "consul-fake":
         fake = FakeConsul().start()
         url = f"consul://{fake.address}/dc-{uuid.uuid4().hex[:12]}"
+    elif request.param == "zookeeper-tls-auth":
+        secure = request.getfixturevalue("secure_root")
+        secure.init([f"h{i}" for i in range(5)])
+        url, host_url = secure.url("operator"), secure.url
     st = open_store(url)
     st.start(timeout=15)
     # Switches held healthy for 1.5 s, so two hosts' switches overlap even on a loaded
     # machine and the parallelism check below can see it.
     c = Cluster(workdir, st, url, 5, {svc: {**spec, "healthy_secs": 1.5}
-                                      for svc, spec in SERVICES.items()})
+                                      for svc, spec in SERVICES.items()},
+                host_store_url=host_url)
     try:
         yield c
     finally:

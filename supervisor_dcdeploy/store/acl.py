@@ -17,14 +17,19 @@ name: a host allowed to create its presence under ``current/<svc>`` can also cre
 delete a sibling there. It cannot *change* a sibling's value (WRITE is on the node
 itself). docs/security-zk.md says what that leaves a compromised host.
 
-The policy (who is operator, who is a host) lives in the root node's own ACL, where
-``dcdeploy init`` writes it: entries with ADMIN are operators, the other digest entries are
-hosts. A host reads it there before each create, so hosts added by a later ``init`` are
-readers of what is created afterwards without restarting anybody.
+The policy (who is operator, who is a host) is the ``acl`` node, written by ``dcdeploy
+init``: a host needs the operator's and the other hosts' digest ids to create nodes they
+can read and the operator can clean up, and ZooKeeper 3.8 shows digest ids in an ACL only
+to holders of ADMIN on that node (``getACL`` answers ``user:x`` to others). The ids are
+salt-free SHA-1 hashes of ``user:password``: every host can read them, so every password
+must be random and long (:func:`read_identity` refuses one under 16 characters). A host
+reads the policy before each create, so hosts added by a later ``init`` can read what is
+created afterwards without restarting anybody.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from dataclasses import dataclass
@@ -39,7 +44,8 @@ READ, WRITE, CREATE, DELETE, ADMIN, ALL = (Permissions.READ, Permissions.WRITE,
 # What every host identity may do on a node of each kind, beyond the operator's ALL.
 # Kinds are the path with names replaced: "current/*" is current/<svc>.
 HOST_PERMS: dict[str, int] = {
-    "": READ,                           # the root: the policy lives in its ACL
+    "": READ,
+    "acl": READ,                        # the policy (operator and host digest ids)
     "services": READ, "services/*": READ,
     "staging": READ,
     "staging/*": READ | CREATE | DELETE,  # ready-queue entries <host>-<seq> below
@@ -61,6 +67,9 @@ HOST_PERMS: dict[str, int] = {
 # Kinds whose node belongs to one host (named in the path): that host gets ALL on it,
 # every other host READ.
 OWNED = ("staging/*/*", "current/*/*", "hosts/*", "peers/*/*")
+
+POLICY_NODE = "acl"  # the policy's node, below the root
+MIN_PASSWORD = 16
 
 
 class CredentialError(ValueError):
@@ -112,6 +121,11 @@ def read_identity(path: str | Path, what: str = "credential file") -> Identity:
     user, sep, password = text.partition(":")
     if not sep or not user or not password or "\n" in text or any(c.isspace() for c in user):
         raise CredentialError(f"{what} {path}: expected one line 'user:password'")
+    if len(password) < MIN_PASSWORD:
+        raise CredentialError(
+            f"{what} {path}: the password has {len(password)} characters; use a random one "
+            f"of at least {MIN_PASSWORD} (e.g. openssl rand -base64 24): hosts can read its "
+            "hash")
     return Identity(user, password)
 
 
@@ -122,16 +136,21 @@ class AclPolicy:
     operators: tuple[str, ...]
     hosts: tuple[str, ...]
 
-    def root_acl(self) -> list[ACL]:
-        return acl_for("", self)
+    def to_json(self) -> bytes:
+        return json.dumps({"operators": list(self.operators), "hosts": list(self.hosts)},
+                          sort_keys=True).encode()
 
     @classmethod
-    def from_root_acl(cls, acls: list[ACL]) -> "AclPolicy | None":
-        """The policy ``init`` wrote into the root's ACL; None when the root is not
-        set up (no digest entry with ADMIN, e.g. the world-open default)."""
-        ops = tuple(a.id.id for a in acls if a.id.scheme == "digest" and a.perms & ADMIN)
-        hosts = tuple(a.id.id for a in acls if a.id.scheme == "digest" and not a.perms & ADMIN)
-        return cls(ops, hosts) if ops else None
+    def from_json(cls, raw: bytes | None) -> "AclPolicy | None":
+        """The policy ``init`` wrote; None when absent or unreadable."""
+        try:
+            data = json.loads(raw or b"")
+            ops, hosts = data["operators"], data["hosts"]
+        except (ValueError, TypeError, KeyError):
+            return None
+        ok = all(isinstance(x, str) and x.count(":") == 1 for x in [*ops, *hosts])
+        return cls(tuple(ops), tuple(hosts)) if ok and isinstance(ops, list) and ops and \
+            isinstance(hosts, list) else None
 
 
 def kind_of(path: str) -> str:

@@ -185,14 +185,14 @@ class ZooKeeperStore(Store):
 
     # -- access control -----------------------------------------------------------------
     def policy(self) -> layout.AclPolicy:
-        """Who is operator and who is a host, from the root's ACL (``dcdeploy init`` puts
-        it there). Raises :class:`NotAuthorized` when the root is not set up."""
+        """Who is operator and who is a host: the ``acl`` node ``dcdeploy init`` writes.
+        Raises :class:`NotAuthorized` when the root is not set up."""
         self.ops.read()
         try:
-            acls, _ = self._wait(self._client.get_acls_async(self.root))
+            raw, _ = self._wait(self._client.get_async(self._abs(layout.POLICY_NODE)))
         except NoNode:
-            acls = []
-        policy = layout.AclPolicy.from_root_acl(acls)
+            raw = None
+        policy = layout.AclPolicy.from_json(raw)
         if policy is None:
             raise NotAuthorized(f"store root {self.root} is not set up for authenticated "
                                 "access: run `dcdeploy init` with the operator's credentials")
@@ -237,6 +237,12 @@ class ZooKeeperStore(Store):
         if self.exists("") is None:
             self._make_parents("x", policy)
             changed += 1
+        try:
+            if layout.AclPolicy.from_json(self.get(layout.POLICY_NODE)[0]) != policy:
+                self.set(layout.POLICY_NODE, policy.to_json())
+                changed += 1
+        except NoNode:
+            initial = {**initial, layout.POLICY_NODE: policy.to_json()}
         for path in sorted(initial, key=lambda p: (p.count("/"), p)):
             if self.exists(path) is not None:
                 continue
