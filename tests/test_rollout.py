@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from cluster import Cluster, wait_for
+from kazoo.security import Permissions
 from fakeconsul import FakeConsul
 
 from supervisor_dcdeploy import ops
@@ -71,6 +72,7 @@ def any_cluster(request, workdir, store_url):
     c = Cluster(workdir, st, url, 5, {svc: {**spec, "healthy_secs": 1.5}
                                       for svc, spec in SERVICES.items()},
                 host_store_url=host_url)
+    c.owner_id = secure.digest if host_url else None  # type: ignore[attr-defined]
     try:
         yield c
     finally:
@@ -125,6 +127,11 @@ def test_rolling_deploy_keeps_quorum_and_dependency_order(any_cluster):
     for svc in SERVICES:
         assert status["services"][svc]["versions"] == {"2": 5}
         assert status["services"][svc]["released"] == "2"
+    if cluster.owner_id:  # TLS + ACLs: each agent wrote as itself, its nodes are its own
+        for host in cluster.hosts:
+            acl = {a.id.id: a.perms for a in cluster.store.get_acl(f"current/A/{host}")}
+            assert acl[cluster.owner_id(host)] == Permissions.ALL
+        assert not any(a.id.scheme == "world" for a in cluster.store.get_acl("deploy"))
 
 
 def test_host_killed_mid_deploy_others_finish_and_it_recovers(cluster):
