@@ -66,8 +66,14 @@ def cmd_init(args: argparse.Namespace) -> int:
             hosts[name] = read_identity(path, f"host {name}'s credential file").digest_id
         except CredentialError as exc:
             raise CLIError(str(exc)) from None
+    previous = None
+    if args.previous_operator:
+        try:
+            previous = read_identity(args.previous_operator, "previous operator's file")
+        except CredentialError as exc:
+            raise CLIError(str(exc)) from None
     with connected(args) as store:
-        changed = ops.init(store, hosts)
+        changed = ops.init(store, hosts, previous)
     print(f"store set up for the operator and {len(hosts)} host(s); {changed} node(s) "
           "created or changed")
     return 0
@@ -298,6 +304,9 @@ def build_parser() -> argparse.ArgumentParser:
     ini.add_argument("--host-identity", action="append", default=[], metavar="NAME:FILE",
                      help="a host and the private file with its store user:password "
                           "(repeatable; hosts left out lose their access)")
+    ini.add_argument("--previous-operator", metavar="FILE",
+                     help="rotating the operator: the old operator's credential file (the "
+                          "store URL names the new one)")
     ini.set_defaults(func=cmd_init)
 
     svc = sub.add_parser("service", help="define and list services")

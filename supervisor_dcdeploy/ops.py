@@ -30,11 +30,18 @@ def _ensure_service_nodes(store: Store, svc: str) -> None:
         store.ensure(path)
 
 
-def init(store: Store, hosts: dict[str, str]) -> int:
+def init(store: Store, hosts: dict[str, str], previous_operator: Any = None) -> int:
     """``dcdeploy init``: set up the store's access control with this session's identity as
     the operator and ``hosts`` (host name -> credential id) as the hosts; create the
     top-level nodes, every defined service's nodes and each host's registry entry. Safe to
-    run again (to add or revoke hosts). Returns how many nodes were created or changed."""
+    run again (to add or revoke hosts). ``previous_operator`` (an identity) is the one
+    being replaced: its rights are used once to hand everything to the new one.
+    Returns how many nodes were created or changed."""
+    if previous_operator is not None:
+        add_identity = getattr(store, "add_identity", None)
+        if add_identity is None:
+            raise OpError("this store backend has no operator identity to rotate")
+        add_identity(previous_operator)
     for name in hosts:
         try:
             check_name("init", "host", name)

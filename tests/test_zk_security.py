@@ -249,3 +249,26 @@ def test_cli_init_refuses_a_readable_host_credential_file(secure_root, capsys):
         assert json.loads(h1.get("hosts/h1")[0])["services"] == []
     finally:
         h1.stop()
+
+
+def test_init_rotates_the_operator_identity(secure_root):
+    secure_root.init(["h1"])
+    old = secure_root.auth_file("operator")
+    kept = old.with_name("old-operator.auth")
+    old.rename(kept)  # the next auth_file("operator") is a new identity
+    code = cli.main(["--store", secure_root.url("operator"), "init",
+                     "--host-identity", f"h1:{secure_root.auth_file('h1')}",
+                     "--previous-operator", str(kept)])
+    assert code == 0
+    new_op = secure_root.open("operator")
+    try:
+        ops.service_set(new_op, "api", program="api", quorum=1, health=HealthCheck())
+    finally:
+        new_op.stop()
+    stale = open_store(secure_root.url("operator").replace(str(old), str(kept)))
+    stale.start(timeout=15)
+    try:
+        with pytest.raises(NotAuthorized):
+            stale.get("services/api")
+    finally:
+        stale.stop()

@@ -219,6 +219,14 @@ class ZooKeeperStore(Store):
             except NodeExists:
                 pass
 
+    def add_identity(self, identity: layout.Identity) -> None:
+        """Also act as ``identity`` for the rest of the session (``init`` rotating the
+        operator: the old identity's rights set up the new one's)."""
+        try:
+            self._client.add_auth(*identity.auth_data)
+        except BaseException as exc:
+            raise _translate(exc) from exc
+
     def get_acl(self, path: str) -> list:
         """The node's ACL as kazoo ``ACL`` values (for ``init`` and the tests)."""
         self.ops.read()
