@@ -17,7 +17,7 @@ name: a host allowed to create its presence under ``current/<svc>`` can also cre
 delete a sibling there. It cannot *change* a sibling's value (WRITE is on the node
 itself). docs/security-zk.md says what that leaves a compromised host.
 
-The policy (who is operator, who is a host) is the ``acl`` node, written by ``dcdeploy
+The policy (who is operator, who is a host) is the root node's data, written by ``dcdeploy
 init``: a host needs the operator's and the other hosts' digest ids to create nodes they
 can read and the operator can clean up, and ZooKeeper 3.8 shows digest ids in an ACL only
 to holders of ADMIN on that node (``getACL`` answers ``user:x`` to others). The ids are
@@ -44,8 +44,7 @@ READ, WRITE, CREATE, DELETE, ADMIN, ALL = (Permissions.READ, Permissions.WRITE,
 # What every host identity may do on a node of each kind, beyond the operator's ALL.
 # Kinds are the path with names replaced: "current/*" is current/<svc>.
 HOST_PERMS: dict[str, int] = {
-    "": READ,
-    "acl": READ,                        # the policy (operator and host digest ids)
+    "": READ,                           # the root; its data is the policy (digest ids)
     "services": READ, "services/*": READ,
     "staging": READ,
     "staging/*": READ | CREATE | DELETE,  # ready-queue entries <host>-<seq> below
@@ -68,7 +67,7 @@ HOST_PERMS: dict[str, int] = {
 # every other host READ.
 OWNED = ("staging/*/*", "current/*/*", "hosts/*", "peers/*/*")
 
-POLICY_NODE = "acl"  # the policy's node, below the root
+POLICY_NODE = ""  # the policy is the root's data
 MIN_PASSWORD = 16
 
 

@@ -9,7 +9,7 @@ makes the host count as down).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from kazoo.client import KazooClient, KazooState
 from kazoo.exceptions import (AuthFailedError, BadVersionError, ConnectionClosedError,
@@ -22,6 +22,9 @@ from . import acl as layout
 from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotAuthorized,
                    NotEmpty, OpCounter, SessionState, SetData, Store, StoreError,
                    StoreUnavailable, TransactionFailed, Watcher)
+
+if TYPE_CHECKING:
+    from . import StoreSecurity
 
 _STATES = {KazooState.CONNECTED: SessionState.CONNECTED,
            KazooState.SUSPENDED: SessionState.SUSPENDED,
@@ -57,7 +60,8 @@ class ZooKeeperStore(Store):
 
     def __init__(self, url: str, servers: list[tuple[str, int]], root: str,
                  session_timeout: float = 10.0, request_timeout: float | None = None, *,
-                 identity: layout.Identity | None = None, security=None) -> None:
+                 identity: layout.Identity | None = None,
+                 security: StoreSecurity | None = None) -> None:
         self.url = url
         self.root = root
         self.identity = identity
@@ -178,14 +182,14 @@ class ZooKeeperStore(Store):
         return created[len(self.root) + 1:]
 
     def ensure(self, path: str) -> None:
-        # Look before creating: under ACLs, creating an existing node is refused for lack
+        # Under ACLs, look before creating: creating an existing node is refused for lack
         # of CREATE on its parent before ZooKeeper says it exists.
-        if self.exists(path) is None:
+        if self._me is None or self.exists(path) is None:
             super().ensure(path)
 
     # -- access control -----------------------------------------------------------------
     def policy(self) -> layout.AclPolicy:
-        """Who is operator and who is a host: the ``acl`` node ``dcdeploy init`` writes.
+        """Who is operator and who is a host: the root's data, written by ``dcdeploy init``.
         Raises :class:`NotAuthorized` when the root is not set up."""
         self.ops.read()
         try:
