@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cluster import Cluster, wait_for
 from kazoo.client import KazooClient
 from kazoo.exceptions import NoAuthError
 from kazoo.handlers.threading import KazooTimeoutError
@@ -272,3 +273,38 @@ def test_init_rotates_the_operator_identity(secure_root):
             stale.get("services/api")
     finally:
         stale.stop()
+
+
+def test_a_revoked_host_keeps_serving_reports_it_and_recovers_when_readmitted(
+        secure_root, workdir):
+    """Wrong or revoked credentials are a store the host cannot use: its services keep
+    running, its status says why, and it rejoins when `init` lets it in again."""
+    secure_root.init(["h0", "h1"])
+    op = secure_root.open("operator")
+    cluster = Cluster(workdir, op, secure_root.url("operator"), 2,
+                      {"A": {"quorum": 1, "healthy_secs": 0.2}},
+                      host_store_url=secure_root.url)
+    try:
+        cluster.boot({"A": "1"})
+        supervisord = cluster.procs["h1"]
+        secure_root.init(["h0"])
+        wait_for(lambda: cluster.host_status("h1").get("services", {}).get("A", {})
+                 .get("store") == "not authorized", 30, "h1 to report its store refused it")
+        assert cluster.version("h1", "A") == "1"  # still serving
+        assert cluster.procs["h1"] is supervisord and supervisord.poll() is None
+        with pytest.raises(NotAuthorized):  # its presence is no longer its own
+            h1 = secure_root.open("h1")
+            try:
+                h1.set("current/A/h1", b"{}")
+            finally:
+                h1.stop()
+        secure_root.init(["h0", "h1"])
+        wait_for(lambda: cluster.host_status("h1").get("services", {}).get("A", {})
+                 .get("store") == "connected", 30, "h1 back on the store")
+        cluster.stage("A", "2")
+        ops.deploy(op, ["A"])
+        wait_for(lambda: cluster.queue_empty() and cluster.all_on("A", "2"), 60,
+                 "both hosts on A 2 after h1 was let back in")
+    finally:
+        cluster.stop_all()
+        op.stop()

@@ -64,6 +64,7 @@ class Agent:
         self._staged_version: dict[str, str] = {}
         self._in_front: dict[str, bool] = {}
         self._published: dict[str, Any] | None = None
+        self._denied = False  # this cycle, the store refused our credentials
         self._views: dict[str, decisions.ServiceView] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
@@ -134,6 +135,7 @@ class Agent:
         online = self._started and self.session is SessionState.CONNECTED
         queue: list[DeployItem] | None = None
         queue_invalid: list[str] = []
+        self._denied = False
         if online:
             try:
                 self._prepare()
@@ -141,6 +143,9 @@ class Agent:
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", error=str(exc))
                 online = False
+            except NotAuthorized as exc:  # wrong or revoked credentials: serve on, as offline
+                self.log.error("store.not_authorized", error=str(exc))
+                self._denied, online = True, False
         for svc in self.cfg.services:
             try:
                 self.cycle_service(svc, queue if online else None, queue_invalid)
@@ -220,7 +225,8 @@ class Agent:
             if view.staged is not None:
                 self._staged_version[svc] = view.staged.version
         else:
-            self._set(svc, store=self.session.value if self._started else "unreachable")
+            self._set(svc, store="not authorized" if self._denied else
+                      self.session.value if self._started else "unreachable")
         spec = self._spec(svc, view)
         program = spec.program if spec else svc
         state = self.sup.state(program)
