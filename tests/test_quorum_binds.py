@@ -49,16 +49,18 @@ MAX_GAP = 0.3
 
 # -- the prober's record ----------------------------------------------------------------
 
-def check_coverage(prober: Prober, t0: float, t1: float) -> None:
+def check_coverage(prober: Prober, t0: float, t1: float) -> dict[str, float]:
     """Every endpoint sampled at >= 20 Hz over [t0, t1], the whole judged window (not the
     prober's own lifetime: a prober that died early fails), with no gap over MAX_GAP,
-    counting the edges of the window."""
+    counting the edges of the window. Returns what was measured."""
     times = [s.t for s in prober.samples if t0 <= s.t <= t1]
     assert times, "no prober samples in the judged window"
     gaps = [b - a for a, b in zip([t0, *times], [*times, t1])]
     rate = len(times) / (t1 - t0)
     assert rate >= MIN_HZ, f"prober sampled every endpoint at {rate:.1f} Hz over the window"
     assert max(gaps) <= MAX_GAP, f"prober gap of {max(gaps):.3f} s"
+    return {"window_s": round(t1 - t0, 2), "rate_hz": round(rate, 1),
+            "max_gap_s": round(max(gaps), 3)}
 
 
 def check_s1(prober: Prober, svc: str, t0: float, t1: float) -> int:
@@ -124,7 +126,7 @@ def boot_ready(cluster: Cluster) -> None:
              "every host ready to roll to A 2")
 
 
-def test_quorum_4_of_5_switches_one_host_at_a_time(dc):
+def test_quorum_4_of_5_switches_one_host_at_a_time(dc, record_property):
     boot_ready(dc)
     gate_before = gate_version(dc)
     prober = dc.prober().start()
@@ -136,8 +138,11 @@ def test_quorum_4_of_5_switches_one_host_at_a_time(dc):
     finally:
         t1 = time.time()
         prober.stop()
-    check_coverage(prober, t0, t1)
-    assert check_s1(prober, "A", t0, t1) == QUORUM, "no host was ever seen down"
+    for key, value in check_coverage(prober, t0, t1).items():
+        record_property(key, value)  # in the junit report, for bench/mutants.py
+    worst = check_s1(prober, "A", t0, t1)
+    record_property("min_serving", worst)
+    assert worst == QUORUM, "no host was ever seen down"
     check_one_at_a_time(switch_slots(prober, dc.hosts, "A", SPEC["healthy_secs"]))
     assert gate_version(dc) - gate_before == HOSTS, "one gate pass per host"
 
@@ -146,11 +151,12 @@ def agent_status(cluster: Cluster, host: str) -> dict:
     return cluster.host_status(host).get("services", {}).get("A", {})
 
 
-def test_dead_host_blocks_take_downs_until_it_returns(dc):
+def test_dead_host_blocks_take_downs_until_it_returns(dc, record_property):
     boot_ready(dc)
     victim = "h4"
     live = [h for h in dc.hosts if h != victim]
     dc.kill(victim)  # supervisord, the agent and the service, by pid
+    assert dc.version(victim, "A") is None, f"{victim}'s service still answers"
     wait_for(lambda: victim not in dc.store.children("current/A"), 30,
              f"{victim}'s presence to go with its session")
     gate_before = gate_version(dc)
@@ -192,8 +198,10 @@ def test_dead_host_blocks_take_downs_until_it_returns(dc):
     finally:
         t1 = time.time()
         prober.stop()
-    check_coverage(prober, t0, t1)
-    check_s1(prober, "A", t0, t1)
+    for key, value in check_coverage(prober, t0, t1).items():
+        record_property(key, value)
+    record_property("min_serving", check_s1(prober, "A", t0, t1))
+    record_property("blocked_s", round(blocked_until - t0, 2))
     # Nothing moved while blocked: every live host answered 1 at every sample.
     for sample in prober.samples:
         if t0 <= sample.t <= blocked_until:
