@@ -252,6 +252,26 @@ class StubSupervisor:
             self.log.append((time.monotonic(), self.host, "start"))
 
 
+class CommitTogether:
+    """Wraps the racers' ``store.commit``: each one's first commit waits until every racer
+    has reached its own, then all go at once. So all of them made their (synced, fresh) read
+    before any commits: the same instant for the gate, whatever the scheduler does."""
+
+    def __init__(self, agents: dict[str, Agent]) -> None:
+        self.barrier = threading.Barrier(len(agents), timeout=20)
+        self.reached: list[str] = []
+        for host, agent in agents.items():
+            agent.store.commit = self._wrap(host, agent.store.commit)  # type: ignore
+
+    def _wrap(self, host: str, commit):
+        def first_together(ops_):
+            if host not in self.reached:
+                self.reached.append(host)
+                self.barrier.wait()
+            return commit(ops_)
+        return first_together
+
+
 def most_down_at_once(log: list) -> int:
     down: set[str] = set()
     worst = 0
@@ -349,21 +369,7 @@ def bed(workdir, store, store_url):
 def test_two_hosts_racing_for_the_gate_exactly_one_passes(bed):
     racers = ["h0", "h1"]  # both ready, both among the first max_parallel 3
     gate_before = bed.gate()
-    # Both commit only after both made their (synced, fresh) read: the same instant for
-    # the gate, whatever the scheduler does.
-    at_commit = threading.Barrier(len(racers), timeout=20)
-    reached: list[str] = []
-    for host in racers:
-        store = bed.agents[host].store
-        real = store.commit
-
-        def commit(ops_, real=real, host=host, fired=[]):
-            if not fired:
-                fired.append(True)
-                reached.append(host)
-                at_commit.wait()
-            return real(ops_)
-        store.commit = commit  # type: ignore[method-assign]
+    together = CommitTogether({h: bed.agents[h] for h in racers})
     go = threading.Barrier(len(racers), timeout=20)
 
     def race(host: str) -> None:
@@ -376,7 +382,8 @@ def test_two_hosts_racing_for_the_gate_exactly_one_passes(bed):
     bed.threads.extend(threads.values())
     for host, thread in threads.items():
         bed.settle(host, thread)
-    assert sorted(reached) == racers, f"only {reached} reached the gate commit"
+    assert sorted(together.reached) == racers, \
+        f"only {together.reached} reached the gate commit"
     passed = [h for h in racers if bed.sup(h).stops]
     assert len(passed) == 1, f"{passed or 'nobody'} passed the gate"
     (winner,) = passed
