@@ -22,7 +22,7 @@ survives: the scenarios are too weak. One JSON line per run:
 then a summary line; the exit status is 0 only when the control passed and every mutant
 was killed.
 
-    python bench/mutants.py [--only A] [--no-control] [-k EXPR] [--keep]
+    python bench/mutants.py [--only A] [--no-control] [-k EXPR] [--tests FILE] [--keep]
 """
 
 from __future__ import annotations
@@ -141,7 +141,7 @@ def check_installed(python: Path, work: Path, mutant: Mutant) -> str:
     return str(where)
 
 
-def run_scenarios(python: Path, work: Path, select: str | None,
+def run_scenarios(python: Path, work: Path, tests: Path, select: str | None,
                   timeout: float) -> tuple[dict[str, tuple[str, str]], dict[str, dict]]:
     """pytest under the mutant's interpreter, from ``work`` (``-P``: the current directory is
     not put on sys.path; agents started by supervisord inherit ``work`` as their directory).
@@ -151,7 +151,7 @@ def run_scenarios(python: Path, work: Path, select: str | None,
     junit = work / "junit.xml"
     cmd = [str(python), "-P", "-m", "pytest", "-q", "-p", "no:cacheprovider",
            "-o", "junit_family=xunit1", "--basetemp", str(work / "pytest"),
-           "--junitxml", str(junit), str(SCENARIOS)]
+           "--junitxml", str(junit), str(tests)]
     if select:
         cmd += ["-k", select]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -182,14 +182,15 @@ def run_scenarios(python: Path, work: Path, select: str | None,
     return results, measured
 
 
-def run(mutant: Mutant, select: str | None, keep: bool, timeout: float) -> dict:
+def run(mutant: Mutant, select: str | None, keep: bool, timeout: float,
+        tests: Path = SCENARIOS) -> dict:
     started = time.monotonic()
     work = Path(tempfile.mkdtemp(prefix=f"dcdeploy-mutant-{mutant.name}-")).resolve()
     try:
         src = make_copy(mutant, work)
         python = make_venv(src, work)
         where = check_installed(python, work, mutant)
-        results, measured = run_scenarios(python, work, select, timeout)
+        results, measured = run_scenarios(python, work, tests, select, timeout)
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -215,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-control", action="store_true",
                         help="skip the run of the unpatched copy")
     parser.add_argument("-k", dest="select", help="pytest -k expression")
+    parser.add_argument("--tests", type=Path, default=SCENARIOS,
+                        help="test file to run (default tests/test_quorum_binds.py; e.g. "
+                             "tests/test_rollout.py to see that it lets the mutants live)")
     parser.add_argument("--keep", action="store_true", help="keep the work directories")
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds for one pytest run (default 900)")
@@ -225,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     records = []
     for mutant in mutants:
         try:
-            record = run(mutant, args.select, args.keep, args.timeout)
+            record = run(mutant, args.select, args.keep, args.timeout,
+                         args.tests.resolve())
         except (PatchError, RuntimeError, subprocess.CalledProcessError) as exc:
             record = {"mutant": mutant.name, "patch": mutant.description, "error": str(exc)}
         records.append(record)
