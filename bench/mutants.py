@@ -11,6 +11,8 @@ import the mutant. There is no switch in the product: the mutants exist only her
     A  no quorum check in the gate decision (decisions.may_take_down)
     B  no sync() and no fresh read before the gate: the agent commits on the view it read at
        the start of its cycle (agent/worker.py, pass_gate_and_switch)
+    C  (beyond issue 14) the gate commit without its version checks on the gate node and
+       the deploy item
 
 A control run (the unpatched copy, through the same machinery) must pass every scenario,
 else a mutant's failures would prove nothing. A mutant every scenario passes against
@@ -76,6 +78,18 @@ MUTANTS = (
               "  # queue, gate, current, staging: all after sync\n",
               "        fresh = self._views[svc]  # mutant B: the cycle's (stale) view\n"),
     )),
+    # Not asked for by issue 14; here to show what the two-host race guards. The item's
+    # version check alone also stops a concurrent take-down while a deploy item is head,
+    # so both checks go.
+    Mutant("C", "the gate commit without its version checks (gate node and deploy item): "
+                "two hosts that read the same gate both commit", (
+        Patch("supervisor_dcdeploy/agent/worker.py",
+              'SetData(f"gate/{svc}", dumps(gate), fresh.gate_version)',
+              'SetData(f"gate/{svc}", dumps(gate))'),
+        Patch("supervisor_dcdeploy/agent/worker.py",
+              'SetData(f"deploy/{head.node}", item, head.data_version)',
+              'SetData(f"deploy/{head.node}", item)'),
+    )),
 )
 CONTROL = Mutant("control", "the unpatched package, through the same machinery", ())
 
@@ -104,7 +118,13 @@ def make_copy(mutant: Mutant, work: Path) -> Path:
         if count != 1:
             raise PatchError(f"mutant {mutant.name}: the text to replace occurs {count} times "
                              f"in {patch.path} (expected once): update bench/mutants.py")
-        target.write_text(text.replace(patch.old, patch.new))
+        text = text.replace(patch.old, patch.new)
+        try:
+            compile(text, str(target), "exec")
+        except SyntaxError as exc:
+            raise PatchError(f"mutant {mutant.name}: {patch.path} does not compile once "
+                             f"patched: {exc}") from None
+        target.write_text(text)
     return src
 
 
@@ -195,13 +215,19 @@ def run(mutant: Mutant, select: str | None, keep: bool, timeout: float,
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     failed = sorted(name for name, (outcome, _) in results.items() if outcome != "passed")
+    # Killed means a scenario's assertion failed; an error (collection, fixture, timeout)
+    # says nothing about the scenarios' strength and is reported as such.
+    errors = sorted(name for name, (outcome, _) in results.items()
+                    if outcome not in ("passed", "failed"))
     record = {"mutant": mutant.name, "patch": mutant.description, "package": where,
               "tests": {name: outcome for name, (outcome, _) in sorted(results.items())},
               "failed": failed,
               "messages": {name: results[name][1] for name in failed},
               "measured": measured, "seconds": round(time.monotonic() - started, 1)}
+    if errors:
+        record["errors"] = errors
     if mutant.patches:
-        record["killed"] = bool(failed)
+        record["killed"] = any(results[name][0] == "failed" for name in failed)
     else:
         record["passed"] = bool(results) and not failed
     if keep:
