@@ -33,6 +33,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import sysconfig
@@ -161,6 +162,19 @@ def check_installed(python: Path, work: Path, mutant: Mutant) -> str:
     return str(where)
 
 
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL pytest and everything it started (ZooKeeper, supervisords, agents, services:
+    they run in sessions of their own, so its fixtures' cleanup is all that would stop them),
+    by pid."""
+    from supervisor_dcdeploy.hostenv import descendants
+    for pid in [*descendants(proc.pid), proc.pid]:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
 def run_scenarios(python: Path, work: Path, tests: Path, select: str | None,
                   timeout: float) -> tuple[dict[str, tuple[str, str]], dict[str, dict]]:
     """pytest under the mutant's interpreter, from ``work`` (``-P``: the current directory is
@@ -176,11 +190,15 @@ def run_scenarios(python: Path, work: Path, tests: Path, select: str | None,
         cmd += ["-k", select]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with open(work / "pytest.log", "wb") as out:
+        proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:
-            subprocess.run(cmd, cwd=work, env=env, stdout=out, stderr=subprocess.STDOUT,
-                           timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
+            kill_tree(proc)
             return {"(run)": ("timeout", f"pytest ran over {timeout:g} s")}, {}
+        except BaseException:
+            kill_tree(proc)
+            raise
     if not junit.is_file():
         return {"(run)": ("error", f"no junit report; see {work / 'pytest.log'}")}, {}
     results = {}
