@@ -419,7 +419,9 @@ def test_presence_lost_between_read_and_gate_blocks_the_take_down(bed):
     assert bed.sup(host).stops == 0, f"{host} took itself down with 4 online, quorum 4"
     assert bed.gate() == gate_before
     assert len(bed.store.children("current/A")) == QUORUM
-    # Its next cycle reads 4 online from the start and says why it stays.
+    # Its status says why it stayed (the gate's read, not the cycle's, which allowed it) ...
+    assert bed.reason(host).startswith("quorum: 4 online, quorum 4"), bed.reason(host)
+    # ... and so does its next cycle, which reads 4 online from the start.
     bed.settle(host, bed.cycle(host))
     assert bed.sup(host).stops == 0, f"{host} took itself down with 4 online, quorum 4"
     assert bed.reason(host).startswith("quorum: 4 online, quorum 4"), bed.reason(host)
