@@ -456,6 +456,7 @@ class Agent:
         active = self.local.get(svc).active
         decision = decisions.may_take_down(fresh, self.host, active)
         if not decision:
+            self._set(svc, reason=decision.reason)  # the synced read overrules the cycle's
             return
         target, _ = decisions.rollout_target(fresh)
         assert target is not None and fresh.staged is not None and fresh.spec is not None
