@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import ops
+from . import ops, trust
 from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
                                          write_host)
 from .model import HealthCheck
@@ -101,10 +101,16 @@ class Prober:
 
 
 class Cluster:
-    """``n`` hosts running ``services`` (name -> spec kwargs), all on 127.0.0.1."""
+    """``n`` hosts running ``services`` (name -> spec kwargs), all on 127.0.0.1.
+
+    The data center has an operator key: the one named by ``$DCDEPLOY_SIGN_KEY`` when it
+    is set (the test suite sets one), else a new one in ``<workdir>/keys``. Every host pins
+    it, and what the cluster writes as the operator is signed with it (``signer``).
+    ``insecure_unsigned=True`` makes hosts that pin nothing and accept unsigned data."""
 
     def __init__(self, workdir: Path, store: Store, store_url: str, n: int,
-                 services: dict[str, dict], racks: int = 2, poll_interval: float = 1.0) -> None:
+                 services: dict[str, dict], racks: int = 2, poll_interval: float = 1.0,
+                 insecure_unsigned: bool = False) -> None:
         self.workdir = workdir
         self.store = store
         self.store_url = store_url
@@ -112,19 +118,34 @@ class Cluster:
         self.hosts: dict[str, HostLayout] = {}
         self.procs: dict[str, object] = {}
         self.artifacts = workdir / "artifacts"
+        self.signer: trust.Signer | None = None
+        pinned = None
+        if not insecure_unsigned:
+            self.signer = trust.default_signer()
+            keys = workdir / "keys"
+            if self.signer is None:
+                private, _, _ = trust.generate(keys)
+                self.signer = trust.load_signer(private)
+            else:  # pin the environment's key: its public half, beside the hosts
+                keys.mkdir(parents=True, exist_ok=True)
+                (keys / "operator.pub").write_bytes(self.signer.public.public_bytes(
+                    trust.serialization.Encoding.PEM,
+                    trust.serialization.PublicFormat.SubjectPublicKeyInfo))
+            pinned = str(keys / "*.pub")
         for i in range(n):
             name = f"h{i}"
             self.hosts[name] = HostLayout(
                 name=name, rack=f"r{i % racks}", root=workdir / name, store_url=store_url,
                 services={svc: free_port() for svc in services}, session_timeout=4.0,
-                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)})
+                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)},
+                trusted_keys=pinned)
 
     # -- operator side --------------------------------------------------------------
     def define(self) -> None:
         for svc, spec in self.services.items():
             ops.service_set(self.store, svc, program=svc,
                             health=HealthCheck("http", "http://127.0.0.1:{port}/health", 1.0),
-                            **spec)
+                            signer=self.signer, **spec)
 
     def release(self, svc: str, version: str, broken: bool = False) -> tuple[str, str]:
         path, sha = build_release(self.artifacts, svc, version, broken=broken)
@@ -132,7 +153,11 @@ class Cluster:
 
     def stage(self, svc: str, version: str, broken: bool = False, sha: str | None = None):
         url, real_sha = self.release(svc, version, broken)
-        return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url])
+        return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url],
+                         signer=self.signer)
+
+    def deploy(self, names: list[str]):
+        return ops.deploy(self.store, names, signer=self.signer)
 
     # -- hosts ----------------------------------------------------------------------
     def start(self, name: str | None = None) -> None:

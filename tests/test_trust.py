@@ -254,3 +254,23 @@ def test_signed_store_value_is_readable_json(keys):
     data = json.loads(signed(RELEASE, signer).to_json())
     assert data["version"] == "2.1" and set(data["signature"]) == {"keyid", "sig", "counter",
                                                                    "expires"}
+
+
+def test_agent_config_pins_keys_or_refuses_to_start(tmp_path):
+    from supervisor_dcdeploy.agent.config import ConfigError, load
+    base = "[agent]\nhost = web-1\nstore = zk://z:2181/dc\nroot = /x\n"
+    cfg = tmp_path / "agent.conf"
+    cfg.write_text(base + "[service:api]\n")
+    with pytest.raises(ConfigError, match="no trusted_keys"):
+        load(cfg)
+    cfg.write_text(base + "insecure_unsigned = maybe\n[service:api]\n")
+    with pytest.raises(ConfigError, match="'maybe' is not true or false"):
+        load(cfg)
+    cfg.write_text(base + f"trusted_keys = {tmp_path}/keys/*.pub\n[service:api]\n")
+    with pytest.raises(ConfigError, match="matches no file"):
+        load(cfg)
+    _, _, keyid = trust.generate(tmp_path / "keys")
+    loaded = load(cfg)
+    assert set(loaded.trust.keys) == {keyid} and not loaded.trust.insecure_unsigned
+    cfg.write_text(base + "insecure_unsigned = true\n[service:api]\n")
+    assert load(cfg).trust == trust.Policy({}, True)
