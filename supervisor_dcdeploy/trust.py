@@ -33,9 +33,10 @@ import json
 import os
 import re
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -355,7 +356,7 @@ class CounterLog:
             for key, value in raw.get("seen", {}).items():
                 counter = value.get("counter")
                 if not isinstance(counter, int) or isinstance(counter, bool):
-                    raise ValueError(f"{key}: counter {counter!r}")
+                    raise TypeError(f"{key}: counter {counter!r}")
                 node = value.get("node")
                 self.seen[key] = Seen(counter, node if isinstance(node, str) else None)
         except FileNotFoundError:

@@ -19,7 +19,7 @@ def operator_key(tmp_path_factory):
     import os
 
     from supervisor_dcdeploy import trust
-    private, public, keyid = trust.generate(tmp_path_factory.mktemp("operator"))
+    private, _, _ = trust.generate(tmp_path_factory.mktemp("operator"))
     before = os.environ.get(trust.SIGN_KEY_ENV)
     os.environ[trust.SIGN_KEY_ENV] = str(private)
     try:

@@ -18,7 +18,7 @@ SHA = "ab" * 32
 
 @pytest.fixture
 def keys(tmp_path):
-    private, public, keyid = trust.generate(tmp_path / "k")
+    private, _, keyid = trust.generate(tmp_path / "k")
     signer = trust.load_signer(private)
     assert signer.keyid == keyid
     return signer, trust.load_trusted(str(tmp_path / "k" / "*.pub"))
@@ -61,7 +61,7 @@ def test_signed_value_round_trips_through_the_store_and_verifies(keys, value):
     stored = reparse(signed(value, signer))
     verdict, record = trust.check(stored, trust.Policy(trusted), NOW, {})
     assert verdict.ok, verdict.reason
-    assert list(record.values())[0].counter == 1000
+    assert next(iter(record.values())).counter == 1000
 
 
 @pytest.mark.parametrize("value,change", TAMPER,
@@ -181,8 +181,8 @@ def test_check_all_blocks_the_queue_at_a_refused_item(keys):
     assert spec is not None and staged is None
     assert [i.state for i in queue] == ["waiting", "invalid"]
     assert "unsigned" in queue[1].reason
-    assert refusals == [f"staging/api: bad signature by key {signer.keyid}: the signed "
-                        "fields were changed after signing",
+    assert refusals == [(f"staging/api: bad signature by key {signer.keyid}: the signed "
+                         "fields were changed after signing"),
                         "deploy/item-0000000008: unsigned (no signature)"]
     assert set(updates) == {"service/api", "deploy/api"}
 
@@ -213,7 +213,7 @@ def test_counter_log_survives_restart_and_corruption(tmp_path):
 
 
 def test_key_files(tmp_path):
-    private, public, keyid = trust.generate(tmp_path)
+    private, public, _ = trust.generate(tmp_path)
     assert stat.S_IMODE(os.stat(private).st_mode) == 0o600
     assert public.read_text().startswith("-----BEGIN PUBLIC KEY-----")
     with pytest.raises(trust.TrustError, match="exists already"):
@@ -271,6 +271,6 @@ def test_agent_config_pins_keys_or_refuses_to_start(tmp_path):
         load(cfg)
     _, _, keyid = trust.generate(tmp_path / "keys")
     loaded = load(cfg)
-    assert set(loaded.trust.keys) == {keyid} and not loaded.trust.insecure_unsigned
+    assert set(loaded.trust_policy.keys) == {keyid} and not loaded.trust_policy.insecure_unsigned
     cfg.write_text(base + "insecure_unsigned = true\n[service:api]\n")
-    assert load(cfg).trust == trust.Policy({}, True)
+    assert load(cfg).trust_policy == trust.Policy({}, True)

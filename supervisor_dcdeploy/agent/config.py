@@ -32,7 +32,7 @@ class AgentConfig:
     extra: dict[str, str] = field(default_factory=dict)  # keys for optional parts (p2p)
     # Operator keys this host trusts (trust.py), by key id; loaded at start from local
     # files (trusted_keys), never from the store.
-    trust: trust.Policy = field(default_factory=lambda: trust.Policy({}, True))
+    trust_policy: trust.Policy = field(default_factory=lambda: trust.Policy({}, True))
 
     def variables(self, svc: str) -> dict[str, str]:
         return {"host": self.host, "rack": self.rack, **self.services.get(svc, {})}
@@ -108,7 +108,7 @@ def load(path: Path) -> AgentConfig:
                               float, 0.1),
         supervisor_url=agent.get("supervisor_url"),
         extra={k: v for k, v in agent.items() if k not in known},
-        trust=_trust(where, agent),  # last: other mistakes in the file are named first
+        trust_policy=_trust(where, agent),  # last: other mistakes in the file are named first
     )
 
 

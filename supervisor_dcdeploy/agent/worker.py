@@ -16,11 +16,10 @@ import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any, Callable
 
 import structlog
-
-from dataclasses import replace
 
 from .. import decisions, health, trust
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
@@ -267,7 +266,7 @@ class Agent:
         refused specs and staged releases are left out, a refused deploy item blocks the
         queue at its place. Refusals go to status.json and the host registry."""
         spec, staged, queue, refused, counters = trust.check_all(
-            view.spec, view.staged, view.queue, self.cfg.trust, time.time(),
+            view.spec, view.staged, view.queue, self.cfg.trust_policy, time.time(),
             self.counters.seen)
         try:
             self.counters.record(counters)
@@ -715,8 +714,8 @@ class Agent:
         status = {"host": self.host, "rack": self.cfg.rack,
                   "store": self.session.value if self._started else "unreachable",
                   "store_ops": {"reads": ops.reads, "writes": ops.writes},
-                  "trust": {"keys": sorted(self.cfg.trust.keys),
-                            "insecure_unsigned": self.cfg.trust.insecure_unsigned},
+                  "trust": {"keys": sorted(self.cfg.trust_policy.keys),
+                            "insecure_unsigned": self.cfg.trust_policy.insecure_unsigned},
                   "services": self.status}
         if self.dist is not None:
             status["swarm"] = self.dist.status()
