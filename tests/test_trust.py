@@ -274,3 +274,22 @@ def test_agent_config_pins_keys_or_refuses_to_start(tmp_path):
     assert set(loaded.trust_policy.keys) == {keyid} and not loaded.trust_policy.insecure_unsigned
     cfg.write_text(base + "insecure_unsigned = true\n[service:api]\n")
     assert load(cfg).trust_policy == trust.Policy({}, True)
+
+
+def test_cli_keygen_and_signing_options(tmp_path, capsys):
+    from supervisor_dcdeploy.cli import main as cli
+    assert cli(["keygen", "--out", str(tmp_path / "k")]) == 0
+    out = capsys.readouterr().out
+    keyid = trust.load_signer(tmp_path / "k" / "operator.key").keyid
+    assert f"key {keyid}" in out and "operator.pub" in out
+    assert cli(["keygen", "--out", str(tmp_path / "k")]) == 2
+    assert "exists already" in capsys.readouterr().err
+    # Refused before the store is asked: a bad duration, an unreadable or wrong key file.
+    stage = ["--store", "zk://127.0.0.1:1/dc", "stage", "A", "1", "--url", "file:///x",
+             "--sha256", SHA]
+    assert cli([*stage, "--expires", "0"]) == 2
+    assert "--expires '0'" in capsys.readouterr().err
+    assert cli([*stage, "--sign-key", str(tmp_path / "nope.key")]) == 2
+    assert "nope.key: cannot read" in capsys.readouterr().err
+    assert cli([*stage, "--sign-key", str(tmp_path / "k" / "operator.pub")]) == 2
+    assert "not an unencrypted PEM private key" in capsys.readouterr().err
