@@ -384,7 +384,8 @@ class CounterLog:
 @dataclass(frozen=True)
 class Policy:
     """A host's trust settings (agent.conf): pinned keys, and whether unsigned data is
-    accepted (``insecure_unsigned``). Signed data is always checked against the keys."""
+    accepted (``insecure_unsigned``). With keys, signed data is always checked against
+    them; with ``insecure_unsigned`` and no key at all, nothing is checked."""
 
     keys: Mapping[str, Ed25519PublicKey]
     insecure_unsigned: bool = False
@@ -397,8 +398,9 @@ def check(value: ServiceSpec | StagedRelease | DeployItem, policy: Policy, now: 
     service = value.name if isinstance(value, ServiceSpec) else value.service
     key = f"{kind}/{service}"
     signature = getattr(value, "signature", None)
-    if signature is None and policy.insecure_unsigned:
-        return Verdict(True, "unsigned, accepted (insecure_unsigned = true)"), {}
+    if policy.insecure_unsigned and (signature is None or not policy.keys):
+        # No pinned key means no basis to check a signature either: accepted as is.
+        return Verdict(True, "not checked, accepted (insecure_unsigned = true)"), {}
     last = seen.get(key)
     verdict = verify(payload_of(value), signature, policy.keys, now,
                      last.counter if last else None)

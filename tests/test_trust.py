@@ -293,3 +293,10 @@ def test_cli_keygen_and_signing_options(tmp_path, capsys):
     assert "nope.key: cannot read" in capsys.readouterr().err
     assert cli([*stage, "--sign-key", str(tmp_path / "k" / "operator.pub")]) == 2
     assert "not an unencrypted PEM private key" in capsys.readouterr().err
+
+
+def test_insecure_unsigned_without_keys_checks_nothing(keys, tmp_path):
+    signer, _ = keys
+    other, _, _ = trust.generate(tmp_path / "other")
+    for value in (SPEC, signed(SPEC, signer), signed(SPEC, trust.load_signer(other))):
+        assert trust.check(value, trust.Policy({}, insecure_unsigned=True), NOW, {})[0].ok
