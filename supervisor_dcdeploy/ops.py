@@ -60,6 +60,21 @@ def _sign(value: Signed, signer: trust.Signer | None, expires: float | None,
                                                now + lifetime))
 
 
+def _check_staged(release: StagedRelease, signer: trust.Signer | None) -> None:
+    """Refuse to sign a deploy item for a staged release the operator's own key does not
+    vouch for: whoever wrote the store could have put an unsigned, forged or old release
+    there, and a signed item would make it look chosen by the operator."""
+    if signer is None:
+        return
+    verdict = trust.verify(trust.payload_of(release), release.signature,
+                           {signer.keyid: signer.public}, time.time(), None)
+    if not verdict:
+        raise OpError(f'the staged release of "{release.service}" ({release.version}) does '
+                      f"not verify with your key {signer.keyid}: {verdict.reason}; stage "
+                      f"it again with your key: dcdeploy stage {release.service} "
+                      f"{release.version} ...")
+
+
 def _ensure_service_nodes(store: Store, svc: str) -> None:
     for base in ("current", "staging", "gate", "released"):
         store.ensure(f"{base}/{svc}")
@@ -155,6 +170,8 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
         raise OpError(str(exc)) from None
     now = time.time()
     signer = signer_or_default(signer)
+    for n in order:
+        _check_staged(staged[n], signer)
     items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
                               updated=now), signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
@@ -209,6 +226,7 @@ def resume(store: Store, signer: trust.Signer | None = None,
         if staged is None:
             raise OpError(problem or f'service "{head.service}" has no staged release')
         retarget = staged.version if staged.version != head.version else None
+        _check_staged(staged, signer)
         resigned = _sign(replace(head, version=staged.version, signature=None), signer,
                          expires, [head])
         try:

@@ -17,7 +17,7 @@ from cluster import Cluster, wait_for
 
 from supervisor_dcdeploy import ops, trust
 from supervisor_dcdeploy.cli import main as cli
-from supervisor_dcdeploy.model import StagedRelease, dumps
+from supervisor_dcdeploy.model import DeployItem, StagedRelease, dumps
 
 
 @pytest.fixture
@@ -62,6 +62,17 @@ def installed(cluster: Cluster, host: str) -> tuple[str | None, str | None]:
     return fetch.get("version"), fetch.get("state")
 
 
+def queue_signed(cluster: Cluster, svc: str, version: str) -> str:
+    """A deploy item signed by the operator key, written straight into the store (`dcdeploy
+    deploy` refuses to sign an item for a staged release its key does not vouch for)."""
+    item = DeployItem("item-", -1, svc, version, updated=time.time())
+    signature = trust.sign(cluster.signer, trust.payload_of(item),
+                           trust.next_counter(time.time(), None), time.time() + 3600)
+    path = cluster.store.create("deploy/item-", dataclasses.replace(
+        item, signature=signature).to_json(), sequential=True)
+    return path.rpartition("/")[2]
+
+
 def assert_nothing_switched(cluster: Cluster, gate_version: int) -> None:
     assert cluster.all_on("A", "1")
     assert cluster.store.get("gate/A")[1] == gate_version, "a host passed the gate"
@@ -80,7 +91,9 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
         # 1. An unsigned release, and a (signed) deploy item that wants it.
         store.set("staging/A", unsigned.to_json())
         problem = refused_by_all(cluster, "staging/A: unsigned (no signature)")
-        ops.deploy(store, ["A"])
+        with pytest.raises(ops.OpError, match="does not verify with your key"):
+            ops.deploy(store, ["A"])  # the operator's side will not vouch for it ...
+        queue_signed(cluster, "A", "2")  # ... and a signed item does not make hosts act
         full_cycles(cluster)
         assert_nothing_switched(cluster, gate)
         for host in cluster.hosts:
@@ -96,7 +109,7 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
         ops.stage(store, "A", "2", sha256=sha2, urls=[url2],
                   signer=trust.load_signer(workdir / "intruder" / "operator.key"))
         refused_by_all(cluster, f"staging/A: signed by unknown key {other_id}")
-        ops.deploy(store, ["A"])
+        queue_signed(cluster, "A", "2")
         full_cycles(cluster)
         assert_nothing_switched(cluster, gate)
         assert not any((h.root / "A" / "releases" / "2").exists()
@@ -109,7 +122,7 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
                                trust.next_counter(now, None), now - 60)
         store.set("staging/A", dataclasses.replace(unsigned, signature=signature).to_json())
         problem = refused_by_all(cluster, "staging/A: signature expired at")
-        ops.deploy(store, ["A"])
+        queue_signed(cluster, "A", "2")
         full_cycles(cluster)
         assert_nothing_switched(cluster, gate)
         assert problem in status_text(capsys, store_url)
@@ -126,7 +139,8 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
         store.set("staging/A", old)
         refused_by_all(cluster, "staging/A: counter")
         assert "a replay of older data" in " ".join(ops.status(store)["problems"])
-        (replayed,) = ops.deploy(store, ["A"])  # a signed item for 2: the release is not
+        (item2,) = ops.deploy(store, ["A"])  # a signed item for 2: the release is not
+        replayed = item2.node
         full_cycles(cluster)
         assert_nothing_switched(cluster, gate)
         ops.abort(store)
@@ -149,7 +163,7 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
         assert cluster.all_on("A", "3")
 
         # 6. The aborted item for 2 (signed, older counter) replayed into the queue.
-        record = json.loads(store.get(f"history/{replayed.node}")[0])
+        record = json.loads(store.get(f"history/{replayed}")[0])
         store.create("deploy/item-", dumps({**record, "state": "waiting", "reason": None}),
                      sequential=True)
         refused_by_all(cluster, "deploy/item-")
