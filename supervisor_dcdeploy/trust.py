@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 
+from .localstate import atomic_write
 from .model import DeployItem, ServiceSpec, StagedRelease
 
 SIGN_KEY_ENV = "DCDEPLOY_SIGN_KEY"
@@ -375,7 +376,6 @@ class CounterLog:
         if not changed:
             return
         self.seen.update(changed)
-        from .localstate import atomic_write
         data = {"seen": {k: {"counter": v.counter, "node": v.node}
                          for k, v in sorted(self.seen.items())}}
         atomic_write(self.path, json.dumps(data, indent=1, sort_keys=True).encode())
