@@ -300,3 +300,16 @@ def test_insecure_unsigned_without_keys_checks_nothing(keys, tmp_path):
     other, _, _ = trust.generate(tmp_path / "other")
     for value in (SPEC, signed(SPEC, signer), signed(SPEC, trust.load_signer(other))):
         assert trust.check(value, trust.Policy({}, insecure_unsigned=True), NOW, {})[0].ok
+
+
+def test_agent_without_trusted_keys_exits_with_the_reason(tmp_path):
+    import subprocess
+    import sys
+    cfg = tmp_path / "agent.conf"
+    cfg.write_text(f"[agent]\nhost = web-1\nstore = zk://127.0.0.1:1/dc\nroot = {tmp_path}\n"
+                   "[service:api]\n")
+    out = subprocess.run([sys.executable, "-m", "supervisor_dcdeploy.agent.main", "--config",
+                          str(cfg), "--standalone"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2
+    assert "no trusted_keys" in out.stderr and "insecure_unsigned = true" in out.stderr
