@@ -27,7 +27,6 @@ import tempfile
 import time
 from pathlib import Path
 
-from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.hostenv import host_rpc
 from supervisor_dcdeploy.localdc import Cluster, wait_for
 from supervisor_dcdeploy.store import open_store
@@ -113,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
                  "every host ready to roll")
         ops_before = store_ops(dc)
         start = time.time()
-        items = ops.deploy(store, names)
+        items = dc.deploy(names)
         log(f"deploying {len(items)} services over {n} hosts ...")
         last = None
         deadline = time.monotonic() + 600

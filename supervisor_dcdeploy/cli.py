@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import ops
+from . import ops, trust
 from .model import HealthCheck, InvalidData
 from .snapshot import read_spec
 from .store import Store, StoreError, StoreURLError, open_store, store_url_from
@@ -95,14 +95,39 @@ def cmd_init(args: argparse.Namespace) -> int:
     return 0
 
 
+def _signing(args: argparse.Namespace) -> tuple[trust.Signer | None, float | None]:
+    """The operator key (--sign-key, else $DCDEPLOY_SIGN_KEY) and the --expires lifetime.
+    Without a key the write is unsigned, and this says so."""
+    try:
+        signer = trust.load_signer(args.sign_key) if args.sign_key else trust.default_signer()
+        expires = trust.parse_duration(args.expires) if args.expires else None
+    except trust.TrustError as exc:
+        raise CLIError(str(exc)) from None
+    if signer is None:
+        print(f"dcdeploy: warning: no signing key (--sign-key FILE or ${trust.SIGN_KEY_ENV}): "
+              "writing unsigned data, which hosts that pin keys refuse", file=sys.stderr)
+    return signer, expires
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    try:
+        private, public, keyid = trust.generate(args.out, args.name)
+    except (trust.TrustError, OSError) as exc:
+        raise CLIError(str(exc)) from None
+    print(f"key {keyid}: private {private} (keep it secret; sign with --sign-key {private} "
+          f"or {trust.SIGN_KEY_ENV}), public {public} (copy to every host's trusted_keys)")
+    return 0
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     with connected(args) as store:
         if args.action == "set":
             deps = [d.strip() for d in (args.depends_on or "").split(",") if d.strip()]
+            signer, expires = _signing(args)
             spec = ops.service_set(store, args.name, program=args.program, quorum=args.quorum,
                                    depends_on=deps, max_parallel=args.max_parallel,
                                    health=_health(args), healthy_secs=args.healthy_secs,
-                                   preload=args.preload)
+                                   preload=args.preload, signer=signer, expires=expires)
             print(f"service {spec.name}: program {spec.program}, quorum {spec.quorum}, "
                   f"max_parallel {spec.max_parallel}, depends on "
                   f"{', '.join(spec.depends_on) or 'nothing'}")
@@ -124,9 +149,10 @@ def cmd_stage(args: argparse.Namespace) -> int:
         return _stage_path(args)
     if not args.url or not args.sha256:
         raise CLIError("stage needs --url URL and --sha256 HEX, or --path FILE_OR_DIR")
+    signer, expires = _signing(args)
     with connected(args) as store:
         release = ops.stage(store, args.name, args.version, sha256=args.sha256,
-                            urls=args.url, size=args.size)
+                            urls=args.url, size=args.size, signer=signer, expires=expires)
     print(f"staged {args.name} {release.version} (sha256 {release.sha256[:16]}...): "
           "hosts are fetching it now")
     return 0
@@ -141,6 +167,7 @@ def _stage_path(args: argparse.Namespace) -> int:
         raise CLIError(f"--path {path}: no such file or directory")
     if args.sha256:
         raise CLIError("--sha256 goes with --url: with --path it is computed")
+    signer, expires = _signing(args)
     info = seed.status(args.seed_dir)
     if not info:
         raise CLIError(f"no seeder is running in {args.seed_dir}: start one with "
@@ -163,7 +190,7 @@ def _stage_path(args: argparse.Namespace) -> int:
         fallback = list(args.webseed) if path.is_file() else []
         release = ops.stage(store, args.name, args.version, sha256=staged.sha256,
                             urls=(args.url or []) + fallback, size=staged.size,
-                            torrent=staged.metainfo_b64)
+                            torrent=staged.metainfo_b64, signer=signer, expires=expires)
     print(f"staged {args.name} {release.version} through the swarm (infohash "
           f"{staged.infohash}, {staged.size} bytes, sha256 {staged.sha256[:16]}...): "
           "seeding from this host; hosts are fetching it now")
@@ -195,8 +222,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    signer, expires = _signing(args)
     with connected(args) as store:
-        items = ops.deploy(store, args.names)
+        items = ops.deploy(store, args.names, signer=signer, expires=expires)
         for item in items:
             print(f"queued {item.node}: {item.service} -> {item.version}")
         return 0
@@ -211,8 +239,9 @@ def cmd_pause(args: argparse.Namespace) -> int:
 
 
 def cmd_resume(args: argparse.Namespace) -> int:
+    signer, expires = _signing(args)
     with connected(args) as store:
-        item, retarget = ops.resume(store)
+        item, retarget = ops.resume(store, signer=signer, expires=expires)
         extra = f", now targeting the staged {retarget}" if retarget else ""
         print(f"resumed {item.node} ({item.service}){extra}")
         return 0
@@ -325,6 +354,18 @@ def build_parser() -> argparse.ArgumentParser:
                           "store URL names the new one)")
     ini.set_defaults(func=cmd_init)
 
+    def signing_options(p: argparse.ArgumentParser, kind: str) -> None:
+        days = int(trust.DEFAULT_EXPIRES[kind] // trust.DAY)
+        p.add_argument("--sign-key", metavar="FILE",
+                       help=f"operator private key (default: ${trust.SIGN_KEY_ENV})")
+        p.add_argument("--expires", metavar="DURATION",
+                       help=f"signature lifetime, e.g. 7d, 12h (default: {days}d)")
+
+    kg = sub.add_parser("keygen", help="make an operator key pair (Ed25519, PEM)")
+    kg.add_argument("--out", type=Path, required=True, help="directory for NAME.key, NAME.pub")
+    kg.add_argument("--name", default="operator")
+    kg.set_defaults(func=cmd_keygen)
+
     svc = sub.add_parser("service", help="define and list services")
     svc_sub = svc.add_subparsers(dest="action", required=True)
     sset = svc_sub.add_parser("set", help="define or replace a service")
@@ -348,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the check must hold this long after start")
     sset.add_argument("--preload", action="store_true",
                       help="warm releases into the page cache before joining the queue")
+    signing_options(sset, "service")
     svc_sub.add_parser("list", help="list services")
     sshow = svc_sub.add_parser("show", help="one service as JSON")
     sshow.add_argument("name")
@@ -364,6 +406,7 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("--webseed", action="append", default=[], help="BEP 19 web seed URL")
     stage.add_argument("--seed-dir", type=Path, default=DEFAULT_SEED_DIR,
                        help=f"the build host's seeder directory (default {DEFAULT_SEED_DIR})")
+    signing_options(stage, "release")
     stage.set_defaults(func=cmd_stage)
 
     sd = sub.add_parser("seed", help="the build host's seeder: transmission-daemon + tracker")
@@ -379,6 +422,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     dep = sub.add_parser("deploy", help="queue staged versions in dependency order")
     dep.add_argument("names", nargs="+")
+    signing_options(dep, "deploy")
     dep.set_defaults(func=cmd_deploy)
 
     st = sub.add_parser("status", help="services, deploy queue and hosts")
@@ -396,7 +440,10 @@ def build_parser() -> argparse.ArgumentParser:
                              ("resume", cmd_resume, "continue a paused or failed deploy "
                                                     "(retargets to a newly staged fix)"),
                              ("abort", cmd_abort, "drop the whole deploy queue")):
-        sub.add_parser(name, help=text).set_defaults(func=func)
+        action = sub.add_parser(name, help=text)
+        action.set_defaults(func=func)
+        if name == "resume":
+            signing_options(action, "deploy")
     demo = sub.add_parser("demo", help="run a local demo data center end to end")
     demo.add_argument("--hosts", type=int, default=4)
     demo.add_argument("--keep", action="store_true", help="keep the work directory")

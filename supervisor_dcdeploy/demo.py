@@ -75,6 +75,9 @@ def run_demo(hosts: int = 4, keep: bool = False) -> int:
         store = open_store(url)
         store.start()
         dc = Cluster(workdir, store, url, hosts, services)
+        assert dc.signer is not None
+        _say(f"operator key {dc.signer.keyid}: every host pins it; specs, releases and "
+             "deploy items are signed with it")
         _say(f"defining db and api (api depends on db), quorum {quorum} of {hosts}, "
              "max_parallel 2; staging 1.0 and starting hosts")
         dc.boot({"db": "1.0", "api": "1.0"})
@@ -86,7 +89,7 @@ def run_demo(hosts: int = 4, keep: bool = False) -> int:
         _say("staged 2.0 of db and api; hosts are downloading and verifying")
         wait_for(lambda: all(len(dc.store.children(f"staging/{s}")) == hosts
                              for s in ("db", "api")), 60, "every host ready to roll")
-        items = ops.deploy(store, ["api", "db"])
+        items = dc.deploy(["api", "db"])
         _say("queued: " + ", ".join(f"{i.node} {i.service} -> {i.version}" for i in items))
         last = ""
         deadline = time.monotonic() + 240

@@ -44,6 +44,9 @@ class HostLayout:
     agent_extra: dict[str, str] = field(default_factory=dict)  # more [agent] keys
     # more agent.conf sections, e.g. {"check:ready": {"argv": "..."}}
     agent_sections: dict[str, dict[str, str]] = field(default_factory=dict)
+    # The operator keys the host pins (a glob of .pub files). None: the host accepts
+    # unsigned data (insecure_unsigned = true), for labs where signing is not the point.
+    trusted_keys: str | None = None
 
     @property
     def conf(self) -> Path:
@@ -70,6 +73,11 @@ def write_host(layout: HostLayout) -> Path:
                    f"store = {layout.store_url}", f"root = {root}",
                    f"session_timeout = {layout.session_timeout}",
                    f"start_timeout = {layout.start_timeout}", "keep_releases = 3"]
+    if layout.trusted_keys:
+        agent_lines.append(f"trusted_keys = {layout.trusted_keys}")
+    elif "insecure_unsigned" not in layout.agent_extra:
+        agent_lines += ["; a lab host without a pinned key: unsigned store data is acted on",
+                        "insecure_unsigned = true"]
     agent_lines += [f"{k} = {v}" for k, v in layout.agent_extra.items()]
     for svc, port in layout.services.items():
         agent_lines += ["", f"[service:{svc}]", f"port = {port}", f"address = {layout.address}"]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import ops
+from . import ops, trust
 from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
                                          write_host)
 from .model import HealthCheck
@@ -102,11 +102,17 @@ class Prober:
 
 
 class Cluster:
-    """``n`` hosts running ``services`` (name -> spec kwargs), all on 127.0.0.1."""
+    """``n`` hosts running ``services`` (name -> spec kwargs), all on 127.0.0.1.
+
+    The data center has an operator key: the one named by ``$DCDEPLOY_SIGN_KEY`` when it
+    is set (the test suite sets one), else a new one in ``<workdir>/keys``. Every host pins
+    it, and what the cluster writes as the operator is signed with it (``signer``).
+    ``insecure_unsigned=True`` makes hosts that pin nothing and accept unsigned data."""
 
     def __init__(self, workdir: Path, store: Store, store_url: str, n: int,
                  services: dict[str, dict], racks: int = 2, poll_interval: float = 1.0,
-                 host_store_url: Callable[[str], str] | None = None) -> None:
+                 host_store_url: Callable[[str], str] | None = None,
+                 insecure_unsigned: bool = False) -> None:
         """``host_store_url(host)``: each host's own store URL (its own credentials);
         default: ``store_url`` for every host."""
         self.workdir = workdir
@@ -116,20 +122,35 @@ class Cluster:
         self.hosts: dict[str, HostLayout] = {}
         self.procs: dict[str, object] = {}
         self.artifacts = workdir / "artifacts"
+        self.signer: trust.Signer | None = None
+        pinned = None
+        if not insecure_unsigned:
+            self.signer = trust.default_signer()
+            keys = workdir / "keys"
+            if self.signer is None:
+                private, _, _ = trust.generate(keys)
+                self.signer = trust.load_signer(private)
+            else:  # pin the environment's key: its public half, beside the hosts
+                keys.mkdir(parents=True, exist_ok=True)
+                (keys / "operator.pub").write_bytes(self.signer.public.public_bytes(
+                    trust.serialization.Encoding.PEM,
+                    trust.serialization.PublicFormat.SubjectPublicKeyInfo))
+            pinned = str(keys / "*.pub")
         for i in range(n):
             name = f"h{i}"
             self.hosts[name] = HostLayout(
                 name=name, rack=f"r{i % racks}", root=workdir / name,
                 store_url=host_store_url(name) if host_store_url else store_url,
                 services={svc: free_port() for svc in services}, session_timeout=4.0,
-                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)})
+                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)},
+                trusted_keys=pinned)
 
     # -- operator side --------------------------------------------------------------
     def define(self) -> None:
         for svc, spec in self.services.items():
             spec = {"health": HealthCheck(kind="http", path="/health", port="port",
                                           timeout=1.0), **spec}
-            ops.service_set(self.store, svc, program=svc, **spec)
+            ops.service_set(self.store, svc, program=svc, signer=self.signer, **spec)
 
     def release(self, svc: str, version: str, broken: bool = False) -> tuple[str, str]:
         path, sha = build_release(self.artifacts, svc, version, broken=broken)
@@ -137,7 +158,11 @@ class Cluster:
 
     def stage(self, svc: str, version: str, broken: bool = False, sha: str | None = None):
         url, real_sha = self.release(svc, version, broken)
-        return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url])
+        return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url],
+                         signer=self.signer)
+
+    def deploy(self, names: list[str]):
+        return ops.deploy(self.store, names, signer=self.signer)
 
     # -- hosts ----------------------------------------------------------------------
     def start(self, name: str | None = None) -> None:

@@ -84,6 +84,20 @@ def check_version(where: str, field_name: str, value: str) -> str:
     return value
 
 
+def _signature(where: str, data: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The operator's ``"signature"`` object, kept as is (checked by trust.py)."""
+    value = data.get("signature")
+    if value is not None and not isinstance(value, dict):
+        raise InvalidData(where, "signature", f"expected an object, got {value!r}")
+    return value
+
+
+def _with_signature(data: dict[str, Any], signature: Mapping[str, Any] | None) -> dict:
+    if signature is not None:
+        data["signature"] = dict(signature)
+    return data
+
+
 def dumps(obj: Mapping[str, Any]) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
@@ -258,6 +272,7 @@ class ServiceSpec:
     health: HealthCheck = field(default_factory=HealthCheck)
     healthy_secs: float = 0.0
     preload: bool = False
+    signature: Mapping[str, Any] | None = None  # the operator's (trust.py), not a field
 
     @classmethod
     def parse(cls, name: str, raw: bytes | str | None, where: str | None = None) -> "ServiceSpec":
@@ -283,13 +298,15 @@ class ServiceSpec:
                    max_parallel=max_parallel,
                    health=HealthCheck.parse(where, data.get("health")),
                    healthy_secs=healthy_secs,
-                   preload=_get(where, data, "preload", bool, False))
+                   preload=_get(where, data, "preload", bool, False),
+                   signature=_signature(where, data))
 
     def to_json(self) -> bytes:
-        return dumps({"program": self.program, "quorum": self.quorum,
-                      "depends_on": list(self.depends_on), "max_parallel": self.max_parallel,
-                      "health": self.health.to_dict(), "healthy_secs": self.healthy_secs,
-                      "preload": self.preload})
+        return dumps(_with_signature(
+            {"program": self.program, "quorum": self.quorum,
+             "depends_on": list(self.depends_on), "max_parallel": self.max_parallel,
+             "health": self.health.to_dict(), "healthy_secs": self.healthy_secs,
+             "preload": self.preload}, self.signature))
 
 
 @dataclass(frozen=True)
@@ -303,6 +320,7 @@ class StagedRelease:
     urls: tuple[str, ...] = ()
     torrent: str | None = None  # base64 of the .torrent metainfo (issue: p2p distribution)
     staged_at: float = 0.0
+    signature: Mapping[str, Any] | None = None  # the operator's (trust.py), not a field
 
     @classmethod
     def parse(cls, service: str, raw: bytes | str | None,
@@ -330,7 +348,8 @@ class StagedRelease:
         if not urls and not torrent:
             raise InvalidData(where, "urls", "a staged release needs a url or a torrent")
         staged_at = float(_get(where, data, "staged_at", (int, float), 0.0))
-        return cls(service, version, sha, size, tuple(urls), torrent, staged_at)
+        return cls(service, version, sha, size, tuple(urls), torrent, staged_at,
+                   _signature(where, data))
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = {"version": self.version, "sha256": self.sha256,
@@ -339,7 +358,7 @@ class StagedRelease:
             data["size"] = self.size
         if self.torrent:
             data["torrent"] = self.torrent
-        return dumps(data)
+        return dumps(_with_signature(data, self.signature))
 
 
 @dataclass(frozen=True)
@@ -401,6 +420,7 @@ class DeployItem:
     host: str | None = None  # the host that failed it, when failed
     updated: float = 0.0
     data_version: int = -1  # the store's version of the node, for CAS writes
+    signature: Mapping[str, Any] | None = None  # over service + version (trust.py)
 
     @classmethod
     def parse(cls, node: str, raw: bytes | str | None, data_version: int = -1,
@@ -419,11 +439,13 @@ class DeployItem:
                    state=state, reason=_get(where, data, "reason", str, None),
                    host=_get(where, data, "host", str, None),
                    updated=float(_get(where, data, "updated", (int, float), 0.0)),
-                   data_version=data_version)
+                   data_version=data_version, signature=_signature(where, data))
 
     def to_json(self) -> bytes:
-        return dumps({"service": self.service, "version": self.version, "state": self.state,
-                      "reason": self.reason, "host": self.host, "updated": self.updated})
+        return dumps(_with_signature(
+            {"service": self.service, "version": self.version, "state": self.state,
+             "reason": self.reason, "host": self.host, "updated": self.updated},
+            self.signature))
 
 
 @dataclass(frozen=True)
@@ -435,6 +457,7 @@ class HostInfo:
     services: tuple[str, ...] = ()
     last_seen: float = 0.0
     fetch: Mapping[str, Any] = field(default_factory=dict)  # svc -> {version, state, error}
+    refused: tuple[str, ...] = ()  # operator data this host refused (trust.py)
 
     @classmethod
     def parse(cls, name: str, raw: bytes | str | None) -> "HostInfo":
@@ -443,10 +466,16 @@ class HostInfo:
         services = _get(where, data, "services", list, [])
         for i, svc in enumerate(services):
             check_name(where, f"services[{i}]", svc)
+        refused = _get(where, data, "refused", list, [])
+        if not all(isinstance(r, str) for r in refused):
+            raise InvalidData(where, "refused", "expected a list of strings")
         return cls(name, _get(where, data, "rack", str, ""), tuple(services),
                    float(_get(where, data, "last_seen", (int, float), 0.0)),
-                   _get(where, data, "fetch", dict, {}))
+                   _get(where, data, "fetch", dict, {}), tuple(refused))
 
     def to_json(self) -> bytes:
-        return dumps({"rack": self.rack, "services": list(self.services),
-                      "last_seen": self.last_seen, "fetch": dict(self.fetch)})
+        data = {"rack": self.rack, "services": list(self.services),
+                "last_seen": self.last_seen, "fetch": dict(self.fetch)}
+        if self.refused:
+            data["refused"] = list(self.refused)
+        return dumps(data)

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from dataclasses import replace
+from typing import Any, TypeVar
 
-from . import decisions
+from . import decisions, trust
 from .model import (DeployItem, HealthCheck, HostInfo, InvalidData, ServiceSpec,
                     StagedRelease, check_name, check_version, dumps)
 from .snapshot import (read_current, read_hosts, read_queue, read_spec, read_specs,
@@ -21,6 +22,57 @@ HISTORY_CAP = 1000
 
 class OpError(Exception):
     pass
+
+
+Signed = TypeVar("Signed", ServiceSpec, StagedRelease, DeployItem)
+
+
+def signer_or_default(signer: trust.Signer | None) -> trust.Signer | None:
+    """``signer``, else the key named by ``$DCDEPLOY_SIGN_KEY``, else None (unsigned)."""
+    if signer is not None:
+        return signer
+    try:
+        return trust.default_signer()
+    except trust.TrustError as exc:
+        raise OpError(str(exc)) from None
+
+
+def _sign(value: Signed, signer: trust.Signer | None, expires: float | None,
+          previous: list[ServiceSpec | StagedRelease | DeployItem]) -> Signed:
+    """``value`` with the operator's signature (unchanged without a key). The counter is
+    above every counter in ``previous`` (what the store holds now) that this key signed:
+    a value that does not verify with our own key cannot push the counter anywhere."""
+    if signer is None:
+        return value
+    own = {signer.keyid: signer.public}
+    counters = [trust.signature_counter(p.signature) for p in previous
+                if p.signature is not None and
+                trust.verify(trust.payload_of(p), p.signature, own, 0.0, None)]
+    now = time.time()
+    kind = trust.payload_of(value)["kind"]
+    lifetime = expires if expires is not None else trust.DEFAULT_EXPIRES[kind]
+    try:
+        counter = trust.next_counter(now, max((c for c in counters if c is not None),
+                                              default=None))
+    except trust.TrustError as exc:
+        raise OpError(str(exc)) from None
+    return replace(value, signature=trust.sign(signer, trust.payload_of(value), counter,
+                                               now + lifetime))
+
+
+def _check_staged(release: StagedRelease, signer: trust.Signer | None) -> None:
+    """Refuse to sign a deploy item for a staged release the operator's own key does not
+    vouch for: whoever wrote the store could have put an unsigned, forged or old release
+    there, and a signed item would make it look chosen by the operator."""
+    if signer is None:
+        return
+    verdict = trust.verify(trust.payload_of(release), release.signature,
+                           {signer.keyid: signer.public}, time.time(), None)
+    if not verdict:
+        raise OpError(f'the staged release of "{release.service}" ({release.version}) does '
+                      f"not verify with your key {signer.keyid}: {verdict.reason}; stage "
+                      f"it again with your key: dcdeploy stage {release.service} "
+                      f"{release.version} ...")
 
 
 def _ensure_service_nodes(store: Store, svc: str) -> None:
@@ -61,8 +113,12 @@ def init(store: Store, hosts: dict[str, str], previous_operator: Any = None) -> 
 def service_set(store: Store, name: str, *, program: str | None, quorum: int,
                 depends_on: list[str] | tuple[str, ...] = (), max_parallel: int = 1,
                 health: HealthCheck | None = None, healthy_secs: float = 0.0,
-                preload: bool = False) -> ServiceSpec:
-    """Define or replace a service. Refuses an undefined dependency or a cycle."""
+                preload: bool = False, signer: trust.Signer | None = None,
+                expires: float | None = None) -> ServiceSpec:
+    """Define or replace a service. Refuses an undefined dependency or a cycle.
+
+    Signed with ``signer`` (default: ``$DCDEPLOY_SIGN_KEY``), valid for ``expires``
+    seconds (default: trust.DEFAULT_EXPIRES); unsigned when there is no key."""
     try:
         check_name("service", "name", name)
         raw = dumps({"program": program or name, "quorum": quorum,
@@ -83,6 +139,8 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
         decisions.check_acyclic({k: v for k, v in specs.items()})
     except decisions.DependencyError as exc:
         raise OpError(str(exc)) from None
+    old, _ = read_spec(store, name)
+    spec = _sign(spec, signer_or_default(signer), expires, [old] if old else [])
     _ensure_service_nodes(store, name)
     try:
         store.set(f"services/{name}", spec.to_json())
@@ -92,8 +150,10 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
 
 
 def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str] | None = None,
-          size: int | None = None, torrent: str | None = None) -> StagedRelease:
-    """Write the staged release of a defined service; hosts start fetching at once."""
+          size: int | None = None, torrent: str | None = None,
+          signer: trust.Signer | None = None, expires: float | None = None) -> StagedRelease:
+    """Write the staged release of a defined service; hosts start fetching at once.
+    Signed as :func:`service_set` is."""
     spec, problem = read_spec(store, name)
     if spec is None:
         raise OpError(problem or f'service "{name}" is not defined '
@@ -113,6 +173,8 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
         if item.state in ("waiting", "rolling", "paused") and item.version != version:
             raise OpError(f'service "{name}" is being deployed ({item.node}: {item.version}, '
                           f"{item.state}): pause or abort it before staging {version}")
+    old, _ = read_staged(store, name)
+    release = _sign(release, signer_or_default(signer), expires, [old] if old else [])
     _ensure_service_nodes(store, name)
     store.set(f"staging/{name}", release.to_json())
     # The superseded release's swarm (peers/<infohash>) goes now: the operator's write is
@@ -122,8 +184,10 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
     return release
 
 
-def deploy(store: Store, names: list[str]) -> list[DeployItem]:
-    """Queue the staged versions of ``names`` in dependency order (one transaction)."""
+def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
+           expires: float | None = None) -> list[DeployItem]:
+    """Queue the staged versions of ``names`` in dependency order (one transaction).
+    Each item is signed (service and version) as :func:`service_set` is."""
     specs, invalid = read_specs(store)
     staged = {}
     for name in names:
@@ -137,13 +201,16 @@ def deploy(store: Store, names: list[str]) -> list[DeployItem]:
     except decisions.DependencyError as exc:
         raise OpError(str(exc)) from None
     now = time.time()
-    ops = [Create("deploy/item-", dumps({"service": n, "version": staged[n].version,
-                                         "state": "waiting", "reason": None, "host": None,
-                                         "updated": now}), sequential=True)
-           for n in order]
+    signer = signer_or_default(signer)
+    for n in order:
+        _check_staged(staged[n], signer)
+    items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
+                              updated=now), signer, expires,
+                   [i for i in queue if i.service == n]) for n in order]
+    ops = [Create("deploy/item-", item.to_json(), sequential=True) for item in items]
     created = store.commit(ops)
-    return [DeployItem(node=path.rpartition("/")[2], seq=int(path[-10:]), service=n,
-                       version=staged[n].version) for path, n in zip(created, order)]
+    return [replace(item, node=path.rpartition("/")[2], seq=int(path[-10:]))
+            for path, item in zip(created, items)]
 
 
 def _head(store: Store) -> DeployItem:
@@ -155,6 +222,8 @@ def _head(store: Store) -> DeployItem:
 
 def _rewrite(store: Store, item: DeployItem, **changes: Any) -> None:
     data = {**json.loads(item.to_json()), **changes, "updated": time.time()}
+    if data.get("signature") is None:
+        data.pop("signature", None)
     store.set(f"deploy/{item.node}", dumps(data), item.data_version)
 
 
@@ -173,9 +242,13 @@ def pause(store: Store) -> DeployItem:
     raise OpError("the deploy item kept changing; try again")
 
 
-def resume(store: Store) -> tuple[DeployItem, str | None]:
+def resume(store: Store, signer: trust.Signer | None = None,
+           expires: float | None = None) -> tuple[DeployItem, str | None]:
     """Continue a paused or failed head item. If the staged version changed since the item
-    was queued (a fixed release), the item is retargeted to it; returns (item, new version)."""
+    was queued (a fixed release), the item is retargeted to it; returns (item, new version).
+    The item is signed again (a new counter and expiry; without a key it becomes
+    unsigned)."""
+    signer = signer_or_default(signer)
     for _ in range(5):
         head = _head(store)
         if head.state not in ("paused", "failed"):
@@ -185,9 +258,12 @@ def resume(store: Store) -> tuple[DeployItem, str | None]:
         if staged is None:
             raise OpError(problem or f'service "{head.service}" has no staged release')
         retarget = staged.version if staged.version != head.version else None
+        _check_staged(staged, signer)
+        resigned = _sign(replace(head, version=staged.version, signature=None), signer,
+                         expires, [head])
         try:
             _rewrite(store, head, state="rolling", reason=None, host=None,
-                     version=staged.version)
+                     version=staged.version, signature=resigned.signature)
             return head, retarget
         except StoreError:
             continue
@@ -306,8 +382,20 @@ def status(store: Store) -> dict[str, Any]:
                 svcs[svc] = {**svcs[svc], "fetch": fetch}
         host_out[name] = {"online": name in online_hosts, "rack": info.rack if info else "",
                           "services": dict(sorted(svcs.items()))}
+    problems += refusals(hosts)
     return {"services": services, "deploy": deploy, "hosts": host_out,
             "problems": problems}
+
+
+def refusals(hosts: dict[str, Any]) -> list[str]:
+    """What hosts refused to act on (unsigned, wrongly signed, expired, replayed operator
+    data: trust.py), one line per refusal with the hosts that reported it."""
+    by_reason: dict[str, list[str]] = {}
+    for name, info in sorted(hosts.items()):
+        for reason in info.refused:
+            by_reason.setdefault(reason, []).append(name)
+    return [f"refused by {', '.join(names)}: {reason}"
+            for reason, names in sorted(by_reason.items())]
 
 
 def hosts_status(store: Store) -> dict[str, Any]:

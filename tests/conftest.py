@@ -59,6 +59,25 @@ def require_root():
     return unavailable
 
 
+@pytest.fixture(scope="session", autouse=True)
+def operator_key(tmp_path_factory):
+    """One operator key for the session, named by $DCDEPLOY_SIGN_KEY: the CLI and ops sign
+    with it, and every local data center (localdc.Cluster) pins it on its hosts."""
+    import os
+
+    from supervisor_dcdeploy import trust
+    private, _, _ = trust.generate(tmp_path_factory.mktemp("operator"))
+    before = os.environ.get(trust.SIGN_KEY_ENV)
+    os.environ[trust.SIGN_KEY_ENV] = str(private)
+    try:
+        yield trust.load_signer(private)
+    finally:
+        if before is None:
+            os.environ.pop(trust.SIGN_KEY_ENV, None)
+        else:
+            os.environ[trust.SIGN_KEY_ENV] = before
+
+
 @pytest.fixture(scope="session")
 def zk_server(tmp_path_factory):
     server = ZooKeeperServer(tmp_path_factory.mktemp("zk"), free_port())

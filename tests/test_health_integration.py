@@ -15,7 +15,7 @@ from cluster import Cluster, wait_for
 
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.hostenv import host_rpc
-from supervisor_dcdeploy.model import HealthCheck, dumps
+from supervisor_dcdeploy.model import DeployItem, HealthCheck, dumps
 
 
 def pids(cluster: Cluster) -> dict[tuple[str, str], int]:
@@ -51,8 +51,11 @@ def test_a_health_command_in_the_store_runs_nothing(workdir, store, store_url, m
         evil = {"program": "A", "quorum": 1, "max_parallel": 3,
                 "health": {"kind": "cmd", "target": f"touch {marker}"}}
         cluster.store.set("services/A", dumps(evil))
-        cluster.store.create("deploy/item-", dumps({"service": "A", "version": "2"}),
-                             sequential=True)
+        # The item is signed by the operator's key, so what stops the attack below is the
+        # health rule, not the signature check.
+        item = ops._sign(DeployItem(node="item-", seq=-1, service="A", version="2"),
+                         cluster.signer, None, [])
+        cluster.store.create("deploy/item-", item.to_json(), sequential=True)
 
         def reported(host: str) -> bool:
             svc = cluster.host_status(host).get("services", {}).get("A", {})
@@ -69,8 +72,8 @@ def test_a_health_command_in_the_store_runs_nothing(workdir, store, store_url, m
         # The same through the new form: it can only name a local check, and no host
         # defines one called "ready": each host says so, and the deploy fails at the gate
         # with that reason instead of stopping what runs.
-        named = {**evil, "health": {"kind": "cmd", "check": "ready"}}
-        cluster.store.set("services/A", dumps(named))
+        ops.service_set(cluster.store, "A", program="A", quorum=1, max_parallel=3,
+                        health=HealthCheck(kind="cmd", check="ready"), signer=cluster.signer)
         wait_for(lambda: all("[check:ready]" in (cluster.host_status(h)["services"]["A"]
                                                  .get("health_problem") or "")
                              for h in cluster.hosts), 30,

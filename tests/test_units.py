@@ -165,7 +165,7 @@ def test_health_checks(http_server):
 def test_agent_config(tmp_path):
     cfg = tmp_path / "agent.conf"
     cfg.write_text("[agent]\nhost = web-1\nrack = r1\nstore = zk://z:2181/dc\nroot = /x\n"
-                   "session_timeout = 3\n[service:api]\nport = 80\n")
+                   "session_timeout = 3\ninsecure_unsigned = true\n[service:api]\nport = 80\n")
     loaded = load(cfg)
     assert loaded.host == "web-1" and loaded.session_timeout == 3.0
     assert loaded.variables("api") == {"host": "web-1", "rack": "r1", "port": "80"}

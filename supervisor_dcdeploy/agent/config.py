@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..health import Local, LocalCheck
+from .. import trust
 from ..model import InvalidData, check_name
 from ..store import parse_store_url
 
@@ -33,6 +34,9 @@ class AgentConfig:
     supervisor_url: str | None = None
     extra: dict[str, str] = field(default_factory=dict)  # keys for optional parts (p2p)
     checks: dict[str, LocalCheck] = field(default_factory=dict)  # [check:NAME] sections
+    # Operator keys this host trusts (trust.py), by key id; loaded at start from local
+    # files (trusted_keys), never from the store.
+    trust_policy: trust.Policy = field(default_factory=lambda: trust.Policy({}, True))
 
     def variables(self, svc: str) -> dict[str, str]:
         return {"host": self.host, "rack": self.rack, **self.services.get(svc, {})}
@@ -98,7 +102,8 @@ def load(path: Path) -> AgentConfig:
         raise ConfigError(f"{path}: no [agent] section")
     agent = parser["agent"]
     known = {"host", "rack", "store", "root", "session_timeout", "start_timeout",
-             "keep_releases", "poll_interval", "supervisor_url"}
+             "keep_releases", "poll_interval", "supervisor_url", "trusted_keys",
+             "insecure_unsigned"}
     host = agent.get("host") or socket.gethostname().split(".")[0]
     store = os.environ.get("DCDEPLOY_STORE") or agent.get("store", "")
     try:
@@ -155,4 +160,29 @@ def load(path: Path) -> AgentConfig:
         supervisor_url=agent.get("supervisor_url"),
         extra={k: v for k, v in agent.items() if k not in known},
         checks=checks,
+        trust_policy=_trust(where, agent),  # last: other mistakes in the file are named first
     )
+
+
+def _trust(where: str, agent: configparser.SectionProxy) -> trust.Policy:
+    """``trusted_keys`` (a glob of PEM public keys) and ``insecure_unsigned``. A host with
+    neither refuses to start: it would run whatever anyone who can write the store says."""
+    try:
+        insecure = agent.getboolean("insecure_unsigned", fallback=False)
+    except ValueError:
+        raise ConfigError(f"{where} insecure_unsigned: {agent['insecure_unsigned']!r} is not "
+                          "true or false") from None
+    pattern = agent.get("trusted_keys", "").strip()
+    if not pattern:
+        if not insecure:
+            raise ConfigError(
+                f"{where}: no trusted_keys: this host would run whatever anyone who can "
+                "write the store says. Pin the operator keys (trusted_keys = "
+                "/etc/dcdeploy/keys/*.pub, made with dcdeploy keygen), or set "
+                "insecure_unsigned = true to accept unsigned data knowingly")
+        return trust.Policy({}, True)
+    try:
+        keys = trust.load_trusted(pattern)
+    except (trust.TrustError, OSError) as exc:
+        raise ConfigError(f"{where} trusted_keys: {exc}") from None
+    return trust.Policy(keys, insecure)

@@ -17,11 +17,12 @@ import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
+from dataclasses import replace
 from typing import Any, Callable
 
 import structlog
 
-from .. import decisions, health
+from .. import decisions, health, trust
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
 from ..snapshot import read_queue, read_view
@@ -65,7 +66,7 @@ class Agent:
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
         self._in_front: dict[str, bool] = {}
-        self._published: dict[str, Any] | None = None
+        self._published: tuple[dict[str, Any], tuple[str, ...]] | None = None
         self._denied = False  # this cycle, the store refused our credentials
         self._views: dict[str, decisions.ServiceView] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
@@ -73,6 +74,12 @@ class Agent:
         self._status_written = b""
         if self.local.problem:
             self.log.warning("state.rebuilt", problem=self.local.problem)
+        # Operator data is acted on only when signed by a pinned key (trust.py); the
+        # highest counter accepted per kind/service survives restarts (trust.json).
+        self.counters = trust.CounterLog(cfg.root)
+        self._refused: dict[str, list[str]] = {svc: [] for svc in cfg.services}
+        if self.counters.problem:
+            self.log.warning("trust.counters_rebuilt", problem=self.counters.problem)
 
     # -- lifecycle --------------------------------------------------------------------
     def on_session(self, state: SessionState) -> None:
@@ -198,15 +205,16 @@ class Agent:
         written on transitions only), so ``dcdeploy status`` shows failed downloads."""
         fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
                        if k in ("version", "state", "error")} for svc in self.cfg.services}
-        if fetch == self._published:
+        refused = tuple(sorted({r for rs in self._refused.values() for r in rs}))
+        if (fetch, refused) == self._published:
             return
         info = HostInfo(self.host, self.cfg.rack, tuple(sorted(self.cfg.services)),
-                        time.time(), fetch).to_json()
+                        time.time(), fetch, refused).to_json()
         try:
             self.store.set(f"hosts/{self.host}", info)
         except NoNode:
             self.store.create(f"hosts/{self.host}", info)
-        self._published = fetch
+        self._published = (fetch, refused)
 
     def cycle_service(self, svc: str, queue: list[DeployItem] | None,
                       queue_invalid: list[str]) -> None:
@@ -217,9 +225,10 @@ class Agent:
             # No herd (DESIGN §4.6): only hosts that may pass the gate now watch current
             # and the gate; the others watch the queue entries just ahead of them.
             front = self._in_front.get(svc, True)
-            view = read_view(self.store, svc, queue, queue_invalid, watch_staged=self._wake,
-                             watch_current=self._wake if front else None,
-                             watch_gate=self._wake if front else None)
+            view = self._trusted(svc, read_view(
+                self.store, svc, queue, queue_invalid, watch_staged=self._wake,
+                watch_current=self._wake if front else None,
+                watch_gate=self._wake if front else None))
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
                 self._record(svc, spec=view.spec.to_json().decode())
                 st = self.local.get(svc)
@@ -251,7 +260,9 @@ class Agent:
                                                    "known version, starting nothing")
             return
         if view.spec is None:
-            self._set(svc, phase="serving", reason=f"service {svc} is not defined in the store")
+            refused = [r for r in self._refused[svc] if r.startswith(f"services/{svc}:")]
+            self._set(svc, phase="serving", reason=refused[0] if refused else
+                      f"service {svc} is not defined in the store")
             return
         # A check this host cannot run (it names a local check or port variable that its
         # agent.conf lacks) is reported every cycle; the gate below refuses to switch on it.
@@ -267,6 +278,25 @@ class Agent:
             self.pass_gate_and_switch(svc, program, view.spec)
         else:
             self.maybe_complete(svc, view)
+
+    def _trusted(self, svc: str, view: decisions.ServiceView) -> decisions.ServiceView:
+        """The view with only the operator data this host trusts (trust.check_all):
+        refused specs and staged releases are left out, a refused deploy item blocks the
+        queue at its place. Refusals go to status.json and the host registry."""
+        spec, staged, queue, refused, counters = trust.check_all(
+            view.spec, view.staged, view.queue, self.cfg.trust_policy, time.time(),
+            self.counters.seen)
+        try:
+            self.counters.record(counters)
+        except OSError as exc:  # kept in memory; a full disk must not stop the cycle
+            self.log.error("trust.counters_write_failed", error=str(exc))
+            self._set(svc, error=f"cannot write {self.counters.path}: {exc.strerror or exc}")
+        for reason in refused:
+            if reason not in self._refused[svc]:
+                self.log.error("trust.refused", svc=svc, refused=reason)
+        self._refused[svc] = refused
+        self._set(svc, refused=refused or None)
+        return replace(view, spec=spec, staged=staged, queue=queue)
 
     # -- presence ---------------------------------------------------------------------
     def ensure_presence(self, svc: str, view: decisions.ServiceView, version: str | None,
@@ -452,7 +482,7 @@ class Agent:
         if self.session is not SessionState.CONNECTED:
             return
         self.store.sync()
-        fresh = read_view(self.store, svc)  # queue, gate, current, staging: all after sync
+        fresh = self._trusted(svc, read_view(self.store, svc))  # all after sync
         active = self.local.get(svc).active
         decision = decisions.may_take_down(fresh, self.host, active)
         if not decision:
@@ -734,6 +764,8 @@ class Agent:
         status = {"host": self.host, "rack": self.cfg.rack,
                   "store": self.session.value if self._started else "unreachable",
                   "store_ops": {"reads": ops.reads, "writes": ops.writes},
+                  "trust": {"keys": sorted(self.cfg.trust_policy.keys),
+                            "insecure_unsigned": self.cfg.trust_policy.insecure_unsigned},
                   "services": self.status}
         if self.dist is not None:
             status["swarm"] = self.dist.status()
