@@ -654,9 +654,14 @@ class Limits:
             raw = (extra.get(key) or "").strip()
             if not raw:
                 continue
-            value = float(raw) if name == "max_ratio" else int(raw)
-            if not value > 0 or value != value or value == float("inf"):
-                raise ValueError(f"{key} must be a positive finite number, got {raw!r}")
+            try:
+                value = float(raw) if name == "max_ratio" else int(raw)
+            except ValueError:
+                value = 0
+            if not 0 < value < float("inf"):  # also refuses NaN
+                raise ValueError(f"{key}: must be a positive "
+                                 f"{'number' if name == 'max_ratio' else 'integer'}, "
+                                 f"got {raw!r}")
             values[name] = value
         return cls(**values)
 
@@ -1204,8 +1209,8 @@ _CACHE_NAME = re.compile(r"^([0-9a-f]{64})\.artifact(\.part)?$")
 
 def prune_cache(cache_dir: Path, keep: set[str]) -> list[str]:
     """Delete every artifact (and partial download) in ``cache_dir`` whose sha256 is not in
-    ``keep``, and anything else found there; return the names removed. The caller keeps the
-    digests still being fetched or not yet installed."""
+    ``keep``; return the names removed. Other names are not ours and stay. The caller keeps
+    the digests still being fetched or not yet installed."""
     removed = []
     try:
         names = os.listdir(cache_dir)
@@ -1213,14 +1218,11 @@ def prune_cache(cache_dir: Path, keep: set[str]) -> list[str]:
         return []
     for name in sorted(names):
         m = _CACHE_NAME.match(name)
-        if m and m.group(1) in keep:
+        if not m or m.group(1) in keep:
             continue
         path = Path(cache_dir) / name
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            path.unlink()
             removed.append(name)
         except OSError as exc:
             log.warning("cache.prune_failed", path=str(path), error=str(exc))

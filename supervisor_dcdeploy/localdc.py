@@ -117,7 +117,9 @@ class Cluster:
             self.hosts[name] = HostLayout(
                 name=name, rack=f"r{i % racks}", root=workdir / name, store_url=store_url,
                 services={svc: free_port() for svc in services}, session_timeout=4.0,
-                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)})
+                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval),
+                                                 # artifacts are file:// URLs in workdir
+                                                 "file_root": str(workdir)})
 
     # -- operator side --------------------------------------------------------------
     def define(self) -> None:
@@ -132,7 +134,9 @@ class Cluster:
 
     def stage(self, svc: str, version: str, broken: bool = False, sha: str | None = None):
         url, real_sha = self.release(svc, version, broken)
-        return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url])
+        size = Path(url.removeprefix("file://")).stat().st_size
+        return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url],
+                         size=size)
 
     # -- hosts ----------------------------------------------------------------------
     def start(self, name: str | None = None) -> None:

@@ -164,6 +164,7 @@ HARDLINKS: dict[str, list[Entry]] = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Duplicate name")  # zipfile, on the file-twice case
 @pytest.mark.parametrize("case", sorted(UNSAFE))
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])
 def test_unsafe_links_and_paths_are_refused(case: str, kind: str,
@@ -197,7 +198,8 @@ def test_links_that_stay_inside_are_kept(box: dict[str, Path]) -> None:
     unpack(make_tar(box["arc"] / "ok.tgz", entries), target)
     assert (target / "deep").read_bytes() == b"elf"
     assert (target / "app" / "bin" / "lib" / "libx.so").read_bytes() == b"elf"
-    assert (target / "lib" / "libx.copy").stat().st_ino == (target / "lib" / "libx.so.1").stat().st_ino
+    lib = target / "lib"
+    assert (lib / "libx.copy").stat().st_ino == (lib / "libx.so.1").stat().st_ino
     mode = stat.S_IMODE((target / "run").stat().st_mode)
     assert mode == 0o755, "setuid (and group/world write) bits are dropped"
     assert installed_sha256(target)
@@ -341,6 +343,23 @@ def test_tar_pax_record_cannot_make_us_hold_gigabytes(box: dict[str, Path]) -> N
     assert os.listdir(box["releases"]) == []
 
 
+def test_agent_conf_checks_the_unpack_keys_and_file_root(tmp_path: Path) -> None:
+    from supervisor_dcdeploy.agent.config import ConfigError, load
+    cfg = tmp_path / "agent.conf"
+    base = "[agent]\nstore = zk://z/dc\nroot = /x\n"
+    cfg.write_text(base + "file_root = /srv/releases\nunpack_max_ratio = 50\n[service:api]\n")
+    loaded = load(cfg)
+    assert loaded.extra["file_root"] == "/srv/releases"
+    assert Limits.from_config(loaded.extra).max_ratio == 50.0
+    for bad, what in (("unpack_max_ratio = nan", "unpack_max_ratio"),
+                      ("unpack_max_members = 0", "unpack_max_members"),
+                      ("unpack_max_bytes = 1.5", "unpack_max_bytes"),
+                      ("file_root = releases", "file_root")):
+        cfg.write_text(base + bad + "\n[service:api]\n")
+        with pytest.raises(ConfigError, match=what):
+            load(cfg)
+
+
 def test_limits_from_agent_conf_keys() -> None:
     limits = Limits.from_config({"unpack_max_bytes": "1000", "unpack_max_ratio": "50",
                                  "unpack_max_members": "7", "other": "x"})
@@ -470,11 +489,11 @@ def test_cache_is_private_and_prunable(tmp_path: Path) -> None:
     artifact = cache / f"{sha(data)}.artifact"
     assert stat.S_IMODE(artifact.stat().st_mode) == 0o600
     (cache / f"{'0' * 64}.artifact.part").write_bytes(b"old")
-    (cache / "stray").write_bytes(b"?")
-    assert sorted(prune_cache(cache, {sha(data)})) == [f"{'0' * 64}.artifact.part", "stray"]
-    assert os.listdir(cache) == [artifact.name]
+    (cache / "not-ours").write_bytes(b"?")
+    assert prune_cache(cache, {sha(data)}) == [f"{'0' * 64}.artifact.part"]
+    assert sorted(os.listdir(cache)) == [artifact.name, "not-ours"]
     assert prune_cache(cache, set()) == [artifact.name]
-    assert os.listdir(cache) == []
+    assert os.listdir(cache) == ["not-ours"]
 
 
 def test_published_reason_carries_no_digest_of_the_fetched_bytes(tmp_path: Path) -> None:
