@@ -509,3 +509,75 @@ def test_published_reason_carries_no_digest_of_the_fetched_bytes(tmp_path: Path)
         download([src.as_uri()], sha(b"some local file"), tmp_path / "x", size=14,
                  file_root=tmp_path)
     assert "15" not in ei.value.public_reason and "14" in ei.value.public_reason
+
+
+# ---------------------------------------------------------- through the real agent (issue 8)
+
+def supervisor_pid(layout: Any, program: str) -> int:
+    import xmlrpc.client
+
+    from supervisor.xmlrpc import SupervisorTransport
+    transport = SupervisorTransport(None, None, f"unix://{layout.sock}")
+    proxy = xmlrpc.client.ServerProxy("http://127.0.0.1", transport=transport)
+    return int(proxy.supervisor.getProcessInfo(program)["pid"])
+
+
+def test_agent_refuses_the_aliased_chain_and_keeps_serving(workdir: Path, store: Any,
+                                                           store_url: str) -> None:
+    """Real ZooKeeper, real supervisord, real agents: a staged release 2 that is the sample
+    release plus the aliased symlink chain. Every host refuses it and says why (locally and
+    in /dc/hosts), writes nothing outside the release, and serves 1 with the same pid."""
+    from cluster import Cluster, wait_for
+
+    from supervisor_dcdeploy import ops
+    from supervisor_dcdeploy.sample import build_release
+
+    cluster = Cluster(workdir, store, store_url, 2, {"A": {"quorum": 1, "max_parallel": 1}})
+    try:
+        cluster.boot({"A": "1"})
+        pids = {h: supervisor_pid(layout, "A") for h, layout in cluster.hosts.items()}
+        good, _ = build_release(workdir / "build", "A", "2")
+        chain = make_tar(workdir / "build" / "chain.tar", aliased_chain(), "w")
+        data = merge_tars(good, chain)
+        archive = workdir / "artifacts" / "A-2-chain.tar.gz"  # under the hosts' file_root
+        archive.write_bytes(data)
+        before = set(workdir.rglob("*"))
+
+        ops.stage(store, "A", "2", sha256=sha(data), urls=[archive.as_uri()], size=len(data))
+        ops.deploy(store, ["A"])
+
+        def published(h: str) -> dict:
+            return ops.status(store)["hosts"].get(h, {}).get("services", {}).get("A", {}) \
+                .get("fetch", {})
+        wait_for(lambda: all(published(h).get("state") == "failed" for h in cluster.hosts), 60,
+                 "every host to report the refused archive in /dc/hosts")
+        for h in cluster.hosts:
+            local = cluster.host_status(h)["services"]["A"]["fetch"]
+            assert local["version"] == "2" and "a16/l" in local["error"]
+            assert "symlink" in local["error"]
+            assert "a16/l" in published(h)["error"]
+        wait_for(lambda: "waiting for hosts to download and verify" in
+                 ops.status(store)["deploy"][0]["reason"], 30, "the deploy to wait for hosts")
+
+        assert not list(workdir.rglob("evil")), "a member landed outside the release"
+        created = {p for p in set(workdir.rglob("*")) - before if "releases" in p.parts}
+        assert created == set(), f"left in a releases directory: {sorted(created)}"
+        assert store.children("staging/A") == []
+        for h, layout in cluster.hosts.items():
+            assert cluster.version(h, "A") == "1"
+            assert supervisor_pid(layout, "A") == pids[h], "the service was not restarted"
+            assert not (layout.root / "A" / "releases" / "2").exists()
+            assert [p.name for p in (layout.root / "A" / "releases").iterdir()] == ["1"]
+    finally:
+        cluster.stop_all()
+
+
+def merge_tars(first: Path, second: Path) -> bytes:
+    """One tar.gz holding the members of ``first`` then those of ``second``."""
+    out = io.BytesIO()
+    with tarfile.open(fileobj=out, mode="w:gz") as dst:
+        for path in (first, second):
+            with tarfile.open(path) as src:
+                for ti in src.getmembers():
+                    dst.addfile(ti, src.extractfile(ti) if ti.isreg() else None)
+    return out.getvalue()
