@@ -724,6 +724,7 @@ def _check_link_target(m: _Member) -> None:
 _ARCHIVE_ERRNOS = frozenset({errno.ELOOP, errno.ENOTDIR, errno.EEXIST, errno.EISDIR,
                              errno.ENAMETOOLONG, errno.EINVAL, errno.EILSEQ, errno.EMLINK})
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+DIR_FD_CACHE = 64  # directory fds kept open while unpacking
 
 
 class _Tree:
@@ -738,6 +739,14 @@ class _Tree:
         self.kinds: dict[str, str] = {}
         self.members = 0
         self.written = 0
+        # Directory fds by path, most recent last: a directory, once made, is never replaced
+        # (no member may reuse its name), so an fd reached by a safe walk stays right.
+        self._fds: dict[str, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
 
     # -- limits -----------------------------------------------------------------------
     def count_member(self, name: str) -> None:
@@ -772,8 +781,14 @@ class _Tree:
 
     def _parent(self, path: str, name: str) -> tuple[int, str]:
         """An fd of ``path``'s parent directory, made as needed, reached without following any
-        symlink, and ``path``'s last component. The caller closes the fd."""
+        symlink, and ``path``'s last component. The fd is borrowed: valid until the next
+        :meth:`add`."""
         parts = path.split("/")
+        parent = "/".join(parts[:-1])
+        if not parent:
+            return self.root_fd, parts[-1]
+        if parent in self._fds:
+            return self._fds[parent], parts[-1]
         fd = os.dup(self.root_fd)
         try:
             for i, comp in enumerate(parts[:-1]):
@@ -788,6 +803,7 @@ class _Tree:
                 nxt = os.open(comp, _NOFOLLOW_DIR, dir_fd=fd)  # ELOOP on a symlink
                 os.close(fd)
                 fd = nxt
+            self._fds[parent] = fd
             return fd, parts[-1]
         except OSError as exc:
             os.close(fd)
@@ -801,6 +817,8 @@ class _Tree:
     def add(self, m: _Member, read: Callable[[int], bytes] | None = None) -> None:
         name = m.raw or m.name
         self.count_member(name)
+        while len(self._fds) > DIR_FD_CACHE:  # only here: fds handed out are in use below
+            os.close(self._fds.pop(next(iter(self._fds))))
         if not m.name:
             if m.kind == "dir":
                 return  # "./": the root itself
@@ -830,18 +848,13 @@ class _Tree:
                 os.symlink(m.link, last, dir_fd=fd)
             elif m.kind == "hardlink":
                 src_fd, src_last = self._parent(m.link, name)
-                try:
-                    os.link(src_last, last, src_dir_fd=src_fd, dst_dir_fd=fd,
-                            follow_symlinks=False)
-                finally:
-                    os.close(src_fd)
+                os.link(src_last, last, src_dir_fd=src_fd, dst_dir_fd=fd,
+                        follow_symlinks=False)
             else:
                 assert read is not None
                 self._write(m, name, fd, last, read)
         except OSError as exc:
             raise self._os_error(exc, name, f"create it as a {m.kind}") from exc
-        finally:
-            os.close(fd)
         self.kinds[m.name] = m.kind
 
     def _write(self, m: _Member, name: str, dir_fd: int, last: str,
@@ -1082,6 +1095,8 @@ def _unpack(archive: Path, target: Path, *, sha256: str, version: str, limits: L
                     raise UnsafeArchive(f"{str(archive)!r} is a corrupt archive: "
                                         f"{exc}") from exc
                 raise
+            finally:
+                tree.close()
         finally:
             os.close(root_fd)
         try:
