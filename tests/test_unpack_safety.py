@@ -568,6 +568,19 @@ def test_agent_refuses_the_aliased_chain_and_keeps_serving(workdir: Path, store:
             assert supervisor_pid(layout, "A") == pids[h], "the service was not restarted"
             assert not (layout.root / "A" / "releases" / "2").exists()
             assert [p.name for p in (layout.root / "A" / "releases").iterdir()] == ["1"]
+
+        # A wrong digest: the host's own status names the digest it fetched, /dc/hosts
+        # does not (it would be an oracle for any file a store writer names).
+        ops.abort(store)
+        path, real = build_release(workdir / "artifacts", "A", "3")
+        wrong = sha(b"not it")
+        ops.stage(store, "A", "3", sha256=wrong, urls=[path.as_uri()], size=path.stat().st_size)
+        wait_for(lambda: all(published(h).get("version") == "3" and
+                             published(h).get("state") == "failed" for h in cluster.hosts), 60,
+                 "every host to report the digest mismatch in /dc/hosts")
+        for h in cluster.hosts:
+            assert wrong in published(h)["error"] and real not in published(h)["error"]
+            assert real in cluster.host_status(h)["services"]["A"]["fetch"]["error"]
     finally:
         cluster.stop_all()
 
