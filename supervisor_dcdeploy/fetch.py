@@ -956,6 +956,15 @@ def _archive_kind(archive: Path) -> str:
                         f"archive")
 
 
+def is_archive(path: Path) -> bool:
+    """Whether ``path`` is a file that :func:`unpack` would take for a tar or zip archive.
+    Reads one header at most (unlike ``tarfile.is_tarfile``); never raises for bad data."""
+    try:
+        return Path(path).is_file() and _archive_kind(Path(path)) in ("tar", "zip")
+    except UnsafeArchive:
+        return False
+
+
 def _tar_member(ti: tarfile.TarInfo) -> _Member:
     name = _normalize(ti.name, ti.name)
     if ti.isreg():

@@ -594,3 +594,31 @@ def merge_tars(first: Path, second: Path) -> bytes:
                 for ti in src.getmembers():
                     dst.addfile(ti, src.extractfile(ti) if ti.isreg() else None)
     return out.getvalue()
+
+
+def test_is_archive_reads_one_header_only(box: dict[str, Path]) -> None:
+    import gzip
+    arc = box["arc"]
+    assert fetch.is_archive(make_tar(arc / "a.tgz", [("file", "x", b"x")]))
+    assert fetch.is_archive(make_zip(arc / "a.zip", [("file", "x", b"x")]))
+    (arc / "plain.bin").write_bytes(os.urandom(4096))
+    (arc / "single.gz").write_bytes(gzip.compress(b"not a tar " * 100))
+    assert not fetch.is_archive(arc / "plain.bin")
+    assert not fetch.is_archive(arc / "single.gz")
+    assert not fetch.is_archive(arc)
+    # A tar starting with a 64 MiB pax record: recognised from its first header, without
+    # reading the record (tarfile.is_tarfile would hold all of it in memory).
+    record = b"x" * (64 * MiB)
+    hdr = tarfile.TarInfo("././@PaxHeader")
+    hdr.type, hdr.size = tarfile.XHDTYPE, len(record)
+    with tarfile.open(arc / "pax.tar", "w") as tf:
+        tf.addfile(hdr, io.BytesIO(record))
+    del record
+    import tracemalloc
+    tracemalloc.start()
+    try:
+        assert fetch.is_archive(arc / "pax.tar")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < MiB

@@ -23,18 +23,16 @@ small enough that plain HTTP from the origin is faster goes over HTTP; see
 from __future__ import annotations
 
 import shutil
-import tarfile
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import structlog
 
-from ..fetch import (DownloadError, Limits, VerificationError, installed_sha256, unpack,
-                     write_marker)
+from ..fetch import (DownloadError, Limits, VerificationError, installed_sha256, is_archive,
+                     unpack, write_marker)
 from ..model import StagedRelease
 from ..store import Store
 from .config import AgentConfig
@@ -49,7 +47,8 @@ def install_from(path: Path, target: Path, version: str, sha256: str,
     checks), a directory or a plain file is copied; the marker goes last, atomically."""
     if installed_sha256(target) == sha256:
         return
-    if path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path)):
+    # Not tarfile.is_tarfile: it reads a first pax record whole (a 10 GB one would OOM us).
+    if is_archive(path):
         unpack(path, target, limits=limits)
         if installed_sha256(target) != sha256:  # unpack records the archive's own digest
             raise VerificationError(f"{path}: installed digest differs from the staged "
