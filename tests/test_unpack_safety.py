@@ -237,32 +237,33 @@ def file_bytes(paths: list[Path]) -> int:
 
 def test_zip_bomb_is_refused_at_the_ratio(box: dict[str, Path],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
-    # 64 MiB of zeros deflate to ~64 kB: about 1000:1.
+    # 128 members of 1 MiB of zeros: ~1000:1, and each member's declared size is small, so
+    # members are written until the total reaches the ratio budget.
     archive = box["arc"] / "bomb.zip"
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        with zf.open("zeros.bin", "w", force_zip64=True) as f:
-            for _ in range(64):
-                f.write(bytes(MiB))
+        for i in range(128):
+            zf.writestr(f"z{i:03}.bin", bytes(MiB))
     size = archive.stat().st_size
-    assert 64 * MiB / size > 500
+    assert 128 * MiB / size > 500
     limits = Limits(ratio_floor=MiB)  # the default 200:1; a small floor for a small bomb
     kept = keep_tmp(monkeypatch)
 
     with pytest.raises(UnsafeArchive, match="unpack_max_ratio") as ei:
         unpack(archive, box["releases"] / "1.0", limits=limits)
 
-    assert ei.value.member == "zeros.bin"
-    assert file_bytes(kept) <= limits.budget(size) < 64 * MiB
+    assert ei.value.member and ei.value.member != "z000.bin"  # some members went in
+    assert MiB <= file_bytes(kept) <= limits.budget(size) < 128 * MiB
 
 
 def test_1000_to_1_tar_gz_is_refused_before_the_disk_fills(
         box: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     archive = box["arc"] / "bomb.tgz"
+    zeros = bytes(MiB)
     with tarfile.open(archive, "w:gz", compresslevel=9) as tf:
-        for i in range(4):
-            ti = tarfile.TarInfo(f"z{i}.bin")
-            ti.size = 32 * MiB
-            tf.addfile(ti, io.BytesIO(bytes(ti.size)))
+        for i in range(128):
+            ti = tarfile.TarInfo(f"z{i:03}.bin")
+            ti.size = MiB
+            tf.addfile(ti, io.BytesIO(zeros))
     size = archive.stat().st_size
     assert 128 * MiB / size > 900, "the archive really is ~1000:1"
     limits = Limits(ratio_floor=MiB)
@@ -271,11 +272,28 @@ def test_1000_to_1_tar_gz_is_refused_before_the_disk_fills(
     with pytest.raises(UnsafeArchive, match="unpack_max_ratio"):
         unpack(archive, box["releases"] / "1.0", limits=limits)
 
-    assert file_bytes(kept) <= limits.budget(size)
+    assert MiB <= file_bytes(kept) <= limits.budget(size) < 128 * MiB
     monkeypatch.undo()
     for p in kept:
         fetch.shutil.rmtree(p)
     assert os.listdir(box["releases"]) == []
+
+
+def test_bytes_are_counted_as_written_not_as_declared(tmp_path: Path) -> None:
+    """tarfile and zipfile stop at the declared size themselves; should a reader ever hand
+    over more, the count while writing stops it at the limit."""
+    root = tmp_path / "rel"
+    root.mkdir()
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    tree = fetch._Tree(fd, root, Limits(max_member_bytes=MiB), archive_size=10 * MiB)
+    stream = io.BytesIO(bytes(4 * MiB))  # "10 bytes", 4 MiB in fact
+    try:
+        with pytest.raises(UnsafeArchive, match="unpack_max_member_bytes"):
+            tree.add(fetch._Member("f", "file", 0o644, 0.0, "", 10, "f"), stream.read)
+    finally:
+        tree.close()
+        os.close(fd)
+    assert (root / "f").stat().st_size <= MiB
 
 
 @pytest.mark.parametrize("limit,value,entries", [
