@@ -6,10 +6,14 @@ on disk must survive ``kill -9`` at any point (S5). So every step here is built 
 * :func:`download` streams into ``<dest>.part`` (resumed with an HTTP ``Range`` request after an
   interruption), verifies it, fsyncs it and only then renames it to ``dest``. ``dest`` therefore
   exists only with verified content.
-* :func:`unpack` extracts into a hidden temporary sibling of the release directory, after checking
-  *every* member before writing any byte, writes the release marker inside it, and renames it into
-  place. A release directory is therefore either absent or complete with a valid marker.
+* :func:`unpack` extracts into a hidden temporary sibling of the release directory, safely by
+  construction and within bounds (see the comment above :data:`MAX_UNPACKED_BYTES`), writes the
+  release marker inside it, and renames it into place; on any refusal the sibling is deleted.
+  A release directory is therefore either absent or complete with a valid marker.
 * :func:`install_release` chains the two and is idempotent on the marker.
+
+Everything downloaded or unpacked is treated as hostile: whoever writes the staged release
+chooses the URL *and* the sha256 (issue 8; docs/security-unpack.md).
 
 Errors form one family, :class:`FetchError`, whose ``reason`` is a sentence naming the problem and
 the value, fit to show to an operator.
