@@ -142,7 +142,9 @@ class Cluster:
                 name=name, rack=f"r{i % racks}", root=workdir / name,
                 store_url=host_store_url(name) if host_store_url else store_url,
                 services={svc: free_port() for svc in services}, session_timeout=4.0,
-                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)},
+                start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval),
+                                                 # artifacts are file:// URLs in workdir
+                                                 "file_root": str(workdir)},
                 trusted_keys=pinned)
 
     # -- operator side --------------------------------------------------------------
@@ -158,8 +160,9 @@ class Cluster:
 
     def stage(self, svc: str, version: str, broken: bool = False, sha: str | None = None):
         url, real_sha = self.release(svc, version, broken)
+        size = Path(url.removeprefix("file://")).stat().st_size
         return ops.stage(self.store, svc, version, sha256=sha or real_sha, urls=[url],
-                         signer=self.signer)
+                         size=size, signer=self.signer)
 
     def deploy(self, names: list[str]):
         return ops.deploy(self.store, names, signer=self.signer)

@@ -189,7 +189,8 @@ def test_http_download_reports_progress_and_second_call_makes_no_request(
     calls: list[tuple[int, int | None]] = []
 
     t0 = time.monotonic()
-    assert download([url], sha(data), dest, progress=lambda d, t: calls.append((d, t))) == dest
+    assert download([url], sha(data), dest, size=len(data),
+                    progress=lambda d, t: calls.append((d, t))) == dest
     elapsed = time.monotonic() - t0
 
     assert dest.read_bytes() == data
@@ -201,7 +202,7 @@ def test_http_download_reports_progress_and_second_call_makes_no_request(
     assert len(calls) <= 10 * elapsed + 2, (len(calls), elapsed)
     assert len(server.requests) == 1
 
-    assert download([url], sha(data), dest) == dest
+    assert download([url], sha(data), dest, size=len(data)) == dest
     assert len(server.requests) == 1, "an idempotent call must not touch the network"
 
 
@@ -214,12 +215,12 @@ def test_resume_across_calls_sends_range_with_the_right_offset(
     part = tmp_path / "r.artifact.part"
 
     with pytest.raises(DownloadError) as ei:
-        download([url], sha(data), dest)
+        download([url], sha(data), dest, size=len(data))
     assert ei.value.url == url
     assert part.stat().st_size == 123_457, "the bytes received must be kept for resumption"
     assert not dest.exists()
 
-    download([url], sha(data), dest)
+    download([url], sha(data), dest, size=len(data))
     assert dest.read_bytes() == data
     assert not part.exists()
     assert server.requests == [("/r.tgz", None), ("/r.tgz", "bytes=123457-")]
@@ -232,7 +233,7 @@ def test_broken_connection_is_retried_and_resumed_within_one_call(
     server.state.drops["/r.tgz"] = [1000, 50_000]
     dest = tmp_path / "r.artifact"
 
-    download([url], sha(data), dest)
+    download([url], sha(data), dest, size=len(data))
     assert dest.read_bytes() == data
     assert server.requests == [("/r.tgz", None), ("/r.tgz", "bytes=1000-"),
                                ("/r.tgz", "bytes=51000-")]
@@ -245,10 +246,10 @@ def test_server_ignoring_range_restarts_from_zero(
     server.state.drops["/r.tgz"] = [100_000]
     dest = tmp_path / "r.artifact"
     with pytest.raises(DownloadError):
-        download([url], sha(data), dest)
+        download([url], sha(data), dest, size=len(data))
 
     server.state.ignore_range = True  # answers 200 with the whole body
-    download([url], sha(data), dest)
+    download([url], sha(data), dest, size=len(data))
     # Appending the 200 body to the 100 kB already there would fail verification.
     assert dest.read_bytes() == data
     assert server.requests[-1] == ("/r.tgz", "bytes=100000-")
@@ -260,7 +261,8 @@ def test_complete_part_answered_with_416_is_verified_and_kept(
     data = blob(50_000)
     url = server.add("/a.tgz", data)
     (tmp_path / "a.artifact.part").write_bytes(data)
-    download([url], sha(data), tmp_path / "a.artifact")
+    # Without a size (allowed explicitly): with one, a complete .part needs no request at all.
+    download([url], sha(data), tmp_path / "a.artifact", allow_unknown_size=True)
     assert (tmp_path / "a.artifact").read_bytes() == data
     assert server.requests == [("/a.tgz", "bytes=50000-")]
     assert os.listdir(tmp_path) == ["a.artifact"]
@@ -272,7 +274,7 @@ def test_wrong_sha256_leaves_neither_dest_nor_part(server: Server, tmp_path: Pat
     dest = tmp_path / "a.artifact"
     wrong = sha(b"something else")
     with pytest.raises(VerificationError) as ei:
-        download([url], wrong, dest)
+        download([url], wrong, dest, size=len(data))
     assert (ei.value.expected, ei.value.actual) == (wrong, sha(data))
     assert wrong in ei.value.reason and sha(data) in ei.value.reason
     assert os.listdir(tmp_path) == []
@@ -285,9 +287,9 @@ def test_stale_part_that_fails_verification_is_dropped_and_next_call_recovers(
     dest = tmp_path / "a.artifact"
     (tmp_path / "a.artifact.part").write_bytes(b"garbage from an older artifact")
     with pytest.raises(VerificationError):
-        download([url], sha(data), dest)
+        download([url], sha(data), dest, size=len(data))
     assert os.listdir(tmp_path) == []
-    download([url], sha(data), dest)
+    download([url], sha(data), dest, size=len(data))
     assert dest.read_bytes() == data
 
 
@@ -306,7 +308,7 @@ def test_size_mismatch_is_a_verification_error(server: Server, tmp_path: Path,
 def test_404_names_url_and_status_and_is_not_retried(server: Server, tmp_path: Path) -> None:
     url = server.url("/missing.tgz")
     with pytest.raises(DownloadError) as ei:
-        download([url], sha(b"x"), tmp_path / "a.artifact")
+        download([url], sha(b"x"), tmp_path / "a.artifact", size=1)
     assert ei.value.status == 404
     assert url in ei.value.reason and "404" in ei.value.reason
     assert server.requests == [("/missing.tgz", None)]
@@ -317,7 +319,7 @@ def test_bad_urls_are_skipped_in_order(server: Server, tmp_path: Path) -> None:
     data = blob(10_000)
     good = server.add("/good.tgz", data)
     urls = [closed_port_url(), server.url("/missing.tgz"), good]
-    download(urls, sha(data), tmp_path / "a.artifact")
+    download(urls, sha(data), tmp_path / "a.artifact", size=len(data))
     assert (tmp_path / "a.artifact").read_bytes() == data
     assert [p for p, _ in server.requests] == ["/missing.tgz", "/good.tgz"]
 
@@ -325,7 +327,7 @@ def test_bad_urls_are_skipped_in_order(server: Server, tmp_path: Path) -> None:
 def test_all_urls_failing_reports_the_last_error(server: Server, tmp_path: Path) -> None:
     urls = [closed_port_url(), server.url("/missing.tgz")]
     with pytest.raises(DownloadError) as ei:
-        download(urls, sha(b"x"), tmp_path / "a.artifact")
+        download(urls, sha(b"x"), tmp_path / "a.artifact", size=1)
     assert ei.value.status == 404 and "all 2 URLs failed" in ei.value.reason
 
 
@@ -333,7 +335,7 @@ def test_server_error_is_retried(server: Server, tmp_path: Path) -> None:
     data = blob(10_000)
     url = server.add("/a.tgz", data)
     server.state.statuses["/a.tgz"] = [503, 502]
-    download([url], sha(data), tmp_path / "a.artifact")
+    download([url], sha(data), tmp_path / "a.artifact", size=len(data))
     assert len(server.requests) == 3
 
 
@@ -344,13 +346,15 @@ def test_file_url(tmp_path: Path) -> None:
     src.write_bytes(data)
     dest = tmp_path / "cache" / "a.artifact"
     calls: list[tuple[int, int | None]] = []
-    download([src.as_uri()], sha(data), dest, progress=lambda d, t: calls.append((d, t)))
+    download([src.as_uri()], sha(data), dest, size=len(data), file_root=tmp_path,
+             progress=lambda d, t: calls.append((d, t)))
     assert dest.read_bytes() == data
     assert calls[-1] == (len(data), len(data))
 
     missing = (tmp_path / "src" / "nope.tgz").as_uri()
     with pytest.raises(DownloadError) as ei:
-        download([missing], sha(data), tmp_path / "other.artifact")
+        download([missing], sha(data), tmp_path / "other.artifact", size=len(data),
+                 file_root=tmp_path)
     assert missing in ei.value.reason
 
 
@@ -360,13 +364,13 @@ def test_file_url_resumes_a_part(tmp_path: Path) -> None:
     src.write_bytes(data)
     dest = tmp_path / "a.artifact"
     (tmp_path / "a.artifact.part").write_bytes(data[:1000])
-    download([src.as_uri()], sha(data), dest)
+    download([src.as_uri()], sha(data), dest, size=len(data), file_root=tmp_path)
     assert dest.read_bytes() == data
 
 
 def test_unsupported_scheme(tmp_path: Path) -> None:
     with pytest.raises(DownloadError, match="ftp"):
-        download(["ftp://example.invalid/a.tgz"], sha(b"x"), tmp_path / "a.artifact")
+        download(["ftp://example.invalid/a.tgz"], sha(b"x"), tmp_path / "a.artifact", size=1)
 
 
 def test_corrupt_cached_dest_is_fetched_again(server: Server, tmp_path: Path) -> None:
@@ -374,7 +378,7 @@ def test_corrupt_cached_dest_is_fetched_again(server: Server, tmp_path: Path) ->
     url = server.add("/a.tgz", data)
     dest = tmp_path / "a.artifact"
     dest.write_bytes(b"bit rot")
-    download([url], sha(data), dest)
+    download([url], sha(data), dest, size=len(data))
     assert dest.read_bytes() == data
     assert len(server.requests) == 1
 
@@ -404,7 +408,7 @@ def test_disk_full_during_download(server: Server, tmp_path: Path, tiny_fs: Path
     data = blob(4 * 1024 * 1024)
     url = server.add("/big.tgz", data)
     with pytest.raises(DiskFull) as ei:
-        download([url], sha(data), tiny_fs / "big.artifact")
+        download([url], sha(data), tiny_fs / "big.artifact", size=len(data))
     assert ei.value.directory == tiny_fs
     assert str(tiny_fs) in ei.value.reason
     assert os.listdir(tiny_fs) == []
@@ -626,11 +630,13 @@ def test_install_release_refuses_a_different_sha_under_the_same_version(
     old = make_tar(tmp_path / "old.tgz", VALID)
     new = make_tar(tmp_path / "new.tgz", VALID + [("file", "extra", b"new")])
     releases, cache = tmp_path / "releases", tmp_path / "cache"
-    install_release([old.as_uri()], sha(old.read_bytes()), releases, "1.0", cache)
+    install_release([old.as_uri()], sha(old.read_bytes()), releases, "1.0", cache,
+                    size=old.stat().st_size, file_root=tmp_path)
     url = server.add("/new.tgz", new.read_bytes())
 
     with pytest.raises(VerificationError) as ei:
-        install_release([url], sha(new.read_bytes()), releases, "1.0", cache)
+        install_release([url], sha(new.read_bytes()), releases, "1.0", cache,
+                        size=new.stat().st_size)
 
     assert ei.value.expected == sha(new.read_bytes())
     assert ei.value.actual == sha(old.read_bytes())

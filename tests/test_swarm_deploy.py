@@ -68,7 +68,8 @@ def test_stage_path_and_deploy_through_the_swarm(tmp_path):
         assert kicks > 0
         # A small release staged with a torrent *and* a URL goes over HTTP: 4 hosts x S/B
         # is far below the swarm's fixed cost (fetch_transport).
-        artifact3, _ = build_release(tmp_path / "art3", "a", "3")
+        # In the bed's artifacts directory: hosts read file:// URLs only under file_root.
+        artifact3, _ = build_release(bed.artifacts, "a", "3")
         cli = subprocess.run([*on_build, sys.executable, "-m", "supervisor_dcdeploy.cli",
                               "--store", bed.store_url, "stage", "a", "3", "--path",
                               str(artifact3),

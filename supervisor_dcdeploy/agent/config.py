@@ -146,6 +146,15 @@ def load(path: Path) -> AgentConfig:
                            urlsplit(agent["transmission_rpc"].strip()).hostname or "")
         except ValueError as exc:
             raise ConfigError(f"{where} {exc}") from None
+    from ..fetch import Limits  # the unpack_* bounds on release archives
+    try:
+        Limits.from_config(dict(agent))
+    except ValueError as exc:
+        raise ConfigError(f"{where} {exc}") from None
+    # file_root: the only directory file:// release URLs may read (none: file:// refused).
+    if agent.get("file_root", "").strip() and not os.path.isabs(agent["file_root"].strip()):
+        raise ConfigError(f"{where} file_root: must be an absolute path, got "
+                          f"{agent['file_root']!r}")
     return AgentConfig(
         host=host, rack=agent.get("rack", ""), store=store, root=Path(agent["root"]),
         services=services,

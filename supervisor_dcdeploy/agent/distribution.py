@@ -26,17 +26,16 @@ small enough that plain HTTP from the origin is faster goes over HTTP; see
 from __future__ import annotations
 
 import shutil
-import tarfile
 import tempfile
 import time
-import zipfile
 from pathlib import Path
 from typing import Any, Callable
 from urllib.parse import urlsplit
 
 import structlog
 
-from ..fetch import DownloadError, VerificationError, installed_sha256, unpack, write_marker
+from ..fetch import (DownloadError, Limits, VerificationError, installed_sha256, is_archive,
+                     unpack, write_marker)
 from ..model import StagedRelease
 from ..store import Store
 from .config import AgentConfig, ConfigError
@@ -45,13 +44,15 @@ log = structlog.get_logger("dcdeploy.agent.distribution")
 PRUNE_EVERY_SECS = 15.0
 
 
-def install_from(path: Path, target: Path, version: str, sha256: str) -> None:
+def install_from(path: Path, target: Path, version: str, sha256: str,
+                 limits: Limits | None = None) -> None:
     """Install a verified download at ``target``: an archive is unpacked (with fetch's
     checks), a directory or a plain file is copied; the marker goes last, atomically."""
     if installed_sha256(target) == sha256:
         return
-    if path.is_file() and (tarfile.is_tarfile(path) or zipfile.is_zipfile(path)):
-        unpack(path, target)
+    # Not tarfile.is_tarfile: it reads a first pax record whole (a 10 GB one would OOM us).
+    if is_archive(path):
+        unpack(path, target, limits=limits)
         if installed_sha256(target) != sha256:  # unpack records the archive's own digest
             raise VerificationError(f"{path}: installed digest differs from the staged "
                                     f"{sha256}", expected=sha256,
@@ -111,6 +112,7 @@ class Distribution:
         self.link_bps = float(cfg.extra.get("link_mbit", "1000")) * 1e6
         self.stall_secs = float(cfg.extra.get("swarm_stall_secs", "120")) or None
         self.active = False
+        self.limits = Limits.from_config(cfg.extra)
         self.fetcher = SwarmFetcher(rpc, Path(cfg.extra.get("swarm_dir",
                                                             str(cfg.root / "downloads"))),
                                     secret_file=secret)
@@ -153,7 +155,7 @@ class Distribution:
         path = self.fetcher.fetch(staged.torrent, staged.sha256,
                                   progress=lambda done, total: progress(done, total),
                                   stall_timeout=self.stall_secs)
-        install_from(path, target, staged.version, staged.sha256)
+        install_from(path, target, staged.version, staged.sha256, self.limits)
 
     def warm(self, release: Path) -> dict[str, Any]:
         """Read a verified release into the page cache (and pin up to ``mlock_cap``)."""

@@ -187,6 +187,7 @@ class Testbed:
         args = [str(SCRIPTS / "host.sh"), name, rack, nh.addr, str(root), self.store_url,
                 *[f"{s.name}={s.port}" for s in self.config.services]]
         env = {**os.environ, "DCDT_PYTHON": sys.executable,
+               "DCDT_FILE_ROOT": str(self.artifacts),
                "DCDT_TRANSMISSION": "1" if self.config.transmission else "0"}
         subprocess.run(["sh", *args], check=True, capture_output=True, env=env)
         layout = self._layout(name, rack, nh.addr, root)
@@ -200,6 +201,7 @@ class Testbed:
                                 store=self.store_url, python=sys.executable,
                                 session_timeout=self.config.session_timeout,
                                 start_timeout=15.0, poll_interval=1.0,
+                                file_root=str(self.artifacts),
                                 service=[f"{s.name}={s.port}" for s in self.config.services],
                                 transmission=False)
         return host_layout(ns)
@@ -320,7 +322,8 @@ class Testbed:
         """Build and stage a release; return (artifact path, true sha256)."""
         assert self.store is not None
         path, sha = self.release(svc, version, broken)
-        ops.stage(self.store, svc, version, sha256=sha256 or sha, urls=[f"file://{path}"])
+        ops.stage(self.store, svc, version, sha256=sha256 or sha, urls=[f"file://{path}"],
+                  size=path.stat().st_size)
         return path, sha
 
     def deploy(self, names: list[str]) -> list[Any]:

@@ -52,6 +52,8 @@ def host_layout(args: argparse.Namespace) -> HostLayout:
         name, _, port = item.partition("=")
         services[name] = int(port)
     extra = {"poll_interval": str(args.poll_interval)}
+    if getattr(args, "file_root", None):
+        extra["file_root"] = args.file_root  # file:// release URLs are read only there
     root = Path(args.root)
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
@@ -80,6 +82,8 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--session-timeout", type=float, default=4.0)
     host.add_argument("--start-timeout", type=float, default=15.0)
     host.add_argument("--poll-interval", type=float, default=1.0)
+    host.add_argument("--file-root", default="",
+                      help="the directory file:// release URLs may read (default: none)")
     host.add_argument("--transmission", action="store_true")
     zk = sub.add_parser("zk")
     zk.add_argument("--id", type=int, required=True)

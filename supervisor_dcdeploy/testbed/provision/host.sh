@@ -6,6 +6,7 @@
 #        DCDT_PYTHON     the Python with supervisor_dcdeploy importable (default python3)
 #        DCDT_SRC        the project source (VMs: /vagrant)
 #        DCDT_TRANSMISSION=0  no transmission-daemon program
+#        DCDT_FILE_ROOT  the directory file:// release URLs may read (default: none)
 set -eu
 name=$1 rack=$2 address=$3 root=$4 store=$5
 shift 5
@@ -25,7 +26,8 @@ services=""
 for svc in "$@"; do services="$services --service $svc"; done
 # shellcheck disable=SC2086
 "$py" -m supervisor_dcdeploy.testbed.provision host --name "$name" --rack "$rack" \
-    --address "$address" --root "$root" --store "$store" --python "$py" $tm $services
+    --address "$address" --root "$root" --store "$store" --python "$py" $tm $services \
+    --file-root "${DCDT_FILE_ROOT:-}"
 if [ "${DCDT_START:-0}" = 1 ]; then
     cat > /etc/systemd/system/dcdeploy-supervisord.service <<UNIT
 [Unit]
