@@ -30,7 +30,9 @@ Semantics kept:
   election extends every session, also a crashed host's, by up to 2 x TTL;
 * the node: sessions belong to the fake agent's node (``fake-node``). A session is tied to
   the node's ``serfHealth`` check unless it is created with ``Checks: []`` (or the newer
-  ``NodeChecks``/``ServiceChecks`` lists given): :meth:`FakeConsul.set_serf_health`
+  ``NodeChecks``/``ServiceChecks`` lists given; agent/session_endpoint.go defaults both
+  ``Checks`` and ``NodeChecks`` to serfHealth and ``fixupEmptySessionChecks`` makes an
+  empty ``Checks`` empty both): :meth:`FakeConsul.set_serf_health`
   ``critical`` invalidates the tied sessions; :meth:`FakeConsul.deregister_node`
   invalidates *every* session of the node, checks or not (state/catalog.go deleteNodeTxn
   deletes the node's sessions). Creating a session while the node is not registered is a
