@@ -20,8 +20,9 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
   Consul expires a session that stops renewing between TTL and 2 x TTL later, and every
   leader election re-arms all timers, so a crashed host's ephemerals can outlive it by
   2 x TTL per election (docs/consul.md). Deregistering the agent's node invalidates the
-  session whatever its checks; the new session is refused until the node is back. Renew answering 404 means the session
-  was invalidated: listeners get LOST, then a new session is made and they get CONNECTED.
+  session whatever its checks; the new session is refused until the node is back. Renew
+  answering 404 means the session was invalidated: listeners get LOST, then a new session
+  is made and they get CONNECTED.
   Consul unreachable: SUSPENDED until it answers again.
 * **Ephemeral** keys are created ``check-not-exists`` + ``lock`` with our session: Consul
   deletes them when the session is invalidated (``stop()``, TTL expiry, ``destroy``).
@@ -63,8 +64,8 @@ Reads are retried with tenacity on transport errors and 5xx until the deadline; 
 retried when the request provably never left (connection refused / connect timeout) or
 Consul had no leader; a transaction whose answer was lost otherwise is read back (above).
 The watch's blocking-query index is reset when Consul reports a lower one (tombstones
-reaped, snapshot restored), as Consul's "Blocking Queries" docs require. Errors leave this module only
-as the :mod:`.base` family.
+reaped, snapshot restored), as Consul's "Blocking Queries" docs require. Errors leave this
+module only as the :mod:`.base` family (:class:`TransactionTooLarge` is a ``StoreError``).
 """
 
 from __future__ import annotations
