@@ -278,7 +278,7 @@ def abort(store: Store) -> list[str]:
     if not nodes:
         raise OpError("the deploy queue is empty: nothing to abort")
     by_node = {i.node: i for i in queue}
-    ops: list = []
+    groups: list[list] = []  # one item's delete + history record: always together
     for node in nodes:
         try:
             raw, version = store.get(f"deploy/{node}")
@@ -289,13 +289,28 @@ def abort(store: Store) -> list[str]:
             {"raw": raw.decode(errors="replace")}
         record.update(state="aborted", updated=time.time(),
                       reason=f"aborted by operator (was {item.state if item else 'unread'})")
-        ops += [Delete(f"deploy/{node}", version), Create(f"history/{node}", dumps(record))]
+        groups.append([Delete(f"deploy/{node}", version),
+                       Create(f"history/{node}", dumps(record))])
     try:
-        store.commit(ops)
+        _commit_groups(store, groups)
     except TransactionFailed as exc:
         raise OpError(f"the queue changed while aborting ({exc}); run abort again") from None
     trim_history(store)
     return nodes
+
+
+def _commit_groups(store: Store, groups: list[list]) -> None:
+    """Commit all ``groups`` in one transaction, or, when the store says that is more than
+    one transaction takes (Consul: 64 ops before 1.14, 128 since; its error carries the
+    ``limit``), in halves; each group stays atomic. A group too large alone is raised."""
+    try:
+        store.commit([op for group in groups for op in group])
+    except StoreError as exc:
+        if getattr(exc, "limit", None) is None or len(groups) == 1:
+            raise
+        half = len(groups) // 2
+        _commit_groups(store, groups[:half])
+        _commit_groups(store, groups[half:])
 
 
 def trim_history(store: Store, cap: int = HISTORY_CAP) -> None:

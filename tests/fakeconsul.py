@@ -1,9 +1,11 @@
 """An in-process fake of the part of Consul's HTTP API that the Consul store uses.
 
 Written from Consul's HTTP API documentation (KV store endpoint, /v1/txn, sessions, blocking
-queries), not from its code, and never compared with a real server: it is what
-``tests/test_store_contract.py`` verifies the Consul backend against, so where it is wrong
-the backend may be wrong too (see docs/consul.md, "What is verified").
+queries) and, for the failure behaviour, from Consul's source (``agent/consul/session_ttl.go``,
+``agent/txn_endpoint.go``, ``agent/consul/state/session.go``, the "Blocking Queries" docs);
+never compared with a real server: it is what ``tests/test_store_contract.py`` and
+``tests/test_consul_faithful.py`` verify the Consul backend against, so where it is wrong the
+backend may be wrong too (see docs/consul.md, "What is verified").
 
 Semantics kept:
 
@@ -18,12 +20,42 @@ Semantics kept:
   ``recurse`` and ``cas``;
 * sessions: ``create`` (TTL 10s..86400s, Behavior release|delete, LockDelay, default 15s),
   ``renew`` (404 when gone), ``destroy``, ``info``; invalidation deletes (``delete``) or
-  unlocks (``release``) the session's keys and puts their lock-delay in force. TTL expiry
-  happens at exactly TTL here; real Consul may take up to 2 x TTL;
+  unlocks (``release``) the session's keys and puts their lock-delay in force.
+  **TTL timers as Consul runs them** (session_ttl.go): the leader arms a timer of
+  ``TTL x SessionTTLMultiplier`` (2) at create and at every renew, so a session that stops
+  renewing goes between TTL and 2 x TTL after its last renew as seen by the client
+  (here: exactly 2 x TTL after the last renew the fake received); timers run only while
+  there is a leader (``clearAllSessionTimers`` on stepping down) and a newly elected leader
+  re-arms *every* session's timer from scratch (``initializeSessionTimers``), so each
+  election extends every session, also a crashed host's, by up to 2 x TTL;
+* the node: sessions belong to the fake agent's node (``fake-node``). A session is tied to
+  the node's ``serfHealth`` check unless it is created with ``Checks: []`` (or the newer
+  ``NodeChecks``/``ServiceChecks`` lists given; agent/session_endpoint.go defaults both
+  ``Checks`` and ``NodeChecks`` to serfHealth and ``fixupEmptySessionChecks`` makes an
+  empty ``Checks`` empty both): :meth:`FakeConsul.set_serf_health`
+  ``critical`` invalidates the tied sessions; :meth:`FakeConsul.deregister_node`
+  invalidates *every* session of the node, checks or not (state/catalog.go deleteNodeTxn
+  deletes the node's sessions). Creating a session while the node is not registered is a
+  500 ``Missing node registration``; with a critical check, a 500 ``Check 'serfHealth' is
+  in critical state``;
+* leader elections: :meth:`FakeConsul.lose_leader` / :meth:`FakeConsul.elect_leader`, or
+  :meth:`FakeConsul.election` (the next ``n`` requests that need a leader fail, then a
+  leader is elected). Without a leader every request except a ``?stale`` read is a 500
+  ``No cluster leader`` (structs.ErrNoLeader; nothing was applied);
+* lost responses: :meth:`FakeConsul.lose_response` makes the next matching request apply
+  (or not, ``applied=False``) and then drops the connection without an answer, as when a
+  client times out or a server dies after the raft commit;
+* tombstones: deleted keys leave a tombstone carrying the delete's index, so a listing's
+  ``X-Consul-Index`` counts deletes; :meth:`FakeConsul.reap_tombstones` drops them as
+  Consul's tombstone GC does (``state/tombstone_gc.go``, after ``tombstone_ttl``), after
+  which a prefix's index can go *backwards* (the "Blocking Queries" docs: clients must
+  reset their index when it does);
 * ``PUT /v1/txn``: KV verbs set, cas, lock, unlock, get, get-tree, check-index,
   check-session, check-not-exists, delete, delete-tree, delete-cas; all or nothing; 409 with
   ``Errors[{OpIndex, What}]`` for every failed op (later ops see earlier ops' effects); no
-  result entries for deletes and check-not-exists; at most 128 ops (413 beyond).
+  result entries for deletes and check-not-exists; at most 64 ops before Consul 1.14 and
+  128 since (``maxTxnOps`` in agent/txn_endpoint.go; ``FakeConsul(version=...)``), 413
+  ``Transaction contains too many operations (N > M)`` beyond.
 
 * ACLs (off until :meth:`FakeConsul.add_token` makes the first token; then the default
   policy is *deny*, as a production Consul is set up): a token is a set of ``key_prefix``
@@ -44,7 +76,14 @@ Semantics kept:
 
 Test hooks: :meth:`FakeConsul.expire_session` (as if its TTL ran out), :meth:`down` /
 :meth:`up` (stop listening / listen again on the same port: the server is unreachable, its
-state and session timers go on).
+state and session timers go on), the election, node, lost-response and tombstone hooks
+above, and ``FakeConsul(clock=ManualClock())``: session timers and lock-delays then follow
+a clock the test advances (:meth:`ManualClock.advance`, then :meth:`FakeConsul.run_timers`),
+so TTL behaviour is tested with Consul's real TTLs (10 s minimum) without waiting for them.
+
+Deviations from Consul kept on purpose: one server (no followers, so no stale reads, and
+a leaderless cluster answers at once instead of holding the request for up to
+``rpc_hold_timeout``); the expiry timer fires at exactly 2 x TTL after the last renew.
 """
 
 from __future__ import annotations
@@ -66,7 +105,26 @@ from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
 
 UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-MAX_TXN_OPS = 128
+SESSION_TTL_MULTIPLIER = 2  # structs.SessionTTLMultiplier: the leader's timer is 2 x TTL
+NO_LEADER = "No cluster leader"  # structs.ErrNoLeader
+
+
+def max_txn_ops(version: tuple[int, ...]) -> int:
+    """agent/txn_endpoint.go maxTxnOps: 64 before Consul 1.14, 128 since."""
+    return 64 if version < (1, 14) else 128
+
+
+class ManualClock:
+    """A monotonic clock that moves only when the test says (``FakeConsul(clock=...)``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
 
 
 def duration(text: Any, default: float) -> float:
@@ -83,6 +141,10 @@ def duration(text: Any, default: float) -> float:
 
 class TxnError(Exception):
     pass
+
+
+class _ServerError(Exception):
+    """An RPC error the HTTP layer answers with 500 and the text."""
 
 
 ANONYMOUS_ACCESSOR = "00000000-0000-0000-0000-000000000002"  # Consul's anonymous token
@@ -153,9 +215,19 @@ class _AllowAll(FakeToken):
 class FakeConsul:
     """State plus an HTTP server on 127.0.0.1 (``port`` 0: pick one)."""
 
-    def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None) -> None:
+    def __init__(self, port: int = 0, tls: ssl.SSLContext | None = None, *,
+                 version: str = "1.17.0", clock: Callable[[], float] | None = None) -> None:
         self.port = port
         self.tls = tls
+        self.version = tuple(int(p) for p in version.split("."))
+        self.max_txn_ops = max_txn_ops(self.version)
+        self.clock: Callable[[], float] = clock or time.monotonic
+        self.leader = True
+        self._leaderless_left: int | None = None  # election(): requests until a leader
+        self.node_registered = True
+        self.serf_health = "passing"
+        self._lost: list[tuple[str, str, bool]] = []  # lose_response(): (method, path, applied)
+        self.table_index = 1  # the KV + tombstones tables' index (never goes back)
         self.tokens: dict[str, FakeToken] = {}  # secret -> token; empty: ACLs disabled
         self.anonymous = FakeToken("", ANONYMOUS_ACCESSOR)  # no rules: denied everything
         self.cond = threading.Condition()
@@ -233,14 +305,25 @@ class FakeConsul:
             raise Denied("ACL not found")
         return self.tokens[secret]
 
-    # -- sessions -----------------------------------------------------------------------
+    # -- sessions ----------------------------------------------------------------------
     def _reap(self) -> None:
         while not self._closed.wait(0.1):
-            now = time.monotonic()
-            with self.cond:
-                for sid in [s for s, v in self.sessions.items()
-                            if v["ttl"] and now >= v["expires"]]:
-                    self._invalidate(sid)
+            self.run_timers()
+
+    def run_timers(self) -> None:
+        """Fire the session timers that are due (the leader's ``invalidateSession``).
+        Timers run only while there is a leader."""
+        with self.cond:
+            if not self.leader:
+                return
+            now = self.clock()
+            for sid in [s for s, v in self.sessions.items()
+                        if v["ttl"] and now >= v["expires"]]:
+                self._invalidate(sid)
+
+    def _arm(self, session: dict[str, Any]) -> None:
+        # createSessionTimer: ttl * structs.SessionTTLMultiplier
+        session["expires"] = self.clock() + session["ttl"] * SESSION_TTL_MULTIPLIER
 
     def expire_session(self, sid: str) -> None:
         """Invalidate ``sid`` as Consul does when its TTL runs out."""
@@ -256,7 +339,7 @@ class FakeConsul:
             if entry.get("Session") != sid:
                 continue
             if session["lock_delay"] > 0:
-                self.lock_delay[key] = time.monotonic() + session["lock_delay"]
+                self.lock_delay[key] = self.clock() + session["lock_delay"]
             if session["behavior"] == "delete":
                 del self.kv[key]
                 self.tombstones[key] = self.index
@@ -264,7 +347,89 @@ class FakeConsul:
                 entry = dict(entry, ModifyIndex=self.index)
                 entry.pop("Session")
                 self.kv[key] = entry
+            self.table_index = self.index
         self.cond.notify_all()
+
+    # -- leader elections, the node, lost answers, tombstones (test hooks) ----------------
+    def lose_leader(self) -> None:
+        """The leader steps down; until :meth:`elect_leader` every request that needs a
+        leader is a 500 ``No cluster leader`` and no session timer runs."""
+        with self.cond:
+            self.leader = False
+            self._leaderless_left = None
+
+    def elect_leader(self) -> None:
+        """A new leader: ``initializeSessionTimers`` re-arms every session's timer, so every
+        session (a crashed host's too) lives another 2 x TTL from now."""
+        with self.cond:
+            self.leader = True
+            self._leaderless_left = None
+            for session in self.sessions.values():
+                if session["ttl"]:
+                    self._arm(session)
+            self.cond.notify_all()
+
+    def election(self, requests: int = 1) -> None:
+        """Lose the leader for the next ``requests`` requests that need one, then elect."""
+        self.lose_leader()
+        with self.cond:
+            self._leaderless_left = requests
+
+    def _leader_for(self, method: str, params: dict[str, str]) -> bool:
+        """False (and count the request) when this request needs a leader and there is
+        none. Only ``?stale`` reads are served by any server."""
+        if method == "GET" and "stale" in params:
+            return True
+        with self.cond:
+            if self.leader:
+                return True
+            if self._leaderless_left is not None:
+                self._leaderless_left -= 1
+                if self._leaderless_left <= 0:
+                    self.elect_leader()
+            return False
+
+    def deregister_node(self) -> None:
+        """The node leaves the catalog (``consul leave``, force-leave, reaped): every
+        session on it is invalidated, whatever its checks; new sessions are refused."""
+        with self.cond:
+            self.node_registered = False
+            for sid in list(self.sessions):
+                self._invalidate(sid)
+
+    def register_node(self) -> None:
+        """The agent's anti-entropy registers its node again."""
+        with self.cond:
+            self.node_registered = True
+
+    def set_serf_health(self, status: str) -> None:
+        """``passing`` | ``critical``: critical invalidates the sessions tied to serfHealth."""
+        with self.cond:
+            self.serf_health = status
+            if status == "critical":
+                for sid in [s for s, v in self.sessions.items()
+                            if "serfHealth" in v["Checks"]]:
+                    self._invalidate(sid)
+
+    def lose_response(self, method: str, path: str, applied: bool = True) -> None:
+        """The next ``method`` request whose path starts with ``path`` is applied (or not,
+        ``applied=False``), then its connection is dropped with no answer."""
+        with self.cond:
+            self._lost.append((method, path, applied))
+
+    def _take_lost(self, method: str, path: str) -> bool | None:
+        with self.cond:
+            for i, (m, p, applied) in enumerate(self._lost):
+                if m == method and path.startswith(p):
+                    del self._lost[i]
+                    return applied
+        return None
+
+    def reap_tombstones(self) -> None:
+        """Consul's tombstone GC: the tombstones go, so a prefix whose newest change was
+        a delete reports an older X-Consul-Index than before (it goes backwards)."""
+        with self.cond:
+            self.tombstones.clear()
 
     def create_session(self, body: dict[str, Any]) -> str:
         body = {k.lower(): v for k, v in body.items()}
@@ -275,14 +440,23 @@ class FakeConsul:
         behavior = body.get("behavior") or "release"
         if behavior not in ("release", "delete"):
             raise ValueError(f"Invalid Behavior setting '{behavior}'")
-        sid = str(uuid.uuid4())
+        lists = [body.get(k) for k in ("checks", "nodechecks", "servicechecks")]
+        if all(v is None for v in lists):
+            checks = ["serfHealth"]  # Consul's default: tied to the node's serfHealth
+        else:
+            checks = [c for v in lists if v for c in v]
         with self.cond:
+            if not self.node_registered:
+                raise _ServerError("Missing node registration")
+            if "serfHealth" in checks and self.serf_health == "critical":
+                raise _ServerError("Check 'serfHealth' is in critical state")
+            sid = str(uuid.uuid4())
             self.index += 1
             self.sessions[sid] = {
                 "ID": sid, "Name": body.get("name", ""), "Behavior": behavior, "ttl": ttl,
                 "behavior": behavior, "lock_delay": duration(body.get("lockdelay"), 15.0),
-                "expires": time.monotonic() + ttl, "CreateIndex": self.index,
-                "Checks": body.get("checks", ["serfHealth"])}
+                "CreateIndex": self.index, "Node": FAKE_NODE, "Checks": checks}
+            self._arm(self.sessions[sid])
         return sid
 
     def renew_session(self, sid: str) -> dict[str, Any] | None:
@@ -290,7 +464,7 @@ class FakeConsul:
             session = self.sessions.get(sid)
             if session is None:
                 return None
-            session["expires"] = time.monotonic() + session["ttl"]
+            self._arm(session)
             return self._session_json(session)
 
     @staticmethod
@@ -309,8 +483,7 @@ class FakeConsul:
                    + [i for k, i in self.tombstones.items() if match(k)], default=0)
         if best:
             return best
-        return max([e["ModifyIndex"] for e in self.kv.values()]
-                   + list(self.tombstones.values()), default=1)
+        return self.table_index  # nothing matches: the tables' own index (kvs, tombstones)
 
     def read(self, key: str, params: dict[str, str],
              readable: Callable[[str], bool] = lambda _k: True) -> tuple[int, Any]:
@@ -394,7 +567,7 @@ class FakeConsul:
             if errors:
                 return [], errors
             if kv != self.kv or tomb:
-                self.index = idx
+                self.index = self.table_index = idx
                 self.kv = kv
                 self.tombstones.update(tomb)
                 self.cond.notify_all()
@@ -439,7 +612,7 @@ class FakeConsul:
                 raise TxnError(f"failed to lock key {key!r}: invalid session {session!r}")
             if entry is not None and entry.get("Session") not in (None, session):
                 raise TxnError(f"failed to lock key {key!r}: held by another session")
-            if time.monotonic() < self.lock_delay.get(key, 0.0) and \
+            if self.clock() < self.lock_delay.get(key, 0.0) and \
                     (entry is None or entry.get("Session") != session):
                 raise TxnError(f"failed to lock key {key!r}: lock-delay in force")
             already = entry is not None and entry.get("Session") == session
@@ -513,7 +686,33 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             pass
 
+    _drop = False  # lose_response(): the answer is never sent
+
+    def _hangup(self) -> None:
+        self.close_connection = True
+        try:
+            self.connection.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+
+    def _gate(self, method: str, path: str, params: dict[str, str]) -> bool:
+        """The checks every request goes through first: a leader (else 500), and a lost
+        answer set up by the test. False: the request is answered (or dropped) already."""
+        self._drop = False
+        if not self.fake._leader_for(method, params):
+            self._send(500, NO_LEADER)
+            return False
+        lost = self.fake._take_lost(method, path)
+        if lost is False:  # dropped before it did anything
+            self._hangup()
+            return False
+        self._drop = lost is True
+        return True
+
     def _send(self, code: int, body: Any, index: int | None = None) -> None:
+        if self._drop:  # applied, but the client never hears of it
+            self._hangup()
+            return
         raw = body.encode() if isinstance(body, str) else json.dumps(body).encode()
         self.send_response(code)
         self.send_header("Content-Type", "application/json" if not isinstance(body, str)
@@ -555,6 +754,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path, params, _ = self._parse()
         self.fake.requests += 1
+        if not self._gate("GET", path, params):
+            return
         try:
             token = self._token(params)
             if path.startswith("/v1/kv/") and not ("recurse" in params or "keys" in params):
@@ -576,6 +777,8 @@ class _Handler(BaseHTTPRequestHandler):
         path, params, body = self._parse()
         fake = self.fake
         fake.requests += 1
+        if not self._gate("PUT", path, params):
+            return
         try:
             token = self._token(params)
             if path.startswith("/v1/kv/"):
@@ -603,9 +806,9 @@ class _Handler(BaseHTTPRequestHandler):
                 ops = json.loads(body or b"[]")
             except ValueError:
                 return self._send(400, "Failed to parse body")
-            if len(ops) > MAX_TXN_OPS:
+            if len(ops) > fake.max_txn_ops:
                 return self._send(413, f"Transaction contains too many operations "
-                                       f"({len(ops)} > {MAX_TXN_OPS})")
+                                       f"({len(ops)} > {fake.max_txn_ops})")
             if not all(isinstance(o, dict) and "KV" in o for o in ops):
                 return self._send(400, "only KV operations are faked")
             results, errors = fake.apply([o["KV"] for o in ops],
@@ -618,6 +821,8 @@ class _Handler(BaseHTTPRequestHandler):
                 sid = fake.create_session(json.loads(body) if body else {})
             except ValueError as exc:
                 return self._send(400, str(exc))
+            except _ServerError as exc:
+                return self._send(500, str(exc))
             self._send(200, {"ID": sid})
         elif path.startswith("/v1/session/renew/"):
             sid = path.rsplit("/", 1)[1]
@@ -634,6 +839,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_DELETE(self) -> None:
         path, params, _ = self._parse()
         self.fake.requests += 1
+        if not self._gate("DELETE", path, params):
+            return
         if not path.startswith("/v1/kv/"):
             return self._send(404, f"no fake for DELETE {path}")
         key = path[len("/v1/kv/"):]

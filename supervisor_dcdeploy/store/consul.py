@@ -15,9 +15,14 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
   ``Flags`` nonce so that, as in ZooKeeper, a set of unchanged data still makes a new
   version (Consul skips writes that change nothing).
 * **Sessions**: one Consul session per store, ``Behavior=delete``, ``TTL=max(10 s,
-  session_timeout)``, ``LockDelay=0``, no health checks (the agent we talk to need not be on
-  our host), renewed by a daemon thread every TTL/3. Renew answering 404 means the session
-  was invalidated: listeners get LOST, then a new session is made and they get CONNECTED.
+  session_timeout)``, ``LockDelay=0``, ``Checks: []`` (not tied to the agent's serfHealth:
+  the agent we talk to need not be on our host), renewed by a daemon thread every TTL/3.
+  Consul expires a session that stops renewing between TTL and 2 x TTL later, and every
+  leader election re-arms all timers, so a crashed host's ephemerals can outlive it by
+  2 x TTL per election (docs/consul.md). Deregistering the agent's node invalidates the
+  session whatever its checks; the new session is refused until the node is back. Renew
+  answering 404 means the session was invalidated: listeners get LOST, then a new session
+  is made and they get CONNECTED.
   Consul unreachable: SUSPENDED until it answers again.
 * **Ephemeral** keys are created ``check-not-exists`` + ``lock`` with our session: Consul
   deletes them when the session is invalidated (``stop()``, TTL expiry, ``destroy``).
@@ -28,6 +33,19 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
   keys written by hand with ``consul kv put`` do not break the order.
 * **commit** is one ``PUT /v1/txn``. A 409 names the failed operation (``Errors[].OpIndex``)
   and why (``What``); it becomes :class:`TransactionFailed` with the index of *our* op.
+  Consul takes at most 64 operations per transaction before 1.14 and 128 since (one of
+  our ops is up to two of Consul's, plus one parent check per distinct parent); a larger
+  change is refused with :class:`TransactionTooLarge` saying so, before sending once
+  Consul's 413 has told us its limit. Never split silently: that would not be atomic.
+* **Lost answers and elections.** A 500 "No cluster leader" applied nothing: writes too are
+  retried until the deadline. Any other lost answer to a transaction (timeout, connection
+  cut after sending, another 5xx) may have been applied: every value written by one
+  transaction carries the same random ``Flags`` nonce, so a consistent read of one written
+  key tells whether it applied (a transaction of deletes only: whether the keys are gone).
+  Applied: success, with the results read back. Not applied: the same transaction (same
+  sequential names, same nonce) is sent again; if that one conflicts the read-back decides
+  again. A create or sequential create whose answer was lost thus never reports
+  NodeExists for its own node nor leaves a second node behind.
 * **sync()**: Consul has no sync; it switches the calling thread's reads to ``?consistent``
   (leader-verified, never stale) until that thread's next ``commit()``.
 * **Watches**: one background blocking query (``?index=&wait=``) on the whole root prefix.
@@ -43,9 +61,11 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
 
 Every HTTP call has a deadline (``request_timeout``; blocking queries: their wait on top).
 Reads are retried with tenacity on transport errors and 5xx until the deadline; writes are
-retried only when the request provably never left (connection refused / connect timeout),
-because a Consul write that timed out may still be applied. Errors leave this module only
-as the :mod:`.base` family.
+retried when the request provably never left (connection refused / connect timeout) or
+Consul had no leader; a transaction whose answer was lost otherwise is read back (above).
+The watch's blocking-query index is reset when Consul reports a lower one (tombstones
+reaped, snapshot restored), as Consul's "Blocking Queries" docs require. Errors leave this
+module only as the :mod:`.base` family (:class:`TransactionTooLarge` is a ``StoreError``).
 """
 
 from __future__ import annotations
@@ -57,6 +77,7 @@ import math
 import os
 import queue
 import random
+import re
 import socket
 import stat
 import threading
@@ -108,6 +129,22 @@ def _server_error(exc: BaseException) -> bool:
 
 def _transient(exc: BaseException) -> bool:
     return isinstance(exc, requests.RequestException) or _server_error(exc)
+
+
+NO_LEADER = "No cluster leader"  # structs.ErrNoLeader: the request was never applied
+
+
+def _no_leader(exc: BaseException) -> bool:
+    """A 500 "No cluster leader" (an election is on): nothing was applied, so a write may
+    be sent again."""
+    return _server_error(exc) and NO_LEADER in str(exc)
+
+
+def _write_retryable(exc: BaseException) -> bool:
+    return _never_sent(exc) or _no_leader(exc)
+
+
+TOO_MANY_OPS = re.compile(r"too many operations \((\d+) > (\d+)\)")
 
 
 # -- credentials and TLS from config ----------------------------------------------------
@@ -249,13 +286,38 @@ class _TxOp:
     role: str  # exists | version | absent | lock | write | counter | parent | mkparent
 
 
+WRITE_VERBS = ("set", "cas", "lock")  # the verbs that write a value (and our Flags nonce)
+
+
 @dataclass
 class _Txn:
     ops: list[_TxOp] = field(default_factory=list)
     names: dict[int, str] = field(default_factory=dict)  # caller op index -> created path
+    # Written as Flags by every value write of this transaction: after a lost answer, a
+    # key carrying it proves the transaction applied (all or nothing), as kazoo finds its
+    # own sequential node by the uuid in its name. Never 0 (hand-written keys have 0).
+    nonce: int = field(default_factory=lambda: random.getrandbits(63) | 1)
 
     def add(self, owner: int | None, role: str, verb: str, key: str, **extra: Any) -> None:
+        if verb in WRITE_VERBS:
+            extra["Flags"] = self.nonce
         self.ops.append(_TxOp({"Verb": verb, "Key": key, **extra}, owner, role))
+
+
+class TransactionTooLarge(StoreError):
+    """The change needs more operations than Consul takes in one transaction (``maxTxnOps``
+    in Consul's agent/txn_endpoint.go: 64 before Consul 1.14, 128 since). Nothing was
+    written. ``needed`` and ``limit`` say by how much."""
+
+    def __init__(self, message: str, needed: int, limit: int) -> None:
+        super().__init__(message)
+        self.needed = needed
+        self.limit = limit
+
+
+class _OutcomeUnknown(Exception):
+    """A write whose answer was lost (timeout, connection cut after sending, a 5xx other
+    than "No cluster leader"): it may or may not have been applied."""
 
 
 def _cause(role: str, what: str) -> StoreError:
@@ -310,6 +372,9 @@ class ConsulStore(Store):
         self._watch_index = 0
         self._pending: dict[Watcher, int] = {}
         self._threads: list[threading.Thread] = []
+        # Operations per /v1/txn: unknown until Consul refuses one (413 names the limit);
+        # then checked before sending.
+        self.max_txn_ops: int | None = None
 
     # -- HTTP boundary ------------------------------------------------------------------
     def _client(self) -> consul.Consul:
@@ -353,7 +418,7 @@ class ConsulStore(Store):
         retrying = Retrying(
             stop=stop_after_delay(max(0.0, end - time.monotonic())),
             wait=wait_random_exponential(multiplier=0.05, max=0.5),
-            retry=retry_if_exception(_never_sent if write else _transient),
+            retry=retry_if_exception(_write_retryable if write else _transient),
             before_sleep=rotate, reraise=True)
         try:
             for attempt in retrying:
@@ -587,9 +652,13 @@ class ConsulStore(Store):
             new = max(1, int(raw_index))
             if new == index:
                 continue  # the wait ran out with no change
+            if new < index:
+                log.info("consul.watch.index_reset", was=index, now=new)
             with self._wlock:
-                # An index that went backwards (snapshot restore, new cluster): Consul's
-                # docs say start over; everything pending may have changed.
+                # An index that went backwards (tombstones reaped after a delete was the
+                # newest change, a snapshot restore, a new cluster): Consul's "Blocking
+                # Queries" docs say reset and start over, so we block on the index we were
+                # just given and fire everything pending (it may have changed unseen).
                 fire = [w for w, base in self._pending.items() if new < index or base < new]
                 for w in fire:
                     del self._pending[w]
@@ -662,7 +731,7 @@ class ConsulStore(Store):
             tx = _Txn()
             tx.add(0, "write", "delete-tree", key + "/")
             tx.add(0, "write", "delete", key)
-            ok, _, errors = self._txn(tx, time.monotonic() + self.request_timeout)
+            ok, _, errors = self._send_txn(tx, time.monotonic() + self.request_timeout)
             if not ok:
                 raise StoreError(f"consul delete-tree {key}: {errors}")
             return
@@ -686,7 +755,7 @@ class ConsulStore(Store):
         attempt = 0
         while True:
             tx = self._expand(ops, mkparents)
-            ok, results, errors = self._txn(tx, deadline)
+            ok, results, errors = self._send_txn(tx, deadline)
             if ok:
                 return self._results(ops, tx, results)
             failures = sorted((int(e.get("OpIndex", 0)), str(e.get("What", ""))) for e in errors)
@@ -727,6 +796,7 @@ class ConsulStore(Store):
         for key in mkparents:
             tx.add(None, "mkparent", "cas", key, Value="", Index=0)
         seq, counters = self._allocate(ops)
+        parents: set[str] = set(mkparents)  # checked once per transaction (the op cap)
         for i, op in enumerate(ops):
             key = self._key(op.path)
             if isinstance(op, Check):
@@ -737,7 +807,8 @@ class ConsulStore(Store):
             elif isinstance(op, Create):
                 if op.path:
                     parent = self._key(op.path.rpartition("/")[0])
-                    if parent not in mkparents:
+                    if parent not in parents:
+                        parents.add(parent)
                         tx.add(i, "parent", "get", parent)
                 if op.sequential:
                     name = seq.pop(0)
@@ -756,14 +827,15 @@ class ConsulStore(Store):
                 # Consul skips a write that changes nothing (same value, flags, session), so
                 # the ModifyIndex would stay; a ZooKeeper set always makes a new version and
                 # the protocol relies on that (the gate commit rewrites the deploy item to
-                # invalidate concurrent CAS writers). A random Flags nonce forces a new index.
-                value, nonce = _b64(op.data), random.getrandbits(63)
+                # invalidate concurrent CAS writers). The transaction's random Flags nonce
+                # (tx.add) forces a new index.
+                value = _b64(op.data)
                 if op.version == -1:  # "set" keeps the key's session: ephemerals stay so
                     tx.add(i, "exists", "get", key)
-                    tx.add(i, "write", "set", key, Value=value, Flags=nonce)
+                    tx.add(i, "write", "set", key, Value=value)
                 else:
                     tx.add(i, "version", "check-index", key, Index=op.version)
-                    tx.add(i, "write", "cas", key, Value=value, Index=op.version, Flags=nonce)
+                    tx.add(i, "write", "cas", key, Value=value, Index=op.version)
             elif isinstance(op, Delete):
                 if op.version == -1:
                     tx.add(i, "exists", "get", key)
@@ -807,15 +879,95 @@ class ConsulStore(Store):
             counters[counter] = (counters[counter][0], nxt[counter])
         return names, counters
 
+    def _too_large(self, needed: int, limit: int) -> TransactionTooLarge:
+        return TransactionTooLarge(
+            f"consul at {self.url}: this change needs {needed} operations in one "
+            f"transaction and Consul takes at most {limit} (64 before Consul 1.14, 128 "
+            "since); nothing was written. Do it in smaller steps (e.g. abort or deploy "
+            "fewer items at a time)", needed, limit)
+
+    def _send_txn(self, tx: _Txn, deadline: float) -> tuple[bool, list[dict], list[dict]]:
+        """:meth:`_txn`, made safe when an answer is lost: the outcome is then read back
+        (our Flags nonce on a written key, or the deleted keys gone). Applied: success as
+        if the answer had come. Not applied: the *same* transaction is sent again (same
+        names, same nonce), and if that one conflicts, the read-back decides again (the
+        first may have been applied late)."""
+        lost = False
+        while True:
+            try:
+                ok, results, errors = self._txn(tx, deadline)
+            except _OutcomeUnknown as exc:
+                lost = True
+                log.warning("consul.txn.answer_lost", error=str(exc))
+                try:
+                    applied = self._applied(tx, deadline)
+                except StoreUnavailable as again:
+                    raise StoreUnavailable(f"consul txn at {self.url}: answer lost ({exc}) "
+                                           f"and the outcome could not be read back: "
+                                           f"{again}") from None
+                if applied is not None:
+                    return True, applied, []
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"consul txn at {self.url}: answer lost ({exc}) "
+                                           "and not applied before the deadline") from None
+                continue
+            if not ok and lost:
+                applied = self._applied(tx, deadline)
+                if applied is not None:
+                    return True, applied, []
+            return ok, results, errors
+
+    def _applied(self, tx: _Txn, deadline: float) -> list[dict] | None:
+        """Read back (consistently) whether ``tx`` was applied. Returns the Results it
+        would have answered (the written keys with their ModifyIndex), or None."""
+        end = max(deadline, time.monotonic() + self.request_timeout)
+
+        def read(key: str, **kw: Any) -> Any:
+            return self._call(f"read back {key}", lambda c: c.kv.get(
+                key, consistency="consistent", **kw), deadline=end)[1]
+
+        writes = [op.body for op in tx.ops if op.body["Verb"] in WRITE_VERBS]
+        if writes:
+            marker = read(writes[0]["Key"])
+            if marker is None or int(marker.get("Flags") or 0) != tx.nonce:
+                return None
+            index = int(marker["ModifyIndex"])  # one raft entry: every write's index
+            return [{"KV": {"Key": w["Key"], "ModifyIndex": index}} for w in writes]
+        for op in tx.ops:  # deletes only: applied when what they delete is gone
+            verb, key = op.body["Verb"], op.body["Key"]
+            if verb in ("delete", "delete-cas") and read(key) is not None:
+                return None
+            if verb == "delete-tree" and read(key, keys=True):
+                return None
+        return []
+
     def _txn(self, tx: _Txn, deadline: float) -> tuple[bool, list[dict], list[dict]]:
-        """PUT /v1/txn. Returns (applied, Results, Errors); raises for anything but 200/409."""
+        """PUT /v1/txn. Returns (applied, Results, Errors); raises :class:`_OutcomeUnknown`
+        when the answer was lost, the :mod:`.base` family for anything else but 200/409.
+        "No cluster leader" is retried until ``deadline`` (nothing was applied)."""
+        if self.max_txn_ops is not None and len(tx.ops) > self.max_txn_ops:
+            raise self._too_large(len(tx.ops), self.max_txn_ops)
         payload = json.dumps([{"KV": op.body} for op in tx.ops])
 
         def put(client: consul.Consul) -> consul.base.Response:
-            return client.http.put(_Raw(), "/v1/txn", data=payload,
-                                   headers=client.prepare_headers())
+            response = client.http.put(_Raw(), "/v1/txn", data=payload,
+                                       headers=client.prepare_headers())
+            if response.code == 500 and NO_LEADER in str(response.body):
+                raise ConsulException(f"500 {response.body}")  # retried by _call
+            return response
 
-        response = self._call("txn", put, write=True, deadline=deadline)
+        try:
+            response = self._call("txn", put, write=True, deadline=deadline)
+        except StoreUnavailable as exc:
+            cause = exc.__cause__
+            if isinstance(cause, requests.RequestException) and not _never_sent(cause):
+                raise _OutcomeUnknown(str(exc)) from exc
+            raise
+        if response.code == 413:
+            match = TOO_MANY_OPS.search(str(response.body))
+            if match:
+                self.max_txn_ops = int(match.group(2))
+                raise self._too_large(len(tx.ops), self.max_txn_ops)
         if response.code in (200, 409):
             try:
                 body = json.loads(response.body) or {}
@@ -832,10 +984,10 @@ class ConsulStore(Store):
                     key = "?"
                 raise self._unauthorized(f"txn writing {key}", str(denied.get("What", "")))
             return response.code == 200, body.get("Results") or [], errors
-        if response.code >= 500:
+        if response.code >= 500:  # not "No cluster leader" (retried above): maybe applied
             self._kick.set()
-            raise StoreUnavailable(f"consul txn at {self.url}: {response.code} "
-                                   f"{response.body[:200]}")
+            raise _OutcomeUnknown(f"consul txn at {self.url}: {response.code} "
+                                  f"{response.body[:200]}")
         if response.code in (401, 403):
             raise self._unauthorized("txn", str(response.body))
         raise StoreError(f"consul txn: {response.code} {response.body[:200]}")
