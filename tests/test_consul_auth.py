@@ -269,6 +269,7 @@ def test_the_agent_refuses_to_start_with_a_readable_token_file(tmp_path):
     token = secret_file(tmp_path / "token", "abc", 0o644)
     conf = tmp_path / "agent.conf"
     conf.write_text(f"[agent]\nstore = consul://c:8500/dc?token_file={token}\nroot = /x\n"
+                    "insecure_unsigned = true\n"
                     "[service:api]\nport = 80\n")
     with pytest.raises(ConfigError, match="readable by group or others"):
         load(conf)
