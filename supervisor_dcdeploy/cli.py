@@ -298,8 +298,8 @@ def cmd_history(args: argparse.Namespace) -> int:
 
 
 def cmd_web(args: argparse.Namespace) -> int:
-    from .web import ListenRefused, check_listen, serve
     from .metrics import ListenError
+    from .web import ListenRefused, check_listen, serve
     try:
         check_listen(args.listen, args.allow_remote)
     except (ListenRefused, ListenError) as exc:

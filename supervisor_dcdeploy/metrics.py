@@ -18,7 +18,8 @@ session state."""
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -49,7 +50,7 @@ def parse_listen(where: str, text: str, default_port: int) -> tuple[str, int]:
     host, port_text = text, ""
     if text.startswith("["):
         host, _, rest = text[1:].partition("]")
-        port_text = rest[1:] if rest.startswith(":") else rest
+        port_text = rest.removeprefix(":")
     elif text.count(":") == 1:
         host, _, port_text = text.partition(":")
     if port_text == "" and text.endswith(":"):
@@ -78,7 +79,7 @@ class _AgentCollector(Collector):
     """Reads the agent's status at scrape time (a plain dict copy: no lock is needed to
     read a dict the worker replaces values in)."""
 
-    def __init__(self, agent: "Agent") -> None:
+    def __init__(self, agent: Agent) -> None:
         self.agent = agent
 
     def collect(self) -> Iterator[Metric]:
@@ -126,7 +127,7 @@ class _AgentCollector(Collector):
 class AgentMetrics:
     """One agent's metrics. The ``on_*`` hooks are cheap and never raise."""
 
-    def __init__(self, agent: "Agent") -> None:
+    def __init__(self, agent: Agent) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.registry.register(_AgentCollector(agent))
         self.switch_seconds = Histogram(
@@ -156,7 +157,7 @@ class AgentMetrics:
         host, port = parse_listen("metrics_listen", listen, DEFAULT_PORT)
         server, _thread = start_http_server(port, host, registry=self.registry)
         self._server = server
-        return server.server_address[0], server.server_address[1]
+        return str(server.server_address[0]), int(server.server_address[1])
 
     def stop(self) -> None:
         if self._server is not None:
@@ -166,7 +167,7 @@ class AgentMetrics:
 
 
 class _FleetCollector(Collector):
-    def __init__(self, latest: "Latest") -> None:
+    def __init__(self, latest: Latest) -> None:
         self.latest = latest
 
     def collect(self) -> Iterator[Metric]:

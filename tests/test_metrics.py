@@ -8,8 +8,13 @@ import pytest
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from supervisor_dcdeploy.metrics import (AgentMetrics, Latest, ListenError, fleet_registry,
-                                         parse_listen)
+from supervisor_dcdeploy.metrics import (
+    AgentMetrics,
+    Latest,
+    ListenError,
+    fleet_registry,
+    parse_listen,
+)
 from supervisor_dcdeploy.store import SessionState
 from supervisor_dcdeploy.store.base import OpCounter
 from supervisor_dcdeploy.web import ListenRefused, check_listen

@@ -85,7 +85,7 @@ def test_agent_metrics_follow_a_deploy_and_a_rollback(cluster):
     cluster.stage("A", "3", broken=True)
     wait_for(lambda: len(cluster.store.children("staging/A")) == 3, 60,
              "every host ready for the broken A 3")
-    (item,) = ops.deploy(cluster.store, ["A"])
+    ops.deploy(cluster.store, ["A"])
     failed = wait_for(lambda: next((d for d in cluster.status()["deploy"]
                                     if d["state"] == "failed"), None), 90, "the deploy to fail")
     host = next(h for h in cluster.hosts if f"host {h}:" in failed["reason"])

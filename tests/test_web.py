@@ -37,29 +37,28 @@ def cluster(workdir, store, store_url):
 def web(cluster, store_url, tmp_path):
     """``dcdeploy web`` as an operator runs it, in its own process (killed by pid)."""
     port = free_port()
-    log = open(tmp_path / "web.log", "wb")
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor_dcdeploy.cli", "--store",
-                             store_url, "web", "--listen", f"127.0.0.1:{port}"],
-                            stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
+    with open(tmp_path / "web.log", "wb") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "supervisor_dcdeploy.cli", "--store",
+                                 store_url, "web", "--listen", f"127.0.0.1:{port}"],
+                                stdout=log, stderr=subprocess.STDOUT)
 
-    def up() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"dcdeploy web exited {proc.returncode}: "
-                                 f"{(tmp_path / 'web.log').read_text()}")
+        def up() -> bool:
+            if proc.poll() is not None:
+                raise AssertionError(f"dcdeploy web exited {proc.returncode}: "
+                                     f"{(tmp_path / 'web.log').read_text()}")
+            try:
+                with urllib.request.urlopen(url + "/style.css", timeout=1):
+                    return True
+            except OSError:
+                return False
+
         try:
-            with urllib.request.urlopen(url + "/style.css", timeout=1):
-                return True
-        except OSError:
-            return False
-
-    try:
-        wait_for(up, 30, "dcdeploy web to answer")
-        yield url
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        log.close()
+            wait_for(up, 30, "dcdeploy web to answer")
+            yield url
+        finally:
+            proc.kill()
+            proc.wait(timeout=10)
 
 
 @pytest.fixture

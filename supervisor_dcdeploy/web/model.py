@@ -60,7 +60,7 @@ def page(status: dict[str, Any], history: list[dict[str, Any]], timeline: Timeli
                  if i["state"] == "failed"}
     racks: dict[str, list[dict[str, Any]]] = {}
     for name, host in sorted(status.get("hosts", {}).items()):
-        cells = {}
+        cells: dict[str, dict[str, Any] | None] = {}
         for svc in services:
             entry = host["services"].get(svc)
             if entry is None:

@@ -14,11 +14,12 @@ from __future__ import annotations
 import json
 import threading
 import time
+from collections.abc import Callable
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from ipaddress import ip_address
-from typing import Any, Callable
+from typing import Any
 
 import structlog
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -105,7 +106,7 @@ class Feed:
                     self.store.exists(f"{base}/{svc}/{child}", watch)
 
     # -- the refresher ------------------------------------------------------------------
-    def start(self) -> "Feed":
+    def start(self) -> Feed:
         self.store.add_listener(self._on_session)
         self._poke.set()
         self._thread.start()
@@ -135,7 +136,7 @@ class Feed:
                 self.error = f"store: {exc}"
                 self.log.warning("web.read_failed", error=str(exc))
                 self._publish_error()
-            except Exception:  # noqa: BLE001 - the page must outlive one bad read
+            except Exception:  # the page must outlive one bad read
                 self.log.exception("web.refresh_bug")
 
     def refresh(self) -> dict[str, Any]:
@@ -187,7 +188,7 @@ def _handler(feed: Feed) -> type[BaseHTTPRequestHandler]:
             self.end_headers()
             self.wfile.write(body)
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's name
+        def do_GET(self) -> None:
             path = self.path.split("?", 1)[0]
             if path in STATIC:
                 name, ctype = STATIC[path]
@@ -240,7 +241,7 @@ class WebServer:
         host, port = self.httpd.server_address[:2]
         return str(host), int(port)
 
-    def start(self) -> "WebServer":
+    def start(self) -> WebServer:
         self.feed.start()
         self._thread.start()
         return self
