@@ -162,3 +162,21 @@ def test_web_binds_loopback_unless_allowed():
     with pytest.raises(ListenRefused, match="--allow-remote"):
         check_listen("0.0.0.0:8700", False)
     assert check_listen("0.0.0.0:8700", True) == ("0.0.0.0", 8700)
+
+
+def test_cli_web_refuses_a_remote_address_without_the_flag(capsys):
+    from supervisor_dcdeploy.cli import main
+    assert main(["--store", "zk://127.0.0.1:1/dc", "web", "--listen", "0.0.0.0:8700"]) == 2
+    err = capsys.readouterr().err
+    assert "not a loopback address" in err and "--allow-remote" in err
+
+
+def test_agent_conf_refuses_a_bad_metrics_listen(tmp_path):
+    from supervisor_dcdeploy.agent.config import ConfigError, load
+    conf = tmp_path / "agent.conf"
+    conf.write_text("[agent]\nhost = h1\nstore = zk://127.0.0.1:2181/dc\nroot = /tmp/x\n"
+                    "metrics_listen = 127.0.0.1:99999\n[service:api]\nport = 1\n")
+    with pytest.raises(ConfigError, match="metrics_listen.*1..65535"):
+        load(conf)
+    conf.write_text(conf.read_text().replace("99999", "9700"))
+    assert load(conf).extra["metrics_listen"] == "127.0.0.1:9700"
