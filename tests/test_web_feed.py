@@ -7,12 +7,35 @@ import http.client
 import json
 import threading
 import time
+import uuid
 
+import pytest
 from cluster import wait_for
+from fakeconsul import FakeConsul
 
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.model import HostInfo
+from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.web import WebServer
+
+
+@pytest.fixture(params=["zookeeper", "consul-fake"])
+def backend(request, store_url):
+    """The real ZooKeeper, and the Consul backend against the in-process fake of Consul's
+    HTTP API (whose watches fire on any change: more refreshes, still coalesced)."""
+    fake = None
+    url = store_url
+    if request.param == "consul-fake":
+        fake = FakeConsul().start()
+        url = f"consul://{fake.address}/dc-{uuid.uuid4().hex[:12]}"
+    st = open_store(url)
+    st.start(timeout=15)
+    try:
+        yield st
+    finally:
+        st.stop()
+        if fake is not None:
+            fake.close()
 
 
 class Stream:
@@ -38,7 +61,8 @@ class Stream:
         self.conn.close()
 
 
-def test_watches_feed_every_page_with_one_read_per_change(store):
+def test_watches_feed_every_page_with_one_read_per_change(backend):
+    store = backend
     ops.service_set(store, "A", program="A", quorum=1)
     server = WebServer(store, "127.0.0.1", 0, min_interval=0.3).start()
     streams = []

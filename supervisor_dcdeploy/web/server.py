@@ -88,17 +88,19 @@ class Feed:
         if state is SessionState.CONNECTED:
             self._poke.set()  # watches may have been lost with the session: read again
 
-    def _arm(self, status: dict[str, Any]) -> None:
-        """Watch every node the page is made of. The backend keeps one watcher per path
-        and callback, so arming again on each refresh adds none."""
+    def _arm(self) -> None:
+        """Watch every node the page is made of, *before* reading it: a change made after
+        this (even during the read) fires a watch and so a later refresh; none is lost
+        between the read and the arming. The backend keeps one watcher per path and
+        callback, so arming again on each refresh adds none."""
         watch = self.poke
-        for path in ("services", "deploy", "hosts", "history"):
-            self.store.children(path, watch)
-        for node in self.store.children("deploy"):
+        listed = {path: self.store.children(path, watch)
+                  for path in ("services", "deploy", "hosts", "history")}
+        for node in listed["deploy"]:
             self.store.exists(f"deploy/{node}", watch)
-        for name in status.get("hosts", {}):
+        for name in listed["hosts"]:
             self.store.exists(f"hosts/{name}", watch)
-        for svc in status.get("services", {}):
+        for svc in listed["services"]:
             for path in (f"services/{svc}", f"staging/{svc}", f"released/{svc}"):
                 self.store.exists(path, watch)
             for base in ("current", "staging"):
@@ -140,8 +142,8 @@ class Feed:
                 self.log.exception("web.refresh_bug")
 
     def refresh(self) -> dict[str, Any]:
+        self._arm()
         status = ops.status(self.store)
-        self._arm(status)
         history = ops.history(self.store, HISTORY_SHOWN)
         self.reads += 1
         now = self.clock()
