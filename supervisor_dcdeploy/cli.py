@@ -412,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                              ("abort", cmd_abort, "drop the whole deploy queue")):
         sub.add_parser(name, help=text).set_defaults(func=func)
     web = sub.add_parser("web", help="a live, read-only page of the fleet (docs/web.md)")
-    web.add_argument("--listen", default="127.0.0.1:8700", metavar="HOST:PORT")
+    web.add_argument("--listen", default="127.0.0.1:8700", metavar="HOST:PORT",
+                     help="where to serve the page (default 127.0.0.1:8700)")
     web.add_argument("--allow-remote", action="store_true",
                      help="allow a non-loopback --listen (the page has no authentication: "
                           "put a reverse proxy in front, docs/web.md)")
