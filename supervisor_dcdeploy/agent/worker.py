@@ -27,7 +27,7 @@ from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
 from ..snapshot import read_queue, read_view
 from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
                      StoreError, StoreUnavailable, TransactionFailed, open_store)
-from ..supervisorctl_client import Supervisor, SupervisorError
+from ..supervisorctl_client import Supervisor, SupervisorError, SupervisorShuttingDown
 from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
 
@@ -148,6 +148,14 @@ class Agent:
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", svc=svc, error=str(exc))
                 self._set(svc, store="unavailable")
+            except SupervisorShuttingDown:
+                # A normal `supervisorctl shutdown`: supervisord stops its programs, then us.
+                # Nothing to fix and nothing to start: stop the loop (the session closes and
+                # the host's presence goes with it).
+                self.log.info("supervisord.shutting_down", svc=svc)
+                self._set(svc, phase="stopping", reason="supervisord is shutting down")
+                self.stopping.set()
+                break
             except (StoreError, SupervisorError, OSError, health.HealthError) as exc:
                 self.log.error("cycle.error", svc=svc, error=str(exc), kind=type(exc).__name__)
                 self._set(svc, error=str(exc))
@@ -305,9 +313,12 @@ class Agent:
                                            "number"})
             return
         running = self._fetches.get(svc)
+        failed = self._fetch_failed.get(svc)
+        # A retry keeps the last failure in view (dcdeploy status: "N hosts failed to verify").
+        last_error = {"error": failed[2]} if failed and failed[0] == staged.sha256 else {}
         if running and running[0] == staged.sha256 and not running[1].done():
             self._set(svc, fetch={"version": staged.version, "state": "downloading",
-                                  **self._fetch_progress.get(svc, {})})
+                                  **self._fetch_progress.get(svc, {}), **last_error})
             return
         if running and running[0] == staged.sha256 and running[1].done():
             del self._fetches[svc]
@@ -335,7 +346,7 @@ class Agent:
         preload = bool(view.spec and view.spec.preload)
         future = self._executor.submit(self._do_fetch, svc, staged, preload, transport)
         self._fetches[svc] = (staged.sha256, future)
-        self._set(svc, fetch={"version": staged.version, "state": "downloading"})
+        self._set(svc, fetch={"version": staged.version, "state": "downloading", **last_error})
 
     def _do_fetch(self, svc: str, staged, preload: bool, transport: str) -> None:
         """Fetch thread: download (swarm or URL, see ``fetch_transport``), verify, install,
