@@ -304,3 +304,241 @@ def test_supervisorctl_status_shows_store_problems_once():
     assert text.count(problem) == 1 and "staging/db: bad" in text
     assert "PROBLEMS" not in render({"status": {"host": "h0", "services": {
         "api": {"version": "1", "process": "RUNNING", "phase": "serving"}}}})
+
+
+# --------------------------------------------------- on real parts: a local data center
+
+from cluster import Cluster, wait_for  # noqa: E402
+
+from supervisor_dcdeploy.cli import main as cli  # noqa: E402
+from supervisor_dcdeploy.hostenv import DROPIN_PYTHON, HostLayout, dropin_text, host_rpc  # noqa: E402,E501
+from supervisor_dcdeploy.hostenv import stop_host, wait_rpc, write_host  # noqa: E402
+from supervisor_dcdeploy.store import open_store  # noqa: E402
+from supervisor_dcdeploy.zkserver import free_port  # noqa: E402
+
+DC_SERVICES = {"A": {"quorum": 2, "max_parallel": 1, "healthy_secs": 0.3}}
+
+
+@pytest.fixture
+def dc(workdir, store, store_url):
+    c = Cluster(workdir, store, store_url, 3, DC_SERVICES, poll_interval=0.5)
+    try:
+        c.boot({"A": "1"})
+        yield c
+    finally:
+        c.stop_all()
+
+
+@pytest.fixture
+def run(store_url, capsys):
+    def _run(*argv: str) -> tuple[int, str, str]:
+        code = cli(["--store", store_url, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return _run
+
+
+def test_deploy_wait_exits_0_when_done(dc, run):
+    dc.stage("A", "2")
+    code, out, err = run("deploy", "A", "--wait", "--timeout", "120")
+    assert code == 0, (out, err)
+    assert dc.all_on("A", "2") and dc.queue_empty()
+    assert [h["state"] for h in dc.history()] == ["done"]
+    assert out.splitlines()[0].startswith("queued item-") and "done" in out.splitlines()[-1]
+
+
+def test_deploy_wait_exits_1_with_host_and_reason(dc, run):
+    dc.stage("A", "2", broken=True)
+    code, out, err = run("deploy", "A", "--wait", "--timeout", "120")
+    assert code == 1, (out, err)
+    item = dc.status()["deploy"][0]
+    assert item["state"] == "failed" and item["host"] in dc.hosts
+    assert f"host {item['host']}" in err and item["reason"] in err
+    assert dc.all_on("A", "1")  # the failed host rolled back
+
+
+def test_deploy_wait_exits_3_on_timeout_and_the_deploy_goes_on(dc, run):
+    # Quorum 3 of 3 hosts: no host may go down, the item stays blocked.
+    ops.service_set(dc.store, "A", program="A", quorum=3)
+    dc.stage("A", "2")
+    code, out, err = run("deploy", "A", "--wait", "--timeout", "3")
+    assert code == 3, (out, err)
+    assert "timed out after 3s" in err
+    queued = dc.status()["deploy"]
+    assert [(i["service"], i["state"]) for i in queued] == [("A", "blocked")]
+
+
+def test_wait_on_an_item_already_queued(dc, run):
+    dc.stage("A", "2")
+    code, out, _ = run("deploy", "A")
+    assert code == 0
+    node = out.split()[1].rstrip(":")
+    code, out, err = run("wait", node, "--timeout", "120")
+    assert code == 0, (out, err)
+    assert dc.all_on("A", "2")
+    # Done items are found in history; an unknown item is a usage error; an empty queue
+    # has nothing to wait for.
+    assert run("wait", node.rpartition("-")[2].lstrip("0"))[0] == 0
+    code, _, err = run("wait", "item-0000009999")
+    assert code == 2 and "no deploy item item-0000009999" in err
+    assert run("wait")[0] == 0
+
+
+def test_unverifiable_release_blocks_with_the_hosts_errors(dc, run):
+    dc.stage("A", "2", sha="f" * 64)  # no host can verify it
+    assert run("deploy", "A")[0] == 0
+
+    def blocked():
+        item = dc.status()["deploy"][0]
+        return item if item["state"] == "blocked" else None
+
+    item = wait_for(blocked, 60, "the unverifiable item to show blocked")
+    assert item["reason"].startswith("3 hosts failed to verify 2: ")
+    assert all(f"{h}: " in item["reason"] for h in dc.hosts)
+    # (7) a service queued with hosts online is not deleted without --force
+    code, _, err = run("service", "delete", "A")
+    assert code == 2 and "queued for deploy" in err
+    assert dc.store.exists("services/A") is not None
+    # (4) garbage in the store shows on the host's supervisorctl status
+    dc.store.create("deploy/item-", b"{not json", sequential=True)
+    layout = dc.hosts["h0"]
+
+    def ctl_status():
+        res = subprocess.run([sys.executable, "-m", "supervisor.supervisorctl", "-c",
+                              str(layout.conf), "dcdeploy", "status"],
+                             capture_output=True, text=True, timeout=30)
+        return res.stdout if "PROBLEMS" in res.stdout else None
+
+    text = wait_for(ctl_status, 30, "supervisorctl dcdeploy status to show the problem")
+    assert "deploy/item-" in text and "not valid JSON" in text
+
+
+def test_aborted_item_behind_garbage_keeps_service_and_version(store, run):
+    store.ensure("deploy")
+    store.create("deploy/item-", b"garbage", sequential=True)
+    ops.service_set(store, "api", program="api", quorum=1)
+    ops.stage(store, "api", "2.1", sha256=SHA, urls=["file:///x.tgz"])
+    item = ops.deploy(store, ["api"])[0]
+    code, out, _ = run("abort")
+    assert code == 0 and item.node in out
+    hist = {h["item"]: h for h in ops.history(store)}
+    assert (hist[item.node]["service"], hist[item.node]["version"],
+            hist[item.node]["state"]) == ("api", "2.1", "aborted")
+    assert hist[item.node]["reason"] == "aborted by operator (was waiting)"
+
+
+def test_service_delete_and_quorum_zero(store, run):
+    code, _, err = run("service", "set", "api", "--quorum", "0")
+    assert code == 2 and "--force" in err and store.exists("services/api") is None
+    code, _, err = run("service", "set", "api", "--quorum", "0", "--force")
+    assert code == 0 and "warning" in err
+    assert json.loads(store.get("services/api")[0])["quorum"] == 0
+    assert run("service", "set", "web", "--quorum", "1", "--depends-on", "api")[0] == 0
+    code, _, err = run("service", "delete", "api", "--force")
+    assert code == 2 and "dependency of web" in err
+    assert run("service", "delete", "web")[0] == 0
+    assert run("stage", "api", "2", "--url", "file:///x.tgz", "--sha256", SHA)[0] == 0
+    assert run("service", "delete", "api")[0] == 0
+    for path in ("services/api", "staging/api", "current/api", "services/web"):
+        assert store.exists(path) is None, path
+    code, _, err = run("service", "delete", "api")
+    assert code == 2 and "not defined" in err
+
+
+# ------------------------------------------------------- (10) supervisord shutting down
+
+class ShuttingDownSupervisor:
+    def state(self, program):
+        from supervisor_dcdeploy.supervisorctl_client import SupervisorShuttingDown
+        raise SupervisorShuttingDown("supervisord is shutting down")
+
+    def stop(self, program):
+        self.state(program)
+
+    def start(self, program):
+        self.state(program)
+
+
+def test_supervisord_shutting_down_stops_the_agent_cleanly(tmp_path, store_url, store):
+    import threading
+
+    from supervisor_dcdeploy.agent.config import load
+    from supervisor_dcdeploy.agent.worker import Agent
+    conf = tmp_path / "agent.conf"
+    conf.write_text(f"[agent]\nhost = h0\nstore = {store_url}\nroot = {tmp_path}\n"
+                    "poll_interval = 0.2\n\n[service:api]\nport = 1\n")
+    ops.service_set(store, "api", program="api", quorum=1)
+    agent = Agent(load(conf), supervisor=ShuttingDownSupervisor())
+    runner = threading.Thread(target=agent.run, daemon=True)
+    runner.start()
+    runner.join(timeout=30)
+    stopped = not runner.is_alive()
+    if not stopped:  # leave no thread behind even when the test fails
+        agent.stopping.set()
+        agent.wake.set()
+        runner.join(timeout=10)
+    assert stopped, "the agent kept cycling against a supervisord that is shutting down"
+    status = json.loads((tmp_path / "status.json").read_text())["services"]["api"]
+    assert status["phase"] == "stopping" and "error" not in status
+    assert store.children("current/api") == []
+
+
+# ------------------------------------------------- (2) the drop-in without supervisord's PATH
+
+def test_dropin_runs_the_agent_with_a_path_lacking_the_venv(tmp_path, store_url, store):
+    ops.service_set(store, "A", program="A", quorum=1)
+    layout = HostLayout(name="p0", rack="r0", root=tmp_path / "p0", store_url=store_url,
+                        services={"A": free_port()})
+    write_host(layout)
+    # The shipped drop-in with only what the README says to change: the venv's place.
+    dropin = dropin_text()
+    assert DROPIN_PYTHON.startswith("/opt/dcdeploy/venv/") and DROPIN_PYTHON in dropin
+    dropin = dropin.replace("/opt/dcdeploy/venv", sys.prefix)
+    dropin = dropin.replace("/etc/dcdeploy/agent.conf", str(layout.agent_conf))
+    dropin = dropin.replace("/var/log/supervisor/", f"{layout.root}/logs/")
+    (layout.root / "conf.d" / "dcdeploy.conf").write_text(dropin)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    assert f"{sys.prefix}/bin" not in env["PATH"]
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor.supervisord", "-n", "-c",
+                             str(layout.conf)], env=env, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            start_new_session=True)
+    try:
+        wait_rpc(layout)
+        wait_for(lambda: host_rpc(layout).supervisor.getProcessInfo("dcdeploy-agent")
+                 ["statename"] in ("RUNNING", "BACKOFF", "FATAL"), 30, "the agent to start")
+        wait_for(lambda: (layout.root / "status.json").exists(), 30, "the agent's status")
+        assert host_rpc(layout).supervisor.getProcessInfo("dcdeploy-agent")["statename"] \
+            == "RUNNING"
+        assert json.loads((layout.root / "status.json").read_text())["store"] == "connected"
+    finally:
+        stop_host(layout, proc)
+
+
+# ------------------------------------------------ (11) stage --path: stdout is the output
+
+def test_stage_path_stdout_holds_only_the_command_output(tmp_path, store_url, store):
+    ops.service_set(store, "A", program="A", quorum=1)
+    release = tmp_path / "A-2.tar.gz"
+    release.write_bytes(os.urandom(64 * 1024))
+    seed_dir = tmp_path / "seed"
+    base = [sys.executable, "-m", "supervisor_dcdeploy.cli", "--store", store_url]
+    env = {**os.environ, "DCDEPLOY_LOG_LEVEL": "info"}  # logs on, and still not on stdout
+    start = subprocess.run([*base, "seed", "start", "--dir", str(seed_dir), "--host", "build",
+                            "--address", "127.0.0.1", "--rpc-port", str(free_port()),
+                            "--peer-port", str(free_port()), "--tracker-port",
+                            str(free_port())], capture_output=True, text=True, env=env,
+                           timeout=120)
+    try:
+        assert start.returncode == 0, start.stderr
+        assert start.stdout.startswith("seeder running: pid ") and \
+            len(start.stdout.splitlines()) == 1, start.stdout
+        res = subprocess.run([*base, "stage", "A", "2", "--path", str(release),
+                              "--seed-dir", str(seed_dir)], capture_output=True, text=True,
+                             env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        assert len(res.stdout.splitlines()) == 1 and res.stdout.startswith("staged A 2 "), \
+            res.stdout
+    finally:
+        subprocess.run([*base, "seed", "stop", "--dir", str(seed_dir)], timeout=60,
+                       capture_output=True)
