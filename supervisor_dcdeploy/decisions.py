@@ -215,16 +215,20 @@ def verify_failures(view: ServiceView, version: str) -> dict[str, str]:
     empty while any of them has not (yet) failed.
 
     The hosts that should have it are those online for the service not yet on ``version``;
-    each reports its download in the host registry (``fetch``: version, state, error), and
-    keeps the last error while it retries. With every one of them failing, no host will
-    ever join the ready queue: the item is blocked until a good release is staged."""
+    each reports its download in the host registry (``fetch``: version, state, error, and
+    ``kind`` "verify" when the bytes did not match the staged sha256 or size), and keeps the
+    last error while it retries. Only verification failures count: a full disk or a dead
+    URL may heal by itself, bytes that do not match never will, so with every host failing
+    to verify no host will ever join the ready queue and the item is blocked until a
+    release that verifies is staged (abort, then stage and deploy it)."""
     expected = sorted(h for h, e in view.current.items() if e.version != version)
     failed: dict[str, str] = {}
     for host in expected:
         info = view.hosts.get(host)
         fetch = (info.fetch.get(view.service) if info else None) or {}
         if not isinstance(fetch, dict) or fetch.get("version") != version \
-                or not fetch.get("error") or fetch.get("state") == "installed":
+                or fetch.get("kind") != "verify" or not fetch.get("error") \
+                or fetch.get("state") == "installed":
             return {}
         failed[host] = str(fetch["error"])
     return failed

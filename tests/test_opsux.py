@@ -230,8 +230,11 @@ def verify_view(fetch, current=None, staging=()):
                for h, f in fetch.items()})
 
 
-BAD = {"version": "2", "state": "failed", "error": "artifact has sha256 ff.., staged aa.."}
-RETRYING = {"version": "2", "state": "downloading", "error": "artifact has sha256 ff.."}
+BAD = {"version": "2", "state": "failed", "error": "artifact has sha256 ff.., staged aa..",
+       "kind": "verify"}
+RETRYING = {"version": "2", "state": "downloading", "error": "artifact has sha256 ff..",
+            "kind": "verify"}
+FULL = {"version": "2", "state": "failed", "error": "no space left", "kind": "fetch"}
 
 VERIFY_TABLE = [
     ("every host failed", {"h0": BAD, "h1": BAD, "h2": BAD}, {}, (), "blocked",
@@ -245,6 +248,8 @@ VERIFY_TABLE = [
     ("a failure for another version does not count",
      {"h0": BAD, "h1": BAD, "h2": {**BAD, "version": "1.5"}}, {}, (), "waiting",
      "download and verify"),
+    ("a full disk may heal: not blocked", {"h0": BAD, "h1": BAD, "h2": FULL}, {}, (),
+     "waiting", "download and verify"),
     ("hosts already on 2 need nothing", {"h0": BAD, "h1": None, "h2": None},
      {"h0": "1", "h1": "2", "h2": "2"}, (), "blocked", "1 hosts failed to verify 2: h0"),
     ("a host in the ready queue: not blocked", {"h0": BAD, "h1": BAD, "h2": None}, {},

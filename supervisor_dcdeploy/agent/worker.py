@@ -59,7 +59,9 @@ class Agent:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self._fetches: dict[str, tuple[str, Future]] = {}
         self._fetch_progress: dict[str, dict[str, Any]] = {}
-        self._fetch_failed: dict[str, tuple[str, float, str]] = {}  # svc -> (sha, when, why)
+        # svc -> (sha, when, why, kind): kind "verify" (the bytes are not the staged ones)
+        # or "fetch" (anything else: network, disk); status shows "N hosts failed to verify"
+        self._fetch_failed: dict[str, tuple[str, float, str, str]] = {}
         self._recover_after: dict[str, float] = {}
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
@@ -192,7 +194,8 @@ class Agent:
         """``/dc/hosts/<host>``: rack, services and each download's state (not its bytes:
         written on transitions only), so ``dcdeploy status`` shows failed downloads."""
         fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
-                       if k in ("version", "state", "error")} for svc in self.cfg.services}
+                       if k in ("version", "state", "error", "kind")}
+                 for svc in self.cfg.services}
         if fetch == self._published:
             return
         info = HostInfo(self.host, self.cfg.rack, tuple(sorted(self.cfg.services)),
@@ -306,7 +309,7 @@ class Agent:
                                   **({"via": via} if via else {})})
             return
         if have is not None:
-            self._set(svc, fetch={"version": staged.version, "state": "error",
+            self._set(svc, fetch={"version": staged.version, "state": "error", "kind": "verify",
                                   "error": f"version {staged.version} is installed here with "
                                            f"sha256 {have[:12]}..., the staged one is "
                                            f"{staged.sha256[:12]}...: stage a new version "
@@ -315,7 +318,8 @@ class Agent:
         running = self._fetches.get(svc)
         failed = self._fetch_failed.get(svc)
         # A retry keeps the last failure in view (dcdeploy status: "N hosts failed to verify").
-        last_error = {"error": failed[2]} if failed and failed[0] == staged.sha256 else {}
+        last_error = {"error": failed[2], "kind": failed[3]} \
+            if failed and failed[0] == staged.sha256 else {}
         if running and running[0] == staged.sha256 and not running[1].done():
             self._set(svc, fetch={"version": staged.version, "state": "downloading",
                                   **self._fetch_progress.get(svc, {}), **last_error})
@@ -324,7 +328,10 @@ class Agent:
             del self._fetches[svc]
             exc = running[1].exception()
             if exc is not None:
-                self._fetch_failed[svc] = (staged.sha256, time.monotonic(), str(exc))
+                from ..fetch import VerificationError
+                self._fetch_failed[svc] = (staged.sha256, time.monotonic(), str(exc),
+                                           "verify" if isinstance(exc, VerificationError)
+                                           else "fetch")
                 self.log.error("fetch.failed", svc=svc, version=staged.version, error=str(exc),
                                kind=type(exc).__name__)
             else:
@@ -335,7 +342,7 @@ class Agent:
         if failed and failed[0] == staged.sha256 and \
                 time.monotonic() - failed[1] < FETCH_RETRY_SECS:
             self._set(svc, fetch={"version": staged.version, "state": "failed",
-                                  "error": failed[2]})
+                                  "error": failed[2], "kind": failed[3]})
             return
         hosts = max(len(view.current), sum(svc in h.services for h in view.hosts.values()))
         transport = fetch_transport(staged, hosts, self.dist.link_bps if self.dist else 0,
