@@ -10,17 +10,25 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
+import threading
 
 import pytest
+from cluster import Cluster, wait_for
 
 from supervisor_dcdeploy import decisions as d
 from supervisor_dcdeploy import ops, svcadmin
 from supervisor_dcdeploy import waitdeploy as w
+from supervisor_dcdeploy.cli import main as cli
+from supervisor_dcdeploy.agent.config import load
+from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.ctlplugin import render
+from supervisor_dcdeploy.hostenv import (DROPIN_PYTHON, HostLayout, dropin_text, host_rpc,
+                                         stop_host, wait_rpc, write_host)
 from supervisor_dcdeploy.model import (CurrentEntry, DeployItem, HostInfo, ServiceSpec,
                                        StagedRelease, StagingEntry)
 from supervisor_dcdeploy.store import NoNode, StoreError
+from supervisor_dcdeploy.supervisorctl_client import SupervisorShuttingDown
+from supervisor_dcdeploy.zkserver import free_port
 
 ITEM = "item-0000000004"
 SHA = "a" * 64
@@ -137,7 +145,7 @@ def test_item_node(given, node):
 class HistoryStore:
     """Only what wait_items reads besides the status: history/<item>."""
 
-    def __init__(self, records=None, fail_gets=0):
+    def __init__(self, records=None):
         self.records = records or {}
         self.gets = 0
 
@@ -313,14 +321,6 @@ def test_supervisorctl_status_shows_store_problems_once():
 
 # --------------------------------------------------- on real parts: a local data center
 
-from cluster import Cluster, wait_for  # noqa: E402
-
-from supervisor_dcdeploy.cli import main as cli  # noqa: E402
-from supervisor_dcdeploy.hostenv import DROPIN_PYTHON, HostLayout, dropin_text, host_rpc  # noqa: E402,E501
-from supervisor_dcdeploy.hostenv import stop_host, wait_rpc, write_host  # noqa: E402
-from supervisor_dcdeploy.store import open_store  # noqa: E402
-from supervisor_dcdeploy.zkserver import free_port  # noqa: E402
-
 DC_SERVICES = {"A": {"quorum": 2, "max_parallel": 1, "healthy_secs": 0.3}}
 
 
@@ -454,7 +454,6 @@ def test_service_delete_and_quorum_zero(store, run):
 
 class ShuttingDownSupervisor:
     def state(self, program):
-        from supervisor_dcdeploy.supervisorctl_client import SupervisorShuttingDown
         raise SupervisorShuttingDown("supervisord is shutting down")
 
     def stop(self, program):
@@ -465,10 +464,6 @@ class ShuttingDownSupervisor:
 
 
 def test_supervisord_shutting_down_stops_the_agent_cleanly(tmp_path, store_url, store):
-    import threading
-
-    from supervisor_dcdeploy.agent.config import load
-    from supervisor_dcdeploy.agent.worker import Agent
     conf = tmp_path / "agent.conf"
     conf.write_text(f"[agent]\nhost = h0\nstore = {store_url}\nroot = {tmp_path}\n"
                     "poll_interval = 0.2\n\n[service:api]\nport = 1\n")
