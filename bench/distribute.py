@@ -86,8 +86,14 @@ class Timeline:
         from transmission_rpc import Client
         self.infohash, self.piece_count, self.path, self.start = infohash, piece_count, path, start
         self.by_addr = {h.address: n for n, h in lab.hosts.items()}
-        self.clients = {n: Client(host=h.address, port=int(urlsplit(h.rpc_url).port or 9091),
-                                  timeout=5) for n, h in lab.hosts.items()}
+        from supervisor_dcdeploy.p2p.daemon import RPC_USER, read_secret
+
+        def client(h):  # made inside the host's namespace: its RPC is on that loopback
+            return h.runner(lambda: Client(host="127.0.0.1",
+                                           port=int(urlsplit(h.rpc_url).port or 9091),
+                                           username=RPC_USER,
+                                           password=read_secret(h.secret_file), timeout=5))
+        self.clients = {n: (h.runner, client(h)) for n, h in lab.hosts.items()}
         self.first_data: float | None = None
         self.all_pieces_out: float | None = None
         self.stop = threading.Event()
@@ -99,9 +105,10 @@ class Timeline:
         with open(self.path, "w") as out:
             while not self.stop.wait(0.5):
                 t = round(time.monotonic() - self.start, 2)
-                for n, c in self.clients.items():
+                for n, (runner, c) in self.clients.items():
                     try:
-                        f = c.get_torrent(self.infohash, arguments=fields).fields
+                        f = runner(lambda c=c: c.get_torrent(self.infohash,
+                                                             arguments=fields).fields)
                     except Exception:  # noqa: BLE001 - a diagnostic: skip one sample
                         continue
                     peers = [{"host": self.by_addr.get(p["address"], p["address"]),
@@ -126,7 +133,8 @@ def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
               log: list[str], timeline: Path | None = None,
               parts: int = 1) -> tuple[float, int, dict[str, float]]:
     build = lab.hosts["origin"]
-    add_seed(build.dir, build.rpc_url, staged, wait=600)
+    lab.publish(staged)  # the trackers answer staged infohashes only
+    add_seed(build.dir, build.rpc_url, staged, wait=600, runner=build.runner)
     before = lab.egress_bytes("origin")
     done: dict[str, float] = {}
     errors: dict[str, BaseException] = {}

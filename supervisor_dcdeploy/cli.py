@@ -69,6 +69,33 @@ def _health(args: argparse.Namespace) -> HealthCheck:
                        "command line is not accepted") from None
 
 
+def cmd_init(args: argparse.Namespace) -> int:
+    from .store.acl import CredentialError, read_identity
+    hosts: dict[str, str] = {}
+    for spec in args.host_identity:
+        name, sep, path = spec.partition(":")
+        if not sep or not name or not path:
+            raise CLIError(f"--host-identity {spec!r}: expected NAME:FILE "
+                           "(FILE holds that host's user:password)")
+        if name in hosts:
+            raise CLIError(f"--host-identity: host {name!r} given twice")
+        try:
+            hosts[name] = read_identity(path, f"host {name}'s credential file").digest_id
+        except CredentialError as exc:
+            raise CLIError(str(exc)) from None
+    previous = None
+    if args.previous_operator:
+        try:
+            previous = read_identity(args.previous_operator, "previous operator's file")
+        except CredentialError as exc:
+            raise CLIError(str(exc)) from None
+    with connected(args) as store:
+        changed = ops.init(store, hosts, previous)
+    print(f"store set up for the operator and {len(hosts)} host(s); {changed} node(s) "
+          "created or changed")
+    return 0
+
+
 def cmd_service(args: argparse.Namespace) -> int:
     from . import svcadmin
     if args.action == "set":
@@ -331,6 +358,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", type=float, default=10.0,
                         help="seconds to wait for the store")
     sub = parser.add_subparsers(dest="command", required=True)
+
+    ini = sub.add_parser("init", help="set up the store's access control (ZooKeeper ACLs) "
+                                      "with the operator's credentials; idempotent")
+    ini.add_argument("--host-identity", action="append", default=[], metavar="NAME:FILE",
+                     help="a host and the private file with its store user:password "
+                          "(repeatable; hosts left out lose their access)")
+    ini.add_argument("--previous-operator", metavar="FILE",
+                     help="rotating the operator: the old operator's credential file (the "
+                          "store URL names the new one)")
+    ini.set_defaults(func=cmd_init)
 
     svc = sub.add_parser("service", help="define and list services")
     svc_sub = svc.add_subparsers(dest="action", required=True)

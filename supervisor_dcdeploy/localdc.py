@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from . import ops
 from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
@@ -104,7 +105,10 @@ class Cluster:
     """``n`` hosts running ``services`` (name -> spec kwargs), all on 127.0.0.1."""
 
     def __init__(self, workdir: Path, store: Store, store_url: str, n: int,
-                 services: dict[str, dict], racks: int = 2, poll_interval: float = 1.0) -> None:
+                 services: dict[str, dict], racks: int = 2, poll_interval: float = 1.0,
+                 host_store_url: Callable[[str], str] | None = None) -> None:
+        """``host_store_url(host)``: each host's own store URL (its own credentials);
+        default: ``store_url`` for every host."""
         self.workdir = workdir
         self.store = store
         self.store_url = store_url
@@ -115,7 +119,8 @@ class Cluster:
         for i in range(n):
             name = f"h{i}"
             self.hosts[name] = HostLayout(
-                name=name, rack=f"r{i % racks}", root=workdir / name, store_url=store_url,
+                name=name, rack=f"r{i % racks}", root=workdir / name,
+                store_url=host_store_url(name) if host_store_url else store_url,
                 services={svc: free_port() for svc in services}, session_timeout=4.0,
                 start_timeout=15.0, agent_extra={"poll_interval": str(poll_interval)})
 

@@ -10,8 +10,8 @@ import time
 from typing import Any
 
 from . import decisions
-from .model import (DeployItem, HealthCheck, InvalidData, ServiceSpec, StagedRelease,
-                    check_name, check_version, dumps)
+from .model import (DeployItem, HealthCheck, HostInfo, InvalidData, ServiceSpec,
+                    StagedRelease, check_name, check_version, dumps)
 from .snapshot import (read_current, read_hosts, read_queue, read_spec, read_specs,
                        read_staged, read_staging, read_view)
 from .store import Create, Delete, NoNode, Store, StoreError, TransactionFailed
@@ -28,6 +28,34 @@ def _ensure_service_nodes(store: Store, svc: str) -> None:
         store.ensure(f"{base}/{svc}")
     for path in ("deploy", "history", "hosts"):
         store.ensure(path)
+
+
+def init(store: Store, hosts: dict[str, str], previous_operator: Any = None) -> int:
+    """``dcdeploy init``: set up the store's access control with this session's identity as
+    the operator and ``hosts`` (host name -> credential id) as the hosts; create the
+    top-level nodes, every defined service's nodes and each host's registry entry. Safe to
+    run again (to add or revoke hosts). ``previous_operator`` (an identity) is the one
+    being replaced: its rights are used once to hand everything to the new one.
+    Returns how many nodes were created or changed."""
+    if previous_operator is not None:
+        add_identity = getattr(store, "add_identity", None)
+        if add_identity is None:
+            raise OpError("this store backend has no operator identity to rotate")
+        add_identity(previous_operator)
+    for name in hosts:
+        try:
+            check_name("init", "host", name)
+        except InvalidData as exc:
+            raise OpError(str(exc)) from None
+    initial = {path: b"" for path in ("services", "staging", "current", "gate", "released",
+                                      "deploy", "history", "hosts", "peers")}
+    if store.exists("services") is not None:
+        for svc in store.children("services"):
+            for base in ("current", "staging", "gate", "released"):
+                initial[f"{base}/{svc}"] = b""
+    for name in hosts:
+        initial[f"hosts/{name}"] = HostInfo(name).to_json()
+    return store.secure(hosts, initial)
 
 
 def service_set(store: Store, name: str, *, program: str | None, quorum: int,
@@ -87,6 +115,10 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
                           f"{item.state}): pause or abort it before staging {version}")
     _ensure_service_nodes(store, name)
     store.set(f"staging/{name}", release.to_json())
+    # The superseded release's swarm (peers/<infohash>) goes now: the operator's write is
+    # the one moment a release stops being staged (docs/distribution.md, "Security").
+    from .p2p.tracker import prune_unstaged_peers
+    prune_unstaged_peers(store)
     return release
 
 

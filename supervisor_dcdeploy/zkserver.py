@@ -45,6 +45,53 @@ def server_mode(host: str, port: int) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class TestPKI:
+    """PEM files of a throwaway CA, a server certificate (for 127.0.0.1 and localhost)
+    and a client certificate; made by :func:`make_test_pki`. Tests and labs only."""
+
+    ca: Path
+    server_cert: Path
+    server_key: Path
+    client_cert: Path
+    client_key: Path
+
+
+def make_test_pki(directory: Path, names: tuple[str, ...] = ("127.0.0.1", "localhost"),
+                  days: int = 2) -> TestPKI:
+    """Make a CA and two certificates it signs, with the ``openssl`` command; keys 0600."""
+    directory.mkdir(parents=True, exist_ok=True)
+    san = ",".join(f"IP:{n}" if n.replace(".", "").isdigit() else f"DNS:{n}" for n in names)
+
+    def run(*args: str) -> None:
+        subprocess.run(["openssl", *args], check=True, capture_output=True, cwd=directory)
+
+    def key(name: str) -> Path:
+        path = directory / name
+        run("genpkey", "-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256",
+            "-out", str(path))
+        path.chmod(0o600)
+        return path
+
+    ca_key = key("ca.key")
+    ca = directory / "ca.pem"
+    run("req", "-x509", "-new", "-key", str(ca_key), "-subj", "/CN=dcdeploy test CA",
+        "-days", str(days), "-out", str(ca))
+    out = {}
+    for who, ext in (("server", f"subjectAltName={san}\nextendedKeyUsage=serverAuth"),
+                     ("client", "extendedKeyUsage=clientAuth")):
+        k = key(f"{who}.key")
+        csr = directory / f"{who}.csr"
+        run("req", "-new", "-key", str(k), "-subj", f"/CN=dcdeploy test {who}", "-out", str(csr))
+        (directory / f"{who}.ext").write_text(ext + "\n")
+        cert = directory / f"{who}.pem"
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key),
+            "-CAcreateserial", "-days", str(days), "-extfile", str(directory / f"{who}.ext"),
+            "-out", str(cert))
+        out[who] = (cert, k)
+    return TestPKI(ca, out["server"][0], out["server"][1], out["client"][0], out["client"][1])
+
+
 @dataclass
 class ZooKeeperServer:
     """One ZooKeeper server process. ``peers`` (id -> (host, quorum_port, election_port))
@@ -58,6 +105,15 @@ class ZooKeeperServer:
     tick_ms: int = 250
     netns: str | None = None  # run inside this network namespace (testbed)
     heap_mb: int = 192
+    # TLS: a second, TLS-only client port served by Netty, with the server's certificate
+    # and key and the CA that client certificates must chain to; client_auth is
+    # ZooKeeper's ssl.clientAuth ("none", "want" or "need"). The plain client_port stays
+    # (on self.host) for the four-letter readiness probe.
+    secure_port: int | None = None
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    client_auth: str = "none"
     proc: subprocess.Popen | None = None
 
     def write_config(self) -> Path:
@@ -68,6 +124,20 @@ class ZooKeeperServer:
                  "4lw.commands.whitelist=ruok,srvr,stat,mntr",
                  f"minSessionTimeout={2 * self.tick_ms}", f"maxSessionTimeout={120 * self.tick_ms}",
                  "preAllocSize=4096", "snapCount=10000"]
+        if self.secure_port is not None:
+            if not (self.tls_cert and self.tls_key and self.tls_ca):
+                raise ValueError("secure_port needs tls_cert, tls_key and tls_ca")
+            keystore = self.data_dir / "server-keystore.pem"  # ZooKeeper's PEM keystore:
+            keystore.touch(mode=0o600)  # the key and its certificate in one file
+            keystore.write_text(self.tls_key.read_text() + self.tls_cert.read_text())
+            lines += [f"secureClientPort={self.secure_port}",
+                      f"secureClientPortAddress={self.host}",
+                      "serverCnxnFactory=org.apache.zookeeper.server.NettyServerCnxnFactory",
+                      f"ssl.keyStore.location={keystore}", "ssl.keyStore.type=PEM",
+                      f"ssl.trustStore.location={self.tls_ca}", "ssl.trustStore.type=PEM",
+                      f"ssl.clientAuth={self.client_auth}",
+                      "authProvider.x509="
+                      "org.apache.zookeeper.server.auth.X509AuthenticationProvider"]
         if self.peers:
             (self.data_dir / "myid").write_text(f"{self.server_id}\n")
             for sid, (h, qport, eport) in sorted(self.peers.items()):

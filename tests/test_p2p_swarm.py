@@ -95,8 +95,9 @@ def make_artifact(lab: SwarmLab, name: str, size: int) -> Path:
 
 def stage_and_seed(lab: SwarmLab, name: str, size: int = 4 * MiB) -> Staged:
     staged = stage(make_artifact(lab, name, size))
+    lab.publish(staged)  # the trackers answer staged infohashes only
     build = lab.hosts["build"]
-    add_seed(build.dir, build.rpc_url, staged, wait=60)
+    add_seed(build.dir, build.rpc_url, staged, wait=60, runner=build.runner)
     return staged
 
 
@@ -162,7 +163,8 @@ def test_everyone_completes_verifies_and_prefers_its_rack(lab, everywhere):
 
     def first_peer() -> str:
         body = bencode.decode(h1.announce(
-            f"info_hash={quote_from_bytes(bytes.fromhex(staged.infohash))}&peer_id=x"
+            f"info_hash={quote_from_bytes(bytes.fromhex(staged.infohash))}"
+            f"&peer_id=-XX0000-000000000000"
             f"&port=51413&left=0&numwant=1&compact=1"))
         assert len(body[b"peers"]) == 6
         return ".".join(str(b) for b in body[b"peers"][:4])
@@ -280,7 +282,7 @@ def test_disk_full_fails_clearly_and_leaves_the_running_version(lab, small_disk)
     h2 = lab.hosts["h2"]
     running = small_disk / "current-release.bin"
     running.write_bytes(b"the version that runs")
-    fetcher = SwarmFetcher(h2.rpc_url, small_disk, poll=0.25)
+    fetcher = h2.fetcher(small_disk)
     # Too big for the free space: refused before anything is added.
     big = stage_and_seed(lab, "rel-7.bin", 16 * MiB)
     with pytest.raises(DiskFull, match="bytes free"):
@@ -306,6 +308,7 @@ def test_disk_full_fails_clearly_and_leaves_the_running_version(lab, small_disk)
 
 def test_a_swarm_nobody_seeds_fails_as_stalled_not_forever(lab):
     staged = stage(make_artifact(lab, "rel-10.bin", 1 * MiB))  # staged, never seeded
+    lab.publish(staged)
     f = lab.hosts["h3"].fetcher()
     try:
         with pytest.raises(DownloadError, match="stalled: no new data for 5 s at 0/"):
@@ -329,13 +332,58 @@ def test_web_seed_alone_serves_a_host(lab):
     try:
         assert server.stdout.readline().strip() == "listening"
         staged = stage(art, webseeds=[f"http://{build.address}:{port}/{art.name}"])
+        lab.publish(staged)
         before = lab.egress_bytes("build")
         got = lab.hosts["h1"].fetcher().fetch(staged.metainfo_b64, staged.sha256,
                                               timeout=FETCH_TIMEOUT)
         assert got.read_bytes() == art.read_bytes()
         # Every byte came from the web seed: the build host's daemon never had the torrent.
-        assert SwarmFetcher(build.rpc_url, build.releases).state(staged.infohash) is None
+        assert build.fetcher().state(staged.infohash) is None
         assert lab.egress_bytes("build") - before >= staged.size
     finally:
         server.kill()
         server.wait()
+
+
+# -- trust boundary (issue 8): RPC on loopback with a password, tracker on staged data ------
+
+def test_rpc_wants_the_password_and_is_only_on_loopback(lab):
+    import requests
+
+    h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
+    settings = json.loads((h1.dir / "transmission" / "settings.json").read_text())
+    assert settings["rpc-bind-address"] == "127.0.0.1"
+    assert settings["script-torrent-done-enabled"] is False
+    assert settings["rpc-authentication-required"] is True
+    assert (h1.secret_file.stat().st_mode & 0o777) == 0o600
+    password = h1.secret_file.read_text().strip()
+    url = "http://127.0.0.1:9091/transmission/rpc"
+    # Inside h1's namespace (where its agent would run): no password, a wrong one -> 401.
+    assert h1.runner(lambda: requests.get(url, timeout=5).status_code) == 401
+    assert h1.runner(lambda: requests.get(url, timeout=5,
+                                          auth=("dcdeploy", "guess")).status_code) == 401
+    # With the password: 409, the daemon's "here is your session id".
+    assert h1.runner(lambda: requests.get(url, timeout=5,
+                                          auth=("dcdeploy", password)).status_code) == 409
+    # On h1's network address nothing listens on the RPC port: not from the root
+    # namespace, not from a peer host, even with the password.
+    remote = f"http://{h1.address}:9091/transmission/rpc"
+    for where in (lambda fn: fn(), h2.runner):
+        with pytest.raises(requests.ConnectionError):
+            where(lambda: requests.get(remote, timeout=5, auth=("dcdeploy", password)))
+
+
+def test_tracker_of_a_real_host_refuses_an_unstaged_infohash(lab):
+    from supervisor_dcdeploy.p2p import bencode
+    from urllib.parse import quote_from_bytes
+
+    unstaged = stage(make_artifact(lab, "rel-11.bin", 64 * 1024))  # hashed, never published
+    body = bencode.decode(lab.hosts["h1"].announce(
+        f"info_hash={quote_from_bytes(bytes.fromhex(unstaged.infohash))}"
+        f"&peer_id=-XX0000-000000000000&port=51413&left=1&compact=1&event=started"))
+    assert b"not a staged release" in body[b"failure reason"]
+    assert lab.store.exists(f"peers/{unstaged.infohash}") is None
+    assert lab.hosts["h1"].tracker_status()["refused"]["unstaged"] >= 1
+    # The real daemons of this module's swarms never ran into the rate limit.
+    refused = {n: lab.hosts[n].tracker_status()["refused"] for n in ["build", *HOSTS]}
+    assert all(r["rate"] == 0 and r["malformed"] == 0 for r in refused.values()), refused

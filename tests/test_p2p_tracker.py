@@ -1,9 +1,12 @@
 """The store-backed tracker against a real ZooKeeper: registration under peers/<infohash>,
-answers ordered by rack, stop events, garbage in the store, and re-registration after the
-session is lost."""
+answers ordered by rack, stop events, garbage in the store, re-registration after the
+session is lost, and the trust rules: unstaged infohashes refused, announces rate-limited,
+the swarm's node removed once its release is superseded."""
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import time
 import urllib.request
@@ -13,15 +16,38 @@ import pytest
 from kazoo.client import KazooClient
 
 from supervisor_dcdeploy.waiting import wait_for as _wait_for
+from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.model import StagedRelease
 from supervisor_dcdeploy.p2p import bencode
-from supervisor_dcdeploy.p2p.tracker import Tracker
+from supervisor_dcdeploy.p2p.torrent import infohash
+from supervisor_dcdeploy.p2p.tracker import Tracker, prune_unstaged_peers
 
-IH = bytes.fromhex("aa" * 20)
+
+def metainfo(name: bytes) -> bytes:
+    """A one-piece private torrent of a one-byte file called ``name`` (no file needed)."""
+    return bencode.encode({b"announce": b"http://127.0.0.1:6969/announce",
+                           b"info": {b"length": 1, b"name": name, b"piece length": 16384,
+                                     b"pieces": hashlib.sha1(name[:1]).digest(),
+                                     b"private": 1}})
+
+
+META = metainfo(b"x")
+IH = bytes.fromhex(infohash(META))
+
+
+def stage_torrent(store, svc: str, meta: bytes, version: str = "1") -> None:
+    """What ``dcdeploy stage --path`` leaves in ``staging/<svc>`` (without the service)."""
+    data = StagedRelease(svc, version, "0" * 64, 1, (),
+                         base64.b64encode(meta).decode()).to_json()
+    if store.exists(f"staging/{svc}") is None:
+        store.create(f"staging/{svc}", data)
+    else:
+        store.set(f"staging/{svc}", data)
 
 
 def announce(tracker: Tracker, *, port: int, left: int = 100, event: str = "",
-             numwant: int = 50, downloaded: int = 0) -> dict:
-    q = (f"info_hash={quote_from_bytes(IH)}&peer_id=-TR3000-000000000000&port={port}"
+             numwant: int = 50, downloaded: int = 0, ih: bytes = IH) -> dict:
+    q = (f"info_hash={quote_from_bytes(ih)}&peer_id=-TR3000-000000000000&port={port}"
          f"&uploaded=0&downloaded={downloaded}&left={left}&numwant={numwant}&compact=1"
          + (f"&event={event}" if event else ""))
     with urllib.request.urlopen(f"http://127.0.0.1:{tracker.port}/announce?{q}", timeout=5) as r:
@@ -40,9 +66,11 @@ def wait_for(cond, timeout=20.0, what="condition"):
 
 @pytest.fixture
 def trackers(store):
+    stage_torrent(store, "t", META)
     made: list[Tracker] = []
 
     def make(host, address, rack, **kw):
+        kw.setdefault("staged_miss_secs", 0.0)  # re-read staging/* on every miss
         t = Tracker(store, host, address, rack, port=0, **kw)
         t.start()
         made.append(t)
@@ -97,12 +125,13 @@ def test_garbage_peer_nodes_are_skipped(store, trackers):
     assert peers_of(announce(t, port=7200)) == [("10.9.2.2", 7201)]
 
 
-def test_bad_announce_gets_a_failure_reason(trackers):
+def test_bad_announce_gets_a_failure_reason(store, trackers):
     t = trackers("h1", "10.9.3.1", "A")
     with urllib.request.urlopen(f"http://127.0.0.1:{t.port}/announce?info_hash=x&port=1",
                                 timeout=5) as r:
         body = bencode.decode(r.read())
     assert b"20 bytes" in body[b"failure reason"]
+    assert t.refused["malformed"] == 1 and store.exists("peers") is None
 
 
 def test_reregisters_after_session_loss(store, trackers, zk_server):
@@ -142,3 +171,56 @@ def test_an_empty_host_meets_the_seeders_first_then_everyone(store, trackers):
     # Past its window an empty host gets everyone (the seeders may not unchoke it).
     impatient = trackers("h3", "10.9.5.4", "A", intro_window=0)
     assert len(peers_of(announce(impatient, port=7404, event="started"))) == 3
+
+
+def test_an_unstaged_infohash_is_refused_and_writes_nothing(store, trackers):
+    t = trackers("h1", "10.9.6.1", "A")
+    other = bytes.fromhex(infohash(metainfo(b"y")))
+    body = announce(t, port=7500, event="started", ih=other)
+    assert b"not a staged release" in body[b"failure reason"] and b"peers" not in body
+    assert store.exists(f"peers/{other.hex()}") is None
+    assert t.refused["unstaged"] == 1
+    # Staged a moment later (by another client): the next announce is answered at once.
+    stage_torrent(store, "u", metainfo(b"y"))
+    assert b"failure reason" not in announce(t, port=7500, ih=other)
+    assert store.exists(f"peers/{other.hex()}/h1") is not None
+
+
+def test_announces_over_the_rate_are_refused(store, trackers):
+    t = trackers("h1", "10.9.7.1", "A", rate=0.001, burst=3)
+    bodies = [announce(t, port=7600) for _ in range(5)]
+    assert [b"failure reason" in b for b in bodies] == [False, False, False, True, True]
+    assert b"slow down" in bodies[-1][b"failure reason"]
+    assert t.refused["rate"] == 2
+
+
+def test_superseded_swarm_is_removed_from_the_store(store, trackers):
+    ops.service_set(store, "t", program=None, quorum=1)
+    stage_torrent(store, "t", META)
+    a, b = trackers("h1", "10.9.8.1", "A"), trackers("h2", "10.9.8.2", "A")
+    announce(a, port=7700, event="started")
+    announce(b, port=7701, event="started")
+    assert sorted(store.children(f"peers/{IH.hex()}")) == ["h1", "h2"]
+    # A peers node nobody staged (left by an older version of the tracker).
+    store.create("peers/" + "ab" * 20 + "/old", b"{}")
+    new = metainfo(b"z")
+    release = ops.stage(store, "t", "2", sha256="1" * 64, size=1,
+                        torrent=base64.b64encode(new).decode())
+    assert release.torrent
+    assert store.children("peers") == []  # dcdeploy stage removed both superseded swarms
+    # A tracker still seeding the old torrent is refused once it re-reads staging/* (within
+    # STAGED_REFRESH_SECS); it then drops its registration and the swarm's node.
+    wait_for(lambda: b"not a staged release" in announce(a, port=7700).get(
+        b"failure reason", b""), 15, "the old torrent refused")
+    assert store.children("peers") == []
+    assert prune_unstaged_peers(store) == []
+
+
+def test_the_seeders_own_torrents_are_answered_before_they_are_staged(store, trackers):
+    # dcdeploy stage --path seeds first, then publishes: the seeder's tracker must answer.
+    own = bytes.fromhex(infohash(metainfo(b"w")))
+    t = trackers("build", "10.9.9.1", "build", local_torrents=lambda: [own.hex()])
+    assert b"failure reason" not in announce(t, port=7800, left=0, ih=own)
+    assert store.exists(f"peers/{own.hex()}/build") is not None
+    other = trackers("h1", "10.9.9.2", "A")  # not its seed, not staged: refused
+    assert b"not a staged release" in announce(other, port=7801, ih=own)[b"failure reason"]

@@ -99,7 +99,7 @@ def test_parse_announce_clamps_numwant_and_defaults_it():
 
 @pytest.mark.parametrize("params, needle", [
     ({"info_hash": b"short"}, "20 bytes"), ({"port": "0"}, "port"), ({"port": "x"}, "port"),
-    ({"event": "bogus"}, "event"), ({"left": "many"}, "numbers"),
+    ({"event": "bogus"}, "event"), ({"left": "many"}, "left"),
 ])
 def test_parse_announce_names_the_bad_parameter(params, needle):
     with pytest.raises(AnnounceError, match=needle):
@@ -262,8 +262,9 @@ def test_settings_close_the_swarm_and_never_queue(tmp_path):
     assert data["download-dir"] == str(tmp_path / "dl") and (tmp_path / "dl").is_dir()
     assert daemon_command(tmp_path / "cfg")[:4] == ["transmission-daemon", "-f", "-g",
                                                     str(tmp_path / "cfg")]
-    assert daemon_settings(download_dir=Path("/x"), rpc_bind="a", rpc_port=1, peer_port=2,
-                           bind_address="b", peer_limit_global=7)["peer-limit-global"] == 7
+    assert daemon_settings(download_dir=Path("/x"), rpc_bind="127.0.0.1", rpc_port=1,
+                           peer_port=2, bind_address="b", rpc_password="p",
+                           peer_limit_global=7)["peer-limit-global"] == 7
 
 
 def state(error=0, text=""):

@@ -10,6 +10,7 @@ import uuid
 
 import pytest
 from cluster import Cluster, wait_for
+from kazoo.security import Permissions
 from fakeconsul import FakeConsul
 
 from supervisor_dcdeploy import ops
@@ -49,21 +50,30 @@ def item_done_time(cluster: Cluster, node: str) -> float:
     return json.loads(cluster.store.get(f"history/{node}")[0])["updated"]
 
 
-@pytest.fixture(params=["zookeeper", "consul-fake"])
+@pytest.fixture(params=["zookeeper", "consul-fake", "zookeeper-tls-auth"])
 def any_cluster(request, workdir, store_url):
-    """The same data center on the real ZooKeeper, and on the Consul backend against an
-    in-process fake of Consul's HTTP API (not a real Consul: docs/consul.md)."""
+    """The same data center on the real ZooKeeper, on the Consul backend against an
+    in-process fake of Consul's HTTP API (not a real Consul: docs/consul.md), and on a
+    ZooKeeper with mutual TLS, `dcdeploy init`'s ACLs and one credential per host (the
+    operator's for the test's own writes)."""
     fake = None
     url = store_url
+    host_url = None
     if request.param == "consul-fake":
         fake = FakeConsul().start()
         url = f"consul://{fake.address}/dc-{uuid.uuid4().hex[:12]}"
+    elif request.param == "zookeeper-tls-auth":
+        secure = request.getfixturevalue("secure_root")
+        secure.init([f"h{i}" for i in range(5)])
+        url, host_url = secure.url("operator"), secure.url
     st = open_store(url)
     st.start(timeout=15)
     # Switches held healthy for 1.5 s, so two hosts' switches overlap even on a loaded
     # machine and the parallelism check below can see it.
     c = Cluster(workdir, st, url, 5, {svc: {**spec, "healthy_secs": 1.5}
-                                      for svc, spec in SERVICES.items()})
+                                      for svc, spec in SERVICES.items()},
+                host_store_url=host_url)
+    c.owner_id = secure.digest if host_url else None  # type: ignore[attr-defined]
     try:
         yield c
     finally:
@@ -118,6 +128,11 @@ def test_rolling_deploy_keeps_quorum_and_dependency_order(any_cluster):
     for svc in SERVICES:
         assert status["services"][svc]["versions"] == {"2": 5}
         assert status["services"][svc]["released"] == "2"
+    if cluster.owner_id:  # TLS + ACLs: each agent wrote as itself, its nodes are its own
+        for host in cluster.hosts:
+            acl = {a.id.id: a.perms for a in cluster.store.get_acl(f"current/A/{host}")}
+            assert acl[cluster.owner_id(host)] == Permissions.ALL
+        assert not any(a.id.scheme == "world" for a in cluster.store.get_acl("deploy"))
 
 
 def test_host_killed_mid_deploy_others_finish_and_it_recovers(cluster):

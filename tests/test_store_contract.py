@@ -28,7 +28,8 @@ from supervisor_dcdeploy.store import (BadVersion, Check, Create, Delete, NodeEx
 # A real Consul joins when DCDEPLOY_TEST_CONSUL names one (e.g. 127.0.0.1:8500): the Consul
 # backend has only ever run against the fake (docs/consul.md).
 REAL_CONSUL = os.environ.get("DCDEPLOY_TEST_CONSUL", "")
-BACKENDS = ["zookeeper", "consul-fake"] + (["consul-real"] if REAL_CONSUL else [])
+BACKENDS = ["zookeeper", "consul-fake", "zookeeper-tls-auth"] + \
+    (["consul-real"] if REAL_CONSUL else [])
 
 
 def wait_for(cond, timeout: float, what: str):
@@ -90,6 +91,28 @@ class ZooKeeperBackend(Backend):
             self.server.wait_serving(timeout=60)
 
 
+class SecureZooKeeperBackend(ZooKeeperBackend):
+    """The TLS server (client certificates required) with the operator's identity on a
+    root set up by `dcdeploy init` (tests/zksecure.py): the contract holds under ACLs."""
+
+    name = "zookeeper"  # the same server semantics (a restart may lose the session)
+
+    def __init__(self, secure_root) -> None:
+        super().__init__(secure_root.url("operator"), secure_root.server)
+        self.open().secure({}, {})  # init's ACLs on the bare root (no top-level nodes)
+        self.secure_root = secure_root
+
+    def expire(self, store: Store) -> None:
+        client = store.client  # type: ignore[attr-defined]
+        pki = self.secure_root.pki
+        other = KazooClient(hosts=f"127.0.0.1:{self.server.secure_port}", use_ssl=True,
+                            ca=str(pki.ca), certfile=str(pki.client_cert),
+                            keyfile=str(pki.client_key), client_id=client.client_id)
+        other.start(timeout=10)
+        other.stop()
+        other.close()
+
+
 class ConsulFakeBackend(Backend):
     name = "consul-fake"
 
@@ -145,9 +168,11 @@ def backend(request) -> Iterator[Backend]:
         finally:
             b.close()
         return
-    if request.param == "zookeeper":
+    if request.param in ("zookeeper", "zookeeper-tls-auth"):
         b = ZooKeeperBackend(request.getfixturevalue("store_url"),
-                                      request.getfixturevalue("zk_server"))
+                             request.getfixturevalue("zk_server")) \
+            if request.param == "zookeeper" else \
+            SecureZooKeeperBackend(request.getfixturevalue("secure_root"))
         try:
             yield b
         finally:

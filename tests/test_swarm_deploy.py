@@ -1,7 +1,9 @@
 """A deploy whose release travels through the BitTorrent swarm, end to end: hosts in network
 namespaces (Transmission refuses loopback peers), each with supervisord, the agent (tracker
 on its loopback) and transmission-daemon; a build host seeds; the operator stages with
-`dcdeploy stage --path`. The staged release has no URL, so the swarm is the only way in."""
+`dcdeploy stage --path` on the build host (its seeder's RPC is on that host's loopback).
+The staged release has no URL, so the swarm is the only way in. Staging the next release
+removes the superseded swarm's peers node."""
 
 from __future__ import annotations
 
@@ -33,8 +35,10 @@ def test_stage_path_and_deploy_through_the_swarm(tmp_path):
                                    address=build.addr, rack="build"),
                    prefix=["ip", "netns", "exec", build.ns])
         artifact, sha = build_release(tmp_path / "art", "a", "2", padding=4 << 20)
-        cli = subprocess.run([sys.executable, "-m", "supervisor_dcdeploy.cli", "--store",
-                              bed.store_url, "stage", "a", "2", "--path", str(artifact),
+        on_build = ["ip", "netns", "exec", build.ns]
+        cli = subprocess.run([*on_build, sys.executable, "-m", "supervisor_dcdeploy.cli",
+                              "--store", bed.store_url, "stage", "a", "2", "--path",
+                              str(artifact),
                               "--seed-dir", str(seed_dir)], capture_output=True, text=True,
                              timeout=300)
         assert cli.returncode == 0, cli.stderr
@@ -65,11 +69,16 @@ def test_stage_path_and_deploy_through_the_swarm(tmp_path):
         # A small release staged with a torrent *and* a URL goes over HTTP: 4 hosts x S/B
         # is far below the swarm's fixed cost (fetch_transport).
         artifact3, _ = build_release(tmp_path / "art3", "a", "3")
-        cli = subprocess.run([sys.executable, "-m", "supervisor_dcdeploy.cli", "--store",
-                              bed.store_url, "stage", "a", "3", "--path", str(artifact3),
+        cli = subprocess.run([*on_build, sys.executable, "-m", "supervisor_dcdeploy.cli",
+                              "--store", bed.store_url, "stage", "a", "3", "--path",
+                              str(artifact3),
                               "--url", artifact3.resolve().as_uri(), "--seed-dir",
                               str(seed_dir)], capture_output=True, text=True, timeout=300)
         assert cli.returncode == 0, cli.stderr
+        # 2's swarm is gone from the store with its staging (removed by `dcdeploy stage`,
+        # and no tracker registers a torrent that is not staged any more).
+        wait_for(lambda: infohash not in store.children("peers"), 30,
+                 "the superseded swarm's peers node to go")
 
         def fetched_3(host) -> dict | None:
             status = json.loads((host.layout.root / "status.json").read_text())

@@ -89,6 +89,12 @@ def test_provision_scripts_write_a_host_and_a_zookeeper(tmp_path):
     assert "[program:transmission]" in (root / "conf.d" / "services.conf").read_text()
     settings = json.loads((root / "transmission" / "settings.json").read_text())
     assert settings["bind-address-ipv4"] == "10.9.0.5"
+    # The RPC only on loopback, with the password the agent reads (issue 8).
+    assert settings["rpc-bind-address"] == "127.0.0.1"
+    assert settings["rpc-authentication-required"] is True
+    assert settings["rpc-password"] == (root / "transmission" / "rpc-secret").read_text().strip()
+    assert "transmission_rpc = http://127.0.0.1:9091/transmission/rpc" in agent
+    assert "address = 10.9.0.5" in agent
     out = subprocess.run(["sh", str(tb.SCRIPTS / "zk.sh"), "2", "10.9.0.3", str(tmp_path / "zk"),
                           "1=10.9.0.2", "2=10.9.0.3", "3=10.9.0.4"],
                          check=True, env=env, capture_output=True, text=True).stdout

@@ -173,7 +173,8 @@ def test_agent_config(tmp_path):
                    "[service:api]\n")
     with pytest.raises(ConfigError, match="session_timeout: 'soon' is not a number"):
         load(cfg)
-    cfg.write_text("[agent]\nstore = zk://z/dc\nroot = /x\ntransmission_rpc = http://a:9091/x\n"
+    cfg.write_text("[agent]\nstore = zk://z/dc\nroot = /x\n"
+                   "transmission_rpc = http://127.0.0.1:9091/x\n"
                    "link_mbit = fast\n[service:api]\n")
     with pytest.raises(ConfigError, match="link_mbit: 'fast' is not a number"):
         load(cfg)

@@ -133,6 +133,14 @@ def load(path: Path) -> AgentConfig:
     for key, kind, minimum in SWARM_NUMBERS:  # kept as text in ``extra``, checked here
         if agent.get(key, "").strip():
             _number(f"{where} {key}", agent[key].strip(), kind, minimum)
+    if agent.get("transmission_rpc", "").strip():
+        from urllib.parse import urlsplit
+        from ..p2p.daemon import check_loopback
+        try:  # the RPC can write files anywhere: only the agent on this host may reach it
+            check_loopback("transmission_rpc host",
+                           urlsplit(agent["transmission_rpc"].strip()).hostname or "")
+        except ValueError as exc:
+            raise ConfigError(f"{where} {exc}") from None
     return AgentConfig(
         host=host, rack=agent.get("rack", ""), store=store, root=Path(agent["root"]),
         services=services,

@@ -8,8 +8,11 @@ keeps seeding until the deploy of that version is done plus ``seed_grace`` secon
 removes superseded torrents. Optional page-cache warming (``preload`` in the service spec)
 runs after verification, because Transmission's verify evicts the pages.
 
-Keys (all optional but the first): ``transmission_rpc`` (``http://ADDR:9091/transmission/rpc``),
-``address`` (what peers dial; default the RPC host), ``tracker_port`` (6969),
+Keys (all optional but the first): ``transmission_rpc`` (``http://127.0.0.1:9091/transmission/rpc``:
+a loopback address, anything else is refused at start), ``transmission_secret`` (the RPC
+password file the daemon's settings were written with, mode 0600; default
+``<root>/transmission/rpc-secret``), ``address`` (what peers dial: the host's data-network
+address; required in practice, the default is the RPC host), ``tracker_port`` (6969),
 ``swarm_dir`` (the daemon's download dir; default ``<root>/downloads``), ``seed_grace``
 (seconds, 60), ``mlock_cap`` (bytes pinned with mlock by preload, 0), ``kick_secs`` (how
 often the kicker looks for peers waiting on Transmission's 10 s choke pass, 1; 0 turns it off),
@@ -36,7 +39,7 @@ import structlog
 from ..fetch import DownloadError, VerificationError, installed_sha256, unpack, write_marker
 from ..model import StagedRelease
 from ..store import Store
-from .config import AgentConfig
+from .config import AgentConfig, ConfigError
 
 log = structlog.get_logger("dcdeploy.agent.distribution")
 PRUNE_EVERY_SECS = 15.0
@@ -92,9 +95,16 @@ def fetch_transport(staged: StagedRelease, hosts: int, link_bps: float,
 
 class Distribution:
     def __init__(self, cfg: AgentConfig, store: Store) -> None:
+        from ..p2p.daemon import SECRET_FILE, check_loopback
         from ..p2p.swarm import Kicker, SwarmFetcher
         from ..p2p.tracker import Tracker
         rpc = cfg.extra["transmission_rpc"]
+        try:
+            check_loopback("transmission_rpc host", urlsplit(rpc).hostname or "")
+        except ValueError as exc:
+            raise ConfigError(f"[agent] {exc}") from None
+        secret = Path(cfg.extra.get("transmission_secret",
+                                    str(cfg.root / "transmission" / SECRET_FILE)))
         self.address = cfg.extra.get("address") or urlsplit(rpc).hostname or "127.0.0.1"
         self.seed_grace = float(cfg.extra.get("seed_grace", "60"))
         self.mlock_cap = int(cfg.extra.get("mlock_cap", "0"))
@@ -102,7 +112,8 @@ class Distribution:
         self.stall_secs = float(cfg.extra.get("swarm_stall_secs", "120")) or None
         self.active = False
         self.fetcher = SwarmFetcher(rpc, Path(cfg.extra.get("swarm_dir",
-                                                            str(cfg.root / "downloads"))))
+                                                            str(cfg.root / "downloads"))),
+                                    secret_file=secret)
         self.tracker = Tracker(store, cfg.host, self.address, cfg.rack,
                                port=int(cfg.extra.get("tracker_port", "6969")),
                                active=lambda: self.active)

@@ -26,7 +26,8 @@ from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
 from ..snapshot import read_queue, read_view
 from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
-                     StoreError, StoreUnavailable, TransactionFailed, open_store)
+                     StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed,
+                     open_store)
 from ..supervisorctl_client import Supervisor, SupervisorError, SupervisorShuttingDown
 from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
@@ -67,6 +68,7 @@ class Agent:
         self._staged_version: dict[str, str] = {}
         self._in_front: dict[str, bool] = {}
         self._published: dict[str, Any] | None = None
+        self._denied = False  # this cycle, the store refused our credentials
         self._views: dict[str, decisions.ServiceView] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
@@ -137,6 +139,7 @@ class Agent:
         online = self._started and self.session is SessionState.CONNECTED
         queue: list[DeployItem] | None = None
         queue_invalid: list[str] = []
+        self._denied = False
         if online:
             try:
                 self._prepare()
@@ -144,6 +147,9 @@ class Agent:
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", error=str(exc))
                 online = False
+            except StoreUnauthorized as exc:  # wrong or revoked credentials: serve on, as offline
+                self.log.error("store.not_authorized", error=str(exc))
+                self._denied, online = True, False
         for svc in self.cfg.services:
             try:
                 self.cycle_service(svc, queue if online else None, queue_invalid)
@@ -181,14 +187,21 @@ class Agent:
         """Once per session: parents for our nodes, and the host registry entry."""
         if self._prepared:
             return
-        for path in ("deploy", "history", "hosts", "peers"):
-            self.store.ensure(path)
-        for svc in self.cfg.services:
-            for base in ("current", "staging", "gate", "released"):
-                self.store.ensure(f"{base}/{svc}")
+        paths = ["deploy", "history", "hosts", "peers"]
+        paths += [f"{base}/{svc}" for svc in self.cfg.services
+                  for base in ("current", "staging", "gate", "released")]
+        for path in paths:
+            try:
+                self.store.ensure(path)
+            # Under ACLs the operator makes these (init, service set).
+            except StoreUnauthorized as exc:
+                self.log.warning("store.not_authorized", path=path, error=str(exc))
         self._prepared = True
         self._published = None
-        self.publish_host()
+        try:
+            self.publish_host()
+        except StoreUnauthorized as exc:  # not registered by `dcdeploy init`: report, keep going
+            self.log.warning("host.publish_failed", error=str(exc))
 
     def publish_host(self) -> None:
         """``/dc/hosts/<host>``: rack, services and each download's state (not its bytes:
@@ -226,7 +239,8 @@ class Agent:
             if view.staged is not None:
                 self._staged_version[svc] = view.staged.version
         else:
-            self._set(svc, store=self.session.value if self._started else "unreachable")
+            self._set(svc, store="not authorized" if self._denied else
+                      self.session.value if self._started else "unreachable")
         spec = self._spec(svc, view)
         program = spec.program if spec else svc
         state = self.sup.state(program)

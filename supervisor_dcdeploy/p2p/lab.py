@@ -3,25 +3,64 @@
 Shared by the swarm tests (``tests/test_p2p_swarm.py``) and ``bench/distribute.py``. Needs
 root. Every namespace and link carries ``prefix``; :meth:`SwarmLab.down` (also run on
 ``__exit__``) kills what runs in them and deletes them, after failures too.
+
+Each daemon's RPC listens on its own namespace's loopback (as on a real host, where only the
+agent beside it may call it). The test process reaches it through :class:`NetnsRunner`: a
+thread that entered the namespace (``setns``) opens the connections, so no RPC ever listens
+on an address the other namespaces can reach.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
+import threading
 import time
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import structlog
 
 from .. import netns
-from ..store import Store, open_store
+from ..store import NodeExists, Store, open_store
 from ..zkserver import ZooKeeperServer
-from .seed import SeedConfig, start as start_node, status as node_status
+from .seed import SeedConfig, secret_file, start as start_node, status as node_status
 from .swarm import SwarmFetcher
+
+CLONE_NEWNET = 0x40000000
+
+
+def _enter_netns(ns: str) -> None:
+    """Move the calling thread (only it: namespaces are per thread) into ``ns``."""
+    fd = os.open(f"/var/run/netns/{ns}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if ctypes.CDLL(None, use_errno=True).setns(fd, CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns into {ns}: {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+class NetnsRunner:
+    """``runner(fn)`` runs ``fn()`` on one thread living in network namespace ``ns`` and
+    returns its result (raises what it raised). Sockets it opens belong to ``ns``, whichever
+    thread uses them later. Calls from several threads are served one at a time."""
+
+    def __init__(self, ns: str) -> None:
+        self.ns = ns
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix=f"netns-{ns}",
+                                        initializer=_enter_netns, initargs=(ns,))
+
+    def __call__(self, fn: Callable[[], Any]) -> Any:
+        return self._pool.submit(fn).result()
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 log = structlog.get_logger("dcdeploy.p2p.lab")
 
@@ -33,6 +72,8 @@ class LabHost:
     ns: netns.NsHost
     dir: Path
     info: dict = field(default_factory=dict)
+    _runner: NetnsRunner | None = field(default=None, repr=False)
+    _runner_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def address(self) -> str:
@@ -46,8 +87,21 @@ class LabHost:
     def releases(self) -> Path:
         return self.dir / "releases"
 
-    def fetcher(self) -> SwarmFetcher:
-        return SwarmFetcher(self.rpc_url, self.releases, poll=0.25)
+    @property
+    def runner(self) -> NetnsRunner:
+        """Runs RPC exchanges inside this host's namespace (its daemon's loopback)."""
+        with self._runner_lock:
+            if self._runner is None:
+                self._runner = NetnsRunner(self.ns.ns)
+            return self._runner
+
+    @property
+    def secret_file(self) -> Path:
+        return secret_file(self.dir)
+
+    def fetcher(self, download_dir: Path | None = None) -> SwarmFetcher:
+        return SwarmFetcher(self.rpc_url, download_dir or self.releases, poll=0.25,
+                            secret_file=self.secret_file, runner=self.runner)
 
     def tracker_status(self) -> dict:
         url = f"http://{self.address}:{self.info['tracker_port']}/status"
@@ -131,7 +185,26 @@ class SwarmLab:
         veth = self.hosts[name].ns.veth
         return int(Path(f"/sys/class/net/{veth}/statistics/rx_bytes").read_text())
 
+    def publish(self, staged: Any, service: str | None = None) -> str:
+        """Write ``staged`` (a :class:`~.seed.Staged`) as ``staging/<service>`` (default: a
+        name made from its infohash), as ``dcdeploy stage`` would: the hosts' trackers
+        answer only staged infohashes. Returns the service name."""
+        from ..model import StagedRelease
+        assert self.store is not None
+        service = service or f"t{staged.infohash[:12]}"
+        data = StagedRelease(service, "1", staged.sha256, staged.size, (),
+                             staged.metainfo_b64).to_json()
+        self.store.ensure("staging")
+        try:
+            self.store.create(f"staging/{service}", data)
+        except NodeExists:
+            self.store.set(f"staging/{service}", data)
+        return service
+
     def down(self) -> None:
+        for host in self.hosts.values():
+            if host._runner is not None:
+                host._runner.close()
         try:
             if self.store is not None:
                 self.store.stop()

@@ -12,6 +12,12 @@ dir), ``seeds/<infohash>.json`` (torrents to seed from a given path, re-added wh
 daemon forgets them), ``node.json`` (written once ready: pids, ports, RPC URL),
 ``node.pid``. The daemon is restarted if it exits (like supervisord would). SIGTERM stops
 the daemon and the tracker and removes the peer registrations.
+
+The daemon's RPC listens on loopback only and wants the password in
+``transmission/rpc-secret`` (made at first start, 0600); a client on the same host (or in
+the same network namespace) reads it from there. The tracker answers announces for the
+releases staged in the store and for the torrents recorded under ``seeds/`` (the build host
+seeds a release a moment before ``dcdeploy stage`` publishes it).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ from pathlib import Path
 import structlog
 
 from ..store import StoreError, open_store
-from .daemon import DaemonProcess, write_settings
+from .daemon import DaemonProcess, check_loopback, write_settings
 from .errors import FetchError
 from .swarm import Kicker, SwarmFetcher
 from .tracker import Tracker
@@ -75,6 +81,11 @@ def forget_seed(node_dir: Path, infohash: str) -> None:
     (seeds_dir(node_dir) / f"{infohash}.json").unlink(missing_ok=True)
 
 
+def seeded_infohashes(node_dir: Path) -> list[str]:
+    """The infohashes recorded under ``seeds/`` (file names only: cheap per announce)."""
+    return [p.stem for p in seeds_dir(node_dir).glob("*.json")]
+
+
 def load_seeds(node_dir: Path) -> list[SeedEntry]:
     out = []
     for p in sorted(seeds_dir(node_dir).glob("*.json")):
@@ -89,7 +100,7 @@ class Node:
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.dir = Path(args.dir).resolve()
-        self.rpc_address = args.rpc_bind or args.address
+        self.rpc_address = check_loopback("--rpc-bind", args.rpc_bind)
         self.daemon = DaemonProcess(self.dir / "transmission", self.rpc_address, args.rpc_port)
         self.store = open_store(args.store, session_timeout=args.session_timeout)
         self.tracker: Tracker | None = None
@@ -105,16 +116,19 @@ class Node:
         self.tracker = Tracker(self.store, self.args.host, self.args.address, self.args.rack,
                                port=self.args.tracker_port, bind=self.args.tracker_bind,
                                active=lambda: self.args.active,
-                               interval_active=self.args.interval)
+                               interval_active=self.args.interval,
+                               local_torrents=lambda: seeded_infohashes(self.dir))
         self.tracker.start()
         self.daemon.start()
-        fetcher = SwarmFetcher(self.daemon.url, self.dir / "releases")
+        fetcher = SwarmFetcher(self.daemon.url, self.dir / "releases",
+                               secret_file=self.daemon.secret_path)
         self._ensure_seeds(fetcher)
         kicker = Kicker(fetcher, self.args.kick) if self.args.kick > 0 else None
         if kicker:
             kicker.start()
         info = {"pid": os.getpid(), "daemon_pid": self.daemon.proc.pid if self.daemon.proc
-                else None, "rpc_url": self.daemon.url, "tracker_port": self.tracker.port,
+                else None, "rpc_url": self.daemon.url, "rpc_secret": str(self.daemon.secret_path),
+                "tracker_port": self.tracker.port,
                 "address": self.args.address, "host": self.args.host}
         tmp = self.dir / "node.json.tmp"
         tmp.write_text(json.dumps(info))
@@ -170,7 +184,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--address", required=True, help="address peers dial (data network)")
     p.add_argument("--rack", default="")
     p.add_argument("--dir", required=True, help="state directory")
-    p.add_argument("--rpc-bind", default=None, help="RPC bind address (default: --address)")
+    p.add_argument("--rpc-bind", default="127.0.0.1",
+                   help="RPC bind address: a loopback address (the RPC is never on the network)")
     p.add_argument("--rpc-port", type=int, default=9091)
     p.add_argument("--peer-port", type=int, default=51413)
     p.add_argument("--tracker-bind", default="127.0.0.1")
@@ -188,7 +203,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
-    node = Node(args)
+    try:
+        node = Node(args)
+    except ValueError as exc:
+        print(f"dcdeploy seeder: {exc}", file=sys.stderr)
+        return 2
 
     def on_signal(signum: int, _frame: object) -> None:
         node.stopping.set()

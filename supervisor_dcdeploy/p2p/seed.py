@@ -19,10 +19,11 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import structlog
 
+from .daemon import SECRET_FILE
 from .node import SeedEntry, forget_seed, record_seed
 from .swarm import SwarmFetcher
 from .torrent import DEFAULT_ANNOUNCE, artifact_sha256, artifact_size, make_torrent
@@ -74,7 +75,7 @@ class SeedConfig:
     peer_port: int = 51413
     tracker_port: int = 6969
     tracker_bind: str = "127.0.0.1"
-    rpc_bind: str | None = None  # default: address
+    rpc_bind: str = "127.0.0.1"  # loopback only: the node refuses anything else
     tuning: dict | None = None
 
     def command(self) -> list[str]:
@@ -82,9 +83,7 @@ class SeedConfig:
                "--host", self.host, "--address", self.address, "--rack", self.rack,
                "--dir", str(self.dir), "--rpc-port", str(self.rpc_port),
                "--peer-port", str(self.peer_port), "--tracker-port", str(self.tracker_port),
-               "--tracker-bind", self.tracker_bind, "--seed-check"]
-        if self.rpc_bind:
-            cmd += ["--rpc-bind", self.rpc_bind]
+               "--tracker-bind", self.tracker_bind, "--seed-check", "--rpc-bind", self.rpc_bind]
         if self.tuning:
             cmd += ["--tuning", json.dumps(self.tuning)]
         return cmd
@@ -163,21 +162,32 @@ def stop(node_dir: Path, *, timeout: float = 30.0) -> bool:
     return True
 
 
-def add_seed(node_dir: Path, rpc_url: str, staged: Staged, *, wait: float = 600.0) -> str:
+def secret_file(node_dir: Path) -> Path:
+    """The seeder daemon's RPC password file (made by the node at its first start)."""
+    return Path(node_dir) / "transmission" / SECRET_FILE
+
+
+def add_seed(node_dir: Path, rpc_url: str, staged: Staged, *, wait: float = 600.0,
+             runner: Callable[[Callable[[], Any]], Any] | None = None) -> str:
     """Seed ``staged`` from its original location: recorded under ``node_dir/seeds`` (re-added
-    after daemon restarts), added to the daemon with the file's directory as download dir,
-    and waited for until the daemon has checked the data and is seeding. Returns the
-    infohash. Raises :class:`~.errors.DownloadError` when the daemon does not get there."""
+    after daemon restarts; the node's tracker answers for it from then on), added to the
+    daemon with the file's directory as download dir, and waited for until the daemon has
+    checked the data and is seeding. Returns the infohash. Raises
+    :class:`~.errors.DownloadError` when the daemon does not get there. The RPC is on the
+    seeder's loopback: call this on the build host (``runner``: see :class:`SwarmFetcher`)."""
     entry = SeedEntry(staged.infohash, staged.metainfo, staged.path.parent)
     record_seed(node_dir, entry)
-    fetcher = SwarmFetcher(rpc_url, staged.path.parent)
+    fetcher = SwarmFetcher(rpc_url, staged.path.parent, secret_file=secret_file(node_dir),
+                           runner=runner)
     fetcher.ensure_seeding(staged.metainfo, staged.path.parent)
     fetcher.wait_seeding(staged.infohash, timeout=wait)
     log.info("seed.seeding", infohash=staged.infohash, path=str(staged.path))
     return staged.infohash
 
 
-def remove_seed(node_dir: Path, rpc_url: str, infohash: str) -> None:
+def remove_seed(node_dir: Path, rpc_url: str, infohash: str, *,
+                runner: Callable[[Callable[[], Any]], Any] | None = None) -> None:
     """Stop seeding (the original file is kept)."""
     forget_seed(node_dir, infohash)
-    SwarmFetcher(rpc_url, Path(node_dir)).remove(infohash, delete_data=False)
+    SwarmFetcher(rpc_url, Path(node_dir), secret_file=secret_file(node_dir),
+                 runner=runner).remove(infohash, delete_data=False)

@@ -25,7 +25,7 @@ import structlog
 from tenacity import (Retrying, retry_if_exception_type, stop_after_delay,
                       wait_random_exponential)
 from transmission_rpc import Client, TransmissionError
-from transmission_rpc.error import TransmissionConnectError
+from transmission_rpc.error import TransmissionAuthError, TransmissionConnectError
 
 from .errors import Cancelled, DiskFull, DownloadError, FetchError, VerificationError
 from .torrent import (artifact_sha256, free_bytes, infohash, torrent_name, torrent_size,
@@ -157,16 +157,24 @@ class SwarmFetcher:
     """Drive one transmission-daemon over RPC. Thread-safe for distinct infohashes.
 
     ``rpc_url`` is ``http://HOST:PORT/transmission/rpc``; ``download_dir`` is where releases
-    land (the daemon must see the same path: it runs on the same host)."""
+    land (the daemon must see the same path: it runs on the same host). ``secret_file``
+    holds the RPC password (:func:`.daemon.ensure_secret` made it; read again on every
+    reconnect); None sends no credentials. ``runner(fn)`` runs each RPC exchange and returns
+    its result: the default calls it here; the namespace lab runs it on a thread inside the
+    daemon's network namespace, whose loopback is where the RPC listens."""
 
     def __init__(self, rpc_url: str, download_dir: Path, *, rpc_retry_secs: float = 60.0,
-                 poll: float = 0.5, kick_while_fetching: bool = True) -> None:
+                 poll: float = 0.5, kick_while_fetching: bool = True,
+                 secret_file: Path | None = None,
+                 runner: Callable[[Callable[[], Any]], Any] | None = None) -> None:
         parts = urlsplit(rpc_url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"rpc_url {rpc_url!r}: expected http://HOST:PORT/transmission/rpc")
         self.rpc_url = rpc_url
         self._conn = dict(protocol=parts.scheme, host=parts.hostname, port=parts.port or 9091,
                           path=parts.path or "/transmission/rpc")
+        self.secret_file = Path(secret_file) if secret_file else None
+        self._runner = runner
         self.download_dir = Path(download_dir)
         self.rpc_retry_secs = rpc_retry_secs
         self.poll = poll
@@ -178,10 +186,20 @@ class SwarmFetcher:
     def _rpc(self, call: Callable[[Client], T], *, retry_secs: float | None = None) -> T:
         """Run ``call(client)``; reconnect and retry connection errors for up to
         ``retry_secs`` (default ``rpc_retry_secs``), then raise :class:`DownloadError`."""
-        def attempt() -> T:
+        def exchange() -> T:
             with self._lock:
                 if self._client is None:
-                    self._client = Client(timeout=15.0, **self._conn)  # type: ignore[arg-type]
+                    auth = {}
+                    if self.secret_file is not None:
+                        from .daemon import RPC_USER, read_secret
+                        try:
+                            auth = {"username": RPC_USER,
+                                    "password": read_secret(self.secret_file)}
+                        except (OSError, ValueError) as exc:
+                            raise TransmissionError(f"cannot read the RPC password: "
+                                                    f"{exc}") from None
+                    self._client = Client(timeout=15.0, **self._conn,  # type: ignore[arg-type]
+                                          **auth)
                 client = self._client
             try:
                 return call(client)
@@ -189,6 +207,9 @@ class SwarmFetcher:
                 with self._lock:
                     self._client = None
                 raise
+
+        def attempt() -> T:
+            return exchange() if self._runner is None else self._runner(exchange)
 
         try:
             for try_ in Retrying(retry=retry_if_exception_type(TransmissionConnectError),
@@ -201,6 +222,10 @@ class SwarmFetcher:
         except TransmissionConnectError as exc:
             raise DownloadError(f"transmission-daemon at {self.rpc_url} unreachable: {exc} "
                                 "(is the transmission program running?)") from None
+        except TransmissionAuthError:
+            raise DownloadError(f"transmission-daemon at {self.rpc_url} refused the RPC "
+                                f"password from {self.secret_file} (HTTP 401): it must be the "
+                                "one in the daemon's config dir (rpc-secret)") from None
         except TransmissionError as exc:
             raise DownloadError(f"transmission-daemon at {self.rpc_url}: {exc}") from None
         raise AssertionError("unreachable")

@@ -9,13 +9,23 @@ the store is the peer list, and a host whose agent dies vanishes from it with it
 
 ``GET /status`` answers JSON (registrations and the hosts of the last answer per infohash) for
 ``supervisorctl dcdeploy status``, tests and debugging.
+
+Trust (docs/distribution.md, "Security"): the tracker answers only infohashes of releases
+staged in the store (``staging/<svc>``, re-read every few seconds and on a miss) or named
+by ``local_torrents`` (the build host's own seeds); anything else gets a bencoded failure
+reason and writes nothing. Announces are parsed with bounds and rate-limited per client
+address (:func:`take_token`). ``dcdeploy stage`` removes ``peers/<infohash>`` of releases
+no longer staged (:func:`prune_unstaged_peers`).
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import ipaddress
 import json
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -40,6 +50,16 @@ INTERVAL_INTRO = 2  # its announce interval meanwhile, so it meets the others so
 DEFAULT_NUMWANT = 50  # BEP 3: "defaults to 50 peers"
 MAX_NUMWANT = 200
 PEER_CACHE_SECS = 1.0  # an announce storm costs at most one store listing per second per torrent
+MAX_QUERY = 2048  # bytes of query string; a real announce is ~300
+PEER_ID_LEN = 20  # BEP 3: "A string of length 20"
+MAX_COUNTER = 2**63 - 1  # left/downloaded/uploaded: what a 64-bit client can send
+STAGED_REFRESH_SECS = 5.0  # re-read staging/* this often while announces come in
+STAGED_MISS_SECS = 0.5  # an unknown infohash re-reads staging/* at most this often
+# Per client address: a daemon announces each torrent every 5 s while a deploy is active
+# (more right after a start): 10/s with bursts of 50 is far above that, far below a flood.
+RATE_PER_SEC = 10.0
+RATE_BURST = 50.0
+MAX_BUCKETS = 4096
 
 
 class AnnounceError(ValueError):
@@ -95,9 +115,19 @@ class Announce:
 def parse_announce(query: str) -> Announce:
     """Parse the raw query string of an announce (binary ``info_hash`` percent-encoded).
 
+    Bounds: the query at most :data:`MAX_QUERY` bytes, ``info_hash`` exactly 20 bytes,
+    ``peer_id`` exactly 20 bytes, ``port`` 1-65535, ``left``/``downloaded`` 0 to 2^63-1,
+    ``numwant`` capped to :data:`MAX_NUMWANT` (negative: 0).
+
     Raises :class:`AnnounceError` naming the bad parameter. Pure."""
+    if len(query) > MAX_QUERY:
+        raise AnnounceError(f"query of {len(query)} bytes is longer than {MAX_QUERY}")
     # latin-1 maps every byte to one code point, so the 20 raw bytes survive unquoting.
-    params = parse_qs(query, keep_blank_values=True, encoding="latin-1")
+    try:
+        params = parse_qs(query, keep_blank_values=True, encoding="latin-1",
+                          max_num_fields=64)
+    except ValueError as exc:
+        raise AnnounceError(f"bad query: {exc}") from None
 
     def one(name: str, default: str | None = None) -> str:
         values = params.get(name)
@@ -110,27 +140,127 @@ def parse_announce(query: str) -> Announce:
     raw_hash = one("info_hash").encode("latin-1")
     if len(raw_hash) != 20:
         raise AnnounceError(f"info_hash must be 20 bytes, got {len(raw_hash)}")
-    try:
-        port = int(one("port"))
-    except ValueError:
-        raise AnnounceError(f"port {one('port')!r} is not a number") from None
-    if not 0 < port < 65536:
-        raise AnnounceError(f"port {port} is out of range")
+    peer_id = one("peer_id").encode("latin-1")
+    if len(peer_id) != PEER_ID_LEN:
+        raise AnnounceError(f"peer_id must be {PEER_ID_LEN} bytes, got {len(peer_id)}")
+
+    def number(name: str, text: str, low: int, high: int) -> int:
+        # int() alone takes "+1", " 1", "1_0" and 4,300 digits: digits only, bounded length.
+        if not re.fullmatch(r"-?[0-9]{1,20}", text):
+            raise AnnounceError(f"{name} {text[:30]!r} is not a number")
+        value = int(text)
+        if not low <= value <= high:
+            raise AnnounceError(f"{name} {value} is out of range {low}-{high}")
+        return value
+
+    port = number("port", one("port"), 1, 65535)
     left_text = one("left", "")
     downloaded_text = one("downloaded", "")
-    try:
-        left = int(left_text) if left_text else None
-        downloaded = int(downloaded_text) if downloaded_text else None
-        numwant = int(one("numwant", str(DEFAULT_NUMWANT)))
-    except ValueError:
-        raise AnnounceError("left, downloaded and numwant must be numbers") from None
+    left = number("left", left_text, 0, MAX_COUNTER) if left_text else None
+    downloaded = number("downloaded", downloaded_text, 0, MAX_COUNTER) \
+        if downloaded_text else None
+    numwant = number("numwant", one("numwant", str(DEFAULT_NUMWANT)), -MAX_COUNTER,
+                     MAX_COUNTER)
     event = one("event", "")
     if event not in ("", "started", "completed", "stopped", "paused"):
-        raise AnnounceError(f"unknown event {event!r}")
-    return Announce(infohash=raw_hash.hex(), peer_id=one("peer_id", "").encode("latin-1"),
+        raise AnnounceError(f"unknown event {event[:30]!r}")
+    return Announce(infohash=raw_hash.hex(), peer_id=peer_id,
                     port=port, left=left, event=event,
                     numwant=max(0, min(numwant, MAX_NUMWANT)),
                     compact=one("compact", "1") != "0", downloaded=downloaded)
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A token bucket: ``tokens`` left at monotonic time ``at``."""
+
+    tokens: float
+    at: float
+
+
+def take_token(bucket: Bucket | None, now: float, rate: float = RATE_PER_SEC,
+               burst: float = RATE_BURST) -> tuple[bool, Bucket]:
+    """(allowed, the bucket after this request). Pure.
+
+    A new client starts with a full bucket of ``burst`` tokens; tokens come back at ``rate``
+    per second up to ``burst``; a request takes one, or is refused (and takes none) when
+    less than one is left. A clock that went backwards refills nothing."""
+    if bucket is None:
+        bucket = Bucket(burst, now)
+    tokens = min(burst, bucket.tokens + max(0.0, now - bucket.at) * rate)
+    if tokens >= 1.0:
+        return True, Bucket(tokens - 1.0, now)
+    return False, Bucket(tokens, now)
+
+
+def staged_infohashes(staging: dict[str, bytes | str | None]) -> tuple[set[str], list[str]]:
+    """(infohashes of the torrents in ``staging/<svc>`` values, problems in words). Pure.
+
+    A value that is not a valid staged release, or whose torrent does not decode, adds a
+    problem and no infohash; a release staged with URLs only adds nothing."""
+    from ..model import StagedRelease
+    from .torrent import infohash
+    found: set[str] = set()
+    problems: list[str] = []
+    for svc, raw in sorted(staging.items()):
+        if not raw:
+            continue
+        try:
+            release = StagedRelease.parse(svc, raw)
+        except InvalidData as exc:
+            problems.append(str(exc))
+            continue
+        except (RecursionError, ValueError, OverflowError) as exc:  # until model.py bounds it
+            problems.append(f"staging/{svc}: {type(exc).__name__}")
+            continue
+        if not release.torrent:
+            continue
+        try:
+            found.add(infohash(base64.b64decode(release.torrent, validate=True)))
+        except (binascii.Error, ValueError, TypeError, RecursionError) as exc:
+            problems.append(f"staging/{svc}: torrent: {type(exc).__name__}: {exc}")
+    return found, problems
+
+
+def read_staging_values(store: Store) -> dict[str, bytes | None]:
+    """``staging/<svc>`` values (raises :class:`StoreError`)."""
+    out: dict[str, bytes | None] = {}
+    try:
+        services = store.children("staging")
+    except NoNode:
+        return out
+    for svc in services:
+        try:
+            out[svc] = store.get(f"staging/{svc}")[0]
+        except NoNode:
+            continue
+    return out
+
+
+def prune_unstaged_peers(store: Store) -> list[str]:
+    """Delete ``peers/<infohash>`` (with every host under it) for each infohash that no
+    staged release carries any more; return those infohashes. ``dcdeploy stage`` calls
+    this after publishing a release, so superseded swarms do not stay in the store forever.
+
+    Hosts still seeding a superseded torrent lose their registration; their trackers
+    refuse to register it again (no longer staged). Raises :class:`StoreError`."""
+    staged, _ = staged_infohashes(read_staging_values(store))
+    try:
+        present = store.children(PEERS)
+    except NoNode:
+        return []
+    removed = []
+    for ih in present:
+        if ih in staged:
+            continue
+        try:
+            store.delete(f"{PEERS}/{ih}", recursive=True)
+        except NoNode:
+            continue
+        removed.append(ih)
+    if removed:
+        log.info("tracker.pruned_peers", infohashes=removed)
+    return removed
 
 
 def _spread_key(self_host: str, peer: PeerInfo) -> bytes:
@@ -222,13 +352,18 @@ class Tracker:
     writes are idempotent; after a session loss every registration is re-created by the
     maintenance thread, which also drops registrations not refreshed by an announce within
     ``expire_after`` seconds (the daemon died without saying ``stopped``).
+
+    Only staged infohashes (and those ``local_torrents()`` names) are answered; each client
+    address gets ``rate`` announces per second with bursts of ``burst``.
     """
 
     def __init__(self, store: Store, host: str, address: str, rack: str, port: int = 6969,
                  active: Callable[[], bool] = lambda: False, *, bind: str = "127.0.0.1",
                  interval_active: int = INTERVAL_ACTIVE, interval_idle: int = INTERVAL_IDLE,
-                 expire_after: float | None = None, intro_window: float = INTRO_WINDOW
-                 ) -> None:
+                 expire_after: float | None = None, intro_window: float = INTRO_WINDOW,
+                 local_torrents: Callable[[], Iterable[str]] = lambda: (),
+                 rate: float = RATE_PER_SEC, burst: float = RATE_BURST,
+                 staged_miss_secs: float = STAGED_MISS_SECS) -> None:
         check_name("tracker", "host", host)
         ipaddress.ip_address(address)
         self.store = store
@@ -242,6 +377,15 @@ class Tracker:
         self.interval_idle = interval_idle
         self.expire_after = expire_after or 3 * interval_idle + 20
         self.intro_window = intro_window
+        self.local_torrents = local_torrents
+        self.rate = rate
+        self.burst = burst
+        self.staged_miss_secs = staged_miss_secs
+        self._buckets: dict[str, Bucket] = {}
+        self._staged: set[str] = set()
+        self._staged_at = -1e9  # monotonic time of the last staging read
+        self._staged_lock = threading.Lock()  # one staging read at a time
+        self.refused: dict[str, int] = {"unstaged": 0, "rate": 0, "malformed": 0}
         self._first_seen: dict[str, float] = {}  # infohash -> first announce (monotonic)
         self._lock = threading.Lock()
         self._registered: dict[str, tuple[PeerInfo, float]] = {}  # infohash -> (info, last seen)
@@ -266,7 +410,8 @@ class Tracker:
             def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
                 path, _, query = self.path.partition("?")
                 if path == "/announce":
-                    code, ctype, body = 200, "text/plain", tracker.handle_announce(query)
+                    code, ctype = 200, "text/plain"
+                    body = tracker.handle_announce(query, self.client_address[0])
                 elif path == "/status":
                     code, ctype = 200, "application/json"
                     body = json.dumps(tracker.status()).encode()
@@ -319,14 +464,33 @@ class Tracker:
         except Exception:  # the callback is the agent's; never fail an announce on it
             return self.interval_active
 
-    def handle_announce(self, query: str) -> bytes:
-        """Answer one announce query (the part after ``?``); never raises."""
+    def handle_announce(self, query: str, client: str = "127.0.0.1") -> bytes:
+        """Answer one announce query (the part after ``?``) from ``client`` (its address);
+        never raises. Refused (a failure reason, nothing written): over the client's rate,
+        malformed, or an infohash that is not staged."""
         interval = self.interval()
+        if not self._allow(client):
+            self._count("rate")
+            return failure_response("too many announces from this address; slow down",
+                                    max(interval, INTERVAL_ACTIVE))
         try:
             ann = parse_announce(query)
         except AnnounceError as exc:
+            self._count("malformed")
             log.warning("tracker.bad_announce", host=self.host, error=str(exc))
             return failure_response(str(exc), interval)
+        if not self.is_staged(ann.infohash):
+            self._count("unstaged")
+            log.warning("tracker.unstaged", host=self.host, infohash=ann.infohash,
+                        client=client)
+            with self._lock:
+                known = ann.infohash in self._registered or ann.infohash in self._written
+                self._registered.pop(ann.infohash, None)
+                self._first_seen.pop(ann.infohash, None)
+            if known:
+                self._unregister(ann.infohash)
+            return failure_response(f"infohash {ann.infohash} is not a staged release",
+                                    interval)
         if ann.event in ("stopped", "paused"):
             with self._lock:
                 self._registered.pop(ann.infohash, None)
@@ -350,9 +514,89 @@ class Tracker:
                   left=ann.left, answered=[p.host for p in peers], interval=interval)
         return announce_response(peers, interval=interval, compact=ann.compact)
 
+    def _count(self, why: str) -> None:
+        with self._lock:
+            self.refused[why] += 1
+
+    def _allow(self, client: str) -> bool:
+        now = time.monotonic()
+        with self._lock:
+            if len(self._buckets) >= MAX_BUCKETS and client not in self._buckets:
+                # Drop the clients whose bucket has refilled: they lose nothing.
+                full_after = self.burst / self.rate if self.rate > 0 else 0.0
+                self._buckets = {a: b for a, b in self._buckets.items()
+                                 if now - b.at < full_after}
+                if len(self._buckets) >= MAX_BUCKETS:
+                    return False
+            allowed, self._buckets[client] = take_token(self._buckets.get(client), now,
+                                                        self.rate, self.burst)
+        return allowed
+
+    def is_staged(self, infohash: str) -> bool:
+        """Whether ``infohash`` may be announced: one of this host's ``local_torrents`` or
+        of the staged releases (re-read every :data:`STAGED_REFRESH_SECS`, and on a miss at
+        most every ``staged_miss_secs``; the last good read is kept while the store is
+        unreachable)."""
+        now = time.monotonic()
+        with self._lock:
+            staged, age = self._staged, now - self._staged_at
+        fresh = age < STAGED_REFRESH_SECS
+        if fresh and infohash in staged:
+            return True
+        if infohash in self._local():
+            return True
+        if fresh and age < self.staged_miss_secs:
+            return False
+        return infohash in self.refresh_staged(sync=infohash not in staged)
+
+    def _local(self) -> set[str]:
+        try:
+            return set(self.local_torrents())
+        except Exception as exc:  # noqa: BLE001 - the callback reads local files
+            log.warning("tracker.local_torrents_failed", error=str(exc))
+            return set()
+
+    def refresh_staged(self, *, sync: bool = False) -> set[str]:
+        """Re-read the staged infohashes now (``sync``: as fresh as the latest write by any
+        client, for a release staged a moment ago); drop this host's registrations of
+        infohashes no longer staged. Returns the set; on a store error, the last one."""
+        with self._staged_lock:
+            with self._lock:
+                if time.monotonic() - self._staged_at < self.staged_miss_secs:
+                    return set(self._staged)  # another thread has just read it
+            try:
+                if sync:
+                    self.store.sync("staging")
+                staged, problems = staged_infohashes(read_staging_values(self.store))
+            except StoreError as exc:
+                log.warning("tracker.staging_unavailable", host=self.host,
+                            error=f"{type(exc).__name__}: {exc}")
+                with self._lock:
+                    self._staged_at = time.monotonic()  # retry after the refresh period
+                    return set(self._staged)
+            for problem in problems:
+                log.warning("tracker.bad_staging", host=self.host, problem=problem)
+            local = self._local()
+            with self._lock:
+                self._staged, self._staged_at = staged, time.monotonic()
+                gone = [ih for ih in set(self._registered) | set(self._written)
+                        if ih not in staged and ih not in local]
+                for ih in gone:
+                    self._registered.pop(ih, None)
+                    self._first_seen.pop(ih, None)
+        for ih in gone:
+            log.info("tracker.unstaged_dropped", host=self.host, infohash=ih)
+            self._unregister(ih)
+            try:  # the last host out removes the swarm's node; others still in: NotEmpty
+                self.store.delete(f"{PEERS}/{ih}")
+            except StoreError:
+                pass
+        return staged
+
     def status(self) -> dict[str, Any]:
         with self._lock:
             return {"host": self.host, "rack": self.rack, "address": self.address,
+                    "refused": dict(self.refused),
                     "registered": {ih: {"port": info.port, "complete": info.complete}
                                    for ih, (info, _) in self._registered.items()},
                     "answers": {ih: list(hosts) for ih, hosts in self._answers.items()}}

@@ -47,8 +47,10 @@ class StoreUnavailable(StoreError):
 
 class StoreUnauthorized(StoreError):
     """The store refused the request for lack of permission: no credentials, unknown ones,
-    or ones that do not allow this read or write (a Consul ACL denial, also one inside a
-    transaction). Nothing was applied; the message names the path and what to grant."""
+    or ones that do not allow this read or write (ZooKeeper NoAuth or AuthFailed, a Consul
+    ACL denial, also one inside a transaction), or a ZooKeeper root not set up for
+    authenticated use by ``dcdeploy init``. Nothing was applied; the message names the path
+    and what to grant."""
 
 
 class TransactionFailed(StoreError):
@@ -180,6 +182,13 @@ class Store(abc.ABC):
 
         Returns one result per op (created path, new version, or None); raises
         :class:`TransactionFailed` naming the op that failed."""
+
+    def secure(self, hosts: dict[str, str], initial: dict[str, bytes]) -> int:
+        """Set up access control for the operator (this session's identity) and the given
+        hosts (name -> credential id), creating the nodes in ``initial`` (path -> data)
+        when missing; idempotent. Returns how many nodes were created or changed."""
+        raise StoreError(f"{type(self).__name__}: access control is not managed by dcdeploy "
+                         "for this backend")
 
     def ensure(self, path: str) -> None:
         """Create ``path`` (and parents) as an empty persistent node unless it exists."""

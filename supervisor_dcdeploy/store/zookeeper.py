@@ -9,18 +9,22 @@ makes the host count as down).
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 from kazoo.client import KazooClient, KazooState
-from kazoo.exceptions import (BadVersionError, ConnectionClosedError, ConnectionLoss,
-                              KazooException, NodeExistsError, NoNodeError, NotEmptyError,
-                              RolledBackError, SessionExpiredError)
+from kazoo.exceptions import (AuthFailedError, BadVersionError, ConnectionClosedError,
+                              ConnectionLoss, KazooException, NoAuthError, NodeExistsError,
+                              NoNodeError, NotEmptyError, RolledBackError, SessionExpiredError)
 from kazoo.handlers.threading import KazooTimeoutError
 from kazoo.retry import KazooRetry
 
-from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotEmpty, OpCounter,
-                   SessionState, SetData, Store, StoreError, StoreUnavailable,
-                   TransactionFailed, Watcher)
+from . import acl as layout
+from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotEmpty,
+                   OpCounter, SessionState, SetData, Store, StoreError, StoreUnauthorized,
+                   StoreUnavailable, TransactionFailed, Watcher)
+
+if TYPE_CHECKING:
+    from . import StoreSecurity
 
 _STATES = {KazooState.CONNECTED: SessionState.CONNECTED,
            KazooState.SUSPENDED: SessionState.SUSPENDED,
@@ -38,6 +42,9 @@ def _translate(exc: BaseException) -> StoreError:
         return BadVersion(str(exc) or "bad version")
     if isinstance(exc, NotEmptyError):
         return NotEmpty(str(exc) or "not empty")
+    if isinstance(exc, (NoAuthError, AuthFailedError)):
+        return StoreUnauthorized(f"zookeeper: {type(exc).__name__}: this store identity may not do "
+                             "that here (see docs/security-zk.md)")
     if isinstance(exc, (ConnectionLoss, SessionExpiredError, ConnectionClosedError,
                         KazooTimeoutError)):
         return StoreUnavailable(f"zookeeper: {type(exc).__name__}")
@@ -47,18 +54,33 @@ def _translate(exc: BaseException) -> StoreError:
 
 
 class ZooKeeperStore(Store):
+    """With an ``identity`` every node is created with the ACL :mod:`.acl` gives its path
+    (nothing world-readable or world-writable); without one, as before: ZooKeeper's
+    world-open default, for labs and the demo. ``security`` adds TLS (kazoo's ``use_ssl``)."""
+
     def __init__(self, url: str, servers: list[tuple[str, int]], root: str,
-                 session_timeout: float = 10.0, request_timeout: float | None = None) -> None:
+                 session_timeout: float = 10.0, request_timeout: float | None = None, *,
+                 identity: layout.Identity | None = None,
+                 security: StoreSecurity | None = None) -> None:
         self.url = url
         self.root = root
+        self.identity = identity
+        self._me = identity.digest_id if identity else None
         self.ops = OpCounter()
         self._wrappers: dict[Watcher, Callable] = {}
         self.request_timeout = request_timeout or max(2.0, session_timeout / 2)
         hosts = ",".join(f"{h}:{p}" for h, p in servers)
+        tls = {}
+        if security is not None and security.use_tls:
+            # Server certificates are checked against the CA and the server's name (the
+            # host as written in the URL must be in the certificate).
+            tls = dict(use_ssl=True, ca=security.ca, certfile=security.cert,
+                       keyfile=security.key, verify_certs=True, check_hostname=True)
         self._client = KazooClient(
             hosts=hosts, timeout=session_timeout,
             connection_retry=KazooRetry(max_tries=-1, delay=0.1, max_delay=1.0,
                                         ignore_expire=False),
+            auth_data=[identity.auth_data] if identity else None, **tls,
         )
 
     # -- session ------------------------------------------------------------------------
@@ -69,7 +91,10 @@ class ZooKeeperStore(Store):
             self._client.stop()
             raise StoreUnavailable(
                 f"zookeeper at {self.url}: no answer within {timeout:g}s") from None
-        self.ensure("")
+        if self._me is None:
+            self.ensure("")
+        # With credentials the root is made by `dcdeploy init`, with its ACL: a host must
+        # never create it world-open.
 
     def stop(self) -> None:
         try:
@@ -138,9 +163,127 @@ class ZooKeeperStore(Store):
     def create(self, path: str, data: bytes = b"", *, ephemeral: bool = False,
                sequential: bool = False) -> str:
         self.ops.write()
-        created = self._wait(self._client.create_async(
-            self._abs(path), data, ephemeral=ephemeral, sequence=sequential, makepath=True))
+        if self._me is None:
+            created = self._wait(self._client.create_async(
+                self._abs(path), data, ephemeral=ephemeral, sequence=sequential,
+                makepath=True))
+            return created[len(self.root) + 1:]
+        policy = self.policy()
+
+        def attempt() -> str:
+            return self._wait(self._client.create_async(
+                self._abs(path), data, acl=self._acl(path, policy), ephemeral=ephemeral,
+                sequence=sequential))
+        try:
+            created = attempt()
+        except NoNode:  # parents first, each with its own ACL (kazoo's makepath would
+            self._make_parents(path, policy)  # give them the child's)
+            created = attempt()
         return created[len(self.root) + 1:]
+
+    def ensure(self, path: str) -> None:
+        # Under ACLs, look before creating: creating an existing node is refused for lack
+        # of CREATE on its parent before ZooKeeper says it exists.
+        if self._me is None or self.exists(path) is None:
+            super().ensure(path)
+
+    # -- access control -----------------------------------------------------------------
+    def policy(self) -> layout.AclPolicy:
+        """Who is operator and who is a host: the root's data, written by ``dcdeploy init``.
+        Raises :class:`StoreUnauthorized` when the root is not set up."""
+        self.ops.read()
+        try:
+            raw, _ = self._wait(self._client.get_async(self._abs(layout.POLICY_NODE)))
+        except NoNode:
+            raw = None
+        policy = layout.AclPolicy.from_json(raw)
+        if policy is None:
+            raise StoreUnauthorized(f"store root {self.root} is not set up for authenticated "
+                                "access: run `dcdeploy init` with the operator's credentials")
+        return policy
+
+    def _acl(self, path: str, policy: layout.AclPolicy, owner: str | None = None) -> list:
+        if layout.kind_of(path) in layout.OWNED:
+            owner = owner or self._me
+        return layout.acl_for(path, policy, owner)
+
+    def _make_parents(self, path: str, policy: layout.AclPolicy,
+                      owners: dict[str, str] | None = None) -> None:
+        parts = path.split("/")[:-1]
+        for i in range(len(parts) + 1):
+            sub = "/".join(parts[:i])
+            if self.exists(sub) is not None:
+                continue
+            owner = (owners or {}).get(layout.owner_of(sub) or "")
+            try:
+                self.ops.write()
+                self._wait(self._client.create_async(
+                    self._abs(sub), b"", acl=self._acl(sub, policy, owner),
+                    makepath=not sub))  # the root's own parents, e.g. "/" for "/dc"
+            except NodeExists:
+                pass
+
+    def add_identity(self, identity: layout.Identity) -> None:
+        """Also act as ``identity`` for the rest of the session (``init`` rotating the
+        operator: the old identity's rights set up the new one's)."""
+        try:
+            self._client.add_auth(*identity.auth_data)
+        except BaseException as exc:
+            raise _translate(exc) from exc
+
+    def get_acl(self, path: str) -> list:
+        """The node's ACL as kazoo ``ACL`` values (for ``init`` and the tests)."""
+        self.ops.read()
+        return list(self._wait(self._client.get_acls_async(self._abs(path)))[0])
+
+    def secure(self, hosts: dict[str, str], initial: dict[str, bytes]) -> int:
+        """``dcdeploy init``: make this session's identity the operator and ``hosts``
+        (name -> digest id) the hosts, create the ``initial`` nodes that are missing, and
+        give every node in the tree the ACL its path calls for. Idempotent; run again to
+        add or revoke a host (a revoked host's own nodes become the operator's)."""
+        if self._me is None:
+            raise StoreUnauthorized("init needs the operator's credentials: add "
+                                "auth=/path/to/operator.auth to the store URL")
+        policy = layout.AclPolicy((self._me,), tuple(sorted(set(hosts.values()))))
+        changed = 0
+        if self.exists("") is None:
+            self._make_parents("x", policy)
+            changed += 1
+        try:
+            if layout.AclPolicy.from_json(self.get(layout.POLICY_NODE)[0]) != policy:
+                self.set(layout.POLICY_NODE, policy.to_json())
+                changed += 1
+        except NoNode:
+            initial = {**initial, layout.POLICY_NODE: policy.to_json()}
+        for path in sorted(initial, key=lambda p: (p.count("/"), p)):
+            if self.exists(path) is not None:
+                continue
+            self._make_parents(path, policy, hosts)
+            try:
+                self.ops.write()
+                self._wait(self._client.create_async(
+                    self._abs(path), initial[path],
+                    acl=self._acl(path, policy, hosts.get(layout.owner_of(path) or ""))))
+                changed += 1
+            except NodeExists:
+                pass
+        todo = [""]  # breadth first from the root: the root (the policy) first
+        while todo:
+            path = todo.pop(0)
+            want = self._acl(path, policy, hosts.get(layout.owner_of(path) or ""))
+            try:
+                if not layout.same_acl(self.get_acl(path), want):
+                    self.ops.write()
+                    self._wait(self._client.set_acls_async(self._abs(path), want))
+                    changed += 1
+                todo += [f"{path}/{c}" if path else c for c in self.children(path)]
+            except NoNode:  # an ephemeral that went away meanwhile
+                continue
+            except StoreUnauthorized:
+                raise StoreUnauthorized(
+                    f"init: {self._abs(path)} denies this identity ADMIN; its ACL must be "
+                    "fixed by ZooKeeper's super user (or delete the node)") from None
+        return changed
 
     def set(self, path: str, data: bytes, version: int = -1) -> int:
         self.ops.write()
@@ -158,13 +301,16 @@ class ZooKeeperStore(Store):
 
     def commit(self, ops: Sequence) -> list:
         self.ops.write()
+        policy = self.policy() if self._me and any(isinstance(op, Create) for op in ops) \
+            else None
         txn = self._client.transaction()
         for op in ops:
             if isinstance(op, Check):
                 txn.check(self._abs(op.path), op.version)
             elif isinstance(op, Create):
                 txn.create(self._abs(op.path), op.data, ephemeral=op.ephemeral,
-                           sequence=op.sequential)
+                           sequence=op.sequential,
+                           acl=self._acl(op.path, policy) if policy else None)
             elif isinstance(op, SetData):
                 txn.set_data(self._abs(op.path), op.data, op.version)
             elif isinstance(op, Delete):

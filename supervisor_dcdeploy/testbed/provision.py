@@ -25,10 +25,11 @@ TRANSMISSION_PEER_PORT = 51413
 
 def transmission_program(root: Path, address: str) -> str:
     """The supervisord section running this host's transmission-daemon, with its settings
-    written under ``root/transmission`` (RPC and peers on the host's own address)."""
+    written under ``root/transmission`` (peers on the host's own address; the RPC on
+    loopback with the password in ``root/transmission/rpc-secret``, the agent's default)."""
     from ..p2p import daemon
     config_dir = root / "transmission"
-    daemon.write_settings(config_dir, download_dir=root / "downloads", rpc_bind=address,
+    daemon.write_settings(config_dir, download_dir=root / "downloads", rpc_bind="127.0.0.1",
                           rpc_port=TRANSMISSION_RPC_PORT, peer_port=TRANSMISSION_PEER_PORT,
                           bind_address=address)
     cmd = " ".join(daemon.daemon_command(config_dir))
@@ -57,7 +58,8 @@ def host_layout(args: argparse.Namespace) -> HostLayout:
     programs = ""
     if args.transmission and shutil.which("transmission-daemon"):
         programs = transmission_program(root, args.address)
-        extra["transmission_rpc"] = f"http://{args.address}:{TRANSMISSION_RPC_PORT}/transmission/rpc"
+        extra["transmission_rpc"] = f"http://127.0.0.1:{TRANSMISSION_RPC_PORT}/transmission/rpc"
+        extra["address"] = args.address  # what peers dial
     return HostLayout(name=args.name, rack=args.rack, root=root, store_url=args.store,
                       services=services, address=args.address, python=args.python,
                       session_timeout=args.session_timeout, start_timeout=args.start_timeout,
