@@ -483,6 +483,40 @@ def test_supervisord_shutting_down_stops_the_agent_cleanly(tmp_path, store_url, 
     assert store.children("current/api") == []
 
 
+# supervisord stops its groups one after the other, highest priority number first: this
+# program stops after the service and before the agent, and takes 3 s to (SIGWINCH is
+# ignored, then SIGKILL), so the agent's cycles (every 0.5 s, and on each PROCESS_STATE
+# event) certainly run while supervisord is shutting down.
+LINGERER = """
+[program:lingerer]
+command = /bin/sleep 600
+autostart = true
+priority = 500
+stopsignal = WINCH
+stopwaitsecs = 3
+"""
+
+
+def test_supervisorctl_shutdown_is_a_normal_stop_for_the_agent(workdir, store, store_url):
+    """A real supervisord shutting down: the agent hears SHUTDOWN_STATE and ends with phase
+    ``stopping`` and no error on any service; its presence goes."""
+    c = Cluster(workdir, store, store_url, 2, {"A": {"quorum": 1}}, poll_interval=0.5)
+    c.hosts["h0"].extra_programs = LINGERER
+    try:
+        c.boot({"A": "1"})
+        wait_for(lambda: c.host_status("h0").get("services", {}).get("A", {})
+                 .get("phase") == "serving", 30, "h0 to settle on serving A")
+        layout = c.hosts["h0"]
+        host_rpc(layout).supervisor.shutdown()
+        c.procs.pop("h0").wait(timeout=60)
+        services = json.loads((layout.root / "status.json").read_text())["services"]
+        assert {svc: (info.get("phase"), info.get("error"))
+                for svc, info in services.items()} == {"A": ("stopping", None)}
+        wait_for(lambda: "h0" not in store.children("current/A"), 30, "h0's presence to go")
+    finally:
+        c.stop_all()
+
+
 # ------------------------------------------------- (2) the drop-in without supervisord's PATH
 
 def test_dropin_runs_the_agent_with_a_path_lacking_the_venv(tmp_path, store_url, store):

@@ -161,7 +161,8 @@ class Agent:
                 # Nothing to fix and nothing to start: stop the loop (the session closes and
                 # the host's presence goes with it).
                 self.log.info("supervisord.shutting_down", svc=svc)
-                self._set(svc, phase="stopping", reason="supervisord is shutting down")
+                for name in self.cfg.services:
+                    self._set(name, phase="stopping", reason="supervisord is shutting down")
                 self.stopping.set()
                 break
             except (StoreError, SupervisorError, OSError, health.HealthError) as exc:
