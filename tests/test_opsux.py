@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import threading
+from pathlib import Path
 
 import pytest
 from cluster import Cluster, wait_for
@@ -302,6 +303,34 @@ DELETE_TABLE = [
 def test_delete_refusal(desc, state, force, fragment):
     got = svcadmin.delete_refusal("api", state, force)
     assert (got is None) if fragment is None else (fragment in got)
+
+
+# ------------------------------------------- (8) README code blocks paste as written
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def shell_blocks(text):
+    """The lines of the README's ```sh blocks."""
+    out, inside = [], False
+    for line in text.splitlines():
+        if line.strip().startswith("```"):
+            inside = not inside and line.strip() in ("```sh", "```bash", "```shell")
+            continue
+        if inside:
+            out.append(line)
+    return out
+
+
+def test_readme_shell_blocks_have_no_pipe_meaning_or():
+    lines = shell_blocks(README.read_text())
+    assert any(line.startswith("dcdeploy ") for line in lines)
+    assert [line for line in lines if "|" in line] == []
+
+
+def test_readme_shell_block_scanner_sees_a_pipe():
+    assert shell_blocks("```sh\ndcdeploy pause | dcdeploy resume\n```\n") == \
+        ["dcdeploy pause | dcdeploy resume"]
 
 
 # ----------------------------------------- (4) garbage in the store, on supervisorctl
