@@ -211,6 +211,9 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.wait_timeout is not None and not args.wait:
+        raise CLIError("--timeout goes with --wait (deploy NAME... --wait --timeout SECS)")
+    _check_wait_timeout(args)  # before queueing: a refused option must not leave a deploy
     with connected(args) as store:
         items = ops.deploy(store, args.names)
         for item in items:
@@ -221,16 +224,20 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         return _wait(args, store, [i.node for i in items])
 
 
+def _check_wait_timeout(args: argparse.Namespace) -> None:
+    if args.wait_timeout is not None and not args.wait_timeout > 0:
+        raise CLIError(f"--timeout {args.wait_timeout:g}: give a number of seconds above 0")
+
+
 def _wait(args: argparse.Namespace, store: Store, items: list[str]) -> int:
     from .waitdeploy import wait_items
-    if args.wait_timeout is not None and args.wait_timeout <= 0:
-        raise CLIError(f"--timeout {args.wait_timeout:g}: give a number of seconds above 0")
     return wait_items(store, items, out=sys.stdout, err=sys.stderr, tty=sys.stdout.isatty(),
                       timeout=args.wait_timeout)
 
 
 def cmd_wait(args: argparse.Namespace) -> int:
     from .waitdeploy import item_node, read_record
+    _check_wait_timeout(args)
     with connected(args) as store:
         if args.item:
             node = item_node(args.item)

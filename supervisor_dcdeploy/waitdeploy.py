@@ -15,6 +15,7 @@ Exit codes: 0 every item done, 1 an item failed or was aborted (or vanished), 3 
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Sequence, TextIO
@@ -139,15 +140,18 @@ class Screen:
     place (cursor up, clear line); otherwise a line is printed only when it changed, so a
     CI log gets one line per change and no escape codes."""
 
-    def __init__(self, out: TextIO, tty: bool) -> None:
+    def __init__(self, out: TextIO, tty: bool, width: int = 0) -> None:
         self.out = out
         self.tty = tty
-        self._last: list[str] = []
+        self.width = width  # on a terminal, lines are cut to it: a wrapped line would
+        self._last: list[str] = []  # throw off the count of lines to go back up
 
     def render(self, lines: Sequence[str]) -> str:
         """The text that shows ``lines`` after the previous frame (pure but for the
         remembered frame)."""
         if self.tty:
+            if self.width > 1:
+                lines = [line[: self.width - 1] for line in lines]
             up = f"\033[{len(self._last)}F" if self._last else ""
             text = up + "".join(f"\033[2K{line}\n" for line in lines)
         else:
@@ -199,7 +203,7 @@ def wait_items(store: Store, items: Sequence[str], *, out: TextIO, err: TextIO, 
     if status is None:
         from .ops import status as ops_status
         status = ops_status
-    screen = Screen(out, tty)
+    screen = Screen(out, tty, shutil.get_terminal_size().columns if tty else 0)
     deadline = None if timeout is None else clock() + timeout
     last: list[ItemOutcome] = []
     try:

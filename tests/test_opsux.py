@@ -135,6 +135,8 @@ def test_screen_tty_redraws_in_place():
     screen = w.Screen(io.StringIO(), tty=True)
     assert screen.render(["a 1", "b 1"]) == "\033[2Ka 1\n\033[2Kb 1\n"
     assert screen.render(["a 2", "b 1"]) == "\033[2F\033[2Ka 2\n\033[2Kb 1\n"
+    narrow = w.Screen(io.StringIO(), tty=True, width=5)
+    assert narrow.render(["abcdefgh"]) == "\033[2Kabcd\n"  # never wraps
 
 
 @pytest.mark.parametrize("given,node", [("7", "item-0000000007"),
@@ -459,6 +461,20 @@ def test_aborted_item_behind_garbage_keeps_service_and_version(store, run):
     assert (hist[item.node]["service"], hist[item.node]["version"],
             hist[item.node]["state"]) == ("api", "2.1", "aborted")
     assert hist[item.node]["reason"] == "aborted by operator (was waiting)"
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (("deploy", "api", "--timeout", "5"), "--timeout goes with --wait"),
+    (("deploy", "api", "--wait", "--timeout", "0"), "above 0"),
+    (("deploy", "api", "--wait", "--timeout", "nan"), "above 0"),
+    (("wait", "--timeout", "-1"), "above 0"),
+])
+def test_wait_options_refused_before_anything_is_queued(store, run, argv, fragment):
+    ops.service_set(store, "api", program="api", quorum=1)
+    ops.stage(store, "api", "2", sha256=SHA, urls=["file:///x.tgz"])
+    code, _, err = run(*argv)
+    assert code == 2 and fragment in err
+    assert store.children("deploy") == []
 
 
 def test_service_delete_and_quorum_zero(store, run):
