@@ -112,20 +112,25 @@ def overall(outcomes: Sequence[ItemOutcome]) -> Overall:
     return Overall(None, "waiting")
 
 
-def host_progress(service: Mapping[str, Any] | None, version: str) -> str:
-    """``3/5 hosts on 2.1`` from one service of ``ops.status()["services"]``."""
-    if not service:
+def host_progress(status: Mapping[str, Any], service: str, version: str) -> str:
+    """``3/5 hosts on 2.1``: online hosts running ``version`` of all the hosts that run
+    ``service`` (online or not: a host down mid-switch still counts), from ``ops.status()``."""
+    svc = (status.get("services") or {}).get(service)
+    if not svc:
         return ""
-    versions = service.get("versions") or {}
-    total = sum(versions.values())
+    versions = svc.get("versions") or {}
+    total = max(sum(versions.values()),
+                sum(1 for h in (status.get("hosts") or {}).values()
+                    if service in (h.get("services") or {})))
     return f"{versions.get(version, 0)}/{total} hosts on {version}"
 
 
-def progress_line(o: ItemOutcome, services: Mapping[str, Any]) -> str:
-    """One line for one item: name, service, version, state, hosts on the version, reason."""
+def progress_line(o: ItemOutcome, status: Mapping[str, Any]) -> str:
+    """One line for one item: name, service, version, state, hosts on the version, reason
+    (``status`` as ``ops.status()`` returns it)."""
     parts = [o.item, f"{o.service:<12}", f"{o.version:<10}", f"{o.state:<8}"]
     if not o.final or o.ok:
-        hosts = host_progress(services.get(o.service), o.version)
+        hosts = host_progress(status, o.service, o.version)
         if hosts:
             parts.append(hosts)
     if o.final and not o.ok:
@@ -189,7 +194,7 @@ def snapshot(store: Store, items: Sequence[str],
     queued = {d.get("item") for d in data["deploy"]}
     outcomes = [item_outcome(i, data["deploy"], None if i in queued else read_record(store, i))
                 for i in items]
-    return outcomes, data["services"]
+    return outcomes, data
 
 
 def wait_items(store: Store, items: Sequence[str], *, out: TextIO, err: TextIO, tty: bool,
@@ -209,9 +214,9 @@ def wait_items(store: Store, items: Sequence[str], *, out: TextIO, err: TextIO, 
     try:
         while True:
             try:
-                outcomes, services = snapshot(store, items, status)
+                outcomes, data = snapshot(store, items, status)
                 last = outcomes
-                screen.show([progress_line(o, services) for o in outcomes])
+                screen.show([progress_line(o, data) for o in outcomes])
                 result = overall(outcomes)
                 if result.code is not None:
                     print(("dcdeploy: " if result.code else "") + result.message,

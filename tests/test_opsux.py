@@ -99,17 +99,20 @@ def test_failure_names_host_and_reason_once():
 
 
 SERVICES = {"api": {"versions": {"1": 3, "2": 2}}}
+# Six hosts run api; h5 is down mid-switch (not counted in versions).
+HOSTS = {f"h{i}": {"services": {"api": {}}} for i in range(6)}
+STATUS = {"services": SERVICES, "hosts": {**HOSTS, "db1": {"services": {"db": {}}}}}
 
 LINE_TABLE = [
-    ("rolling shows hosts on the version", outcome("rolling", False, False),
-     ["rolling", "2/5 hosts on 2"], ["("]),
+    ("rolling shows hosts on the version, of all hosts", outcome("rolling", False, False),
+     ["rolling", "2/6 hosts on 2"], ["("]),
     ("blocked shows the reason", outcome("blocked", False, False, reason="quorum: 3 online"),
      ["blocked", "(quorum: 3 online)"], []),
     ("failed shows host and reason", outcome("failed", True, False, host="h2",
                                              reason="bad health"),
      ["failed", "host h2: bad health"], ["hosts on"]),
     ("done shows the count", outcome("done", True, True, reason="all 5 online"),
-     ["done", "2/5 hosts on 2"], ["all 5 online"]),
+     ["done", "2/6 hosts on 2"], ["all 5 online"]),
     ("unknown service shows no count", outcome("waiting", False, False, service="db"),
      ["waiting"], ["hosts on"]),
 ]
@@ -117,7 +120,7 @@ LINE_TABLE = [
 
 @pytest.mark.parametrize("desc,o,has,lacks", LINE_TABLE, ids=[t[0] for t in LINE_TABLE])
 def test_progress_line(desc, o, has, lacks):
-    line = w.progress_line(o, SERVICES)
+    line = w.progress_line(o, STATUS)
     assert line.startswith(ITEM)
     assert all(h in line for h in has), line
     assert not any(x in line for x in lacks), line
@@ -191,7 +194,7 @@ def run_wait(statuses, store=None, timeout=None, tty=False):
 
 
 def st(*queue):
-    return {"deploy": list(queue), "services": SERVICES}
+    return {**STATUS, "deploy": list(queue)}
 
 
 def test_wait_done_exits_0_after_one_read_per_second():
