@@ -102,9 +102,6 @@ def cmd_service(args: argparse.Namespace) -> int:
         refusal = svcadmin.quorum_refusal(args.name, args.quorum, args.force)
         if refusal:
             raise CLIError(refusal)
-        if args.quorum == 0:
-            print(f"dcdeploy: warning: {svcadmin.quorum_zero_warning(args.name)}",
-                  file=sys.stderr)
     with connected(args) as store:
         if args.action == "delete":
             try:
@@ -122,6 +119,9 @@ def cmd_service(args: argparse.Namespace) -> int:
             print(f"service {spec.name}: program {spec.program}, quorum {spec.quorum}, "
                   f"max_parallel {spec.max_parallel}, depends on "
                   f"{', '.join(spec.depends_on) or 'nothing'}")
+            if spec.quorum == 0:
+                print(f"dcdeploy: warning: {svcadmin.quorum_zero_warning(spec.name)}",
+                      file=sys.stderr)
             return 0
         data = ops.status(store)["services"]
         if args.action == "show":
