@@ -285,6 +285,11 @@ def abort(store: Store) -> list[str]:
         except NoNode:
             continue
         item = by_node.get(node)
+        if item is None:  # behind a garbage item, read_queue stopped: read it here
+            try:
+                item = DeployItem.parse(node, raw, version)
+            except InvalidData:
+                item = None
         record = json.loads(item.to_json()) if item and item.state != "invalid" else \
             {"raw": raw.decode(errors="replace")}
         record.update(state="aborted", updated=time.time(),

@@ -174,7 +174,8 @@ def test_cli_web_refuses_a_remote_address_without_the_flag(capsys):
 def test_agent_conf_refuses_a_bad_metrics_listen(tmp_path):
     from supervisor_dcdeploy.agent.config import ConfigError, load
     conf = tmp_path / "agent.conf"
-    conf.write_text("[agent]\nhost = h1\nstore = zk://127.0.0.1:2181/dc\nroot = /tmp/x\ninsecure_unsigned = true\n"
+    conf.write_text("[agent]\nhost = h1\nstore = zk://127.0.0.1:2181/dc\nroot = /tmp/x\n"
+                    "insecure_unsigned = true\n"
                     "metrics_listen = 127.0.0.1:99999\n[service:api]\nport = 1\n")
     with pytest.raises(ConfigError, match="metrics_listen.*1..65535"):
         load(conf)

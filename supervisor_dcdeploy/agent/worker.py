@@ -18,7 +18,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import structlog
 
@@ -30,7 +30,7 @@ from ..snapshot import read_queue, read_view
 from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
                      StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed,
                      open_store)
-from ..supervisorctl_client import Supervisor, SupervisorError
+from ..supervisorctl_client import Supervisor, SupervisorError, SupervisorShuttingDown
 from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
 
@@ -39,6 +39,17 @@ TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
 FETCH_RETRY_SECS = 10.0
 RECOVER_RETRY_SECS = 5.0
 RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
+
+
+class FetchFailure(NamedTuple):
+    """The last failed download of a service's staged release: paces retries, reports it."""
+
+    sha256: str
+    when: float  # time.monotonic()
+    reason: str  # in full, for status.json
+    public: str  # for the store: no digest or size learnt from the fetched bytes
+    permanent: bool  # verified bytes that are an unsafe archive: never retried for this sha
+    kind: str  # "verify": the bytes are not a usable release; "fetch": network, disk...
 
 
 class Agent:
@@ -62,8 +73,7 @@ class Agent:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self._fetches: dict[str, tuple[str, Future]] = {}
         self._fetch_progress: dict[str, dict[str, Any]] = {}
-        # svc -> (sha, when, why, why as published to the store, permanent)
-        self._fetch_failed: dict[str, tuple[str, float, str, str, bool]] = {}
+        self._fetch_failed: dict[str, FetchFailure] = {}
         self._recover_after: dict[str, float] = {}
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
@@ -171,6 +181,15 @@ class Agent:
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", svc=svc, error=str(exc))
                 self._set(svc, store="unavailable")
+            except SupervisorShuttingDown:
+                # A normal `supervisorctl shutdown`: supervisord stops its programs, then us.
+                # Nothing to fix and nothing to start: stop the loop (the session closes and
+                # the host's presence goes with it).
+                self.log.info("supervisord.shutting_down", svc=svc)
+                for name in self.cfg.services:
+                    self._set(name, phase="stopping", reason="supervisord is shutting down")
+                self.stopping.set()
+                break
             except (StoreError, SupervisorError, OSError, health.HealthError) as exc:
                 self.log.error("cycle.error", svc=svc, error=str(exc), kind=type(exc).__name__)
                 self._set(svc, error=str(exc))
@@ -233,11 +252,12 @@ class Agent:
         """``/dc/hosts/<host>``: rack, services and each download's state (not its bytes:
         written on transitions only), so ``dcdeploy status`` shows failed downloads."""
         fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
-                       if k in ("version", "state", "error")} for svc in self.cfg.services}
+                       if k in ("version", "state", "error", "kind")}
+                 for svc in self.cfg.services}
         for svc, entry in fetch.items():  # no digest or size learnt from the fetched bytes
             failed = self._fetch_failed.get(svc)
-            if failed and entry.get("state") == "failed" and entry.get("error") == failed[2]:
-                entry["error"] = failed[3]
+            if failed and entry.get("error") == failed.reason:
+                entry["error"] = failed.public
         refused = tuple(sorted({r for rs in self._refused.values() for r in rs}))
         if (fetch, refused) == self._published:
             return
@@ -375,26 +395,32 @@ class Agent:
                                   **({"via": via} if via else {})})
             return
         if have is not None:
-            self._set(svc, fetch={"version": staged.version, "state": "error",
+            self._set(svc, fetch={"version": staged.version, "state": "error", "kind": "verify",
                                   "error": f"version {staged.version} is installed here with "
                                            f"sha256 {have[:12]}..., the staged one is "
                                            f"{staged.sha256[:12]}...: stage a new version "
                                            "number"})
             return
         running = self._fetches.get(svc)
+        failed = self._fetch_failed.get(svc)
+        # A retry keeps the last failure in view (dcdeploy status: "N hosts failed to verify").
+        last_error = {"error": failed.reason, "kind": failed.kind} \
+            if failed and failed.sha256 == staged.sha256 else {}
         if running and running[0] == staged.sha256 and not running[1].done():
             self._set(svc, fetch={"version": staged.version, "state": "downloading",
-                                  **self._fetch_progress.get(svc, {})})
+                                  **self._fetch_progress.get(svc, {}), **last_error})
             return
         if running and running[0] == staged.sha256 and running[1].done():
             del self._fetches[svc]
             exc = running[1].exception()
             if exc is not None:
-                from ..fetch import FetchError, UnsafeArchive
+                from ..fetch import FetchError, UnsafeArchive, VerificationError
                 public = exc.public_reason if isinstance(exc, FetchError) else str(exc)
-                # Verified bytes that are an unsafe archive stay unsafe: no retry of this sha.
-                self._fetch_failed[svc] = (staged.sha256, time.monotonic(), str(exc), public,
-                                           isinstance(exc, UnsafeArchive))
+                bad_bytes = isinstance(exc, (VerificationError, UnsafeArchive))
+                self._fetch_failed[svc] = FetchFailure(
+                    staged.sha256, time.monotonic(), str(exc), public,
+                    permanent=isinstance(exc, UnsafeArchive),
+                    kind="verify" if bad_bytes else "fetch")
                 self.log.error("fetch.failed", svc=svc, version=staged.version, error=str(exc),
                                kind=type(exc).__name__)
             else:
@@ -402,10 +428,10 @@ class Agent:
                 self.wake.set()
                 return
         failed = self._fetch_failed.get(svc)
-        if failed and failed[0] == staged.sha256 and \
-                (failed[4] or time.monotonic() - failed[1] < FETCH_RETRY_SECS):
+        if failed and failed.sha256 == staged.sha256 and \
+                (failed.permanent or time.monotonic() - failed.when < FETCH_RETRY_SECS):
             self._set(svc, fetch={"version": staged.version, "state": "failed",
-                                  "error": failed[2]})
+                                  "error": failed.reason, "kind": failed.kind})
             return
         hosts = max(len(view.current), sum(svc in h.services for h in view.hosts.values()))
         transport = fetch_transport(staged, hosts, self.dist.link_bps if self.dist else 0,
@@ -416,7 +442,7 @@ class Agent:
         preload = bool(view.spec and view.spec.preload)
         future = self._executor.submit(self._do_fetch, svc, staged, preload, transport)
         self._fetches[svc] = (staged.sha256, future)
-        self._set(svc, fetch={"version": staged.version, "state": "downloading"})
+        self._set(svc, fetch={"version": staged.version, "state": "downloading", **last_error})
 
     def _do_fetch(self, svc: str, staged, preload: bool, transport: str) -> None:
         """Fetch thread: download (swarm or URL, see ``fetch_transport``), verify, install,
