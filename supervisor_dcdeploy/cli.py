@@ -326,6 +326,20 @@ def cmd_history(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from .metrics import ListenError
+    from .web import ListenRefused, check_listen, serve
+    try:
+        check_listen(args.listen, args.allow_remote)
+    except (ListenRefused, ListenError) as exc:
+        raise CLIError(str(exc)) from None
+    with connected(args) as store:
+        serve(store, args.listen, args.allow_remote,
+              ready=lambda url: print(f"dcdeploy web: serving {url} (Ctrl-C stops)",
+                                      flush=True))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(hosts=args.hosts, keep=args.keep)
@@ -444,6 +458,13 @@ def build_parser() -> argparse.ArgumentParser:
         action.set_defaults(func=func)
         if name == "resume":
             signing_options(action, "deploy")
+    web = sub.add_parser("web", help="a live, read-only page of the fleet (docs/web.md)")
+    web.add_argument("--listen", default="127.0.0.1:8700", metavar="HOST:PORT",
+                     help="where to serve the page (default 127.0.0.1:8700)")
+    web.add_argument("--allow-remote", action="store_true",
+                     help="allow a non-loopback --listen (the page has no authentication: "
+                          "put a reverse proxy in front, docs/web.md)")
+    web.set_defaults(func=cmd_web)
     demo = sub.add_parser("demo", help="run a local demo data center end to end")
     demo.add_argument("--hosts", type=int, default=4)
     demo.add_argument("--keep", action="store_true", help="keep the work directory")

@@ -385,7 +385,7 @@ def status(store: Store) -> dict[str, Any]:
         else:
             state, reason = decisions.deploy_status(view, item)
         deploy.append({"item": item.node, "service": item.service, "version": item.version,
-                       "state": state, "reason": reason})
+                       "state": state, "reason": reason, "host": item.host})
     host_out = {}
     for name in sorted(set(hosts) | set(host_services)):
         info = hosts.get(name)

@@ -24,6 +24,7 @@ import structlog
 
 from .. import decisions, health, trust
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
+from ..metrics import AgentMetrics
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
 from ..snapshot import read_queue, read_view
 from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
@@ -73,6 +74,7 @@ class Agent:
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
+        self.metrics = AgentMetrics(self)  # served only when agent.conf has metrics_listen
         if self.local.problem:
             self.log.warning("state.rebuilt", problem=self.local.problem)
         # Operator data is acted on only when signed by a pinned key (trust.py); the
@@ -117,6 +119,12 @@ class Agent:
                 self.dist.start()
             except OSError as exc:  # the tracker's port: downloads fall back to URLs
                 self.log.error("swarm.tracker_failed", error=str(exc))
+        if self.cfg.extra.get("metrics_listen"):
+            try:
+                bound = self.metrics.serve(self.cfg.extra["metrics_listen"])
+                self.log.info("metrics.serving", address=f"{bound[0]}:{bound[1]}")
+            except (OSError, ValueError) as exc:  # no metrics is no reason to stop deploying
+                self.log.error("metrics.failed", error=str(exc))
         self.connect(timeout=1.0)  # with the store down, local state decides at once (L3)
         while not self.stopping.is_set():
             self.wake.clear()
@@ -129,6 +137,7 @@ class Agent:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop()
         if self.dist is not None:
             self.dist.stop()
         if self._started:
@@ -568,6 +577,7 @@ class Agent:
         previous = self.local.get(svc).active
         self._set(svc, phase="switching", reason=f"{previous} -> {target}")
         self.log.info("switch.start", svc=svc, version=target, previous=previous)
+        started = time.monotonic()
         back: Path | None = None
         prepared: Path | None = None
         try:
@@ -594,12 +604,14 @@ class Agent:
             if back is not None:
                 back.unlink(missing_ok=True)
             self.log.info("switch.done", svc=svc, version=target)
+            self.metrics.on_switch(svc, time.monotonic() - started, "ok")
             self._after_switch(svc, target)
             self._prune(svc)
             return True
         self.log.error("switch.failed", svc=svc, version=target, reason=problem)
         self.sup.stop(program)
         if previous is not None:
+            self.metrics.on_rollback(svc)
             try:
                 if back is not None:
                     rd.commit_current(back)
@@ -614,6 +626,8 @@ class Agent:
                 self.log.info("switch.rolled_back", svc=svc, version=previous)
             else:
                 self.log.error("switch.rollback_failed", svc=svc, version=previous, reason=back)
+        self.metrics.on_switch(svc, time.monotonic() - started,
+                               "rolled_back" if previous is not None else "failed")
         reason = f"host {self.host}: {target} failed its health check: {problem}"
         self._set(svc, phase="failed", reason=reason, last_failure=reason)
         if item is not None:
@@ -680,10 +694,13 @@ class Agent:
             state = self.sup.state(program)
             return None if state in ("RUNNING", "STARTING") else f"process is {state}"
 
-        return health.wait_healthy(spec.health, self.cfg.health(svc),
-                                   start_timeout=self.cfg.start_timeout,
-                                   healthy_secs=spec.healthy_secs if hold else 0.0,
-                                   alive=alive)
+        problem = health.wait_healthy(spec.health, self.cfg.health(svc),
+                                      start_timeout=self.cfg.start_timeout,
+                                      healthy_secs=spec.healthy_secs if hold else 0.0,
+                                      alive=alive)
+        if problem is not None:
+            self.metrics.on_health_failure(svc)
+        return problem
 
     def _prune(self, svc: str) -> None:
         st = self.local.get(svc)
