@@ -36,6 +36,7 @@ import json
 import logging
 import math
 import shutil
+import signal
 import sys
 import tempfile
 import threading
@@ -60,7 +61,9 @@ SVC = "A"
 NAMESPACE = "dc"
 SETTLE_SECS = 1.0  # after the deploy's end: the last hosts' follow-up cycles are its cost
 
-log = structlog.get_logger("bench.scale").bind(bench="scale")
+# Lazy: bound at first use, after configure_logging() (a .bind() here would freeze
+# structlog's default configuration, which prints to stdout).
+log = structlog.get_logger("bench.scale", bench="scale")
 
 
 def configure_logging() -> None:
@@ -334,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--healthy-secs", type=float, default=0.0)
     parser.add_argument("--max-parallel", type=int, default=2)
     parser.add_argument("--quorum", type=int, help="default: hosts - max_parallel")
-    parser.add_argument("--idle-secs", type=float, default=30.0)
+    parser.add_argument("--idle-secs", type=float, default=30.0,
+                        help="the idle window; make it several poll intervals")
     parser.add_argument("--poll-interval", type=float, default=5.0,
                         help="the agents' periodic wake-up (agent.conf poll_interval)")
     parser.add_argument("--session-timeout", type=float, default=10.0)
@@ -349,6 +353,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.switch_secs <= 0 or args.idle_secs <= 0:
         parser.error("--switch-secs and --idle-secs must be > 0")
     configure_logging()
+    # A SIGTERM (a kill of this bench) unwinds through the finally blocks, which stop the
+    # agents and kill the ZooKeeper servers this run started.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for n in args.hosts:
         result = run_one(n, args)
         if args.json:
