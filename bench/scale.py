@@ -59,6 +59,9 @@ from supervisor_dcdeploy.zkserver import (RequestCount, ZooKeeperServer, free_po
 
 SVC = "A"
 NAMESPACE = "dc"
+# Every agent connects from 127.0.0.1: lift ZooKeeper's 60-connections-per-address limit.
+# (mntr, for the counters, is in zkserver's 4lw.commands.whitelist.)
+ZK_OPTIONS = dict(heap_mb=1024, extra_config={"maxClientCnxns": "0"})
 SETTLE_SECS = 1.0  # after the deploy's end: the last hosts' follow-up cycles are its cost
 
 # Lazy: bound at first use, after configure_logging() (a .bind() here would freeze
@@ -129,10 +132,10 @@ class Fleet:
         if self.args.ensemble:
             peers = {sid: ("127.0.0.1", free_port(), free_port()) for sid in (1, 2, 3)}
             self.servers = [ZooKeeperServer(self.workdir / f"zk{sid}", free_port(),
-                                            server_id=sid, peers=peers, heap_mb=512)
+                                            server_id=sid, peers=peers, **ZK_OPTIONS)
                             for sid in peers]
         else:
-            self.servers = [ZooKeeperServer(self.workdir / "zk", free_port(), heap_mb=512)]
+            self.servers = [ZooKeeperServer(self.workdir / "zk", free_port(), **ZK_OPTIONS)]
         for server in self.servers:
             server.start()
         for server in self.servers:

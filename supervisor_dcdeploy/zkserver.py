@@ -175,6 +175,9 @@ class ZooKeeperServer:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     client_auth: str = "none"
+    # More zoo.cfg lines (key -> value), e.g. maxClientCnxns=0 for a bench with hundreds of
+    # sessions from one address (ZooKeeper refuses the 61st by default).
+    extra_config: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     def write_config(self) -> Path:
@@ -199,6 +202,7 @@ class ZooKeeperServer:
                       f"ssl.clientAuth={self.client_auth}",
                       "authProvider.x509="
                       "org.apache.zookeeper.server.auth.X509AuthenticationProvider"]
+        lines += [f"{key}={value}" for key, value in self.extra_config.items()]
         if self.peers:
             (self.data_dir / "myid").write_text(f"{self.server_id}\n")
             for sid, (h, qport, eport) in sorted(self.peers.items()):
