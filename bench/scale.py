@@ -333,14 +333,16 @@ def host_counts(text: str) -> list[int]:
     try:
         counts = [int(x) for x in text.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--hosts: {text!r} is not a comma-separated list "
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list "
                                          "of numbers (e.g. 10,30,100)") from None
     if not counts or min(counts) < 2:
-        raise argparse.ArgumentTypeError(f"--hosts: {text!r}: every fleet needs >= 2 hosts")
+        raise argparse.ArgumentTypeError(f"{text!r}: every fleet needs >= 2 hosts")
     return counts
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    """The bench's options; also for a test that calls :func:`run_one` directly (e.g.
+    ``run_one(10, parse_args(["--idle-secs", "60"]))`` and asserts on the counts)."""
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=host_counts, default=[10, 30, 100, 300])
@@ -366,6 +368,11 @@ def main(argv: list[str] | None = None) -> int:
                          f"(quorum {quorum})")
     if args.switch_secs <= 0 or args.idle_secs <= 0:
         parser.error("--switch-secs and --idle-secs must be > 0")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     configure_logging()
     # A SIGTERM (a kill of this bench) unwinds through the finally blocks, which stop the
     # agents and kill the ZooKeeper servers this run started.
