@@ -240,6 +240,35 @@ def delta(before: Snapshot, after: Snapshot) -> dict[str, float]:
             "bench": bench}
 
 
+def measure_idle(fleet: Fleet, args: argparse.Namespace) -> dict[str, float]:
+    time.sleep(max(2 * args.poll_interval, 2.0))  # let the last wake-ups pass
+    log.info("idle.start", hosts=fleet.n, secs=args.idle_secs)
+    before = Snapshot(fleet)
+    time.sleep(args.idle_secs)
+    return delta(before, Snapshot(fleet))
+
+
+def idle_report(n: int, idle: dict[str, float], args: argparse.Namespace) -> dict:
+    per_host_s = n * idle["secs"]
+    return {
+        "idle_requests_per_s_per_host": round(idle["server"] / per_host_s, 3),
+        "client_idle_requests_per_s_per_host": round(idle["client"] / per_host_s, 3),
+        "idle_notifications_per_s_per_host": round(idle["notifications"] / per_host_s, 3),
+        "zk_cpu_s_idle": round(idle["cpu"], 2),
+        "clients_cpu_s_idle": round(idle["clients_cpu"], 2), "idle_secs": args.idle_secs,
+        "poll_interval": args.poll_interval, "ensemble": args.ensemble,
+    }
+
+
+def idle_only(fleet: Fleet, args: argparse.Namespace) -> dict:
+    """``--skip-deploy``: the booted fleet on version 1, nothing staged, for fleets too
+    large to deploy to in the time at hand. Deploy keys are null."""
+    idle = measure_idle(fleet, args)
+    return {"hosts": fleet.n, "makespan_s": None, "bound_s": None, "ratio": None,
+            "requests_per_upgrade": None, "notifications_per_upgrade": None,
+            "zk_cpu_s": None, "deployed": False, **idle_report(fleet.n, idle, args)}
+
+
 def wait_gone(store, path: str, timeout: float) -> None:
     """Block until ``path`` no longer exists, woken by a watch (one read per change)."""
     gone = threading.Event()
@@ -261,6 +290,8 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
         log.info("fleet.boot", hosts=n)
         fleet.boot()
         store = fleet.store
+        if args.skip_deploy:
+            return idle_only(fleet, args)
         url2, sha2 = fleet.releases["2"]
         ops.stage(store, SVC, "2", sha256=sha2, urls=[url2])
         log.info("fleet.staged", hosts=n, version="2")
@@ -290,21 +321,16 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
         upgraded = sum(a.local.get(SVC).active == "2" for a in fleet.agents)
         log.info("deploy.done", hosts=n, upgraded=upgraded, makespan_s=round(end - start, 2))
         # Idle: the fleet on the released version, nothing queued.
-        time.sleep(max(2 * args.poll_interval, 2.0))
-        log.info("idle.start", hosts=n, secs=args.idle_secs)
-        idle0 = Snapshot(fleet)
-        time.sleep(args.idle_secs)
-        idle1 = Snapshot(fleet)
-        deploy, idle = delta(before, after), delta(idle0, idle1)
+        idle = measure_idle(fleet, args)
+        deploy = delta(before, after)
         k = min(args.max_parallel, n - fleet.quorum)
         bound = math.ceil(n / k) * (0.0 + args.switch_secs + args.healthy_secs)
         makespan = end - start
-        per_host_s = n * idle["secs"]
         return {
             "hosts": n, "makespan_s": round(makespan, 2), "bound_s": round(bound, 2),
             "ratio": round(makespan / bound, 3),
             "requests_per_upgrade": round(deploy["server"] / n, 1),
-            "idle_requests_per_s_per_host": round(idle["server"] / per_host_s, 3),
+            "idle_requests_per_s_per_host": round(idle["server"] / (n * idle["secs"]), 3),
             "notifications_per_upgrade": round(deploy["notifications"] / n, 1),
             "zk_cpu_s": round(deploy["cpu"], 2),
             # cross-checks and context
@@ -312,17 +338,14 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
             "server_reads_per_upgrade": round(deploy["server_reads"] / n, 1),
             "server_writes_per_upgrade": round(deploy["server_writes"] / n, 1),
             "server_notifications_per_upgrade": round(deploy["server_notifications"] / n, 1),
-            "client_idle_requests_per_s_per_host": round(idle["client"] / per_host_s, 3),
-            "idle_notifications_per_s_per_host": round(idle["notifications"] / per_host_s, 3),
             # All N hosts' agents share this one process, and so one core (the GIL): when
             # this is close to the deploy's duration, the makespan measures that core's
             # saturation, not what N separate hosts would see.
             "clients_cpu_s": round(deploy["clients_cpu"], 2),
             "deploy_wall_s": round(deploy["secs"], 2),
-            "zk_cpu_s_idle": round(idle["cpu"], 2), "idle_secs": args.idle_secs,
             "upgraded": upgraded, "k": k, "quorum": fleet.quorum,
             "switch_secs": args.switch_secs, "healthy_secs": args.healthy_secs,
-            "poll_interval": args.poll_interval, "ensemble": args.ensemble,
+            "deployed": True, **idle_report(n, idle, args),
         }
     finally:
         fleet.stop()
@@ -359,6 +382,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="the agents' periodic wake-up (agent.conf poll_interval)")
     parser.add_argument("--session-timeout", type=float, default=10.0)
     parser.add_argument("--deploy-timeout", type=float, default=1800.0)
+    parser.add_argument("--skip-deploy", action="store_true",
+                        help="boot and measure idle only (deploy keys null): for fleets too "
+                             "large to deploy to in the time at hand")
     parser.add_argument("--json", action="store_true", help="one JSON line per N only")
     args = parser.parse_args(argv)
     for n in args.hosts:
@@ -379,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     for n in args.hosts:
         result = run_one(n, args)
-        if args.json:
+        if args.json or not result["deployed"]:
             print(json.dumps(result), flush=True)
         else:
             print(f"\n{n} hosts: makespan {result['makespan_s']} s, bound {result['bound_s']} s,"
