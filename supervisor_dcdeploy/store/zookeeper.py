@@ -131,7 +131,10 @@ class ZooKeeperStore(Store):
             return None
         wrapper = self._wrappers.get(watch)
         if wrapper is None:
-            wrapper = self._wrappers[watch] = lambda _event: watch()
+            def wrapper(_event, watch=watch) -> None:
+                self.ops.notified()
+                watch()
+            self._wrappers[watch] = wrapper
         return wrapper
 
     # -- reads --------------------------------------------------------------------------
