@@ -67,6 +67,11 @@ class Scenario:
                 "services": {"a": {"quorum": 2, "depends_on": []},
                              "b": {"quorum": 2, "depends_on": ["a"]}},
                 "initial": {"a": "v1", "b": "v1"}}]
+        for svc in ("a", "b"):  # the recorder's first view: every host online
+            for host in HOSTS:
+                out.append({"t": 0.0, "kind": "store", "path": f"current/{svc}/{host}",
+                            "data": json.dumps({"version": "v1", "state": "serving"}),
+                            "zversion": 0})
         for (svc, version), sha in SHA.items():
             out.append({"t": 0.0, "kind": "artifact", "service": svc, "version": version,
                         "sha256": sha, "broken": False})
@@ -85,7 +90,10 @@ class Scenario:
                             "ok": version is not None, "version": version,
                             "healthy": healthy if version else None})
                 n += 1
-        return out + self.events
+        events = [dict(e, detail={"took_effect": True, **e.get("detail", {})})
+                  if e["kind"] == "fault" and e.get("phase") == "start" else e
+                  for e in self.events]
+        return out + events
 
 
 def clean() -> Scenario:
@@ -256,8 +264,8 @@ def test_s4_failed_host_may_take_the_version_again_after_a_resume():
     sc.serve("a", "h1", 5.0, None)
     sc.serve("a", "h1", 5.5, "v1")
     sc.item(6.0, 1, "a", "v2", "failed", host="h1")
-    sc.add(15.0, "op", action="resume", service="a")
-    sc.item(15.1, 1, "a", "v2", "rolling")
+    sc.add(16.5, "op", action="resume", service="a")  # after the 10 s hold
+    sc.item(16.6, 1, "a", "v2", "rolling")
     for i, host in enumerate(["h2", "h3", "h1"]):
         sc.switch("a", host, 17.0 + 3 * i, "v2", item=node, gate=2 + i)
     sc.item(30.0, 1, "a", "v2", "done", where="history")

@@ -3,9 +3,10 @@ watcher of the store, both writing :mod:`.history` events.
 
 The prober runs in the root network namespace and reaches the hosts' namespace addresses
 over the bridge. Each endpoint has its own thread sampling ``GET /`` on a fixed schedule
-(default 25 Hz) and ``GET /health`` every ``health_every`` samples. A refused connection or a
-non-200 answer is a definite "not serving"; a timeout is indeterminate (``ok`` None): on a
-loaded machine a slow answer says nothing about the server.
+(default 25 Hz) and ``GET /health`` every ``health_every`` samples, each recorded with how
+long it took (``dt``). A refused connection or a non-200 answer is "not serving" (``ok``
+False); a timeout or an unreachable address is ``ok`` None, which the checker also counts
+as not serving (a client that gets no answer is not served).
 
 The store watcher uses kazoo's re-arming data and children watches on ``services``,
 ``staging``, ``gate``, ``deploy``, ``history`` and ``current/<svc>/<host>``. One-shot watches
@@ -98,28 +99,23 @@ class Prober:
 
     def _run(self, ep: Endpoint) -> None:
         n = 0
-        t0 = time.monotonic()
         while not self._stop.is_set():
             t = time.monotonic()
             ok, body = probe_once(ep.address, ep.port, "/", self.timeout)
+            dt = time.monotonic() - t
             healthy = None
             if ok and n % self.health_every == 0:
                 hok, _ = probe_once(ep.address, ep.port, "/health", self.timeout)
                 healthy = hok
             version = body.get("version") if body else None
             self.writer.emit("probe", t=t, host=ep.host, service=ep.service, ok=ok,
-                             version=version, healthy=healthy)
+                             version=version, healthy=healthy, dt=round(dt, 4))
             self.samples += 1
             n += 1
-            # A fixed schedule: a late sample is made up at once, so the rate holds on a
-            # loaded machine; more than a second behind (a long timeout), start afresh.
-            nxt = t0 + n * self.period
-            now = time.monotonic()
-            if now - nxt > 1.0:
-                t0, n = now, 0
-                nxt = now
-            self._stop.wait(max(0.0, nxt - now))
-
+            # One period after this sample began, or at once when that moment has passed.
+            # Never several samples back to back to "catch up": a burst would make the
+            # count right and hide the gap, which the checker (P) measures instead.
+            self._stop.wait(max(0.0, t + self.period - time.monotonic()))
     def stop(self) -> None:
         self._stop.set()
         for thread in self._threads:
