@@ -30,6 +30,9 @@ class Scenario:
     timeline: dict[tuple[str, str], list[tuple[float, str | None]]] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
     unhealthy: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    timeouts: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    session: float | None = None
+    gaps: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
 
     def serve(self, svc: str, host: str, t: float, version: str | None) -> None:
         self.timeline.setdefault((svc, host), [(0.0, "v1")]).append((t, version))
@@ -66,7 +69,8 @@ class Scenario:
                           for i, h in enumerate(HOSTS)},
                 "services": {"a": {"quorum": 2, "depends_on": []},
                              "b": {"quorum": 2, "depends_on": ["a"]}},
-                "initial": {"a": "v1", "b": "v1"}}]
+                "initial": {"a": "v1", "b": "v1"},
+                **({"session_timeout": self.session} if self.session else {})}]
         for svc in ("a", "b"):  # the recorder's first view: every host online
             for host in HOSTS:
                 out.append({"t": 0.0, "kind": "store", "path": f"current/{svc}/{host}",
@@ -86,10 +90,18 @@ class Scenario:
                 version = [v for ts, v in changes if ts <= t][-1]
                 bad = self.unhealthy.get((svc, host))
                 healthy = None if n % 4 else not (bad and bad[0] <= t <= bad[1])
+                n += 1
+                gap = self.gaps.get((svc, host))
+                if gap and gap[0] <= t <= gap[1]:
+                    continue  # the prober took no sample
+                slow = self.timeouts.get((svc, host))
+                if slow and slow[0] <= t <= slow[1]:
+                    out.append({"t": t, "kind": "probe", "host": host, "service": svc,
+                                "ok": None, "version": None, "healthy": None, "dt": 0.04})
+                    continue
                 out.append({"t": t, "kind": "probe", "host": host, "service": svc,
                             "ok": version is not None, "version": version,
                             "healthy": healthy if version else None})
-                n += 1
         events = [dict(e, detail={"took_effect": True, **e.get("detail", {})})
                   if e["kind"] == "fault" and e.get("phase") == "start" else e
                   for e in self.events]
@@ -184,14 +196,102 @@ def test_s1_gate_with_a_smaller_quorum_than_the_spec():
     assert "quorum=1" in only(status(sc.history()), "S1").counterexample
 
 
-def test_s1_faulted_host_is_not_counted_but_others_are():
-    sc = clean()  # h3 is killed (a fault) at 22-27: a voluntary take-down there is allowed
+def _killed_h3(session: float = 4.0, expired: float = 26.0) -> Scenario:
+    """clean(), with the session timeout in the topology and h3's presence for a and b
+    deleted at ``expired`` (its session expiring after the kill at 22)."""
+    sc = clean()
+    sc.session = session
+    for svc in ("a", "b"):
+        sc.store(expired, f"current/{svc}/h3", None)
+        sc.store(27.5, f"current/{svc}/h3", {"version": "v2", "state": "serving"})
+    return sc
+
+
+def test_s1_take_down_on_a_crashed_hosts_stale_presence_is_allowed():
+    """docs/design.md §6: h3 was killed at 22; h1's gate commit at 23 still saw h3 online
+    (its session had not expired), so their outages may overlap."""
+    sc = _killed_h3()
+    sc.switch("a", "h1", 23.0, "v2", item="", gate=4)
+    assert status(sc.history())["S1"].status == "held"
+
+
+def test_s1_faulted_host_counts_as_down():
+    """h3 is killed (22-27) and h1 goes down with no gate record: the old checker left h3
+    out of the count (1 of 2 remaining hosts down: fine); h3 counts as down now."""
+    sc = _killed_h3()
     sc.serve("a", "h1", 23.0, None)
     sc.serve("a", "h1", 24.0, "v2")
-    assert status(sc.history())["S1"].status == "held"
-    sc.serve("a", "h2", 23.5, None)  # but two voluntary ones are not
-    sc.serve("a", "h2", 23.8, "v2")
+    assert "h1, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_take_down_after_the_crashed_hosts_presence_is_gone():
+    """h1's gate commit at 26.5 comes after h3's entry left current/ (26.0): the gate
+    should have counted h3 as down, so the overlap is not excused."""
+    sc = _killed_h3(expired=26.0)
+    sc.switch("a", "h1", 26.5, "v2", item="", gate=4, down=0.4)
+    r = only(status(sc.history()), "S1")
+    assert r.count == 2  # the gate's recount (h2 alone) and the prober (h1, h3 down)
+    assert "other host(s) online (h2)" in r.counterexample
+
+
+def test_s1_stale_presence_excuses_only_within_the_session_timeout():
+    """With a 0.5 s session timeout, h3's entry still recorded at 24 is a presence that
+    outlived its session (+ 1 s expiry slack): a take-down on it is not the window the
+    design allows."""
+    sc = _killed_h3(session=0.5)
+    sc.switch("a", "h1", 24.0, "v2", item="", gate=4)  # 2 s after the kill
+    assert "h1, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_agent_fault_gives_no_allowance():
+    """agent_stop (like agent_kill and disk_full) must leave the services serving: h3's
+    outage during it counts in full (the old checker excluded it, effects "process")."""
+    sc = clean()
+    sc.add(30.0, "fault", fault="agent_stop", phase="start", id="s", hosts=["h3"],
+           effects=["process"], detail={})
+    sc.add(37.0, "fault", fault="agent_stop", phase="end", id="s", hosts=["h3"], detail={})
+    sc.serve("b", "h3", 31.0, None)
+    sc.serve("b", "h3", 33.0, "v2")
+    sc.switch("b", "h2", 32.0, "v2", item="", gate=4, down=0.5)
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_timeouts_count_as_not_serving():
+    """Two hosts of a (quorum 2 of 3) answering nobody at once: timeouts, which the old
+    checker ignored."""
+    sc = clean()
+    sc.timeouts[("a", "h1")] = (35.0, 36.0)
+    sc.timeouts[("a", "h2")] = (35.5, 36.5)
     assert "h1, h2" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_gate_online_is_recounted_from_the_recorded_view():
+    """The gate record claims online=3, but the recorded current/ view had h2 and h3 gone
+    (their sessions ended): h1 left 0 hosts online of quorum 2. The old checker believed
+    the record."""
+    sc = clean()
+    sc.store(29.0, "current/b/h2", None)
+    sc.store(29.1, "current/b/h3", None)
+    sc.store(30.0, "gate/b", {"host": "h1", "online": 3, "was_online": True, "quorum": 2,
+                              "version": "v2", "item": "", "t": 30.0}, 4)
+    r = only(status(sc.history()), "S1")
+    assert "recorded view had 0 other host(s)" in r.counterexample
+
+
+def test_s1_recount_uses_the_zxid_of_entries_recorded_after_the_gate():
+    """h2's entry was re-created before the gate (lower zxid) though recorded after it: it
+    counts, so the take-down is fine."""
+    sc = clean()
+    sc.store(29.0, "current/b/h2", None)
+    sc.events.append({"t": 30.0, "kind": "store", "path": "gate/b", "zversion": 4,
+                      "mzxid": 500, "data": json.dumps({"host": "h1", "online": 3,
+                                                        "quorum": 2, "version": "v2",
+                                                        "item": "", "t": 30.0})})
+    sc.events.append({"t": 30.01, "kind": "store", "path": "current/b/h2", "zversion": 0,
+                      "mzxid": 499, "data": json.dumps({"version": "v2"})})
+    assert status(sc.history())["S1"].status == "held"
+    sc.events[-1]["mzxid"] = 501  # created after the gate: h1 left only h3
+    assert "1 other host(s)" in only(status(sc.history()), "S1").counterexample
 
 
 def test_s2_dependent_service_switched_before_its_dependency_is_done():

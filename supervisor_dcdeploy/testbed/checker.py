@@ -355,13 +355,17 @@ class Timeline:
                         ) -> dict[str, Any] | None:
         """The recorded gate value with which ``host`` took ``svc`` down for a down-run
         starting at ``run_start``: the last one naming it, recorded before the run began
-        (or within a second after: the recorder and the prober run on their own)."""
+        (or within a second after: the recorder and the prober run on their own), with the
+        host not seen serving between the two (else it belongs to an earlier switch)."""
         best = None
         for e, gsvc, data in self.gates():
             if gsvc != svc or not data or data.get("host") != host:
                 continue
             if run_start - switch_max <= e["t"] <= run_start + 1.0:
                 best = e
+        if best is not None and any(s.ok and best["t"] < s.t < run_start
+                                    for s in self.probes.get((svc, host), ())):
+            return None
         return best
 
     def staged_sha(self, svc: str, version: str, t: float) -> str | None:

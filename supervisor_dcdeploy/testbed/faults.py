@@ -127,9 +127,9 @@ def qdisc_packets(ns: str | None, dev: str) -> int:
         out = subprocess.run(cmd, capture_output=True, text=True).stdout
     words = out.split()
     total = 0
-    for i, w in enumerate(words[:-3]):
-        if w == "Sent" and words[i + 3].startswith("pkt"):
-            total += int(words[i + 2])
+    for i, w in enumerate(words[:-4]):  # "Sent 1234 bytes 17 pkt (dropped 0, ..."
+        if w == "Sent" and words[i + 4].startswith("pkt") and words[i + 3].isdigit():
+            total += int(words[i + 3])
     return total
 
 
