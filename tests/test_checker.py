@@ -301,6 +301,33 @@ def test_s2_dependent_service_switched_before_its_dependency_is_done():
     assert "item-0000000001" in r.counterexample
 
 
+def test_s2_gate_ordered_by_zxid_without_slack():
+    """b's gate commit (zxid 700) came before a's item reached history (zxid 701), though
+    the recorder saw the two 0.3 s apart the other way round: the old checker's 0.5 s
+    slack let it pass; the zxids say b went down while a was unfinished."""
+    sc = clean()
+    sc.events = [e for e in sc.events if not (e["kind"] == "store" and e["path"] in
+                 ("history/item-0000000001", "deploy/item-0000000001") and e["t"] > 11)]
+    sc.events.append({"t": 11.8, "kind": "store", "path": "history/item-0000000001",
+                      "mzxid": 701, "zversion": 0, "data": json.dumps(
+                          {"service": "a", "version": "v2", "state": "done"})})
+    sc.store(11.81, "deploy/item-0000000001", None)
+    gate = next(e for e in sc.events if e["kind"] == "store" and e["path"] == "gate/b")
+    gate["mzxid"] = 700
+    gate["t"] = 12.0
+    assert "item-0000000001" in only(status(sc.history()), "S2").counterexample
+    gate["mzxid"] = 702  # after it: fine, whatever the recorder's clock says
+    assert status(sc.history())["S2"].status == "held"
+
+
+def test_s2_probe_order_has_no_slack():
+    """h1 serves b v2 0.3 s before a's item is done (the old checker allowed 0.5 s)."""
+    sc = clean()
+    sc.serve("b", "h1", 11.2, "v2")
+    sc.serve("b", "h1", 11.4, "v1")
+    assert "h1 started b v2" in only(status(sc.history()), "S2").counterexample
+
+
 def test_s3_corrupt_bytes_started():
     sc = clean()
     sc.add(0.2, "artifact", service="a", version="v2", sha256="f" * 64, broken=False)
@@ -374,6 +401,47 @@ def test_s4_failed_host_may_take_the_version_again_after_a_resume():
     assert status(sc.history())["S4"].status == "held"
 
 
+def test_s4_operator_acting_before_the_hold_is_reported():
+    """An abort 2 s after the failure leaves containment judged over 2 s: not enough."""
+    sc = failed_deploy()
+    for e in sc.events:
+        if e["kind"] == "op" and e["action"] == "abort":
+            e["t"] = 8.0
+    assert "hold of 10s" in only(status(sc.history()), "S4").counterexample
+
+
+def test_s4_take_down_after_the_failure_by_zxid():
+    """h2's gate commit has a higher zxid than the failure mark, though the recorder saw it
+    0.3 s after: the old checker's 0.5 s slack let it through."""
+    sc = failed_deploy()
+    mark = next(e for e in sc.events if e["kind"] == "store" and "failed" in str(e["data"]))
+    mark["mzxid"] = 900
+    sc.events.append({"t": 6.3, "kind": "store", "path": "gate/a", "zversion": 2,
+                      "mzxid": 901, "data": json.dumps(
+                          {"host": "h2", "online": 3, "quorum": 2, "version": "v2",
+                           "item": "item-0000000001", "t": 6.3})})
+    r = only(status(sc.history()), "S4")
+    assert "h2 took a down after item-0000000001 failed" in r.counterexample
+
+
+def test_s4_a_second_failure_is_judged_too():
+    """Resumed after its first failure, the item fails again; h3 then takes the version
+    before any operator action. The old checker looked at the first failure only."""
+    sc = failed_deploy()
+    sc.events = [e for e in sc.events if e["t"] < 19.0]
+    node = "item-0000000001"
+    sc.add(17.0, "op", action="resume", service="a")
+    sc.item(17.1, 1, "a", "v2", "rolling")
+    sc.item(19.0, 1, "a", "v2", "failed", host="h2")
+    sc.switch("a", "h3", 21.0, "v2", item=node, gate=3)
+    sc.add(35.0, "op", action="abort", service="a")
+    sc.item(35.1, 1, "a", "v2", "aborted", where="history", host="h2")
+    sc.store(35.11, f"deploy/{node}", None)
+    sc.unhealthy[("a", "h3")] = (22.0, 25.0)
+    r = status(sc.history())
+    assert r["S4"].status == "violated" and "h3" in r["S4"].counterexample
+
+
 def test_s4_broken_release_marked_done():
     sc = failed_deploy()
     sc.events = [e for e in sc.events if not (e["kind"] == "store" and "failed" in str(e))]
@@ -400,6 +468,40 @@ def test_s5_state_after_kill_forgets_the_active_version():
     sc.add(25.2, "state", host="h3", ok=True, fault="f1", data={"services": {
         "a": {"active": "v0", "previous": None, "installed": {"v0": "0" * 64}}}})
     assert "active=v0" in only(status(sc.history()), "S5").counterexample
+
+
+def test_f_fault_without_effect():
+    """A kill that found no pid: recorded as not having taken effect, the trial fails (F);
+    the old checker counted it as a fault survived."""
+    sc = clean()
+    sc.add(30.0, "fault", fault="agent_kill", phase="start", id="k", hosts=["h2"],
+           effects=["process"], detail={})
+    sc.add(30.5, "fault", fault="agent_kill", phase="end", id="k", hosts=["h2"],
+           detail={"took_effect": False, "evidence": {"after_kill": "no agent pid"}})
+    assert "no agent pid" in only(status(sc.history()), "F").counterexample
+
+
+def test_f_fault_without_evidence():
+    sc = clean()
+    sc.add(30.0, "fault", fault="netem", phase="start", id="n", hosts=["h2"],
+           effects=["network"], detail={"took_effect": None})
+    sc.add(33.0, "fault", fault="netem", phase="end", id="n", hosts=["h2"], detail={})
+    assert "did not take effect" in only(status(sc.history()), "F").counterexample
+
+
+def test_p_gap_in_the_samples():
+    """0.3 s without a sample of a@h2 (the prober stalled, or a burst caught up after it):
+    the old checker had no coverage rule."""
+    sc = clean()
+    sc.gaps[("a", "h2")] = (15.0, 15.3)
+    r = only(status(sc.history()), "P")
+    assert "a@h2" in r.counterexample
+
+
+def test_p_prober_died_early():
+    sc = clean()
+    sc.gaps[("b", "h3")] = (30.0, 41.0)
+    assert "b@h3" in only(status(sc.history()), "P").counterexample
 
 
 def test_l1_host_left_on_the_old_version():
