@@ -499,8 +499,8 @@ def check_s1(tl: Timeline, p: Params) -> tuple[Found, str]:
                                                         session, p)}
             if len(down) - len(excused) > allowed:
                 names = ", ".join(sorted(down))
-                found.append((a, f"{svc}: prober saw {len(down)} of {len(hosts)} hosts not "
-                                 f"serving ({names}) at once, quorum {tl.quorum.get(svc)}"
+                found.append((a, f"{svc}: prober saw {len(down)} of {len(hosts)} hosts down "
+                                 f"({names}) at once, quorum {tl.quorum.get(svc)}"
                                  + (f"; excused {', '.join(sorted(excused))}"
                                     if excused else "")))
                 break
