@@ -387,12 +387,22 @@ class Timeline:
         return sha
 
     def gates(self) -> list[tuple[dict[str, Any], str, dict[str, Any] | None]]:
-        """(event, service, parsed data) for every recorded gate node value."""
+        """(event, service, parsed data) for every recorded gate node value, except the
+        value a gate already held when recording began (recorded before the first operator
+        action: a commit of an earlier run, judged there)."""
+        if hasattr(self, "_gates"):
+            return self._gates
+        first_op = self.ops[0]["t"] if self.ops else -math.inf
         out = []
+        seen: set[str] = set()
         for e in self.store:
             parts = e["path"].split("/")
             if parts[0] == "gate" and len(parts) == 2 and e.get("data") is not None:
-                out.append((e, parts[1], _json(e.get("data"))))
+                initial = e["path"] not in seen and e["t"] < first_op
+                seen.add(e["path"])
+                if not initial:
+                    out.append((e, parts[1], _json(e.get("data"))))
+        self._gates = out
         return out
 
     def present_before(self, path: str, t: float) -> bool:
