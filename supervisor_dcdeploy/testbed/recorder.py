@@ -161,10 +161,10 @@ def _probe_loop(ep: Endpoint, period: float, health_every: int, timeout: float, 
     while not stop.is_set():
         t = time.monotonic()
         ok, body = probe_once(ep.address, ep.port, "/", timeout)
-        dt = time.monotonic() - t
         healthy = None
         if ok and n % health_every == 0:
             healthy, _ = probe_once(ep.address, ep.port, "/health", timeout)
+        dt = time.monotonic() - t  # both requests: the sample covers [t, t + dt]
         version = body.get("version") if body else None
         queue.put((t, ep.host, ep.service, ok, version, healthy, round(dt, 4)))
         n += 1
