@@ -1,8 +1,8 @@
 """The CI set of chaos runs: bench/chaos.py with a fixed seed and ``--cover``, so that every
-fault kind is drawn at least once (4 trials of 3 faults for the 11 kinds; seed 2 also
-draws one 32 s host kill, which L2 judges, and three faults timed into a switch). Each trial
-deploys the dependency chain with ``healthy_secs`` 3, long enough for every fault to land
-while the deploy is under way. The JSON report must have the documented shape, count every
+fault kind is drawn at least once (6 trials of 2 faults for the 11 kinds; seed 13 also
+draws one 32 s link cut, which L2 judges, and six faults timed into a switch). Each trial
+deploys the dependency chain with ``healthy_secs`` 3, long enough for both faults to land
+while the deploy is under way (with 3 faults a trial, the third sometimes came after it). The JSON report must have the documented shape, count every
 kind, show every fault landed during the deploy, and list no violation (S1-S5, L1-L3, F:
 every fault took effect, P: the prober covered every endpoint)."""
 
@@ -19,7 +19,7 @@ from supervisor_dcdeploy.testbed.bed import leftovers
 from supervisor_dcdeploy.testbed.faults import KINDS
 
 REPO = Path(__file__).resolve().parent.parent
-SEED, TRIALS, PER_TRIAL = 2, 4, 3
+SEED, TRIALS, PER_TRIAL = 13, 6, 2
 
 
 def test_chaos_ci_set_draws_every_fault_kind_during_the_deploy(tmp_path):
