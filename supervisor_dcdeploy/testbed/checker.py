@@ -158,6 +158,7 @@ class Timeline:
         self.depends: dict[str, set[str]] = {}
         self.initial: dict[str, str] = {}
         self.present: dict[str, set[str]] = {}  # versions served when recording began
+        self.installed: dict[str, set[str]] = {}  # versions on some host's disk by then
         self.probes: dict[tuple[str, str], list[Sample]] = defaultdict(list)
         self.store: list[dict[str, Any]] = []
         self.faults: dict[str, Fault] = {}
@@ -181,6 +182,7 @@ class Timeline:
             self.depends[svc] = set(spec.get("depends_on", []))
         self.initial = dict(e.get("initial", {}))
         self.present = {svc: set(v) for svc, v in e.get("present", {}).items()}
+        self.installed = {svc: set(v) for svc, v in e.get("installed", {}).items()}
         if isinstance(e.get("session_timeout"), (int, float)):
             self.session_timeout = float(e["session_timeout"])
 
@@ -508,9 +510,10 @@ def check_s1(tl: Timeline, p: Params) -> tuple[Found, str]:
             down = {h: (x, y) for x, y, h in pieces if x <= a <= y}
             if len(down) <= allowed:
                 continue
-            excused = {h for h in down if _stale_excuse(tl, svc, h, a, down, crashes,
-                                                        session, p)}
-            excused |= _slow_excuse(tl, svc, a, down, crashes, allowed, p)
+            slow = _slow_excuse(tl, svc, a, down, crashes, allowed, p)
+            excused = slow | {h for h in down if _stale_excuse(
+                tl, svc, h, a, {g: r for g, r in down.items() if g not in slow}, crashes,
+                session, p)}
             if len(down) - len(excused) > allowed:
                 names = ", ".join(sorted(down))
                 found.append((a, f"{svc}: prober saw {len(down)} of {len(hosts)} hosts down "
@@ -668,7 +671,8 @@ def check_s3(tl: Timeline, p: Params) -> tuple[Found, str]:
             staged = tl.staged_sha(svc, s.version, s.t)
             if staged is None:
                 if s.version != tl.initial.get(svc, s.version) and \
-                        s.version not in tl.present.get(svc, ()):
+                        s.version not in tl.present.get(svc, ()) and \
+                        s.version not in tl.installed.get(svc, ()):
                     reported.add((svc, host, s.version))
                     found.append((s.t, f"{host} serves {svc} {s.version}, which was never "
                                        "staged"))

@@ -181,7 +181,8 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
     served = {svc: [bed.version(h, svc) for h in bed.hosts] for svc in services}
     initial = {svc: _majority(v) for svc, v in served.items()}
     present = {svc: sorted({x for x in v if x}) for svc, v in served.items()}
-    writer.emit("topology", **bed.topology(), initial=initial, present=present)
+    writer.emit("topology", **bed.topology(), initial=initial, present=present,
+                installed=_installed(bed))
     recorder = StoreRecorder(writer, bed.ensemble.connect_string).start()
     prober = Prober(writer, [Endpoint(h, s, host.addr, bed.services[s].port)
                              for h, host in bed.hosts.items() for s in services]).start()
@@ -308,6 +309,22 @@ def _failed_head(bed: Testbed):
     except Exception:  # noqa: BLE001 - store busy (leader election): look again later
         return None
     return queue[0] if queue and queue[0].state == "failed" else None
+
+
+def _installed(bed: Testbed) -> dict[str, list[str]]:
+    """Versions in some host's local state when recording begins (staged by an earlier run:
+    a host recovering onto one of them is not starting something never staged)."""
+    from ..localstate import read_state
+    out: dict[str, set[str]] = {svc: set() for svc in bed.services}
+    for host in bed.hosts.values():
+        try:
+            data = read_state(host.layout.root) or {}
+        except (OSError, ValueError):
+            continue
+        for svc, st in (data.get("services") or {}).items():
+            if svc in out and isinstance(st, dict):
+                out[svc] |= set((st.get("installed") or {}))
+    return {svc: sorted(v) for svc, v in out.items()}
 
 
 def _majority(values: list[str | None]) -> str | None:
