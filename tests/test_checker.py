@@ -215,6 +215,27 @@ def test_s1_take_down_on_a_crashed_hosts_stale_presence_is_allowed():
     assert status(sc.history())["S1"].status == "held"
 
 
+def test_s1_crash_after_a_take_down_commit_is_excused():
+    """h1 went down through the gate at 21.5; h3 crashed at 22, while h1 was still
+    switching: the gate could not know (chaos seed 2027, trial 4)."""
+    sc = _killed_h3()
+    sc.switch("a", "h1", 21.5, "v2", item="", gate=4)
+    assert status(sc.history())["S1"].status == "held"
+
+
+def test_s1_slow_answer_while_the_faults_use_the_whole_budget():
+    """h3 is crashed (the one host quorum 2 of 3 may lose); h2 then answers a request too
+    late: not a take-down, nothing stopped (seed 2027, trials 8 and 9). A refusal instead
+    means something stopped h2: counted."""
+    sc = _killed_h3()
+    sc.timeouts[("a", "h2")] = (23.0, 23.2)
+    assert status(sc.history())["S1"].status == "held"
+    sc = _killed_h3()
+    sc.serve("a", "h2", 23.0, None)
+    sc.serve("a", "h2", 23.2, "v2")
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample
+
+
 def test_s1_faulted_host_counts_as_down():
     """h3 is killed (22-27) and h1 goes down with no gate record: the old checker left h3
     out of the count (1 of 2 remaining hosts down: fine); h3 counts as down now."""
