@@ -544,9 +544,13 @@ def plan(view: GateView, timings: Iterable[SwitchTiming] = (),
     """What ``dcdeploy plan`` prints (``--json``: this dict; schema in docs/policy.md).
 
     Items in waves; each item starts when the items it waits for (earlier items of its
-    own service or of services it depends on) are done, so the total is the longest
-    chain of predicted durations through the waves (the DAG bound). Host-parallel
-    contention between services rolling at once is not modelled."""
+    own service or of services it depends on) are done, so one bound on the total is the
+    longest chain of predicted durations through the waves (``dag_bound_s``). Services
+    rolling at once on the same hosts also share each host's ``host_parallel`` slots:
+    a host must do every switch it is in, at most ``host_parallel`` at a time, which
+    gives the second bound (``host_bound_s``: the busiest host's batch seconds over
+    ``host_parallel``). ``total_s`` is the larger; ``start_s``/``finish_s`` per item
+    follow the DAG only."""
     timings = list(timings)
     healthy_secs = healthy_secs or {}
     specs = view.services
@@ -555,6 +559,7 @@ def plan(view: GateView, timings: Iterable[SwitchTiming] = (),
     wave_list = waves(view.queue, specs)
     total: float | None = 0.0
     series: float | None = 0.0
+    load: dict[str, float] = {}
     for w, wave in enumerate(wave_list):
         for item in wave:
             svc = replace(specs[item.service], target=item.version)
@@ -573,12 +578,18 @@ def plan(view: GateView, timings: Iterable[SwitchTiming] = (),
                         finish_s=finish[item.node] if math.isfinite(finish[item.node])
                         else None)
             items_out.append(pred)
+            for host in pred["host_order"]:
+                load[host] = load.get(host, 0.0) + pred["batch_s"]
             if dur is None:
                 total = series = None
             elif series is not None:
                 series += dur
+    dag: float | None = None
+    busiest: float | None = None
     if total is not None:
-        total = max(finish.values(), default=0.0)
+        dag = max(finish.values(), default=0.0)
+        busiest = max(load.values(), default=0.0) / view.host_parallel
+        total = max(dag, busiest)
     return {"schema": 1,
             "host_parallel": view.host_parallel,
             "waves": [[i.node for i in wave] for wave in wave_list],
@@ -586,5 +597,7 @@ def plan(view: GateView, timings: Iterable[SwitchTiming] = (),
             "blocked": [{"item": i.node, "service": i.service, "reason": why}
                         for i, why in blocked_items(view.queue, specs)
                         if not any(i.node == o["item"] for o in items_out)],
+            "dag_bound_s": dag,
+            "host_bound_s": busiest,
             "total_s": total,
             "series_s": series}

@@ -535,15 +535,19 @@ def test_predict_item_blocked_and_done_and_approve():
 
 
 def test_plan_total_is_the_longest_chain():
-    """Two chains (a1->a2->a3, b1->b2) and three independent services, one host each,
-    batch times from history: the total is the longest chain, not the sum."""
+    """Two chains (a1->a2->a3, b1->b2) and three independent services, each on a host
+    of its own, batch times from history: the total is the longest chain, not the sum.
+    On one shared host (host_parallel 1) the host is the bound: the sum."""
     secs = {"a1": 10, "a2": 20, "a3": 30, "b1": 50, "b2": 25, "c1": 5, "c2": 70, "c3": 15}
     chain = {"a2": ("a1",), "a3": ("a2",), "b2": ("b1",)}
-    services = [svc(n, racks={"h0": "r1"}, depends_on=chain.get(n, ())) for n in secs]
     hist = [t for n, s in secs.items() for t in timings(n, float(s))]
+    shared = p.plan(gate_view(*[svc(n, racks={"h0": "r1"}, depends_on=chain.get(n, ()))
+                                for n in secs]), hist)
+    assert (shared["dag_bound_s"], shared["host_bound_s"], shared["total_s"]) == (75, 225, 225)
+    services = [svc(n, racks={f"host-{n}": "r1"}, depends_on=chain.get(n, ())) for n in secs]
     out = p.plan(gate_view(*services), hist)
     json.dumps(out)  # JSON-able
-    assert out["total_s"] == max(10 + 20 + 30, 50 + 25, 5, 70, 15) == 75
+    assert out["total_s"] == out["dag_bound_s"] == max(10 + 20 + 30, 50 + 25, 5, 70, 15) == 75
     assert out["series_s"] == sum(secs.values())
     assert [[n[-2:] for n in w] for w in out["waves"]] == [["01", "04", "06", "07", "08"],
                                                            ["02", "05"], ["03"]]
@@ -583,3 +587,55 @@ def test_switch_timing_round_trips():
     t = p.SwitchTiming("a", "h1", "2", 1.5, 2.0, 3.0, at=7.0)
     assert p.SwitchTiming.parse("x", t.to_dict()) == t
     assert t.total_s == 6.5
+
+
+BENCH_HOSTS = {f"h{i}": ("r1" if i < 5 else "r2") for i in range(10)}
+BENCH_CHAINS = {"a2": ("a1",), "a3": ("a2",), "b2": ("b1",)}
+BENCH_NAMES = ["a1", "a2", "a3", "b1", "b2", "c1", "c2", "c3"]
+
+
+@pytest.mark.parametrize("host_parallel,max_parallel,quorum,per_rack,total", [
+    (1, 2, 7, None, 15),  # k = 3 room > max_parallel 2: 5 batches, chain a1-a2-a3
+    (1, 3, 6, 1, 15),  # k = min(3, 4, 1 per rack x 2 racks) = 2
+    (1, 3, 5, None, 12),  # k = 3: 4 batches
+    (1, 5, 0, None, 8),  # k = 5, DAG bound 6, but each host switches 8 services one by one
+    (8, 5, 0, None, 6),  # the same with host_parallel 8: the DAG bound
+])
+def test_plan_total_matches_the_gate_simulated(host_parallel, max_parallel, quorum,
+                                               per_rack, total):
+    """The bench fleet of issue 10 (10 hosts, chains of 3 and 2, 3 independent services,
+    every service on every host), every batch 1 s: the plan's total is the number of
+    rounds the gate admits when every admissible host goes at once."""
+    services = [svc(n, racks=BENCH_HOSTS, quorum=quorum, max_parallel=max_parallel,
+                    depends_on=BENCH_CHAINS.get(n, ()), max_down_per_rack=per_rack)
+                for n in BENCH_NAMES]
+    view = gate_view(*services, host_parallel=host_parallel)
+    out = p.plan(view, [t for n in BENCH_NAMES for t in timings(n, 1.0)])
+    rounds, _ = run_to_completion(view)
+    assert out["total_s"] == len(rounds) == total
+    assert out["total_s"] == max(out["dag_bound_s"], out["host_bound_s"])
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.data())
+def test_plan_total_is_a_lower_bound_of_the_simulated_rounds(data):
+    """Any all-online fleet without canaries: the gate, admitting every host it can each
+    round, never finishes in fewer rounds than the plan predicts with 1 s batches."""
+    n_hosts = data.draw(st.integers(1, 6))
+    racks = {f"h{i}": data.draw(st.sampled_from(["r1", "r2"])) for i in range(n_hosts)}
+    n = data.draw(st.integers(1, 4))
+    services = []
+    for i in range(n):
+        mine = data.draw(st.lists(st.sampled_from(sorted(racks)), min_size=1, unique=True))
+        services.append(svc(
+            f"s{i}", racks={h: racks[h] for h in mine},
+            quorum=data.draw(st.integers(0, len(mine) - 1)),
+            max_parallel=data.draw(st.integers(1, 3)),
+            depends_on=data.draw(st.lists(st.sampled_from([f"s{j}" for j in range(i)]),
+                                          unique=True)) if i else (),
+            max_down_per_rack=data.draw(st.none() | st.integers(1, 2)),
+            rack_order=data.draw(st.booleans())))
+    view = gate_view(*services, host_parallel=data.draw(st.integers(1, 2)))
+    out = p.plan(view, [t for s in services for t in timings(s.name, 1.0)])
+    rounds, _ = run_to_completion(view)
+    assert out["total_s"] <= len(rounds)
