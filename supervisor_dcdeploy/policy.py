@@ -260,15 +260,19 @@ def rack_sequence(svc: ServiceState) -> list[str]:
 
 def canary_hosts(svc: ServiceState) -> tuple[str, ...]:
     """The first ``canary`` hosts, spread over racks: one per rack in rack order, round
-    robin, hosts sorted inside a rack. Chosen among hosts not offline (a canary that
-    cannot switch would hold the item for ever). The wired version should record the set
-    in the deploy item when it starts, so it does not move when hosts come and go."""
+    robin, hosts sorted inside a rack. With ``rack_order`` they come from the first racks
+    instead (a canary in a later rack could not switch before the first rack is done,
+    which the canary hold forbids: a deadlock). Chosen among hosts not offline (a canary
+    that cannot switch would hold the item for ever). The wired version should record the
+    set in the deploy item when it starts, so it does not move when hosts come and go."""
     n = svc.policy.canary
     if n <= 0:
         return ()
     offline = svc.offline()
     by_rack = {r: sorted(h for h, hr in svc.racks.items() if hr == r and h not in offline)
                for r in rack_sequence(svc)}
+    if svc.policy.rack_order:
+        return tuple([h for hosts in by_rack.values() for h in hosts][:n])
     out: list[str] = []
     depth = 0
     while len(out) < n and any(len(hs) > depth for hs in by_rack.values()):

@@ -172,8 +172,9 @@ def test_canaries_spread_over_racks_and_skip_offline_hosts():
     assert p.canary_hosts(svc(racks=RACKS6, canary=3)) == ("a1", "b1", "a2")
     s = svc(racks=RACKS6, canary=3, online={h: "1" for h in RACKS6 if h != "a1"})
     assert p.canary_hosts(s) == ("a2", "b1", "a3")
-    assert p.canary_hosts(svc(racks=RACKS6, canary=3, rack_order=True, rack_names=("r2",))) == \
-        ("b1", "a1", "b2")
+    # with a rack order, from the first rack on (spread, they would wait for each other)
+    assert p.canary_hosts(svc(racks=RACKS6, canary=4, rack_order=True, rack_names=("r2",))) == \
+        ("b1", "b2", "b3", "a1")
     assert p.canary_hosts(svc(racks=RACKS6, canary=10)) == \
         ("a1", "b1", "a2", "b2", "a3", "b3")
     assert p.canary_hosts(svc(racks=RACKS6)) == ()
@@ -639,3 +640,21 @@ def test_plan_total_is_a_lower_bound_of_the_simulated_rounds(data):
     out = p.plan(view, [t for s in services for t in timings(s.name, 1.0)])
     rounds, _ = run_to_completion(view)
     assert out["total_s"] <= len(rounds)
+
+
+@settings(max_examples=150, deadline=None)
+@given(fleets())
+def test_every_policy_lets_an_all_online_fleet_finish(view):
+    """No combination of rules deadlocks: with every host online and room above quorum,
+    the gate (time passing 1 s a round, canaries soaking or approved) finishes every
+    item, and every host ends on the target."""
+    services = {}
+    for name, s in view.services.items():
+        s = replace(s, online={h: "1" for h in s.racks},
+                    quorum=min(s.quorum, len(s.racks) - 1))
+        if s.policy.canary and not s.policy.soak_secs:
+            s = replace(s, approved=True)
+        services[name] = s
+    _, end = run_to_completion(replace(view, services=services))
+    for s in end.services.values():
+        assert set(s.online) == set(s.racks) and set(s.online.values()) == {"2"}
