@@ -20,7 +20,7 @@ import statistics
 from dataclasses import dataclass, field, replace
 from typing import Any, Iterable, Mapping, Protocol, Sequence
 
-from .decisions import Decision, dependencies
+from .decisions import Decision, ServiceView, dependencies, ready_queue
 from .model import ACTIVE_STATES, DeployItem, InvalidData, _get, check_name
 
 MAX_HOST_PARALLEL = 64
@@ -164,6 +164,29 @@ class GateView:
 
 def _rack_name(rack: str) -> str:
     return rack or "(none)"
+
+
+def service_state(view: ServiceView, policy: Policy = Policy(),
+                  target: str | None = None) -> ServiceState:
+    """The :class:`ServiceState` of today's per-service snapshot, for wiring.
+
+    Registered hosts are those whose registry entry lists the service, plus any online;
+    a host's rack is its presence's, else its registry entry's. Switching hosts are those
+    with a ready-queue entry for ``target`` (default: the staged version) but no presence:
+    the entry is ephemeral, so its owner is alive and mid-switch, while a crashed host's
+    entry went with its session (the rule ``decisions.deploy_status`` already uses)."""
+    target = target if target is not None else (view.staged.version if view.staged else None)
+    racks = {h: info.rack for h, info in view.hosts.items() if view.service in info.services}
+    racks.update({h: e.rack or racks.get(h, "") for h, e in view.current.items()})
+    online = {h: e.version for h, e in view.current.items() if e.state == "serving"}
+    switching = frozenset(e.host for e in ready_queue(view, target) if e.host not in view.current
+                          ) if target is not None else frozenset()
+    racks.update({h: racks.get(h, "") for h in switching})
+    spec = view.spec
+    return ServiceState(name=view.service, quorum=spec.quorum if spec else 0,
+                        max_parallel=spec.max_parallel if spec else 1,
+                        depends_on=spec.depends_on if spec else (), policy=policy,
+                        racks=racks, online=online, switching=switching, target=target)
 
 
 # --------------------------------------------------------------------------------------

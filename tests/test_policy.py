@@ -658,3 +658,31 @@ def test_every_policy_lets_an_all_online_fleet_finish(view):
     _, end = run_to_completion(replace(view, services=services))
     for s in end.services.values():
         assert set(s.online) == set(s.racks) and set(s.online.values()) == {"2"}
+
+
+def test_service_state_from_todays_view():
+    from supervisor_dcdeploy.decisions import ServiceView
+    from supervisor_dcdeploy.model import (CurrentEntry, HostInfo, ServiceSpec,
+                                           StagedRelease, StagingEntry)
+    view = ServiceView(
+        service="api", spec=ServiceSpec("api", "api", quorum=1, max_parallel=3,
+                                        depends_on=("db",)),
+        staged=StagedRelease("api", "2", "a" * 64, urls=("file:///x",)),
+        current={"h0": CurrentEntry("h0", "1", rack="r1"),
+                 "h1": CurrentEntry("h1", "2", rack="r2")},
+        staging=[StagingEntry("h2-0000000001", 1, "h2", "2"),
+                 StagingEntry("h0-0000000002", 2, "h0", "2"),
+                 StagingEntry("h3-0000000003", 3, "h3", "1")],
+        queue=[item(1, "api")],
+        hosts={"h2": HostInfo("h2", "r2", ("api",)), "h4": HostInfo("h4", "r1", ("api",)),
+               "h5": HostInfo("h5", "r1", ("web",))})
+    s = p.service_state(view, p.Policy(max_down_per_rack=1))
+    assert s.racks == {"h0": "r1", "h1": "r2", "h2": "r2", "h4": "r1"}
+    assert s.online == {"h0": "1", "h1": "2"}
+    assert s.switching == {"h2"}  # queued for 2 and absent: mid-switch; h3 is for 1
+    assert s.offline() == {"h4"}
+    assert (s.quorum, s.max_parallel, s.depends_on, s.target) == (1, 3, ("db",), "2")
+    # h0 is online in r1, where h4 is offline: the rack budget of 1 refuses it
+    decision = p.admit_take_down(p.GateView({"api": s}, view.queue, 1), "h0", "api")
+    assert not decision.ok
+    assert decision.reason == "rack budget: rack r1 has 1 down (h4), max_down_per_rack 1"
