@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import statistics
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterable, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 from .decisions import Decision, ServiceView, dependencies, ready_queue
 from .model import ACTIVE_STATES, DeployItem, InvalidData, _get, check_name
@@ -34,7 +35,10 @@ TIMING_WINDOW = 20
 
 
 class HasDeps(Protocol):
-    depends_on: tuple[str, ...]
+    """A spec, or anything with its ``depends_on`` (a :class:`ServiceState`)."""
+
+    @property
+    def depends_on(self) -> tuple[str, ...]: ...
 
 
 # --------------------------------------------------------------------------------------
@@ -60,7 +64,7 @@ class Policy:
     verify_peers: bool = False
 
     @classmethod
-    def parse(cls, where: str, data: Mapping[str, Any]) -> "Policy":
+    def parse(cls, where: str, data: Mapping[str, Any]) -> Policy:
         """The policy fields of a spec's raw JSON object; raises :class:`InvalidData`
         naming the field for a value of the wrong type or out of bounds."""
         k = _get(where, data, "max_down_per_rack", int, None)
@@ -378,7 +382,7 @@ def admit_take_down(view: GateView, host: str, service: str) -> Decision:
                 if i.service == service and i.state not in ("done", "aborted")]
         if not mine:
             return Decision(False, f"no deploy queued for {service}")
-        why = dict((i.node, r) for i, r in blocked_items(view.queue, view.services))
+        why = {i.node: r for i, r in blocked_items(view.queue, view.services)}
         return Decision(False, f"deploy {mine[0].node}: {why[mine[0].node]}")
     item = items[0]
     if svc.target != item.version:
@@ -477,7 +481,7 @@ class SwitchTiming:
         return self.stop_s + self.start_s + self.healthy_s
 
     @classmethod
-    def parse(cls, where: str, data: Mapping[str, Any]) -> "SwitchTiming":
+    def parse(cls, where: str, data: Mapping[str, Any]) -> SwitchTiming:
         nums = {}
         for name in ("stop_s", "start_s", "healthy_s"):
             value = float(_get(where, data, name, (int, float)))
@@ -504,8 +508,8 @@ def batch_seconds(service: str, timings: Iterable[SwitchTiming],
     mine = mine[-TIMING_WINDOW:]
     if not mine:
         return (healthy_secs + FALLBACK_SWITCH_S,
-                f"fallback: healthy_secs {healthy_secs:g} + {FALLBACK_SWITCH_S:g} s "
-                "(no recorded switches)")
+                (f"fallback: healthy_secs {healthy_secs:g} + {FALLBACK_SWITCH_S:g} s "
+                 "(no recorded switches)"))
     return (statistics.median(t.total_s for t in mine),
             f"history: median of {len(mine)} switches")
 

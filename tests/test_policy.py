@@ -248,8 +248,8 @@ GATE_TABLE = [
      "host_parallel 1: h0 is switching a"),
     ("host_parallel 2", [svc("a", switching={"h0"}), svc("api")], {"host_parallel": 2},
      "h0", "api", True, "keeps"),
-    ("quorum", [svc(quorum=4)], {}, "h0", "api", False, "quorum: 4 online, quorum 4, "
-     "0 hosts offline"),
+    ("quorum", [svc(quorum=4)], {}, "h0", "api", False,
+     "quorum: 4 online, quorum 4, 0 hosts offline"),
     ("offline host switches at no quorum cost",
      [svc(quorum=3, online={"h1": "1", "h2": "1", "h3": "1"})], {}, "h0", "api", True, "keeps"),
     ("rack budget", [svc(racks=RACKS6, switching={"a1"}, max_parallel=3,
@@ -662,8 +662,13 @@ def test_every_policy_lets_an_all_online_fleet_finish(view):
 
 def test_service_state_from_todays_view():
     from supervisor_dcdeploy.decisions import ServiceView
-    from supervisor_dcdeploy.model import (CurrentEntry, HostInfo, ServiceSpec,
-                                           StagedRelease, StagingEntry)
+    from supervisor_dcdeploy.model import (
+        CurrentEntry,
+        HostInfo,
+        ServiceSpec,
+        StagedRelease,
+        StagingEntry,
+    )
     view = ServiceView(
         service="api", spec=ServiceSpec("api", "api", quorum=1, max_parallel=3,
                                         depends_on=("db",)),
