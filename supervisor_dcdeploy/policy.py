@@ -499,6 +499,23 @@ class SwitchTiming:
                 "at": self.at}
 
 
+def parse_timings(where: str, records: Any) -> tuple[list[SwitchTiming], list[str]]:
+    """The valid records of a list read from history, and a problem in words for each
+    one that is not (a bad record is reported and left out, never raised)."""
+    if not isinstance(records, list):
+        return [], [f"{where}: expected a list of switch records, got {type(records).__name__}"]
+    good, problems = [], []
+    for i, raw in enumerate(records):
+        if not isinstance(raw, dict):
+            problems.append(f"{where}[{i}]: expected an object, got {raw!r:.40}")
+            continue
+        try:
+            good.append(SwitchTiming.parse(f"{where}[{i}]", raw))
+        except InvalidData as exc:
+            problems.append(str(exc))
+    return good, problems
+
+
 def batch_seconds(service: str, timings: Iterable[SwitchTiming],
                   healthy_secs: float = 0.0) -> tuple[float, str]:
     """Predicted seconds for one batch of ``service`` and where the number comes from:

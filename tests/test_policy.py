@@ -568,7 +568,9 @@ def test_plan_reports_blocked_items_and_no_total():
     services = [svc("a", quorum=4), svc("b", depends_on=("a",)), svc("c")]
     queue = [item(1, "a"), item(2, "b"), item(3, "c", state="paused")]
     out = p.plan(gate_view(*services, queue=queue))
+    json.dumps(out, allow_nan=False)  # no infinity leaks from the blocked chain
     assert out["total_s"] is None  # a cannot move: quorum 4 of 4
+    assert out["items"][1]["start_s"] is None and out["items"][1]["finish_s"] is None
     assert out["items"][0]["blocked"].startswith("quorum")
     assert [b["reason"] for b in out["blocked"]] == ["paused"]
     assert all(i["finish_s"] is None or math.isfinite(i["finish_s"]) for i in out["items"])
@@ -696,3 +698,14 @@ def test_service_state_from_todays_view():
     decision = p.admit_take_down(p.GateView({"api": s}, view.queue, 1), "h0", "api")
     assert not decision.ok
     assert decision.reason == "rack budget: rack r1 has 1 down (h4), max_down_per_rack 1"
+
+
+def test_parse_timings_keeps_the_good_and_names_the_bad():
+    good = p.SwitchTiming("a", "h1", "2", 1.0, 2.0, 3.0).to_dict()
+    timings_, problems = p.parse_timings("history/timings/a",
+                                         [good, "junk", {**good, "stop_s": -5}])
+    assert timings_ == [p.SwitchTiming("a", "h1", "2", 1.0, 2.0, 3.0)]
+    assert problems[0] == "history/timings/a[1]: expected an object, got 'junk'"
+    assert problems[1].startswith("history/timings/a[2]: field 'stop_s': must be 0..86400")
+    assert p.parse_timings("t", {"x": 1}) == (
+        [], ["t: expected a list of switch records, got dict"])
