@@ -220,7 +220,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         while True:
             data = ops.status(store)
             if args.json:
-                print(json.dumps(data, sort_keys=True))
+                print(json.dumps(data, sort_keys=True, allow_nan=False))
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
@@ -235,7 +235,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     with connected(args) as store:
         data = ops.status(store)
         if args.json:
-            print(json.dumps(data["hosts"], sort_keys=True))
+            print(json.dumps(data["hosts"], sort_keys=True, allow_nan=False))
         else:
             print("\n".join(render_status(data).split("\n\n")[2:3]))
         return 0
@@ -245,11 +245,11 @@ def cmd_history(args: argparse.Namespace) -> int:
     with connected(args) as store:
         items = ops.history(store, args.limit)
         if args.json:
-            print(json.dumps(items))
+            print(json.dumps(items, allow_nan=False))
         else:
-            for item in items:
-                print(f"{item['item']}  {item.get('service', '?'):<14} "
-                      f"{item.get('version', '?'):<12} {item.get('state')}  "
+            for item in items:  # fields of a record are whatever the store held: str() them
+                print(f"{item['item']}  {str(item.get('service', '?')):<14} "
+                      f"{str(item.get('version', '?')):<12} {item.get('state')}  "
                       f"{item.get('reason') or ''}")
         return 0
 

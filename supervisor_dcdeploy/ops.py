@@ -11,12 +11,13 @@ from typing import Any
 
 from . import decisions
 from .model import (DeployItem, HealthCheck, InvalidData, ServiceSpec, StagedRelease,
-                    check_name, check_version, dumps)
+                    check_name, check_version, dumps, load_json)
 from .snapshot import (read_current, read_hosts, read_queue, read_spec, read_specs,
                        read_staged, read_staging, read_view)
 from .store import Create, Delete, NoNode, Store, StoreError, TransactionFailed
 
 HISTORY_CAP = 1000
+RAW_KEPT = 512  # bytes of an unreadable item kept in its history record
 
 
 class OpError(Exception):
@@ -165,22 +166,27 @@ def resume(store: Store) -> tuple[DeployItem, str | None]:
 def abort(store: Store) -> list[str]:
     """End the whole queue: every item moves to history as ``aborted`` (hosts mid-switch
     finish; nobody starts another). Returns the item names."""
-    queue, _ = read_queue(store)
     nodes = sorted(store.children("deploy"))
     if not nodes:
         raise OpError("the deploy queue is empty: nothing to abort")
-    by_node = {i.node: i for i in queue}
     ops: list = []
     for node in nodes:
         try:
             raw, version = store.get(f"deploy/{node}")
         except NoNode:
             continue
-        item = by_node.get(node)
-        record = json.loads(item.to_json()) if item and item.state != "invalid" else \
-            {"raw": raw.decode(errors="replace")}
+        try:
+            item = DeployItem.parse(node, raw, version)
+            record = json.loads(item.to_json())
+            was = item.state
+        except InvalidData as exc:
+            # Unreadable items are aborted too (they block the queue); keep what can be
+            # read, and a bounded piece of the raw value for the post-mortem.
+            record = _readable_part(raw)
+            record["raw"] = (raw or b"")[:RAW_KEPT].decode("utf-8", "replace")
+            was = f"invalid: {exc}"
         record.update(state="aborted", updated=time.time(),
-                      reason=f"aborted by operator (was {item.state if item else 'unread'})")
+                      reason=f"aborted by operator (was {was})")
         ops += [Delete(f"deploy/{node}", version), Create(f"history/{node}", dumps(record))]
     try:
         store.commit(ops)
@@ -188,6 +194,22 @@ def abort(store: Store) -> list[str]:
         raise OpError(f"the queue changed while aborting ({exc}); run abort again") from None
     trim_history(store)
     return nodes
+
+
+def _readable_part(raw: bytes | None) -> dict[str, Any]:
+    """``service`` and ``version`` of an invalid deploy item, when those two are valid."""
+    out: dict[str, Any] = {}
+    try:
+        data = load_json("deploy item", raw)
+    except InvalidData:
+        return out
+    if isinstance(data, dict):
+        for name, check in (("service", check_name), ("version", check_version)):
+            try:
+                out[name] = check("deploy item", name, data.get(name))
+            except InvalidData:
+                pass
+    return out
 
 
 def trim_history(store: Store, cap: int = HISTORY_CAP) -> None:
@@ -204,9 +226,17 @@ def history(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     for node in sorted(store.children("history"))[-limit:]:
         try:
             raw, _ = store.get(f"history/{node}")
-            out.append({"item": node, **json.loads(raw)})
-        except (NoNode, ValueError):
+        except NoNode:
             continue
+        try:
+            record = load_json(f"history/{node}", raw)
+            if not isinstance(record, dict):
+                raise InvalidData(f"history/{node}", "(json)",
+                                  f"expected a JSON object, got {type(record).__name__}")
+        except InvalidData as exc:
+            out.append({"item": node, "state": "unreadable", "reason": str(exc)})
+            continue
+        out.append({**{k: v for k, v in record.items() if isinstance(k, str)}, "item": node})
     return out
 
 

@@ -67,6 +67,10 @@ class Agent:
         self._views: dict[str, decisions.ServiceView] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
+        # In status.json, so tests and bench/fuzz_store.py count without reading logs:
+        # cycles finished, and exceptions that ended a cycle or a service's part of it.
+        self.cycles = 0
+        self.cycle_errors = 0
         self._status_written = b""
         if self.local.problem:
             self.log.warning("state.rebuilt", problem=self.local.problem)
@@ -113,6 +117,11 @@ class Agent:
                 self.cycle()
             except Exception:  # the loop must survive anything: services depend on it
                 self.log.exception("cycle.crashed")
+                self.cycle_errors += 1
+                try:
+                    self.write_status()
+                except Exception:  # noqa: BLE001 - reported above; keep looping
+                    pass
             self.wake.wait(self.cfg.poll_interval if self._started else 1.0)
         self.shutdown()
 
@@ -150,8 +159,10 @@ class Agent:
             except (StoreError, SupervisorError, OSError, health.HealthError) as exc:
                 self.log.error("cycle.error", svc=svc, error=str(exc), kind=type(exc).__name__)
                 self._set(svc, error=str(exc))
+                self.cycle_errors += 1
             except Exception:  # a bug must not take the host's services down with it
                 self.log.exception("cycle.bug", svc=svc)
+                self.cycle_errors += 1
         if online and self.session is SessionState.CONNECTED:
             try:
                 self.publish_host()
@@ -164,6 +175,7 @@ class Agent:
                                    deploying=bool(queue))
             except Exception as exc:  # noqa: BLE001 - seeding upkeep must not stop the cycle
                 self.log.warning("swarm.maintain_failed", error=str(exc))
+        self.cycles += 1
         self.write_status()
 
     def _prepare(self) -> None:
@@ -684,6 +696,7 @@ class Agent:
         status = {"host": self.host, "rack": self.cfg.rack,
                   "store": self.session.value if self._started else "unreachable",
                   "store_ops": {"reads": ops.reads, "writes": ops.writes},
+                  "cycles": self.cycles, "cycle_errors": self.cycle_errors,
                   "services": self.status}
         if self.dist is not None:
             status["swarm"] = self.dist.status()
