@@ -68,7 +68,8 @@ class Agent:
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         # In status.json, so tests and bench/fuzz_store.py count without reading logs:
-        # cycles finished, and exceptions that ended a cycle or a service's part of it.
+        # cycles started (the status a cycle writes, at its end or when it raised, carries
+        # its own number), and exceptions that ended a cycle or a service's part of it.
         self.cycles = 0
         self.cycle_errors = 0
         self._status_written = b""
@@ -138,6 +139,7 @@ class Agent:
 
     # -- one cycle --------------------------------------------------------------------
     def cycle(self) -> None:
+        self.cycles += 1
         if not self._started and time.monotonic() - self._last_connect > RECONNECT_SECS:
             self.connect(timeout=1.0)
         online = self._started and self.session is SessionState.CONNECTED
@@ -175,7 +177,6 @@ class Agent:
                                    deploying=bool(queue))
             except Exception as exc:  # noqa: BLE001 - seeding upkeep must not stop the cycle
                 self.log.warning("swarm.maintain_failed", error=str(exc))
-        self.cycles += 1
         self.write_status()
 
     def _prepare(self) -> None:
