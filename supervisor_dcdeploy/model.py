@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from itertools import accumulate, count
 from operator import sub
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 # Patterns are used with fullmatch: "$" would accept a trailing newline.
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
@@ -100,10 +100,20 @@ def json_depth(raw: bytes) -> int:
     return max(0, max(map(sub, accumulate(skeleton), count(1))))
 
 
-def load_json(where: str, raw: bytes | str | None) -> Any:
+def _none_instead(parse: Callable[[str], Any]) -> Callable[[str], Any]:
+    def lenient(text: str) -> Any:
+        try:
+            return parse(text)
+        except _Refused:
+            return None
+    return lenient
+
+
+def load_json(where: str, raw: bytes | str | None, *, strict_numbers: bool = True) -> Any:
     """Parse one store value as bounded JSON: at most MAX_VALUE_BYTES, MAX_DEPTH levels,
     integers of at most MAX_INT_DIGITS digits, finite numbers only, valid Unicode. Any
-    other input raises :class:`InvalidData`; nothing else escapes."""
+    other input raises :class:`InvalidData`; nothing else escapes. With ``strict_numbers``
+    False, refused numbers read as None instead (to salvage the rest of a bad value)."""
     if raw is None:
         raise InvalidData(where, "(node)", "no data")
     if isinstance(raw, str):
@@ -121,8 +131,12 @@ def load_json(where: str, raw: bytes | str | None) -> Any:
         raise InvalidData(where, "(json)", f"nested {depth} levels deep (at most {MAX_DEPTH})")
     try:
         text = raw.decode("utf-8")
-        return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
-                          parse_constant=_parse_constant)
+        if strict_numbers:
+            return json.loads(text, parse_int=_parse_int, parse_float=_parse_float,
+                              parse_constant=_parse_constant)
+        return json.loads(text, parse_int=_none_instead(_parse_int),
+                          parse_float=_none_instead(_parse_float),
+                          parse_constant=_none_instead(_parse_constant))
     except _Refused as exc:
         raise InvalidData(where, "(json)", f"refused: {exc}") from None
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:

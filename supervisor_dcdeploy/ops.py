@@ -200,7 +200,7 @@ def _readable_part(raw: bytes | None) -> dict[str, Any]:
     """``service`` and ``version`` of an invalid deploy item, when those two are valid."""
     out: dict[str, Any] = {}
     try:
-        data = load_json("deploy item", raw)
+        data = load_json("deploy item", raw, strict_numbers=False)
     except InvalidData:
         return out
     if isinstance(data, dict):

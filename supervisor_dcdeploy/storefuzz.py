@@ -67,6 +67,35 @@ WEIRD_NAMES = ("h0-0000009999", "zz-12", "h1-\u00b2", "x", "h0-" + "9" * 300, "-
                "item-\u0663", "h 0-0000000001", "...", "h0")
 
 
+def agent_pids(cluster: Cluster) -> dict[str, int | None]:
+    """Each host's agent pid as supervisord reports it (None when it is not RUNNING)."""
+    out: dict[str, int | None] = {}
+    for name, layout in cluster.hosts.items():
+        try:
+            info = host_rpc(layout).supervisor.getProcessInfo(AGENT)
+            out[name] = info["pid"] if info["statename"] == "RUNNING" else None
+        except OSError:
+            out[name] = None
+    return out
+
+
+def cycle_errors(cluster: Cluster) -> int:
+    """The sum of the agents' ``cycle_errors`` counters (status.json)."""
+    return sum(cluster.host_status(h).get("cycle_errors", 0) for h in cluster.hosts)
+
+
+def wait_cycles(cluster: Cluster, after: int = 2, timeout: float = 120.0) -> None:
+    """Block until every agent has started ``after`` cycles more than its status.json shows
+    now and written their status: the last of them began after this call did, so it read
+    whatever the store held then."""
+    def cycles() -> dict[str, int]:
+        return {h: cluster.host_status(h).get("cycles", 0) for h in cluster.hosts}
+
+    start = cycles()
+    wait_for(lambda: all(n >= start[h] + after for h, n in cycles().items()), timeout,
+             f"every agent to run {after} cycles", interval=0.02)
+
+
 def random_json(rng: random.Random, depth: int = 0) -> Any:
     """A random JSON value, sometimes nested past the model's depth limit."""
     roll = rng.random()
@@ -193,28 +222,13 @@ class Fuzzer:
 
     # -- observations ------------------------------------------------------------------
     def agent_pids(self) -> dict[str, int | None]:
-        out = {}
-        for name, layout in self.cluster.hosts.items():
-            try:
-                info = host_rpc(layout).supervisor.getProcessInfo(AGENT)
-                out[name] = info["pid"] if info["statename"] == "RUNNING" else None
-            except OSError:
-                out[name] = None
-        return out
-
-    def statuses(self) -> dict[str, dict]:
-        return {h: self.cluster.host_status(h) for h in self.cluster.hosts}
+        return agent_pids(self.cluster)
 
     def cycle_errors(self) -> int:
-        return sum(s.get("cycle_errors", 0) for s in self.statuses().values())
+        return cycle_errors(self.cluster)
 
-    def wait_cycles(self, after: int = 2) -> None:
-        """Block until every agent finished ``after`` cycles more than it had now."""
-        start = {h: s.get("cycles", 0) for h, s in self.statuses().items()}
-        wait_for(lambda: all(s.get("cycles", 0) >= start[h] + after
-                             for h, s in self.statuses().items()),
-                 self.case_timeout, "every agent to run two cycles after the write",
-                 interval=0.02)
+    def wait_cycles(self) -> None:
+        wait_cycles(self.cluster, 2, self.case_timeout)
 
     # -- the deploy that runs all along -----------------------------------------------
     def keep_deploying(self) -> None:
@@ -375,6 +389,6 @@ def fuzz_cluster(workdir, store, store_url, hosts: int = 3,
     return cluster, {s: spec["quorum"] for s, spec in services.items()}
 
 
-__all__ = ["Fuzzer", "KINDS", "POC_VALUES", "Tally", "acted_on_safely", "fuzz_cluster",
-           "mutate", "random_json"]
+__all__ = ["Fuzzer", "KINDS", "POC_VALUES", "Tally", "acted_on_safely", "agent_pids",
+           "cycle_errors", "fuzz_cluster", "mutate", "random_json", "wait_cycles"]
 
