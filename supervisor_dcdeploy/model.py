@@ -241,7 +241,7 @@ FETCH_FIELDS = ("version", "state", "error")
 
 
 def check_fetch_states(where: str, fetch: Mapping[str, Any]) -> dict[str, dict[str, str]]:
-    """A host's ``fetch``: service -> {version, state, error}, every value a string."""
+    """A host's ``fetch``: service -> {version, state, error}, each a string or null."""
     if len(fetch) > MAX_LIST:
         raise InvalidData(where, "fetch", f"{len(fetch)} entries (at most {MAX_LIST})")
     out: dict[str, dict[str, str]] = {}
@@ -252,6 +252,8 @@ def check_fetch_states(where: str, fetch: Mapping[str, Any]) -> dict[str, dict[s
         for key, value in states.items():
             if key not in FETCH_FIELDS:
                 raise InvalidData(where, f"fetch.{svc}", f"unknown field {_short(key)}")
+            if value is None:
+                continue
             if not isinstance(value, str):
                 raise InvalidData(where, f"fetch.{svc}.{key}",
                                   f"expected str, got {_short(value)}")
