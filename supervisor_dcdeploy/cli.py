@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -190,6 +191,15 @@ def _fetch_note(svc: dict[str, Any]) -> str:
     return note + (f": {fetch['error']}]" if fetch.get("error") else "]")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Control characters from the store (an escape sequence in a reason) shown as \\xNN,
+    never sent to the operator's terminal."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def render_status(data: dict[str, Any]) -> str:
     lines = ["SERVICE          STAGED        VERSIONS (hosts)                 READY-QUEUE"]
     for name, svc in data["services"].items():
@@ -212,7 +222,7 @@ def render_status(data: dict[str, Any]) -> str:
     if data.get("problems"):
         lines += ["", "PROBLEMS (invalid data in the store, not acted on)"]
         lines += [f"  {p}" for p in data["problems"]]
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -248,9 +258,9 @@ def cmd_history(args: argparse.Namespace) -> int:
             print(json.dumps(items, allow_nan=False))
         else:
             for item in items:  # fields of a record are whatever the store held: str() them
-                print(f"{item['item']}  {str(item.get('service', '?')):<14} "
-                      f"{str(item.get('version', '?')):<12} {item.get('state')}  "
-                      f"{item.get('reason') or ''}")
+                print(printable(f"{item['item']}  {str(item.get('service', '?')):<14} "
+                                f"{str(item.get('version', '?')):<12} {item.get('state')}  "
+                                f"{item.get('reason') or ''}"))
         return 0
 
 

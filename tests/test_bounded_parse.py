@@ -310,3 +310,13 @@ def test_a_real_torrent_passes(tmp_path):
                                            "torrent": base64.b64encode(meta).decode()}))
     assert parsed.torrent
 
+
+
+def test_status_text_never_sends_control_characters_from_the_store():
+    from supervisor_dcdeploy.cli import render_status
+    data = {"services": {}, "hosts": {}, "problems": [],
+            "deploy": [{"item": "item-0000000001", "service": "A", "version": "2",
+                        "state": "failed", "reason": "boom\x1b]0;owned\x07\x1b[2J"}]}
+    text = render_status(data)
+    assert "\x1b" not in text and "\x07" not in text
+    assert "boom\\x1b]0;owned\\x07" in text
