@@ -233,7 +233,8 @@ def check_name(where: str, field_name: str, value: str) -> str:
 def check_version(where: str, field_name: str, value: str) -> str:
     if not isinstance(value, str) or not VERSION_RE.fullmatch(value):
         raise InvalidData(where, field_name,
-                          f"{_short(value)} is not a valid version (letters, digits, '_', '.', '+', '-')")
+                          f"{_short(value)} is not a valid version "
+                          "(letters, digits, '_', '.', '+', '-')")
     return value
 
 
