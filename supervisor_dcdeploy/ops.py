@@ -187,7 +187,10 @@ def abort(store: Store) -> list[str]:
             was = f"invalid: {exc}"
         record.update(state="aborted", updated=time.time(),
                       reason=f"aborted by operator (was {was})")
-        ops += [Delete(f"deploy/{node}", version), Create(f"history/{node}", dumps(record))]
+        # A history node of the same name (written by hand) must not make abort impossible.
+        name = node if store.exists(f"history/{node}") is None else \
+            f"{node}-aborted-{time.time_ns()}"
+        ops += [Delete(f"deploy/{node}", version), Create(f"history/{name}", dumps(record))]
     try:
         store.commit(ops)
     except TransactionFailed as exc:

@@ -178,3 +178,18 @@ def test_non_finite_timings_are_never_acted_on_and_a_fix_deploys(cluster, capsys
     code, out, err = run_cli(capsys, store_url, "status")
     assert code == 0 and "staging/B" in out and "nested deeper than" in out
     unharmed(cluster, pids, {"A": "2", "B": "1"})
+
+
+def test_abort_clears_garbage_even_when_its_history_name_is_taken(store, capsys, store_url):
+    store.ensure("history")
+    node = store.create("deploy/item-", b"{" * 50_000, sequential=True).rpartition("/")[2]
+    store.create(f"history/{node}", b"[" * 100_000)
+    code, out, err = run_cli(capsys, store_url, "abort")
+    assert code == 0 and node in out
+    assert store.children("deploy") == []
+    code, out, err = run_cli(capsys, store_url, "history", "--json")
+    records = strict_json(out)
+    assert [r["state"] for r in records] == ["unreadable", "aborted"]
+    assert "nested 100000 levels deep" in records[0]["reason"]
+    code, out, err = run_cli(capsys, store_url, "history")
+    assert code == 0 and "unreadable" in out
