@@ -652,10 +652,13 @@ class Agent:
         assert head is not None
         record = dumps({**json.loads(head.to_json()), "state": "done", "reason": done.reason,
                         "updated": time.time()})
+        # A history node of that name written by hand must not keep the item open forever.
+        name = head.node if self.store.exists(f"history/{head.node}") is None else \
+            f"{head.node}-done-{time.time_ns()}"
         try:
             self.store.commit([
                 Delete(f"deploy/{head.node}", head.data_version),
-                Create(f"history/{head.node}", record),
+                Create(f"history/{name}", record),
                 SetData(f"released/{svc}", dumps({"version": head.version, "item": head.node})),
             ])
         except TransactionFailed as exc:
