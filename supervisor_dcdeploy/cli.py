@@ -197,6 +197,7 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
 def printable(text: str) -> str:
     """Control characters from the store (an escape sequence in a reason) shown as \\xNN,
     never sent to the operator's terminal."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
     return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
 
 

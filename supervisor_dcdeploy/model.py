@@ -25,8 +25,8 @@ VERSION_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 SHA256_RE = re.compile(r"[0-9a-f]{64}")
 SEQ_RE = re.compile(r"[0-9]{1,10}")  # ZooKeeper's and our Consul store's 10-digit sequences
 
-# Bounds on everything read from the store (docs/security.md, "Bounded parsing"). A value
-# outside them is invalid data, reported and never acted on.
+# Bounds on everything read from the store (docs/store-layout.md, "Bounds on every value").
+# A value outside them is invalid data, reported and never acted on.
 MAX_VALUE_BYTES = 1024 * 1024  # ZooKeeper's default jute.maxbuffer: no node holds more
 MAX_DEPTH = 8  # deepest JSON nesting we write is 3 (a host's fetch states)
 MAX_INT_DIGITS = 19  # fits in 64 bits
@@ -82,8 +82,8 @@ def _parse_constant(text: str) -> Any:
     raise _Refused(f"{text} is not a number JSON allows")
 
 
-# A JSON string, or an unterminated one running to the end: either way one linear match, so
-# skipping strings never rescans (an unterminated alternative would make it quadratic).
+# A JSON string, or an unterminated one running to the end. The second alternative keeps the
+# skip linear: without it, every quote after an unterminated one would rescan to the end.
 _JSON_STRING = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.S)
 _NOT_BRACKET = re.compile(rb"[^\[\]{}]+")
 _DEPTH_STEP = bytes.maketrans(b"[{]}", b"\x02\x02\x00\x00")

@@ -320,3 +320,10 @@ def test_status_text_never_sends_control_characters_from_the_store():
     text = render_status(data)
     assert "\x1b" not in text and "\x07" not in text
     assert "boom\\x1b]0;owned\\x07" in text
+
+
+def test_history_text_survives_a_lone_surrogate(capsys):
+    from supervisor_dcdeploy.cli import printable
+    text = printable("reason \ud800 here")
+    print(text)  # would raise UnicodeEncodeError on a UTF-8 stdout
+    assert "\\ud800" in capsys.readouterr().out
