@@ -96,6 +96,27 @@ def wait_cycles(cluster: Cluster, after: int = 2, timeout: float = 120.0) -> Non
              f"every agent to run {after} cycles", interval=0.02)
 
 
+def below_quorum(prober: Prober, samples: list, svc: str,
+                 quorum: int) -> list[tuple[float, int, float, list[str]]]:
+    """Runs of consecutive samples in which fewer than ``quorum`` hosts answered for ``svc``:
+    (start time, samples, seconds, hosts silent in the first sample of the run)."""
+    runs: list[tuple[float, int, float, list[str]]] = []
+    start = None
+    n = 0
+    for sample in [*samples, None]:
+        low = sample is not None and prober.serving(sample, svc) < quorum
+        if low and start is None:
+            start, n = sample, 0
+        if low:
+            n += 1
+            last = sample
+        elif start is not None:
+            silent = sorted(h for (h, s), v in start.versions.items() if s == svc and v is None)
+            runs.append((start.t, n, last.t - start.t, silent))
+            start = None
+    return runs
+
+
 def random_json(rng: random.Random, depth: int = 0) -> Any:
     """A random JSON value, sometimes nested past the model's depth limit."""
     roll = rng.random()
@@ -368,15 +389,15 @@ class Fuzzer:
                                        f"{[w.path for w in writes]}")
             self.errors = errors
         t1 = time.time()
-        below = set()
-        for sample in [s for s in self.prober.samples if t0 <= s.t <= t1]:
-            for svc, q in self.quorum.items():
-                if self.prober.serving(sample, svc) < q:
-                    below.add(svc)
-        if below:
-            self.tally.services_below_quorum += len(below)
-            self.tally.problems.append(f"below quorum: {sorted(below)} during "
-                                       f"{[w.path for w in writes]}")
+        samples = [s for s in self.prober.samples if t0 <= s.t <= t1]
+        for svc, q in self.quorum.items():
+            dips = below_quorum(self.prober, samples, svc, q)
+            if dips:
+                self.tally.services_below_quorum += 1
+                self.tally.problems.append(
+                    f"below quorum: {svc} during {[w.path for w in writes]}: "
+                    + "; ".join(f"{n} sample(s) over {secs:.2f}s from {t:.2f}, silent: {silent}"
+                                for t, n, secs, silent in dips))
 
 
 def fuzz_cluster(workdir, store, store_url, hosts: int = 3,
@@ -390,5 +411,6 @@ def fuzz_cluster(workdir, store, store_url, hosts: int = 3,
 
 
 __all__ = ["Fuzzer", "KINDS", "POC_VALUES", "Tally", "acted_on_safely", "agent_pids",
-           "cycle_errors", "fuzz_cluster", "mutate", "random_json", "wait_cycles"]
+           "below_quorum", "cycle_errors", "fuzz_cluster", "mutate", "random_json",
+           "wait_cycles"]
 
