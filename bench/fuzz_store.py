@@ -12,7 +12,8 @@ not raise; then it puts the node back (see supervisor_dcdeploy/storefuzz.py).
 
 With --json stdout holds exactly one object {"cases", "agent_crashes", "cycle_errors",
 "services_below_quorum", "cli_errors"}; progress and problems go to stderr. Exit status 1 when
-any count but cases is non-zero.
+any count but cases is non-zero. SIGTERM ends the run after the current round and reports
+the cases done.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import random
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -29,9 +31,18 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor_dcdeploy.storefuzz import KINDS, Fuzzer, fuzz_cluster  # noqa: E402
+from supervisor_dcdeploy.storefuzz import KINDS, Fuzzer, fuzz_cluster, fuzz_prober  # noqa: E402
 from supervisor_dcdeploy.store import open_store  # noqa: E402
 from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port  # noqa: E402
+
+
+stop_requested = False
+
+
+def _interrupt(signum, frame) -> None:
+    """SIGTERM: finish the current round, then report the cases done so far."""
+    global stop_requested
+    stop_requested = True
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,10 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(url)
         store.start(timeout=15)
         cluster, quorum = fuzz_cluster(workdir, store, url, args.hosts, args.poll_interval)
-        prober = cluster.prober(hz=20).start()
+        prober = fuzz_prober(cluster)
         fuzzer = Fuzzer(cluster, quorum, prober)
         last_report = time.monotonic()
-        while fuzzer.tally.cases < args.cases:
+        signal.signal(signal.SIGTERM, _interrupt)
+        while fuzzer.tally.cases < args.cases and not stop_requested:
             left = args.cases - fuzzer.tally.cases
             fuzzer.round(rng, rng.sample(KINDS, min(args.batch, left)))
             prober.samples[:] = [s for s in prober.samples if s.t > time.time() - 60]

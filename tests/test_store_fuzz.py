@@ -14,13 +14,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from supervisor_dcdeploy.storefuzz import KINDS, Fuzzer, fuzz_cluster
+from supervisor_dcdeploy.storefuzz import KINDS, Fuzzer, fuzz_cluster, fuzz_prober
 
 
 @pytest.fixture
 def fuzzer(workdir, store, store_url):
     cluster, quorum = fuzz_cluster(workdir, store, store_url, hosts=3, poll_interval=0.2)
-    prober = cluster.prober(hz=20).start()
+    prober = fuzz_prober(cluster)
     try:
         yield Fuzzer(cluster, quorum, prober, case_timeout=60.0)
     finally:
