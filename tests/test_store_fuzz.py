@@ -14,6 +14,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.model import HealthCheck as Check
 from supervisor_dcdeploy.storefuzz import KINDS, Fuzzer, fuzz_cluster, fuzz_prober
 
 
@@ -42,3 +44,17 @@ def test_random_store_values_never_crash_an_agent_or_break_quorum(fuzzer, seed, 
     new = {k: after[k] - before[k] for k in after if k != "cases"}
     assert new == {"agent_crashes": 0, "cycle_errors": 0, "services_below_quorum": 0,
                    "cli_errors": 0}, fuzzer.tally.problems[before["problems"]:]
+
+
+def test_the_quorum_measure_sees_a_real_break(fuzzer):
+    """The measure above can fail: a *valid* spec (quorum 0, every host at once; what a store
+    writer could do before signatures) takes A below the quorum of 2 the fuzzer checks."""
+    ops.service_set(fuzzer.store, "A", program="A", quorum=0, max_parallel=3,
+                    health=Check("http", "http://127.0.0.1:{port}/health", 1.0),
+                    healthy_secs=1.0)
+    for _ in range(100):  # rounds with no write: each awaits two cycles of every agent
+        fuzzer.round(random.Random(0), [])
+        if fuzzer.tally.services_below_quorum:
+            break
+    assert fuzzer.tally.services_below_quorum > 0, "every host switched, the prober saw no dip"
+    assert fuzzer.tally.agent_crashes == 0 and fuzzer.tally.cycle_errors == 0
