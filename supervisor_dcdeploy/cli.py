@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -313,6 +314,16 @@ def _fetch_note(svc: dict[str, Any]) -> str:
     return note + (f": {fetch['error']}]" if fetch.get("error") else "]")
 
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: str) -> str:
+    """Control characters from the store (an escape sequence in a reason) shown as \\xNN,
+    never sent to the operator's terminal."""
+    text = text.encode("utf-8", "backslashreplace").decode("utf-8")  # lone surrogates
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+
+
 def render_status(data: dict[str, Any]) -> str:
     lines = ["SERVICE          STAGED        VERSIONS (hosts)                 READY-QUEUE"]
     for name, svc in data["services"].items():
@@ -335,7 +346,7 @@ def render_status(data: dict[str, Any]) -> str:
     if data.get("problems"):
         lines += ["", "PROBLEMS (invalid data in the store, not acted on)"]
         lines += [f"  {p}" for p in data["problems"]]
-    return "\n".join(lines)
+    return printable("\n".join(lines))
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -343,7 +354,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         while True:
             data = ops.status(store)
             if args.json:
-                print(json.dumps(data, sort_keys=True))
+                print(json.dumps(data, sort_keys=True, allow_nan=False))
             else:
                 if args.watch:
                     print("\033[2J\033[H", end="")
@@ -358,7 +369,7 @@ def cmd_hosts(args: argparse.Namespace) -> int:
     with connected(args) as store:
         data = ops.status(store)
         if args.json:
-            print(json.dumps(data["hosts"], sort_keys=True))
+            print(json.dumps(data["hosts"], sort_keys=True, allow_nan=False))
         else:
             print("\n".join(render_status(data).split("\n\n")[2:3]))
         return 0
@@ -368,12 +379,12 @@ def cmd_history(args: argparse.Namespace) -> int:
     with connected(args) as store:
         items = ops.history(store, args.limit)
         if args.json:
-            print(json.dumps(items))
+            print(json.dumps(items, allow_nan=False))
         else:
-            for item in items:
-                print(f"{item['item']}  {item.get('service', '?'):<14} "
-                      f"{item.get('version', '?'):<12} {item.get('state')}  "
-                      f"{item.get('reason') or ''}")
+            for item in items:  # fields of a record are whatever the store held: str() them
+                print(printable(f"{item['item']}  {str(item.get('service', '?')):<14} "
+                                f"{str(item.get('version', '?')):<12} {item.get('state')}  "
+                                f"{item.get('reason') or ''}"))
         return 0
 
 

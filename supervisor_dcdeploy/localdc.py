@@ -54,6 +54,7 @@ class Prober:
 
     endpoints: dict[tuple[str, str], tuple[str, int]]
     hz: float = 40.0
+    timeout: float = 0.2  # per answer; longer on a loaded machine (a down port refuses at once)
     samples: list[Sample] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -67,7 +68,8 @@ class Prober:
         with ThreadPoolExecutor(max_workers=max(1, len(keys))) as pool:
             while not self._stop.is_set():
                 started = time.monotonic()
-                answers = pool.map(lambda k: get_version(*self.endpoints[k], timeout=0.2), keys)
+                answers = pool.map(lambda k: get_version(*self.endpoints[k], timeout=self.timeout),
+                                   keys)
                 self.samples.append(Sample(time.time(), dict(zip(keys, answers))))
                 self._stop.wait(max(0.0, period - (time.monotonic() - started)))
 

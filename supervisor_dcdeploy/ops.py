@@ -12,12 +12,13 @@ from typing import Any, TypeVar
 
 from . import decisions, trust
 from .model import (DeployItem, HealthCheck, HostInfo, InvalidData, ServiceSpec,
-                    StagedRelease, check_name, check_version, dumps)
+                    StagedRelease, check_name, check_version, dumps, load_json)
 from .snapshot import (read_current, read_hosts, read_queue, read_spec, read_specs,
                        read_staged, read_staging, read_view)
 from .store import Create, Delete, NoNode, Store, StoreError, TransactionFailed
 
 HISTORY_CAP = 1000
+RAW_KEPT = 512  # bytes of an unreadable item kept in its history record
 
 
 class OpError(Exception):
@@ -273,29 +274,32 @@ def resume(store: Store, signer: trust.Signer | None = None,
 def abort(store: Store) -> list[str]:
     """End the whole queue: every item moves to history as ``aborted`` (hosts mid-switch
     finish; nobody starts another). Returns the item names."""
-    queue, _ = read_queue(store)
     nodes = sorted(store.children("deploy"))
     if not nodes:
         raise OpError("the deploy queue is empty: nothing to abort")
-    by_node = {i.node: i for i in queue}
     groups: list[list] = []  # one item's delete + history record: always together
     for node in nodes:
         try:
             raw, version = store.get(f"deploy/{node}")
         except NoNode:
             continue
-        item = by_node.get(node)
-        if item is None:  # behind a garbage item, read_queue stopped: read it here
-            try:
-                item = DeployItem.parse(node, raw, version)
-            except InvalidData:
-                item = None
-        record = json.loads(item.to_json()) if item and item.state != "invalid" else \
-            {"raw": raw.decode(errors="replace")}
+        try:
+            item = DeployItem.parse(node, raw, version)
+            record = json.loads(item.to_json())
+            was = item.state
+        except InvalidData as exc:
+            # Unreadable items are aborted too (they block the queue); keep what can be
+            # read, and a bounded piece of the raw value for the post-mortem.
+            record = _readable_part(raw)
+            record["raw"] = (raw or b"")[:RAW_KEPT].decode("utf-8", "replace")
+            was = f"invalid: {exc}"
         record.update(state="aborted", updated=time.time(),
-                      reason=f"aborted by operator (was {item.state if item else 'unread'})")
+                      reason=f"aborted by operator (was {was})")
+        # A history node of the same name (written by hand) must not make abort impossible.
+        name = node if store.exists(f"history/{node}") is None else \
+            f"{node}-aborted-{time.time_ns()}"
         groups.append([Delete(f"deploy/{node}", version),
-                       Create(f"history/{node}", dumps(record))])
+                       Create(f"history/{name}", dumps(record))])
     try:
         _commit_groups(store, groups)
     except TransactionFailed as exc:
@@ -318,6 +322,22 @@ def _commit_groups(store: Store, groups: list[list]) -> None:
         _commit_groups(store, groups[half:])
 
 
+def _readable_part(raw: bytes | None) -> dict[str, Any]:
+    """``service`` and ``version`` of an invalid deploy item, when those two are valid."""
+    out: dict[str, Any] = {}
+    try:
+        data = load_json("deploy item", raw, strict_numbers=False)
+    except InvalidData:
+        return out
+    if isinstance(data, dict):
+        for name, check in (("service", check_name), ("version", check_version)):
+            try:
+                out[name] = check("deploy item", name, data.get(name))
+            except InvalidData:
+                pass
+    return out
+
+
 def trim_history(store: Store, cap: int = HISTORY_CAP) -> None:
     nodes = sorted(store.children("history"))
     for node in nodes[: max(0, len(nodes) - cap)]:
@@ -332,9 +352,17 @@ def history(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     for node in sorted(store.children("history"))[-limit:]:
         try:
             raw, _ = store.get(f"history/{node}")
-            out.append({"item": node, **json.loads(raw)})
-        except (NoNode, ValueError):
+        except NoNode:
             continue
+        try:
+            record = load_json(f"history/{node}", raw)
+            if not isinstance(record, dict):
+                raise InvalidData(f"history/{node}", "(json)",
+                                  f"expected a JSON object, got {type(record).__name__}")
+        except InvalidData as exc:
+            out.append({"item": node, "state": "unreadable", "reason": str(exc)})
+            continue
+        out.append({**{k: v for k, v in record.items() if isinstance(k, str)}, "item": node})
     return out
 
 

@@ -6,12 +6,11 @@ deploy item blocks the queue at its place (items behind it must not overtake it)
 
 from __future__ import annotations
 
-import json
 from typing import Callable
 
 from .decisions import ServiceView
-from .model import (CurrentEntry, DeployItem, HostInfo, InvalidData, ServiceSpec,
-                    StagedRelease, StagingEntry, check_version)
+from .model import (SEQ_RE, CurrentEntry, DeployItem, HostInfo, InvalidData, ServiceSpec,
+                    StagedRelease, StagingEntry, _load, check_version)
 from .store import NoNode, Store
 
 Watcher = Callable[[], None]
@@ -40,7 +39,7 @@ def read_queue(store: Store, watch: Watcher | None = None) -> tuple[list[DeployI
         except InvalidData as exc:
             invalid.append(str(exc))
             seq = node.rpartition("-")[2]
-            items.append(DeployItem(node=node, seq=int(seq) if seq.isdigit() else -1,
+            items.append(DeployItem(node=node, seq=int(seq) if SEQ_RE.fullmatch(seq) else -1,
                                     service="?", version="?", state="invalid",
                                     reason=f"invalid data, not acted on: {exc}",
                                     data_version=version))
@@ -110,11 +109,12 @@ def read_staging(store: Store, svc: str, invalid: list[str],
 
 def read_released(store: Store, svc: str) -> str | None:
     raw, _ = _data(store, f"released/{svc}")
+    if not raw:
+        return None
     try:
-        version = json.loads(raw or b"null")
-        return check_version(f"released/{svc}", "version", version.get("version")) \
-            if isinstance(version, dict) else None
-    except (ValueError, InvalidData):
+        return check_version(f"released/{svc}", "version",
+                             _load(f"released/{svc}", raw).get("version"))
+    except InvalidData:
         return None
 
 

@@ -235,5 +235,5 @@ def test_staged_infohashes_from_staging_values():
     assert found == {infohash(good)}
     assert len(problems) == 4
     assert any(p.startswith("staging/c") for p in problems)
-    assert any(p.startswith("staging/d: torrent") for p in problems)
-    assert any(p.startswith("staging/e: torrent") for p in problems)
+    assert any(p.startswith("staging/d: field 'torrent'") for p in problems)
+    assert any(p.startswith("staging/e: field 'torrent'") for p in problems)

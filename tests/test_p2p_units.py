@@ -38,7 +38,11 @@ MiB = 1 << 20
 # -- bencode --------------------------------------------------------------------------------
 
 bvalues = st.recursive(
-    st.integers(min_value=-2**70, max_value=2**70) | st.binary(max_size=40),
+    # Integers within the decoder's bound (bencode.MAX_INT_DIGITS; longer ones are refused,
+    # see tests/test_bounded_parse.py).
+    st.integers(min_value=-10**bencode.MAX_INT_DIGITS + 1,
+                max_value=10**bencode.MAX_INT_DIGITS - 1)
+    | st.binary(max_size=40),
     lambda children: st.lists(children, max_size=5)
     | st.dictionaries(st.binary(max_size=8), children, max_size=5),
     max_leaves=20)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 import os
@@ -10,6 +11,7 @@ import stat
 import pytest
 
 from supervisor_dcdeploy import trust
+from supervisor_dcdeploy.p2p import bencode
 from supervisor_dcdeploy.model import DeployItem, HealthCheck, ServiceSpec, StagedRelease
 
 NOW = 1_800_000_000.0
@@ -41,7 +43,15 @@ def reparse(value):
 
 SPEC = ServiceSpec("api", "api", 3, ("db",), 2, HealthCheck(kind="http", path="/x", port="port", timeout=1.0), 1.5,
                    True)
-RELEASE = StagedRelease("api", "2.1", SHA, 1234, ("https://b/api.tgz",), "dG9ycmVudA==", 5.0)
+
+
+def _torrent(name: bytes) -> str:
+    """A minimal valid metainfo, base64 (staged torrents are checked when parsed)."""
+    info = {b"length": 1234, b"name": name, b"piece length": 16384, b"pieces": b"\0" * 20}
+    return base64.b64encode(bencode.encode({b"info": info})).decode()
+
+
+RELEASE = StagedRelease("api", "2.1", SHA, 1234, ("https://b/api.tgz",), _torrent(b"api"), 5.0)
 ITEM = DeployItem("item-0000000007", 7, "api", "2.1")
 
 TAMPER = [
@@ -49,7 +59,7 @@ TAMPER = [
     (SPEC, {"health": HealthCheck(kind="cmd", check="wipe", timeout=1.0)}), (SPEC, {"healthy_secs": 0.0}),
     (SPEC, {"program": "sh"}), (SPEC, {"preload": False}),
     (RELEASE, {"version": "2.0"}), (RELEASE, {"sha256": "cd" * 32}), (RELEASE, {"size": 1}),
-    (RELEASE, {"urls": ("https://evil/api.tgz",)}), (RELEASE, {"torrent": "ZXZpbA=="}),
+    (RELEASE, {"urls": ("https://evil/api.tgz",)}), (RELEASE, {"torrent": _torrent(b"evil")}),
     (RELEASE, {"service": "db"}),
     (ITEM, {"version": "1.0"}), (ITEM, {"service": "db"}),
 ]

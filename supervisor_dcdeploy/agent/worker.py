@@ -83,6 +83,11 @@ class Agent:
         self._views: dict[str, decisions.ServiceView] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
+        # In status.json, so tests and bench/fuzz_store.py count without reading logs:
+        # cycles started (the status a cycle writes, at its end or when it raised, carries
+        # its own number), and exceptions that ended a cycle or a service's part of it.
+        self.cycles = 0
+        self.cycle_errors = 0
         self._status_written = b""
         self.metrics = AgentMetrics(self)  # served only when agent.conf has metrics_listen
         if self.local.problem:
@@ -142,6 +147,11 @@ class Agent:
                 self.cycle()
             except Exception:  # the loop must survive anything: services depend on it
                 self.log.exception("cycle.crashed")
+                self.cycle_errors += 1
+                try:
+                    self.write_status()
+                except Exception:  # noqa: BLE001 - reported above; keep looping
+                    pass
             self.wake.wait(self.cfg.poll_interval if self._started else 1.0)
         self.shutdown()
 
@@ -159,6 +169,7 @@ class Agent:
 
     # -- one cycle --------------------------------------------------------------------
     def cycle(self) -> None:
+        self.cycles += 1
         if not self._started and time.monotonic() - self._last_connect > RECONNECT_SECS:
             self.connect(timeout=1.0)
         online = self._started and self.session is SessionState.CONNECTED
@@ -193,8 +204,10 @@ class Agent:
             except (StoreError, SupervisorError, OSError, health.HealthError) as exc:
                 self.log.error("cycle.error", svc=svc, error=str(exc), kind=type(exc).__name__)
                 self._set(svc, error=str(exc))
+                self.cycle_errors += 1
             except Exception:  # a bug must not take the host's services down with it
                 self.log.exception("cycle.bug", svc=svc)
+                self.cycle_errors += 1
         if online and self.session is SessionState.CONNECTED:
             try:
                 self.publish_host()
@@ -795,10 +808,13 @@ class Agent:
         assert head is not None
         record = dumps({**json.loads(head.to_json()), "state": "done", "reason": done.reason,
                         "updated": time.time()})
+        # A history node of that name written by hand must not keep the item open forever.
+        name = head.node if self.store.exists(f"history/{head.node}") is None else \
+            f"{head.node}-done-{time.time_ns()}"
         try:
             self.store.commit([
                 Delete(f"deploy/{head.node}", head.data_version),
-                Create(f"history/{head.node}", record),
+                Create(f"history/{name}", record),
                 SetData(f"released/{svc}", dumps({"version": head.version, "item": head.node})),
             ])
         except TransactionFailed as exc:
@@ -842,6 +858,7 @@ class Agent:
                   "store_ops": {"reads": ops.reads, "writes": ops.writes},
                   "trust": {"keys": sorted(self.cfg.trust_policy.keys),
                             "insecure_unsigned": self.cfg.trust_policy.insecure_unsigned},
+                  "cycles": self.cycles, "cycle_errors": self.cycle_errors,
                   "services": self.status}
         if self.dist is not None:
             status["swarm"] = self.dist.status()

@@ -2,17 +2,39 @@
 
 Pure functions; :func:`decode` rejects anything that is not canonical enough to round-trip
 (trailing data, leading zeros, unsorted dictionaries are accepted but re-encode sorted).
+
+Decoding is bounded, since metainfo comes from the store and announces from the network:
+at most ``MAX_DEPTH`` nested lists/dictionaries (a 100,000-deep ``llll...`` would otherwise
+raise RecursionError), ``MAX_INPUT`` bytes and integers of at most ``MAX_INT_DIGITS`` digits.
+Every violation is a :class:`BencodeError` naming the offset.
+
+(torf ships a non-recursive decoder, but as a private module, with no depth or size bound
+and without the byte spans :func:`info_span` needs; this one is kept.)
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Union
 
 Value = Union[int, bytes, list, dict]
 
 
+MAX_DEPTH = 32  # a metainfo needs 5 (dict > info > files > file > path)
+MAX_INPUT = 1024 * 1024  # the store's value limit; a metainfo of 1 MiB describes ~50,000 pieces
+MAX_INT_DIGITS = 20
+_INT = re.compile(rb"-?[0-9]+")
+
+
 class BencodeError(ValueError):
     """The input is not valid bencoding; the message names the offset."""
+
+
+def _check_input(data: bytes, max_size: int) -> None:
+    if not isinstance(data, (bytes, bytearray)):
+        raise BencodeError(f"expected bytes, got {type(data).__name__}")
+    if len(data) > max_size:
+        raise BencodeError(f"{len(data)} bytes, more than the {max_size} allowed")
 
 
 def encode(value: Any) -> bytes:
@@ -51,8 +73,9 @@ def _encode(value: Any, out: list[bytes]) -> None:
         raise TypeError(f"cannot bencode {type(value).__name__}")
 
 
-def decode(data: bytes) -> Value:
+def decode(data: bytes, max_size: int = MAX_INPUT) -> Value:
     """Decode one bencoded value that spans all of ``data``; raise :class:`BencodeError`."""
+    _check_input(data, max_size)
     value, end = _decode(data, 0)
     if end != len(data):
         raise BencodeError(f"trailing data at offset {end}")
@@ -62,11 +85,12 @@ def decode(data: bytes) -> Value:
 def decode_prefix(data: bytes, start: int = 0) -> tuple[Value, int, int]:
     """Decode one value starting at ``start``; return (value, start, end) so a caller can
     hash the exact bytes of a sub-value (the ``info`` dictionary of a metainfo)."""
+    _check_input(data, MAX_INPUT)
     value, end = _decode(data, start)
     return value, start, end
 
 
-def _decode(data: bytes, i: int) -> tuple[Value, int]:
+def _decode(data: bytes, i: int, depth: int = 0) -> tuple[Value, int]:
     if i >= len(data):
         raise BencodeError(f"unexpected end at offset {i}")
     c = data[i:i + 1]
@@ -75,12 +99,14 @@ def _decode(data: bytes, i: int) -> tuple[Value, int]:
         if end < 0:
             raise BencodeError(f"unterminated integer at offset {i}")
         text = data[i + 1:end]
-        if not text or (text.startswith(b"0") and len(text) > 1) or text.startswith(b"-0") \
-                or not text.lstrip(b"-").isdigit():
+        if len(text) > MAX_INT_DIGITS + 1:  # and a sign
+            raise BencodeError(f"integer at offset {i} has more than {MAX_INT_DIGITS} digits")
+        if not _INT.fullmatch(text) or (text.startswith(b"0") and len(text) > 1) \
+                or text.startswith(b"-0"):
             raise BencodeError(f"bad integer {text!r} at offset {i}")
         return int(text), end + 1
     if c.isdigit():
-        colon = data.find(b":", i)
+        colon = data.find(b":", i, i + MAX_INT_DIGITS + 1)
         if colon < 0 or not data[i:colon].isdigit():
             raise BencodeError(f"bad string length at offset {i}")
         length = int(data[i:colon])
@@ -88,21 +114,23 @@ def _decode(data: bytes, i: int) -> tuple[Value, int]:
         if end > len(data):
             raise BencodeError(f"string at offset {i} runs past the end")
         return data[start:end], end
+    if c in (b"l", b"d") and depth >= MAX_DEPTH:
+        raise BencodeError(f"nested deeper than {MAX_DEPTH} levels at offset {i}")
     if c == b"l":
         items = []
         i += 1
         while data[i:i + 1] != b"e":
-            item, i = _decode(data, i)
+            item, i = _decode(data, i, depth + 1)
             items.append(item)
         return items, i + 1
     if c == b"d":
         result: dict[bytes, Value] = {}
         i += 1
         while data[i:i + 1] != b"e":
-            key, i = _decode(data, i)
+            key, i = _decode(data, i, depth + 1)
             if not isinstance(key, bytes):
                 raise BencodeError(f"dictionary key at offset {i} is not a string")
-            result[key], i = _decode(data, i)
+            result[key], i = _decode(data, i, depth + 1)
         return result, i + 1
     raise BencodeError(f"unexpected byte {c!r} at offset {i}")
 
@@ -111,13 +139,14 @@ def info_span(metainfo: bytes) -> tuple[int, int]:
     """(start, end) of the ``info`` value's bytes inside a metainfo dictionary.
 
     The infohash is the SHA-1 of exactly these bytes, as written (BEP 3)."""
+    _check_input(metainfo, MAX_INPUT)
     if metainfo[:1] != b"d":
         raise BencodeError("metainfo is not a dictionary")
     i = 1
     while metainfo[i:i + 1] != b"e":
-        key, i = _decode(metainfo, i)
+        key, i = _decode(metainfo, i, 1)
         start = i
-        _, i = _decode(metainfo, i)
+        _, i = _decode(metainfo, i, 1)
         if key == b"info":
             return start, i
     raise BencodeError("metainfo has no 'info' dictionary")

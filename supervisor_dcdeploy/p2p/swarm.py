@@ -28,8 +28,8 @@ from transmission_rpc import Client, TransmissionError
 from transmission_rpc.error import TransmissionAuthError, TransmissionConnectError
 
 from .errors import Cancelled, DiskFull, DownloadError, FetchError, VerificationError
-from .torrent import (artifact_sha256, free_bytes, infohash, torrent_name, torrent_size,
-                      web_seeds)
+from .torrent import (artifact_sha256, check_metainfo, free_bytes, infohash, torrent_name,
+                      torrent_size, web_seeds)
 
 log = structlog.get_logger("dcdeploy.p2p.swarm")
 
@@ -121,7 +121,7 @@ def decode_metainfo(metainfo_b64: str) -> bytes:
     """Base64 -> metainfo bytes; :class:`DownloadError` naming the problem."""
     try:
         meta = base64.b64decode(metainfo_b64, validate=True)
-        infohash(meta)
+        check_metainfo(meta)  # bounded: depth, size, shape (bencode.py, torrent.py)
         return meta
     except (binascii.Error, ValueError, TypeError) as exc:
         raise DownloadError(f"the staged torrent is not a valid base64 metainfo: {exc}") from None

@@ -94,6 +94,42 @@ def infohash(metainfo: bytes) -> str:
     return hashlib.sha1(metainfo[start:end]).hexdigest()
 
 
+def check_metainfo(metainfo: bytes) -> None:
+    """Raise :class:`BencodeError` naming the problem unless ``metainfo`` is a single- or
+    multi-file metainfo (BEP 3) that the functions below can read: bounded bencoding
+    (depth, size, integer digits; see :mod:`.bencode`), an ``info`` dictionary with a valid
+    ``name``, a positive ``piece length``, ``pieces`` in 20-byte hashes, and either a
+    ``length`` or a list of ``files`` with lengths and paths."""
+    data = decode(metainfo)
+    info_span(metainfo)
+    if not isinstance(data, dict) or not isinstance(data.get(b"info"), dict):
+        raise BencodeError("metainfo has no 'info' dictionary")
+    info = data[b"info"]
+    torrent_name(metainfo)
+    piece_length = info.get(b"piece length")
+    if not isinstance(piece_length, int) or piece_length <= 0:
+        raise BencodeError(f"metainfo has a bad 'piece length' {piece_length!r}")
+    pieces = info.get(b"pieces")
+    if not isinstance(pieces, bytes) or len(pieces) % 20:
+        raise BencodeError("metainfo 'pieces' is not a string of 20-byte hashes")
+    if b"length" in info:
+        if not isinstance(info[b"length"], int) or info[b"length"] < 0:
+            raise BencodeError(f"metainfo has a bad 'length' {info[b'length']!r}")
+        return
+    files = info.get(b"files")
+    if not isinstance(files, list) or not files:
+        raise BencodeError("metainfo has neither 'length' nor a list of 'files'")
+    for i, entry in enumerate(files):
+        if not isinstance(entry, dict) or not isinstance(entry.get(b"length"), int) \
+                or entry[b"length"] < 0:
+            raise BencodeError(f"metainfo 'files'[{i}] has no valid 'length'")
+        path = entry.get(b"path")
+        if not isinstance(path, list) or not path or \
+                not all(isinstance(p, bytes) and p not in (b"", b".", b"..") and b"/" not in p
+                        for p in path):
+            raise BencodeError(f"metainfo 'files'[{i}] has no valid 'path'")
+
+
 def torrent_name(metainfo: bytes) -> str:
     """The ``info.name`` of a metainfo: the file name (single file) or top directory."""
     data = decode(metainfo)
@@ -101,8 +137,11 @@ def torrent_name(metainfo: bytes) -> str:
         raise BencodeError("metainfo has no 'info' dictionary")
     name = data[b"info"].get(b"name")
     if not isinstance(name, bytes) or not name or b"/" in name or name in (b".", b".."):
-        raise BencodeError(f"metainfo has a bad name {name!r}")
-    return name.decode("utf-8")
+        raise BencodeError(f"metainfo has a bad name {name!r:.80}")
+    try:
+        return name.decode("utf-8")
+    except UnicodeDecodeError:
+        raise BencodeError(f"metainfo name {name!r:.80} is not UTF-8") from None
 
 
 def torrent_size(metainfo: bytes) -> int:
