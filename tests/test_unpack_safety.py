@@ -19,6 +19,9 @@ from typing import Any
 
 import pytest
 
+from hostile import (MiB, Entry, aliased_chain, make, make_tar, make_zip, merge_tars,
+                     tar_bomb, zip_bomb)
+
 from supervisor_dcdeploy import fetch
 from supervisor_dcdeploy.fetch import (
     DownloadError,
@@ -32,53 +35,8 @@ from supervisor_dcdeploy.fetch import (
     unpack,
 )
 
-MiB = 1024 * 1024
-
-
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-# ("file", name, data[, mode]) | ("dir", name) | ("sym"|"hard", name, target)
-Entry = tuple[Any, ...]
-
-
-def make_tar(path: Path, entries: list[Entry], mode: str = "w:gz") -> Path:
-    with tarfile.open(path, mode) as tf:  # type: ignore[call-overload]
-        for kind, name, *rest in entries:
-            ti = tarfile.TarInfo(name)
-            ti.mtime = 1_700_000_000
-            if kind == "file":
-                ti.size, ti.mode = len(rest[0]), (rest[1] if len(rest) > 1 else 0o644)
-                tf.addfile(ti, io.BytesIO(rest[0]))
-                continue
-            ti.type, ti.mode = {"dir": (tarfile.DIRTYPE, 0o755), "sym": (tarfile.SYMTYPE, 0o777),
-                                "hard": (tarfile.LNKTYPE, 0o644)}[kind]
-            if kind in ("sym", "hard"):
-                ti.linkname = rest[0]
-            tf.addfile(ti)
-    return path
-
-
-def make_zip(path: Path, entries: list[Entry]) -> Path:
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as zf:
-        for kind, name, *rest in entries:
-            zi = zipfile.ZipInfo(name.rstrip("/") + "/" if kind == "dir" else name)
-            zi.compress_type = zipfile.ZIP_DEFLATED
-            if kind == "dir":
-                zi.external_attr = (stat.S_IFDIR | 0o755) << 16
-                zf.writestr(zi, b"")
-            elif kind == "sym":
-                zi.external_attr = (stat.S_IFLNK | 0o777) << 16
-                zf.writestr(zi, rest[0])
-            else:
-                zi.external_attr = (stat.S_IFREG | (rest[1] if len(rest) > 1 else 0o644)) << 16
-                zf.writestr(zi, rest[0])
-    return path
-
-
-def make(kind: str, path: Path, entries: list[Entry]) -> Path:
-    return make_zip(path, entries) if kind == "zip" else make_tar(path, entries)
 
 
 def tree(root: Path) -> dict[str, int]:
@@ -109,19 +67,6 @@ def assert_nothing_written(box: dict[str, Path], before: dict[str, int]) -> None
 
 
 # ------------------------------------------------------------------------ symlinks and links
-
-def aliased_chain(depth: int = 16) -> list[Entry]:
-    """The proof of concept of issue 8: every link looks harmless by its literal name.
-    ``a16 -> a15 -> ... -> a1 -> d``, then ``a16/l -> ..`` is created *through* 16 symlinks,
-    so it really is ``d/l`` (= the release root) while a name-based check files it as
-    ``a16/l``. ``b -> d/l/..`` then looks like ``d`` but is the release's parent, and
-    ``b/evil`` lands outside."""
-    entries: list[Entry] = [("dir", "d"), ("sym", "a1", "d")]
-    entries += [("sym", f"a{i}", f"a{i - 1}") for i in range(2, depth + 1)]
-    entries += [("sym", f"a{depth}/l", ".."), ("sym", "b", "d/l/.."),
-                ("file", "b/evil", b"owned\n")]
-    return entries
-
 
 @pytest.mark.parametrize("kind", ["tar.gz", "zip"])
 def test_aliased_symlink_chain_writes_nothing_outside(kind: str, box: dict[str, Path]) -> None:
@@ -239,10 +184,7 @@ def test_zip_bomb_is_refused_at_the_ratio(box: dict[str, Path],
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     # 128 members of 1 MiB of zeros: ~1000:1, and each member's declared size is small, so
     # members are written until the total reaches the ratio budget.
-    archive = box["arc"] / "bomb.zip"
-    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for i in range(128):
-            zf.writestr(f"z{i:03}.bin", bytes(MiB))
+    archive = zip_bomb(box["arc"] / "bomb.zip")
     size = archive.stat().st_size
     assert 128 * MiB / size > 500
     limits = Limits(ratio_floor=MiB)  # the default 200:1; a small floor for a small bomb
@@ -257,13 +199,7 @@ def test_zip_bomb_is_refused_at_the_ratio(box: dict[str, Path],
 
 def test_1000_to_1_tar_gz_is_refused_before_the_disk_fills(
         box: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
-    archive = box["arc"] / "bomb.tgz"
-    zeros = bytes(MiB)
-    with tarfile.open(archive, "w:gz", compresslevel=9) as tf:
-        for i in range(128):
-            ti = tarfile.TarInfo(f"z{i:03}.bin")
-            ti.size = MiB
-            tf.addfile(ti, io.BytesIO(zeros))
+    archive = tar_bomb(box["arc"] / "bomb.tgz")
     size = archive.stat().st_size
     assert 128 * MiB / size > 900, "the archive really is ~1000:1"
     limits = Limits(ratio_floor=MiB)
@@ -604,17 +540,6 @@ def test_agent_refuses_the_aliased_chain_and_keeps_serving(workdir: Path, store:
             assert real in cluster.host_status(h)["services"]["A"]["fetch"]["error"]
     finally:
         cluster.stop_all()
-
-
-def merge_tars(first: Path, second: Path) -> bytes:
-    """One tar.gz holding the members of ``first`` then those of ``second``."""
-    out = io.BytesIO()
-    with tarfile.open(fileobj=out, mode="w:gz") as dst:
-        for path in (first, second):
-            with tarfile.open(path) as src:
-                for ti in src.getmembers():
-                    dst.addfile(ti, src.extractfile(ti) if ti.isreg() else None)
-    return out.getvalue()
 
 
 def test_is_archive_reads_one_header_only(box: dict[str, Path]) -> None:
