@@ -13,6 +13,7 @@ import pytest
 from cluster import Cluster, wait_for
 
 from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.model import DeployItem
 from supervisor_dcdeploy.cli import main as cli
 from supervisor_dcdeploy.storefuzz import agent_pids, cycle_errors, wait_cycles
 
@@ -150,9 +151,10 @@ def test_non_finite_timings_are_never_acted_on_and_a_fix_deploys(cluster, capsys
         if i == 0:  # a deploy queued by hand (dcdeploy deploy refuses an invalid spec)
             code, out, err = run_cli(capsys, store_url, "deploy", "A")
             assert code == 2 and "not defined" in err
-            item = cluster.store.create("deploy/item-", b'{"service": "A", "version": "2", '
-                                        b'"state": "waiting", "reason": null, "host": null, '
-                                        b'"updated": 1}', sequential=True)
+            # Signed with the operator's key, as hosts act only on signed items.
+            signed = ops._sign(DeployItem(node="item-", seq=-1, service="A", version="2",
+                                          updated=1.0), cluster.signer, None, [])
+            item = cluster.store.create("deploy/item-", signed.to_json(), sequential=True)
             # Its history name taken by hand: completing must not fail forever on it.
             cluster.store.create(f"history/{item.rpartition('/')[2]}", b"[" * 100_000)
         unharmed(cluster, pids, {"A": "1", "B": "1"})

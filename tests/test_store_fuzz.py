@@ -50,7 +50,7 @@ def test_the_quorum_measure_sees_a_real_break(fuzzer):
     """The measure above can fail: a *valid* spec (quorum 0, every host at once; what a store
     writer could do before signatures) takes A below the quorum of 2 the fuzzer checks."""
     ops.service_set(fuzzer.store, "A", program="A", quorum=0, max_parallel=3,
-                    health=Check("http", "http://127.0.0.1:{port}/health", 1.0),
+                    health=Check(kind="http", path="/health", port="port", timeout=1.0),
                     healthy_secs=1.0)
     for _ in range(100):  # rounds with no write: each awaits two cycles of every agent
         fuzzer.round(random.Random(0), [])
