@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import ops
 from .localdc import Cluster, Prober, wait_for
-from .store import open_store
+from .store import StoreError, open_store
 from .zkserver import ZooKeeperNotInstalled, ZooKeeperServer, free_port
 
 
@@ -61,7 +61,17 @@ def run_demo(hosts: int = 4, keep: bool = False) -> int:
     dc: Cluster | None = None
     prober: Prober | None = None
     store = None
-    previous = signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt))
+    interrupted: list[int] = []
+
+    def interrupt(signum: int, _frame: object) -> None:
+        interrupted.append(signum)
+        raise KeyboardInterrupt
+
+    # An interrupt can land inside a store call, and kazoo may then fail that call with its
+    # own error (seen once: ConnectionClosedError) instead of letting KeyboardInterrupt
+    # through; the flag says that what failed was an interrupted demo, not the store.
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    previous_int = signal.signal(signal.SIGINT, interrupt)
     quorum = hosts - 2
     services = {"db": {"quorum": quorum, "max_parallel": 2, "healthy_secs": 1.0},
                 "api": {"quorum": quorum, "max_parallel": 2, "healthy_secs": 1.0,
@@ -123,6 +133,11 @@ def run_demo(hosts: int = 4, keep: bool = False) -> int:
     except KeyboardInterrupt:
         _say("interrupted: stopping every process")
         return 130
+    except StoreError:
+        if not interrupted:
+            raise
+        _say("interrupted: stopping every process")
+        return 130
     except ZooKeeperNotInstalled as exc:
         print(f"dcdeploy demo: {exc}", file=sys.stderr)
         return 2
@@ -138,6 +153,7 @@ def run_demo(hosts: int = 4, keep: bool = False) -> int:
                 pass
         zk.kill()
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
         if keep:
             _say(f"kept {workdir}")
         else:

@@ -43,8 +43,8 @@ def _translate(exc: BaseException) -> StoreError:
     if isinstance(exc, NotEmptyError):
         return NotEmpty(str(exc) or "not empty")
     if isinstance(exc, (NoAuthError, AuthFailedError)):
-        return StoreUnauthorized(f"zookeeper: {type(exc).__name__}: this store identity may not do "
-                             "that here (see docs/security.md)")
+        return StoreUnauthorized(f"zookeeper: {type(exc).__name__}: this store identity may "
+                                 "not do that here (see docs/security.md)")
     if isinstance(exc, (ConnectionLoss, SessionExpiredError, ConnectionClosedError,
                         KazooTimeoutError)):
         return StoreUnavailable(f"zookeeper: {type(exc).__name__}")
