@@ -307,7 +307,8 @@ class GateBed:
             root = workdir / host
             rd = ReleaseDir(root, "A")
             for version, (url, sha) in releases.items():
-                install_release([url], sha, rd.releases, version, rd.cache)
+                install_release([url], sha, rd.releases, version, rd.cache, allow_unknown_size=True,
+                                file_root=str(workdir))
             rd.point_current("1")
             cfg = AgentConfig(host=host, rack="r0", store=store_url, root=root,
                               services={"A": {}}, session_timeout=4.0, start_timeout=5.0)

@@ -12,7 +12,6 @@ this host's. Rules kept here, in one place:
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,12 +22,11 @@ from typing import Any, Callable
 import structlog
 
 from .. import decisions, health, trust
+from ..coord import coordinator_for
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
-from ..snapshot import read_queue, read_view
-from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
-                     StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed,
-                     open_store)
+from ..store import (NoNode, SessionState, Store, StoreError, StoreUnauthorized,
+                     StoreUnavailable, TransactionFailed, layout, open_store)
 from ..supervisorctl_client import Supervisor, SupervisorError
 from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
@@ -66,11 +64,13 @@ class Agent:
         self._recover_after: dict[str, float] = {}
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
-        self._in_front: dict[str, bool] = {}
         self._published: tuple[dict[str, Any], tuple[str, ...]] | None = None
         self._denied = False  # this cycle, the store refused our credentials
         self._views: dict[str, decisions.ServiceView] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
+        # What this host knows of the store: a mirror followed by watches where the backend
+        # can (ZooKeeper), else re-read each cycle (coord.py).
+        self.coord = coordinator_for(self.store, cfg.host, sorted(cfg.services), self._wake)
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
         if self.local.problem:
@@ -86,6 +86,7 @@ class Agent:
     def on_session(self, state: SessionState) -> None:
         """kazoo's thread: never block here."""
         self.session = state
+        self.coord.on_session(state)
         if state is not SessionState.CONNECTED:
             self._prepared = False
             self.wake.set()
@@ -149,7 +150,8 @@ class Agent:
         if online:
             try:
                 self._prepare()
-                queue, queue_invalid = read_queue(self.store, self._wake)
+                self.coord.follow()  # only what changed since the last cycle
+                queue, queue_invalid = self.coord.queue()
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", error=str(exc))
                 online = False
@@ -204,9 +206,8 @@ class Agent:
         """Once per session: parents for our nodes, and the host registry entry."""
         if self._prepared:
             return
-        paths = ["deploy", "history", "hosts", "peers"]
-        paths += [f"{base}/{svc}" for svc in self.cfg.services
-                  for base in ("current", "staging", "gate", "released")]
+        paths = list(layout.TOP_LEVEL)
+        paths += [f"{base}/{svc}" for svc in self.cfg.services for base in layout.PER_SERVICE]
         for path in paths:
             try:
                 self.store.ensure(path)
@@ -235,9 +236,9 @@ class Agent:
         info = HostInfo(self.host, self.cfg.rack, tuple(sorted(self.cfg.services)),
                         time.time(), fetch, refused).to_json()
         try:
-            self.store.set(f"hosts/{self.host}", info)
+            self.store.set(layout.host(self.host), info)
         except NoNode:
-            self.store.create(f"hosts/{self.host}", info)
+            self.store.create(layout.host(self.host), info)
         self._published = (fetch, refused)
 
     def cycle_service(self, svc: str, queue: list[DeployItem] | None,
@@ -248,11 +249,7 @@ class Agent:
         if queue is not None:
             # No herd (DESIGN §4.6): only hosts that may pass the gate now watch current
             # and the gate; the others watch the queue entries just ahead of them.
-            front = self._in_front.get(svc, True)
-            view = self._trusted(svc, read_view(
-                self.store, svc, queue, queue_invalid, watch_staged=self._wake,
-                watch_current=self._wake if front else None,
-                watch_gate=self._wake if front else None))
+            view = self._trusted(svc, self.coord.view(svc, queue, queue_invalid))
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
                 self._record(svc, spec=view.spec.to_json().decode())
                 st = self.local.get(svc)
@@ -336,21 +333,12 @@ class Agent:
         self._register(svc, version)
 
     def _register(self, svc: str, version: str) -> None:
-        data = dumps({"version": version, "state": "serving", "since": time.time(),
-                      "rack": self.cfg.rack})
-        path = f"current/{svc}/{self.host}"
-        try:
-            self.store.create(path, data, ephemeral=True)
-        except NodeExists:
-            self.store.set(path, data)
+        self.coord.register(svc, version, self.cfg.rack)
         self.log.info("presence.registered", svc=svc, version=version)
 
     def _unregister(self, svc: str) -> None:
-        try:
-            self.store.delete(f"current/{svc}/{self.host}")
-            self.log.info("presence.removed", svc=svc)
-        except NoNode:
-            pass
+        self.coord.unregister(svc)
+        self.log.info("presence.removed", svc=svc)
 
     # -- prefetch and the ready queue -------------------------------------------------
     def prefetch(self, svc: str, view: decisions.ServiceView) -> None:
@@ -475,13 +463,9 @@ class Agent:
         mine = [e for e in view.staging if e.host == self.host]
         for entry in mine:
             if entry.version != want:
-                try:
-                    self.store.delete(f"staging/{svc}/{entry.node}")
-                except NoNode:
-                    pass
+                self.coord.drop_entry(svc, entry.node)
         if want is not None and not any(e.version == want for e in mine):
-            node = self.store.create(f"staging/{svc}/{self.host}-", dumps({"version": want}),
-                                     ephemeral=True, sequential=True)
+            node = self.coord.enter_queue(svc, want)
             self.log.info("staging.enqueued", svc=svc, version=want, node=node)
 
     def _arm_queue_watches(self, svc: str, view: decisions.ServiceView,
@@ -493,29 +477,21 @@ class Agent:
         hosts = [e.host for e in queue]
         k = view.spec.max_parallel if view.spec else 1
         if target is None or active == target or self.host not in hosts:
-            self._in_front[svc] = target is not None and active != target
+            self.coord.set_front(svc, target is not None and active != target)
             return
         position = hosts.index(self.host)
-        self._in_front[svc] = position < k
+        self.coord.set_front(svc, position < k)
         if position >= k:
-            for entry in queue[position - k: position]:
-                if self.store.exists(f"staging/{svc}/{entry.node}", self._wake) is None:
-                    self.wake.set()  # gone already: look again now
+            self.coord.wait_ahead(svc, [e.node for e in queue[position - k: position]])
 
     def _leave_queue(self, svc: str) -> None:
-        for node in self.store.children(f"staging/{svc}"):
-            if node.rpartition("-")[0] == self.host:
-                try:
-                    self.store.delete(f"staging/{svc}/{node}")
-                except NoNode:
-                    pass
+        self.coord.leave_queue(svc)
 
     # -- the gate and the switch ------------------------------------------------------
     def pass_gate_and_switch(self, svc: str, program: str, spec: ServiceSpec) -> None:
         if self.session is not SessionState.CONNECTED:
             return
-        self.store.sync()
-        fresh = self._trusted(svc, read_view(self.store, svc))  # all after sync
+        fresh = self._trusted(svc, self.coord.fresh_view(svc))  # as fresh as sync() makes it
         active = self.local.get(svc).active
         decision = decisions.may_take_down(fresh, self.host, active)
         if not decision:
@@ -541,18 +517,8 @@ class Agent:
                 "was_online": self.host in fresh.current,
                 "quorum": fresh.spec.quorum, "version": target,
                 "item": head.node if head else None, "t": time.time()}
-        ops: list = [SetData(f"gate/{svc}", dumps(gate), fresh.gate_version)]
-        if self.host in fresh.current:
-            ops.append(Delete(f"current/{svc}/{self.host}"))
-        if head is not None:
-            item = dumps({**json.loads(DeployItem.to_json(head)),
-                          "state": "rolling", "updated": time.time()}) \
-                if head.state == "waiting" else DeployItem.to_json(head)
-            # Writing the item (even unchanged) makes a concurrent pause or failure mark
-            # invalidate this take-down: the gate and the item move together.
-            ops.append(SetData(f"deploy/{head.node}", item, head.data_version))
         try:
-            self.store.commit(ops)
+            self.coord.try_gate(svc, fresh, gate, head)
         except TransactionFailed as exc:
             self.log.info("gate.contended", svc=svc, op=exc.index, error=str(exc.cause))
             self.wake.set()
@@ -645,26 +611,8 @@ class Agent:
         if pending is None:
             return
         node, reason = pending
-        for _ in range(5):
-            try:
-                raw, version = self.store.get(f"deploy/{node}")
-            except NoNode:
-                break  # aborted meanwhile: nothing to mark
-            try:
-                item = DeployItem.parse(node, raw, version)
-            except InvalidData:
-                break
-            if item.state not in ("waiting", "rolling", "paused"):
-                break
-            data = dumps({**json.loads(item.to_json()), "state": "failed", "reason": reason,
-                          "host": self.host, "updated": time.time()})
-            try:
-                self.store.set(f"deploy/{node}", data, version)
-                self.log.error("deploy.failed", svc=svc, item=node, reason=reason)
-                break
-            except StoreError as exc:
-                if isinstance(exc, StoreUnavailable):
-                    raise
+        if self.coord.mark_failed(node, reason):
+            self.log.error("deploy.failed", svc=svc, item=node, reason=reason)
         self._pending_fail.pop(svc, None)
 
     def _start_and_check(self, svc: str, program: str, spec: ServiceSpec | None,
@@ -750,17 +698,8 @@ class Agent:
             return
         head = view.head
         assert head is not None
-        record = dumps({**json.loads(head.to_json()), "state": "done", "reason": done.reason,
-                        "updated": time.time()})
-        try:
-            self.store.commit([
-                Delete(f"deploy/{head.node}", head.data_version),
-                Create(f"history/{head.node}", record),
-                SetData(f"released/{svc}", dumps({"version": head.version, "item": head.node})),
-            ])
-        except TransactionFailed as exc:
-            self.log.info("deploy.complete_contended", svc=svc, item=head.node,
-                          error=str(exc.cause))
+        if not self.coord.complete(svc, head, done.reason):
+            self.log.info("deploy.complete_contended", svc=svc, item=head.node)
             return
         self.log.info("deploy.done", svc=svc, item=head.node, version=head.version)
         self.wake.set()
