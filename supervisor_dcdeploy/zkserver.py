@@ -37,6 +37,19 @@ def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
         return ""
 
 
+def namespace_requests(host: str, port: int, namespace: str) -> tuple[int, int]:
+    """(reads, writes) the server has answered for paths under ``/<namespace>``: the sample
+    counts of ``mntr``'s per-namespace summaries (ZooKeeper 3.7+; session pings are not
+    requests there). Needs ``mntr`` in ``4lw.commands.whitelist``."""
+    counts = {"read": 0, "write": 0}
+    for line in four_letter(host, port, "mntr").splitlines():
+        key, _, value = line.partition("\t")
+        for kind in counts:
+            if key == f"zk_cnt_{namespace}_{kind}_per_namespace":
+                counts[kind] = int(value)
+    return counts["read"], counts["write"]
+
+
 def server_mode(host: str, port: int) -> str | None:
     """'leader', 'follower', 'standalone', or None when the server is not serving."""
     for line in four_letter(host, port, "srvr").splitlines():
