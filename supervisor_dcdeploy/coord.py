@@ -27,9 +27,11 @@ from collections import deque
 from typing import Callable, Sequence
 
 from .decisions import ServiceView
-from .model import DeployItem, InvalidData, dumps
+from dataclasses import replace
+
+from .model import CurrentEntry, DeployItem, InvalidData, dumps
 from .snapshot import read_queue, read_view
-from .store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
+from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
                     StoreError, StoreUnavailable, TransactionFailed)
 from .store import layout
 
@@ -65,6 +67,11 @@ class Coordinator:
 
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         """Be woken when any of these ready-queue entries ahead of us goes."""
+
+    def resolve(self, svc: str, view: ServiceView) -> ServiceView:
+        """The view with every presence's value known (what completion and recovery need);
+        only the mirror ever leaves some unread."""
+        return view
 
     def set_front(self, svc: str, front: bool) -> None:
         """Whether this host may pass the gate now (no herd: only those follow the gate)."""
@@ -122,13 +129,23 @@ class Coordinator:
         ops: list = [SetData(layout.gate(svc), dumps(gate), fresh.gate_version)]
         if self.host in fresh.current:
             ops.append(Delete(layout.presence(svc, self.host)))
-        if head is not None:
-            # Writing the item (even unchanged) makes a concurrent pause or failure mark
-            # invalidate this take-down: the gate and the item move together.
+        if head is not None and head.state == "waiting":
             ops.append(SetData(layout.item(head.node), item_data(head), head.data_version))
-        self.store.commit(ops)  # TransactionFailed: contended
+        elif head is not None:
+            # Checking the item's version makes a concurrent pause or failure mark
+            # invalidate this take-down (the gate and the item move together) without
+            # rewriting it, which would make every host read it again.
+            ops.append(Check(layout.item(head.node), head.data_version))
+        try:
+            self.store.commit(ops)
+        except TransactionFailed:
+            self._contended(svc)
+            raise
         self._gone(layout.presence(svc, self.host))
         return True
+
+    def _contended(self, svc: str) -> None:
+        pass
 
     def mark_failed(self, node: str, reason: str) -> bool:
         """Mark the deploy item failed (CAS); False when there is nothing to mark."""
@@ -272,7 +289,11 @@ class _MirrorReader:
             return None
 
     def children(self, path: str, watch=None) -> list[str]:
-        return self.mirror.children(path)
+        names = self.mirror.children(path)
+        if layout.split(path)[0] == layout.CURRENT:  # unread presences: see view()
+            names = [n for n in names if self.mirror.nodes.get(f"{path}/{n}", (b"",))[0]
+                     is not None]
+        return names
 
 
 class MirrorCoordinator(Coordinator):
@@ -308,6 +329,9 @@ class MirrorCoordinator(Coordinator):
             self._loaded = False  # watches go with the connection; rebuild when back
             self._wake()
 
+    def _contended(self, svc: str) -> None:
+        self._stale_gates.add(svc)  # read the gate's version afresh next time
+
     # -- loading and applying --------------------------------------------------------------
     def follow(self) -> None:
         if not self._loaded:
@@ -323,16 +347,20 @@ class MirrorCoordinator(Coordinator):
         for path in self._followed():
             parts = layout.split(path)
             if parts[0] == layout.GATE:
-                continue  # read at the gate only
+                try:
+                    self._gates[parts[1]] = self.store.get(path)[1]
+                except NoNode:
+                    self._gates[parts[1]] = -1
+                continue
             self._read_into(mirror, path)
             for child in self.store.children(path):
                 sub = f"{path}/{child}"
-                if parts[0] == layout.STAGING and child.rpartition("-")[0] != self.host:
+                if self._lazy(sub):
                     mirror.nodes[sub] = (None, -1)  # another host's entry: not read
                 else:
                     self._read_into(mirror, sub)
         self._mirror.nodes = mirror.nodes
-        self._stale_gates = set(self.services)
+        self._stale_gates = set()
         for svc in self.services:
             self._own[svc] = {}
         self._loaded = True
@@ -343,12 +371,33 @@ class MirrorCoordinator(Coordinator):
         except NoNode:
             mirror.nodes.pop(path, None)
 
+    def _lazy(self, path: str) -> bool:
+        """Another host's ready-queue entry or presence: its existence is what the cycle
+        needs; the value is read only when a decision needs it (:meth:`resolve`)."""
+        parts = layout.split(path)
+        if len(parts) != 3 or parts[0] not in (layout.STAGING, layout.CURRENT):
+            return False
+        owner = parts[2].rpartition("-")[0] if parts[0] == layout.STAGING else parts[2]
+        return owner != self.host
+
     def _apply(self) -> None:
         """Each notified node once, in its last state: deleted ones dropped, others read
-        (the one node), except those this host need not read."""
+        (the one node), except those this host need not read. The gate's version is
+        counted from its notifications (each data change is one notification, in order,
+        and adds one to the version), so the gate is not read either."""
         with self._lock:
             events = list(self._events)
             self._events.clear()
+        for kind, path in events:  # the gate: every event counts
+            parts = layout.split(path)
+            if parts[0] == layout.GATE and len(parts) == 2:
+                svc = parts[1]
+                if kind == "changed" and self._gates.get(svc, -1) >= 0:
+                    self._gates[svc] += 1
+                elif kind == "created":
+                    self._gates[svc] = 0
+                else:
+                    self._stale_gates.add(svc)
         last: dict[str, str] = {}
         for kind, path in events:
             last.pop(path, None)
@@ -356,21 +405,16 @@ class MirrorCoordinator(Coordinator):
         for path, kind in last.items():
             parts = layout.split(path)
             if parts[0] == layout.GATE:
-                if len(parts) == 2:
-                    self._stale_gates.add(parts[1])
                 continue
             if kind == "deleted":
                 self._mirror.nodes.pop(path, None)
                 continue
-            if parts[0] == layout.STAGING and len(parts) == 3:
-                if parts[2].rpartition("-")[0] != self.host:
-                    self._mirror.nodes.setdefault(path, (None, -1))
-                    continue
-                if path in self._mirror.nodes and self._mirror.nodes[path][0] is not None:
-                    continue  # our own entry, recorded when we made it (never rewritten)
-            if parts[0] == layout.CURRENT and len(parts) == 3 and parts[2] == self.host \
-                    and kind == "created" and path in self._mirror.nodes:
-                continue  # our own presence, recorded when we made it
+            if self._lazy(path):
+                self._mirror.nodes[path] = (None, -1)
+                continue
+            if parts[0] in (layout.STAGING, layout.CURRENT) and len(parts) == 3 \
+                    and kind == "created" and self._mirror.nodes.get(path, (None,))[0]:
+                continue  # our own entry or presence, recorded when we made it
             self._read_into(self._mirror, path)
 
     def _wrote(self, path: str, data: bytes) -> None:
@@ -383,9 +427,6 @@ class MirrorCoordinator(Coordinator):
     def queue(self) -> tuple[list[DeployItem], list[str]]:
         return read_queue(self._reader)  # type: ignore[arg-type]
 
-    def view(self, svc: str, queue: list[DeployItem], queue_invalid: list[str]) -> ServiceView:
-        return read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
-
     def fresh_view(self, svc: str) -> ServiceView:
         """``sync()``: every notification up to now has then arrived on this connection
         (ZooKeeper delivers watch events before later replies, in order); apply them (the
@@ -395,13 +436,38 @@ class MirrorCoordinator(Coordinator):
             raise StoreUnavailable("the connection changed during the gate: mirror rebuilt "
                                    "on the next cycle")
         self._apply()
-        try:
-            _, self._gates[svc] = self.store.get(layout.gate(svc))
-        except NoNode:
-            self._gates[svc] = -1
-        self._stale_gates.discard(svc)
+        if svc in self._stale_gates or svc not in self._gates:
+            try:
+                _, self._gates[svc] = self.store.get(layout.gate(svc))
+            except NoNode:
+                self._gates[svc] = -1
+            self._stale_gates.discard(svc)
         queue, invalid = self.queue()
         return self.view(svc, queue, invalid)
+
+    def view(self, svc: str, queue: list[DeployItem], queue_invalid: list[str]) -> ServiceView:
+        """The mirror's view. Another host's presence not read yet counts as serving an
+        unknown version (``""``): hosts register only when serving, so it counts toward
+        quorum as it would once read; it never lets an item complete (its version is not
+        the item's) and never picks a recovery version, both of which :meth:`resolve`
+        first. A hand-written presence with another state is counted as serving until
+        read: no more than a host can already do (it may create siblings, see
+        docs/security-zk.md)."""
+        view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
+        unread = {host: CurrentEntry(host=host, version="")
+                  for host in self._mirror.children(layout.presence_dir(svc))
+                  if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
+        if not unread:
+            return view
+        return replace(view, current={**view.current, **unread})
+
+    def resolve(self, svc: str, view: ServiceView) -> ServiceView:
+        unread = [h for h, e in view.current.items() if e.version == ""]
+        if not unread:
+            return view
+        for host in unread:
+            self._read_into(self._mirror, layout.presence(svc, host))
+        return replace(view, current=self.view(svc, list(view.queue), []).current)
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))

@@ -36,6 +36,9 @@ TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
 FETCH_RETRY_SECS = 10.0
 RECOVER_RETRY_SECS = 5.0
 RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
+# Completing an item needs every presence's version; the host that switched last reads
+# them. Others do only when the item is still open this long after the queue emptied.
+COMPLETE_FALLBACK_SECS = 30.0
 
 
 class Agent:
@@ -62,6 +65,8 @@ class Agent:
         # svc -> (sha, when, why, why as published to the store, permanent)
         self._fetch_failed: dict[str, tuple[str, float, str, str, bool]] = {}
         self._recover_after: dict[str, float] = {}
+        self._switched: set[str] = set()  # services this host just switched: completes them
+        self._queue_empty_since: dict[str, float] = {}
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
         self._published: tuple[dict[str, Any], tuple[str, ...]] | None = None
@@ -222,10 +227,14 @@ class Agent:
             self.log.warning("host.publish_failed", error=str(exc))
 
     def publish_host(self) -> None:
-        """``/dc/hosts/<host>``: rack, services and each download's state (not its bytes:
-        written on transitions only), so ``dcdeploy status`` shows failed downloads."""
+        """``/dc/hosts/<host>``: rack, services and each failed download (not its bytes:
+        written on transitions only), so ``dcdeploy status`` shows failed downloads. A
+        download in progress or done is not published: that would be a write, and a read
+        by every other host, per host and release (status.json on the host shows it)."""
         fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
                        if k in ("version", "state", "error")} for svc in self.cfg.services}
+        fetch = {svc: entry if entry.get("state") in ("failed", "error") else {}
+                 for svc, entry in fetch.items()}
         for svc, entry in fetch.items():  # no digest or size learnt from the fetched bytes
             failed = self._fetch_failed.get(svc)
             if failed and entry.get("state") == "failed" and entry.get("error") == failed[2]:
@@ -588,6 +597,7 @@ class Agent:
         return False
 
     def _after_switch(self, svc: str, version: str) -> None:
+        self._switched.add(svc)
         try:
             self._register(svc, version)
             self._leave_queue(svc)
@@ -655,6 +665,8 @@ class Agent:
         target = None
         if view is not None and view.head is not None and view.head.service == svc:
             target = view.head.version
+        if view is not None:
+            view = self.coord.resolve(svc, view)  # the versions online decide
         current = list(view.current.values()) if view is not None else []
         version, why = decisions.recovery_version(current, installed, local_active, target)
         if version is None:
@@ -694,6 +706,9 @@ class Agent:
     # -- completion -------------------------------------------------------------------
     def maybe_complete(self, svc: str, view: decisions.ServiceView) -> None:
         done = decisions.item_complete(view)
+        if not done and self._may_resolve(svc, view):
+            view = self.coord.resolve(svc, view)
+            done = decisions.item_complete(view)
         if not done:
             return
         head = view.head
@@ -703,6 +718,24 @@ class Agent:
             return
         self.log.info("deploy.done", svc=svc, item=head.node, version=head.version)
         self.wake.set()
+
+    def _may_resolve(self, svc: str, view: decisions.ServiceView) -> bool:
+        """Whether to read the presences not read yet to see if the item is complete:
+        when this host just switched (the last to switch sees the ready queue empty), or
+        when the item has stayed open with an empty queue for COMPLETE_FALLBACK_SECS."""
+        head = view.head
+        just_switched = svc in self._switched
+        self._switched.discard(svc)
+        if head is None or head.service != svc or decisions.ready_queue(view, head.version) \
+                or not any(e.version == "" for e in view.current.values()):
+            self._queue_empty_since.pop(svc, None)
+            return False
+        now = time.monotonic()
+        since = self._queue_empty_since.setdefault(svc, now)
+        if just_switched or now - since >= COMPLETE_FALLBACK_SECS:
+            self._queue_empty_since[svc] = now
+            return True
+        return False
 
     # -- status -----------------------------------------------------------------------
     def _record(self, svc: str, **changes: Any) -> None:
