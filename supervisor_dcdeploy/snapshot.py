@@ -13,6 +13,7 @@ from .decisions import ServiceView
 from .model import (CurrentEntry, DeployItem, HostInfo, InvalidData, ServiceSpec,
                     StagedRelease, StagingEntry, check_version)
 from .store import NoNode, Store
+from .store import layout
 
 Watcher = Callable[[], None]
 
@@ -31,8 +32,8 @@ def read_queue(store: Store, watch: Watcher | None = None) -> tuple[list[DeployI
     returned as a placeholder in state ``invalid`` so nothing behind it proceeds."""
     items: list[DeployItem] = []
     invalid: list[str] = []
-    for node in sorted(store.children("deploy", watch), key=lambda n: n.rpartition("-")[2]):
-        raw, version = _data(store, f"deploy/{node}")
+    for node in sorted(store.children(layout.DEPLOY, watch), key=lambda n: n.rpartition("-")[2]):
+        raw, version = _data(store, layout.item(node))
         if raw is None:
             continue  # completed between the listing and the read
         try:
@@ -49,7 +50,7 @@ def read_queue(store: Store, watch: Watcher | None = None) -> tuple[list[DeployI
 
 
 def read_spec(store: Store, svc: str) -> tuple[ServiceSpec | None, str | None]:
-    raw, _ = _data(store, f"services/{svc}")
+    raw, _ = _data(store, layout.service(svc))
     if raw is None:
         return None, None
     try:
@@ -60,7 +61,7 @@ def read_spec(store: Store, svc: str) -> tuple[ServiceSpec | None, str | None]:
 
 def read_specs(store: Store) -> tuple[dict[str, ServiceSpec], list[str]]:
     specs, invalid = {}, []
-    for svc in store.children("services"):
+    for svc in store.children(layout.SERVICES):
         spec, problem = read_spec(store, svc)
         if spec:
             specs[svc] = spec
@@ -71,7 +72,7 @@ def read_specs(store: Store) -> tuple[dict[str, ServiceSpec], list[str]]:
 
 def read_staged(store: Store, svc: str,
                 watch: Watcher | None = None) -> tuple[StagedRelease | None, str | None]:
-    raw, _ = _data(store, f"staging/{svc}", watch)
+    raw, _ = _data(store, layout.staged(svc), watch)
     if not raw:
         return None, None
     try:
@@ -83,8 +84,8 @@ def read_staged(store: Store, svc: str,
 def read_current(store: Store, svc: str, invalid: list[str],
                  watch: Watcher | None = None) -> dict[str, CurrentEntry]:
     out = {}
-    for host in store.children(f"current/{svc}", watch):
-        raw, _ = _data(store, f"current/{svc}/{host}")
+    for host in store.children(layout.presence_dir(svc), watch):
+        raw, _ = _data(store, layout.presence(svc, host))
         if raw is None:
             continue
         try:
@@ -97,8 +98,8 @@ def read_current(store: Store, svc: str, invalid: list[str],
 def read_staging(store: Store, svc: str, invalid: list[str],
                  watch: Watcher | None = None) -> list[StagingEntry]:
     out = []
-    for node in store.children(f"staging/{svc}", watch):
-        raw, _ = _data(store, f"staging/{svc}/{node}")
+    for node in store.children(layout.staged(svc), watch):
+        raw, _ = _data(store, layout.ready_entry(svc, node))
         if raw is None:
             continue
         try:
@@ -109,10 +110,10 @@ def read_staging(store: Store, svc: str, invalid: list[str],
 
 
 def read_released(store: Store, svc: str) -> str | None:
-    raw, _ = _data(store, f"released/{svc}")
+    raw, _ = _data(store, layout.released(svc))
     try:
         version = json.loads(raw or b"null")
-        return check_version(f"released/{svc}", "version", version.get("version")) \
+        return check_version(layout.released(svc), "version", version.get("version")) \
             if isinstance(version, dict) else None
     except (ValueError, InvalidData):
         return None
@@ -120,8 +121,8 @@ def read_released(store: Store, svc: str) -> str | None:
 
 def read_hosts(store: Store) -> tuple[dict[str, HostInfo], list[str]]:
     hosts, invalid = {}, []
-    for name in store.children("hosts"):
-        raw, _ = _data(store, f"hosts/{name}")
+    for name in store.children(layout.HOSTS):
+        raw, _ = _data(store, layout.host(name))
         try:
             hosts[name] = HostInfo.parse(name, raw)
         except InvalidData as exc:
@@ -144,7 +145,7 @@ def read_view(store: Store, svc: str, queue: list[DeployItem] | None = None,
     staged, problem = read_staged(store, svc, watch_staged)
     if problem:
         invalid.append(problem)
-    _, gate_version = _data(store, f"gate/{svc}", watch_gate)
+    _, gate_version = _data(store, layout.gate(svc), watch_gate)
     current = read_current(store, svc, invalid, watch_current)
     staging = read_staging(store, svc, invalid)
     return ServiceView(service=svc, spec=spec, staged=staged, current=current,

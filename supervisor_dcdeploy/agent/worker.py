@@ -290,7 +290,7 @@ class Agent:
                                                    "known version, starting nothing")
             return
         if view.spec is None:
-            refused = [r for r in self._refused[svc] if r.startswith(f"services/{svc}:")]
+            refused = [r for r in self._refused[svc] if r.startswith(f"{layout.service(svc)}:")]
             self._set(svc, phase="serving", reason=refused[0] if refused else
                       f"service {svc} is not defined in the store")
             return
