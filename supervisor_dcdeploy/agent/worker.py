@@ -78,6 +78,7 @@ class Agent:
         self.coord = coordinator_for(self.store, cfg.host, sorted(cfg.services), self._wake)
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
+        self.cycles = 0  # in status.json: a cycle reads nothing from the store when idle
         if self.local.problem:
             self.log.warning("state.rebuilt", problem=self.local.problem)
         # Operator data is acted on only when signed by a pinned key (trust.py); the
@@ -146,6 +147,7 @@ class Agent:
 
     # -- one cycle --------------------------------------------------------------------
     def cycle(self) -> None:
+        self.cycles += 1
         if not self._started and time.monotonic() - self._last_connect > RECONNECT_SECS:
             self.connect(timeout=1.0)
         online = self._started and self.session is SessionState.CONNECTED
@@ -769,6 +771,7 @@ class Agent:
         status = {"host": self.host, "rack": self.cfg.rack,
                   "store": self.session.value if self._started else "unreachable",
                   "store_ops": {"reads": ops.reads, "writes": ops.writes},
+                  "cycles": self.cycles,
                   "trust": {"keys": sorted(self.cfg.trust_policy.keys),
                             "insecure_unsigned": self.cfg.trust_policy.insecure_unsigned},
                   "services": self.status}
