@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from . import ops, trust
+from . import logs, ops, trust
 from .model import HealthCheck, InvalidData
 from .snapshot import read_spec
 from .store import Store, StoreError, StoreURLError, open_store, store_url_from
@@ -120,7 +121,19 @@ def cmd_keygen(args: argparse.Namespace) -> int:
 
 
 def cmd_service(args: argparse.Namespace) -> int:
+    from . import svcadmin
+    if args.action == "set":
+        refusal = svcadmin.quorum_refusal(args.name, args.quorum, args.force)
+        if refusal:
+            raise CLIError(refusal)
     with connected(args) as store:
+        if args.action == "delete":
+            try:
+                notes = svcadmin.service_delete(store, args.name, force=args.force)
+            except svcadmin.DeleteRefused as exc:
+                raise CLIError(str(exc)) from None
+            print(f"service {args.name} deleted" + "".join(f"; {n}" for n in notes))
+            return 0
         if args.action == "set":
             deps = [d.strip() for d in (args.depends_on or "").split(",") if d.strip()]
             signer, expires = _signing(args)
@@ -131,6 +144,9 @@ def cmd_service(args: argparse.Namespace) -> int:
             print(f"service {spec.name}: program {spec.program}, quorum {spec.quorum}, "
                   f"max_parallel {spec.max_parallel}, depends on "
                   f"{', '.join(spec.depends_on) or 'nothing'}")
+            if spec.quorum == 0:
+                print(f"dcdeploy: warning: {svcadmin.quorum_zero_warning(spec.name)}",
+                      file=sys.stderr)
             return 0
         data = ops.status(store)["services"]
         if args.action == "show":
@@ -222,12 +238,47 @@ def cmd_seed(args: argparse.Namespace) -> int:
 
 
 def cmd_deploy(args: argparse.Namespace) -> int:
+    if args.wait_timeout is not None and not args.wait:
+        raise CLIError("--timeout goes with --wait (deploy NAME... --wait --timeout SECS)")
+    _check_wait_timeout(args)  # before queueing: a refused option must not leave a deploy
     signer, expires = _signing(args)
     with connected(args) as store:
         items = ops.deploy(store, args.names, signer=signer, expires=expires)
         for item in items:
             print(f"queued {item.node}: {item.service} -> {item.version}")
-        return 0
+        sys.stdout.flush()
+        if not args.wait:
+            return 0
+        return _wait(args, store, [i.node for i in items])
+
+
+def _check_wait_timeout(args: argparse.Namespace) -> None:
+    if args.wait_timeout is not None and not args.wait_timeout > 0:
+        raise CLIError(f"--timeout {args.wait_timeout:g}: give a number of seconds above 0")
+
+
+def _wait(args: argparse.Namespace, store: Store, items: list[str]) -> int:
+    from .waitdeploy import wait_items
+    return wait_items(store, items, out=sys.stdout, err=sys.stderr, tty=sys.stdout.isatty(),
+                      timeout=args.wait_timeout)
+
+
+def cmd_wait(args: argparse.Namespace) -> int:
+    from .waitdeploy import item_node, read_record
+    _check_wait_timeout(args)
+    with connected(args) as store:
+        if args.item:
+            node = item_node(args.item)
+            if store.exists(f"deploy/{node}") is None and read_record(store, node) is None:
+                raise CLIError(f"no deploy item {node} in the queue or in history "
+                               "(dcdeploy status and dcdeploy history list them)")
+            items = [node]
+        else:
+            items = sorted(store.children("deploy"), key=lambda n: n.rpartition("-")[2])
+            if not items:
+                print("the deploy queue is empty: nothing to wait for")
+                return 0
+        return _wait(args, store, items)
 
 
 def cmd_pause(args: argparse.Namespace) -> int:
@@ -326,6 +377,20 @@ def cmd_history(args: argparse.Namespace) -> int:
         return 0
 
 
+def cmd_web(args: argparse.Namespace) -> int:
+    from .metrics import ListenError
+    from .web import ListenRefused, check_listen, serve
+    try:
+        check_listen(args.listen, args.allow_remote)
+    except (ListenRefused, ListenError) as exc:
+        raise CLIError(str(exc)) from None
+    with connected(args) as store:
+        serve(store, args.listen, args.allow_remote,
+              ready=lambda url: print(f"dcdeploy web: serving {url} (Ctrl-C stops)",
+                                      flush=True))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
     return run_demo(hosts=args.hosts, keep=args.keep)
@@ -390,6 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
     sset.add_argument("--preload", action="store_true",
                       help="warm releases into the page cache before joining the queue")
     signing_options(sset, "service")
+    sset.add_argument("--force", action="store_true", help="accept --quorum 0")
+    sdel = svc_sub.add_parser("delete", help="remove a service (refused while it is queued "
+                                             "or has hosts online, unless --force)")
+    sdel.add_argument("name")
+    sdel.add_argument("--force", action="store_true")
     svc_sub.add_parser("list", help="list services")
     sshow = svc_sub.add_parser("show", help="one service as JSON")
     sshow.add_argument("name")
@@ -423,7 +493,17 @@ def build_parser() -> argparse.ArgumentParser:
     dep = sub.add_parser("deploy", help="queue staged versions in dependency order")
     dep.add_argument("names", nargs="+")
     signing_options(dep, "deploy")
+    dep.add_argument("--wait", action="store_true",
+                     help="show progress; exit 0 when done, 1 when an item failed, "
+                          "3 on --timeout")
+    dep.add_argument("--timeout", dest="wait_timeout", type=float, metavar="SECS",
+                     help="with --wait: stop waiting after SECS (exit 3)")
     dep.set_defaults(func=cmd_deploy)
+    wt = sub.add_parser("wait", help="wait for queued deploy items (all, or ITEM): exit 0 "
+                                     "done, 1 failed, 3 timeout")
+    wt.add_argument("item", nargs="?", help="item-0000000007 or 7 (default: the whole queue)")
+    wt.add_argument("--timeout", dest="wait_timeout", type=float, metavar="SECS")
+    wt.set_defaults(func=cmd_wait)
 
     st = sub.add_parser("status", help="services, deploy queue and hosts")
     st.add_argument("--json", action="store_true")
@@ -444,6 +524,13 @@ def build_parser() -> argparse.ArgumentParser:
         action.set_defaults(func=func)
         if name == "resume":
             signing_options(action, "deploy")
+    web = sub.add_parser("web", help="a live, read-only page of the fleet (docs/web.md)")
+    web.add_argument("--listen", default="127.0.0.1:8700", metavar="HOST:PORT",
+                     help="where to serve the page (default 127.0.0.1:8700)")
+    web.add_argument("--allow-remote", action="store_true",
+                     help="allow a non-loopback --listen (the page has no authentication: "
+                          "put a reverse proxy in front, docs/web.md)")
+    web.set_defaults(func=cmd_web)
     demo = sub.add_parser("demo", help="run a local demo data center end to end")
     demo.add_argument("--hosts", type=int, default=4)
     demo.add_argument("--keep", action="store_true", help="keep the work directory")
@@ -457,6 +544,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Log lines (the swarm's, the store client's) go to stderr: stdout is the command's.
+    logs.configure(os.environ.get("DCDEPLOY_LOG_LEVEL", "warning"))
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if getattr(args, "command", None) == "testbed":

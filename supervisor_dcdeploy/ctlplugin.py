@@ -26,6 +26,14 @@ def render(state: dict[str, Any]) -> str:
                      f"{info.get('phase', '?'):<11} {info.get('reason') or ''}{fetch_text}")
         if info.get("health_problem"):  # a check this host cannot run (health.resolve)
             lines.append(f"{'':<16} cannot run the health check: {info['health_problem']}")
+    # Invalid store nodes the agent found (and does not act on); a queue problem shows up
+    # under every service, so each is listed once.
+    problems = list(dict.fromkeys(p for _, info in sorted((status.get("services") or {})
+                                                          .items())
+                                  for p in info.get("invalid") or ()))
+    if problems:
+        lines.append("PROBLEMS in the store (invalid data, not acted on):")
+        lines += [f"  {p}" for p in problems]
     return "\n".join(lines)
 
 

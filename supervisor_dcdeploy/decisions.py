@@ -201,9 +201,37 @@ def deploy_status(view: ServiceView, item: DeployItem) -> tuple[str, str | None]
         return "blocked", quorum_reason(view)
     complete = item_complete(view)
     if not first and not complete:
+        failed = verify_failures(view, target)
+        if failed:
+            return "blocked", (f"{len(failed)} hosts failed to verify {target}: " + "; ".join(
+                f"{h}: {why}" for h, why in sorted(failed.items())))
         return ("rolling" if item.state == "rolling" else item.state), \
             f"waiting for hosts to download and verify ({complete.reason})"
     return ("rolling" if item.state == "rolling" or switching else item.state), None
+
+
+def verify_failures(view: ServiceView, version: str) -> dict[str, str]:
+    """Hosts that should fetch ``version`` and all reported failing to, with their errors;
+    empty while any of them has not (yet) failed.
+
+    The hosts that should have it are those online for the service not yet on ``version``;
+    each reports its download in the host registry (``fetch``: version, state, error, and
+    ``kind`` "verify" when the bytes did not match the staged sha256 or size), and keeps the
+    last error while it retries. Only verification failures count: a full disk or a dead
+    URL may heal by itself, bytes that do not match never will, so with every host failing
+    to verify no host will ever join the ready queue and the item is blocked until a
+    release that verifies is staged (abort, then stage and deploy it)."""
+    expected = sorted(h for h, e in view.current.items() if e.version != version)
+    failed: dict[str, str] = {}
+    for host in expected:
+        info = view.hosts.get(host)
+        fetch = (info.fetch.get(view.service) if info else None) or {}
+        if not isinstance(fetch, dict) or fetch.get("version") != version \
+                or fetch.get("kind") != "verify" or not fetch.get("error") \
+                or fetch.get("state") == "installed":
+            return {}
+        failed[host] = str(fetch["error"])
+    return failed
 
 
 class DependencyError(ValueError):

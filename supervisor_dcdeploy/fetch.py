@@ -13,7 +13,7 @@ on disk must survive ``kill -9`` at any point (S5). So every step here is built 
 * :func:`install_release` chains the two and is idempotent on the marker.
 
 Everything downloaded or unpacked is treated as hostile: whoever writes the staged release
-chooses the URL *and* the sha256 (issue 8; docs/security-unpack.md).
+chooses the URL *and* the sha256 (issue 8; docs/security.md).
 
 Errors form one family, :class:`FetchError`, whose ``reason`` is a sentence naming the problem and
 the value, fit to show to an operator.

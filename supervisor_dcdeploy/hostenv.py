@@ -18,6 +18,8 @@ from pathlib import Path
 from supervisor.xmlrpc import SupervisorTransport
 
 CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The placeholder for the venv's Python in the shipped drop-in (the README says to set it).
+DROPIN_PYTHON = "/opt/dcdeploy/venv/bin/python"
 INSTALLED_CONF_DIR = Path(sys.prefix) / "share" / "supervisor-dcdeploy" / "conf"  # data_files
 
 
@@ -88,8 +90,7 @@ def write_host(layout: HostLayout) -> Path:
     dropin = dropin_text()
     dropin = dropin.replace("/etc/dcdeploy/agent.conf", str(layout.agent_conf))
     dropin = dropin.replace("/var/log/supervisor/", f"{root}/logs/")
-    dropin = dropin.replace("command = dcdeploy-agent",
-                            f"command = {layout.python} -m supervisor_dcdeploy.agent.main")
+    dropin = dropin.replace(f"command = {DROPIN_PYTHON} ", f"command = {layout.python} ")
     (root / "conf.d" / "dcdeploy.conf").write_text(dropin)
 
     programs = []

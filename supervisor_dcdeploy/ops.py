@@ -284,6 +284,11 @@ def abort(store: Store) -> list[str]:
         except NoNode:
             continue
         item = by_node.get(node)
+        if item is None:  # behind a garbage item, read_queue stopped: read it here
+            try:
+                item = DeployItem.parse(node, raw, version)
+            except InvalidData:
+                item = None
         record = json.loads(item.to_json()) if item and item.state != "invalid" else \
             {"raw": raw.decode(errors="replace")}
         record.update(state="aborted", updated=time.time(),
@@ -384,7 +389,7 @@ def status(store: Store) -> dict[str, Any]:
         else:
             state, reason = decisions.deploy_status(view, item)
         deploy.append({"item": item.node, "service": item.service, "version": item.version,
-                       "state": state, "reason": reason})
+                       "state": state, "reason": reason, "host": item.host})
     host_out = {}
     for name in sorted(set(hosts) | set(host_services)):
         info = hosts.get(name)

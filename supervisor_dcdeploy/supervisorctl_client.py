@@ -12,6 +12,16 @@ class SupervisorError(Exception):
     pass
 
 
+class SupervisorShuttingDown(SupervisorError):
+    """supervisord answered SHUTDOWN_STATE: it is stopping (a normal shutdown, not a fault)."""
+
+
+def _shutting_down(exc: xmlrpc.client.Fault) -> SupervisorShuttingDown | None:
+    if exc.faultCode == Faults.SHUTDOWN_STATE:
+        return SupervisorShuttingDown("supervisord is shutting down")
+    return None
+
+
 class Supervisor:
     """Not thread-safe: one per thread (the agent's worker owns it)."""
 
@@ -34,6 +44,8 @@ class Supervisor:
         try:
             return self._proxy.supervisor.getProcessInfo(program)["statename"]
         except xmlrpc.client.Fault as exc:
+            if _shutting_down(exc):
+                raise _shutting_down(exc) from None
             if exc.faultCode == Faults.BAD_NAME:
                 raise SupervisorError(f"supervisord has no program {program!r}: add a "
                                       f"[program:{program}] section (see conf/)") from None
@@ -45,6 +57,8 @@ class Supervisor:
         try:
             method(*args)
         except xmlrpc.client.Fault as exc:
+            if _shutting_down(exc):
+                raise _shutting_down(exc) from None
             if exc.faultCode != ok_fault:
                 raise SupervisorError(f"{what}: {exc.faultString}") from None
         except OSError as exc:

@@ -37,25 +37,73 @@ def four_letter(host: str, port: int, cmd: str, timeout: float = 1.0) -> str:
         return ""
 
 
-def namespace_requests(host: str, port: int, namespace: str) -> tuple[int, int]:
-    """(reads, writes) the server has answered for paths under ``/<namespace>``: the sample
-    counts of ``mntr``'s per-namespace summaries (ZooKeeper 3.7+; session pings are not
-    requests there). Needs ``mntr`` in ``4lw.commands.whitelist``."""
-    counts = {"read": 0, "write": 0}
-    for line in four_letter(host, port, "mntr").splitlines():
-        key, _, value = line.partition("\t")
-        for kind in counts:
-            if key == f"zk_cnt_{namespace}_{kind}_per_namespace":
-                counts[kind] = int(value)
-    return counts["read"], counts["write"]
-
-
 def server_mode(host: str, port: int) -> str | None:
     """'leader', 'follower', 'standalone', or None when the server is not serving."""
     for line in four_letter(host, port, "srvr").splitlines():
         if line.startswith("Mode:"):
             return line.split(":", 1)[1].strip()
     return None
+
+
+def mntr(host: str, port: int, timeout: float = 2.0) -> dict[str, str]:
+    """The server's ``mntr`` report as a dict (``zk_server_state`` -> ``leader``...); empty
+    when it cannot answer or ``mntr`` is not in its ``4lw.commands.whitelist``."""
+    out = {}
+    for line in four_letter(host, port, "mntr", timeout).splitlines():
+        key, sep, value = line.partition("\t")
+        if sep:
+            out[key.strip()] = value.strip()
+    return out
+
+
+@dataclass(frozen=True)
+class RequestCount:
+    """Requests ZooKeeper itself counted under one top-level path (its per-namespace
+    counters: ``zk_cnt_<ns>_read_per_namespace`` / ``..._write_per_namespace``), which
+    leave out session pings, and the watch notifications the servers sent (all paths: the
+    ``zk_sum_node_*_watch_count`` counters). Subtract two of these to count what happened
+    in between. ZooKeeper 3.8 counts ``exists`` as a read, not ``sync``, and each operation
+    of a multi as a write of its own."""
+
+    reads: int
+    writes: int
+    notifications: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.reads + self.writes
+
+    def __sub__(self, other: RequestCount) -> RequestCount:
+        return RequestCount(self.reads - other.reads, self.writes - other.writes,
+                            self.notifications - other.notifications)
+
+
+def namespace_requests(servers: list[tuple[str, int]], namespace: str) -> RequestCount:
+    """Reads and writes under ``/<namespace>`` as counted by the servers.
+
+    A read is counted by the one server that answered it, so reads are summed over the
+    servers; a write is applied (and counted) by every member of an ensemble, so writes are
+    the largest count of any one server. Notifications are summed (each server notifies its
+    own clients). Raises RuntimeError naming a server that does not
+    answer ``mntr`` (down, or ``mntr`` not whitelisted in its zoo.cfg)."""
+    reads = writes = notifications = 0
+    for host, port in servers:
+        report = mntr(host, port)
+        if not report:
+            raise RuntimeError(f"zookeeper {host}:{port} does not answer mntr (is it up, with "
+                               "4lw.commands.whitelist=mntr in its zoo.cfg?)")
+        reads += int(report.get(f"zk_cnt_{namespace}_read_per_namespace", 0))
+        writes = max(writes, int(report.get(f"zk_cnt_{namespace}_write_per_namespace", 0)))
+        notifications += sum(int(report.get(f"zk_sum_node_{kind}_watch_count", 0))
+                             for kind in ("created", "deleted", "children", "changed"))
+    return RequestCount(reads, writes, notifications)
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds a process has used so far (``/proc/<pid>/stat``)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2:].split()  # after "pid (comm) "; comm may hold spaces
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 @dataclass(frozen=True)
@@ -127,6 +175,9 @@ class ZooKeeperServer:
     tls_key: Path | None = None
     tls_ca: Path | None = None
     client_auth: str = "none"
+    # More zoo.cfg lines (key -> value), e.g. maxClientCnxns=0 for a bench with hundreds of
+    # sessions from one address (ZooKeeper refuses the 61st by default).
+    extra_config: dict[str, str] = field(default_factory=dict)
     proc: subprocess.Popen | None = None
 
     def write_config(self) -> Path:
@@ -151,6 +202,7 @@ class ZooKeeperServer:
                       f"ssl.clientAuth={self.client_auth}",
                       "authProvider.x509="
                       "org.apache.zookeeper.server.auth.X509AuthenticationProvider"]
+        lines += [f"{key}={value}" for key, value in self.extra_config.items()]
         if self.peers:
             (self.data_dir / "myid").write_text(f"{self.server_id}\n")
             for sid, (h, qport, eport) in sorted(self.peers.items()):
@@ -192,6 +244,13 @@ class ZooKeeperServer:
                 return
             time.sleep(0.1)
         raise TimeoutError(f"zookeeper {self.host}:{self.client_port} not serving after {timeout}s")
+
+    def cpu_seconds(self) -> float:
+        """CPU seconds the server's JVM has used (the process started directly, not through
+        ``ip netns exec``, whose pid is that of the JVM after its exec)."""
+        if self.proc is None:
+            raise RuntimeError("zookeeper not started")
+        return cpu_seconds(self.proc.pid)
 
     @property
     def running(self) -> bool:

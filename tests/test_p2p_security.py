@@ -101,7 +101,8 @@ def test_read_secret_refuses_a_readable_or_empty_file(tmp_path):
                                      ("http://rpc.example:9091/transmission/rpc", False)])
 def test_agent_refuses_a_non_loopback_transmission_rpc(tmp_path, url, ok):
     cfg = tmp_path / "agent.conf"
-    cfg.write_text(f"[agent]\nstore = zk://z:2181/dc\nroot = /x\ntransmission_rpc = {url}\n"
+    cfg.write_text(f"[agent]\nstore = zk://z:2181/dc\nroot = /x\ninsecure_unsigned = true\n"
+                   f"transmission_rpc = {url}\n"
                    "[service:api]\nport = 80\n")
     if ok:
         assert load(cfg).extra["transmission_rpc"] == url

@@ -88,8 +88,7 @@ def fleet(workdir, store, store_url, zk_server):
 
 
 def server_count(zk_server, namespace: str) -> int:
-    reads, writes = namespace_requests("127.0.0.1", zk_server.client_port, namespace)
-    return reads + writes
+    return namespace_requests([("127.0.0.1", zk_server.client_port)], namespace).total
 
 
 def test_requests_per_upgrade_and_idle_stay_within_targets(fleet, store, zk_server,

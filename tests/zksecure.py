@@ -1,5 +1,5 @@
 """A ZooKeeper store with credentials, ACLs and mutual TLS for tests: a second server with
-a TLS-only client port and a CA made for the test session (docs/security-zk.md)."""
+a TLS-only client port and a CA made for the test session (docs/security.md)."""
 
 from __future__ import annotations
 

@@ -138,6 +138,12 @@ def load(path: Path) -> AgentConfig:
     for key, kind, minimum in SWARM_NUMBERS:  # kept as text in ``extra``, checked here
         if agent.get(key, "").strip():
             _number(f"{where} {key}", agent[key].strip(), kind, minimum)
+    if agent.get("metrics_listen", "").strip():
+        from ..metrics import ListenError, parse_listen
+        try:
+            parse_listen(f"{where} metrics_listen", agent["metrics_listen"], 9700)
+        except ListenError as exc:
+            raise ConfigError(str(exc)) from None
     if agent.get("transmission_rpc", "").strip():
         from urllib.parse import urlsplit
         from ..p2p.daemon import check_loopback

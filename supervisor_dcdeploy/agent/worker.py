@@ -17,17 +17,18 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from dataclasses import replace
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import structlog
 
 from .. import decisions, health, trust
 from ..coord import coordinator_for
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
+from ..metrics import AgentMetrics
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
 from ..store import (NoNode, SessionState, Store, StoreError, StoreUnauthorized,
                      StoreUnavailable, TransactionFailed, layout, open_store)
-from ..supervisorctl_client import Supervisor, SupervisorError
+from ..supervisorctl_client import Supervisor, SupervisorError, SupervisorShuttingDown
 from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
 
@@ -39,6 +40,17 @@ RECONNECT_SECS = 3.0  # between attempts to open the store session while it is u
 # Completing an item needs every presence's version; the host that switched last reads
 # them. Others do only when the item is still open this long after the queue emptied.
 COMPLETE_FALLBACK_SECS = 30.0
+
+
+class FetchFailure(NamedTuple):
+    """The last failed download of a service's staged release: paces retries, reports it."""
+
+    sha256: str
+    when: float  # time.monotonic()
+    reason: str  # in full, for status.json
+    public: str  # for the store: no digest or size learnt from the fetched bytes
+    permanent: bool  # verified bytes that are an unsafe archive: never retried for this sha
+    kind: str  # "verify": the bytes are not a usable release; "fetch": network, disk...
 
 
 class Agent:
@@ -62,8 +74,7 @@ class Agent:
         self._executor = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self._fetches: dict[str, tuple[str, Future]] = {}
         self._fetch_progress: dict[str, dict[str, Any]] = {}
-        # svc -> (sha, when, why, why as published to the store, permanent)
-        self._fetch_failed: dict[str, tuple[str, float, str, str, bool]] = {}
+        self._fetch_failed: dict[str, FetchFailure] = {}
         self._recover_after: dict[str, float] = {}
         self._switched: set[str] = set()  # services this host just switched: completes them
         self._queue_empty_since: dict[str, float] = {}
@@ -79,6 +90,7 @@ class Agent:
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         self._status_written = b""
         self.cycles = 0  # in status.json: a cycle reads nothing from the store when idle
+        self.metrics = AgentMetrics(self)  # served only when agent.conf has metrics_listen
         if self.local.problem:
             self.log.warning("state.rebuilt", problem=self.local.problem)
         # Operator data is acted on only when signed by a pinned key (trust.py); the
@@ -124,6 +136,12 @@ class Agent:
                 self.dist.start()
             except OSError as exc:  # the tracker's port: downloads fall back to URLs
                 self.log.error("swarm.tracker_failed", error=str(exc))
+        if self.cfg.extra.get("metrics_listen"):
+            try:
+                bound = self.metrics.serve(self.cfg.extra["metrics_listen"])
+                self.log.info("metrics.serving", address=f"{bound[0]}:{bound[1]}")
+            except (OSError, ValueError) as exc:  # no metrics is no reason to stop deploying
+                self.log.error("metrics.failed", error=str(exc))
         self.connect(timeout=1.0)  # with the store down, local state decides at once (L3)
         while not self.stopping.is_set():
             self.wake.clear()
@@ -136,6 +154,7 @@ class Agent:
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.metrics.stop()
         if self.dist is not None:
             self.dist.stop()
         if self._started:
@@ -171,6 +190,15 @@ class Agent:
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", svc=svc, error=str(exc))
                 self._set(svc, store="unavailable")
+            except SupervisorShuttingDown:
+                # A normal `supervisorctl shutdown`: supervisord stops its programs, then us.
+                # Nothing to fix and nothing to start: stop the loop (the session closes and
+                # the host's presence goes with it).
+                self.log.info("supervisord.shutting_down", svc=svc)
+                for name in self.cfg.services:
+                    self._set(name, phase="stopping", reason="supervisord is shutting down")
+                self.stopping.set()
+                break
             except (StoreError, SupervisorError, OSError, health.HealthError) as exc:
                 self.log.error("cycle.error", svc=svc, error=str(exc), kind=type(exc).__name__)
                 self._set(svc, error=str(exc))
@@ -234,13 +262,14 @@ class Agent:
         download in progress or done is not published: that would be a write, and a read
         by every other host, per host and release (status.json on the host shows it)."""
         fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
-                       if k in ("version", "state", "error")} for svc in self.cfg.services}
+                       if k in ("version", "state", "error", "kind")}
+                 for svc in self.cfg.services}
         fetch = {svc: entry if entry.get("state") in ("failed", "error") else {}
                  for svc, entry in fetch.items()}
         for svc, entry in fetch.items():  # no digest or size learnt from the fetched bytes
             failed = self._fetch_failed.get(svc)
-            if failed and entry.get("state") == "failed" and entry.get("error") == failed[2]:
-                entry["error"] = failed[3]
+            if failed and entry.get("error") == failed.reason:
+                entry["error"] = failed.public
         refused = tuple(sorted({r for rs in self._refused.values() for r in rs}))
         if (fetch, refused) == self._published:
             return
@@ -365,26 +394,32 @@ class Agent:
                                   **({"via": via} if via else {})})
             return
         if have is not None:
-            self._set(svc, fetch={"version": staged.version, "state": "error",
+            self._set(svc, fetch={"version": staged.version, "state": "error", "kind": "verify",
                                   "error": f"version {staged.version} is installed here with "
                                            f"sha256 {have[:12]}..., the staged one is "
                                            f"{staged.sha256[:12]}...: stage a new version "
                                            "number"})
             return
         running = self._fetches.get(svc)
+        failed = self._fetch_failed.get(svc)
+        # A retry keeps the last failure in view (dcdeploy status: "N hosts failed to verify").
+        last_error = {"error": failed.reason, "kind": failed.kind} \
+            if failed and failed.sha256 == staged.sha256 else {}
         if running and running[0] == staged.sha256 and not running[1].done():
             self._set(svc, fetch={"version": staged.version, "state": "downloading",
-                                  **self._fetch_progress.get(svc, {})})
+                                  **self._fetch_progress.get(svc, {}), **last_error})
             return
         if running and running[0] == staged.sha256 and running[1].done():
             del self._fetches[svc]
             exc = running[1].exception()
             if exc is not None:
-                from ..fetch import FetchError, UnsafeArchive
+                from ..fetch import FetchError, UnsafeArchive, VerificationError
                 public = exc.public_reason if isinstance(exc, FetchError) else str(exc)
-                # Verified bytes that are an unsafe archive stay unsafe: no retry of this sha.
-                self._fetch_failed[svc] = (staged.sha256, time.monotonic(), str(exc), public,
-                                           isinstance(exc, UnsafeArchive))
+                bad_bytes = isinstance(exc, (VerificationError, UnsafeArchive))
+                self._fetch_failed[svc] = FetchFailure(
+                    staged.sha256, time.monotonic(), str(exc), public,
+                    permanent=isinstance(exc, UnsafeArchive),
+                    kind="verify" if bad_bytes else "fetch")
                 self.log.error("fetch.failed", svc=svc, version=staged.version, error=str(exc),
                                kind=type(exc).__name__)
             else:
@@ -392,10 +427,10 @@ class Agent:
                 self.wake.set()
                 return
         failed = self._fetch_failed.get(svc)
-        if failed and failed[0] == staged.sha256 and \
-                (failed[4] or time.monotonic() - failed[1] < FETCH_RETRY_SECS):
+        if failed and failed.sha256 == staged.sha256 and \
+                (failed.permanent or time.monotonic() - failed.when < FETCH_RETRY_SECS):
             self._set(svc, fetch={"version": staged.version, "state": "failed",
-                                  "error": failed[2]})
+                                  "error": failed.reason, "kind": failed.kind})
             return
         hosts = max(len(view.current), sum(svc in h.services for h in view.hosts.values()))
         transport = fetch_transport(staged, hosts, self.dist.link_bps if self.dist else 0,
@@ -406,7 +441,7 @@ class Agent:
         preload = bool(view.spec and view.spec.preload)
         future = self._executor.submit(self._do_fetch, svc, staged, preload, transport)
         self._fetches[svc] = (staged.sha256, future)
-        self._set(svc, fetch={"version": staged.version, "state": "downloading"})
+        self._set(svc, fetch={"version": staged.version, "state": "downloading", **last_error})
 
     def _do_fetch(self, svc: str, staged, preload: bool, transport: str) -> None:
         """Fetch thread: download (swarm or URL, see ``fetch_transport``), verify, install,
@@ -545,6 +580,7 @@ class Agent:
         previous = self.local.get(svc).active
         self._set(svc, phase="switching", reason=f"{previous} -> {target}")
         self.log.info("switch.start", svc=svc, version=target, previous=previous)
+        started = time.monotonic()
         back: Path | None = None
         prepared: Path | None = None
         try:
@@ -571,12 +607,14 @@ class Agent:
             if back is not None:
                 back.unlink(missing_ok=True)
             self.log.info("switch.done", svc=svc, version=target)
+            self.metrics.on_switch(svc, time.monotonic() - started, "ok")
             self._after_switch(svc, target)
             self._prune(svc)
             return True
         self.log.error("switch.failed", svc=svc, version=target, reason=problem)
         self.sup.stop(program)
         if previous is not None:
+            self.metrics.on_rollback(svc)
             try:
                 if back is not None:
                     rd.commit_current(back)
@@ -591,6 +629,8 @@ class Agent:
                 self.log.info("switch.rolled_back", svc=svc, version=previous)
             else:
                 self.log.error("switch.rollback_failed", svc=svc, version=previous, reason=back)
+        self.metrics.on_switch(svc, time.monotonic() - started,
+                               "rolled_back" if previous is not None else "failed")
         reason = f"host {self.host}: {target} failed its health check: {problem}"
         self._set(svc, phase="failed", reason=reason, last_failure=reason)
         if item is not None:
@@ -640,10 +680,13 @@ class Agent:
             state = self.sup.state(program)
             return None if state in ("RUNNING", "STARTING") else f"process is {state}"
 
-        return health.wait_healthy(spec.health, self.cfg.health(svc),
-                                   start_timeout=self.cfg.start_timeout,
-                                   healthy_secs=spec.healthy_secs if hold else 0.0,
-                                   alive=alive)
+        problem = health.wait_healthy(spec.health, self.cfg.health(svc),
+                                      start_timeout=self.cfg.start_timeout,
+                                      healthy_secs=spec.healthy_secs if hold else 0.0,
+                                      alive=alive)
+        if problem is not None:
+            self.metrics.on_health_failure(svc)
+        return problem
 
     def _prune(self, svc: str) -> None:
         st = self.local.get(svc)

@@ -15,7 +15,8 @@ holds the fleet's inventory (hosts, racks, versions, release URLs).
 ZooKeeper checks CREATE and DELETE on the *parent*, and cannot restrict them by child
 name: a host allowed to create its presence under ``current/<svc>`` can also create or
 delete a sibling there. It cannot *change* a sibling's value (WRITE is on the node
-itself). docs/security-zk.md says what that leaves a compromised host.
+itself). docs/security.md ("ZooKeeper access control") says what that leaves a
+compromised host.
 
 The policy (who is operator, who is a host) is the root node's data, written by ``dcdeploy
 init``: a host needs the operator's and the other hosts' digest ids to create nodes they

@@ -98,12 +98,15 @@ Watcher = Callable[[], None]
 
 
 class OpCounter:
-    """Counts store round trips (for ``bench/rollout.py``: store operations per upgrade)."""
+    """Counts store round trips (for ``bench/rollout.py``: store operations per upgrade) and
+    the watch notifications delivered to this client (for ``bench/scale.py``; counted by the
+    ZooKeeper backend, where each is one event the server sent)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self.reads = 0
         self.writes = 0
+        self.notifications = 0
 
     def read(self, n: int = 1) -> None:
         with self._lock:
@@ -112,6 +115,10 @@ class OpCounter:
     def write(self, n: int = 1) -> None:
         with self._lock:
             self.writes += n
+
+    def notified(self) -> None:
+        with self._lock:
+            self.notifications += 1
 
     @property
     def total(self) -> int:

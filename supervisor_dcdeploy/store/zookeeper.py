@@ -46,7 +46,7 @@ def _translate(exc: BaseException) -> StoreError:
         return NotEmpty(str(exc) or "not empty")
     if isinstance(exc, (NoAuthError, AuthFailedError)):
         return StoreUnauthorized(f"zookeeper: {type(exc).__name__}: this store identity may not do "
-                             "that here (see docs/security-zk.md)")
+                             "that here (see docs/security.md)")
     if isinstance(exc, (ConnectionLoss, SessionExpiredError, ConnectionClosedError,
                         KazooTimeoutError)):
         return StoreUnavailable(f"zookeeper: {type(exc).__name__}")
@@ -159,7 +159,10 @@ class ZooKeeperStore(Store):
             return None
         wrapper = self._wrappers.get(watch)
         if wrapper is None:
-            wrapper = self._wrappers[watch] = lambda _event: watch()
+            def wrapper(_event, watch=watch) -> None:
+                self.ops.notified()
+                watch()
+            self._wrappers[watch] = wrapper
         return wrapper
 
     # -- reads --------------------------------------------------------------------------
