@@ -307,6 +307,7 @@ class MirrorCoordinator(Coordinator):
         self._gates: dict[str, int] = {}
         self._stale_gates: set[str] = set(self.services)
         self._loaded = False
+        self._generation = 0  # moves on every session change: a load in flight is void
         self.notifications = 0
         self._reader = _MirrorReader(self._mirror, self._gates)
 
@@ -326,6 +327,7 @@ class MirrorCoordinator(Coordinator):
 
     def on_session(self, state: SessionState) -> None:
         if state is not SessionState.CONNECTED:
+            self._generation += 1
             self._loaded = False  # watches go with the connection; rebuild when back
             self._wake()
 
@@ -339,6 +341,7 @@ class MirrorCoordinator(Coordinator):
         self._apply()
 
     def _load(self) -> None:
+        generation = self._generation
         with self._lock:
             self._events.clear()
         for path in self._followed():  # watches first: nothing between them and the read
@@ -363,7 +366,8 @@ class MirrorCoordinator(Coordinator):
         self._stale_gates = set()
         for svc in self.services:
             self._own[svc] = {}
-        self._loaded = True
+        # A connection lost meanwhile took the watches with it: load again next time.
+        self._loaded = generation == self._generation
 
     def _read_into(self, mirror: _Mirror, path: str) -> None:
         try:

@@ -128,3 +128,49 @@ def test_requests_per_upgrade_and_idle_stay_within_targets(fleet, store, zk_serv
         f"{per_upgrade:.1f} store requests per host upgrade (target {PER_UPGRADE})"
     assert idle_rate <= IDLE_PER_HOST_S, \
         f"{idle_rate:.3f} store requests/s per host idle (target {IDLE_PER_HOST_S})"
+
+
+def test_mirror_is_rebuilt_after_the_session_is_lost(workdir, store, store_url):
+    """A lost session takes the watches and our ephemerals: the next cycle loads the mirror
+    again (never trusting a queue position or presence from before), registers again, and
+    then follows changes made after the loss."""
+    from kazoo.client import KazooClient
+
+    ops.service_set(store, "A", program="A", quorum=1, max_parallel=1,
+                    health=HealthCheck("none"), healthy_secs=0.0)
+    path, sha = build_release(workdir / "artifacts", "A", "1")
+    agents = {}
+    for host in ("h0", "h1"):
+        rd = ReleaseDir(workdir / host, "A")
+        install_release([f"file://{path}"], sha, rd.releases, "1", rd.cache,
+                        allow_unknown_size=True, file_root=str(workdir))
+        rd.point_current("1")
+        cfg = AgentConfig(host=host, rack="r0", store=store_url, root=workdir / host,
+                          services={"A": {}}, session_timeout=4.0, start_timeout=5.0)
+        agents[host] = Agent(cfg, supervisor=InstantSupervisor())
+        assert agents[host].connect(timeout=15)
+    try:
+        for agent in agents.values():
+            agent.cycle()
+        assert sorted(store.children("current/A")) == ["h0", "h1"]
+        h0 = agents["h0"]
+        # Expire h0's session: a second client on its session id closes it.
+        client = h0.store.client  # type: ignore[attr-defined]
+        twin = KazooClient(hosts=",".join(f"{h}:{p}" for h, p in client.hosts),
+                           client_id=client.client_id)
+        twin.start(timeout=15)
+        twin.stop()
+        twin.close()
+        wait_for(lambda: "h0" not in store.children("current/A"), 30, "h0's presence to go")
+        wait_for(lambda: client.connected, 30, "h0's client to open a new session")
+        h0.cycle()
+        assert "h0" in store.children("current/A"), "h0 did not register again"
+        # A change after the loss reaches h0's mirror through the new watches.
+        agents["h1"].coord.unregister("A")
+        store.sync()
+        wait_for(lambda: (h0.cycle() or True) and
+                 "h1" not in h0.coord.view("A", [], []).current, 30,
+                 "h0's mirror to see h1 leave")
+    finally:
+        for agent in agents.values():
+            agent.shutdown()

@@ -22,7 +22,7 @@ from typing import Any, Callable, NamedTuple
 import structlog
 
 from .. import decisions, health, trust
-from ..coord import coordinator_for
+from ..coord import RereadCoordinator, coordinator_for
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
 from ..metrics import AgentMetrics
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
@@ -176,7 +176,7 @@ class Agent:
         if online:
             try:
                 self._prepare()
-                self.coord.follow()  # only what changed since the last cycle
+                self._follow()  # only what changed since the last cycle
                 queue, queue_invalid = self.coord.queue()
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", error=str(exc))
@@ -219,6 +219,18 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - seeding upkeep must not stop the cycle
                 self.log.warning("swarm.maintain_failed", error=str(exc))
         self.write_status()
+
+    def _follow(self) -> None:
+        try:
+            self.coord.follow()
+        except (StoreUnavailable, StoreUnauthorized):
+            raise
+        except StoreError as exc:  # e.g. a server without persistent watches (< 3.6)
+            self.log.error("store.follow_failed", error=str(exc),
+                           action="reading the whole view each cycle instead")
+            self.coord = RereadCoordinator(self.store, self.host, sorted(self.cfg.services),
+                                           self._wake)
+            self.coord.follow()
 
     def _prune_cache(self) -> None:
         """Drop cached artifacts no longer needed: keep only those being fetched and those
