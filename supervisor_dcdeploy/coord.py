@@ -160,8 +160,8 @@ class Coordinator:
                 return False
             if item.state not in ("waiting", "rolling", "paused"):
                 return False
-            data = dumps({**json.loads(item.to_json()), "state": "failed", "reason": reason,
-                          "host": self.host, "updated": time.time()})
+            data = replace(item, state="failed", reason=reason, host=self.host,
+                           updated=time.time()).to_json()
             try:
                 self.store.set(layout.item(node), data, version)
                 return True
@@ -172,8 +172,7 @@ class Coordinator:
         return False
 
     def complete(self, svc: str, head: DeployItem, reason: str) -> bool:
-        record = dumps({**json.loads(head.to_json()), "state": "done", "reason": reason,
-                        "updated": time.time()})
+        record = replace(head, state="done", reason=reason, updated=time.time()).to_json()
         try:
             self.store.commit([
                 Delete(layout.item(head.node), head.data_version),
@@ -207,7 +206,7 @@ def item_data(head: DeployItem) -> bytes:
     """The head item as the gate writes it: ``waiting`` becomes ``rolling``."""
     if head.state != "waiting":
         return head.to_json()
-    return dumps({**json.loads(head.to_json()), "state": "rolling", "updated": time.time()})
+    return replace(head, state="rolling", updated=time.time()).to_json()
 
 
 class RereadCoordinator(Coordinator):

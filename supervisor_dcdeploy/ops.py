@@ -220,10 +220,8 @@ def _head(store: Store) -> DeployItem:
 
 
 def _rewrite(store: Store, item: DeployItem, **changes: Any) -> None:
-    data = {**json.loads(item.to_json()), **changes, "updated": time.time()}
-    if data.get("signature") is None:
-        data.pop("signature", None)
-    store.set(layout.item(item.node), dumps(data), item.data_version)
+    changed = replace(item, **changes, updated=time.time())
+    store.set(layout.item(item.node), changed.to_json(), item.data_version)
 
 
 def pause(store: Store) -> DeployItem:
