@@ -269,15 +269,15 @@ class Agent:
             self.log.warning("host.publish_failed", error=str(exc))
 
     def publish_host(self) -> None:
-        """``/dc/hosts/<host>``: rack, services and each failed download (not its bytes:
-        written on transitions only), so ``dcdeploy status`` shows failed downloads. A
-        download in progress or done is not published: that would be a write, and a read
-        by every other host, per host and release (status.json on the host shows it)."""
+        """``/dc/hosts/<host>``: rack, services and each failed download (also while it is
+        retried: its last error), written on transitions only, so ``dcdeploy status`` shows
+        failed downloads. A download in progress or done without an error is not published:
+        two writes per host and release (status.json on the host shows it)."""
         fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
                        if k in ("version", "state", "error", "kind")}
                  for svc in self.cfg.services}
-        fetch = {svc: entry if entry.get("state") in ("failed", "error") else {}
-                 for svc, entry in fetch.items()}
+        fetch = {svc: entry if entry.get("error") or entry.get("state") in ("failed", "error")
+                 else {} for svc, entry in fetch.items()}  # a retry keeps its last error
         for svc, entry in fetch.items():  # no digest or size learnt from the fetched bytes
             failed = self._fetch_failed.get(svc)
             if failed and entry.get("error") == failed.reason:
