@@ -216,6 +216,7 @@ class ZooKeeperStore(Store):
                 if kind is not None:
                     for prefix, watcher in list(self._tree_watches.items()):
                         if event.path == prefix or event.path.startswith(prefix + "/"):
+                            self.ops.notified()
                             watcher(kind, event.path[root:])
             except Exception:  # noqa: BLE001 - never break kazoo's reader thread
                 pass
