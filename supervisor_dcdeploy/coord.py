@@ -24,7 +24,7 @@ import json
 import threading
 import time
 from collections import deque
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from .decisions import ServiceView
 from dataclasses import replace
@@ -301,11 +301,12 @@ class MirrorCoordinator(Coordinator):
     def __init__(self, store: Store, host: str, services: Sequence[str], wake: Waker) -> None:
         super().__init__(store, host, services, wake)
         self._lock = threading.Lock()
-        self._events: deque[tuple[str, str]] = deque()
+        self._events: deque[tuple[int, str, str]] = deque()
         self._mirror = _Mirror()
         self._gates: dict[str, int] = {}
         self._stale_gates: set[str] = set(self.services)
         self._loaded = False
+        self._cut_at = -1
         self._generation = 0  # moves on every session change: a load in flight is void
         self.notifications = 0
         self._reader = _MirrorReader(self._mirror, self._gates)
@@ -320,9 +321,18 @@ class MirrorCoordinator(Coordinator):
     # -- notifications (kazoo's connection thread: never block) --------------------------
     def _notified(self, kind: str, path: str) -> None:
         with self._lock:
-            self._events.append((kind, path))
             self.notifications += 1
+            self._events.append((self.notifications, kind, path))
         self._wake()
+
+    def _cut(self) -> Callable[[], None]:
+        """A mark for :meth:`Store.sync_marked`: remembers how many notifications had
+        arrived when the reply did (kazoo's reader thread)."""
+        def mark() -> None:
+            with self._lock:
+                self._cut_at = self.notifications
+        self._cut_at = -1
+        return mark
 
     def on_session(self, state: SessionState) -> None:
         if state is not SessionState.CONNECTED:
@@ -383,17 +393,18 @@ class MirrorCoordinator(Coordinator):
         owner = parts[2].rpartition("-")[0] if parts[0] == layout.STAGING else parts[2]
         return owner != self.host
 
-    def _apply(self) -> None:
+    def _apply(self, upto: int | None = None, uncounted: str | None = None) -> None:
         """Each notified node once, in its last state: deleted ones dropped, others read
         (the one node), except those this host need not read. The gate's version is
         counted from its notifications (each data change is one notification, in order,
         and adds one to the version), so the gate is not read either."""
         with self._lock:
-            events = list(self._events)
-            self._events.clear()
+            events = []
+            while self._events and (upto is None or self._events[0][0] <= upto):
+                events.append(self._events.popleft()[1:])
         for kind, path in events:  # the gate: every event counts
             parts = layout.split(path)
-            if parts[0] == layout.GATE and len(parts) == 2:
+            if parts[0] == layout.GATE and len(parts) == 2 and parts[1] != uncounted:
                 svc = parts[1]
                 if kind == "changed" and self._gates.get(svc, -1) >= 0:
                     self._gates[svc] += 1
@@ -434,17 +445,31 @@ class MirrorCoordinator(Coordinator):
         """``sync()``: every notification up to now has then arrived on this connection
         (ZooKeeper delivers watch events before later replies, in order); apply them (the
         changed nodes only) and read the gate's version: one read beyond the sync."""
-        self.store.sync()
-        if not self._loaded:
-            raise StoreUnavailable("the connection changed during the gate: mirror rebuilt "
-                                   "on the next cycle")
-        self._apply()
+        # The mirror and the gate's version must describe the same instant: apply exactly
+        # the notifications that arrived before the reply of one marked request (ZooKeeper
+        # sends every notification of an earlier change, a multi's all together, before
+        # that reply, and none of a later one). A later change only makes the commit fail.
+        store: Any = self.store
         if svc in self._stale_gates or svc not in self._gates:
+            # The gate read is the cut: notifications before it are in the version read.
+            self._apply()
             try:
-                _, self._gates[svc] = self.store.get(layout.gate(svc))
+                _, self._gates[svc] = store.get_marked(layout.gate(svc), self._cut())
             except NoNode:
                 self._gates[svc] = -1
             self._stale_gates.discard(svc)
+            uncounted: str | None = svc
+        else:
+            store.sync_marked("", self._cut())
+            uncounted = None
+        if not self._loaded:
+            raise StoreUnavailable("the connection changed during the gate: mirror rebuilt "
+                                   "on the next cycle")
+        if self._cut_at < 0:  # no reply mark: the gate node is missing
+            self._stale_gates.add(svc)
+            raise StoreError(f"{layout.gate(svc)} is missing: the gate cannot be passed "
+                             "(the agent makes it, or `dcdeploy init` under ACLs)")
+        self._apply(upto=self._cut_at, uncounted=uncounted)
         queue, invalid = self.queue()
         return self.view(svc, queue, invalid)
 

@@ -17,7 +17,7 @@ from kazoo.exceptions import (AuthFailedError, BadVersionError, ConnectionClosed
                               ConnectionLoss, KazooException, NoAuthError, NodeExistsError,
                               NoNodeError, NotEmptyError, RolledBackError, SessionExpiredError)
 from kazoo.handlers.threading import KazooTimeoutError
-from kazoo.protocol.serialization import Watch, int_struct, write_string
+from kazoo.protocol.serialization import GetData, Sync, Watch, int_struct, write_string
 from kazoo.retry import KazooRetry
 
 from . import acl as layout
@@ -75,6 +75,21 @@ class _AddWatch(namedtuple("_AddWatch", "path mode")):
     @classmethod
     def deserialize(cls, buffer, offset) -> bool:  # the reply is an empty ErrorResponse
         return True
+
+
+class _MarkedSync(Sync):
+    """A sync whose reply calls ``mark()`` on kazoo's reader thread, in order with the watch
+    notifications: everything notified before it has reached the tree watchers."""
+
+    def deserialize(self, buffer, offset):  # type: ignore[override]
+        self.mark()
+        return Sync.deserialize(buffer, offset)
+
+
+class _MarkedGetData(GetData):
+    def deserialize(self, buffer, offset):  # type: ignore[override]
+        self.mark()
+        return GetData.deserialize(buffer, offset)
 
 
 class ZooKeeperStore(Store):
@@ -201,6 +216,28 @@ class ZooKeeperStore(Store):
         client._call(_AddWatch(full, _PERSISTENT_RECURSIVE), result)
         self._wait(result)
         return True
+
+    def sync_marked(self, path: str, mark: Callable[[], None]) -> None:
+        """``sync(path)``; ``mark()`` runs when its reply arrives, after every notification
+        the server sent before it and before any sent after it (the consistent cut a
+        mirror needs). For :mod:`..coord`."""
+        self.ops.read()
+        request = _MarkedSync(self._abs(path))
+        request.mark = mark  # type: ignore[attr-defined]
+        result = self._client.handler.async_result()
+        self._client._call(request, result)
+        self._wait(result)
+
+    def get_marked(self, path: str, mark: Callable[[], None]) -> tuple[bytes, int]:
+        """``get(path)`` with ``mark()`` at its reply, as :meth:`sync_marked`; NoNode
+        leaves ``mark`` uncalled."""
+        self.ops.read()
+        request = _MarkedGetData(self._abs(path), None)
+        request.mark = mark  # type: ignore[attr-defined]
+        result = self._client.handler.async_result()
+        self._client._call(request, result)
+        data, stat = self._wait(result)
+        return data, stat.version
 
     def _hook_events(self) -> None:
         if self._hooked:
