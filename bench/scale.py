@@ -172,11 +172,13 @@ class Fleet:
             host = f"h{i:04d}"
             root = self.workdir / "hosts" / host
             rd = ReleaseDir(root, SVC)
-            install_release([url1], sha1, rd.releases, "1", rd.cache)
+            install_release([url1], sha1, rd.releases, "1", rd.cache, allow_unknown_size=True,
+                            file_root=str(artifacts))
             rd.point_current("1")
             cfg = AgentConfig(host=host, rack=f"r{i % 10}", store=self.url, root=root,
                               services={SVC: {}}, session_timeout=args.session_timeout,
-                              start_timeout=30.0, poll_interval=args.poll_interval)
+                              start_timeout=30.0, poll_interval=args.poll_interval,
+                              extra={"file_root": str(artifacts)})
             agent = Agent(cfg, supervisor=SimSupervisor(args.switch_secs))  # type: ignore[arg-type]
             if not agent.connect(timeout=30):
                 raise RuntimeError(f"{host} could not open its store session")
