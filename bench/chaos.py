@@ -11,8 +11,11 @@ machine's; the plan is not.
     python bench/chaos.py --trials 5 --seed 42            # tables and a summary
     python bench/chaos.py --trials 2 --seed 7 --json      # one JSON object on stdout
 
-With --json stdout holds exactly {"trials", "seed", "faults", "violations"}; the summary
-(leader election and deploy-resume times) goes to stderr. Exit status 1 when any property
+With --json stdout holds exactly {"trials", "seed", "faults", "during_deploy", "mid_switch",
+"violations"} (faults by kind: injected, injected while the deploy queue was not empty,
+landed inside a switch); the summary (leader election and deploy-resume times) goes to
+stderr. ``--cover`` makes the run draw every fault kind at least once (trials x faults per
+trial must be at least the number of kinds); the plan then depends on --trials too. Exit status 1 when any property
 was violated, 2 when the testbed could not be built.
 """
 
@@ -32,7 +35,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from supervisor_dcdeploy.testbed import checker  # noqa: E402
 from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed  # noqa: E402
 from supervisor_dcdeploy.testbed.faults import KINDS  # noqa: E402
-from supervisor_dcdeploy.testbed.trial import abort_if_stuck, plan, run_deploy  # noqa: E402
+from supervisor_dcdeploy.testbed.trial import (  # noqa: E402
+    abort_if_stuck, cover, plan, run_deploy)
 
 
 def trial_seed(seed: int, trial: int) -> int:
@@ -54,6 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--healthy-secs", type=float, default=1.0)
     parser.add_argument("--keep", type=Path, default=None,
                         help="write each trial's history here (default: a temp dir)")
+    parser.add_argument("--cover", action="store_true",
+                        help="every kind at least once over the run (needs trials x faults "
+                             ">= kinds)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -62,6 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown fault kind(s) {unknown}; known: {', '.join(KINDS)}")
     if args.trials < 1:
         parser.error(f"--trials must be >= 1, got {args.trials}")
+    if args.cover and args.trials * args.faults_per_trial < len(kinds):
+        parser.error(f"--cover: {args.trials} x {args.faults_per_trial} faults cannot cover "
+                     f"{len(kinds)} kinds")
+    orders = cover(args.seed, kinds, args.trials, args.faults_per_trial) if args.cover \
+        else None
     _quiet()
     out = sys.stderr if args.json else sys.stdout
     keep = args.keep or Path(tempfile.mkdtemp(prefix="dcdt-chaos-"))
@@ -72,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
                             base=Path(tempfile.mkdtemp(prefix="dcdt-chaos-bed-")),
                             disk_host="h1"))
     faults: Counter = Counter()
+    during: Counter = Counter()
+    mid: Counter = Counter()
     violations: list[dict] = []
     elections: list[float] = []
     resumes: list[float] = []
@@ -85,10 +99,12 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         for n, trial in enumerate(trials):
             schedule = plan(trial_seed(args.seed, trial), list(bed.hosts), kinds,
-                            args.faults_per_trial, args.window, bed.config.disk_host)
+                            args.faults_per_trial, args.window, bed.config.disk_host,
+                            orders[trial] if orders else None)
             history = keep / f"trial-{args.seed}-{trial}.jsonl"
             print(f"trial {trial} (seed {args.seed}): "
                   + ", ".join(f"{p.kind}@{p.at:.1f}s{'/' + p.host if p.host else ''}"
+                              f"{' mid-switch' if p.mid_switch else ''} {p.duration:.0f}s"
                               for p in schedule), file=out, flush=True)
             try:
                 result = run_deploy(bed, str(n + 2), schedule, history)
@@ -99,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             abort_if_stuck(bed)
             faults.update(result.injected)
+            during.update(result.during_deploy)
+            mid.update(result.mid_switch)
             elections += result.metrics["election_s"]
             resumes += result.metrics["resume_s"]
             for r in result.violations:
@@ -109,7 +127,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         bed.down()
     report = {"trials": len(trials), "seed": args.seed, "faults": dict(sorted(faults.items())),
-              "violations": violations}
+              "during_deploy": dict(sorted(during.items())),
+              "mid_switch": dict(sorted(mid.items())), "violations": violations}
     summary = [f"chaos: {len(trials)} trial(s), seed {args.seed}, "
                f"{sum(faults.values())} faults {dict(sorted(faults.items()))}, "
                f"{len(violations)} violation(s), {time.monotonic() - started:.0f}s"]

@@ -166,14 +166,14 @@ class Fleet:
         self.releases = {}
         for version in ("1", "2"):
             path, sha = build_release(artifacts, SVC, version)
-            self.releases[version] = (f"file://{path}", sha)
-        url1, sha1 = self.releases["1"]
+            self.releases[version] = (f"file://{path}", sha, path.stat().st_size)
+        url1, sha1, size1 = self.releases["1"]
         for i in range(self.n):
             host = f"h{i:04d}"
             root = self.workdir / "hosts" / host
             rd = ReleaseDir(root, SVC)
-            install_release([url1], sha1, rd.releases, "1", rd.cache, allow_unknown_size=True,
-                            file_root=str(artifacts))
+            install_release([url1], sha1, rd.releases, "1", rd.cache, size=size1,
+                            file_root=artifacts)
             rd.point_current("1")
             cfg = AgentConfig(host=host, rack=f"r{i % 10}", store=self.url, root=root,
                               services={SVC: {}}, session_timeout=args.session_timeout,
@@ -294,8 +294,8 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
         store = fleet.store
         if args.skip_deploy:
             return idle_only(fleet, args)
-        url2, sha2 = fleet.releases["2"]
-        ops.stage(store, SVC, "2", sha256=sha2, urls=[url2])
+        url2, sha2, size2 = fleet.releases["2"]
+        ops.stage(store, SVC, "2", sha256=sha2, urls=[url2], size=size2)
         log.info("fleet.staged", hosts=n, version="2")
         wait_for(lambda: len(store.children(f"staging/{SVC}")) == n, 120 + n,
                  f"all {n} hosts fetched 2 and joined the ready queue")

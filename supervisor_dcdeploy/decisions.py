@@ -171,9 +171,20 @@ def recovery_version(current: Iterable[CurrentEntry], installed: Iterable[str],
     last ran; else any installed version (newest). With the store unreachable pass no
     ``current``: the local state decides (L3)."""
     installed = set(installed)
+    current = list(current)
     popular = most_popular(current, target)
     if popular is not None and popular in installed:
         return popular, f"most popular version online is {popular}"
+    # A tie: the tie-break's winner may not be here yet (the head's target, still to be
+    # fetched) while another version as popular is; that one beats going back to the last
+    # active version (seen in chaos seed 2027 trial 20: 22 and 21 tied, 21 installed, 20
+    # started).
+    counts = Counter(e.version for e in current if e.state == "serving")
+    tied = [v for v, n in counts.items() if counts and n == max(counts.values())]
+    for version in sorted(tied, key=version_key, reverse=True):
+        if version in installed:
+            return version, f"most popular version online is {version} (tied with {popular}, " \
+                            "which is not installed here yet)"
     if local_active is not None and local_active in installed:
         why = f"last active version {local_active}"
         if popular is not None:

@@ -30,6 +30,9 @@ class Scenario:
     timeline: dict[tuple[str, str], list[tuple[float, str | None]]] = field(default_factory=dict)
     events: list[dict] = field(default_factory=list)
     unhealthy: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    timeouts: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
+    session: float | None = None
+    gaps: dict[tuple[str, str], tuple[float, float]] = field(default_factory=dict)
 
     def serve(self, svc: str, host: str, t: float, version: str | None) -> None:
         self.timeline.setdefault((svc, host), [(0.0, "v1")]).append((t, version))
@@ -66,7 +69,13 @@ class Scenario:
                           for i, h in enumerate(HOSTS)},
                 "services": {"a": {"quorum": 2, "depends_on": []},
                              "b": {"quorum": 2, "depends_on": ["a"]}},
-                "initial": {"a": "v1", "b": "v1"}}]
+                "initial": {"a": "v1", "b": "v1"},
+                **({"session_timeout": self.session} if self.session else {})}]
+        for svc in ("a", "b"):  # the recorder's first view: every host online
+            for host in HOSTS:
+                out.append({"t": 0.0, "kind": "store", "path": f"current/{svc}/{host}",
+                            "data": json.dumps({"version": "v1", "state": "serving"}),
+                            "zversion": 0})
         for (svc, version), sha in SHA.items():
             out.append({"t": 0.0, "kind": "artifact", "service": svc, "version": version,
                         "sha256": sha, "broken": False})
@@ -81,11 +90,22 @@ class Scenario:
                 version = [v for ts, v in changes if ts <= t][-1]
                 bad = self.unhealthy.get((svc, host))
                 healthy = None if n % 4 else not (bad and bad[0] <= t <= bad[1])
+                n += 1
+                gap = self.gaps.get((svc, host))
+                if gap and gap[0] <= t <= gap[1]:
+                    continue  # the prober took no sample
+                slow = self.timeouts.get((svc, host))
+                if slow and slow[0] <= t <= slow[1]:
+                    out.append({"t": t, "kind": "probe", "host": host, "service": svc,
+                                "ok": None, "version": None, "healthy": None, "dt": 0.04})
+                    continue
                 out.append({"t": t, "kind": "probe", "host": host, "service": svc,
                             "ok": version is not None, "version": version,
                             "healthy": healthy if version else None})
-                n += 1
-        return out + self.events
+        events = [dict(e, detail={"took_effect": True, **e.get("detail", {})})
+                  if e["kind"] == "fault" and e.get("phase") == "start" else e
+                  for e in self.events]
+        return out + events
 
 
 def clean() -> Scenario:
@@ -176,14 +196,123 @@ def test_s1_gate_with_a_smaller_quorum_than_the_spec():
     assert "quorum=1" in only(status(sc.history()), "S1").counterexample
 
 
-def test_s1_faulted_host_is_not_counted_but_others_are():
-    sc = clean()  # h3 is killed (a fault) at 22-27: a voluntary take-down there is allowed
+def _killed_h3(session: float = 4.0, expired: float = 26.0) -> Scenario:
+    """clean(), with the session timeout in the topology and h3's presence for a and b
+    deleted at ``expired`` (its session expiring after the kill at 22)."""
+    sc = clean()
+    sc.session = session
+    for svc in ("a", "b"):
+        sc.store(expired, f"current/{svc}/h3", None)
+        sc.store(27.5, f"current/{svc}/h3", {"version": "v2", "state": "serving"})
+    return sc
+
+
+def test_s1_take_down_on_a_crashed_hosts_stale_presence_is_allowed():
+    """docs/design.md §6: h3 was killed at 22; h1's gate commit at 23 still saw h3 online
+    (its session had not expired), so their outages may overlap."""
+    sc = _killed_h3()
+    sc.switch("a", "h1", 23.0, "v2", item="", gate=4)
+    assert status(sc.history())["S1"].status == "held"
+
+
+def test_s1_crash_after_a_take_down_commit_is_excused():
+    """h1 went down through the gate at 21.5; h3 crashed at 22, while h1 was still
+    switching: the gate could not know (chaos seed 2027, trial 4)."""
+    sc = _killed_h3()
+    sc.switch("a", "h1", 21.5, "v2", item="", gate=4)
+    assert status(sc.history())["S1"].status == "held"
+
+
+def test_s1_slow_answer_while_the_faults_use_the_whole_budget():
+    """h3 is crashed (the one host quorum 2 of 3 may lose); h2 then answers a request too
+    late: not a take-down, nothing stopped (seed 2027, trials 8 and 9). A refusal instead
+    means something stopped h2: counted."""
+    sc = _killed_h3()
+    sc.timeouts[("a", "h2")] = (23.0, 23.2)
+    assert status(sc.history())["S1"].status == "held"
+    sc = _killed_h3()
+    sc.serve("a", "h2", 23.0, None)
+    sc.serve("a", "h2", 23.2, "v2")
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_faulted_host_counts_as_down():
+    """h3 is killed (22-27) and h1 goes down with no gate record: the old checker left h3
+    out of the count (1 of 2 remaining hosts down: fine); h3 counts as down now."""
+    sc = _killed_h3()
     sc.serve("a", "h1", 23.0, None)
     sc.serve("a", "h1", 24.0, "v2")
-    assert status(sc.history())["S1"].status == "held"
-    sc.serve("a", "h2", 23.5, None)  # but two voluntary ones are not
-    sc.serve("a", "h2", 23.8, "v2")
+    assert "h1, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_take_down_after_the_crashed_hosts_presence_is_gone():
+    """h1's gate commit at 26.5 comes after h3's entry left current/ (26.0): the gate
+    should have counted h3 as down, so the overlap is not excused."""
+    sc = _killed_h3(expired=26.0)
+    sc.switch("a", "h1", 26.5, "v2", item="", gate=4, down=0.4)
+    r = only(status(sc.history()), "S1")
+    assert r.count == 2  # the gate's recount (h2 alone) and the prober (h1, h3 down)
+    assert "other host(s) online (h2)" in r.counterexample
+
+
+def test_s1_stale_presence_excuses_only_within_the_session_timeout():
+    """With a 0.5 s session timeout, h3's entry still recorded at 24 is a presence that
+    outlived its session (+ 1 s expiry slack): a take-down on it is not the window the
+    design allows."""
+    sc = _killed_h3(session=0.5)
+    sc.switch("a", "h1", 24.0, "v2", item="", gate=4)  # 2 s after the kill
+    assert "h1, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_agent_fault_gives_no_allowance():
+    """agent_stop (like agent_kill and disk_full) must leave the services serving: h3's
+    outage during it counts in full (the old checker excluded it, effects "process")."""
+    sc = clean()
+    sc.add(30.0, "fault", fault="agent_stop", phase="start", id="s", hosts=["h3"],
+           effects=["process"], detail={})
+    sc.add(37.0, "fault", fault="agent_stop", phase="end", id="s", hosts=["h3"], detail={})
+    sc.serve("b", "h3", 31.0, None)
+    sc.serve("b", "h3", 33.0, "v2")
+    sc.switch("b", "h2", 32.0, "v2", item="", gate=4, down=0.5)
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_timeouts_count_as_not_serving():
+    """Two hosts of a (quorum 2 of 3) answering nobody at once: timeouts, which the old
+    checker ignored."""
+    sc = clean()
+    sc.timeouts[("a", "h1")] = (35.0, 36.0)
+    sc.timeouts[("a", "h2")] = (35.5, 36.5)
     assert "h1, h2" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_gate_online_is_recounted_from_the_recorded_view():
+    """The gate record claims online=3, but the recorded current/ view had h2 and h3 gone
+    (their sessions ended): h1 left 0 hosts online of quorum 2. The old checker believed
+    the record."""
+    sc = clean()
+    sc.store(29.0, "current/b/h2", None)
+    sc.store(29.1, "current/b/h3", None)
+    sc.store(30.0, "gate/b", {"host": "h1", "online": 3, "was_online": True, "quorum": 2,
+                              "version": "v2", "item": "", "t": 30.0}, 4)
+    r = only(status(sc.history()), "S1")
+    assert "recorded view had 0 other host(s)" in r.counterexample
+
+
+def test_s1_recount_uses_the_zxid_of_entries_recorded_after_the_gate():
+    """h2's entry was re-created before the gate (lower zxid) though recorded after it: it
+    counts, so the take-down is fine."""
+    sc = clean()
+    sc.store(29.0, "current/b/h2", None)
+    sc.events.append({"t": 30.0, "kind": "store", "path": "gate/b", "zversion": 4,
+                      "mzxid": 500, "data": json.dumps({"host": "h1", "online": 3,
+                                                        "quorum": 2, "version": "v2",
+                                                        "item": "", "t": 30.0})})
+    sc.events.append({"t": 30.01, "kind": "store", "path": "current/b/h2", "zversion": 0,
+                      "mzxid": 499, "data": json.dumps({"version": "v2"})})
+    assert status(sc.history())["S1"].status == "held"
+    sc.events[-1]["mzxid"] = 501  # created after the gate: h1 left only h3
+    assert "1 other host(s)" in only(status(sc.history()), "S1").counterexample
 
 
 def test_s2_dependent_service_switched_before_its_dependency_is_done():
@@ -191,6 +320,33 @@ def test_s2_dependent_service_switched_before_its_dependency_is_done():
     sc.switch("b", "h1", 5.5, "v2", item="item-0000000002", gate=9, down=0.5)
     r = only(status(sc.history()), "S2")
     assert "item-0000000001" in r.counterexample
+
+
+def test_s2_gate_ordered_by_zxid_without_slack():
+    """b's gate commit (zxid 700) came before a's item reached history (zxid 701), though
+    the recorder saw the two 0.3 s apart the other way round: the old checker's 0.5 s
+    slack let it pass; the zxids say b went down while a was unfinished."""
+    sc = clean()
+    sc.events = [e for e in sc.events if not (e["kind"] == "store" and e["path"] in
+                 ("history/item-0000000001", "deploy/item-0000000001") and e["t"] > 11)]
+    sc.events.append({"t": 11.8, "kind": "store", "path": "history/item-0000000001",
+                      "mzxid": 701, "zversion": 0, "data": json.dumps(
+                          {"service": "a", "version": "v2", "state": "done"})})
+    sc.store(11.81, "deploy/item-0000000001", None)
+    gate = next(e for e in sc.events if e["kind"] == "store" and e["path"] == "gate/b")
+    gate["mzxid"] = 700
+    gate["t"] = 12.0
+    assert "item-0000000001" in only(status(sc.history()), "S2").counterexample
+    gate["mzxid"] = 702  # after it: fine, whatever the recorder's clock says
+    assert status(sc.history())["S2"].status == "held"
+
+
+def test_s2_probe_order_has_no_slack():
+    """h1 serves b v2 0.3 s before a's item is done (the old checker allowed 0.5 s)."""
+    sc = clean()
+    sc.serve("b", "h1", 11.2, "v2")
+    sc.serve("b", "h1", 11.4, "v1")
+    assert "h1 started b v2" in only(status(sc.history()), "S2").counterexample
 
 
 def test_s3_corrupt_bytes_started():
@@ -213,6 +369,7 @@ def failed_deploy() -> Scenario:
     sc = Scenario(end=40.0)
     sc.store(0.5, "staging/a", {"version": "v2", "sha256": SHA[("a", "v2")], "urls": ["x"]})
     sc.add(0.1, "artifact", service="a", version="v2", sha256=SHA[("a", "v2")], broken=True)
+    sc.add(0.9, "op", action="deploy", service="a")
     node = sc.item(1.0, 1, "a", "v2", "rolling")
     sc.switch("a", "h1", 2.0, "v2", item=node, down=0.5)
     sc.unhealthy[("a", "h1")] = (2.5, 5.0)
@@ -251,19 +408,61 @@ def test_s4_failed_host_may_take_the_version_again_after_a_resume():
     sc = Scenario(end=40.0)
     sc.store(0.5, "staging/a", {"version": "v2", "sha256": SHA[("a", "v2")], "urls": ["x"]})
     sc.add(0.1, "artifact", service="a", version="v2", sha256=SHA[("a", "v2")], broken=False)
+    sc.add(0.9, "op", action="deploy", service="a")
     node = sc.item(1.0, 1, "a", "v2", "rolling")
     sc.switch("a", "h1", 2.0, "v2", item=node, down=0.5)
     sc.serve("a", "h1", 5.0, None)
     sc.serve("a", "h1", 5.5, "v1")
     sc.item(6.0, 1, "a", "v2", "failed", host="h1")
-    sc.add(15.0, "op", action="resume", service="a")
-    sc.item(15.1, 1, "a", "v2", "rolling")
+    sc.add(16.5, "op", action="resume", service="a")  # after the 10 s hold
+    sc.item(16.6, 1, "a", "v2", "rolling")
     for i, host in enumerate(["h2", "h3", "h1"]):
         sc.switch("a", host, 17.0 + 3 * i, "v2", item=node, gate=2 + i)
     sc.item(30.0, 1, "a", "v2", "done", where="history")
     sc.store(30.01, f"deploy/{node}", None)
     sc.add(40.0, "final", settled=True)
     assert status(sc.history())["S4"].status == "held"
+
+
+def test_s4_operator_acting_before_the_hold_is_reported():
+    """An abort 2 s after the failure leaves containment judged over 2 s: not enough."""
+    sc = failed_deploy()
+    for e in sc.events:
+        if e["kind"] == "op" and e["action"] == "abort":
+            e["t"] = 8.0
+    assert "hold of 10s" in only(status(sc.history()), "S4").counterexample
+
+
+def test_s4_take_down_after_the_failure_by_zxid():
+    """h2's gate commit has a higher zxid than the failure mark, though the recorder saw it
+    0.3 s after: the old checker's 0.5 s slack let it through."""
+    sc = failed_deploy()
+    mark = next(e for e in sc.events if e["kind"] == "store" and "failed" in str(e["data"]))
+    mark["mzxid"] = 900
+    sc.events.append({"t": 6.3, "kind": "store", "path": "gate/a", "zversion": 2,
+                      "mzxid": 901, "data": json.dumps(
+                          {"host": "h2", "online": 3, "quorum": 2, "version": "v2",
+                           "item": "item-0000000001", "t": 6.3})})
+    r = only(status(sc.history()), "S4")
+    assert "h2 took a down after item-0000000001 failed" in r.counterexample
+
+
+def test_s4_a_second_failure_is_judged_too():
+    """Resumed after its first failure, the item fails again; h3 then takes the version
+    before any operator action. The old checker looked at the first failure only."""
+    sc = failed_deploy()
+    sc.events = [e for e in sc.events if e["t"] < 19.0]
+    node = "item-0000000001"
+    sc.add(17.0, "op", action="resume", service="a")
+    sc.item(17.1, 1, "a", "v2", "rolling")
+    sc.item(19.0, 1, "a", "v2", "failed", host="h2")
+    sc.switch("a", "h3", 21.0, "v2", item=node, gate=3)
+    sc.add(35.0, "op", action="abort", service="a")
+    sc.item(35.1, 1, "a", "v2", "aborted", where="history", host="h2")
+    sc.store(35.11, f"deploy/{node}", None)
+    sc.unhealthy[("a", "h3")] = (22.0, 25.0)
+    r = status(sc.history())
+    assert r["S4"].status == "violated" and "h3" in r["S4"].counterexample
 
 
 def test_s4_broken_release_marked_done():
@@ -292,6 +491,40 @@ def test_s5_state_after_kill_forgets_the_active_version():
     sc.add(25.2, "state", host="h3", ok=True, fault="f1", data={"services": {
         "a": {"active": "v0", "previous": None, "installed": {"v0": "0" * 64}}}})
     assert "active=v0" in only(status(sc.history()), "S5").counterexample
+
+
+def test_f_fault_without_effect():
+    """A kill that found no pid: recorded as not having taken effect, the trial fails (F);
+    the old checker counted it as a fault survived."""
+    sc = clean()
+    sc.add(30.0, "fault", fault="agent_kill", phase="start", id="k", hosts=["h2"],
+           effects=["process"], detail={})
+    sc.add(30.5, "fault", fault="agent_kill", phase="end", id="k", hosts=["h2"],
+           detail={"took_effect": False, "evidence": {"after_kill": "no agent pid"}})
+    assert "no agent pid" in only(status(sc.history()), "F").counterexample
+
+
+def test_f_fault_without_evidence():
+    sc = clean()
+    sc.add(30.0, "fault", fault="netem", phase="start", id="n", hosts=["h2"],
+           effects=["network"], detail={"took_effect": None})
+    sc.add(33.0, "fault", fault="netem", phase="end", id="n", hosts=["h2"], detail={})
+    assert "did not take effect" in only(status(sc.history()), "F").counterexample
+
+
+def test_p_gap_in_the_samples():
+    """0.3 s without a sample of a@h2 (the prober stalled, or a burst caught up after it):
+    the old checker had no coverage rule."""
+    sc = clean()
+    sc.gaps[("a", "h2")] = (15.0, 15.3)
+    r = only(status(sc.history()), "P")
+    assert "a@h2" in r.counterexample
+
+
+def test_p_prober_died_early():
+    sc = clean()
+    sc.gaps[("b", "h3")] = (30.0, 41.0)
+    assert "b@h3" in only(status(sc.history()), "P").counterexample
 
 
 def test_l1_host_left_on_the_old_version():

@@ -124,6 +124,15 @@ def test_recovery_version():
     assert d.recovery_version([], [], None)[0] is None
 
 
+def test_recovery_version_takes_a_tied_popular_version_that_is_installed():
+    """Chaos seed 2027 trial 20: 22 (the head's target, not fetched yet) and 21 tied as the
+    most popular; 21 was installed, yet the host went back to its last active 20."""
+    cur = [CurrentEntry("a", "22"), CurrentEntry("b", "21")]
+    version, why = d.recovery_version(cur, ["20", "21"], "20", target="22")
+    assert version == "21", why
+    assert d.recovery_version(cur, ["20", "21", "22"], "20", target="22")[0] == "22"
+
+
 def test_deploy_status_reports_blocked_quorum():
     v = view(staging=[("h0", "2")], quorum=4, hosts={f"h{i}": HostInfo(f"h{i}", "", ("api",))
                                                       for i in range(6)})

@@ -93,6 +93,7 @@ def test_a_spec_with_a_store_command_is_invalid_as_a_whole():
 def _conf(tmp_path: Path, extra: str) -> Path:
     path = tmp_path / "agent.conf"
     path.write_text("[agent]\nhost = h1\nstore = zk://z:2181/dc\nroot = /x\n"
+                    "insecure_unsigned = true\n"
                     "[service:api]\nport = 8080\n" + extra)
     return path
 

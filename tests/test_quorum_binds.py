@@ -299,16 +299,17 @@ class GateBed:
         releases = {}
         for version in ("1", "2"):
             path, sha = build_release(workdir / "artifacts", "A", version)
-            releases[version] = (f"file://{path}", sha)
-        ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]])
+            releases[version] = (f"file://{path}", sha, path.stat().st_size)
+        ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]],
+                  size=releases["2"][2])
         self.agents: dict[str, Agent] = {}
         for i in range(HOSTS):
             host = f"h{i}"
             root = workdir / host
             rd = ReleaseDir(root, "A")
-            for version, (url, sha) in releases.items():
-                install_release([url], sha, rd.releases, version, rd.cache, allow_unknown_size=True,
-                                file_root=str(workdir))
+            for version, (url, sha, size) in releases.items():
+                install_release([url], sha, rd.releases, version, rd.cache, size=size,
+                                file_root=workdir / "artifacts")
             rd.point_current("1")
             cfg = AgentConfig(host=host, rack="r0", store=store_url, root=root,
                               services={"A": {}}, session_timeout=4.0, start_timeout=5.0)

@@ -127,6 +127,17 @@ def test_fault_plan_is_a_function_of_the_seed():
                for p in first)
 
 
+def test_cover_draws_every_fault_kind():
+    from supervisor_dcdeploy.testbed.faults import KINDS
+    from supervisor_dcdeploy.testbed.trial import cover, plan
+    orders = cover(13, list(KINDS), 6, 2)
+    assert [len(o) for o in orders] == [2] * 6
+    assert set(k for o in orders for k in o) == set(KINDS)
+    assert orders == cover(13, list(KINDS), 6, 2)
+    hosts = ["h1", "h2", "h3", "h4"]
+    assert [p.kind for p in plan(5, hosts, list(KINDS), 2, order=orders[0])] == orders[0]
+
+
 def test_a_second_testbed_waits_for_the_first(tmp_path):
     """Testbeds share a prefix and a subnet: a second one must wait for the machine's
     testbed lock (here: time out) rather than tear down a live one."""

@@ -359,7 +359,8 @@ class Testbed:
                               "services": dict(h.layout.services)}
                           for n, h in self.hosts.items()},
                 "services": {s.name: {"quorum": s.quorum, "depends_on": list(s.depends_on)}
-                             for s in self.config.services}}
+                             for s in self.config.services},
+                "session_timeout": self.config.session_timeout}
 
 
 def _wait_gone(pids, ns: str, timeout: float = 10.0) -> None:

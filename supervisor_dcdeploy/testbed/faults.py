@@ -4,6 +4,12 @@
 event just after ``heal`` returns, with the fault's effects (see :mod:`.history`), so the
 checker knows which hosts were disturbed and how. ``heal`` blocks until the fault is really
 over (a restarted host's supervisord answers; a restarted ZooKeeper server serves).
+
+Every fault also records evidence that it took effect (``detail["evidence"]`` and
+``detail["took_effect"]``): the pid gone, the process in state T, the filter's dropped-packet
+counter, the new leader, the disk's free bytes, the garbage read back. A fault that cannot
+show its effect (no pid to kill, a filter that dropped nothing) is recorded as not having
+taken effect, and the checker (F) fails the trial instead of counting it as a test.
 """
 
 from __future__ import annotations
@@ -59,6 +65,73 @@ class Fault:
     def heal(self) -> None:
         """Undo the fault; idempotent."""
 
+    def before_heal(self) -> None:
+        """Collect evidence that only shows over the fault's duration (counters)."""
+
+    def _evidence(self, ok: bool, **found: Any) -> None:
+        """Record what showed the fault's effect; one False makes the fault ineffective."""
+        self.detail.setdefault("evidence", {}).update(found)
+        self.detail["took_effect"] = bool(self.detail.get("took_effect", True) and ok)
+
+    def _crashed(self) -> None:
+        """The host's services were killed now (S1 allows a stale presence from here)."""
+        self.detail.setdefault("crashed_at", []).append(time.monotonic())
+
+
+def proc_state(pid: int | None) -> str | None:
+    """The state letter of ``pid`` in /proc (R, S, T, Z...), None when there is none."""
+    if not pid:
+        return None
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rpartition(")")[2].split()[0]
+
+
+def wait_state(pid: int | None, want: set[str | None], timeout: float = 5.0) -> str | None:
+    """Poll ``pid``'s state until it is one of ``want`` (None: gone); the last state seen."""
+    deadline = time.monotonic() + timeout
+    state = proc_state(pid)
+    while state not in want and time.monotonic() < deadline:
+        time.sleep(0.02)
+        state = proc_state(pid)
+    return state
+
+
+def link_up(veth: str) -> bool:
+    out = netns.ip("-o", "link", "show", veth, check=False).stdout
+    flags = out.split("<", 1)[1].split(">", 1)[0].split(",") if "<" in out else []
+    return "UP" in flags
+
+
+def iptables_packets(ns: str, chain: str, match: list[str]) -> int:
+    """Sum of the packet counters of the rules in ``chain`` whose line has every word of
+    ``match`` (``iptables -L -v -n -x``)."""
+    out = netns.run_in(ns, "iptables", "-L", chain, "-v", "-n", "-x", check=False).stdout
+    total = 0
+    for line in out.splitlines()[2:]:
+        words = line.split()
+        if words and words[0].isdigit() and all(m in line for m in match):
+            total += int(words[0])
+    return total
+
+
+def qdisc_packets(ns: str | None, dev: str) -> int:
+    """Packets sent through the root qdisc of ``dev`` (``tc -s qdisc``)."""
+    cmd = ["tc", "-s", "qdisc", "show", "dev", dev]
+    if ns:
+        out = netns.run_in(ns, *cmd, check=False).stdout
+    else:
+        import subprocess
+        out = subprocess.run(cmd, capture_output=True, text=True).stdout
+    words = out.split()
+    total = 0
+    for i, w in enumerate(words[:-4]):  # "Sent 1234 bytes 17 pkt (dropped 0, ..."
+        if w == "Sent" and words[i + 4].startswith("pkt") and words[i + 3].isdigit():
+            total += int(words[i + 3])
+    return total
+
 
 def _kill(pid: int | None, sig: int) -> bool:
     if not pid:
@@ -79,12 +152,15 @@ class AgentKill(Fault):
     def inject(self) -> None:
         pid = self.bed.hosts[self.name].agent_pid()
         self.detail["pid"] = pid
-        _kill(pid, signal.SIGKILL)
+        sent = _kill(pid, signal.SIGKILL)
+        state = wait_state(pid, {None, "Z"}) if sent else "no agent pid"
+        self._evidence(sent and state in (None, "Z"), pid=pid, after_kill=state or "gone")
 
     def heal(self) -> None:
         host = self.bed.hosts[self.name]
         old = self.detail.get("pid")
         wait_for(lambda: (p := host.agent_pid()) and p != old, 30, f"{self.host} agent back")
+        self._evidence(True, new_pid=host.agent_pid())
 
 
 class AgentStop(Fault):
@@ -96,7 +172,13 @@ class AgentStop(Fault):
     def inject(self) -> None:
         pid = self.bed.hosts[self.name].agent_pid()
         self.detail["pid"] = pid
-        _kill(pid, signal.SIGSTOP)
+        sent = _kill(pid, signal.SIGSTOP)
+        state = wait_state(pid, {"T", None}, 2.0) if sent else None
+        self._evidence(state == "T", pid=pid, state_after_stop=state)
+
+    def before_heal(self) -> None:
+        state = proc_state(self.detail.get("pid"))
+        self._evidence(state == "T", state_before_cont=state)
 
     def heal(self) -> None:
         _kill(self.detail.get("pid"), signal.SIGCONT)
@@ -113,11 +195,14 @@ class SupervisordKill(Fault):
         host = self.bed.hosts[self.name]
         pid = host.supervisord_pid()
         self.detail["pid"] = pid
-        _kill(pid, signal.SIGKILL)
-        if host.proc is not None:
-            host.proc.wait(timeout=10)
+        sent = _kill(pid, signal.SIGKILL)
+        code = host.proc.wait(timeout=10) if host.proc is not None and sent else None
+        state = wait_state(pid, {None, "Z"}) if sent else "no supervisord pid"
+        self._evidence(sent and state in (None, "Z"), pid=pid, exit=code,
+                       after_kill=state or "gone")
 
     def heal(self) -> None:
+        self._crashed()
         self.bed.kill_host(self.name)
         if self.writer is not None:
             snapshot_state(self.writer, self.name, self.bed.hosts[self.name].layout.root,
@@ -134,8 +219,15 @@ class HostKill(Fault):
     effects = ("process", "unobservable")
 
     def inject(self) -> None:
+        host = self.bed.hosts[self.name]
+        before = len(netns.pids_in(host.ns))
+        self._crashed()
         self.bed.kill_host(self.name)
         self.bed.net.set_link(self.name, False)
+        left = len(netns.pids_in(host.ns))
+        up = link_up(host.veth)
+        self._evidence(before > 0 and left == 0 and not up, processes_before=before,
+                       processes_left=left, link_up=up)
 
     def heal(self) -> None:
         if self.writer is not None:
@@ -154,7 +246,10 @@ class LinkCut(Fault):
     effects = ("store_cut", "unobservable")
 
     def inject(self) -> None:
+        self._crashed()  # every client is cut off from it at once
         self.bed.net.set_link(self.name, False)
+        up = link_up(self.bed.hosts[self.name].veth)
+        self._evidence(not up, link_up=up)
 
     def heal(self) -> None:
         self.bed.net.set_link(self.name, True)
@@ -171,6 +266,14 @@ class StoreFilter(Fault):
     def inject(self) -> None:
         netns.run_in(self.bed.hosts[self.name].ns, "iptables", "-I", *self.RULE)
 
+    def before_heal(self) -> None:
+        n = self.dropped()
+        self._evidence(n > 0, dropped_packets=n)
+
+    def dropped(self) -> int:
+        return iptables_packets(self.bed.hosts[self.name].ns, "OUTPUT",
+                                ["DROP", f"dpt:{CLIENT_PORT}"])
+
     def heal(self) -> None:
         ns = self.bed.hosts[self.name].ns
         while netns.run_in(ns, "iptables", "-D", *self.RULE, check=False).returncode == 0:
@@ -186,10 +289,20 @@ class RebootIsolated(Fault):
 
     def inject(self) -> None:
         StoreFilter(self.bed, self.host).inject()
+        host = self.bed.hosts[self.name]
+        old = host.supervisord_pid()
+        self._crashed()
         self.bed.kill_host(self.name)
         self.bed.start_host(self.name)
         self.detail["restarted_at"] = time.monotonic()
-        wait_rpc(self.bed.hosts[self.name].layout, timeout=30)
+        wait_rpc(host.layout, timeout=30)
+        new = host.supervisord_pid()
+        self._evidence(old is not None and proc_state(old) is None and new not in (None, old),
+                       old_supervisord=old, new_supervisord=new)
+
+    def before_heal(self) -> None:
+        n = StoreFilter(self.bed, self.host).dropped()
+        self._evidence(n > 0, dropped_packets=n)
 
     def heal(self) -> None:
         """Lift the filter once the host serves again (or after ``boot_max`` seconds: the
@@ -213,6 +326,7 @@ class ZkLeaderKill(Fault):
     def inject(self) -> None:
         old, new, seconds = self.bed.ensemble.kill_leader()
         self.detail.update(old=old, new=new, election_s=round(seconds, 3))
+        self._evidence(new is not None and new != old, leader_before=old, leader_after=new)
 
     def heal(self) -> None:
         sid = self.detail.get("old")
@@ -235,6 +349,7 @@ class Netem(Fault):
         try:
             self.bed.net.shape(self.name, 0, spec)
             self.detail["mechanism"] = "netem"
+            self.detail["loss"] = None
             return
         except netns.NetnsError as exc:
             if "unknown" not in str(exc):
@@ -249,6 +364,15 @@ class Netem(Fault):
             netns.run_in(ns, "iptables", "-I", chain, *self._rule(loss))
         self.bed.net.shape(self.name, 2_000_000)
 
+    def before_heal(self) -> None:
+        """The shaping carried the host's traffic (packets through its qdisc) and, with the
+        emulation, how many packets the random drop took."""
+        host = self.bed.hosts[self.name]
+        sent = qdisc_packets(host.ns, "eth0")
+        dropped = sum(iptables_packets(host.ns, chain, ["DROP", "statistic"])
+                      for chain in ("INPUT", "OUTPUT")) if self.detail.get("loss") else None
+        self._evidence(sent > 0, qdisc_packets=sent, dropped_packets=dropped)
+
     @staticmethod
     def _rule(loss: float) -> list[str]:
         return ["-m", "statistic", "--mode", "random", "--probability", f"{loss:.4f}",
@@ -256,7 +380,7 @@ class Netem(Fault):
 
     def heal(self) -> None:
         self.bed.net.unshape(self.name)
-        if "loss" in self.detail:
+        if self.detail.get("loss"):
             ns = self.bed.hosts[self.name].ns
             for chain in ("INPUT", "OUTPUT"):
                 while netns.run_in(ns, "iptables", "-D", chain,
@@ -289,6 +413,8 @@ class DiskFull(Fault):
         finally:
             os.close(fd)
         self.detail["ballast"] = str(ballast)
+        st = os.statvfs(host.layout.root)
+        self._evidence(st.f_bavail == 0, free_bytes=st.f_bavail * st.f_frsize)
 
     def heal(self) -> None:
         """Free the space. supervisord writes its logs on the same disk and can die of
@@ -299,6 +425,7 @@ class DiskFull(Fault):
         Path(host.layout.root / ".ballast").unlink(missing_ok=True)
         if host.supervisord_pid() is None:
             self.detail["supervisord_died"] = True
+            self._crashed()
             if self.writer is not None:
                 snapshot_state(self.writer, self.name, host.layout.root, self.fault_id)
             self.bed.kill_host(self.name)
@@ -332,6 +459,8 @@ class Garbage(Fault):
                 data, _ = client.get(full)
                 self.detail["original"] = data.decode("utf-8", errors="replace")
                 client.set(full, b"\xff{garbage")
+            back, _ = client.get(full)
+            self._evidence(back == b"\xff{garbage", read_back=back.decode("latin-1"))
         finally:
             client.stop()
             client.close()
@@ -390,10 +519,15 @@ class FaultRunner:
 
     def heal(self, fault: Fault) -> None:
         try:
+            try:
+                fault.before_heal()
+            except Exception as exc:  # noqa: BLE001 - no evidence is itself the finding
+                fault._evidence(False, error=f"evidence: {type(exc).__name__}: {exc}")
             fault.heal()
         finally:
             if fault in self.active:
                 self.active.remove(fault)
+            fault.detail.setdefault("took_effect", False)
             self.writer.emit("fault", fault=fault.kind, phase="end", id=fault.fault_id,
                              hosts=fault.hosts(), detail=json.loads(json.dumps(
                                  fault.detail, default=str)))

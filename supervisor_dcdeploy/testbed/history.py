@@ -3,20 +3,26 @@
 Every event is a JSON object with a monotonic time ``t`` (seconds, same clock for every
 writer of one history) and a ``kind``. The kinds and their fields:
 
-``topology``  {hosts: {host: {rack, address, services: {svc: port}}},
+``topology``  {hosts: {host: {rack, address, services: {svc: port}}}, session_timeout,
               services: {svc: {quorum, depends_on: [svc]}}, initial: {svc: version},
-              present: {svc: [version]}} (the majority version, and every version served,
+              present: {svc: [version]}, installed: {svc: [version]}} (the majority
+              version, every version served, and every version in a host's local state,
               when recording began)
               written once, first.
-``probe``     {host, service, ok, version, healthy}: one sample of ``GET /`` on the host's
-              service endpoint. ``ok`` is True (200 with a JSON body), False (a definite
-              "not serving": connection refused or reset, or a non-200 answer) or None
-              (indeterminate: a timeout, which says nothing about the server). ``healthy``
-              is the ``GET /health`` answer when it was sampled, else None.
+``probe``     {host, service, ok, version, healthy, dt}: one sample of ``GET /`` on the
+              host's service endpoint, begun at ``t`` and taking ``dt`` seconds. ``ok`` is
+              True (200 with a JSON body), False (connection refused or reset, or a
+              non-200 answer) or None (a timeout or no route); the checker counts both
+              False and None as "not serving". ``healthy`` is the ``GET /health`` answer
+              when it was sampled, else None.
 ``store``     {path, data, zversion, mzxid}: the store node ``path`` (relative to the root,
               e.g. ``gate/api``) was seen holding ``data`` (text, possibly garbage) at node
               version ``zversion``; ``data`` None means the node was seen deleted.
 ``fault``     {fault, phase: start|end, id, hosts: [host], effects: [effect], detail: {}}.
+              The end event's detail carries ``took_effect`` (bool) and ``evidence`` (what
+              showed it: the pid gone, the process state, dropped-packet counters, the new
+              leader...), ``crashed_at`` ([t]) when the fault crashed the host's services,
+              and ``mid_switch``/``landed_mid_switch`` for a fault timed into a switch.
               Effects: ``process`` (the host's processes were disturbed), ``unobservable``
               (the prober cannot reach the host), ``store_cut`` (the host cannot reach the
               store), ``reboot`` (the host was restarted during the fault), ``store``

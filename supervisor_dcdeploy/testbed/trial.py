@@ -12,6 +12,7 @@ is attributable to one fault at a time.
 from __future__ import annotations
 
 import hashlib
+import json
 import random
 import threading
 import time
@@ -39,6 +40,18 @@ DURATIONS = {  # (min, max) seconds a fault lasts before it is healed
     "netem": (3.0, 6.0), "disk_full": (3.0, 6.0), "garbage": (2.0, 4.0),
     "reboot_isolated": (6.0, 9.0),
 }
+# L2 ("unreachable hosts don't block") is judged only while a host stays unreachable for
+# block_window (20 s) after the others are done: the last fault of a trial, when it makes a
+# host unreachable, lasts this long half of the time.
+LONG_KINDS = ("host_kill", "link_cut", "store_filter")
+LONG = (28.0, 36.0)
+# Faults that can hit a host in the middle of its own switch (after its gate commit, before
+# it is healthy again): drawn for half of these among a trial's first two faults; the
+# runner then waits for a switch.
+MID_SWITCH_KINDS = ("agent_kill", "agent_stop", "supervisord_kill", "host_kill",
+                    "reboot_isolated", "disk_full")
+MID_SWITCH_WAIT = 20.0  # seconds to wait for a switch to hit; then inject anyway
+S4_HOLD = 10.5  # the operator waits this long after a failure (S4 is judged over >= 10 s)
 
 
 @dataclass(frozen=True)
@@ -48,18 +61,25 @@ class Planned:
     host: str | None
     duration: float
     detail: dict[str, Any] = field(default_factory=dict)
+    mid_switch: bool = False  # wait for a host to start a switch, then hit that host
 
 
 def plan(seed: int, hosts: Sequence[str], kinds: Sequence[str], n: int,
-         window: float = 20.0, disk_host: str | None = None) -> list[Planned]:
+         window: float = 20.0, disk_host: str | None = None,
+         order: Sequence[str] | None = None) -> list[Planned]:
     """``n`` faults of the given kinds, drawn from ``seed`` alone: the moments spread over
     ``window`` seconds, hosts and durations uniformly (``disk_full`` always on
-    ``disk_host``, the one with a small tmpfs, when given)."""
+    ``disk_host``, the one with a small tmpfs, when given). ``order`` fixes the kinds (one
+    per fault, e.g. from :func:`cover`) instead of drawing them. The last fault, when it
+    makes a host unreachable, lasts :data:`LONG` half of the time (L2); half of the first
+    two faults, when of :data:`MID_SWITCH_KINDS`, are timed into a switch."""
     rng = random.Random(seed)
     moments = sorted(rng.uniform(0.5, window) for _ in range(n))
     out = []
-    for at in moments:
+    for i, at in enumerate(moments):
         kind = rng.choice(list(kinds))
+        if order is not None:
+            kind = order[i]
         cls = KINDS[kind]
         host = rng.choice(list(hosts)) if cls.needs_host else None
         if kind == "disk_full" and disk_host is not None:
@@ -71,8 +91,23 @@ def plan(seed: int, hosts: Sequence[str], kinds: Sequence[str], n: int,
         if kind == "netem":
             detail["netem"] = (f"delay {rng.choice([20, 50, 100])}ms 10ms "
                                f"loss {rng.choice([1, 5, 10])}%")
-        out.append(Planned(round(at, 3), kind, host, round(rng.uniform(lo, hi), 3), detail))
+        duration = rng.uniform(lo, hi)
+        if i == n - 1 and kind in LONG_KINDS and rng.random() < 0.5:
+            duration = rng.uniform(*LONG)
+        # Only early faults: a late one often finds the deploy finished, nothing switching.
+        mid = kind in MID_SWITCH_KINDS and rng.random() < 1 / 2 and i < 2
+        out.append(Planned(round(at, 3), kind, host, round(duration, 3), detail, mid))
     return out
+
+
+def cover(seed: int, kinds: Sequence[str], trials: int, per_trial: int) -> list[list[str]]:
+    """Kinds for ``trials`` x ``per_trial`` faults such that every kind appears at least once
+    (when there are enough slots): each kind once, then random ones, shuffled by ``seed``."""
+    rng = random.Random(seed)
+    slots = trials * per_trial
+    pool = list(kinds)[:slots] + [rng.choice(list(kinds)) for _ in range(slots - len(kinds))]
+    rng.shuffle(pool)
+    return [pool[t * per_trial:(t + 1) * per_trial] for t in range(trials)]
 
 
 @dataclass
@@ -84,6 +119,7 @@ class TrialResult:
     converged: bool
     injected: Counter = field(default_factory=Counter)
     during_deploy: Counter = field(default_factory=Counter)
+    mid_switch: Counter = field(default_factory=Counter)  # landed between stop and healthy
 
     @property
     def violations(self) -> list[checker.Result]:
@@ -93,6 +129,36 @@ class TrialResult:
 def _deploy_active(bed: Testbed) -> bool:
     assert bed.store is not None
     return bool(bed.store.children("deploy"))
+
+
+def _gate(bed: Testbed, svc: str) -> tuple[int, str | None]:
+    """(node version, host named) of ``gate/<svc>``; (-1, None) when unreadable."""
+    assert bed.store is not None
+    try:
+        data, version = bed.store.get(f"gate/{svc}")
+        record = json.loads(data) if data else {}
+        return version, record.get("host") if isinstance(record, dict) else None
+    except Exception:  # noqa: BLE001 - no gate yet, or the store busy: nothing to see
+        return -1, None
+
+
+def wait_switch(bed: Testbed, host: str | None, timeout: float
+                ) -> tuple[str, str, int] | None:
+    """Block until a host (``host`` if given) takes a service down through the gate: a gate
+    version bump naming it whose presence is gone. Returns (host, service, gate version), or
+    None after ``timeout`` or as soon as the deploy queue is empty (nothing will switch)."""
+    assert bed.store is not None
+    seen = {svc: _gate(bed, svc)[0] for svc in bed.services}
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and _deploy_active(bed):
+        for svc in bed.services:
+            version, who = _gate(bed, svc)
+            if version > seen[svc] and who in bed.hosts and host in (None, who):
+                if bed.store.exists(f"current/{svc}/{who}") is None:
+                    return who, svc, version
+            seen[svc] = max(seen[svc], version)
+        time.sleep(0.02)
+    return None
 
 
 def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history: Path,
@@ -115,13 +181,16 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
     served = {svc: [bed.version(h, svc) for h in bed.hosts] for svc in services}
     initial = {svc: _majority(v) for svc, v in served.items()}
     present = {svc: sorted({x for x in v if x}) for svc, v in served.items()}
-    writer.emit("topology", **bed.topology(), initial=initial, present=present)
+    writer.emit("topology", **bed.topology(), initial=initial, present=present,
+                installed=_installed(bed))
     recorder = StoreRecorder(writer, bed.ensemble.connect_string).start()
     prober = Prober(writer, [Endpoint(h, s, host.addr, bed.services[s].port)
                              for h, host in bed.hosts.items() for s in services]).start()
     runner = FaultRunner(bed, writer)
     injected: Counter = Counter()
     during: Counter = Counter()
+    mid: Counter = Counter()
+    failed_seen: dict[str, float] = {}
     converged = False
     try:
         for svc in services:
@@ -151,8 +220,24 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
             if planned.kind == "disk_full" and bed.config.disk_host:
                 host = bed.config.disk_host
             _sleep_until(t0 + planned.at)
-            fault = KINDS[planned.kind](bed, host, dict(planned.detail))
+            detail = dict(planned.detail)
+            if planned.mid_switch:
+                # Hit a host between its gate commit and its healthy check: its recovery
+                # must come from local state (docs/design.md §4.7).
+                t_wait = time.monotonic()
+                hit = wait_switch(bed, host if planned.kind == "disk_full" else None,
+                                  MID_SWITCH_WAIT)
+                detail["mid_switch"] = {"waited_s": round(time.monotonic() - t_wait, 3)}
+                if hit is not None:
+                    host = hit[0]
+                    detail["mid_switch"].update(service=hit[1], gate_version=hit[2])
+            fault = KINDS[planned.kind](bed, host, detail)
             active = _deploy_active(bed)
+            if planned.mid_switch and "service" in detail["mid_switch"]:
+                svc = detail["mid_switch"]["service"]
+                gone = bed.store.exists(f"current/{svc}/{host}") is None
+                fault.detail["landed_mid_switch"] = gone
+                mid[planned.kind] += int(gone)
             runner.inject(fault)
             injected[planned.kind] += 1
             during[planned.kind] += int(active)
@@ -163,6 +248,14 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
         resumes = 0
         while time.monotonic() < deadline:
             head = _failed_head(bed)
+            if head is not None:
+                # The operator does not act at once: S4 (nobody else takes the version,
+                # the failed host rolls back) is judged over this hold.
+                since = failed_seen.setdefault(f"{head.node}@{head.data_version}",
+                                               time.monotonic())
+                if time.monotonic() - since < S4_HOLD:
+                    time.sleep(0.25)
+                    continue
             if doomed and _deploy_active(bed) and (
                     head is not None or time.monotonic() - started > give_up_after):
                 writer.emit("op", action="abort", service=None,
@@ -196,7 +289,7 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
         writer.close()
     events = writer.events
     return TrialResult(version, events, checker.check(events), checker.metrics(events),
-                       converged, injected, during)
+                       converged, injected, during, mid)
 
 
 def abort_if_stuck(bed: Testbed) -> None:
@@ -216,6 +309,22 @@ def _failed_head(bed: Testbed):
     except Exception:  # noqa: BLE001 - store busy (leader election): look again later
         return None
     return queue[0] if queue and queue[0].state == "failed" else None
+
+
+def _installed(bed: Testbed) -> dict[str, list[str]]:
+    """Versions in some host's local state when recording begins (staged by an earlier run:
+    a host recovering onto one of them is not starting something never staged)."""
+    from ..localstate import read_state
+    out: dict[str, set[str]] = {svc: set() for svc in bed.services}
+    for host in bed.hosts.values():
+        try:
+            data = read_state(host.layout.root) or {}
+        except (OSError, ValueError):
+            continue
+        for svc, st in (data.get("services") or {}).items():
+            if svc in out and isinstance(st, dict):
+                out[svc] |= set((st.get("installed") or {}))
+    return {svc: sorted(v) for svc, v in out.items()}
 
 
 def _majority(values: list[str | None]) -> str | None:
