@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import ops
 from .localdc import Cluster, Prober, wait_for
-from .store import StoreError, open_store
+from .store import StoreError, layout, open_store
 from .zkserver import ZooKeeperNotInstalled, ZooKeeperServer, free_port
 
 
@@ -97,7 +97,7 @@ def run_demo(hosts: int = 4, keep: bool = False) -> int:
         for svc in ("db", "api"):
             dc.stage(svc, "2.0")
         _say("staged 2.0 of db and api; hosts are downloading and verifying")
-        wait_for(lambda: all(len(dc.store.children(f"staging/{s}")) == hosts
+        wait_for(lambda: all(len(dc.store.children(layout.staged(s))) == hosts
                              for s in ("db", "api")), 60, "every host ready to roll")
         items = dc.deploy(["api", "db"])
         _say("queued: " + ", ".join(f"{i.node} {i.service} -> {i.version}" for i in items))

@@ -54,6 +54,8 @@ import structlog
 import tenacity
 import urllib3
 
+from .localstate import atomic_write, sha256_file
+
 log = structlog.get_logger(__name__)
 
 MARKER_NAME = ".dcdeploy-release.json"
@@ -165,12 +167,7 @@ def _check_sha256(sha256: str) -> str:
     return sha256.lower()
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1024 * 1024), b""):
-            h.update(chunk)
-    return h.hexdigest()
+_sha256_file = sha256_file
 
 
 def _fsync_dir(directory: Path) -> None:
@@ -1140,12 +1137,7 @@ def write_marker(directory: Path, *, version: str, sha256: str) -> None:
     installed release."""
     data = json.dumps({"version": version, "sha256": sha256,
                        "installed_at": datetime.now(UTC).isoformat()}).encode()
-    tmp = directory / (MARKER_NAME + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, directory / MARKER_NAME)
+    atomic_write(directory / MARKER_NAME, data)
 
 
 def installed_sha256(release_dir: Path) -> str | None:

@@ -19,7 +19,7 @@ from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
                                          write_host)
 from .model import HealthCheck
 from .sample import build_release
-from .store import Store
+from .store import Store, layout
 from .waiting import wait_for
 from .zkserver import free_port
 
@@ -210,7 +210,7 @@ class Cluster:
         return ops.status(self.store)
 
     def queue_empty(self) -> bool:
-        return not self.store.children("deploy")
+        return not self.store.children(layout.DEPLOY)
 
     def history(self) -> list[dict]:
         return ops.history(self.store, 100)
@@ -224,5 +224,5 @@ class Cluster:
         for svc, version in versions.items():
             wait_for(lambda s=svc, v=version: self.all_on(s, v), timeout,
                      f"every host on {svc} {version}")
-            wait_for(lambda s=svc: len(self.store.children(f"current/{s}")) == len(self.hosts),
+            wait_for(lambda s=svc: len(self.store.children(layout.presence_dir(s))) == len(self.hosts),
                      timeout, f"every host registered for {svc}")

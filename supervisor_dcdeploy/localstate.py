@@ -39,6 +39,16 @@ _HEADER = struct.Struct(">8sQI32s")  # magic, sequence, payload length, sha256
 _PAGE = 4096
 
 
+def sha256_file(path: Path) -> str:
+    """The sha256 of a file's bytes, hex (what ``sha256sum FILE`` prints): the one helper
+    for it, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def atomic_write(path: Path, data: bytes) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new bytes, never a mix."""
     path.parent.mkdir(parents=True, exist_ok=True)

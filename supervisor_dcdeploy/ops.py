@@ -15,7 +15,7 @@ from .model import (DeployItem, HealthCheck, HostInfo, InvalidData, ServiceSpec,
                     StagedRelease, check_name, check_version, dumps, load_json)
 from .snapshot import (read_current, read_hosts, read_queue, read_spec, read_specs,
                        read_staged, read_staging, read_view)
-from .store import Create, Delete, NoNode, Store, StoreError, TransactionFailed
+from .store import Create, Delete, NoNode, Store, StoreError, TransactionFailed, layout
 
 HISTORY_CAP = 1000
 RAW_KEPT = 512  # bytes of an unreadable item kept in its history record
@@ -77,9 +77,9 @@ def _check_staged(release: StagedRelease, signer: trust.Signer | None) -> None:
 
 
 def _ensure_service_nodes(store: Store, svc: str) -> None:
-    for base in ("current", "staging", "gate", "released"):
+    for base in layout.PER_SERVICE:
         store.ensure(f"{base}/{svc}")
-    for path in ("deploy", "history", "hosts"):
+    for path in (layout.DEPLOY, layout.HISTORY, layout.HOSTS):
         store.ensure(path)
 
 
@@ -100,14 +100,13 @@ def init(store: Store, hosts: dict[str, str], previous_operator: Any = None) -> 
             check_name("init", "host", name)
         except InvalidData as exc:
             raise OpError(str(exc)) from None
-    initial = {path: b"" for path in ("services", "staging", "current", "gate", "released",
-                                      "deploy", "history", "hosts", "peers")}
-    if store.exists("services") is not None:
-        for svc in store.children("services"):
-            for base in ("current", "staging", "gate", "released"):
+    initial = {path: b"" for path in (layout.SERVICES, *layout.PER_SERVICE, *layout.TOP_LEVEL)}
+    if store.exists(layout.SERVICES) is not None:
+        for svc in store.children(layout.SERVICES):
+            for base in layout.PER_SERVICE:
                 initial[f"{base}/{svc}"] = b""
     for name in hosts:
-        initial[f"hosts/{name}"] = HostInfo(name).to_json()
+        initial[layout.host(name)] = HostInfo(name).to_json()
     return store.secure(hosts, initial)
 
 
@@ -144,9 +143,9 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
     spec = _sign(spec, signer_or_default(signer), expires, [old] if old else [])
     _ensure_service_nodes(store, name)
     try:
-        store.set(f"services/{name}", spec.to_json())
+        store.set(layout.service(name), spec.to_json())
     except NoNode:
-        store.create(f"services/{name}", spec.to_json())
+        store.create(layout.service(name), spec.to_json())
     return spec
 
 
@@ -177,7 +176,7 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
     old, _ = read_staged(store, name)
     release = _sign(release, signer_or_default(signer), expires, [old] if old else [])
     _ensure_service_nodes(store, name)
-    store.set(f"staging/{name}", release.to_json())
+    store.set(layout.staged(name), release.to_json())
     # The superseded release's swarm (peers/<infohash>) goes now: the operator's write is
     # the one moment a release stops being staged (docs/distribution.md, "Security").
     from .p2p.tracker import prune_unstaged_peers
@@ -208,7 +207,7 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
                               updated=now), signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
-    ops = [Create("deploy/item-", item.to_json(), sequential=True) for item in items]
+    ops = [Create(layout.ITEM_PREFIX, item.to_json(), sequential=True) for item in items]
     created = store.commit(ops)
     return [replace(item, node=path.rpartition("/")[2], seq=int(path[-10:]))
             for path, item in zip(created, items)]
@@ -222,10 +221,8 @@ def _head(store: Store) -> DeployItem:
 
 
 def _rewrite(store: Store, item: DeployItem, **changes: Any) -> None:
-    data = {**json.loads(item.to_json()), **changes, "updated": time.time()}
-    if data.get("signature") is None:
-        data.pop("signature", None)
-    store.set(f"deploy/{item.node}", dumps(data), item.data_version)
+    changed = replace(item, **changes, updated=time.time())
+    store.set(layout.item(item.node), changed.to_json(), item.data_version)
 
 
 def pause(store: Store) -> DeployItem:
@@ -274,13 +271,13 @@ def resume(store: Store, signer: trust.Signer | None = None,
 def abort(store: Store) -> list[str]:
     """End the whole queue: every item moves to history as ``aborted`` (hosts mid-switch
     finish; nobody starts another). Returns the item names."""
-    nodes = sorted(store.children("deploy"))
+    nodes = sorted(store.children(layout.DEPLOY))
     if not nodes:
         raise OpError("the deploy queue is empty: nothing to abort")
     groups: list[list] = []  # one item's delete + history record: always together
     for node in nodes:
         try:
-            raw, version = store.get(f"deploy/{node}")
+            raw, version = store.get(layout.item(node))
         except NoNode:
             continue
         try:
@@ -296,10 +293,10 @@ def abort(store: Store) -> list[str]:
         record.update(state="aborted", updated=time.time(),
                       reason=f"aborted by operator (was {was})")
         # A history node of the same name (written by hand) must not make abort impossible.
-        name = node if store.exists(f"history/{node}") is None else \
+        name = node if store.exists(layout.history(node)) is None else \
             f"{node}-aborted-{time.time_ns()}"
-        groups.append([Delete(f"deploy/{node}", version),
-                       Create(f"history/{name}", dumps(record))])
+        groups.append([Delete(layout.item(node), version),
+                       Create(layout.history(name), dumps(record))])
     try:
         _commit_groups(store, groups)
     except TransactionFailed as exc:
@@ -339,19 +336,19 @@ def _readable_part(raw: bytes | None) -> dict[str, Any]:
 
 
 def trim_history(store: Store, cap: int = HISTORY_CAP) -> None:
-    nodes = sorted(store.children("history"))
+    nodes = sorted(store.children(layout.HISTORY))
     for node in nodes[: max(0, len(nodes) - cap)]:
         try:
-            store.delete(f"history/{node}")
+            store.delete(layout.history(node))
         except NoNode:
             pass
 
 
 def history(store: Store, limit: int = 20) -> list[dict[str, Any]]:
     out = []
-    for node in sorted(store.children("history"))[-limit:]:
+    for node in sorted(store.children(layout.HISTORY))[-limit:]:
         try:
-            raw, _ = store.get(f"history/{node}")
+            raw, _ = store.get(layout.history(node))
         except NoNode:
             continue
         try:
@@ -376,7 +373,7 @@ def status(store: Store) -> dict[str, Any]:
     views = {}
     host_services: dict[str, dict[str, Any]] = {}
     online_hosts: set[str] = set()
-    names = sorted(set(store.children("services")) | {s for h in hosts.values()
+    names = sorted(set(store.children(layout.SERVICES)) | {s for h in hosts.values()
                                                       for s in h.services})
     for name in names:
         view = read_view(store, name, queue, [], hosts=hosts)

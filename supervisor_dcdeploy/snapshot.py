@@ -12,6 +12,7 @@ from .decisions import ServiceView
 from .model import (SEQ_RE, CurrentEntry, DeployItem, HostInfo, InvalidData, ServiceSpec,
                     StagedRelease, StagingEntry, _load, check_version)
 from .store import NoNode, Store
+from .store import layout
 
 Watcher = Callable[[], None]
 
@@ -30,8 +31,8 @@ def read_queue(store: Store, watch: Watcher | None = None) -> tuple[list[DeployI
     returned as a placeholder in state ``invalid`` so nothing behind it proceeds."""
     items: list[DeployItem] = []
     invalid: list[str] = []
-    for node in sorted(store.children("deploy", watch), key=lambda n: n.rpartition("-")[2]):
-        raw, version = _data(store, f"deploy/{node}")
+    for node in sorted(store.children(layout.DEPLOY, watch), key=lambda n: n.rpartition("-")[2]):
+        raw, version = _data(store, layout.item(node))
         if raw is None:
             continue  # completed between the listing and the read
         try:
@@ -48,7 +49,7 @@ def read_queue(store: Store, watch: Watcher | None = None) -> tuple[list[DeployI
 
 
 def read_spec(store: Store, svc: str) -> tuple[ServiceSpec | None, str | None]:
-    raw, _ = _data(store, f"services/{svc}")
+    raw, _ = _data(store, layout.service(svc))
     if raw is None:
         return None, None
     try:
@@ -59,7 +60,7 @@ def read_spec(store: Store, svc: str) -> tuple[ServiceSpec | None, str | None]:
 
 def read_specs(store: Store) -> tuple[dict[str, ServiceSpec], list[str]]:
     specs, invalid = {}, []
-    for svc in store.children("services"):
+    for svc in store.children(layout.SERVICES):
         spec, problem = read_spec(store, svc)
         if spec:
             specs[svc] = spec
@@ -70,7 +71,7 @@ def read_specs(store: Store) -> tuple[dict[str, ServiceSpec], list[str]]:
 
 def read_staged(store: Store, svc: str,
                 watch: Watcher | None = None) -> tuple[StagedRelease | None, str | None]:
-    raw, _ = _data(store, f"staging/{svc}", watch)
+    raw, _ = _data(store, layout.staged(svc), watch)
     if not raw:
         return None, None
     try:
@@ -82,8 +83,8 @@ def read_staged(store: Store, svc: str,
 def read_current(store: Store, svc: str, invalid: list[str],
                  watch: Watcher | None = None) -> dict[str, CurrentEntry]:
     out = {}
-    for host in store.children(f"current/{svc}", watch):
-        raw, _ = _data(store, f"current/{svc}/{host}")
+    for host in store.children(layout.presence_dir(svc), watch):
+        raw, _ = _data(store, layout.presence(svc, host))
         if raw is None:
             continue
         try:
@@ -96,8 +97,8 @@ def read_current(store: Store, svc: str, invalid: list[str],
 def read_staging(store: Store, svc: str, invalid: list[str],
                  watch: Watcher | None = None) -> list[StagingEntry]:
     out = []
-    for node in store.children(f"staging/{svc}", watch):
-        raw, _ = _data(store, f"staging/{svc}/{node}")
+    for node in store.children(layout.staged(svc), watch):
+        raw, _ = _data(store, layout.ready_entry(svc, node))
         if raw is None:
             continue
         try:
@@ -108,20 +109,20 @@ def read_staging(store: Store, svc: str, invalid: list[str],
 
 
 def read_released(store: Store, svc: str) -> str | None:
-    raw, _ = _data(store, f"released/{svc}")
+    raw, _ = _data(store, layout.released(svc))
     if not raw:
         return None
     try:
-        return check_version(f"released/{svc}", "version",
-                             _load(f"released/{svc}", raw).get("version"))
+        return check_version(layout.released(svc), "version",
+                             _load(layout.released(svc), raw).get("version"))
     except InvalidData:
         return None
 
 
 def read_hosts(store: Store) -> tuple[dict[str, HostInfo], list[str]]:
     hosts, invalid = {}, []
-    for name in store.children("hosts"):
-        raw, _ = _data(store, f"hosts/{name}")
+    for name in store.children(layout.HOSTS):
+        raw, _ = _data(store, layout.host(name))
         try:
             hosts[name] = HostInfo.parse(name, raw)
         except InvalidData as exc:
@@ -144,7 +145,7 @@ def read_view(store: Store, svc: str, queue: list[DeployItem] | None = None,
     staged, problem = read_staged(store, svc, watch_staged)
     if problem:
         invalid.append(problem)
-    _, gate_version = _data(store, f"gate/{svc}", watch_gate)
+    _, gate_version = _data(store, layout.gate(svc), watch_gate)
     current = read_current(store, svc, invalid, watch_current)
     staging = read_staging(store, svc, invalid)
     return ServiceView(service=svc, spec=spec, staged=staged, current=current,

@@ -45,6 +45,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey
 
 from .localstate import atomic_write
 from .model import DeployItem, ServiceSpec, StagedRelease
+from .store import layout
 
 SIGN_KEY_ENV = "DCDEPLOY_SIGN_KEY"
 DOMAIN = b"dcdeploy-signed-v1\n"  # never valid as another protocol's message
@@ -419,10 +420,10 @@ def check(value: ServiceSpec | StagedRelease | DeployItem, policy: Policy, now: 
 
 def where(value: ServiceSpec | StagedRelease | DeployItem) -> str:
     if isinstance(value, ServiceSpec):
-        return f"services/{value.name}"
+        return layout.service(value.name)
     if isinstance(value, StagedRelease):
-        return f"staging/{value.service}"
-    return f"deploy/{value.node}"
+        return layout.staged(value.service)
+    return layout.item(value.node)
 
 
 def refused_item(item: DeployItem, reason: str) -> DeployItem:

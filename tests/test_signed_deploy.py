@@ -30,12 +30,13 @@ def cluster(workdir, store, store_url):
 
 
 def reads(cluster: Cluster, host: str) -> int:
-    return cluster.host_status(host).get("store_ops", {}).get("reads", -1)
+    """The host's cycle count (status.json; an idle cycle reads nothing from the store)."""
+    return cluster.host_status(host).get("cycles", -1)
 
 
 def full_cycles(cluster: Cluster) -> None:
     """Wait until every host has run a whole cycle that started after this call: the
-    agent rewrites status.json (with a higher read count) at the end of each cycle, so the
+    agent rewrites status.json (with a higher cycle count) at the end of each cycle, so the
     second rewrite seen after now ends a cycle that began after now."""
     for host in cluster.hosts:
         for _ in range(2):

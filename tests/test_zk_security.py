@@ -284,6 +284,8 @@ def test_a_revoked_host_keeps_serving_reports_it_and_recovers_when_readmitted(
     cluster = Cluster(workdir, op, secure_root.url("operator"), 2,
                       {"A": {"quorum": 1, "healthy_secs": 0.2}},
                       host_store_url=secure_root.url)
+    for layout in cluster.hosts.values():  # an idle agent checks its access this often
+        layout.agent_extra["store_check_secs"] = "1"
     try:
         cluster.boot({"A": "1"})
         supervisord = cluster.procs["h1"]

@@ -50,7 +50,9 @@ class AgentConfig:
 # a typo is a clear error at start-up, not a crash in the middle of a deploy.
 SWARM_NUMBERS = (("tracker_port", int, 1), ("seed_grace", float, 0), ("mlock_cap", int, 0),
                  ("kick_secs", float, 0), ("swarm_stall_secs", float, 0),
-                 ("link_mbit", float, 0.001))
+                 ("link_mbit", float, 0.001),
+                 # not the swarm's: how often an idle agent checks the store still admits it
+                 ("store_check_secs", float, 1))
 
 
 def _number(where: str, raw: str, kind: type, minimum: float) -> float:

@@ -12,7 +12,6 @@ this host's. Rules kept here, in one place:
 
 from __future__ import annotations
 
-import json
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -23,13 +22,12 @@ from typing import Any, Callable, NamedTuple
 import structlog
 
 from .. import decisions, health, trust
+from ..coord import RereadCoordinator, coordinator_for
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
 from ..metrics import AgentMetrics
 from ..model import DeployItem, HostInfo, InvalidData, ServiceSpec, dumps
-from ..snapshot import read_queue, read_view
-from ..store import (Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
-                     StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed,
-                     open_store)
+from ..store import (NoNode, SessionState, Store, StoreError, StoreUnauthorized,
+                     StoreUnavailable, TransactionFailed, layout, open_store)
 from ..supervisorctl_client import Supervisor, SupervisorError, SupervisorShuttingDown
 from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
@@ -39,6 +37,9 @@ TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
 FETCH_RETRY_SECS = 10.0
 RECOVER_RETRY_SECS = 5.0
 RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
+# Completing an item needs every presence's version; the host that switched last reads
+# them. Others do only when the item is still open this long after the queue emptied.
+COMPLETE_FALLBACK_SECS = 30.0
 
 
 class FetchFailure(NamedTuple):
@@ -75,13 +76,20 @@ class Agent:
         self._fetch_progress: dict[str, dict[str, Any]] = {}
         self._fetch_failed: dict[str, FetchFailure] = {}
         self._recover_after: dict[str, float] = {}
+        self._switched: set[str] = set()  # services this host just switched: completes them
+        self._queue_empty_since: dict[str, float] = {}
         self._pending_fail: dict[str, tuple[str, str]] = {}  # svc -> (item node, reason)
         self._staged_version: dict[str, str] = {}
-        self._in_front: dict[str, bool] = {}
         self._published: tuple[dict[str, Any], tuple[str, ...]] | None = None
         self._denied = False  # this cycle, the store refused our credentials
+        self._was_denied = False  # a cycle before this one was refused
+        self._next_access_check = 0.0
+        self._access_check_secs = float(cfg.extra.get("store_check_secs") or 60.0)
         self._views: dict[str, decisions.ServiceView] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
+        # What this host knows of the store: a mirror followed by watches where the backend
+        # can (ZooKeeper), else re-read each cycle (coord.py).
+        self.coord = coordinator_for(self.store, cfg.host, sorted(cfg.services), self._wake)
         self.status: dict[str, dict[str, Any]] = {svc: {} for svc in cfg.services}
         # In status.json, so tests and bench/fuzz_store.py count without reading logs:
         # cycles started (the status a cycle writes, at its end or when it raised, carries
@@ -89,6 +97,7 @@ class Agent:
         self.cycles = 0
         self.cycle_errors = 0
         self._status_written = b""
+        self.cycles = 0  # in status.json: a cycle reads nothing from the store when idle
         self.metrics = AgentMetrics(self)  # served only when agent.conf has metrics_listen
         if self.local.problem:
             self.log.warning("state.rebuilt", problem=self.local.problem)
@@ -103,6 +112,7 @@ class Agent:
     def on_session(self, state: SessionState) -> None:
         """kazoo's thread: never block here."""
         self.session = state
+        self.coord.on_session(state)
         if state is not SessionState.CONNECTED:
             self._prepared = False
             self.wake.set()
@@ -179,13 +189,16 @@ class Agent:
         if online:
             try:
                 self._prepare()
-                queue, queue_invalid = read_queue(self.store, self._wake)
+                self._check_access()
+                self._follow()  # only what changed since the last cycle
+                queue, queue_invalid = self.coord.queue()
             except StoreUnavailable as exc:
                 self.log.warning("store.unavailable", error=str(exc))
                 online = False
             except StoreUnauthorized as exc:  # wrong or revoked credentials: serve on, as offline
                 self.log.error("store.not_authorized", error=str(exc))
                 self._denied, online = True, False
+                self._was_denied = True
         for svc in self.cfg.services:
             try:
                 self.cycle_service(svc, queue if online else None, queue_invalid)
@@ -224,6 +237,31 @@ class Agent:
                 self.log.warning("swarm.maintain_failed", error=str(exc))
         self.write_status()
 
+    def _check_access(self) -> None:
+        """Every ``store_check_secs`` (each cycle while refused), one read the store checks
+        against our rights: a revoked host notices, and a readmitted one rebuilds what it
+        follows (events may have been missed meanwhile)."""
+        now = time.monotonic()
+        if not self._was_denied and now < self._next_access_check:
+            return
+        self.coord.check_access()
+        self._next_access_check = now + self._access_check_secs
+        if self._was_denied:
+            self._was_denied = False
+            self.coord.reload()
+
+    def _follow(self) -> None:
+        try:
+            self.coord.follow()
+        except (StoreUnavailable, StoreUnauthorized):
+            raise
+        except StoreError as exc:  # e.g. a server without persistent watches (< 3.6)
+            self.log.error("store.follow_failed", error=str(exc),
+                           action="reading the whole view each cycle instead")
+            self.coord = RereadCoordinator(self.store, self.host, sorted(self.cfg.services),
+                                           self._wake)
+            self.coord.follow()
+
     def _prune_cache(self) -> None:
         """Drop cached artifacts no longer needed: keep only those being fetched and those
         staged but not installed yet (an installed release needs no archive)."""
@@ -245,9 +283,8 @@ class Agent:
         """Once per session: parents for our nodes, and the host registry entry."""
         if self._prepared:
             return
-        paths = ["deploy", "history", "hosts", "peers"]
-        paths += [f"{base}/{svc}" for svc in self.cfg.services
-                  for base in ("current", "staging", "gate", "released")]
+        paths = list(layout.TOP_LEVEL)
+        paths += [f"{base}/{svc}" for svc in self.cfg.services for base in layout.PER_SERVICE]
         for path in paths:
             try:
                 self.store.ensure(path)
@@ -262,11 +299,15 @@ class Agent:
             self.log.warning("host.publish_failed", error=str(exc))
 
     def publish_host(self) -> None:
-        """``/dc/hosts/<host>``: rack, services and each download's state (not its bytes:
-        written on transitions only), so ``dcdeploy status`` shows failed downloads."""
+        """``/dc/hosts/<host>``: rack, services and each failed download (also while it is
+        retried: its last error), written on transitions only, so ``dcdeploy status`` shows
+        failed downloads. A download in progress or done without an error is not published:
+        two writes per host and release (status.json on the host shows it)."""
         fetch = {svc: {k: v for k, v in (self.status[svc].get("fetch") or {}).items()
                        if k in ("version", "state", "error", "kind")}
                  for svc in self.cfg.services}
+        fetch = {svc: entry if entry.get("error") or entry.get("state") in ("failed", "error")
+                 else {} for svc, entry in fetch.items()}  # a retry keeps its last error
         for svc, entry in fetch.items():  # no digest or size learnt from the fetched bytes
             failed = self._fetch_failed.get(svc)
             if failed and entry.get("error") == failed.reason:
@@ -277,9 +318,9 @@ class Agent:
         info = HostInfo(self.host, self.cfg.rack, tuple(sorted(self.cfg.services)),
                         time.time(), fetch, refused).to_json()
         try:
-            self.store.set(f"hosts/{self.host}", info)
+            self.store.set(layout.host(self.host), info)
         except NoNode:
-            self.store.create(f"hosts/{self.host}", info)
+            self.store.create(layout.host(self.host), info)
         self._published = (fetch, refused)
 
     def cycle_service(self, svc: str, queue: list[DeployItem] | None,
@@ -290,11 +331,7 @@ class Agent:
         if queue is not None:
             # No herd (DESIGN §4.6): only hosts that may pass the gate now watch current
             # and the gate; the others watch the queue entries just ahead of them.
-            front = self._in_front.get(svc, True)
-            view = self._trusted(svc, read_view(
-                self.store, svc, queue, queue_invalid, watch_staged=self._wake,
-                watch_current=self._wake if front else None,
-                watch_gate=self._wake if front else None))
+            view = self._trusted(svc, self.coord.view(svc, queue, queue_invalid))
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
                 self._record(svc, spec=view.spec.to_json().decode())
                 st = self.local.get(svc)
@@ -326,7 +363,7 @@ class Agent:
                                                    "known version, starting nothing")
             return
         if view.spec is None:
-            refused = [r for r in self._refused[svc] if r.startswith(f"services/{svc}:")]
+            refused = [r for r in self._refused[svc] if r.startswith(f"{layout.service(svc)}:")]
             self._set(svc, phase="serving", reason=refused[0] if refused else
                       f"service {svc} is not defined in the store")
             return
@@ -378,21 +415,12 @@ class Agent:
         self._register(svc, version)
 
     def _register(self, svc: str, version: str) -> None:
-        data = dumps({"version": version, "state": "serving", "since": time.time(),
-                      "rack": self.cfg.rack})
-        path = f"current/{svc}/{self.host}"
-        try:
-            self.store.create(path, data, ephemeral=True)
-        except NodeExists:
-            self.store.set(path, data)
+        self.coord.register(svc, version, self.cfg.rack)
         self.log.info("presence.registered", svc=svc, version=version)
 
     def _unregister(self, svc: str) -> None:
-        try:
-            self.store.delete(f"current/{svc}/{self.host}")
-            self.log.info("presence.removed", svc=svc)
-        except NoNode:
-            pass
+        self.coord.unregister(svc)
+        self.log.info("presence.removed", svc=svc)
 
     # -- prefetch and the ready queue -------------------------------------------------
     def prefetch(self, svc: str, view: decisions.ServiceView) -> None:
@@ -523,13 +551,9 @@ class Agent:
         mine = [e for e in view.staging if e.host == self.host]
         for entry in mine:
             if entry.version != want:
-                try:
-                    self.store.delete(f"staging/{svc}/{entry.node}")
-                except NoNode:
-                    pass
+                self.coord.drop_entry(svc, entry.node)
         if want is not None and not any(e.version == want for e in mine):
-            node = self.store.create(f"staging/{svc}/{self.host}-", dumps({"version": want}),
-                                     ephemeral=True, sequential=True)
+            node = self.coord.enter_queue(svc, want)
             self.log.info("staging.enqueued", svc=svc, version=want, node=node)
 
     def _arm_queue_watches(self, svc: str, view: decisions.ServiceView,
@@ -541,29 +565,21 @@ class Agent:
         hosts = [e.host for e in queue]
         k = view.spec.max_parallel if view.spec else 1
         if target is None or active == target or self.host not in hosts:
-            self._in_front[svc] = target is not None and active != target
+            self.coord.set_front(svc, target is not None and active != target)
             return
         position = hosts.index(self.host)
-        self._in_front[svc] = position < k
+        self.coord.set_front(svc, position < k)
         if position >= k:
-            for entry in queue[position - k: position]:
-                if self.store.exists(f"staging/{svc}/{entry.node}", self._wake) is None:
-                    self.wake.set()  # gone already: look again now
+            self.coord.wait_ahead(svc, [e.node for e in queue[position - k: position]])
 
     def _leave_queue(self, svc: str) -> None:
-        for node in self.store.children(f"staging/{svc}"):
-            if node.rpartition("-")[0] == self.host:
-                try:
-                    self.store.delete(f"staging/{svc}/{node}")
-                except NoNode:
-                    pass
+        self.coord.leave_queue(svc)
 
     # -- the gate and the switch ------------------------------------------------------
     def pass_gate_and_switch(self, svc: str, program: str, spec: ServiceSpec) -> None:
         if self.session is not SessionState.CONNECTED:
             return
-        self.store.sync()
-        fresh = self._trusted(svc, read_view(self.store, svc))  # all after sync
+        fresh = self._trusted(svc, self.coord.fresh_view(svc))  # as fresh as sync() makes it
         active = self.local.get(svc).active
         decision = decisions.may_take_down(fresh, self.host, active)
         if not decision:
@@ -589,18 +605,8 @@ class Agent:
                 "was_online": self.host in fresh.current,
                 "quorum": fresh.spec.quorum, "version": target,
                 "item": head.node if head else None, "t": time.time()}
-        ops: list = [SetData(f"gate/{svc}", dumps(gate), fresh.gate_version)]
-        if self.host in fresh.current:
-            ops.append(Delete(f"current/{svc}/{self.host}"))
-        if head is not None:
-            item = dumps({**json.loads(DeployItem.to_json(head)),
-                          "state": "rolling", "updated": time.time()}) \
-                if head.state == "waiting" else DeployItem.to_json(head)
-            # Writing the item (even unchanged) makes a concurrent pause or failure mark
-            # invalidate this take-down: the gate and the item move together.
-            ops.append(SetData(f"deploy/{head.node}", item, head.data_version))
         try:
-            self.store.commit(ops)
+            self.coord.try_gate(svc, fresh, gate, head)
         except TransactionFailed as exc:
             self.log.info("gate.contended", svc=svc, op=exc.index, error=str(exc.cause))
             self.wake.set()
@@ -675,6 +681,7 @@ class Agent:
         return False
 
     def _after_switch(self, svc: str, version: str) -> None:
+        self._switched.add(svc)
         try:
             self._register(svc, version)
             self._leave_queue(svc)
@@ -698,26 +705,8 @@ class Agent:
         if pending is None:
             return
         node, reason = pending
-        for _ in range(5):
-            try:
-                raw, version = self.store.get(f"deploy/{node}")
-            except NoNode:
-                break  # aborted meanwhile: nothing to mark
-            try:
-                item = DeployItem.parse(node, raw, version)
-            except InvalidData:
-                break
-            if item.state not in ("waiting", "rolling", "paused"):
-                break
-            data = dumps({**json.loads(item.to_json()), "state": "failed", "reason": reason,
-                          "host": self.host, "updated": time.time()})
-            try:
-                self.store.set(f"deploy/{node}", data, version)
-                self.log.error("deploy.failed", svc=svc, item=node, reason=reason)
-                break
-            except StoreError as exc:
-                if isinstance(exc, StoreUnavailable):
-                    raise
+        if self.coord.mark_failed(node, reason):
+            self.log.error("deploy.failed", svc=svc, item=node, reason=reason)
         self._pending_fail.pop(svc, None)
 
     def _start_and_check(self, svc: str, program: str, spec: ServiceSpec | None,
@@ -763,6 +752,8 @@ class Agent:
         target = None
         if view is not None and view.head is not None and view.head.service == svc:
             target = view.head.version
+        if view is not None:
+            view = self.coord.resolve(svc, view)  # the versions online decide
         current = list(view.current.values()) if view is not None else []
         version, why = decisions.recovery_version(current, installed, local_active, target)
         if version is None:
@@ -802,27 +793,36 @@ class Agent:
     # -- completion -------------------------------------------------------------------
     def maybe_complete(self, svc: str, view: decisions.ServiceView) -> None:
         done = decisions.item_complete(view)
+        if not done and self._may_resolve(svc, view):
+            view = self.coord.resolve(svc, view)
+            done = decisions.item_complete(view)
         if not done:
             return
         head = view.head
         assert head is not None
-        record = dumps({**json.loads(head.to_json()), "state": "done", "reason": done.reason,
-                        "updated": time.time()})
-        # A history node of that name written by hand must not keep the item open forever.
-        name = head.node if self.store.exists(f"history/{head.node}") is None else \
-            f"{head.node}-done-{time.time_ns()}"
-        try:
-            self.store.commit([
-                Delete(f"deploy/{head.node}", head.data_version),
-                Create(f"history/{name}", record),
-                SetData(f"released/{svc}", dumps({"version": head.version, "item": head.node})),
-            ])
-        except TransactionFailed as exc:
-            self.log.info("deploy.complete_contended", svc=svc, item=head.node,
-                          error=str(exc.cause))
+        if not self.coord.complete(svc, head, done.reason):
+            self.log.info("deploy.complete_contended", svc=svc, item=head.node)
             return
         self.log.info("deploy.done", svc=svc, item=head.node, version=head.version)
         self.wake.set()
+
+    def _may_resolve(self, svc: str, view: decisions.ServiceView) -> bool:
+        """Whether to read the presences not read yet to see if the item is complete:
+        when this host just switched (the last to switch sees the ready queue empty), or
+        when the item has stayed open with an empty queue for COMPLETE_FALLBACK_SECS."""
+        head = view.head
+        just_switched = svc in self._switched
+        self._switched.discard(svc)
+        if head is None or head.service != svc or decisions.ready_queue(view, head.version) \
+                or not any(e.version == "" for e in view.current.values()):
+            self._queue_empty_since.pop(svc, None)
+            return False
+        now = time.monotonic()
+        since = self._queue_empty_since.setdefault(svc, now)
+        if just_switched or now - since >= COMPLETE_FALLBACK_SECS:
+            self._queue_empty_since[svc] = now
+            return True
+        return False
 
     # -- status -----------------------------------------------------------------------
     def _record(self, svc: str, **changes: Any) -> None:
@@ -856,6 +856,7 @@ class Agent:
         status = {"host": self.host, "rack": self.cfg.rack,
                   "store": self.session.value if self._started else "unreachable",
                   "store_ops": {"reads": ops.reads, "writes": ops.writes},
+                  "cycles": self.cycles,
                   "trust": {"keys": sorted(self.cfg.trust_policy.keys),
                             "insecure_unsigned": self.cfg.trust_policy.insecure_unsigned},
                   "cycles": self.cycles, "cycle_errors": self.cycle_errors,

@@ -20,6 +20,8 @@ from typing import Any
 
 import structlog
 
+from ..localstate import atomic_write
+
 log = structlog.get_logger("dcdeploy.p2p.daemon")
 
 DAEMON = "transmission-daemon"
@@ -173,11 +175,7 @@ def write_settings(config_dir: Path, *, download_dir: Path, rpc_bind: str, rpc_p
                     peer_port=peer_port, bind_address=bind_address,
                     rpc_password=ensure_secret(config_dir), **tuning)
     path = config_dir / "settings.json"
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())  # 0600
     return path
 
 

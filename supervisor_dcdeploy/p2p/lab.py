@@ -27,7 +27,7 @@ from typing import Any, Callable
 import structlog
 
 from .. import netns
-from ..store import NodeExists, Store, open_store
+from ..store import NodeExists, Store, layout, open_store
 from ..zkserver import ZooKeeperServer
 from .seed import SeedConfig, secret_file, start as start_node, status as node_status
 from .swarm import SwarmFetcher
@@ -194,11 +194,11 @@ class SwarmLab:
         service = service or f"t{staged.infohash[:12]}"
         data = StagedRelease(service, "1", staged.sha256, staged.size, (),
                              staged.metainfo_b64).to_json()
-        self.store.ensure("staging")
+        self.store.ensure(layout.STAGING)
         try:
-            self.store.create(f"staging/{service}", data)
+            self.store.create(layout.staged(service), data)
         except NodeExists:
-            self.store.set(f"staging/{service}", data)
+            self.store.set(layout.staged(service), data)
         return service
 
     def down(self) -> None:

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import structlog
 
+from ..localstate import atomic_write
 from ..store import StoreError, open_store
 from .daemon import DaemonProcess, check_loopback, write_settings
 from .errors import FetchError
@@ -71,9 +72,7 @@ def record_seed(node_dir: Path, entry: SeedEntry) -> Path:
     d = seeds_dir(node_dir)
     d.mkdir(parents=True, exist_ok=True)
     path = d / f"{entry.infohash}.json"
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(entry.to_json())
-    os.replace(tmp, path)
+    atomic_write(path, entry.to_json().encode())
     return path
 
 
@@ -130,9 +129,7 @@ class Node:
                 else None, "rpc_url": self.daemon.url, "rpc_secret": str(self.daemon.secret_path),
                 "tracker_port": self.tracker.port,
                 "address": self.args.address, "host": self.args.host}
-        tmp = self.dir / "node.json.tmp"
-        tmp.write_text(json.dumps(info))
-        os.replace(tmp, self.dir / "node.json")
+        atomic_write(self.dir / "node.json", json.dumps(info).encode())
         log.info("node.ready", **info)
         last_check = time.monotonic()
         while not self.stopping.wait(0.5):
@@ -143,8 +140,7 @@ class Node:
                     self.daemon.start()
                     self._ensure_seeds(fetcher)
                     info["daemon_pid"] = self.daemon.proc.pid if self.daemon.proc else None
-                    tmp.write_text(json.dumps(info))
-                    os.replace(tmp, self.dir / "node.json")
+                    atomic_write(self.dir / "node.json", json.dumps(info).encode())
                 except (RuntimeError, TimeoutError, FetchError) as exc:
                     log.error("node.daemon_restart_failed", error=str(exc))
                     self.stopping.wait(2.0)

@@ -15,6 +15,7 @@ from typing import Callable, Sequence
 
 import structlog
 
+from ..localstate import sha256_file
 from .bencode import BencodeError, decode, info_span
 
 log = structlog.get_logger("dcdeploy.p2p.torrent")
@@ -181,12 +182,7 @@ def _files(root: Path) -> list[Path]:
                   key=lambda p: p.relative_to(root).as_posix())
 
 
-def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+file_sha256 = sha256_file
 
 
 def artifact_sha256(path: Path) -> str:

@@ -37,12 +37,12 @@ from urllib.parse import parse_qs
 import structlog
 
 from ..model import InvalidData, _get, _load, check_name, dumps
-from ..store import NodeExists, NoNode, SessionState, Store, StoreError
+from ..store import NodeExists, NoNode, SessionState, Store, StoreError, layout
 from . import bencode
 
 log = structlog.get_logger("dcdeploy.p2p.tracker")
 
-PEERS = "peers"
+PEERS = layout.PEERS
 INTERVAL_ACTIVE = 5  # seconds between announces while a deploy is active
 INTERVAL_IDLE = 60
 INTRO_WINDOW = 6.0  # seconds an empty host is shown only seeders (see seeders_first)
@@ -211,14 +211,14 @@ def staged_infohashes(staging: dict[str, bytes | str | None]) -> tuple[set[str],
             problems.append(str(exc))
             continue
         except (RecursionError, ValueError, OverflowError) as exc:  # until model.py bounds it
-            problems.append(f"staging/{svc}: {type(exc).__name__}")
+            problems.append(f"{layout.staged(svc)}: {type(exc).__name__}")
             continue
         if not release.torrent:
             continue
         try:
             found.add(infohash(base64.b64decode(release.torrent, validate=True)))
         except (binascii.Error, ValueError, TypeError, RecursionError) as exc:
-            problems.append(f"staging/{svc}: torrent: {type(exc).__name__}: {exc}")
+            problems.append(f"{layout.staged(svc)}: torrent: {type(exc).__name__}: {exc}")
     return found, problems
 
 
@@ -226,12 +226,12 @@ def read_staging_values(store: Store) -> dict[str, bytes | None]:
     """``staging/<svc>`` values (raises :class:`StoreError`)."""
     out: dict[str, bytes | None] = {}
     try:
-        services = store.children("staging")
+        services = store.children(layout.STAGING)
     except NoNode:
         return out
     for svc in services:
         try:
-            out[svc] = store.get(f"staging/{svc}")[0]
+            out[svc] = store.get(layout.staged(svc))[0]
         except NoNode:
             continue
     return out
@@ -566,7 +566,7 @@ class Tracker:
                     return set(self._staged)  # another thread has just read it
             try:
                 if sync:
-                    self.store.sync("staging")
+                    self.store.sync(layout.STAGING)
                 staged, problems = staged_infohashes(read_staging_values(self.store))
             except StoreError as exc:
                 log.warning("tracker.staging_unavailable", host=self.host,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import tarfile
 from pathlib import Path
+
+from ..localstate import sha256_file
 
 APP = Path(__file__).with_name("app.py")
 
@@ -34,9 +35,3 @@ def build_release(out_dir: Path, service: str, version: str, *, broken: bool = F
     return path, sha256_file(path)
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

@@ -190,6 +190,12 @@ class Store(abc.ABC):
         Returns one result per op (created path, new version, or None); raises
         :class:`TransactionFailed` naming the op that failed."""
 
+    def watch_tree(self, path: str, watcher: Callable[[str, str], None]) -> bool:
+        """Follow every change at or below ``path`` (``watcher(kind, relpath)``, kind one of
+        created/deleted/changed) until the connection drops; False when the backend cannot
+        (the caller then re-reads instead)."""
+        return False
+
     def secure(self, hosts: dict[str, str], initial: dict[str, bytes]) -> int:
         """Set up access control for the operator (this session's identity) and the given
         hosts (name -> credential id), creating the nodes in ``initial`` (path -> data)

@@ -9,6 +9,7 @@ makes the host count as down).
 
 from __future__ import annotations
 
+from collections import namedtuple
 from typing import TYPE_CHECKING, Callable, Sequence
 
 from kazoo.client import KazooClient, KazooState
@@ -16,6 +17,7 @@ from kazoo.exceptions import (AuthFailedError, BadVersionError, ConnectionClosed
                               ConnectionLoss, KazooException, NoAuthError, NodeExistsError,
                               NoNodeError, NotEmptyError, RolledBackError, SessionExpiredError)
 from kazoo.handlers.threading import KazooTimeoutError
+from kazoo.protocol.serialization import GetData, Sync, Watch, int_struct, write_string
 from kazoo.retry import KazooRetry
 
 from . import acl as layout
@@ -53,10 +55,49 @@ def _translate(exc: BaseException) -> StoreError:
     raise exc
 
 
+# ZooKeeper 3.6+ ``addWatch`` (opcode 106), which kazoo 2.11 does not offer: one persistent
+# recursive watch per subtree delivers every create, delete and data change below it, so a
+# mirror learns each change without re-reading (and without re-arming one-shot watches).
+_ADD_WATCH = 106
+_PERSISTENT_RECURSIVE = 1
+_TREE_EVENTS = {1: "created", 2: "deleted", 3: "changed"}
+TreeWatcher = Callable[[str, str], None]
+
+
+class _AddWatch(namedtuple("_AddWatch", "path mode")):
+    type = _ADD_WATCH
+
+    def serialize(self) -> bytearray:
+        out = bytearray(write_string(self.path))
+        out.extend(int_struct.pack(self.mode))
+        return out
+
+    @classmethod
+    def deserialize(cls, buffer, offset) -> bool:  # the reply is an empty ErrorResponse
+        return True
+
+
+class _MarkedSync(Sync):
+    """A sync whose reply calls ``mark()`` on kazoo's reader thread, in order with the watch
+    notifications: everything notified before it has reached the tree watchers."""
+
+    def deserialize(self, buffer, offset):  # type: ignore[override]
+        self.mark()
+        return Sync.deserialize(buffer, offset)
+
+
+class _MarkedGetData(GetData):
+    def deserialize(self, buffer, offset):  # type: ignore[override]
+        self.mark()
+        return GetData.deserialize(buffer, offset)
+
+
 class ZooKeeperStore(Store):
     """With an ``identity`` every node is created with the ACL :mod:`.acl` gives its path
     (nothing world-readable or world-writable); without one, as before: ZooKeeper's
     world-open default, for labs and the demo. ``security`` adds TLS (kazoo's ``use_ssl``)."""
+
+    supports_tree_watch = True  # ZooKeeper 3.6+ (addWatch); coord.py follows a mirror
 
     def __init__(self, url: str, servers: list[tuple[str, int]], root: str,
                  session_timeout: float = 10.0, request_timeout: float | None = None, *,
@@ -68,6 +109,8 @@ class ZooKeeperStore(Store):
         self._me = identity.digest_id if identity else None
         self.ops = OpCounter()
         self._wrappers: dict[Watcher, Callable] = {}
+        self._tree_watches: dict[str, TreeWatcher] = {}  # absolute path -> callback
+        self._hooked = False
         self.request_timeout = request_timeout or max(2.0, session_timeout / 2)
         hosts = ",".join(f"{h}:{p}" for h, p in servers)
         tls = {}
@@ -157,6 +200,67 @@ class ZooKeeperStore(Store):
             if watch:  # watch for the parent to appear instead
                 self.exists(path, watch)
             return []
+
+    def watch_tree(self, path: str, watcher: TreeWatcher) -> bool:
+        """A persistent recursive watch on ``path`` (ZooKeeper 3.6+ ``addWatch``):
+        ``watcher(kind, relpath)`` with kind ``created``, ``deleted`` or ``changed`` for every
+        node at or below ``path``, on kazoo's connection thread (must not block). The
+        server forgets such watches when the connection drops (kazoo re-sends only
+        one-shot watches), so the caller sets them again after every reconnect."""
+        self._hook_events()
+        full = self._abs(path)
+        self._tree_watches[full] = watcher
+        self.ops.read()
+        client = self._client
+        result = client.handler.async_result()
+        client._call(_AddWatch(full, _PERSISTENT_RECURSIVE), result)
+        self._wait(result)
+        return True
+
+    def sync_marked(self, path: str, mark: Callable[[], None]) -> None:
+        """``sync(path)``; ``mark()`` runs when its reply arrives, after every notification
+        the server sent before it and before any sent after it (the consistent cut a
+        mirror needs). For :mod:`..coord`."""
+        self.ops.read()
+        request = _MarkedSync(self._abs(path))
+        request.mark = mark  # type: ignore[attr-defined]
+        result = self._client.handler.async_result()
+        self._client._call(request, result)
+        self._wait(result)
+
+    def get_marked(self, path: str, mark: Callable[[], None]) -> tuple[bytes, int]:
+        """``get(path)`` with ``mark()`` at its reply, as :meth:`sync_marked`; NoNode
+        leaves ``mark`` uncalled."""
+        self.ops.read()
+        request = _MarkedGetData(self._abs(path), None)
+        request.mark = mark  # type: ignore[attr-defined]
+        result = self._client.handler.async_result()
+        self._client._call(request, result)
+        data, stat = self._wait(result)
+        return data, stat.version
+
+    def _hook_events(self) -> None:
+        if self._hooked:
+            return
+        connection = self._client._connection
+        original = connection._read_watch_event
+        root = len(self.root) + 1
+
+        def read_watch_event(buffer, offset):
+            try:
+                event, _ = Watch.deserialize(buffer, offset)
+                kind = _TREE_EVENTS.get(event.type)
+                if kind is not None:
+                    for prefix, watcher in list(self._tree_watches.items()):
+                        if event.path == prefix or event.path.startswith(prefix + "/"):
+                            self.ops.notified()
+                            watcher(kind, event.path[root:])
+            except Exception:  # noqa: BLE001 - never break kazoo's reader thread
+                pass
+            return original(buffer, offset)
+
+        connection._read_watch_event = read_watch_event
+        self._hooked = True
 
     def sync(self, path: str = "") -> None:
         self.ops.read()
