@@ -104,10 +104,11 @@ def check_private_file(path: Path, what: str) -> None:
         raise CredentialError(f"{what} {path}: not a regular file")
     if st.st_mode & 0o077:
         raise CredentialError(
-            f"{what} {path}: mode {stat.S_IMODE(st.st_mode):04o} lets group or others read it;"
-            f" make it private: chmod 600 {path}")
+            f"{what} {path} is readable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}): make it private (chmod 600 {path})")
     if st.st_uid not in (0, os.geteuid()):
-        raise CredentialError(f"{what} {path}: owned by uid {st.st_uid}, not by root or us")
+        raise CredentialError(f"{what} {path}: owned by uid {st.st_uid}, neither root nor "
+                              "this process's user: chown it")
 
 
 def read_identity(path: str | Path, what: str = "credential file") -> Identity:

@@ -79,11 +79,11 @@ import queue
 import random
 import re
 import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qs, urlsplit
 
@@ -97,6 +97,7 @@ from tenacity import (Retrying, retry_if_exception, stop_after_delay,
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 
 from . import StoreURLError
+from .acl import CredentialError, check_private_file
 from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotEmpty, Op,
                    OpCounter, SessionState, SetData, Store, StoreError, StoreUnauthorized,
                    StoreUnavailable, TransactionFailed, Watcher)
@@ -174,21 +175,13 @@ class ConsulAuth:
 
 def _private_file(what: str, path: str) -> os.stat_result:
     """A secret file must be a regular file of ours (or root's), not readable by group or
-    others: a token anyone on the host can read is anyone's token."""
+    others: a token anyone on the host can read is anyone's token (one rule for every
+    store secret: :func:`.acl.check_private_file`)."""
     try:
-        info = os.stat(path)
-    except OSError as exc:
-        raise StoreURLError(f"consul {what} {path!r}: {exc.strerror}") from None
-    if not stat.S_ISREG(info.st_mode):
-        raise StoreURLError(f"consul {what} {path!r}: not a regular file")
-    if info.st_mode & 0o077:
-        raise StoreURLError(f"consul {what} {path!r} is readable by group or others (mode "
-                            f"{stat.S_IMODE(info.st_mode):04o}): make it readable only by "
-                            f"its owner (chmod 600 {path})")
-    if info.st_uid not in (0, os.geteuid()):
-        raise StoreURLError(f"consul {what} {path!r} belongs to uid {info.st_uid}, neither "
-                            f"root nor this process's user: chown it")
-    return info
+        check_private_file(Path(path), f"consul {what}")
+    except CredentialError as exc:
+        raise StoreURLError(str(exc)) from None
+    return os.stat(path)
 
 
 def _read_token(path: str) -> str:
