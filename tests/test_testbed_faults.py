@@ -11,10 +11,12 @@ import time
 import pytest
 from needs import netns_reason, require, zookeeper_reason
 
+from supervisor_dcdeploy.store import layout
 from supervisor_dcdeploy.testbed import checker
 from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed, leftovers
 from supervisor_dcdeploy.testbed.faults import REQUIRED
 from supervisor_dcdeploy.testbed.trial import Planned, abort_if_stuck, run_deploy
+from supervisor_dcdeploy.waiting import wait_for
 
 # (kind, host, seconds the fault lasts); faults run one after another from 0.3 s after the
 # deploy is queued. healthy_secs=2 makes each switch last ~3 s, the deploy ~25 s.
@@ -112,12 +114,20 @@ def test_checker_catches_an_unrecorded_take_down_on_the_live_testbed(bed, tmp_pa
     from supervisor_dcdeploy.hostenv import host_rpc
     from supervisor_dcdeploy.testbed.trial import Background
 
+    gate = bed.store.exists(layout.gate("a"))
+
     def rogue() -> None:
-        time.sleep(2.0)
+        # Inside the deploy, whatever its speed: once the first take-down of a is committed
+        # (a fixed delay let a fast deploy end before the rogue acted, and S1 "held").
+        wait_for(lambda: bed.store.exists(layout.gate("a")) != gate, 60,
+                 "the first take-down of a")
         victims = ["h1", "h2", "h3"]
         for name in victims:
-            host_rpc(bed.hosts[name].layout).supervisor.stopProcess("a", False)
-        time.sleep(1.5)
+            try:
+                host_rpc(bed.hosts[name].layout).supervisor.stopProcess("a", False)
+            except Exception:  # noqa: BLE001 - that host may be mid-switch, a already down
+                pass
+        time.sleep(1.5)  # the outage the prober must see, not a synchronisation
         for name in victims:
             try:
                 host_rpc(bed.hosts[name].layout).supervisor.startProcess("a", False)

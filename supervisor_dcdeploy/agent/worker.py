@@ -38,8 +38,11 @@ FETCH_RETRY_SECS = 10.0
 RECOVER_RETRY_SECS = 5.0
 RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
 # Completing an item needs every presence's version; the host that switched last reads
-# them. Others do only when the item is still open this long after the queue emptied.
-COMPLETE_FALLBACK_SECS = 30.0
+# them. Others do only when the item is still open this long after the queue emptied (the
+# last switcher died mid-switch): short enough that a dead host does not hold the deploy
+# (L2 is judged 20 s after every reachable host runs the target), long enough that a
+# normal last switch (start + healthy_secs) ends first and nobody else reads.
+COMPLETE_FALLBACK_SECS = 10.0
 
 
 class FetchFailure(NamedTuple):
