@@ -1,4 +1,4 @@
-"""Fetch, verify and unpack release artifacts (DESIGN §4 step 2, §5 S3/S5, §6 disk full).
+"""Fetch, verify and unpack release artifacts (docs/design.md §4.2, §5 S3/S5, §6 disk full).
 
 A host may only switch to bytes whose sha256 matches the staged one (S3), and whatever it leaves
 on disk must survive ``kill -9`` at any point (S5). So every step here is built from atomic moves:

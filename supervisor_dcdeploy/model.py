@@ -2,7 +2,7 @@
 
 Every value that crosses the store boundary is parsed here, once, into a frozen dataclass.
 Parsing never trusts the store: anything malformed raises :class:`InvalidData` naming the
-path and the field, so an agent can report it and refuse to act on it (DESIGN §6: garbage
+path and the field, so an agent can report it and refuse to act on it (docs/design.md §6: garbage
 written by hand with ``zkCli.sh set`` or ``consul kv put``).
 """
 

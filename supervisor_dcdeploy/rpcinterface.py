@@ -1,6 +1,6 @@
 """``[rpcinterface:dcdeploy]``: this host's deploy state over supervisord's XML-RPC.
 
-Runs inside supervisord's single poll loop (DESIGN §7): no blocking call, no thread, no
+Runs inside supervisord's single poll loop (docs/design.md §7): no blocking call, no thread, no
 store access. It only reads the small status and state files the agent writes atomically,
 and the factory is idempotent (supervisord calls it again on every reload)."""
 

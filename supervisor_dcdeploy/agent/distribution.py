@@ -1,4 +1,4 @@
-"""This host's side of peer-to-peer distribution (DESIGN §2, docs/distribution.md).
+"""This host's side of peer-to-peer distribution (docs/design.md §2, docs/distribution.md).
 
 Enabled by ``transmission_rpc`` in ``[agent]``. The agent then serves the tracker on
 loopback (peers registered in ``/dc/peers/<infohash>/<host>``, same rack first), fetches

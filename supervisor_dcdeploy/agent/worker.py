@@ -1,4 +1,4 @@
-"""The agent's worker: one reconcile cycle per wake-up, per service (DESIGN §4).
+"""The agent's worker: one reconcile cycle per wake-up, per service (docs/design.md §4).
 
 Each cycle reads a snapshot, asks the pure functions in :mod:`..decisions` what to do, and
 does it. The store is the only shared truth; supervisord and the release directories are
@@ -332,7 +332,7 @@ class Agent:
         rd = self.dirs[svc]
         view = None
         if queue is not None:
-            # No herd (DESIGN §4.6): only hosts that may pass the gate now watch current
+            # No herd (docs/design.md §4.6): only hosts that may pass the gate now watch current
             # and the gate; the others watch the queue entries just ahead of them.
             view = self._trusted(svc, self.coord.view(svc, queue, queue_invalid))
             if view.spec is not None and view.spec.to_json().decode() != st.spec:
@@ -743,7 +743,7 @@ class Agent:
     # -- recovery ---------------------------------------------------------------------
     def recover(self, svc: str, program: str, spec: ServiceSpec | None,
                 view: decisions.ServiceView | None) -> None:
-        """Start the right version of a service that is not running (DESIGN §4.7)."""
+        """Start the right version of a service that is not running (docs/design.md §4.7)."""
         if time.monotonic() < self._recover_after.get(svc, 0.0):
             return
         st = self.local.get(svc)

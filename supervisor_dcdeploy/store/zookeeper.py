@@ -2,7 +2,7 @@
 
 Every call goes through kazoo's ``*_async`` API with a deadline: a plain kazoo call queues
 while the connection is suspended and can wait forever, and an agent must never hang on the
-store (DESIGN §4.8). A call that times out may still be applied when the connection comes
+store (docs/design.md §4.8). A call that times out may still be applied when the connection comes
 back; the protocol is written so that such a late write is safe (a late gate commit only
 makes the host count as down).
 """
