@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from supervisor_dcdeploy.cli import main as cli
 from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port, make_test_pki
 
@@ -133,3 +134,14 @@ def store(store_url):
 @pytest.fixture
 def workdir(tmp_path) -> Path:
     return tmp_path
+
+
+@pytest.fixture
+def run(store_url, capsys):
+    """``run(*argv)``: the ``dcdeploy`` CLI in-process on this test's store root; returns
+    (exit code, stdout, stderr)."""
+    def _run(*argv: str) -> tuple[int, str, str]:
+        code = cli(["--store", store_url, *argv])
+        out, err = capsys.readouterr()
+        return code, out, err
+    return _run

@@ -11,15 +11,6 @@ from supervisor_dcdeploy.cli import main as cli
 SHA = "c" * 64
 
 
-@pytest.fixture
-def run(store_url, capsys):
-    def _run(*argv: str) -> tuple[int, str, str]:
-        code = cli(["--store", store_url, *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return _run
-
-
 def test_service_definition_and_listing(run, store):
     def health_of(svc):
         return json.loads(store.get(f"services/{svc}")[0])["health"]

@@ -19,7 +19,6 @@ from cluster import Cluster, wait_for
 from supervisor_dcdeploy import decisions as d
 from supervisor_dcdeploy import ops, svcadmin
 from supervisor_dcdeploy import waitdeploy as w
-from supervisor_dcdeploy.cli import main as cli
 from supervisor_dcdeploy.agent.config import load
 from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.ctlplugin import render
@@ -366,15 +365,6 @@ def dc(workdir, store, store_url):
         yield c
     finally:
         c.stop_all()
-
-
-@pytest.fixture
-def run(store_url, capsys):
-    def _run(*argv: str) -> tuple[int, str, str]:
-        code = cli(["--store", store_url, *argv])
-        out, err = capsys.readouterr()
-        return code, out, err
-    return _run
 
 
 def test_deploy_wait_exits_0_when_done(dc, run):
