@@ -16,7 +16,7 @@ import pytest
 
 from supervisor_dcdeploy.cli import main as cli
 from supervisor_dcdeploy.store import open_store
-from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port, make_test_pki
+from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port, make_test_pki
 
 from needs import unavailable
 
