@@ -32,10 +32,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor_dcdeploy.testbed import checker  # noqa: E402
-from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed  # noqa: E402
-from supervisor_dcdeploy.testbed.faults import KINDS  # noqa: E402
-from supervisor_dcdeploy.testbed.trial import (  # noqa: E402
+from supervisor_dcdeploy.lab.testbed import checker  # noqa: E402
+from supervisor_dcdeploy.lab.testbed.bed import BedConfig, ServiceDef, Testbed  # noqa: E402
+from supervisor_dcdeploy.lab.testbed.faults import KINDS  # noqa: E402
+from supervisor_dcdeploy.lab.testbed.trial import (  # noqa: E402
     abort_if_stuck, cover, plan, run_deploy)
 
 

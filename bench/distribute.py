@@ -36,8 +36,8 @@ from urllib.parse import urlsplit
 
 import structlog
 
-from supervisor_dcdeploy import netns
-from supervisor_dcdeploy.p2p.lab import SwarmLab
+from supervisor_dcdeploy.lab import netns
+from supervisor_dcdeploy.lab.swarmlab import SwarmLab
 from supervisor_dcdeploy.p2p.seed import Staged, add_seed
 from supervisor_dcdeploy.p2p.torrent import artifact_sha256, make_torrent, piece_count
 

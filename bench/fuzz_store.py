@@ -5,7 +5,7 @@ node kind while a rolling deploy runs, on a real ZooKeeper with real supervisord
 Each case writes one value, waits until every agent has run two full cycles after the write
 (its status.json counts cycles), checks the agents' pids, their cycle_errors counters, what an
 independent prober saw of each service against its quorum, and that the CLI's read paths do
-not raise; then it puts the node back (see supervisor_dcdeploy/storefuzz.py).
+not raise; then it puts the node back (see supervisor_dcdeploy/lab/storefuzz.py).
 ``--batch K`` writes K cases (of K distinct random kinds) at once before waiting.
 
     python bench/fuzz_store.py --cases 200 --seed 1 --json
@@ -31,9 +31,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from supervisor_dcdeploy.storefuzz import KINDS, Fuzzer, fuzz_cluster, fuzz_prober  # noqa: E402
+from supervisor_dcdeploy.lab.storefuzz import KINDS, Fuzzer, fuzz_cluster, fuzz_prober  # noqa: E402
 from supervisor_dcdeploy.store import open_store  # noqa: E402
-from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port  # noqa: E402
+from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port  # noqa: E402
 
 
 stop_requested = False

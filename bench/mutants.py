@@ -166,7 +166,7 @@ def kill_tree(proc: subprocess.Popen) -> None:
     """SIGKILL pytest and everything it started (ZooKeeper, supervisords, agents, services:
     they run in sessions of their own, so its fixtures' cleanup is all that would stop them),
     by pid."""
-    from supervisor_dcdeploy.hostenv import descendants
+    from supervisor_dcdeploy.lab.hostenv import descendants
     for pid in [*descendants(proc.pid), proc.pid]:
         try:
             os.kill(pid, signal.SIGKILL)

@@ -27,10 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from supervisor_dcdeploy.hostenv import host_rpc
-from supervisor_dcdeploy.localdc import Cluster, wait_for
+from supervisor_dcdeploy.lab.hostenv import host_rpc
+from supervisor_dcdeploy.lab.localdc import Cluster, wait_for
 from supervisor_dcdeploy.store import open_store
-from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port
+from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port
 
 
 def store_ops(dc: Cluster) -> int:

@@ -55,10 +55,10 @@ from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.lab.sample import build_release
 from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.waiting import wait_for
-from supervisor_dcdeploy.zkserver import (RequestCount, ZooKeeperServer, cpu_seconds,
+from supervisor_dcdeploy.lab.zkserver import (RequestCount, ZooKeeperServer, cpu_seconds,
                                           free_port, namespace_requests)
 
 SVC = "A"

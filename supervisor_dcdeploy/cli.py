@@ -403,12 +403,12 @@ def cmd_web(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .lab.demo import run_demo
     return run_demo(hosts=args.hosts, keep=args.keep)
 
 
 def cmd_testbed(args: argparse.Namespace) -> int:
-    from .testbed.cli import main as testbed_main
+    from .lab.testbed.cli import main as testbed_main
     return testbed_main(args.rest)
 
 

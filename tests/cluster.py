@@ -1,5 +1,5 @@
-"""Test-side names for the local data center (see supervisor_dcdeploy.localdc)."""
+"""Test-side names for the local data center (see supervisor_dcdeploy.lab.localdc)."""
 
-from supervisor_dcdeploy.localdc import Cluster, Prober, Sample, get_version, wait_for
+from supervisor_dcdeploy.lab.localdc import Cluster, Prober, Sample, get_version, wait_for
 
 __all__ = ["Cluster", "Prober", "Sample", "get_version", "wait_for"]

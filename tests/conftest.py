@@ -16,7 +16,7 @@ import pytest
 
 from supervisor_dcdeploy.cli import main as cli
 from supervisor_dcdeploy.store import open_store
-from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port, make_test_pki
+from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port, make_test_pki
 
 from needs import unavailable
 
@@ -25,7 +25,7 @@ from needs import unavailable
 NETNS_MODULES = {"test_p2p_swarm", "test_swarm_deploy", "test_testbed", "test_testbed_chaos",
                  "test_testbed_faults", "test_testbed_durable"}
 # Fixtures that start a real server (ZooKeeper, the Consul fake) or a cluster of hosts.
-INTEGRATION_FIXTURES = {"zk_server", "store_url", "store", "cluster", "any_cluster",
+INTEGRATION_FIXTURES = {"zk_server", "secure_zk", "store_url", "store", "cluster", "any_cluster",
                         "serial_cluster", "backend", "st", "consul", "trackers"}
 # Modules that start processes themselves (supervisord, a demo data center).
 INTEGRATION_MODULES = {"test_demo", "test_supervisor_plugin"}
@@ -43,14 +43,40 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.unit)
 
 
-@pytest.fixture(autouse=True)
-def _unit_tests_start_no_zookeeper(request, monkeypatch):
-    """Keeps the ``unit`` marker honest: a unit test that reaches for ZooKeeper fails."""
-    if request.node.get_closest_marker("unit") is not None:
-        def refuse(self, *args, **kwargs):
-            raise AssertionError(f"{request.node.nodeid} is marked unit but starts ZooKeeper; "
+# The node ids of the unit tests being run now (setup, call and teardown), for the guard below.
+_UNIT_RUNNING: list[str] = []
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    unit = item.get_closest_marker("unit") is not None
+    if unit:
+        _UNIT_RUNNING.append(item.nodeid)
+    try:
+        yield
+    finally:
+        if unit:
+            _UNIT_RUNNING.pop()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _unit_tests_start_no_zookeeper():
+    """Keeps the ``unit`` marker honest: a unit test that reaches for ZooKeeper fails, also
+    through a session fixture it pulls in (set up before any function-scoped patch could
+    apply, which is why this wraps ``start`` for the whole session)."""
+    start = ZooKeeperServer.start
+
+    def guarded(self, *args, **kwargs):
+        if _UNIT_RUNNING:
+            raise AssertionError(f"{_UNIT_RUNNING[-1]} is marked unit but starts ZooKeeper; "
                                  "use a fixture from INTEGRATION_FIXTURES (tests/conftest.py)")
-        monkeypatch.setattr(ZooKeeperServer, "start", refuse)
+        return start(self, *args, **kwargs)
+
+    ZooKeeperServer.start = guarded
+    try:
+        yield
+    finally:
+        ZooKeeperServer.start = start
 
 
 @pytest.fixture

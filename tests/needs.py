@@ -25,7 +25,7 @@ def unavailable(reason: str) -> NoReturn:
 
 def netns_reason() -> str | None:
     """Why namespace tests cannot run here, or None."""
-    from supervisor_dcdeploy import netns
+    from supervisor_dcdeploy.lab import netns
     ok, why = netns.available()
     return None if ok else why
 

@@ -12,7 +12,7 @@ from needs import unavailable
 
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.cli import main as cli
-from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.lab.sample import build_release
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from cluster import Cluster, wait_for
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.model import DeployItem
 from supervisor_dcdeploy.cli import main as cli
-from supervisor_dcdeploy.storefuzz import agent_pids, cycle_errors, wait_cycles
+from supervisor_dcdeploy.lab.storefuzz import agent_pids, cycle_errors, wait_cycles
 
 HOSTS = ("h0", "h1", "h2")
 

@@ -10,8 +10,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from supervisor_dcdeploy.testbed import checker
-from supervisor_dcdeploy.testbed.history import HistoryWriter, load
+from supervisor_dcdeploy.lab.testbed import checker
+from supervisor_dcdeploy.lab.testbed.history import HistoryWriter, load
 
 HOSTS = ("h1", "h2", "h3")
 SHA = {("a", "v1"): "1" * 64, ("a", "v2"): "2" * 64, ("b", "v1"): "3" * 64,

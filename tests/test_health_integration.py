@@ -14,7 +14,7 @@ import pytest
 from cluster import Cluster, wait_for
 
 from supervisor_dcdeploy import ops
-from supervisor_dcdeploy.hostenv import host_rpc
+from supervisor_dcdeploy.lab.hostenv import host_rpc
 from supervisor_dcdeploy.model import DeployItem, HealthCheck, dumps
 
 

@@ -25,7 +25,7 @@ from hostile import MiB, aliased_chain, make_zip, tar_bomb, tar_entries, zip_bom
 
 from supervisor_dcdeploy import fetch, ops
 from supervisor_dcdeploy.cli import main as cli
-from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.lab.sample import build_release
 from supervisor_dcdeploy.store import open_store
 
 UNPACK_MAX_BYTES = 64 * MiB

@@ -11,7 +11,7 @@ from cluster import Cluster, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor_dcdeploy import ops
-from supervisor_dcdeploy.zkserver import free_port
+from supervisor_dcdeploy.lab.zkserver import free_port
 
 SERVICES = {"A": {"quorum": 2, "max_parallel": 1, "healthy_secs": 0.3}}
 

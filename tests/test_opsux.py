@@ -22,13 +22,13 @@ from supervisor_dcdeploy import waitdeploy as w
 from supervisor_dcdeploy.agent.config import load
 from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.ctlplugin import render
-from supervisor_dcdeploy.hostenv import (DROPIN_PYTHON, HostLayout, dropin_text, host_rpc,
+from supervisor_dcdeploy.lab.hostenv import (DROPIN_PYTHON, HostLayout, dropin_text, host_rpc,
                                          stop_host, wait_rpc, write_host)
 from supervisor_dcdeploy.model import (CurrentEntry, DeployItem, HostInfo, ServiceSpec,
                                        StagedRelease, StagingEntry)
 from supervisor_dcdeploy.store import NoNode, StoreError
 from supervisor_dcdeploy.supervisorctl_client import SupervisorShuttingDown
-from supervisor_dcdeploy.zkserver import free_port
+from supervisor_dcdeploy.lab.zkserver import free_port
 
 ITEM = "item-0000000004"
 SHA = "a" * 64

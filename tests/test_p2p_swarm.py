@@ -21,9 +21,9 @@ import pytest
 from needs import unavailable
 
 from supervisor_dcdeploy.waiting import wait_for
-from supervisor_dcdeploy import netns
+from supervisor_dcdeploy.lab import netns
 from supervisor_dcdeploy.p2p.errors import DiskFull, DownloadError
-from supervisor_dcdeploy.p2p.lab import LabHost, SwarmLab
+from supervisor_dcdeploy.lab.swarmlab import LabHost, SwarmLab
 from supervisor_dcdeploy.p2p.seed import Staged, add_seed, stage
 from supervisor_dcdeploy.p2p.swarm import SwarmFetcher
 from supervisor_dcdeploy.p2p.torrent import artifact_sha256

@@ -35,7 +35,7 @@ from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.lab.sample import build_release
 
 QUORUM = 4
 HOSTS = 5

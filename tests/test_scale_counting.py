@@ -8,7 +8,7 @@ import threading
 
 from supervisor_dcdeploy.store import Create, SetData
 from supervisor_dcdeploy.waiting import wait_for
-from supervisor_dcdeploy.zkserver import namespace_requests
+from supervisor_dcdeploy.lab.zkserver import namespace_requests
 
 
 def test_server_counts_what_the_client_sent(zk_server, store):

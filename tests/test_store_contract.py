@@ -20,7 +20,7 @@ from kazoo.client import KazooClient
 
 from fakeconsul import FakeConsul
 from supervisor_dcdeploy.waiting import wait_for as _wait_for
-from supervisor_dcdeploy.zkserver import free_port
+from supervisor_dcdeploy.lab.zkserver import free_port
 from supervisor_dcdeploy.store import (BadVersion, Check, Create, Delete, NodeExists, NoNode,
                                        NotEmpty, SessionState, SetData, Store,
                                        StoreError, StoreUnavailable, TransactionFailed, open_store)

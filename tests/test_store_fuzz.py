@@ -1,7 +1,7 @@
 """Property (issue 8): whatever is written into any node of the store while a deploy runs,
 no agent crashes, no cycle raises, no service drops below its quorum, and the CLI's read
 paths do not raise. Real agents under real supervisord on a real ZooKeeper; hypothesis draws
-which node kinds get which random or mutated values (supervisor_dcdeploy/storefuzz.py).
+which node kinds get which random or mutated values (supervisor_dcdeploy/lab/storefuzz.py).
 
 bench/fuzz_store.py runs the same cases in the thousands.
 """
@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.model import HealthCheck as Check
-from supervisor_dcdeploy.storefuzz import KINDS, Fuzzer, fuzz_cluster, fuzz_prober
+from supervisor_dcdeploy.lab.storefuzz import KINDS, Fuzzer, fuzz_cluster, fuzz_prober
 
 
 @pytest.fixture

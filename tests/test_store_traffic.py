@@ -25,8 +25,8 @@ from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.sample import build_release
-from supervisor_dcdeploy.zkserver import namespace_requests
+from supervisor_dcdeploy.lab.sample import build_release
+from supervisor_dcdeploy.lab.zkserver import namespace_requests
 
 HOSTS = int(os.environ.get("DCDEPLOY_TRAFFIC_HOSTS", "10"))
 PER_UPGRADE = 10

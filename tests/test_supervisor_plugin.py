@@ -8,7 +8,7 @@ import sys
 
 from cluster import Cluster, wait_for
 
-from supervisor_dcdeploy.hostenv import host_rpc
+from supervisor_dcdeploy.lab.hostenv import host_rpc
 
 
 def test_supervisorctl_dcdeploy_status(workdir, store, store_url):

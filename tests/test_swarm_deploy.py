@@ -14,11 +14,12 @@ from pathlib import Path
 
 from needs import netns_reason, require
 
-from supervisor_dcdeploy import netns, ops
+from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.lab import netns
 from supervisor_dcdeploy.p2p import seed
-from supervisor_dcdeploy.sample import build_release
-from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed
-from supervisor_dcdeploy.testbed.recorder import wait_for
+from supervisor_dcdeploy.lab.sample import build_release
+from supervisor_dcdeploy.lab.testbed.bed import BedConfig, ServiceDef, Testbed
+from supervisor_dcdeploy.lab.testbed.recorder import wait_for
 
 
 def test_stage_path_and_deploy_through_the_swarm(tmp_path):

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 from needs import netns_reason, require, zookeeper_reason
 
-from supervisor_dcdeploy import netns
-from supervisor_dcdeploy.testbed import bed as tb
-from supervisor_dcdeploy.testbed.cli import main as bed_cli
-from supervisor_dcdeploy.testbed.recorder import wait_for
+from supervisor_dcdeploy.lab import netns
+from supervisor_dcdeploy.lab.testbed import bed as tb
+from supervisor_dcdeploy.lab.testbed.cli import main as bed_cli
+from supervisor_dcdeploy.lab.testbed.recorder import wait_for
 
 
 def _require_root() -> None:
@@ -53,7 +53,7 @@ def test_cli_up_status_down_leaves_nothing(tmp_path, capsys):
 def test_down_after_a_killed_up_leaves_nothing(tmp_path):
     _require_root()
     base = tmp_path / "bed"
-    proc = subprocess.Popen([sys.executable, "-m", "supervisor_dcdeploy.testbed.cli",
+    proc = subprocess.Popen([sys.executable, "-m", "supervisor_dcdeploy.lab.testbed.cli",
                              "--base", str(base), "up", "--hosts", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             cwd=Path(__file__).resolve().parent.parent)
@@ -116,8 +116,8 @@ def test_vagrantfile_runs_the_testbed_provisioning_scripts():
 
 
 def test_fault_plan_is_a_function_of_the_seed():
-    from supervisor_dcdeploy.testbed.faults import KINDS
-    from supervisor_dcdeploy.testbed.trial import plan
+    from supervisor_dcdeploy.lab.testbed.faults import KINDS
+    from supervisor_dcdeploy.lab.testbed.trial import plan
     hosts = ["h1", "h2", "h3", "h4"]
     first = plan(1234, hosts, list(KINDS), 5)
     assert first == plan(1234, hosts, list(KINDS), 5)
@@ -128,8 +128,8 @@ def test_fault_plan_is_a_function_of_the_seed():
 
 
 def test_cover_draws_every_fault_kind():
-    from supervisor_dcdeploy.testbed.faults import KINDS
-    from supervisor_dcdeploy.testbed.trial import cover, plan
+    from supervisor_dcdeploy.lab.testbed.faults import KINDS
+    from supervisor_dcdeploy.lab.testbed.trial import cover, plan
     orders = cover(13, list(KINDS), 6, 2)
     assert [len(o) for o in orders] == [2] * 6
     assert set(k for o in orders for k in o) == set(KINDS)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 from needs import netns_reason, require, zookeeper_reason
 
-from supervisor_dcdeploy.testbed.bed import leftovers
-from supervisor_dcdeploy.testbed.faults import KINDS
+from supervisor_dcdeploy.lab.testbed.bed import leftovers
+from supervisor_dcdeploy.lab.testbed.faults import KINDS
 
 REPO = Path(__file__).resolve().parent.parent
 SEED, TRIALS, PER_TRIAL = 13, 6, 2

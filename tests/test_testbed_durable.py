@@ -19,9 +19,9 @@ from needs import netns_reason, require, zookeeper_reason
 
 from supervisor_dcdeploy.localstate import read_state
 from supervisor_dcdeploy.store import NoNode
-from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed, leftovers
-from supervisor_dcdeploy.testbed.faults import DiskFull, RebootIsolated
-from supervisor_dcdeploy.testbed.recorder import wait_for
+from supervisor_dcdeploy.lab.testbed.bed import BedConfig, ServiceDef, Testbed, leftovers
+from supervisor_dcdeploy.lab.testbed.faults import DiskFull, RebootIsolated
+from supervisor_dcdeploy.lab.testbed.recorder import wait_for
 
 
 @pytest.fixture

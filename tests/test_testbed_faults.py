@@ -12,10 +12,10 @@ import pytest
 from needs import netns_reason, require, zookeeper_reason
 
 from supervisor_dcdeploy.store import layout
-from supervisor_dcdeploy.testbed import checker
-from supervisor_dcdeploy.testbed.bed import BedConfig, ServiceDef, Testbed, leftovers
-from supervisor_dcdeploy.testbed.faults import REQUIRED
-from supervisor_dcdeploy.testbed.trial import Planned, abort_if_stuck, run_deploy
+from supervisor_dcdeploy.lab.testbed import checker
+from supervisor_dcdeploy.lab.testbed.bed import BedConfig, ServiceDef, Testbed, leftovers
+from supervisor_dcdeploy.lab.testbed.faults import REQUIRED
+from supervisor_dcdeploy.lab.testbed.trial import Planned, abort_if_stuck, run_deploy
 from supervisor_dcdeploy.waiting import wait_for
 
 # (kind, host, seconds the fault lasts); faults run one after another from 0.3 s after the
@@ -114,8 +114,8 @@ def test_checker_catches_an_unrecorded_take_down_on_the_live_testbed(bed, tmp_pa
     """The negative control: during a deploy, something outside the protocol (here the test,
     over supervisord's XML-RPC, recorded as no fault) stops service a on three of the four
     hosts at once. The prober must see it and the checker must report S1."""
-    from supervisor_dcdeploy.hostenv import host_rpc
-    from supervisor_dcdeploy.testbed.trial import Background
+    from supervisor_dcdeploy.lab.hostenv import host_rpc
+    from supervisor_dcdeploy.lab.testbed.trial import Background
 
     gate = bed.store.exists(layout.gate("a"))
 

@@ -198,7 +198,7 @@ def test_store_urls():
 
 
 def test_free_ports_are_distinct_bindable_and_outside_the_ephemeral_range(tmp_path):
-    from supervisor_dcdeploy.zkserver import ephemeral_range, free_port
+    from supervisor_dcdeploy.lab.zkserver import ephemeral_range, free_port
     low, high = ephemeral_range()
     ports = [free_port() for _ in range(30)]
     assert len(set(ports)) == 30

@@ -484,7 +484,7 @@ def test_agent_refuses_the_aliased_chain_and_keeps_serving(workdir: Path, store:
     from cluster import Cluster, wait_for
 
     from supervisor_dcdeploy import ops
-    from supervisor_dcdeploy.sample import build_release
+    from supervisor_dcdeploy.lab.sample import build_release
 
     cluster = Cluster(workdir, store, store_url, 2, {"A": {"quorum": 1, "max_parallel": 1}})
     try:

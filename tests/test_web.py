@@ -16,7 +16,7 @@ from cluster import Cluster, wait_for
 from prometheus_client.parser import text_string_to_metric_families
 
 from supervisor_dcdeploy import ops
-from supervisor_dcdeploy.zkserver import free_port
+from supervisor_dcdeploy.lab.zkserver import free_port
 
 CHROMIUM = "/usr/bin/chromium"
 DOCS_IMG = Path(__file__).resolve().parent.parent / "docs" / "img" / "web.png"

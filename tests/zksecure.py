@@ -11,7 +11,7 @@ from pathlib import Path
 from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.store.acl import read_identity
-from supervisor_dcdeploy.zkserver import TestPKI, ZooKeeperServer
+from supervisor_dcdeploy.lab.zkserver import TestPKI, ZooKeeperServer
 
 OPERATOR = "operator"
 

@@ -25,7 +25,7 @@ tm=--transmission
 services=""
 for svc in "$@"; do services="$services --service $svc"; done
 # shellcheck disable=SC2086
-"$py" -m supervisor_dcdeploy.testbed.provision host --name "$name" --rack "$rack" \
+"$py" -m supervisor_dcdeploy.lab.testbed.provision host --name "$name" --rack "$rack" \
     --address "$address" --root "$root" --store "$store" --python "$py" $tm $services \
     --file-root "${DCDT_FILE_ROOT:-}"
 if [ "${DCDT_START:-0}" = 1 ]; then

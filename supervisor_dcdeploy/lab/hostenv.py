@@ -17,7 +17,7 @@ from pathlib import Path
 
 from supervisor.xmlrpc import SupervisorTransport
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
 # The placeholder for the venv's Python in the shipped drop-in (the README says to set it).
 DROPIN_PYTHON = "/opt/dcdeploy/venv/bin/python"
 INSTALLED_CONF_DIR = Path(sys.prefix) / "share" / "supervisor-dcdeploy" / "conf"  # data_files
@@ -119,7 +119,7 @@ pidfile = {root}/supervisord.pid
 childlogdir = {root}/logs
 nodaemon = true
 identifier = {layout.name}
-environment = PYTHONPATH="{Path(__file__).resolve().parent.parent}",DCDEPLOY_LOG_FORMAT="json"
+environment = PYTHONPATH="{Path(__file__).resolve().parents[2]}",DCDEPLOY_LOG_FORMAT="json"
 
 [rpcinterface:supervisor]
 supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface

@@ -14,13 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from . import ops, trust
+from .. import ops, trust
 from .hostenv import (HostLayout, start_host, stop_host, wait_rpc,
                                          write_host)
-from .model import HealthCheck
+from ..model import HealthCheck
 from .sample import build_release
-from .store import Store, layout
-from .waiting import wait_for
+from ..store import Store, layout
+from ..waiting import wait_for
 from .zkserver import free_port
 
 __all__ = ["Cluster", "Prober", "Sample", "get_version", "wait_for"]

@@ -26,11 +26,11 @@ from typing import Any, Callable
 
 import structlog
 
-from .. import netns
+from . import netns
 from ..store import NodeExists, Store, layout, open_store
-from ..zkserver import ZooKeeperServer
-from .seed import SeedConfig, secret_file, start as start_node, status as node_status
-from .swarm import SwarmFetcher
+from .zkserver import ZooKeeperServer
+from ..p2p.seed import SeedConfig, secret_file, start as start_node, status as node_status
+from ..p2p.swarm import SwarmFetcher
 
 CLONE_NEWNET = 0x40000000
 
@@ -136,7 +136,7 @@ class SwarmLab:
     def up(self) -> "SwarmLab":
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.net.up()
-        from ..zkserver import free_port
+        from .zkserver import free_port
         self.zk = ZooKeeperServer(self.workdir / "zk", free_port(self.net.gateway),
                                   host=self.net.gateway)
         self.zk.start()

@@ -15,9 +15,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from . import ops
+from .. import ops
 from .localdc import Cluster, Prober, wait_for
-from .store import StoreError, layout, open_store
+from ..store import StoreError, layout, open_store
 from .zkserver import ZooKeeperNotInstalled, ZooKeeperServer, free_port
 
 

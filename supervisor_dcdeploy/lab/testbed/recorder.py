@@ -32,8 +32,8 @@ from kazoo.client import KazooClient, KazooState
 from kazoo.recipe.watchers import ChildrenWatch, DataWatch
 
 from .history import HistoryWriter
-from ..localstate import read_state
-from ..waiting import wait_for  # noqa: F401 (re-exported for the testbed)
+from ...localstate import read_state
+from ...waiting import wait_for  # noqa: F401 (re-exported for the testbed)
 
 log = structlog.get_logger(__name__)
 

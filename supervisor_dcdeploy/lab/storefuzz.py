@@ -29,14 +29,14 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from . import ops
-from .cli import render_status
+from .. import ops
+from ..cli import render_status
 from .hostenv import host_rpc
 from .localdc import Cluster, Prober
-from .model import (CurrentEntry, DeployItem, InvalidData, ServiceSpec, StagedRelease,
+from ..model import (CurrentEntry, DeployItem, InvalidData, ServiceSpec, StagedRelease,
                     StagingEntry)
-from .store import BadVersion, NodeExists, NoNode
-from .waiting import wait_for
+from ..store import BadVersion, NodeExists, NoNode
+from ..waiting import wait_for
 
 KINDS = ("services", "staged", "queue_entry", "current", "deploy", "hosts", "gate", "peers",
          "history", "released")

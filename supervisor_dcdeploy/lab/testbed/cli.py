@@ -1,7 +1,7 @@
 """``dcdeploy testbed up|down|status|check``: the namespace testbed from a shell.
 
 ``main(argv)`` is mounted by the project's CLI under ``testbed``; it is also runnable as
-``python -m supervisor_dcdeploy.testbed.cli``. ``up`` leaves the testbed running (its
+``python -m supervisor_dcdeploy.lab.testbed.cli``. ``up`` leaves the testbed running (its
 processes are detached) and records it in ``<base>/testbed.json``; ``down`` removes
 everything with the ``dcdt`` prefix, whether the testbed came up completely or not.
 """

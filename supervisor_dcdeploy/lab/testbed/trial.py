@@ -23,8 +23,8 @@ from typing import Any, Sequence
 
 import structlog
 
-from .. import ops
-from ..snapshot import read_queue
+from ... import ops
+from ...snapshot import read_queue
 from . import checker
 from .bed import Testbed
 from .faults import KINDS, FaultRunner
@@ -314,7 +314,7 @@ def _failed_head(bed: Testbed):
 def _installed(bed: Testbed) -> dict[str, list[str]]:
     """Versions in some host's local state when recording begins (staged by an earlier run:
     a host recovering onto one of them is not starting something never staged)."""
-    from ..localstate import read_state
+    from ...localstate import read_state
     out: dict[str, set[str]] = {svc: set() for svc in bed.services}
     for host in bed.hosts.values():
         try:

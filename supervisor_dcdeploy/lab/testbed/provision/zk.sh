@@ -17,7 +17,7 @@ fi
 peers=""
 for peer in "$@"; do peers="$peers --peer $peer"; done
 # shellcheck disable=SC2086
-cfg=$("$py" -m supervisor_dcdeploy.testbed.provision zk --id "$sid" --address "$address" \
+cfg=$("$py" -m supervisor_dcdeploy.lab.testbed.provision zk --id "$sid" --address "$address" \
     --data-dir "$data" $peers)
 echo "$cfg"
 if [ "${DCDT_START:-0}" = 1 ]; then

@@ -2,9 +2,9 @@
 namespace testbed and the Vagrant VMs (``provision/host.sh`` and ``provision/zk.sh`` call
 this module, so CI exercises exactly what a VM would run).
 
-``python -m supervisor_dcdeploy.testbed.provision host --name h1 --rack r1 --address ADDR
+``python -m supervisor_dcdeploy.lab.testbed.provision host --name h1 --rack r1 --address ADDR
 --root DIR --store zk://.../dc --service a=8001 [--service b=8002] [--transmission]``
-``python -m supervisor_dcdeploy.testbed.provision zk --id 1 --address ADDR --data-dir DIR
+``python -m supervisor_dcdeploy.lab.testbed.provision zk --id 1 --address ADDR --data-dir DIR
 --peer 1=ADDR --peer 2=ADDR --peer 3=ADDR``
 """
 
@@ -27,7 +27,7 @@ def transmission_program(root: Path, address: str) -> str:
     """The supervisord section running this host's transmission-daemon, with its settings
     written under ``root/transmission`` (peers on the host's own address; the RPC on
     loopback with the password in ``root/transmission/rpc-secret``, the agent's default)."""
-    from ..p2p import daemon
+    from ...p2p import daemon
     config_dir = root / "transmission"
     daemon.write_settings(config_dir, download_dir=root / "downloads", rpc_bind="127.0.0.1",
                           rpc_port=TRANSMISSION_RPC_PORT, peer_port=TRANSMISSION_PEER_PORT,

@@ -24,11 +24,12 @@ from typing import Any
 
 import structlog
 
-from .. import netns, ops
+from .. import netns
+from ... import ops
 from ..hostenv import HostLayout, host_rpc, stop_host, wait_rpc
-from ..model import HealthCheck
+from ...model import HealthCheck
 from ..sample import build_release
-from ..store import Store, open_store
+from ...store import Store, open_store
 from .ensemble import Ensemble
 from .provision import SCRIPTS, host_layout, main as provision_main  # noqa: F401
 
