@@ -235,7 +235,7 @@ def verify_view(fetch, current=None, staging=()):
     current = current if current is not None else {"h0": "1", "h1": "1", "h2": "1"}
     return d.ServiceView(
         service="api", spec=ServiceSpec("api", "api", quorum=2),
-        staged=StagedRelease("api", "2", SHA, urls=("file:///x",)),
+        staged=StagedRelease("api", "2", SHA, 1, urls=("file:///x",)),
         current={h: CurrentEntry(h, v) for h, v in current.items()},
         staging=[StagingEntry(f"{h}-{i:010d}", i, h, "2") for i, h in enumerate(staging)],
         queue=[DeployItem(ITEM, 4, "api", "2")],
