@@ -273,8 +273,12 @@ def test_hostile_release_is_refused_and_1_keeps_serving(case: str, cluster: DC,
             assert published["state"] == "failed", (h, published)
             assert bad.error(str(published.get("error"))), (h, published)
             assert published["kind"] == bad.kind, (h, published)
-            local = c.host_status(h)["services"]["A"]["fetch"]
-            assert local["version"] == version and bad.error(local["error"]), local
+            # status.json is written after the store in a cycle: wait for this cycle's.
+            def local_failure(h: str = h) -> dict:
+                f = c.host_status(h)["services"]["A"]["fetch"]
+                return f if f.get("version") == version and "error" in f else {}
+            local = wait_for(local_failure, 30, f"{h}'s status.json to show the refusal")
+            assert bad.error(local["error"]), local
 
         # dcdeploy status names it: the item (blocked when the bytes can never verify) ...
         item = ops.status(dc.store)["deploy"][0]
