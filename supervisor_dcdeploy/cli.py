@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from . import logs, ops, trust
-from .model import HealthCheck, InvalidData
+from .model import MAX_SIZE_BYTES, HealthCheck, InvalidData
 from .snapshot import read_spec
 from .store import Store, StoreError, StoreURLError, open_store, store_url_from
 
@@ -37,6 +37,14 @@ def connected(args: argparse.Namespace) -> Iterator[Store]:
         yield store
     finally:
         store.stop()
+
+
+def _positive_size(text: str) -> int:
+    """``--size``: a whole number of bytes in [1, MAX_SIZE_BYTES] (what hosts accept)."""
+    if not re.fullmatch(r"[0-9]{1,19}", text.strip()) or not 1 <= int(text) <= MAX_SIZE_BYTES:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a size in bytes from 1 to {MAX_SIZE_BYTES}")
+    return int(text)
 
 
 def _health(args: argparse.Namespace) -> HealthCheck:
@@ -168,10 +176,26 @@ def cmd_stage(args: argparse.Namespace) -> int:
         raise CLIError("stage needs --url URL and --sha256 HEX, or --path FILE_OR_DIR")
     signer, expires = _signing(args)
     with connected(args) as store:
+        size = args.size
+        if size is None:
+            # Hosts refuse a release without a size (it bounds their downloads): learn it
+            # here, once the service is known to exist.
+            from .fetch import probe_size
+            spec, problem = read_spec(store, args.name)
+            if spec is None:
+                raise CLIError(problem or f'service "{args.name}" is not defined (define it '
+                                          f"with: dcdeploy service set {args.name} ...)")
+            found = probe_size(args.url)
+            if found is None:
+                raise CLIError("stage: cannot learn the artifact's size from --url (no local "
+                               "file, no Content-Length answered to HEAD): give it with "
+                               "--size BYTES")
+            size, source = found
+            print(f"size {size} bytes (from {source})", file=sys.stderr)
         release = ops.stage(store, args.name, args.version, sha256=args.sha256,
-                            urls=args.url, size=args.size, signer=signer, expires=expires)
-    print(f"staged {args.name} {release.version} (sha256 {release.sha256[:16]}...): "
-          "hosts are fetching it now")
+                            urls=args.url, size=size, signer=signer, expires=expires)
+    print(f"staged {args.name} {release.version} (sha256 {release.sha256[:16]}..., "
+          f"{release.size} bytes): hosts are fetching it now")
     return 0
 
 
@@ -182,8 +206,8 @@ def _stage_path(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if not path.exists():
         raise CLIError(f"--path {path}: no such file or directory")
-    if args.sha256:
-        raise CLIError("--sha256 goes with --url: with --path it is computed")
+    if args.sha256 or args.size is not None:
+        raise CLIError("--sha256 and --size go with --url: with --path they are computed")
     signer, expires = _signing(args)
     info = seed.status(args.seed_dir)
     if not info:
@@ -481,7 +505,9 @@ def build_parser() -> argparse.ArgumentParser:
     stage.add_argument("version")
     stage.add_argument("--url", action="append", help="http(s):// or file:// (repeatable)")
     stage.add_argument("--sha256")
-    stage.add_argument("--size", type=int)
+    stage.add_argument("--size", type=_positive_size, metavar="BYTES",
+                       help="the artifact's size (with --url; default: the local file's "
+                            "size or the Content-Length a HEAD request answers)")
     stage.add_argument("--path", help="stage a local file or dir through the swarm "
                                        "(needs a seeder: dcdeploy seed start)")
     stage.add_argument("--webseed", action="append", default=[], help="BEP 19 web seed URL")

@@ -62,10 +62,6 @@ MARKER_NAME = ".dcdeploy-release.json"
 CHUNK_SIZE = 64 * 1024
 PROGRESS_INTERVAL_S = 0.1  # at most ~10 progress callbacks per second
 
-# With a staged size, a download stops at the first byte beyond it. Without one (only with
-# allow_unknown_size=True) it stops here.
-MAX_UNKNOWN_SIZE_BYTES = 32 * 1024 ** 3
-
 # Retry policy around transient network errors, per URL. Module-level so tests can shrink it.
 RETRY_ATTEMPTS = 5
 RETRY_DEADLINE_S = 120.0
@@ -212,9 +208,9 @@ class _Progress:
 
 # ------------------------------------------------------------------------------------ download
 
-def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int | None = None,
-             allow_unknown_size: bool = False, file_root: Path | str | None = None,
-             progress: ProgressFn | None = None, timeout: float = 30.0) -> Path:
+def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int,
+             file_root: Path | str | None = None, progress: ProgressFn | None = None,
+             timeout: float = 30.0) -> Path:
     """Fetch the artifact with digest ``sha256`` to ``dest`` and return ``dest``.
 
     ``urls`` (schemes ``http``, ``https``, ``file``) are tried in order; transient network errors
@@ -223,7 +219,7 @@ def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int | None =
 
     Partial data is kept at ``dest + ".part"`` and resumed with an HTTP ``Range`` request by the
     next attempt or the next call; a server answering 200 instead of 206 restarts from zero.
-    The sha256 (and ``size``, if given) is checked *before* ``.part`` is fsynced and renamed to
+    The sha256 and ``size`` are checked *before* ``.part`` is fsynced and renamed to
     ``dest``, so ``dest`` only ever holds verified bytes.
 
     Idempotent: if ``dest`` already exists with the right digest, returns at once without any
@@ -232,11 +228,10 @@ def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int | None =
     ``progress(done_bytes, total_bytes_or_None)`` is called at most ~10 times per second, and once
     more when the download completes.
 
-    ``size`` is required (a :class:`DownloadError` otherwise) unless ``allow_unknown_size``:
-    it bounds what a wrong or hostile source can write here, byte for byte, while it arrives
-    (without it, :data:`MAX_UNKNOWN_SIZE_BYTES`). ``file://`` URLs are read only from regular
-    files under ``file_root`` (after resolving symlinks); with no ``file_root`` they are refused.
-    Files are created 0600.
+    ``size`` (the staged size, always known: docs/store-layout.md) bounds what a wrong or
+    hostile source can write here, byte for byte, while it arrives. ``file://`` URLs are
+    read only from regular files under ``file_root`` (after resolving symlinks); with no
+    ``file_root`` they are refused. Files are created 0600.
 
     Raises:
         VerificationError: the fetched bytes have the wrong sha256 or size; ``.part`` is deleted
@@ -246,23 +241,19 @@ def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int | None =
         DiskFull: ENOSPC/EDQUOT in ``dest``'s directory. The ``.part`` is deleted: on a full
             disk the running release (its logs, the agent's own state files) matters more than
             the bytes already fetched, so we give the space back.
-        ValueError: no URL, a malformed sha256 or a negative size.
+        ValueError: no URL, a malformed sha256, or a size that is not an int >= 0.
     """
     sha256 = _check_sha256(sha256)
     if not urls:
         raise ValueError("no URL given for artifact " + sha256)
-    if size is not None and size < 0:
-        raise ValueError(f"size must be >= 0, got {size!r}")
-    if size is None and not allow_unknown_size:
-        raise DownloadError(f"artifact {sha256} has no staged size; refusing to download "
-                            f"without a bound (stage it with its size: dcdeploy stage --size "
-                            f"BYTES)")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise ValueError(f"size must be an int >= 0 (the staged size), got {size!r}")
     dest = Path(dest)
     part = dest.with_name(dest.name + ".part")
 
     if dest.exists():
         actual = _sha256_file(dest)
-        if actual == sha256 and (size is None or dest.stat().st_size == size):
+        if actual == sha256 and dest.stat().st_size == size:
             log.debug("fetch.cached", dest=str(dest), sha256=sha256)
             return dest
         log.warning("fetch.cache_corrupt", dest=str(dest), expected=sha256, actual=actual)
@@ -309,7 +300,7 @@ def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int | None =
     raise last_error
 
 
-def _fetch_with_retries(url: str, part: Path, sha256: str, size: int | None,
+def _fetch_with_retries(url: str, part: Path, sha256: str, size: int,
                         report: _Progress, timeout: float,
                         file_root: Path | str | None) -> None:
     def before_sleep(state: tenacity.RetryCallState) -> None:
@@ -387,14 +378,14 @@ class _PartWriter:
             self._f.close()
 
 
-def _fetch_once(url: str, part: Path, sha256: str, size: int | None,
+def _fetch_once(url: str, part: Path, sha256: str, size: int,
                 report: _Progress, timeout: float, file_root: Path | str | None) -> None:
     """One attempt at one URL: resume ``part``, stream the rest, verify. Raises on any failure."""
     offset = part.stat().st_size if part.exists() else 0
-    if size is not None and offset > size:
+    if offset > size:
         log.warning("fetch.part_oversized", part=str(part), offset=offset, size=size)
         offset = 0
-    if size is not None and offset == size:
+    if offset == size:
         # Complete but unverified (killed between write and rename): verify without a request.
         writer = _PartWriter(part, restart=False)
         writer.close()
@@ -411,17 +402,16 @@ def _fetch_once(url: str, part: Path, sha256: str, size: int | None,
                             f"use http, https or file", url=url)
 
 
-def _stream(chunks: Iterator[bytes], writer: _PartWriter, total: int | None, size: int | None,
+def _stream(chunks: Iterator[bytes], writer: _PartWriter, total: int, size: int,
             report: _Progress) -> None:
     # Don't let a wrong or hostile source fill the disk: the first chunk that would go past
     # the staged size stops the download before it is written.
-    limit = size if size is not None else MAX_UNKNOWN_SIZE_BYTES
     for chunk in chunks:
-        writer.write(chunk, limit)
+        writer.write(chunk, size)
         report(writer.done, total)
 
 
-def _fetch_http(url: str, part: Path, offset: int, sha256: str, size: int | None,
+def _fetch_http(url: str, part: Path, offset: int, sha256: str, size: int,
                 report: _Progress, timeout: float) -> None:
     shown = _redact(url)
     # identity: a transparently gunzipped body would not match the digest nor Range offsets.
@@ -463,15 +453,14 @@ def _fetch_http(url: str, part: Path, offset: int, sha256: str, size: int | None
         length = resp.headers.get("Content-Length")
         expected_body = int(length) if length and length.isdigit() else None
         start = offset if not restart else 0
-        if size is not None and expected_body is not None and start + expected_body > size:
+        if expected_body is not None and start + expected_body > size:
             raise VerificationError(
                 f"{shown!r} announces {start + expected_body} bytes, more than the staged size "
                 f"{size}; not downloading it", expected=size, actual=start + expected_body,
                 what="size")
         writer = _PartWriter(part, restart=restart)
         try:
-            total = size if size is not None else (
-                writer.done + expected_body if expected_body is not None else None)
+            total = size
             report(writer.done, total)
             body_start = writer.done
             try:
@@ -507,6 +496,37 @@ def _body_chunks(resp: requests.Response) -> Iterator[bytes]:
         if not data:
             return
         yield data
+
+
+def probe_size(urls: Sequence[str], *, timeout: float = 10.0) -> tuple[int, str] | None:
+    """The artifact's size as the operator's machine sees it, for ``dcdeploy stage --url``
+    without ``--size``: a ``file://`` URL's regular file here, or an http(s) URL's
+    Content-Length answered to HEAD (redirects followed). Returns (bytes, the URL it came
+    from, without credentials) for the first URL that tells, or None. A wrong answer costs
+    no safety: every host checks the downloaded bytes against this size and the sha256."""
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        scheme = parts.scheme.lower()
+        if scheme == "file":
+            path = Path(urllib.parse.unquote(parts.path))
+            try:
+                st = path.stat()
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_size > 0:
+                return st.st_size, url
+        elif scheme in ("http", "https"):
+            try:
+                resp = requests.head(url, headers={"Accept-Encoding": "identity"},
+                                     allow_redirects=True, timeout=(timeout, timeout))
+            except requests.RequestException as exc:
+                log.info("fetch.probe_failed", url=_redact(url), error=type(exc).__name__)
+                continue
+            length = resp.headers.get("Content-Length", "")
+            if resp.status_code == 200 and re.fullmatch(r"[0-9]{1,19}", length) \
+                    and int(length) > 0:
+                return int(length), _redact(url)
+    return None
 
 
 def _content_range_start(value: str) -> int | None:
@@ -551,7 +571,7 @@ def _open_under_root(url: str, source: str, file_root: Path | str | None) -> IO[
     return os.fdopen(ffd, "rb")
 
 
-def _fetch_file(url: str, part: Path, offset: int, sha256: str, size: int | None,
+def _fetch_file(url: str, part: Path, offset: int, sha256: str, size: int,
                 report: _Progress, file_root: Path | str | None) -> None:
     parts = urllib.parse.urlsplit(url)
     if parts.netloc not in ("", "localhost"):
@@ -560,12 +580,12 @@ def _fetch_file(url: str, part: Path, offset: int, sha256: str, size: int | None
     source = urllib.request.url2pathname(parts.path)
     src = _open_under_root(url, source, file_root)
     length = os.fstat(src.fileno()).st_size
-    if size is not None and length > size:
+    if length > size:
         src.close()
         raise VerificationError(f"{url!r} is larger than the staged size {size} bytes; not "
                                 f"copying it", expected=size, actual=length, what="size")
     with src:
-        total = size if size is not None else os.fstat(src.fileno()).st_size
+        total = size
         restart = offset == 0 or offset > os.fstat(src.fileno()).st_size
         if not restart:
             src.seek(offset)
@@ -584,8 +604,8 @@ def _fetch_file(url: str, part: Path, offset: int, sha256: str, size: int | None
     _verify(writer, sha256, size, url)
 
 
-def _verify(writer: _PartWriter, sha256: str, size: int | None, url: str) -> None:
-    if size is not None and writer.done != size:
+def _verify(writer: _PartWriter, sha256: str, size: int, url: str) -> None:
+    if writer.done != size:
         raise VerificationError(
             f"artifact from {_redact(url)!r} is {writer.done} bytes, staged size is {size}",
             expected=size, actual=writer.done, what="size")
@@ -1160,8 +1180,7 @@ def installed_sha256(release_dir: Path) -> str | None:
 # ------------------------------------------------------------------------------------- install
 
 def install_release(urls: Sequence[str], sha256: str, releases_dir: Path, version: str,
-                    cache_dir: Path, *, size: int | None = None,
-                    allow_unknown_size: bool = False, file_root: Path | str | None = None,
+                    cache_dir: Path, *, size: int, file_root: Path | str | None = None,
                     limits: Limits | None = None, progress: ProgressFn | None = None) -> Path:
     """Make ``releases_dir / version`` hold the release with digest ``sha256``; return it.
 
@@ -1174,7 +1193,7 @@ def install_release(urls: Sequence[str], sha256: str, releases_dir: Path, versio
     the network or the cache.
 
     ``cache_dir`` is made (or reset to) mode 0700: artifacts may be copies of files only root
-    may read. ``size``, ``allow_unknown_size`` and ``file_root`` go to :func:`download`,
+    may read. ``size`` (the staged size) and ``file_root`` go to :func:`download`,
     ``limits`` (default :class:`Limits`) to the unpack.
 
     Raises:
@@ -1201,8 +1220,7 @@ def install_release(urls: Sequence[str], sha256: str, releases_dir: Path, versio
             f"(stage it under a new version)", expected=sha256, actual=present)
     _private_dir(cache_dir)
     artifact = download(urls, sha256, cache_dir / f"{sha256}.artifact", size=size,
-                        allow_unknown_size=allow_unknown_size, file_root=file_root,
-                        progress=progress)
+                        file_root=file_root, progress=progress)
     try:
         releases_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -293,6 +293,13 @@ def _torrent_problem(b64: str) -> str | None:
     return None
 
 
+@functools.lru_cache(maxsize=32)
+def _torrent_size(b64: str) -> int:
+    """The payload bytes a torrent (already checked by :func:`check_torrent`) describes."""
+    from .p2p.torrent import torrent_size
+    return torrent_size(base64.b64decode(b64, validate=True))
+
+
 def check_torrent(where: str, field_name: str, b64: str) -> str:
     problem = _torrent_problem(b64)
     if problem:
@@ -512,7 +519,7 @@ class StagedRelease:
     service: str
     version: str
     sha256: str
-    size: int | None = None
+    size: int  # bytes of the artifact: bounds every download of it (docs/store-layout.md)
     urls: tuple[str, ...] = ()
     torrent: str | None = None  # base64 of the .torrent metainfo (issue: p2p distribution)
     staged_at: float = 0.0
@@ -527,7 +534,9 @@ class StagedRelease:
         sha = _get(where, data, "sha256", str).lower()
         if not SHA256_RE.fullmatch(sha):
             raise InvalidData(where, "sha256", f"{_short(sha)} is not 64 hex digits")
-        size = check_int(where, data, "size", None, 0, MAX_SIZE_BYTES)
+        # Required: a host stops a download at the first byte past it (issue 8), and it is
+        # signed with the rest, so a store writer cannot raise it.
+        size = check_int(where, data, "size", ..., 1, MAX_SIZE_BYTES)
         urls = data.get("urls")
         if urls is None and isinstance(data.get("url"), str):
             urls = [data["url"]]
@@ -544,6 +553,10 @@ class StagedRelease:
         torrent = _get(where, data, "torrent", str, None)
         if torrent:
             check_torrent(where, "torrent", torrent)
+            described = _torrent_size(torrent)
+            if described != size:
+                raise InvalidData(where, "torrent", f"describes {described} bytes, the staged "
+                                                    f"size is {size}")
         if not urls and not torrent:
             raise InvalidData(where, "urls", "a staged release needs a url or a torrent")
         staged_at = check_number(where, data, "staged_at", 0.0, 0.0, MAX_TIMESTAMP)
@@ -552,9 +565,8 @@ class StagedRelease:
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = {"version": self.version, "sha256": self.sha256,
-                                "urls": list(self.urls), "staged_at": self.staged_at}
-        if self.size is not None:
-            data["size"] = self.size
+                                "size": self.size, "urls": list(self.urls),
+                                "staged_at": self.staged_at}
         if self.torrent:
             data["torrent"] = self.torrent
         return dumps(_with_signature(data, self.signature))

@@ -149,19 +149,18 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
     return spec
 
 
-def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str] | None = None,
-          size: int | None = None, torrent: str | None = None,
+def stage(store: Store, name: str, version: str, *, sha256: str, size: int,
+          urls: list[str] | None = None, torrent: str | None = None,
           signer: trust.Signer | None = None, expires: float | None = None) -> StagedRelease:
     """Write the staged release of a defined service; hosts start fetching at once.
+    ``size`` (the artifact's bytes) is required: it bounds every host's download.
     Signed as :func:`service_set` is."""
     spec, problem = read_spec(store, name)
     if spec is None:
         raise OpError(problem or f'service "{name}" is not defined '
                                  f"(define it with: dcdeploy service set {name} ...)")
-    data: dict[str, Any] = {"version": version, "sha256": sha256, "urls": urls or [],
-                            "staged_at": time.time()}
-    if size is not None:
-        data["size"] = size
+    data: dict[str, Any] = {"version": version, "sha256": sha256, "size": size,
+                            "urls": urls or [], "staged_at": time.time()}
     if torrent:
         data["torrent"] = torrent
     try:

@@ -87,7 +87,7 @@ def test_garbage_and_bad_requests_change_nothing(cluster, capsys, store_url):
     code, out, err = run_cli(capsys, store_url, "deploy", "B")
     assert code == 2 and "staging/B" in err and "not valid JSON" in err
     code, out, err = run_cli(capsys, store_url, "stage", "A", "2", "--url", "ftp://x/y",
-                             "--sha256", real)
+                             "--sha256", real, "--size", "100")
     assert code == 2 and "scheme" in err
     code, out, err = run_cli(capsys, store_url, "stage", "A", "2", "--url", url,
                              "--sha256", "xyz")
@@ -138,7 +138,8 @@ def test_full_disk_fails_the_download_and_keeps_serving(workdir, store, store_ur
         assert shutil.disk_usage(tight).free < 64 * 1024
         # Bigger than what is left on h2, so its download cannot fit.
         big, big_sha = build_release(workdir / "big", "A", "2", padding=256 * 1024)
-        ops.stage(cluster.store, "A", "2", sha256=big_sha, urls=[f"file://{big}"])
+        ops.stage(cluster.store, "A", "2", sha256=big_sha, urls=[f"file://{big}"],
+                  size=big.stat().st_size)
         wait_for(lambda: "h2" in ops.status(cluster.store)["hosts"] and
                  ops.status(cluster.store)["hosts"]["h2"]["services"]["A"]
                  .get("fetch", {}).get("state") == "failed", 60, "h2 to report the full disk")

@@ -28,7 +28,7 @@ SHA = "a" * 64
 SPEC = {"program": "A", "quorum": 1, "depends_on": [], "max_parallel": 1,
         "health": {"kind": "http", "target": "http://127.0.0.1:1/", "timeout": 2.0},
         "healthy_secs": 0.0, "preload": False}
-STAGED = {"version": "2", "sha256": SHA, "urls": ["file:///x"], "staged_at": 1.7e9}
+STAGED = {"version": "2", "sha256": SHA, "size": 1000, "urls": ["file:///x"], "staged_at": 1.7e9}
 ITEM = {"service": "A", "version": "2", "state": "waiting", "reason": None, "host": None,
         "updated": 1.7e9}
 HOST = {"rack": "r0", "services": ["A"], "last_seen": 1.7e9,
@@ -307,9 +307,19 @@ def test_a_real_torrent_passes(tmp_path):
     art.write_bytes(b"x" * 200_000)
     meta, _ = make_torrent(art)
     check_metainfo(meta)
-    parsed = StagedRelease.parse("A", raw({**STAGED, "urls": [],
+    parsed = StagedRelease.parse("A", raw({**STAGED, "urls": [], "size": 200_000,
                                            "torrent": base64.b64encode(meta).decode()}))
     assert parsed.torrent
+
+
+def test_a_torrent_of_another_length_than_the_staged_size_is_refused(tmp_path):
+    art = tmp_path / "rel.tar.gz"
+    art.write_bytes(b"x" * 200_000)
+    meta, _ = make_torrent(art)
+    with pytest.raises(InvalidData) as exc:
+        StagedRelease.parse("A", raw({**STAGED, "urls": [], "size": 199_999,
+                                      "torrent": base64.b64encode(meta).decode()}))
+    assert exc.value.field == "torrent"
 
 
 

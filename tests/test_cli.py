@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import threading
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.cli import main as cli
 
 SHA = "c" * 64
@@ -77,7 +81,8 @@ def test_pause_resume_abort_and_status(run):
     run("service", "set", "db", "--quorum", "1")
     run("service", "set", "api", "--quorum", "1", "--depends-on", "db")
     for svc in ("db", "api"):
-        assert run("stage", svc, "2", "--url", "file:///x.tgz", "--sha256", SHA)[0] == 0
+        assert run("stage", svc, "2", "--url", "file:///x.tgz", "--sha256", SHA,
+                   "--size", "100")[0] == 0
     code, out, _ = run("deploy", "api", "db")
     assert code == 0
     code, out, _ = run("status", "--json")
@@ -89,7 +94,8 @@ def test_pause_resume_abort_and_status(run):
     assert status["services"]["api"]["depends_on"] == ["db"]
     assert status["services"]["db"]["staged"]["version"] == "2"
     # Re-staging a service that is being deployed is refused.
-    code, _, err = run("stage", "db", "3", "--url", "file:///y.tgz", "--sha256", SHA)
+    code, _, err = run("stage", "db", "3", "--url", "file:///y.tgz", "--sha256", SHA,
+                       "--size", "100")
     assert code == 2 and "being deployed" in err
     assert run("pause")[0] == 0
     code, out, _ = run("status", "--json")
@@ -105,3 +111,68 @@ def test_pause_resume_abort_and_status(run):
     assert [h["state"] for h in json.loads(out)] == ["aborted", "aborted"]
     code, out, _ = run("status", "--json")
     assert json.loads(out)["deploy"] == []
+
+
+# -- the staged size (issue 8): required, learned when it can be, refused when not -------------
+
+def staged_of(store, svc):
+    return ops.status(store)["services"][svc]["staged"]
+
+
+@pytest.mark.parametrize("size", ["0", "-5", "abc", "1.5", "true", str((1 << 50) + 1)])
+def test_stage_refuses_a_size_that_is_not_a_byte_count(run, store, capsys, size):
+    run("service", "set", "db", "--quorum", "1")
+    with pytest.raises(SystemExit) as exc:
+        run("stage", "db", "2", "--url", "file:///x.tgz", "--sha256", SHA, "--size", size)
+    assert exc.value.code == 2 and "--size" in capsys.readouterr().err
+    assert staged_of(store, "db") is None
+
+
+def test_stage_without_a_size_it_cannot_learn_asks_for_size(run, store):
+    run("service", "set", "db", "--quorum", "1")
+    code, _, err = run("stage", "db", "2", "--url", "file:///nonexistent/x.tgz",
+                       "--url", "ftp://x/y", "--sha256", SHA)
+    assert code == 2 and "--size BYTES" in err
+    assert staged_of(store, "db") is None
+
+
+def test_stage_takes_the_size_of_a_local_file(run, store, tmp_path):
+    art = tmp_path / "a.tgz"
+    art.write_bytes(b"x" * 1234)
+    run("service", "set", "db", "--quorum", "1")
+    code, out, _ = run("stage", "db", "2", "--url", art.as_uri(), "--sha256", SHA)
+    assert code == 0 and "1234 bytes" in out
+    assert staged_of(store, "db")["size"] == 1234
+
+
+def test_stage_takes_the_size_from_a_head_request(run, store, tmp_path):
+    (tmp_path / "a.tgz").write_bytes(b"y" * 4321)
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(tmp_path))
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        run("service", "set", "db", "--quorum", "1")
+        # The first URL answers 404: the next one tells.
+        code, _, err = run("stage", "db", "2", "--url", f"{base}/missing.tgz",
+                           "--url", f"{base}/a.tgz", "--sha256", SHA)
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+    assert code == 0, err
+    assert staged_of(store, "db")["size"] == 4321
+    # An explicit --size wins over what the server says.
+    code, _, err = run("stage", "db", "3", "--url", f"{base}/a.tgz", "--sha256", SHA,
+                       "--size", "77")
+    assert code == 0, err
+    assert staged_of(store, "db")["size"] == 77
+
+
+def test_stage_path_computes_the_size_itself(run, store, tmp_path):
+    art = tmp_path / "a.tgz"
+    art.write_bytes(b"x")
+    run("service", "set", "db", "--quorum", "1")
+    code, _, err = run("stage", "db", "2", "--path", str(art), "--size", "5")
+    assert code == 2 and "--size go with --url" in err

@@ -24,7 +24,7 @@ def view(current=None, staging=(), queue=None, quorum=2, max_parallel=1, staged=
     queue = queue if queue is not None else [DeployItem("item-0000000001", 1, svc, "2")]
     return d.ServiceView(
         service=svc, spec=spec(svc, quorum, max_parallel),
-        staged=StagedRelease(svc, staged, SHA, urls=("file:///x",)) if staged else None,
+        staged=StagedRelease(svc, staged, SHA, 1, urls=("file:///x",)) if staged else None,
         current={h: CurrentEntry(h, v) for h, v in current.items()},
         staging=[StagingEntry(f"{h}-{i:010d}", i, h, v) for i, (h, v) in enumerate(staging)],
         queue=queue, hosts=hosts or {}, released=released)
@@ -146,7 +146,7 @@ def specs(**deps):
 
 
 def staged_all(names):
-    return {n: StagedRelease(n, "1", SHA, urls=("file:///x",)) for n in names}
+    return {n: StagedRelease(n, "1", SHA, 1, urls=("file:///x",)) for n in names}
 
 
 def test_deploy_order_follows_dependencies():

@@ -255,17 +255,35 @@ def test_server_ignoring_range_restarts_from_zero(
     assert server.requests[-1] == ("/r.tgz", "bytes=100000-")
 
 
-def test_complete_part_answered_with_416_is_verified_and_kept(
-        server: Server, tmp_path: Path) -> None:
+def test_complete_part_is_verified_without_a_request(server: Server, tmp_path: Path) -> None:
     # Killed after the last byte but before the rename: nothing is left to fetch.
     data = blob(50_000)
     url = server.add("/a.tgz", data)
     (tmp_path / "a.artifact.part").write_bytes(data)
-    # Without a size (allowed explicitly): with one, a complete .part needs no request at all.
-    download([url], sha(data), tmp_path / "a.artifact", allow_unknown_size=True)
+    download([url], sha(data), tmp_path / "a.artifact", size=len(data))
     assert (tmp_path / "a.artifact").read_bytes() == data
-    assert server.requests == [("/a.tgz", "bytes=50000-")]
+    assert server.requests == []
     assert os.listdir(tmp_path) == ["a.artifact"]
+
+
+def test_416_for_a_part_shorter_than_the_staged_size_is_a_size_error(
+        server: Server, tmp_path: Path) -> None:
+    # The server's artifact ends where our .part does, before the staged size.
+    data = blob(50_000)
+    url = server.add("/a.tgz", data)
+    (tmp_path / "a.artifact.part").write_bytes(data)
+    with pytest.raises(VerificationError) as ei:
+        download([url], sha(data), tmp_path / "a.artifact", size=len(data) + 10)
+    assert ei.value.what == "size"
+    assert server.requests == [("/a.tgz", "bytes=50000-")]
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("size", [None, -1, True, 1.5])
+def test_a_download_needs_a_staged_size(size, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="size"):
+        download(["http://127.0.0.1:1/a.tgz"], sha(b"x"), tmp_path / "a.artifact", size=size)
+    assert os.listdir(tmp_path) == []
 
 
 def test_wrong_sha256_leaves_neither_dest_nor_part(server: Server, tmp_path: Path) -> None:
@@ -620,7 +638,7 @@ def test_install_release_is_idempotent(server: Server, tmp_path: Path) -> None:
 
     # The marker alone decides: even without the cached artifact, no fetch happens.
     (cache / f"{sha(data)}.artifact").unlink()
-    assert install_release([url], sha(data), releases, "1.0", cache) == rel
+    assert install_release([url], sha(data), releases, "1.0", cache, size=len(data)) == rel
     assert len(server.requests) == 1
     assert sorted(os.listdir(releases)) == ["1.0"]
 
@@ -649,7 +667,7 @@ def test_install_release_refuses_a_different_sha_under_the_same_version(
 def test_install_release_rejects_unsafe_versions(version: str, tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         install_release(["file:///nonexistent"], sha(b"x"), tmp_path / "r", version,
-                        tmp_path / "c")
+                        tmp_path / "c", size=1)
     assert not (tmp_path / "r").exists()
 
 

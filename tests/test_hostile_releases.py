@@ -16,6 +16,7 @@ import threading
 import xmlrpc.client
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any, Callable
 
@@ -106,12 +107,37 @@ class DC:
     store_url: str
     workdir: Path
     outside: Path  # a directory beside the hosts' file_root, not under it
+    oversized_url: str  # an HTTP server that sends more than any staged size (OversizedBody)
     pids: dict[tuple[str, str], int] = field(default_factory=dict)
     version: int = 1
 
     def next_version(self) -> str:
         self.version += 1
         return str(self.version)
+
+
+OVERSIZED_SENT = 64 * MiB  # what the server sends, whatever the staged size
+
+
+class OversizedBody(BaseHTTPRequestHandler):
+    """Answers every GET with 200 and 64 MiB of body, without a Content-Length (so a host
+    cannot refuse it before reading): only the staged size can stop the download."""
+
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes
+
+    def do_GET(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        chunk = b"z" * MiB
+        try:
+            for _ in range(OVERSIZED_SENT // MiB):
+                self.wfile.write(chunk)
+        except OSError:
+            pass  # the host hung up: what it should do
+
+    def log_message(self, *args: Any) -> None:
+        pass
 
 
 @pytest.fixture(scope="module")
@@ -127,14 +153,22 @@ def cluster(zk_server: Any, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     c = Cluster(workdir, store, store_url, 2, {"A": {"quorum": 1, "max_parallel": 1}})
     for layout in c.hosts.values():
         layout.agent_extra["unpack_max_bytes"] = str(UNPACK_MAX_BYTES)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), OversizedBody)
+    server.daemon_threads = True
+    serving = threading.Thread(target=server.serve_forever, daemon=True)
+    serving.start()
     try:
         c.boot({"A": "1"})
-        dc = DC(c, store, store_url, workdir, outside)
+        dc = DC(c, store, store_url, workdir, outside,
+                f"http://127.0.0.1:{server.server_address[1]}/A.tar.gz")
         dc.pids = pids(c)
         yield dc
     finally:
         c.stop_all()
         store.stop()
+        server.shutdown()
+        server.server_close()
+        serving.join(timeout=10)
 
 
 # ------------------------------------------------------------------------------ the cases
@@ -188,12 +222,22 @@ def outside_file_root(dc: DC, version: str) -> Hostile:
                    lambda e: str(path) in e and "file_root" in e, "fetch", bound=0)
 
 
+def larger_than_staged(dc: DC, version: str) -> Hostile:
+    """A server sending 64 MiB for a release staged (and signed) at 1 MiB: every host stops
+    at the first byte past the staged size, before it is written."""
+    size = 1 * MiB
+    return Hostile(dc.oversized_url, sha(b"z" * size), size,
+                   lambda e: "staged size" in e and str(size) in e
+                   and ("larger" in e or "does not have" in e), "verify", bound=size)
+
+
 CASES: dict[str, Callable[[DC, str], Hostile]] = {
     "aliased-chain-zip": chain_zip,
     "zip-bomb": ratio_bomb(zip_bomb, "bomb.zip"),
     "tar-gz-1000-to-1": ratio_bomb(tar_bomb, "bomb.tar.gz"),
     "file-dev-zero": dev_zero,
     "file-outside-file-root": outside_file_root,
+    "larger-than-staged-size": larger_than_staged,
 }
 
 
@@ -229,8 +273,12 @@ def test_hostile_release_is_refused_and_1_keeps_serving(case: str, cluster: DC,
             assert published["state"] == "failed", (h, published)
             assert bad.error(str(published.get("error"))), (h, published)
             assert published["kind"] == bad.kind, (h, published)
-            local = c.host_status(h)["services"]["A"]["fetch"]
-            assert local["version"] == version and bad.error(local["error"]), local
+            # status.json is written after the store in a cycle: wait for this cycle's.
+            def local_failure(h: str = h) -> dict:
+                f = c.host_status(h)["services"]["A"]["fetch"]
+                return f if f.get("version") == version and "error" in f else {}
+            local = wait_for(local_failure, 30, f"{h}'s status.json to show the refusal")
+            assert bad.error(local["error"]), local
 
         # dcdeploy status names it: the item (blocked when the bytes can never verify) ...
         item = ops.status(dc.store)["deploy"][0]

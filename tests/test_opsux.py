@@ -235,7 +235,7 @@ def verify_view(fetch, current=None, staging=()):
     current = current if current is not None else {"h0": "1", "h1": "1", "h2": "1"}
     return d.ServiceView(
         service="api", spec=ServiceSpec("api", "api", quorum=2),
-        staged=StagedRelease("api", "2", SHA, urls=("file:///x",)),
+        staged=StagedRelease("api", "2", SHA, 1, urls=("file:///x",)),
         current={h: CurrentEntry(h, v) for h, v in current.items()},
         staging=[StagingEntry(f"{h}-{i:010d}", i, h, "2") for i, h in enumerate(staging)],
         queue=[DeployItem(ITEM, 4, "api", "2")],
@@ -446,7 +446,7 @@ def test_aborted_item_behind_garbage_keeps_service_and_version(store, run):
     store.ensure("deploy")
     store.create("deploy/item-", b"garbage", sequential=True)
     ops.service_set(store, "api", program="api", quorum=1)
-    ops.stage(store, "api", "2.1", sha256=SHA, urls=["file:///x.tgz"])
+    ops.stage(store, "api", "2.1", sha256=SHA, urls=["file:///x.tgz"], size=1)
     item = ops.deploy(store, ["api"])[0]
     code, out, _ = run("abort")
     assert code == 0 and item.node in out
@@ -464,7 +464,7 @@ def test_aborted_item_behind_garbage_keeps_service_and_version(store, run):
 ])
 def test_wait_options_refused_before_anything_is_queued(store, run, argv, fragment):
     ops.service_set(store, "api", program="api", quorum=1)
-    ops.stage(store, "api", "2", sha256=SHA, urls=["file:///x.tgz"])
+    ops.stage(store, "api", "2", sha256=SHA, urls=["file:///x.tgz"], size=1)
     code, _, err = run(*argv)
     assert code == 2 and fragment in err
     assert store.children("deploy") == []
@@ -480,7 +480,8 @@ def test_service_delete_and_quorum_zero(store, run):
     code, _, err = run("service", "delete", "api", "--force")
     assert code == 2 and "dependency of web" in err
     assert run("service", "delete", "web")[0] == 0
-    assert run("stage", "api", "2", "--url", "file:///x.tgz", "--sha256", SHA)[0] == 0
+    assert run("stage", "api", "2", "--url", "file:///x.tgz", "--sha256", SHA,
+               "--size", "100")[0] == 0
     assert run("service", "delete", "api")[0] == 0
     for path in ("services/api", "staging/api", "current/api", "services/web"):
         assert store.exists(path) is None, path

@@ -373,9 +373,6 @@ def test_fetch_transport_picks_http_for_small_releases_only_when_it_can(tmp_path
     assert fetch_transport(torrent_only, 8, 100e6, swarm_available=True) == "swarm"
     assert fetch_transport(urls_only, 8, 100e6, swarm_available=True) == "http"
     assert fetch_transport(both_big, 8, 100e6, swarm_available=False) == "http"
-    # Without a size the torrent's own length decides (100 kB: HTTP is faster).
-    no_size = StagedRelease("a", "2", sha, urls=("http://o/rel",), torrent=meta_b64)
-    assert fetch_transport(no_size, 8, 100e6, swarm_available=True) == "http"
 
 
 def test_kick_reasons_counts_choked_wanters_and_ignored_holders():

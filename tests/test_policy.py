@@ -679,7 +679,7 @@ def test_service_state_from_todays_view():
     view = ServiceView(
         service="api", spec=ServiceSpec("api", "api", quorum=1, max_parallel=3,
                                         depends_on=("db",)),
-        staged=StagedRelease("api", "2", "a" * 64, urls=("file:///x",)),
+        staged=StagedRelease("api", "2", "a" * 64, 1, urls=("file:///x",)),
         current={"h0": CurrentEntry("h0", "1", rack="r1"),
                  "h1": CurrentEntry("h1", "2", rack="r2")},
         staging=[StagingEntry("h2-0000000001", 1, "h2", "2"),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import pytest
 from cluster import Cluster, wait_for
@@ -86,8 +87,9 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
     prober = cluster.prober().start()
     gate = store.get("gate/A")[1]
     url2, sha2 = cluster.release("A", "2")
+    size2 = Path(url2.removeprefix("file://")).stat().st_size
     unsigned = StagedRelease.parse("A", dumps({"version": "2", "sha256": sha2,
-                                               "urls": [url2]}))
+                                               "size": size2, "urls": [url2]}))
     try:
         # 1. An unsigned release, and a (signed) deploy item that wants it.
         store.set("staging/A", unsigned.to_json())
@@ -107,7 +109,7 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
 
         # 2. A release signed by a key the hosts do not pin.
         _, _, other_id = trust.generate(workdir / "intruder")
-        ops.stage(store, "A", "2", sha256=sha2, urls=[url2],
+        ops.stage(store, "A", "2", sha256=sha2, urls=[url2], size=size2,
                   signer=trust.load_signer(workdir / "intruder" / "operator.key"))
         refused_by_all(cluster, f"staging/A: signed by unknown key {other_id}")
         queue_signed(cluster, "A", "2")
@@ -147,7 +149,8 @@ def test_refused_operator_data_is_never_acted_on(cluster, workdir, capsys, store
         ops.abort(store)
 
         # 5. quorum 0 (and every host at once) written into the signed spec.
-        ops.stage(store, "A", "3", sha256=three.sha256, urls=list(three.urls))  # re-signed
+        ops.stage(store, "A", "3", sha256=three.sha256, urls=list(three.urls),
+                  size=three.size)  # re-signed
         wait_for(lambda: len(store.children("staging/A")) == 3, 60, "every host ready for 3")
         raw, _ = store.get("services/A")
         store.set("services/A", dumps({**json.loads(raw), "quorum": 0, "max_parallel": 3}))

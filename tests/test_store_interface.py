@@ -4,6 +4,7 @@ own zkCli.sh (no dcdeploy code on the writing side), stages and queues like the 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 from cluster import Cluster, wait_for
@@ -28,8 +29,9 @@ def test_zkcli_stage_and_deploy(workdir, store, store_url, zk_server):
         server = f"127.0.0.1:{zk_server.client_port}"
         root = store.root
         # Exactly the commands docs/store-layout.md shows.
+        size = os.path.getsize(url.removeprefix("file://"))
         zkcli(server, "set", f"{root}/staging/A",
-              json.dumps({"version": "2", "sha256": sha, "urls": [url]}))
+              json.dumps({"version": "2", "sha256": sha, "size": size, "urls": [url]}))
         wait_for(lambda: len(store.children("staging/A")) == 3, 60, "every host ready")
         zkcli(server, "create", "-s", f"{root}/deploy/item-",
               json.dumps({"service": "A", "version": "2", "state": "waiting"}))

@@ -57,16 +57,16 @@ def fleet(workdir, store, store_url, zk_server):
     releases = {}
     for version in ("1", "2"):
         path, sha = build_release(workdir / "artifacts", "A", version)
-        releases[version] = (f"file://{path}", sha)
+        releases[version] = (f"file://{path}", sha, path.stat().st_size)
     agents: dict[str, Agent] = {}
     threads = []
     for i in range(HOSTS):
         host = f"h{i:03d}"
         root = workdir / host
         rd = ReleaseDir(root, "A")
-        for version, (url, sha) in releases.items():
-            install_release([url], sha, rd.releases, version, rd.cache,
-                            allow_unknown_size=True, file_root=str(workdir))
+        for version, (url, sha, size) in releases.items():
+            install_release([url], sha, rd.releases, version, rd.cache, size=size,
+                            file_root=str(workdir))
         rd.point_current("1")
         cfg = AgentConfig(host=host, rack="r0", store=store_url, root=root,
                           services={"A": {}}, session_timeout=10.0, start_timeout=5.0,
@@ -99,7 +99,8 @@ def test_requests_per_upgrade_and_idle_stay_within_targets(fleet, store, zk_serv
     own = store.ops.total  # this test's own session, subtracted from the server's count
     start = server_count(zk_server, namespace)
 
-    ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]])
+    ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]],
+              size=releases["2"][2])
     (item,) = ops.deploy(store, ["A"])
     # Observed through the agents' own state (no store reads by the test meanwhile).
     wait_for(lambda: all(a.local.get("A").active == "2" and
@@ -143,7 +144,7 @@ def test_mirror_is_rebuilt_after_the_session_is_lost(workdir, store, store_url):
     for host in ("h0", "h1"):
         rd = ReleaseDir(workdir / host, "A")
         install_release([f"file://{path}"], sha, rd.releases, "1", rd.cache,
-                        allow_unknown_size=True, file_root=str(workdir))
+                        size=path.stat().st_size, file_root=str(workdir))
         rd.point_current("1")
         cfg = AgentConfig(host=host, rack="r0", store=store_url, root=workdir / host,
                           services={"A": {}}, session_timeout=4.0, start_timeout=5.0)

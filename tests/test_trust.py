@@ -52,13 +52,16 @@ def _torrent(name: bytes) -> str:
 
 
 RELEASE = StagedRelease("api", "2.1", SHA, 1234, ("https://b/api.tgz",), _torrent(b"api"), 5.0)
+# Without a torrent, whose length must equal the size: a changed size still parses.
+URL_RELEASE = dataclasses.replace(RELEASE, torrent=None)
 ITEM = DeployItem("item-0000000007", 7, "api", "2.1")
 
 TAMPER = [
     (SPEC, {"quorum": 0}), (SPEC, {"max_parallel": 5}), (SPEC, {"depends_on": ()}),
     (SPEC, {"health": HealthCheck(kind="cmd", check="wipe", timeout=1.0)}), (SPEC, {"healthy_secs": 0.0}),
     (SPEC, {"program": "sh"}), (SPEC, {"preload": False}),
-    (RELEASE, {"version": "2.0"}), (RELEASE, {"sha256": "cd" * 32}), (RELEASE, {"size": 1}),
+    (RELEASE, {"version": "2.0"}), (RELEASE, {"sha256": "cd" * 32}), (URL_RELEASE, {"size": 1}),
+    (URL_RELEASE, {"size": 1 << 40}),
     (RELEASE, {"urls": ("https://evil/api.tgz",)}), (RELEASE, {"torrent": _torrent(b"evil")}),
     (RELEASE, {"service": "db"}),
     (ITEM, {"version": "1.0"}), (ITEM, {"service": "db"}),

@@ -23,17 +23,31 @@ from supervisor_dcdeploy.store import StoreURLError, parse_store_url
 SHA = "ab" * 32
 
 
+def _staged_raw(**fields) -> bytes:
+    data = {"version": "1", "sha256": SHA, "size": 10, "urls": ["file:///x"], **fields}
+    return json.dumps({k: v for k, v in data.items() if v is not ...}).encode()
+
+
 @pytest.mark.parametrize("raw,field", [
     (b"{not json", "(json)"),
     (b"[1,2]", "(json)"),
-    (b'{"sha256": "' + SHA.encode() + b'", "urls": ["file:///x"]}', "version"),
-    (b'{"version": "1", "sha256": "zz", "urls": ["file:///x"]}', "sha256"),
-    (b'{"version": "1", "sha256": "' + SHA.encode() + b'"}', "urls"),
-    (b'{"version": "1", "sha256": "' + SHA.encode() + b'", "urls": ["ftp://x"]}', "urls[0]"),
-    (b'{"version": "../x", "sha256": "' + SHA.encode() + b'", "urls": ["file:///x"]}',
-     "version"),
-    (b'{"version": "1", "sha256": "' + SHA.encode() + b'", "urls": ["file:///x"], '
-     b'"size": true}', "size"),
+    (_staged_raw(version=...), "version"),
+    (_staged_raw(sha256="zz"), "sha256"),
+    (_staged_raw(urls=...), "urls"),
+    (_staged_raw(urls=["ftp://x"]), "urls[0]"),
+    (_staged_raw(version="../x"), "version"),
+    # size is required and bounds every download (issue 8): missing, not a positive int,
+    # or beyond MAX_SIZE_BYTES is invalid data.
+    (_staged_raw(size=...), "size"),
+    (_staged_raw(size=None), "size"),
+    (_staged_raw(size=True), "size"),
+    (_staged_raw(size=0), "size"),
+    (_staged_raw(size=-1), "size"),
+    (_staged_raw(size=10.0), "size"),
+    (_staged_raw(size="10"), "size"),
+    (_staged_raw(size=(1 << 50) + 1), "size"),
+    (_staged_raw(size=10 ** 18), "size"),
+    (_staged_raw(size=10 ** 30), "(json)"),  # refused by the bounded JSON reader already
     (b"\xff\xfe", "(json)"),
 ])
 def test_staged_release_rejects_garbage_naming_the_field(raw, field):

@@ -359,15 +359,13 @@ def test_file_urls_only_under_file_root(tmp_path: Path) -> None:
     assert dest.read_bytes() == b"release"
 
 
-def test_download_without_a_size_is_refused_unless_allowed(tmp_path: Path) -> None:
+def test_download_without_a_size_is_refused(tmp_path: Path) -> None:
     src = tmp_path / "a.tgz"
     src.write_bytes(b"data")
-    with pytest.raises(DownloadError, match="no staged size"):
-        download([src.as_uri()], sha(b"data"), tmp_path / "x", file_root=tmp_path)
+    with pytest.raises(ValueError, match="staged size"):
+        download([src.as_uri()], sha(b"data"), tmp_path / "x", size=None,  # type: ignore
+                 file_root=tmp_path)
     assert not (tmp_path / "x").exists()
-    download([src.as_uri()], sha(b"data"), tmp_path / "x", file_root=tmp_path,
-             allow_unknown_size=True)
-    assert (tmp_path / "x").read_bytes() == b"data"
 
 
 class Endless:

@@ -103,7 +103,7 @@ def secured(secure_root):
     secure_root.init(["h1", "h2"])
     op = secure_root.open("operator")
     ops.service_set(op, "api", program="api", quorum=1, health=HealthCheck())
-    ops.stage(op, "api", "1", sha256=SHA, urls=["https://builds/api-1.tgz"])
+    ops.stage(op, "api", "1", sha256=SHA, urls=["https://builds/api-1.tgz"], size=1)
     ops.deploy(op, ["api"])
     try:
         yield secure_root, op
@@ -183,7 +183,7 @@ def test_a_host_does_what_the_protocol_needs_and_nothing_of_others(secured):
             lambda: h1.set("services/api", dumps({"program": "api", "quorum": 0})),
             lambda: h1.create("services/evil", b"{}"),
             lambda: h1.delete("services/api"),
-            lambda: h1.set("staging/api", dumps({"version": "6.6.6", "sha256": SHA,
+            lambda: h1.set("staging/api", dumps({"version": "6.6.6", "sha256": SHA, "size": 1,
                                                  "urls": ["https://evil/x.tgz"]})),
             lambda: h1.create("deploy/item-", dumps({"service": "api", "version": "0",
                                                      "state": "waiting"}), sequential=True),

@@ -79,19 +79,13 @@ def fetch_transport(staged: StagedRelease, hosts: int, link_bps: float,
     Only a release that has both a torrent and URLs is a choice; then
     :func:`p2p.swarm.choose_transport` weighs ``hosts`` downloads from one origin against
     the swarm's fixed start-up and tail cost. A host without a daemon takes the URLs."""
-    from ..p2p.swarm import choose_transport, decode_metainfo
-    from ..p2p.torrent import torrent_size
+    from ..p2p.swarm import choose_transport
     if not staged.torrent or not swarm_available:
         return "http"
     if not staged.urls:
         return "swarm"
-    size = staged.size
-    if size is None:
-        try:
-            size = torrent_size(decode_metainfo(staged.torrent))
-        except (DownloadError, ValueError, KeyError, TypeError):
-            return "http"  # the URLs still work; the fetch reports nothing odd
-    return choose_transport(size, hosts, link_bps, has_urls=True)
+    # The staged size is required and equals the torrent's length (model.StagedRelease).
+    return choose_transport(staged.size, hosts, link_bps, has_urls=True)
 
 
 class Distribution:

@@ -518,10 +518,9 @@ class Agent:
                     self._fetch_progress[svc] = dict(via)
             if transport == "http" and staged.urls:
                 from ..fetch import Limits
-                # allow_unknown_size: until model.py requires the staged size (issue 8); the
-                # download is then bounded by fetch.MAX_UNKNOWN_SIZE_BYTES only.
+                # The staged size (required, signed) bounds the download byte for byte.
                 install_release(list(staged.urls), staged.sha256, rd.releases, staged.version,
-                                rd.cache, size=staged.size, allow_unknown_size=True,
+                                rd.cache, size=staged.size,
                                 file_root=self.cfg.extra.get("file_root") or None,
                                 limits=Limits.from_config(self.cfg.extra), progress=progress)
             elif transport == "http":

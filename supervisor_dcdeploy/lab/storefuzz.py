@@ -45,7 +45,8 @@ AGENT = "dcdeploy-agent"  # the event listener's name in conf/dcdeploy.conf
 # The proofs of concept of issue 8, always among the choices.
 POC_VALUES: tuple[bytes, ...] = (
     b"[" * 100_000,
-    b'{"version": "2", "sha256": "' + b"0" * 64 + b'", "urls": ["file:///x"], "staged_at": '
+    b'{"version": "2", "sha256": "' + b"0" * 64 + b'", "size": 1, "urls": ["file:///x"], '
+    b'"staged_at": '
     + b"9" * 400 + b"}",
     b'{"program": "A", "quorum": 1, "healthy_secs": NaN}',
     b'{"program": "A", "quorum": 1, "healthy_secs": 1e999}',
@@ -126,7 +127,7 @@ def random_json(rng: random.Random, depth: int = 0) -> Any:
              "".join(rng.choice("aZ09.-_+ \n\"\\[]{}") for _ in range(rng.randint(0, 12)))])
     if roll < 0.75:
         return [random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))]
-    return {rng.choice(["version", "state", "quorum", "x", "", "sha256", "fetch"]):
+    return {rng.choice(["version", "state", "quorum", "x", "", "sha256", "size", "fetch"]):
             random_json(rng, depth + 1) for _ in range(rng.randint(0, 3))}
 
 

@@ -201,7 +201,8 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
                 data[len(data) // 2] ^= 0xFF  # one flipped byte: same size, other digest
                 bad.write_bytes(bytes(data))
                 assert bed.store is not None
-                ops.stage(bed.store, svc, version, sha256=sha, urls=[f"file://{bad}"])
+                ops.stage(bed.store, svc, version, sha256=sha, urls=[f"file://{bad}"],
+                          size=len(data))
                 writer.emit("artifact", service=svc, version=version,
                             sha256=hashlib.sha256(data).hexdigest(), broken=False)
             else:
