@@ -476,8 +476,15 @@ class FakeConsul:
 
     # -- KV reads -----------------------------------------------------------------------
     def query_index(self, prefix: str, exact: bool) -> int:
-        """X-Consul-Index of a read: newest change among the matching keys (tombstones
-        included), else the whole KV table's."""
+        """X-Consul-Index of a read. A single key: its ModifyIndex, or the KV tables'
+        index when it is missing. A listing (``recurse``/``keys``): the newest change among
+        the matching keys and their tombstones (state/kvs.go kvsListTxn), else the KV
+        tables' index."""
+        if exact:
+            # kvs_endpoint.go Get: the key's ModifyIndex when it exists, else the KV
+            # tables' index (kvsMaxIndex, tombstones included).
+            entry = self.kv.get(prefix)
+            return entry["ModifyIndex"] if entry is not None else self.table_index
         match = (lambda k: k == prefix) if exact else (lambda k: k.startswith(prefix))
         best = max([e["ModifyIndex"] for k, e in self.kv.items() if match(k)]
                    + [i for k, i in self.tombstones.items() if match(k)], default=0)
