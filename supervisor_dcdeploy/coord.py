@@ -78,6 +78,18 @@ class Coordinator:
         """The view as fresh as the store after ``sync()``: what the gate decides on."""
         raise NotImplementedError
 
+    def drop_entry(self, svc: str, node: str) -> None:
+        """As for every backend, without the check for children that a plain delete
+        makes on Consul (an entry has none): one request."""
+        path = layout.ready_entry(svc, node)
+        try:
+            self.store.commit([Delete(path)])
+        except TransactionFailed as exc:
+            if not isinstance(exc.cause, NoNode):
+                raise
+        self._own[svc].pop(path, None)
+        self._gone(path)
+
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         """Be woken when any of these ready-queue entries ahead of us goes."""
 
@@ -252,6 +264,18 @@ class RereadCoordinator(Coordinator):
     def fresh_view(self, svc: str) -> ServiceView:
         self.store.sync()
         return read_view(self.store, svc)
+
+    def drop_entry(self, svc: str, node: str) -> None:
+        """As for every backend, without the check for children that a plain delete
+        makes on Consul (an entry has none): one request."""
+        path = layout.ready_entry(svc, node)
+        try:
+            self.store.commit([Delete(path)])
+        except TransactionFailed as exc:
+            if not isinstance(exc.cause, NoNode):
+                raise
+        self._own[svc].pop(path, None)
+        self._gone(path)
 
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         for node in nodes:
@@ -558,7 +582,7 @@ class FollowCoordinator(MirrorCoordinator):
         self._trouble: dict[str, StoreError] = {}
         self._pending: dict[str, tuple[bytes | None, float]] = {}  # own writes in flight
         self._ahead: dict[str, dict[str, Any]] = {svc: {} for svc in self.services}
-        self._front: dict[str, bool] = {svc: True for svc in self.services}
+        self._front: dict[str, bool] = {svc: False for svc in self.services}
 
     # (key, path, recursive, service whose front decides the pace or None: always prompt)
     def _follows(self) -> list[tuple[str, str, bool, str | None]]:
@@ -652,7 +676,9 @@ class FollowCoordinator(MirrorCoordinator):
                 del nodes[p]
         else:
             nodes.pop(path, None)
-        nodes.update(tree)
+        # A recursive answer holds the node ``path`` too: another follower owns it
+        # (the staged release), and an older copy must not replace its newer one.
+        nodes.update((p, v) for p, v in tree.items() if not recurse or p != path)
         # Our own writes: an answer to a read sent before a write cannot show it yet.
         for p, (data, at) in list(self._pending.items()):
             if not (p == path if not recurse else p.startswith(path + "/")):
@@ -685,17 +711,21 @@ class FollowCoordinator(MirrorCoordinator):
         self._loaded = False
 
     def _refresh(self, svc: str, what: Sequence[str]) -> None:
-        """Consistent reads of this service's followed keys named in ``what``."""
+        """One consistent read (one request) of this service's followed keys named in
+        ``what``, put into the mirror. A follower's answer to an older read may replace
+        it later: only the decision taken on it right away relies on it being fresh, and
+        the followers' next answers catch up."""
         store: Any = self.store
-        for key, path, recurse, owner in self._follows():
-            if owner == svc and key in what:
-                started = time.monotonic()
-                index, tree = store.read_tree(path, recurse=recurse, consistent=True)
-                self._accept(key, path, recurse, index, tree, started, reset=True)
+        follows = [(key, path, recurse) for key, path, recurse, owner in self._follows()
+                   if owner == svc and key in what]
+        started = time.monotonic()
+        trees = store.read_trees([(path, recurse) for _, path, recurse in follows])
+        for (key, path, recurse), tree in zip(follows, trees):
+            self._put(key, path, recurse, tree, started)
 
     def fresh_view(self, svc: str) -> ServiceView:
-        """Consistent (leader-verified) reads of the gate, the presences and the ready
-        queue: three requests; the deploy item's version is checked by the commit."""
+        """One consistent (leader-verified) read of the gate, the presences and the ready
+        queue, together; the deploy item's version is checked by the commit."""
         self._apply()
         self._refresh(svc, (layout.gate(svc), layout.presence_dir(svc) + "/",
                             layout.staged(svc) + "/"))
@@ -710,6 +740,9 @@ class FollowCoordinator(MirrorCoordinator):
         return replace(view, current=fresh.current, staging=fresh.staging)
 
     def set_front(self, svc: str, front: bool) -> None:
+        # Not in the ready queue yet (fetching, installing): nothing to pass, and at the
+        # start of a deploy every host enters it at once, which would wake them all.
+        front = front and bool(self._own_entries(svc))
         if self._front.get(svc) == front:
             return
         self._front[svc] = front
@@ -719,6 +752,18 @@ class FollowCoordinator(MirrorCoordinator):
                 follower.set_interval(PROMPT_SECS if front else LAZY_SECS)
         if front:
             self._cancel_ahead(svc, ())
+
+    def drop_entry(self, svc: str, node: str) -> None:
+        """As for every backend, without the check for children that a plain delete
+        makes on Consul (an entry has none): one request."""
+        path = layout.ready_entry(svc, node)
+        try:
+            self.store.commit([Delete(path)])
+        except TransactionFailed as exc:
+            if not isinstance(exc.cause, NoNode):
+                raise
+        self._own[svc].pop(path, None)
+        self._gone(path)
 
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         """Follow each of these entries (one key each, from the version the mirror holds);

@@ -98,6 +98,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
@@ -237,6 +238,11 @@ class FakeConsul:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.lock_delay: dict[str, float] = {}  # key -> monotonic time the delay ends
         self.requests = 0
+        # Requests by kind (read, block, txn, write, renew, session) and by the token
+        # presented ("" for none): what the traffic tests count per host.
+        self.by_kind: Counter[str] = Counter()
+        self.by_token: Counter[str] = Counter()
+        self.answered: list[tuple[str, int, int]] = []  # blocking reads: (key, index, answer)
         self._connections: set[Any] = set()  # open client sockets, cut by down()
         self._server: _Server | None = None
         self._closed = threading.Event()
@@ -510,6 +516,8 @@ class FakeConsul:
                         break
                     self.cond.wait(left)
             index = self.query_index(key, exact)
+            if "index" in params:
+                self.answered.append((key, int(params["index"] or 0), index))
             if exact:
                 entry = self.kv.get(key)
                 return index, None if entry is None else [self._entry_json(entry)]
@@ -758,9 +766,27 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return unquote(parts.path), params, self.rfile.read(length) if length else b""
 
+    def _count(self, method: str, path: str, params: dict[str, str]) -> None:
+        fake = self.fake
+        fake.requests += 1
+        if path.startswith("/v1/kv/") and method == "GET":
+            kind = "block" if int(params.get("index") or 0) > 0 else "read"
+        elif path == "/v1/txn":
+            kind = "txn"
+        elif path.startswith("/v1/session/renew/"):
+            kind = "renew"
+        elif path.startswith("/v1/session/"):
+            kind = "session"
+        else:
+            kind = "write" if path.startswith("/v1/kv/") else "other"
+        token = self.headers.get("X-Consul-Token") or params.get("token") or ""
+        with fake.cond:
+            fake.by_kind[kind] += 1
+            fake.by_token[token] += 1
+
     def do_GET(self) -> None:
         path, params, _ = self._parse()
-        self.fake.requests += 1
+        self._count("GET", path, params)
         if not self._gate("GET", path, params):
             return
         try:
@@ -783,7 +809,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         path, params, body = self._parse()
         fake = self.fake
-        fake.requests += 1
+        self._count("PUT", path, params)
         if not self._gate("PUT", path, params):
             return
         try:
@@ -845,7 +871,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         path, params, _ = self._parse()
-        self.fake.requests += 1
+        self._count("DELETE", path, params)
         if not self._gate("DELETE", path, params):
             return
         if not path.startswith("/v1/kv/"):

@@ -832,9 +832,13 @@ class ConsulStore(Store):
 
     def read_tree(self, path: str, *, recurse: bool = True,
                   consistent: bool = False) -> tuple[int, Tree]:
-        """One read of ``path``: with ``recurse`` every key below ``path + "/"`` (not
-        ``path`` itself, and never a sibling such as ``current/AB`` for ``current/A``),
-        else the key ``path`` alone. Returns (X-Consul-Index, {relative path: (data,
+        """One read of ``path``: with ``recurse`` the key ``path`` and every key below
+        ``path + "/"`` (never a sibling such as ``current/AB`` for ``current/A``), else
+        the key ``path`` alone. A recursive read is sent for the prefix *without* the
+        slash, so that the node ``path`` itself is in it: Consul answers a prefix that
+        matches no key (nor tombstone) with the whole KV table's index, and a blocking
+        read on that would return on every write anywhere in the store; with the node
+        in it, the index is the prefix's own (a sibling's change still wakes it). Returns (X-Consul-Index, {relative path: (data,
         ModifyIndex)}). ``consistent``: leader-verified (``?consistent``), for the gate."""
         self.ops.read()
         return self._tree_read(path, recurse, 0, None, consistent,
@@ -853,12 +857,50 @@ class ConsulStore(Store):
         self._followers.append(follower)
         return follower
 
+    def read_trees(self, wanted: Sequence[tuple[str, bool]]) -> list[Tree]:
+        """Several :meth:`read_tree` reads at one instant, in one request: a read-only
+        ``/v1/txn`` of ``get-tree`` verbs sent with ``?consistent`` (Consul serves a
+        transaction without writes on its read path, where the consistency modes apply).
+        ``wanted``: (path, recursive) pairs; one tree each, in order. For the gate."""
+        self.ops.read()
+        keys = [self._key(path) for path, _ in wanted]
+        payload = json.dumps([{"KV": {"Verb": "get-tree", "Key": key}} for key in keys])
+
+        def put(client: consul.Consul) -> consul.base.Response:
+            response = client.http.put(_Raw(), "/v1/txn", params=[("consistent", "1")],
+                                       data=payload, headers=client.prepare_headers())
+            if response.code >= 500:
+                raise ConsulException(f"{response.code} {response.body}")
+            return response
+
+        response = self._call("consistent read", put)  # reads: retried on 5xx
+        if response.code in (401, 403):
+            raise self._unauthorized("consistent read", str(response.body))
+        try:
+            body = json.loads(response.body) or {}
+            results = [r["KV"] for r in body.get("Results") or [] if r.get("KV")]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StoreError(f"consul consistent read: unreadable answer ({exc})") from None
+        if response.code != 200:
+            raise StoreError(f"consul consistent read: {response.code} "
+                             f"{str(response.body)[:200]}")
+        trees: list[Tree] = []
+        for key, (_, recurse) in zip(keys, wanted):
+            tree: Tree = {}
+            for entry in results:
+                k = str(entry.get("Key", ""))
+                if k == key or recurse and k.startswith(key + "/"):
+                    tree[self._rel(k) if k != self.prefix else ""] = (
+                        base64.b64decode(entry.get("Value") or ""), int(entry["ModifyIndex"]))
+            trees.append(tree)
+        return trees
+
     def _tree_read(self, path: str, recurse: bool, index: int, wait: float | None,
                    consistent: bool, deadline: float) -> tuple[int, Tree]:
         """GET /v1/kv/<key>[?recurse][&index=&wait=][&consistent]; raises the :mod:`.base`
         family: StoreUnavailable (unreachable, 5xx such as "No cluster leader"),
         StoreUnauthorized (403)."""
-        key = self._key(path) + ("/" if recurse else "")
+        key = self._key(path)
         params: list[tuple[str, Any]] = []
         if recurse:
             params.append(("recurse", "1"))
@@ -892,8 +934,8 @@ class ConsulStore(Store):
                 entries = json.loads(response.body) or []
                 for entry in entries:
                     k = entry["Key"]
-                    if recurse and not k.startswith(key) or not recurse and k != key:
-                        continue
+                    if k != key and not (recurse and k.startswith(key + "/")):
+                        continue  # a sibling (current/AB for current/A)
                     tree[self._rel(k) if k != self.prefix else ""] = (
                         base64.b64decode(entry.get("Value") or ""), int(entry["ModifyIndex"]))
             except (ValueError, TypeError, KeyError) as exc:
