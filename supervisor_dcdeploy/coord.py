@@ -551,7 +551,10 @@ class MirrorCoordinator(Coordinator):
 
 
 PROMPT_SECS = 0.1  # a followed subtree is read at most this often while it matters now
-LAZY_SECS = 30.0  # ... and this often while it does not (not at the queue's front)
+# ... and this often while it does not (not at the queue's front). At most 10 s: a host
+# that is not at the front learns within it that the ready queue emptied, and completes
+# a deploy item whose last switcher died after the 10 s fallback (L2: 20 s).
+LAZY_SECS = 10.0
 
 
 class FollowCoordinator(MirrorCoordinator):
@@ -583,6 +586,7 @@ class FollowCoordinator(MirrorCoordinator):
         self._pending: dict[str, tuple[bytes | None, float]] = {}  # own writes in flight
         self._ahead: dict[str, dict[str, Any]] = {svc: {} for svc in self.services}
         self._front: dict[str, bool] = {svc: False for svc in self.services}
+        self._entered: set[str] = set()
 
     # (key, path, recursive, service whose front decides the pace or None: always prompt)
     def _follows(self) -> list[tuple[str, str, bool, str | None]]:
@@ -593,8 +597,9 @@ class FollowCoordinator(MirrorCoordinator):
                     (layout.staged(svc), layout.staged(svc), False, None),
                     (layout.released(svc), layout.released(svc), False, None),
                     (layout.staged(svc) + "/", layout.staged(svc), True, svc),
-                    (layout.presence_dir(svc) + "/", layout.presence_dir(svc), True, svc),
-                    (layout.gate(svc), layout.gate(svc), False, svc)]
+                    (layout.presence_dir(svc) + "/", layout.presence_dir(svc), True, svc)]
+            # Not the gate: only the gate's commit uses its version, read consistently
+            # there; a take-down also deletes a presence, which wakes the front.
         return out
 
     def on_session(self, state: SessionState) -> None:
@@ -718,6 +723,8 @@ class FollowCoordinator(MirrorCoordinator):
         store: Any = self.store
         follows = [(key, path, recurse) for key, path, recurse, owner in self._follows()
                    if owner == svc and key in what]
+        if layout.gate(svc) in what:
+            follows.append((layout.gate(svc), layout.gate(svc), False))
         started = time.monotonic()
         trees = store.read_trees([(path, recurse) for _, path, recurse in follows])
         for (key, path, recurse), tree in zip(follows, trees):
@@ -729,6 +736,8 @@ class FollowCoordinator(MirrorCoordinator):
         self._apply()
         self._refresh(svc, (layout.gate(svc), layout.presence_dir(svc) + "/",
                             layout.staged(svc) + "/"))
+        if svc not in self._gates:
+            self._gates[svc] = -1
         queue, invalid = self.queue()
         return self.view(svc, queue, invalid)
 
@@ -739,10 +748,21 @@ class FollowCoordinator(MirrorCoordinator):
         fresh = self.view(svc, list(view.queue), [])
         return replace(view, current=fresh.current, staging=fresh.staging)
 
+    def enter_queue(self, svc: str, version: str) -> str:
+        created = super().enter_queue(svc, version)
+        self._entered.add(svc)
+        return created
+
     def set_front(self, svc: str, front: bool) -> None:
         # Not in the ready queue yet (fetching, installing): nothing to pass, and at the
         # start of a deploy every host enters it at once, which would wake them all.
         front = front and bool(self._own_entries(svc))
+        if svc in self._entered:
+            # Just entered: the cycle decided without our entry, so it cannot know our
+            # place. Read the queue once now; the next cycle places us.
+            self._entered.discard(svc)
+            self._kick(layout.staged(svc) + "/")
+            return
         if self._front.get(svc) == front:
             return
         self._front[svc] = front

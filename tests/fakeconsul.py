@@ -242,6 +242,7 @@ class FakeConsul:
         # presented ("" for none): what the traffic tests count per host.
         self.by_kind: Counter[str] = Counter()
         self.by_token: Counter[str] = Counter()
+        self.log: list[tuple[str, str, str]] = []  # every request: (kind, token, path)
         self.answered: list[tuple[str, int, int]] = []  # blocking reads: (key, index, answer)
         self._connections: set[Any] = set()  # open client sockets, cut by down()
         self._server: _Server | None = None
@@ -783,6 +784,7 @@ class _Handler(BaseHTTPRequestHandler):
         with fake.cond:
             fake.by_kind[kind] += 1
             fake.by_token[token] += 1
+            fake.log.append((kind, token, path))
 
     def do_GET(self) -> None:
         path, params, _ = self._parse()
