@@ -227,6 +227,7 @@ class FakeConsul:
         self._leaderless_left: int | None = None  # election(): requests until a leader
         self.node_registered = True
         self.serf_health = "passing"
+        self._bad_index: list[str] = []  # bad_index(): what the next answers carry
         self._lost: list[tuple[str, str, bool]] = []  # lose_response(): (method, path, applied)
         self.table_index = 1  # the KV + tombstones tables' index (never goes back)
         self.tokens: dict[str, FakeToken] = {}  # secret -> token; empty: ACLs disabled
@@ -431,6 +432,18 @@ class FakeConsul:
                     del self._lost[i]
                     return applied
         return None
+
+    def bad_index(self, value: str = "0", times: int = 1) -> None:
+        """The next ``times`` answers that carry an X-Consul-Index carry ``value`` instead
+        ("0", or "missing": no header). The "Blocking Queries" docs: an index of 0 is a
+        Consul bug that happened in some versions; clients must not block on it (they
+        would busy-loop) and use 1."""
+        with self.cond:
+            self._bad_index += [value] * times
+
+    def _take_bad_index(self) -> str | None:
+        with self.cond:
+            return self._bad_index.pop(0) if self._bad_index else None
 
     def reap_tombstones(self) -> None:
         """Consul's tombstone GC: the tombstones go, so a prefix whose newest change was
@@ -734,6 +747,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json" if not isinstance(body, str)
                          else "text/plain")
         self.send_header("Content-Length", str(len(raw)))
+        bad = self.fake._take_bad_index() if index is not None else None
+        if bad == "missing":
+            index = None
+        elif bad is not None:
+            index = int(bad)
         if index is not None:
             self.send_header("X-Consul-Index", str(index))
             self.send_header("X-Consul-KnownLeader", "true")

@@ -115,6 +115,33 @@ def test_index_going_backwards_resets_and_reloads(fake):
         st.stop()
 
 
+@pytest.mark.parametrize("bad", ["0", "missing"])
+def test_an_index_of_zero_or_none_is_never_blocked_on(fake, bad):
+    """An answer with X-Consul-Index 0 or without the header (a Consul bug the docs
+    warn of): taken as gone backwards, the follower reloads at once and blocks on the
+    real index again; it never keeps 0, which would make every read return at once."""
+    root = f"dc-{uuid.uuid4().hex[:8]}"
+    st = opened(fake, root)
+    try:
+        st.create("hosts/a", b"1")
+        index, _ = st.read_tree("hosts")
+        got = Answers()
+        fake.bad_index(bad)
+        follower = st.follow_tree("hosts", got, index=index, wait=0.5)
+        st.create("hosts/b", b"2")  # the answer to this change carries the bad index
+        answer = got.until(lambda a: a.tree and "hosts/b" in a.tree, "the change")
+        with fake.cond:
+            real = fake.query_index(f"{root}/hosts", exact=False)
+        assert answer.reset and answer.index == real
+        assert all(a.index >= 1 for a in got.got) and follower.index >= 1
+        wait_for(lambda: any(k == f"{root}/hosts" and w == real
+                             for k, w, _ in fake.answered), 15, "a read blocking on it")
+        st.create("hosts/c", b"3")
+        got.until(lambda a: a.tree and "hosts/c" in a.tree and not a.reset, "a later change")
+    finally:
+        st.stop()
+
+
 def test_the_coordinator_follows_consul_and_keeps_its_mirror_without_a_leader(
         fake, monkeypatch):
     monkeypatch.setattr(consul_store, "FOLLOW_WAIT", 0.5)
