@@ -990,9 +990,10 @@ class ConsulStore(Store):
     def _commit(self, ops: Sequence[Op], makepath: bool = False) -> list[str | int | None]:
         deadline = time.monotonic() + self.request_timeout
         mkparents: list[str] = []  # keys to create (cas 0) before the op, create() only
+        floors: dict[str, int] = {}  # sequence floors from the listing, kept across retries
         attempt = 0
         while True:
-            tx = self._expand(ops, mkparents)
+            tx = self._expand(ops, mkparents, floors)
             ok, results, errors = self._send_txn(tx, deadline)
             if ok:
                 return self._results(ops, tx, results)
@@ -1016,7 +1017,9 @@ class ConsulStore(Store):
             if time.monotonic() > deadline:
                 raise StoreUnavailable(f"consul: {what!r} still contended after {attempt} "
                                        f"attempts")
-            time.sleep(min(0.2, 0.005 * 2 ** attempt))  # contention on a counter: back off
+            # Contention on a counter (every host entering the ready queue at once): back
+            # off with full jitter, or the losers collide again in lockstep.
+            time.sleep(random.uniform(0, min(0.2, 0.005 * 2 ** attempt)))
 
     def _missing_ancestors(self, path: str) -> list[str]:
         parts = path.split("/") if path else []
@@ -1028,12 +1031,13 @@ class ConsulStore(Store):
                 missing.append(self._key(p))
         return missing
 
-    def _expand(self, ops: Sequence[Op], mkparents: list[str]) -> _Txn:
+    def _expand(self, ops: Sequence[Op], mkparents: list[str],
+                floors: dict[str, int] | None = None) -> _Txn:
         """Translate our ops into Consul txn verbs (one of ours may become several)."""
         tx = _Txn()
         for key in mkparents:
             tx.add(None, "mkparent", "cas", key, Value="", Index=0)
-        seq, counters = self._allocate(ops)
+        seq, counters = self._allocate(ops, {} if floors is None else floors)
         parents: set[str] = set(mkparents)  # checked once per transaction (the op cap)
         for i, op in enumerate(ops):
             key = self._key(op.path)
@@ -1088,9 +1092,14 @@ class ConsulStore(Store):
                    Index=cas_index)
         return tx
 
-    def _allocate(self, ops: Sequence[Op]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    def _allocate(self, ops: Sequence[Op], floors: dict[str, int]
+                  ) -> tuple[list[str], dict[str, tuple[int, int]]]:
         """Names for the sequential creates in ``ops``, in order, and the counter bumps
-        that must commit with them (counter key -> (ModifyIndex to cas against, value))."""
+        that must commit with them (counter key -> (ModifyIndex to cas against, value)).
+        ``floors`` (counter -> 1 + the largest suffix among the parent's children) is
+        filled on the first attempt and reused by retries of the same commit: a retry
+        after a lost counter race re-reads only the counter (the counter only grows, and
+        a key written by hand meanwhile is no more likely than before the first read)."""
         counters: dict[str, tuple[int, int]] = {}
         names: list[str] = []
         nxt: dict[str, int] = {}
@@ -1107,9 +1116,11 @@ class ConsulStore(Store):
                     raise StoreError(f"consul: sequence counter {counter} holds "
                                      f"{entry['Value']!r}, not a number (delete it; the "
                                      f"next create rebuilds it from the children)") from None
-                floor = max((int(n[-SEQ_DIGITS:]) + 1 for n in self._list(parent)[1]
-                             if n[-SEQ_DIGITS:].isdigit() and len(n) >= SEQ_DIGITS),
-                            default=0)
+                if counter not in floors:
+                    floors[counter] = max(
+                        (int(n[-SEQ_DIGITS:]) + 1 for n in self._list(parent)[1]
+                         if n[-SEQ_DIGITS:].isdigit() and len(n) >= SEQ_DIGITS), default=0)
+                floor = floors[counter]
                 nxt[counter] = max(current, floor)
                 counters[counter] = (int(entry["ModifyIndex"]) if entry else 0, 0)
             names.append(f"{op.path}{nxt[counter]:0{SEQ_DIGITS}d}")
