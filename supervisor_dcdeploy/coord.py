@@ -78,18 +78,6 @@ class Coordinator:
         """The view as fresh as the store after ``sync()``: what the gate decides on."""
         raise NotImplementedError
 
-    def drop_entry(self, svc: str, node: str) -> None:
-        """As for every backend, without the check for children that a plain delete
-        makes on Consul (an entry has none): one request."""
-        path = layout.ready_entry(svc, node)
-        try:
-            self.store.commit([Delete(path)])
-        except TransactionFailed as exc:
-            if not isinstance(exc.cause, NoNode):
-                raise
-        self._own[svc].pop(path, None)
-        self._gone(path)
-
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         """Be woken when any of these ready-queue entries ahead of us goes."""
 
@@ -264,18 +252,6 @@ class RereadCoordinator(Coordinator):
     def fresh_view(self, svc: str) -> ServiceView:
         self.store.sync()
         return read_view(self.store, svc)
-
-    def drop_entry(self, svc: str, node: str) -> None:
-        """As for every backend, without the check for children that a plain delete
-        makes on Consul (an entry has none): one request."""
-        path = layout.ready_entry(svc, node)
-        try:
-            self.store.commit([Delete(path)])
-        except TransactionFailed as exc:
-            if not isinstance(exc.cause, NoNode):
-                raise
-        self._own[svc].pop(path, None)
-        self._gone(path)
 
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         for node in nodes:
@@ -566,12 +542,13 @@ class FollowCoordinator(MirrorCoordinator):
 
     Every answer of a blocking read is a request, so a host follows at full speed only
     what it needs now: the deploy queue, the spec, the staged and released versions
-    always; the ready queue, the presences and the gate while it is at (or near) the
-    queue's front (:meth:`set_front`), otherwise at most once per ``LAZY_SECS``. Behind
-    the front, the host follows only the entries just ahead of it (:meth:`wait_ahead`,
-    one key each) and reads the queue again when one goes. Decisions that need the
-    presences fresh (completion, recovery) read them consistently first
-    (:meth:`resolve`); the gate decides only on consistent reads.
+    always; the presences while it is in the ready queue near its front
+    (:meth:`set_front`), otherwise at most once per ``LAZY_SECS``; the ready queue
+    itself at most once per ``LAZY_SECS``, plus the entries just ahead of its own
+    (:meth:`wait_ahead`, one key each: the ``max_parallel`` ahead when behind the front,
+    those switching when at it), reading the queue again when one goes. The gate is not
+    followed. Decisions that need the presences fresh (completion, recovery) read them
+    consistently first (:meth:`resolve`); the gate decides only on consistent reads.
 
     A follower that fails (500 "No cluster leader", unreachable, 403) makes
     :meth:`follow` raise that error (store unavailable / unauthorized, as any read
@@ -630,7 +607,9 @@ class FollowCoordinator(MirrorCoordinator):
             self._trouble.pop(key, None)
             follower = self._followers.get(key)
             if follower is None or not follower.alive:
-                interval = PROMPT_SECS if svc is None or self._front[svc] else LAZY_SECS
+                prompt = svc is None or (self._front[svc] and
+                                         path == layout.presence_dir(svc))
+                interval = PROMPT_SECS if prompt else LAZY_SECS
                 self._followers[key] = store.follow_tree(
                     path, self._answered, recurse=recurse, index=index, interval=interval)
         self._loaded = generation == self._generation
@@ -766,12 +745,25 @@ class FollowCoordinator(MirrorCoordinator):
         if self._front.get(svc) == front:
             return
         self._front[svc] = front
-        for key, _, _, owner in self._follows():
-            follower = self._followers.get(key)
-            if owner == svc and follower is not None:
-                follower.set_interval(PROMPT_SECS if front else LAZY_SECS)
+        follower = self._followers.get(layout.presence_dir(svc) + "/")
+        if follower is not None:
+            follower.set_interval(PROMPT_SECS if front else LAZY_SECS)
         if front:
-            self._cancel_ahead(svc, ())
+            # The ready queue is never followed at full speed: at the front only the
+            # entries ahead of ours matter (hosts switching now), and only their going.
+            self.wait_ahead(svc, self._entries_ahead(svc))
+        else:
+            self._cancel_ahead(svc, ())  # behind the front, wait_ahead() names them again
+
+    def _entries_ahead(self, svc: str) -> list[str]:
+        """The mirror's ready-queue entries older than our own (by sequence number)."""
+        def seq(node: str) -> str:
+            return node.rpartition("-")[2]
+        entries = self._mirror.children(layout.staged(svc))
+        own = [seq(n) for n in entries if n.rpartition("-")[0] == self.host]
+        if not own:
+            return []
+        return sorted((n for n in entries if seq(n) < min(own)), key=seq)
 
     def drop_entry(self, svc: str, node: str) -> None:
         """As for every backend, without the check for children that a plain delete
