@@ -24,6 +24,7 @@ import os
 import threading
 import time
 import uuid
+from collections import Counter
 
 import pytest
 from cluster import wait_for
@@ -91,20 +92,12 @@ def consul_fleet(workdir):
         fake.close()
 
 
-def agents_count(fake: FakeConsul) -> dict[str, int]:
-    """The agents' requests so far (no token), by kind."""
-    with fake.cond:
-        kinds = dict(fake.by_kind)
-        own = fake.by_token[""]
-    return {**kinds, "agents": own}
-
-
 def test_consul_requests_per_upgrade_and_idle(consul_fleet, record_property):
     fake, store, agents, releases = consul_fleet
     wait_for(lambda: len(store.children("current/A")) == HOSTS, 60, "every host to register")
     assert all(isinstance(a.coord, FollowCoordinator) for a in agents.values())
     with fake.cond:
-        start_agents, start_kinds = fake.by_token[""], dict(fake.by_kind)
+        start_agents, start_log = fake.by_token[""], len(fake.log)
         start_test = fake.by_token[OPERATOR]
 
     ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]])
@@ -116,7 +109,7 @@ def test_consul_requests_per_upgrade_and_idle(consul_fleet, record_property):
              "the deploy item to complete")
     with fake.cond:
         agents_total = fake.by_token[""] - start_agents
-        kinds = {k: v - start_kinds.get(k, 0) for k, v in fake.by_kind.items()}
+        kinds = dict(Counter(kind for kind, token, _ in fake.log[start_log:] if not token))
         test_total = fake.by_token[OPERATOR] - start_test
     renewals = kinds.get("renew", 0)
     per_upgrade = (agents_total - renewals) / HOSTS
@@ -128,8 +121,9 @@ def test_consul_requests_per_upgrade_and_idle(consul_fleet, record_property):
     record_property("requests_per_upgrade", round(per_upgrade, 2))
     print(f"follower reads since the start, by key, all hosts: {by_key}")
     print(f"consul hosts={HOSTS} requests_per_upgrade={per_upgrade:.2f} "
-          f"(renewals apart: {renewals / HOSTS:.1f}/upgrade; by kind incl. the test's "
-          f"{test_total}: {kinds}) follower_answers_per_upgrade={answers / HOSTS:.1f}")
+          f"(renewals apart: {renewals / HOSTS:.1f}/upgrade; the agents' by kind: {kinds}; "
+          f"the test's own: {test_total}) follower_answers_per_upgrade="
+          f"{answers / HOSTS:.1f}")
 
     with fake.cond:
         idle_start, renew_start = fake.by_token[""], fake.by_kind["renew"]
