@@ -48,9 +48,15 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
   NodeExists for its own node nor leaves a second node behind.
 * **sync()**: Consul has no sync; it switches the calling thread's reads to ``?consistent``
   (leader-verified, never stale) until that thread's next ``commit()``.
-* **Watches**: one background blocking query (``?index=&wait=``) on the whole root prefix.
-  Any change under the root fires every pending watch (once). The interface allows spurious
-  wake-ups; this is herd-prone compared with ZooKeeper's per-node watches.
+* **Following** (the agent: ``coord.FollowCoordinator``): :meth:`ConsulStore.follow_tree`
+  keeps one blocking recursive read (``?recurse&index=&wait=300s``) per followed key or
+  prefix, each answer the subtree's whole content (:class:`TreeFollower`, as Patroni's
+  consul.py does); :meth:`ConsulStore.read_trees` reads several subtrees in one
+  consistent read-only ``/v1/txn`` (the gate). docs/consul.md, "How an agent follows".
+* **One-shot watches** (the CLI): one background blocking query (``?index=&wait=``) on the
+  whole root prefix, started with the first watch. Any change under the root fires every
+  pending watch (once). The interface allows spurious wake-ups; this is herd-prone
+  compared with ZooKeeper's per-node watches, which is why the agent follows instead.
 
 * **ACL token and TLS** come from the store URL's query (see :func:`consul_auth`):
   ``consul://h:8501/dc?token_file=/etc/dcdeploy/consul.token&ca_file=...&client_cert=...
