@@ -270,3 +270,54 @@ def test_services_keep_running_while_consul_has_no_leader(fake, workdir):
         for thread in threads:
             thread.join(timeout=20)
         op.stop()
+
+
+class FollowDouble:
+    """A store double for FollowCoordinator alone: trees it is told to hold, followers
+    the test answers for, writes recorded."""
+
+    supports_tree_follow = True
+
+    def __init__(self) -> None:
+        self.trees: dict[str, dict] = {}
+        self.followers: dict[str, object] = {}
+
+    def read_tree(self, path, recurse=True, consistent=False):
+        return 5, dict(self.trees.get(path, {}))
+
+    def follow_tree(self, path, deliver, recurse=True, index=0, interval=0.0, wait=None):
+        class Follower:
+            alive = True
+            def set_interval(self, seconds): pass
+            def kick(self): pass
+            def cancel(self): self.alive = False
+        follower = Follower()
+        follower.deliver = deliver  # type: ignore[attr-defined]
+        self.followers[path if not recurse else path + "/"] = follower
+        return follower
+
+    def create(self, path, data=b"", ephemeral=False, sequential=False):
+        return path + "0000000007" if sequential else path
+
+
+def test_an_answer_to_a_read_sent_before_our_write_does_not_undo_it():
+    """Our queue entry is in the mirror from the moment we made it: an answer to a read
+    sent before the create (it cannot show the entry) leaves it there; an answer to a
+    read sent after decides. Otherwise the host would see itself out of the queue and
+    enter it twice."""
+    import time as _time
+    from supervisor_dcdeploy.store.consul import TreeAnswer
+    store = FollowDouble()
+    coord = FollowCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    before = _time.monotonic()
+    node = coord.enter_queue("A", "2")
+    assert node == "staging/A/h1-0000000007"
+    queue = store.followers["staging/A/"]
+    queue.deliver(TreeAnswer(queue, 6, {"staging/A": (b"{}", 3)}, started=before))
+    coord.follow()
+    assert coord._own_entries("A") == ["h1-0000000007"]
+    queue.deliver(TreeAnswer(queue, 7, {"staging/A": (b"{}", 3)},
+                             started=_time.monotonic()))
+    coord.follow()
+    assert coord._own_entries("A") == []  # a read sent after the create: it is gone
