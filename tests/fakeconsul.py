@@ -13,9 +13,13 @@ Semantics kept:
   LockIndex, Flags, Value (base64 on the wire), Session; a write that changes nothing
   (same Value, Flags, Session, LockIndex) keeps the old ModifyIndex, as recent Consul does;
 * ``GET /v1/kv/<key>`` with ``recurse``, ``keys`` + ``separator``, ``consistent``/``stale``
-  (accepted, all reads here are fresh), blocking ``index`` + ``wait`` (+ up to wait/16);
-  ``X-Consul-Index`` is the highest ModifyIndex among the matching keys and their
-  tombstones, else the KV table's;
+  (accepted, all reads here are fresh), blocking ``index`` + ``wait`` (default 5 min, at
+  most 10, plus up to wait/16 of jitter; ``index`` 0 or absent does not block): the read
+  is held until its ``X-Consul-Index`` passes ``index``. ``X-Consul-Index`` of a listing
+  is the highest ModifyIndex among the matching keys and their tombstones, else the KV
+  tables' index (state/kvs.go); of a single key, its ModifyIndex, else the tables' index
+  (kvs_endpoint.go Get). :meth:`FakeConsul.bad_index` makes the next answers carry 0 or
+  no header (a bug the "Blocking Queries" docs warn of);
 * ``PUT`` with ``cas`` (0: only if absent), ``acquire``/``release``, ``flags``; ``DELETE`` with
   ``recurse`` and ``cas``;
 * sessions: ``create`` (TTL 10s..86400s, Behavior release|delete, LockDelay, default 15s),
@@ -73,6 +77,10 @@ Semantics kept:
   keys. An unknown token is 403 ``ACL not found``. Sessions need ``session:write``.
 * TLS: ``FakeConsul(tls=ssl_context)`` serves https (a context with ``CERT_REQUIRED`` asks
   for client certificates, like ``verify_incoming``).
+
+Counting (the traffic tests): ``requests``, ``by_kind`` (read, block, txn, write, renew,
+session), ``by_token``, ``log`` (every request: kind, token, path) and ``answered`` (every
+blocking read: key, index asked, index answered).
 
 Test hooks: :meth:`FakeConsul.expire_session` (as if its TTL ran out), :meth:`down` /
 :meth:`up` (stop listening / listen again on the same port: the server is unreachable, its
