@@ -860,7 +860,7 @@ class ConsulStore(Store):
         read from answering. See :class:`TreeFollower`."""
         follower = TreeFollower(self, path, recurse, index, deliver, interval,
                                 FOLLOW_WAIT if wait is None else wait, self._stopping)
-        self._followers.append(follower)
+        self._followers = [f for f in self._followers if f.alive] + [follower]
         return follower
 
     def read_trees(self, wanted: Sequence[tuple[str, bool]]) -> list[Tree]:
