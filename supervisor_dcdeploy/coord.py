@@ -32,7 +32,7 @@ from dataclasses import replace
 from .model import CurrentEntry, DeployItem, InvalidData, dumps
 from .snapshot import read_queue, read_view
 from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
-                    StoreError, StoreUnavailable, TransactionFailed)
+                    StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed)
 from .store import layout
 
 Waker = Callable[[], None]
@@ -526,9 +526,297 @@ class MirrorCoordinator(Coordinator):
                 if node.rpartition("-")[0] == self.host]
 
 
+PROMPT_SECS = 0.1  # a followed subtree is read at most this often while it matters now
+# ... and this often while it does not (not at the queue's front). At most 10 s: a host
+# that is not at the front learns within it that the ready queue emptied, and completes
+# a deploy item whose last switcher died after the 10 s fallback (L2: 20 s).
+LAZY_SECS = 10.0
+
+
+class FollowCoordinator(MirrorCoordinator):
+    """Consul: the mirror kept by one blocking read per followed key or prefix
+    (:meth:`ConsulStore.follow_tree`, in the manner of Patroni's consul.py), each answer
+    the subtree's whole content, applied without a read of its own. At the gate, one
+    consistent read each of the gate, the presences and the ready queue, then the same
+    atomic commit (``/v1/txn``).
+
+    Every answer of a blocking read is a request, so a host follows at full speed only
+    what it needs now: the deploy queue, the spec, the staged and released versions
+    always; the presences while it is in the ready queue near its front
+    (:meth:`set_front`), otherwise at most once per ``LAZY_SECS``; the ready queue
+    itself at most once per ``LAZY_SECS``, plus the entries just ahead of its own
+    (:meth:`wait_ahead`, one key each: the ``max_parallel`` ahead when behind the front,
+    those switching when at it), reading the queue again when one goes. The gate is not
+    followed. Decisions that need the presences fresh (completion, recovery) read them
+    consistently first (:meth:`resolve`); the gate decides only on consistent reads.
+
+    A follower that fails (500 "No cluster leader", unreachable, 403) makes
+    :meth:`follow` raise that error (store unavailable / unauthorized, as any read
+    would) until it answers again; the mirror is kept meanwhile."""
+
+    def __init__(self, store: Store, host: str, services: Sequence[str], wake: Waker) -> None:
+        super().__init__(store, host, services, wake)
+        self._answers: deque[Any] = deque()
+        self._followers: dict[str, Any] = {}  # follow key -> TreeFollower
+        self._indexes: dict[str, int] = {}  # follow key -> index of what the mirror holds
+        self._trouble: dict[str, StoreError] = {}
+        self._pending: dict[str, tuple[bytes | None, float]] = {}  # own writes in flight
+        self._ahead: dict[str, dict[str, Any]] = {svc: {} for svc in self.services}
+        self._front: dict[str, bool] = {svc: False for svc in self.services}
+        self._entered: set[str] = set()
+
+    # (key, path, recursive, service whose front decides the pace or None: always prompt)
+    def _follows(self) -> list[tuple[str, str, bool, str | None]]:
+        out: list[tuple[str, str, bool, str | None]] = [
+            (layout.DEPLOY + "/", layout.DEPLOY, True, None)]
+        for svc in self.services:
+            out += [(layout.service(svc), layout.service(svc), False, None),
+                    (layout.staged(svc), layout.staged(svc), False, None),
+                    (layout.released(svc), layout.released(svc), False, None),
+                    (layout.staged(svc) + "/", layout.staged(svc), True, svc),
+                    (layout.presence_dir(svc) + "/", layout.presence_dir(svc), True, svc)]
+            # Not the gate: only the gate's commit uses its version, read consistently
+            # there; a take-down also deletes a presence, which wakes the front.
+        return out
+
+    def on_session(self, state: SessionState) -> None:
+        # The followers do not depend on the session (they report an unreachable Consul
+        # themselves); a lost session took our ephemerals: start over from a fresh read.
+        if state is SessionState.LOST:
+            self._generation += 1
+            self._loaded = False
+            self._wake()
+
+    def _contended(self, svc: str) -> None:
+        pass  # the gate is read consistently every time
+
+    def _load(self) -> None:
+        store: Any = self.store
+        generation = self._generation
+        with self._lock:
+            self._answers.clear()
+        self._pending.clear()
+        for svc in self.services:
+            self._own[svc] = {}
+        for key, path, recurse, svc in self._follows():
+            started = time.monotonic()
+            index, tree = store.read_tree(path, recurse=recurse)
+            self._indexes.pop(key, None)
+            self._put(key, path, recurse, tree, started)
+            self._indexes[key] = index
+            self._trouble.pop(key, None)
+            follower = self._followers.get(key)
+            if follower is None or not follower.alive:
+                prompt = svc is None or (self._front[svc] and
+                                         path == layout.presence_dir(svc))
+                interval = PROMPT_SECS if prompt else LAZY_SECS
+                self._followers[key] = store.follow_tree(
+                    path, self._answered, recurse=recurse, index=index, interval=interval)
+        self._loaded = generation == self._generation
+
+    def _answered(self, answer: Any) -> None:
+        """A follower's thread: queue the answer for the agent's thread, wake it."""
+        with self._lock:
+            self.notifications += 1
+            self._answers.append(answer)
+        self._wake()
+
+    def _apply(self, upto: int | None = None, uncounted: str | None = None) -> None:
+        with self._lock:
+            answers = list(self._answers)
+            self._answers.clear()
+        keys = {id(f): k for k, f in self._followers.items()}
+        specs = {k: (p, r) for k, p, r, _ in self._follows()}
+        for answer in answers:
+            key = keys.get(id(answer.follower))
+            if key is None:
+                continue  # a follower replaced meanwhile
+            if answer.error is not None:
+                self._trouble[key] = answer.error
+                continue
+            self._trouble.pop(key, None)
+            path, recurse = specs[key]
+            self._accept(key, path, recurse, answer.index, answer.tree, answer.started,
+                         answer.reset)
+
+    def _accept(self, key: str, path: str, recurse: bool, index: int, tree: dict,
+                started: float, reset: bool = False) -> None:
+        """Put one answer into the mirror unless the mirror already holds a later one
+        (answers of one key are comparable by their X-Consul-Index)."""
+        if not reset and index < self._indexes.get(key, 0):
+            return
+        self._indexes[key] = index
+        self._put(key, path, recurse, tree, started)
+
+    def _put(self, key: str, path: str, recurse: bool, tree: dict, started: float) -> None:
+        parts = layout.split(path)
+        if parts[0] == layout.GATE and not recurse:
+            found = tree.get(path)
+            self._gates[parts[1]] = found[1] if found else -1
+            return
+        nodes = self._mirror.nodes
+        if recurse:
+            for p in [p for p in nodes if p.startswith(path + "/")]:
+                del nodes[p]
+        else:
+            nodes.pop(path, None)
+        # A recursive answer holds the node ``path`` too: another follower owns it
+        # (the staged release), and an older copy must not replace its newer one.
+        nodes.update((p, v) for p, v in tree.items() if not recurse or p != path)
+        # Our own writes: an answer to a read sent before a write cannot show it yet.
+        for p, (data, at) in list(self._pending.items()):
+            if not (p == path if not recurse else p.startswith(path + "/")):
+                continue
+            if started >= at:
+                del self._pending[p]
+            elif data is None:
+                nodes.pop(p, None)
+            else:
+                nodes[p] = (data, nodes.get(p, (None, 0))[1])
+
+    def _wrote(self, path: str, data: bytes) -> None:
+        super()._wrote(path, data)
+        self._pending[path] = (data, time.monotonic())
+
+    def _gone(self, path: str) -> None:
+        super()._gone(path)
+        self._pending[path] = (None, time.monotonic())
+
+    def follow(self) -> None:
+        if not self._loaded:
+            self._load()
+        self._apply()
+        for error in sorted(self._trouble.values(),
+                            key=lambda e: not isinstance(e, StoreUnauthorized)):
+            raise error
+
+    def reload(self) -> None:
+        self._generation += 1
+        self._loaded = False
+
+    def _refresh(self, svc: str, what: Sequence[str]) -> None:
+        """One consistent read (one request) of this service's followed keys named in
+        ``what``, put into the mirror. A follower's answer to an older read may replace
+        it later: only the decision taken on it right away relies on it being fresh, and
+        the followers' next answers catch up."""
+        store: Any = self.store
+        follows = [(key, path, recurse) for key, path, recurse, owner in self._follows()
+                   if owner == svc and key in what]
+        if layout.gate(svc) in what:
+            follows.append((layout.gate(svc), layout.gate(svc), False))
+        started = time.monotonic()
+        trees = store.read_trees([(path, recurse) for _, path, recurse in follows])
+        for (key, path, recurse), tree in zip(follows, trees):
+            self._put(key, path, recurse, tree, started)
+
+    def fresh_view(self, svc: str) -> ServiceView:
+        """One consistent (leader-verified) read of the gate, the presences and the ready
+        queue, together; the deploy item's version is checked by the commit."""
+        self._apply()
+        self._refresh(svc, (layout.gate(svc), layout.presence_dir(svc) + "/",
+                            layout.staged(svc) + "/"))
+        if svc not in self._gates:
+            self._gates[svc] = -1
+        queue, invalid = self.queue()
+        return self.view(svc, queue, invalid)
+
+    def resolve(self, svc: str, view: ServiceView) -> ServiceView:
+        """The presences and the ready queue read afresh (consistent): completion and
+        recovery must not decide on a subtree followed lazily."""
+        self._refresh(svc, (layout.presence_dir(svc) + "/", layout.staged(svc) + "/"))
+        fresh = self.view(svc, list(view.queue), [])
+        return replace(view, current=fresh.current, staging=fresh.staging)
+
+    def enter_queue(self, svc: str, version: str) -> str:
+        created = super().enter_queue(svc, version)
+        self._entered.add(svc)
+        return created
+
+    def set_front(self, svc: str, front: bool) -> None:
+        # Not in the ready queue yet (fetching, installing): nothing to pass, and at the
+        # start of a deploy every host enters it at once, which would wake them all.
+        front = front and bool(self._own_entries(svc))
+        if svc in self._entered:
+            # Just entered: the cycle decided without our entry, so it cannot know our
+            # place. Read the queue once now; the next cycle places us.
+            self._entered.discard(svc)
+            self._kick(layout.staged(svc) + "/")
+            return
+        if self._front.get(svc) == front:
+            return
+        self._front[svc] = front
+        follower = self._followers.get(layout.presence_dir(svc) + "/")
+        if follower is not None:
+            follower.set_interval(PROMPT_SECS if front else LAZY_SECS)
+        if front:
+            # The ready queue is never followed at full speed: at the front only the
+            # entries ahead of ours matter (hosts switching now), and only their going.
+            self.wait_ahead(svc, self._entries_ahead(svc))
+        else:
+            self._cancel_ahead(svc, ())  # behind the front, wait_ahead() names them again
+
+    def _entries_ahead(self, svc: str) -> list[str]:
+        """The mirror's ready-queue entries older than our own (by sequence number)."""
+        def seq(node: str) -> str:
+            return node.rpartition("-")[2]
+        entries = self._mirror.children(layout.staged(svc))
+        own = [seq(n) for n in entries if n.rpartition("-")[0] == self.host]
+        if not own:
+            return []
+        return sorted((n for n in entries if seq(n) < min(own)), key=seq)
+
+    def drop_entry(self, svc: str, node: str) -> None:
+        """As for every backend, without the check for children that a plain delete
+        makes on Consul (an entry has none): one request."""
+        path = layout.ready_entry(svc, node)
+        try:
+            self.store.commit([Delete(path)])
+        except TransactionFailed as exc:
+            if not isinstance(exc.cause, NoNode):
+                raise
+        self._own[svc].pop(path, None)
+        self._gone(path)
+
+    def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
+        """Follow each of these entries (one key each, from the version the mirror holds);
+        when one goes, the ready queue is read at once."""
+        store: Any = self.store
+        self._cancel_ahead(svc, nodes)
+        queue_key = layout.staged(svc) + "/"
+        for node in nodes:
+            if node in self._ahead[svc]:
+                continue
+            path = layout.ready_entry(svc, node)
+            known = self._mirror.nodes.get(path)
+            if known is None:
+                self._kick(queue_key)  # gone already: read the queue now
+                continue
+
+            def answered(answer: Any, path: str = path) -> None:
+                if answer.tree is not None and path not in answer.tree:
+                    self._kick(queue_key)
+                    answer.follower.cancel()
+            self._ahead[svc][node] = store.follow_tree(path, answered, recurse=False,
+                                                       index=max(1, known[1]),
+                                                       interval=PROMPT_SECS)
+
+    def _cancel_ahead(self, svc: str, keep: Sequence[str]) -> None:
+        for node in [n for n in self._ahead[svc] if n not in keep]:
+            self._ahead[svc].pop(node).cancel()
+
+    def _kick(self, key: str) -> None:
+        follower = self._followers.get(key)
+        if follower is not None:
+            follower.kick()
+        self._wake()
+
+
 def coordinator_for(store: Store, host: str, services: Sequence[str],
                     wake: Waker) -> Coordinator:
-    """The mirror where the backend can follow a subtree, else re-reading."""
+    """The mirror where the backend can follow a subtree (ZooKeeper: watches; Consul:
+    blocking reads), else re-reading."""
+    if getattr(store, "supports_tree_follow", False):
+        return FollowCoordinator(store, host, services, wake)
     if getattr(store, "supports_tree_watch", False):
         return MirrorCoordinator(store, host, services, wake)
     return RereadCoordinator(store, host, services, wake)

@@ -13,9 +13,13 @@ Semantics kept:
   LockIndex, Flags, Value (base64 on the wire), Session; a write that changes nothing
   (same Value, Flags, Session, LockIndex) keeps the old ModifyIndex, as recent Consul does;
 * ``GET /v1/kv/<key>`` with ``recurse``, ``keys`` + ``separator``, ``consistent``/``stale``
-  (accepted, all reads here are fresh), blocking ``index`` + ``wait`` (+ up to wait/16);
-  ``X-Consul-Index`` is the highest ModifyIndex among the matching keys and their
-  tombstones, else the KV table's;
+  (accepted, all reads here are fresh), blocking ``index`` + ``wait`` (default 5 min, at
+  most 10, plus up to wait/16 of jitter; ``index`` 0 or absent does not block): the read
+  is held until its ``X-Consul-Index`` passes ``index``. ``X-Consul-Index`` of a listing
+  is the highest ModifyIndex among the matching keys and their tombstones, else the KV
+  tables' index (state/kvs.go); of a single key, its ModifyIndex, else the tables' index
+  (kvs_endpoint.go Get). :meth:`FakeConsul.bad_index` makes the next answers carry 0 or
+  no header (a bug the "Blocking Queries" docs warn of);
 * ``PUT`` with ``cas`` (0: only if absent), ``acquire``/``release``, ``flags``; ``DELETE`` with
   ``recurse`` and ``cas``;
 * sessions: ``create`` (TTL 10s..86400s, Behavior release|delete, LockDelay, default 15s),
@@ -74,6 +78,10 @@ Semantics kept:
 * TLS: ``FakeConsul(tls=ssl_context)`` serves https (a context with ``CERT_REQUIRED`` asks
   for client certificates, like ``verify_incoming``).
 
+Counting (the traffic tests): ``requests``, ``by_kind`` (read, block, txn, write, renew,
+session), ``by_token``, ``log`` (every request: kind, token, path) and ``answered`` (every
+blocking read: key, index asked, index answered).
+
 Test hooks: :meth:`FakeConsul.expire_session` (as if its TTL ran out), :meth:`down` /
 :meth:`up` (stop listening / listen again on the same port: the server is unreachable, its
 state and session timers go on), the election, node, lost-response and tombstone hooks
@@ -98,6 +106,7 @@ import ssl
 import threading
 import time
 import uuid
+from collections import Counter
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from collections.abc import Callable
@@ -226,6 +235,7 @@ class FakeConsul:
         self._leaderless_left: int | None = None  # election(): requests until a leader
         self.node_registered = True
         self.serf_health = "passing"
+        self._bad_index: list[str] = []  # bad_index(): what the next answers carry
         self._lost: list[tuple[str, str, bool]] = []  # lose_response(): (method, path, applied)
         self.table_index = 1  # the KV + tombstones tables' index (never goes back)
         self.tokens: dict[str, FakeToken] = {}  # secret -> token; empty: ACLs disabled
@@ -237,6 +247,12 @@ class FakeConsul:
         self.sessions: dict[str, dict[str, Any]] = {}
         self.lock_delay: dict[str, float] = {}  # key -> monotonic time the delay ends
         self.requests = 0
+        # Requests by kind (read, block, txn, write, renew, session) and by the token
+        # presented ("" for none): what the traffic tests count per host.
+        self.by_kind: Counter[str] = Counter()
+        self.by_token: Counter[str] = Counter()
+        self.log: list[tuple[str, str, str]] = []  # every request: (kind, token, path)
+        self.answered: list[tuple[str, int, int]] = []  # blocking reads: (key, index, answer)
         self._connections: set[Any] = set()  # open client sockets, cut by down()
         self._server: _Server | None = None
         self._closed = threading.Event()
@@ -425,6 +441,18 @@ class FakeConsul:
                     return applied
         return None
 
+    def bad_index(self, value: str = "0", times: int = 1) -> None:
+        """The next ``times`` answers that carry an X-Consul-Index carry ``value`` instead
+        ("0", or "missing": no header). The "Blocking Queries" docs: an index of 0 is a
+        Consul bug that happened in some versions; clients must not block on it (they
+        would busy-loop) and use 1."""
+        with self.cond:
+            self._bad_index += [value] * times
+
+    def _take_bad_index(self) -> str | None:
+        with self.cond:
+            return self._bad_index.pop(0) if self._bad_index else None
+
     def reap_tombstones(self) -> None:
         """Consul's tombstone GC: the tombstones go, so a prefix whose newest change was
         a delete reports an older X-Consul-Index than before (it goes backwards)."""
@@ -476,8 +504,15 @@ class FakeConsul:
 
     # -- KV reads -----------------------------------------------------------------------
     def query_index(self, prefix: str, exact: bool) -> int:
-        """X-Consul-Index of a read: newest change among the matching keys (tombstones
-        included), else the whole KV table's."""
+        """X-Consul-Index of a read. A single key: its ModifyIndex, or the KV tables'
+        index when it is missing. A listing (``recurse``/``keys``): the newest change among
+        the matching keys and their tombstones (state/kvs.go kvsListTxn), else the KV
+        tables' index."""
+        if exact:
+            # kvs_endpoint.go Get: the key's ModifyIndex when it exists, else the KV
+            # tables' index (kvsMaxIndex, tombstones included).
+            entry = self.kv.get(prefix)
+            return entry["ModifyIndex"] if entry is not None else self.table_index
         match = (lambda k: k == prefix) if exact else (lambda k: k.startswith(prefix))
         best = max([e["ModifyIndex"] for k, e in self.kv.items() if match(k)]
                    + [i for k, i in self.tombstones.items() if match(k)], default=0)
@@ -503,6 +538,8 @@ class FakeConsul:
                         break
                     self.cond.wait(left)
             index = self.query_index(key, exact)
+            if "index" in params:
+                self.answered.append((key, int(params["index"] or 0), index))
             if exact:
                 entry = self.kv.get(key)
                 return index, None if entry is None else [self._entry_json(entry)]
@@ -718,6 +755,11 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "application/json" if not isinstance(body, str)
                          else "text/plain")
         self.send_header("Content-Length", str(len(raw)))
+        bad = self.fake._take_bad_index() if index is not None else None
+        if bad == "missing":
+            index = None
+        elif bad is not None:
+            index = int(bad)
         if index is not None:
             self.send_header("X-Consul-Index", str(index))
             self.send_header("X-Consul-KnownLeader", "true")
@@ -751,9 +793,28 @@ class _Handler(BaseHTTPRequestHandler):
         length = int(self.headers.get("Content-Length") or 0)
         return unquote(parts.path), params, self.rfile.read(length) if length else b""
 
+    def _count(self, method: str, path: str, params: dict[str, str]) -> None:
+        fake = self.fake
+        fake.requests += 1
+        if path.startswith("/v1/kv/") and method == "GET":
+            kind = "block" if int(params.get("index") or 0) > 0 else "read"
+        elif path == "/v1/txn":
+            kind = "txn"
+        elif path.startswith("/v1/session/renew/"):
+            kind = "renew"
+        elif path.startswith("/v1/session/"):
+            kind = "session"
+        else:
+            kind = "write" if path.startswith("/v1/kv/") else "other"
+        token = self.headers.get("X-Consul-Token") or params.get("token") or ""
+        with fake.cond:
+            fake.by_kind[kind] += 1
+            fake.by_token[token] += 1
+            fake.log.append((kind, token, path))
+
     def do_GET(self) -> None:
         path, params, _ = self._parse()
-        self.fake.requests += 1
+        self._count("GET", path, params)
         if not self._gate("GET", path, params):
             return
         try:
@@ -776,7 +837,7 @@ class _Handler(BaseHTTPRequestHandler):
     def do_PUT(self) -> None:
         path, params, body = self._parse()
         fake = self.fake
-        fake.requests += 1
+        self._count("PUT", path, params)
         if not self._gate("PUT", path, params):
             return
         try:
@@ -838,7 +899,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_DELETE(self) -> None:
         path, params, _ = self._parse()
-        self.fake.requests += 1
+        self._count("DELETE", path, params)
         if not self._gate("DELETE", path, params):
             return
         if not path.startswith("/v1/kv/"):

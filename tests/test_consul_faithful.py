@@ -287,6 +287,7 @@ def test_blocking_index_going_backwards_is_reset(consul, monkeypatch):
     fake = consul.fake
     with fake.cond:
         high = fake.query_index(consul.root, exact=False)
+    st.exists("hosts/prime", watch=lambda: None)  # the root watch starts with a first watch
     wait_for(lambda: st._watch_index == high, 10, "the watch to catch up")  # type: ignore
     fired = threading.Event()
     st.exists("hosts/never", watch=fired.set)

@@ -48,9 +48,15 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
   NodeExists for its own node nor leaves a second node behind.
 * **sync()**: Consul has no sync; it switches the calling thread's reads to ``?consistent``
   (leader-verified, never stale) until that thread's next ``commit()``.
-* **Watches**: one background blocking query (``?index=&wait=``) on the whole root prefix.
-  Any change under the root fires every pending watch (once). The interface allows spurious
-  wake-ups; this is herd-prone compared with ZooKeeper's per-node watches.
+* **Following** (the agent: ``coord.FollowCoordinator``): :meth:`ConsulStore.follow_tree`
+  keeps one blocking recursive read (``?recurse&index=&wait=300s``) per followed key or
+  prefix, each answer the subtree's whole content (:class:`TreeFollower`, as Patroni's
+  consul.py does); :meth:`ConsulStore.read_trees` reads several subtrees in one
+  consistent read-only ``/v1/txn`` (the gate). docs/consul.md, "How an agent follows".
+* **One-shot watches** (the CLI): one background blocking query (``?index=&wait=``) on the
+  whole root prefix, started with the first watch. Any change under the root fires every
+  pending watch (once). The interface allows spurious wake-ups; this is herd-prone
+  compared with ZooKeeper's per-node watches, which is why the agent follows instead.
 
 * **ACL token and TLS** come from the store URL's query (see :func:`consul_auth`):
   ``consul://h:8501/dc?token_file=/etc/dcdeploy/consul.token&ca_file=...&client_cert=...
@@ -336,6 +342,121 @@ class _Raw:
         return response
 
 
+FOLLOW_WAIT = 300.0  # seconds a follower's blocking read may be held (Consul's default)
+Tree = dict[str, tuple[bytes, int]]  # relative path -> (data, ModifyIndex)
+
+
+@dataclass(frozen=True)
+class TreeAnswer:
+    """What one read of a followed subtree said: its whole content at ``index`` (``tree``),
+    or ``error`` (the read failed; the follower retries with backoff). ``reset``: the
+    index had gone backwards and this is a fresh load (accept it whatever its index).
+    ``started``: ``time.monotonic()`` when the request was sent (writes made before it are
+    in ``tree``)."""
+
+    follower: TreeFollower
+    index: int = 0
+    tree: Tree | None = None
+    error: StoreError | None = None
+    reset: bool = False
+    started: float = 0.0
+
+
+class TreeFollower:
+    """One subtree followed the way Patroni's consul.py follows its cluster: a blocking
+    recursive read (``?recurse&index=<X-Consul-Index>&wait=``) answered when something
+    below the prefix changes, or after ``wait`` (+ up to wait/16), one at a time.
+
+    Consul's "Blocking Queries" docs, followed here: an index that goes *backwards*
+    (tombstones reaped after the newest change was a delete, a snapshot restored) resets
+    to 0, so the next read returns at once and reloads; an index of 0 or a missing
+    ``X-Consul-Index`` is never blocked on (index 1 instead: always safe); and reads are
+    rate-limited: at most one per ``interval`` seconds (a burst of changes costs one read;
+    :meth:`kick` skips the wait when the caller needs the subtree now). An error (500 "No
+    cluster leader", unreachable, 403) is delivered once per failure run and retried with
+    backoff up to 5 s; what was delivered before stays valid meanwhile."""
+
+    def __init__(self, store: ConsulStore, path: str, recurse: bool, index: int,
+                 deliver: Callable[[TreeAnswer], None], interval: float, wait: float,
+                 stopping: threading.Event) -> None:
+        self.store = store
+        self.path = path
+        self.recurse = recurse
+        self.index = index
+        self.interval = interval
+        self.wait = wait
+        self.reads = 0
+        self._deliver = deliver
+        self._kick = threading.Event()
+        self._cancelled = threading.Event()
+        self._stopping = stopping
+        self._thread = threading.Thread(target=self._run, daemon=True,
+                                        name=f"consul-follow-{path}")
+        self._thread.start()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._cancelled.is_set()
+
+    def set_interval(self, seconds: float) -> None:
+        """A new rate limit; a shorter one applies from now (the pending wait is cut)."""
+        shorter = seconds < self.interval
+        self.interval = seconds
+        if shorter:
+            self.kick()
+
+    def kick(self) -> None:
+        self._kick.set()
+
+    def cancel(self) -> None:
+        self._cancelled.set()
+        self._kick.set()
+
+    def _done(self) -> bool:
+        return self._cancelled.is_set() or self._stopping.is_set()
+
+    def _run(self) -> None:
+        last = -math.inf
+        failures = 0
+        reset = False
+        while not self._done():
+            pause = last + self.interval - time.monotonic()
+            if pause > 0:
+                self._kick.wait(pause)
+            self._kick.clear()
+            if self._done():
+                return
+            last = started = time.monotonic()
+            index = self.index
+            try:
+                self.reads += 1
+                self.store.ops.read()
+                found, tree = self.store._tree_read(
+                    self.path, self.recurse, index, self.wait, False, time.monotonic())
+            except StoreError as exc:
+                if self._done():
+                    return
+                failures += 1
+                if failures == 1:
+                    log.warning("consul.follow.error", path=self.path, error=str(exc))
+                    self._deliver(TreeAnswer(self, error=exc, started=started))
+                self._kick.wait(min(5.0, 0.2 * 2 ** min(failures, 5)))
+                self._kick.clear()
+                continue
+            if self._done():
+                return
+            if found < index:
+                log.info("consul.follow.index_reset", path=self.path, was=index, now=found)
+                self.index, reset = 0, True  # reload at once, as the docs say
+                continue
+            found = max(1, found)
+            if found == index and not failures and not reset:
+                continue  # the wait ran out (or an idempotent write): nothing new
+            self.index = found
+            self._deliver(TreeAnswer(self, found, tree, reset=reset, started=started))
+            failures, reset = 0, False
+
+
 class ConsulStore(Store):
     """One Consul session and KV view rooted at ``root`` (see the module docstring)."""
 
@@ -363,7 +484,9 @@ class ConsulStore(Store):
         self._closed = True
         self._wlock = threading.Lock()
         self._watch_index = 0
+        self._watching = False
         self._pending: dict[Watcher, int] = {}
+        self._followers: list[TreeFollower] = []
         self._threads: list[threading.Thread] = []
         # Operations per /v1/txn: unknown until Consul refuses one (413 names the limit);
         # then checked before sending.
@@ -493,12 +616,12 @@ class ConsulStore(Store):
             raise StoreUnavailable(str(exc)) from exc
         self._events = queue.Queue()
         self._set_state(SessionState.CONNECTED)
-        for name, target in (("session", self._session_loop), ("watch", self._watch_loop),
-                             ("events", self._event_loop)):
+        for name, target in (("session", self._session_loop), ("events", self._event_loop)):
             thread = threading.Thread(target=target, args=(self._stopping, self._events),
                                       name=f"consul-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self._watching = False  # the root watch thread starts with the first one-shot watch
         log.info("consul.connected", url=self.url, session=self._session_id, ttl=self.ttl)
 
     def stop(self) -> None:
@@ -507,6 +630,9 @@ class ConsulStore(Store):
             return
         self._stopping.set()
         self._kick.set()
+        for follower in self._followers:
+            follower.cancel()
+        self._followers = []
         sid, self._session_id = self._session_id, None
         if sid:
             try:
@@ -615,6 +741,16 @@ class ConsulStore(Store):
         any change after the read has a higher index and fires the watch (never lost). A
         change racing the read may fire it needlessly (spurious wake-ups are allowed)."""
         with self._wlock:
+            if not self._watching:
+                # Started on demand: an agent that follows a mirror (follow_tree) sets no
+                # one-shot watch, and a blocking read of the whole root every WATCH_WAIT
+                # seconds would be most of its idle traffic.
+                self._watching = True
+                thread = threading.Thread(target=self._watch_loop,
+                                          args=(self._stopping, self._events),
+                                          name="consul-watch", daemon=True)
+                thread.start()
+                self._threads.append(thread)
             if baseline < self._watch_index:
                 self._events.put(watch)
                 return
@@ -697,6 +833,121 @@ class ConsulStore(Store):
         self._tls.consistent = True
         self._kv_get(self.prefix)
 
+    # -- following subtrees: blocking recursive reads (coord.FollowCoordinator) ---------
+    supports_tree_follow = True
+
+    def read_tree(self, path: str, *, recurse: bool = True,
+                  consistent: bool = False) -> tuple[int, Tree]:
+        """One read of ``path``: with ``recurse`` the key ``path`` and every key below
+        ``path + "/"`` (never a sibling such as ``current/AB`` for ``current/A``), else
+        the key ``path`` alone. A recursive read is sent for the prefix *without* the
+        slash, so that the node ``path`` itself is in it: Consul answers a prefix that
+        matches no key (nor tombstone) with the whole KV table's index, and a blocking
+        read on that would return on every write anywhere in the store; with the node
+        in it, the index is the prefix's own (a sibling's change still wakes it). Returns (X-Consul-Index, {relative path: (data,
+        ModifyIndex)}). ``consistent``: leader-verified (``?consistent``), for the gate."""
+        self.ops.read()
+        return self._tree_read(path, recurse, 0, None, consistent,
+                               time.monotonic() + self.request_timeout)
+
+    def follow_tree(self, path: str, deliver: Callable[[TreeAnswer], None], *,
+                    recurse: bool = True, index: int = 0, interval: float = 0.0,
+                    wait: float | None = None) -> TreeFollower:
+        """Follow ``path`` (as :meth:`read_tree` reads it) with one blocking read at a
+        time, from ``index``, until :meth:`stop` or the follower's ``cancel()``. Every
+        answer that says something new is handed to ``deliver`` (on the follower's
+        thread: must not block): the subtree's whole content, or the error that kept the
+        read from answering. See :class:`TreeFollower`."""
+        follower = TreeFollower(self, path, recurse, index, deliver, interval,
+                                FOLLOW_WAIT if wait is None else wait, self._stopping)
+        self._followers = [f for f in self._followers if f.alive] + [follower]
+        return follower
+
+    def read_trees(self, wanted: Sequence[tuple[str, bool]]) -> list[Tree]:
+        """Several :meth:`read_tree` reads at one instant, in one request: a read-only
+        ``/v1/txn`` of ``get-tree`` verbs sent with ``?consistent`` (Consul serves a
+        transaction without writes on its read path, where the consistency modes apply).
+        ``wanted``: (path, recursive) pairs; one tree each, in order. For the gate."""
+        self.ops.read()
+        keys = [self._key(path) for path, _ in wanted]
+        payload = json.dumps([{"KV": {"Verb": "get-tree", "Key": key}} for key in keys])
+
+        def put(client: consul.Consul) -> consul.base.Response:
+            response = client.http.put(_Raw(), "/v1/txn", params=[("consistent", "1")],
+                                       data=payload, headers=client.prepare_headers())
+            if response.code >= 500:
+                raise ConsulException(f"{response.code} {response.body}")
+            return response
+
+        response = self._call("consistent read", put)  # reads: retried on 5xx
+        if response.code in (401, 403):
+            raise self._unauthorized("consistent read", str(response.body))
+        try:
+            body = json.loads(response.body) or {}
+            results = [r["KV"] for r in body.get("Results") or [] if r.get("KV")]
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise StoreError(f"consul consistent read: unreadable answer ({exc})") from None
+        if response.code != 200:
+            raise StoreError(f"consul consistent read: {response.code} "
+                             f"{str(response.body)[:200]}")
+        trees: list[Tree] = []
+        for key, (_, recurse) in zip(keys, wanted):
+            tree: Tree = {}
+            for entry in results:
+                k = str(entry.get("Key", ""))
+                if k == key or recurse and k.startswith(key + "/"):
+                    tree[self._rel(k) if k != self.prefix else ""] = (
+                        base64.b64decode(entry.get("Value") or ""), int(entry["ModifyIndex"]))
+            trees.append(tree)
+        return trees
+
+    def _tree_read(self, path: str, recurse: bool, index: int, wait: float | None,
+                   consistent: bool, deadline: float) -> tuple[int, Tree]:
+        """GET /v1/kv/<key>[?recurse][&index=&wait=][&consistent]; raises the :mod:`.base`
+        family: StoreUnavailable (unreachable, 5xx such as "No cluster leader"),
+        StoreUnauthorized (403)."""
+        key = self._key(path)
+        params: list[tuple[str, Any]] = []
+        if recurse:
+            params.append(("recurse", "1"))
+        if index > 0:
+            params += [("index", index), ("wait", f"{wait or FOLLOW_WAIT:g}s")]
+        if consistent:
+            params.append(("consistent", "1"))
+        blocking = (wait or FOLLOW_WAIT) * 17 / 16 if index > 0 else 0.0
+
+        def get(client: consul.Consul) -> consul.base.Response:
+            response = client.http.get(_Raw(), f"/v1/kv/{key}", params=params,
+                                       headers=client.prepare_headers())
+            if response.code >= 500:
+                raise ConsulException(f"{response.code} {response.body}")
+            return response
+
+        response = self._call(f"read {key}", get, deadline=deadline,
+                              attempt_timeout=self.request_timeout + blocking)
+        if response.code in (401, 403):
+            raise self._unauthorized(f"read {key}", str(response.body))
+        if response.code not in (200, 404):
+            raise StoreError(f"consul read {key}: {response.code} {str(response.body)[:200]}")
+        try:
+            # Missing or not a number counts as 0: the caller never blocks on it.
+            found = int(response.headers.get("X-Consul-Index") or 0)
+        except ValueError:
+            found = 0
+        tree: Tree = {}
+        if response.code == 200:
+            try:
+                entries = json.loads(response.body) or []
+                for entry in entries:
+                    k = entry["Key"]
+                    if k != key and not (recurse and k.startswith(key + "/")):
+                        continue  # a sibling (current/AB for current/A)
+                    tree[self._rel(k) if k != self.prefix else ""] = (
+                        base64.b64decode(entry.get("Value") or ""), int(entry["ModifyIndex"]))
+            except (ValueError, TypeError, KeyError) as exc:
+                raise StoreError(f"consul read {key}: unreadable answer ({exc})") from None
+        return found, tree
+
     # -- writes -------------------------------------------------------------------------
     def create(self, path: str, data: bytes = b"", *, ephemeral: bool = False,
                sequential: bool = False) -> str:
@@ -745,9 +996,10 @@ class ConsulStore(Store):
     def _commit(self, ops: Sequence[Op], makepath: bool = False) -> list[str | int | None]:
         deadline = time.monotonic() + self.request_timeout
         mkparents: list[str] = []  # keys to create (cas 0) before the op, create() only
+        floors: dict[str, int] = {}  # sequence floors from the listing, kept across retries
         attempt = 0
         while True:
-            tx = self._expand(ops, mkparents)
+            tx = self._expand(ops, mkparents, floors)
             ok, results, errors = self._send_txn(tx, deadline)
             if ok:
                 return self._results(ops, tx, results)
@@ -771,7 +1023,9 @@ class ConsulStore(Store):
             if time.monotonic() > deadline:
                 raise StoreUnavailable(f"consul: {what!r} still contended after {attempt} "
                                        f"attempts")
-            time.sleep(min(0.2, 0.005 * 2 ** attempt))  # contention on a counter: back off
+            # Contention on a counter (every host entering the ready queue at once): back
+            # off with full jitter, or the losers collide again in lockstep.
+            time.sleep(random.uniform(0, min(0.2, 0.005 * 2 ** attempt)))
 
     def _missing_ancestors(self, path: str) -> list[str]:
         parts = path.split("/") if path else []
@@ -783,12 +1037,13 @@ class ConsulStore(Store):
                 missing.append(self._key(p))
         return missing
 
-    def _expand(self, ops: Sequence[Op], mkparents: list[str]) -> _Txn:
+    def _expand(self, ops: Sequence[Op], mkparents: list[str],
+                floors: dict[str, int] | None = None) -> _Txn:
         """Translate our ops into Consul txn verbs (one of ours may become several)."""
         tx = _Txn()
         for key in mkparents:
             tx.add(None, "mkparent", "cas", key, Value="", Index=0)
-        seq, counters = self._allocate(ops)
+        seq, counters = self._allocate(ops, {} if floors is None else floors)
         parents: set[str] = set(mkparents)  # checked once per transaction (the op cap)
         for i, op in enumerate(ops):
             key = self._key(op.path)
@@ -843,9 +1098,14 @@ class ConsulStore(Store):
                    Index=cas_index)
         return tx
 
-    def _allocate(self, ops: Sequence[Op]) -> tuple[list[str], dict[str, tuple[int, int]]]:
+    def _allocate(self, ops: Sequence[Op], floors: dict[str, int]
+                  ) -> tuple[list[str], dict[str, tuple[int, int]]]:
         """Names for the sequential creates in ``ops``, in order, and the counter bumps
-        that must commit with them (counter key -> (ModifyIndex to cas against, value))."""
+        that must commit with them (counter key -> (ModifyIndex to cas against, value)).
+        ``floors`` (counter -> 1 + the largest suffix among the parent's children) is
+        filled on the first attempt and reused by retries of the same commit: a retry
+        after a lost counter race re-reads only the counter (the counter only grows, and
+        a key written by hand meanwhile is no more likely than before the first read)."""
         counters: dict[str, tuple[int, int]] = {}
         names: list[str] = []
         nxt: dict[str, int] = {}
@@ -862,9 +1122,11 @@ class ConsulStore(Store):
                     raise StoreError(f"consul: sequence counter {counter} holds "
                                      f"{entry['Value']!r}, not a number (delete it; the "
                                      f"next create rebuilds it from the children)") from None
-                floor = max((int(n[-SEQ_DIGITS:]) + 1 for n in self._list(parent)[1]
-                             if n[-SEQ_DIGITS:].isdigit() and len(n) >= SEQ_DIGITS),
-                            default=0)
+                if counter not in floors:
+                    floors[counter] = max(
+                        (int(n[-SEQ_DIGITS:]) + 1 for n in self._list(parent)[1]
+                         if n[-SEQ_DIGITS:].isdigit() and len(n) >= SEQ_DIGITS), default=0)
+                floor = floors[counter]
                 nxt[counter] = max(current, floor)
                 counters[counter] = (int(entry["ModifyIndex"]) if entry else 0, 0)
             names.append(f"{op.path}{nxt[counter]:0{SEQ_DIGITS}d}")

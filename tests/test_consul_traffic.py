@@ -1,0 +1,153 @@
+"""Consul's store traffic per host (issue 9, items 2 and 5), counted by the fake Consul
+itself: every HTTP request the agents send, by kind (reads, blocking reads, transactions,
+session renewals). Only against tests/fakeconsul.py, never a real Consul (docs/consul.md).
+
+Real agents (the real reconcile code, each its own Consul session and followers, the
+FollowCoordinator mirror), supervisord stubbed as in test_store_traffic.py. The test's
+own requests carry a token and are left out (ACLs are off: the fake only counts it).
+Session renewals are reported apart and not counted against the targets, as ZooKeeper's
+session pings are not (they are the session's heartbeat, one per TTL/3 per host).
+
+Targets (issue 9): at most 10 requests per host upgrade, at most 0.2 requests/s per host
+idle. The idle target is met and asserted. The per-upgrade one is not (23-25 measured):
+the test fails above REACHED and reports the target as an expected failure, not a pass.
+
+Idle: the fleet is left alone for IDLE_SECS and every request in that window is counted;
+a follower's blocking read that times out after FOLLOW_WAIT (300 s) cannot fall in a
+window that short, so one such answer per follower per FOLLOW_WAIT is added on top (an
+upper bound). ``DCDEPLOY_TRAFFIC_HOSTS`` runs it at another fleet size.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+import uuid
+from collections import Counter
+
+import pytest
+from cluster import wait_for
+from fakeconsul import FakeConsul
+from test_store_traffic import InstantSupervisor
+
+from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.agent.config import AgentConfig
+from supervisor_dcdeploy.agent.worker import Agent
+from supervisor_dcdeploy.coord import FollowCoordinator
+from supervisor_dcdeploy.fetch import install_release
+from supervisor_dcdeploy.localstate import ReleaseDir
+from supervisor_dcdeploy.model import HealthCheck
+from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.store import open_store
+from supervisor_dcdeploy.store.consul import FOLLOW_WAIT
+
+HOSTS = int(os.environ.get("DCDEPLOY_TRAFFIC_HOSTS", "10"))
+PER_UPGRADE = 10  # the issue's target, met on ZooKeeper, not on Consul (see the end)
+REACHED = 40  # what the Consul design reaches, with a margin: a regression fails here
+IDLE_PER_HOST_S = 0.2
+IDLE_SECS = 60.0
+OPERATOR = "operator-token-of-the-test"
+
+
+@pytest.fixture
+def consul_fleet(workdir):
+    fake = FakeConsul().start()
+    url = f"consul://{fake.address}/dc-{uuid.uuid4().hex[:12]}"
+    token = workdir / "operator.token"
+    token.write_text(OPERATOR + "\n")
+    token.chmod(0o600)
+    store = open_store(f"{url}?token_file={token}")
+    store.start(timeout=15)
+    ops.service_set(store, "A", program="A", quorum=HOSTS - 1, max_parallel=1,
+                    health=HealthCheck("none"), healthy_secs=0.0)
+    releases = {}
+    for version in ("1", "2"):
+        path, sha = build_release(workdir / "artifacts", "A", version)
+        releases[version] = (f"file://{path}", sha)
+    agents: dict[str, Agent] = {}
+    for i in range(HOSTS):
+        host = f"h{i:03d}"
+        rd = ReleaseDir(workdir / host, "A")
+        for version, (rurl, sha) in releases.items():
+            install_release([rurl], sha, rd.releases, version, rd.cache,
+                            allow_unknown_size=True, file_root=str(workdir))
+        rd.point_current("1")
+        cfg = AgentConfig(host=host, rack="r0", store=url, root=workdir / host,
+                          services={"A": {}}, session_timeout=10.0, start_timeout=5.0,
+                          poll_interval=5.0)
+        agents[host] = Agent(cfg, supervisor=InstantSupervisor())
+    threads = [threading.Thread(target=a.run, daemon=True) for a in agents.values()]
+    for thread in threads:
+        thread.start()
+    try:
+        yield fake, store, agents, releases
+    finally:
+        for agent in agents.values():
+            agent.stopping.set()
+            agent.wake.set()
+        for thread in threads:
+            thread.join(timeout=20)
+        store.stop()
+        fake.close()
+
+
+def test_consul_requests_per_upgrade_and_idle(consul_fleet, record_property):
+    fake, store, agents, releases = consul_fleet
+    wait_for(lambda: len(store.children("current/A")) == HOSTS, 60, "every host to register")
+    assert all(isinstance(a.coord, FollowCoordinator) for a in agents.values())
+    with fake.cond:
+        start_agents, start_log = fake.by_token[""], len(fake.log)
+        start_test = fake.by_token[OPERATOR]
+
+    ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]])
+    (item,) = ops.deploy(store, ["A"])
+    wait_for(lambda: all(a.local.get("A").active == "2" and
+                         a.status["A"].get("phase") == "serving" for a in agents.values()),
+             300, "every host to switch to 2")
+    wait_for(lambda: store.exists(f"history/{item.node}") is not None, 60,
+             "the deploy item to complete")
+    with fake.cond:
+        agents_total = fake.by_token[""] - start_agents
+        kinds = dict(Counter(kind for kind, token, _ in fake.log[start_log:] if not token))
+        test_total = fake.by_token[OPERATOR] - start_test
+    renewals = kinds.get("renew", 0)
+    per_upgrade = (agents_total - renewals) / HOSTS
+    answers = sum(a.coord.notifications for a in agents.values())
+    by_key: dict[str, int] = {}
+    for a in agents.values():
+        for key, follower in a.coord._followers.items():  # type: ignore[attr-defined]
+            by_key[key] = by_key.get(key, 0) + follower.reads
+    record_property("requests_per_upgrade", round(per_upgrade, 2))
+    print(f"follower reads since the start, by key, all hosts: {by_key}")
+    print(f"consul hosts={HOSTS} requests_per_upgrade={per_upgrade:.2f} "
+          f"(renewals apart: {renewals / HOSTS:.1f}/upgrade; the agents' by kind: {kinds}; "
+          f"the test's own: {test_total}) follower_answers_per_upgrade="
+          f"{answers / HOSTS:.1f}")
+
+    with fake.cond:
+        idle_start, renew_start = fake.by_token[""], fake.by_kind["renew"]
+    time.sleep(IDLE_SECS)  # the measurement window, not a wait for anything
+    with fake.cond:
+        idle = fake.by_token[""] - idle_start
+        idle_renewals = fake.by_kind["renew"] - renew_start
+    followers = sum(len(a.coord._followers) for a in agents.values())  # type: ignore
+    counted = (idle - idle_renewals) / IDLE_SECS / HOSTS
+    idle_rate = counted + followers / HOSTS / FOLLOW_WAIT
+    record_property("idle_requests_per_s_per_host", round(idle_rate, 3))
+    print(f"consul hosts={HOSTS} idle_requests_per_s_per_host={idle_rate:.3f} (counted "
+          f"{idle - idle_renewals} in {IDLE_SECS:g}s = {counted:.3f}/s/host, plus "
+          f"{followers // HOSTS} followers/host timing out every {FOLLOW_WAIT:g}s; "
+          f"renewals apart: {idle_renewals / IDLE_SECS / HOSTS:.3f}/s/host)")
+
+    assert idle_rate <= IDLE_PER_HOST_S, \
+        f"{idle_rate:.3f} Consul requests/s per host idle (target {IDLE_PER_HOST_S})"
+    assert per_upgrade <= REACHED, \
+        f"{per_upgrade:.1f} Consul requests per host upgrade (this design reached " \
+        f"23-25 at 10 and 30 hosts; bound {REACHED})"
+    if per_upgrade > PER_UPGRADE:
+        # Not met on Consul (docs/scale.md, "Consul"): every answer to a blocking read
+        # is a request, and the sequence counter is contended when all hosts enter the
+        # ready queue at once. Reported, not hidden: this turns into a pass when fixed.
+        pytest.xfail(f"{per_upgrade:.1f} Consul requests per host upgrade, above the "
+                     f"target of {PER_UPGRADE} (docs/scale.md)")
