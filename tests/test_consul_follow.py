@@ -20,7 +20,7 @@ from supervisor_dcdeploy.coord import FollowCoordinator, coordinator_for
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.lab.sample import build_release
 from supervisor_dcdeploy.store import StoreUnauthorized, StoreUnavailable, open_store
 from supervisor_dcdeploy.store import consul as consul_store
 from supervisor_dcdeploy.waiting import wait_for
@@ -225,7 +225,7 @@ def test_services_keep_running_while_consul_has_no_leader(fake, workdir):
     releases = {}
     for version in ("1", "2"):
         path, sha = build_release(workdir / "artifacts", "A", version)
-        releases[version] = (f"file://{path}", sha)
+        releases[version] = (f"file://{path}", sha, path.stat().st_size)
     stops: list[str] = []
 
     class Recording(InstantSupervisor):
@@ -237,9 +237,9 @@ def test_services_keep_running_while_consul_has_no_leader(fake, workdir):
     for i in range(3):
         host = f"h{i}"
         rd = ReleaseDir(workdir / host, "A")
-        for version, (rurl, sha) in releases.items():
+        for version, (rurl, sha, size) in releases.items():
             install_release([rurl], sha, rd.releases, version, rd.cache,
-                            allow_unknown_size=True, file_root=str(workdir))
+                            size=size, file_root=str(workdir))
         rd.point_current("1")
         cfg = AgentConfig(host=host, rack="r0", store=url, root=workdir / host,
                           services={"A": {}}, session_timeout=10.0, start_timeout=5.0,
@@ -259,7 +259,8 @@ def test_services_keep_running_while_consul_has_no_leader(fake, workdir):
         fake.elect_leader()
         wait_for(lambda: all(a.status["A"].get("store") == "connected"
                              for a in agents.values()), 30, "every agent back")
-        ops.stage(op, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]])
+        ops.stage(op, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]],
+                  size=releases["2"][2])
         ops.deploy(op, ["A"])
         wait_for(lambda: all(a.local.get("A").active == "2" for a in agents.values()), 120,
                  "every host on 2")

@@ -38,7 +38,7 @@ from supervisor_dcdeploy.coord import FollowCoordinator
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.lab.sample import build_release
 from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.store.consul import FOLLOW_WAIT
 
@@ -64,14 +64,14 @@ def consul_fleet(workdir):
     releases = {}
     for version in ("1", "2"):
         path, sha = build_release(workdir / "artifacts", "A", version)
-        releases[version] = (f"file://{path}", sha)
+        releases[version] = (f"file://{path}", sha, path.stat().st_size)
     agents: dict[str, Agent] = {}
     for i in range(HOSTS):
         host = f"h{i:03d}"
         rd = ReleaseDir(workdir / host, "A")
-        for version, (rurl, sha) in releases.items():
+        for version, (rurl, sha, size) in releases.items():
             install_release([rurl], sha, rd.releases, version, rd.cache,
-                            allow_unknown_size=True, file_root=str(workdir))
+                            size=size, file_root=str(workdir))
         rd.point_current("1")
         cfg = AgentConfig(host=host, rack="r0", store=url, root=workdir / host,
                           services={"A": {}}, session_timeout=10.0, start_timeout=5.0,
@@ -100,7 +100,8 @@ def test_consul_requests_per_upgrade_and_idle(consul_fleet, record_property):
         start_agents, start_log = fake.by_token[""], len(fake.log)
         start_test = fake.by_token[OPERATOR]
 
-    ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]])
+    ops.stage(store, "A", "2", sha256=releases["2"][1], urls=[releases["2"][0]],
+              size=releases["2"][2])
     (item,) = ops.deploy(store, ["A"])
     wait_for(lambda: all(a.local.get("A").active == "2" and
                          a.status["A"].get("phase") == "serving" for a in agents.values()),
