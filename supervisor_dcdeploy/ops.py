@@ -114,8 +114,9 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
                 depends_on: list[str] | tuple[str, ...] = (), max_parallel: int = 1,
                 health: HealthCheck | None = None, healthy_secs: float = 0.0,
                 preload: bool = False, signer: trust.Signer | None = None,
-                expires: float | None = None) -> ServiceSpec:
+                expires: float | None = None, policy: Any = None) -> ServiceSpec:
     """Define or replace a service. Refuses an undefined dependency or a cycle.
+    ``policy``: a :class:`policy.Policy` (rack budget, rack order...), default none.
 
     Signed with ``signer`` (default: ``$DCDEPLOY_SIGN_KEY``), valid for ``expires``
     seconds (default: trust.DEFAULT_EXPIRES); unsigned when there is no key."""
@@ -124,7 +125,8 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
         raw = dumps({"program": program or name, "quorum": quorum,
                      "depends_on": list(depends_on), "max_parallel": max_parallel,
                      "health": (health or HealthCheck()).to_dict(),
-                     "healthy_secs": healthy_secs, "preload": preload})
+                     "healthy_secs": healthy_secs, "preload": preload,
+                     **(policy.to_dict() if policy is not None else {})})
         spec = ServiceSpec.parse(name, raw, where=f"service {name}")
     except InvalidData as exc:
         raise OpError(str(exc)) from None
@@ -185,9 +187,20 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
 
 
 def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
-           expires: float | None = None) -> list[DeployItem]:
+           expires: float | None = None, host_parallel: int | None = None) -> list[DeployItem]:
     """Queue the staged versions of ``names`` in dependency order (one transaction).
-    Each item is signed (service and version) as :func:`service_set` is."""
+
+    Each item records ``after``, every service its own depends on (directly or not): it
+    waits only for items of those (and of its own service) ahead of it, so independent
+    items roll at the same time. ``host_parallel`` (default 1): how many of its services
+    a host may switch at once. Each item is signed (service, version, after,
+    host_parallel) as :func:`service_set` is."""
+    if host_parallel is not None:
+        from .policy import check_host_parallel
+        try:
+            check_host_parallel("--host-parallel", host_parallel)
+        except InvalidData as exc:
+            raise OpError(str(exc)) from None
     specs, invalid = read_specs(store)
     staged = {}
     for name in names:
@@ -205,7 +218,9 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     for n in order:
         _check_staged(staged[n], signer)
     items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
-                              updated=now), signer, expires,
+                              updated=now, host_parallel=host_parallel,
+                              after=tuple(sorted(decisions.dependencies(specs, n)))),
+                   signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
     ops = [Create(layout.ITEM_PREFIX, item.to_json(), sequential=True) for item in items]
     created = store.commit(ops)

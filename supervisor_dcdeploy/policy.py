@@ -22,9 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .decisions import Decision, ServiceView, dependencies, ready_queue
-from .model import ACTIVE_STATES, DeployItem, InvalidData, _get, check_name
-
-MAX_HOST_PARALLEL = 64
+from .model import ACTIVE_STATES, MAX_HOST_PARALLEL, DeployItem, InvalidData, _get, check_name
 MAX_SOAK_SECS = 7 * 24 * 3600.0
 MAX_COUNT = 100_000
 # Without recorded switch timings, a batch is predicted to take the service's healthy_secs
