@@ -137,15 +137,12 @@ class Coordinator:
         for node in self._own_entries(svc):
             self.drop_entry(svc, node)
 
-    def make_way(self, switching: str, view: ServiceView) -> list[str]:
-        """After passing ``switching``'s gate, when this host may switch no other service
-        at once (``host_parallel`` 1): leave the ready queues of its other services, so that
-        it does not hold a place at their front while it is busy (their next host in line
-        goes instead); it joins them again, at the back, once the switch is over. The
-        services whose queue it left."""
-        from .decisions import host_parallel
-        if host_parallel(view) > 1:
-            return []
+    def make_way(self, switching: str) -> list[str]:
+        """After passing ``switching``'s gate: leave the ready queues of this host's other
+        services, so that it does not hold a place at their front while it is busy (the
+        agent switches one service at a time, inside its cycle); their next host in line
+        goes instead, and this one joins again, at the back, once the switch is over.
+        The services whose queue it left."""
         left = []
         for svc in self.services:
             if svc != switching and self._own_entries(svc):

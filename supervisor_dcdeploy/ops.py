@@ -187,14 +187,16 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
 
 
 def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
-           expires: float | None = None, host_parallel: int | None = None) -> list[DeployItem]:
+           expires: float | None = None, host_parallel: int | None = None,
+           in_series: bool = False) -> list[DeployItem]:
     """Queue the staged versions of ``names`` in dependency order (one transaction).
 
     Each item records ``after``, every service its own depends on (directly or not): it
     waits only for items of those (and of its own service) ahead of it, so independent
     items roll at the same time. ``host_parallel`` (default 1): how many of its services
     a host may switch at once. Each item is signed (service, version, after,
-    host_parallel) as :func:`service_set` is."""
+    host_parallel) as :func:`service_set` is. ``in_series``: items without ``after``,
+    each waiting for every item ahead (the queue as it ran before issue 10)."""
     if host_parallel is not None:
         from .policy import check_host_parallel
         try:
@@ -219,7 +221,8 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
         _check_staged(staged[n], signer)
     items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
                               updated=now, host_parallel=host_parallel,
-                              after=tuple(sorted(decisions.dependencies(specs, n)))),
+                              after=None if in_series else
+                              tuple(sorted(decisions.dependencies(specs, n)))),
                    signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
     ops = [Create(layout.ITEM_PREFIX, item.to_json(), sequential=True) for item in items]

@@ -616,8 +616,8 @@ class Agent:
             return
         self.log.info("gate.passed", svc=svc, version=target, online=gate["online"],
                       quorum=gate["quorum"], item=gate["item"])
-        try:  # host_parallel 1: give up this host's places in its other ready queues
-            self.coord.make_way(svc, fresh)
+        try:  # busy until the switch is over: give up its places in other ready queues
+            self.coord.make_way(svc)
         except StoreError as exc:  # only a courtesy to the next host in line
             self.log.warning("queue.make_way_failed", svc=svc, error=str(exc))
         self.switch(svc, program, fresh.spec, target, head.node if head else None)
