@@ -111,3 +111,41 @@ def test_independent_items_roll_at_once_edges_and_rack_budgets_hold(dc, record_p
     r0_first = min(first_down(prober, h, "d") for h in dc.hosts if rack(h) == "r0")
     assert r0_first > r1_done, (f"d: rack r0 started at {r0_first:.3f}, before rack r1 was "
                                 f"done at {r1_done:.3f}")
+
+
+# -- the operator's flags (no hosts needed) -------------------------------------------
+
+SHA = "c" * 64
+
+
+def test_cli_policy_flags_and_host_parallel_are_stored(run, store):
+    assert run("service", "set", "a", "--quorum", "1")[0] == 0
+    code, out, err = run("service", "set", "b", "--quorum", "1", "--depends-on", "a",
+                         "--max-down-per-rack", "2", "--rack-order", "r1,r0")
+    assert code == 0, err
+    spec = json.loads(store.get("services/b")[0])
+    assert spec["max_down_per_rack"] == 2 and spec["rack_order"] == ["r1", "r0"]
+    assert run("service", "set", "c", "--quorum", "1", "--rack-order")[0] == 0
+    assert json.loads(store.get("services/c")[0])["rack_order"] is True
+    assert "max_down_per_rack" not in json.loads(store.get("services/a")[0])
+    for svc in ("a", "b", "c"):
+        assert run("stage", svc, "2", "--url", "file:///x", "--sha256", SHA)[0] == 0
+    code, out, err = run("deploy", "c", "b", "a", "--host-parallel", "2")
+    assert code == 0, err
+    items = {json.loads(store.get(f"deploy/{n}")[0])["service"]:
+             json.loads(store.get(f"deploy/{n}")[0]) for n in store.children("deploy")}
+    assert items["b"]["after"] == ["a"] and items["a"]["after"] == [] \
+        and items["c"]["after"] == []
+    assert {i["host_parallel"] for i in items.values()} == {2}
+
+
+@pytest.mark.parametrize("argv,fragment", [
+    (("service", "set", "x", "--quorum", "1", "--max-down-per-rack", "0"),
+     "--max-down-per-rack"),
+    (("service", "set", "x", "--quorum", "1", "--rack-order", "r1,r1"), "names a rack twice"),
+    (("service", "set", "x", "--quorum", "1", "--rack-order", "r 1"), "not a valid name"),
+    (("deploy", "x", "--host-parallel", "0"), "host_parallel"),
+])
+def test_cli_refuses_bad_policy_values(run, argv, fragment):
+    code, _, err = run(*argv)
+    assert code != 0 and fragment in err, err
