@@ -144,6 +144,15 @@ def main(argv: list[str] | None = None) -> int:
                   "dag_bound_s": round(dag_bound, 3), "ratio": round(makespan / dag_bound, 3),
                   "series_makespan_s": round(series, 3) if series is not None else None,
                   "predicted_s": round(plan["total_s"], 3)}
+        if series is not None:
+            # The series run's seconds per batch (coordination and a loaded machine
+            # included), and the waves run against the chain at that pace: what waves cost
+            # beyond what every switch costs anyway.
+            batches = len(names) * math.ceil(n / k)
+            per_batch = series / batches
+            result["series_per_batch_s"] = round(per_batch, 3)
+            result["ratio_vs_series_pace"] = round(
+                makespan / (max(len(c) for c in CHAINS) * math.ceil(n / k) * per_batch), 3)
         if args.json:
             print(json.dumps(result))
         else:
