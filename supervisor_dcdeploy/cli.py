@@ -304,9 +304,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with connected(args) as store:
-        item = ops.pause(store)
-        print(f"paused {item.node} ({item.service} {item.version}): hosts mid-switch finish, "
-              "nobody starts another")
+        items = ops.pause_all(store)
+        print(f"paused {', '.join(f'{i.node} ({i.service} {i.version})' for i in items)}: "
+              "hosts mid-switch finish, nobody starts another")
         return 0
 
 

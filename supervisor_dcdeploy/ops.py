@@ -244,29 +244,59 @@ def _rewrite(store: Store, item: DeployItem, **changes: Any) -> None:
 
 
 def pause(store: Store) -> DeployItem:
-    """Stop new take-downs (hosts mid-switch finish theirs)."""
+    """Stop new take-downs (hosts mid-switch finish theirs): every waiting or rolling item
+    is paused, since independent items roll at the same time. Returns the first."""
+    return pause_all(store)[0]
+
+
+def pause_all(store: Store) -> list[DeployItem]:
+    """:func:`pause`, returning every item it paused."""
+    paused: list[DeployItem] = []
     for _ in range(5):
         head = _head(store)
-        if head.state not in ("waiting", "rolling"):
+        active = [i for i in read_queue(store)[0] if i.state in ("waiting", "rolling")]
+        if not active and not paused:
             raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
                           "nothing to pause")
-        try:
-            _rewrite(store, head, state="paused", reason="paused by operator")
-            return head
-        except StoreError:
-            continue
-    raise OpError("the deploy item kept changing; try again")
+        if not active:
+            return paused
+        for item in active:
+            try:
+                _rewrite(store, item, state="paused", reason="paused by operator")
+                paused.append(item)
+            except StoreError:
+                pass  # changed meanwhile: read the queue again
+    raise OpError("the deploy items kept changing; try again")
 
 
 def resume(store: Store, signer: trust.Signer | None = None,
            expires: float | None = None) -> tuple[DeployItem, str | None]:
-    """Continue a paused or failed head item. If the staged version changed since the item
-    was queued (a fixed release), the item is retargeted to it; returns (item, new version).
-    The item is signed again (a new counter and expiry; without a key it becomes
-    unsigned)."""
+    """Continue every paused or failed item (items roll at the same time, so a pause
+    pauses them all, and more than one may have failed). If the staged version changed
+    since an item was queued (a fixed release), the item is retargeted to it; returns
+    (the first item, its new version). Each item is signed again (a new counter and
+    expiry; without a key it becomes unsigned)."""
     signer = signer_or_default(signer)
+    head = _head(store)
+    stopped = [i.node for i in read_queue(store)[0] if i.state in ("paused", "failed")]
+    if not stopped:
+        raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
+                      "only a paused or failed deploy can be resumed")
+    first = _resume_one(store, signer, expires, stopped[0])
+    for node in stopped[1:]:
+        try:
+            _resume_one(store, signer, expires, node)
+        except OpError:
+            pass  # changed meanwhile (resumed, aborted): nothing left to do for it
+    return first
+
+
+def _resume_one(store: Store, signer: trust.Signer | None, expires: float | None,
+                node: str) -> tuple[DeployItem, str | None]:
     for _ in range(5):
-        head = _head(store)
+        head = next((i for i in read_queue(store)[0] if i.node == node), None)
+        if head is None:
+            raise OpError(f"{node} is gone")
         if head.state not in ("paused", "failed"):
             raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
                           "only a paused or failed deploy can be resumed")

@@ -149,3 +149,23 @@ def test_cli_policy_flags_and_host_parallel_are_stored(run, store):
 def test_cli_refuses_bad_policy_values(run, argv, fragment):
     code, _, err = run(*argv)
     assert code != 0 and fragment in err, err
+
+
+def test_pause_stops_every_item_and_resume_continues_them(run, store):
+    """Independent items roll at the same time, so pausing only the first would let the
+    others go on taking hosts down."""
+    for svc in ("a", "c"):
+        assert run("service", "set", svc, "--quorum", "1")[0] == 0
+        assert run("stage", svc, "2", "--url", "file:///x", "--sha256", SHA)[0] == 0
+    assert run("deploy", "a", "c")[0] == 0
+
+    def states():
+        return sorted(json.loads(store.get(f"deploy/{n}")[0])["state"]
+                      for n in store.children("deploy"))
+
+    code, out, err = run("pause")
+    assert code == 0, err
+    assert states() == ["paused", "paused"]
+    code, out, err = run("resume")
+    assert code == 0, err
+    assert states() == ["rolling", "rolling"]
