@@ -2,9 +2,10 @@
 canaries, and the prediction model behind ``dcdeploy plan`` (issue 10).
 
 Pure functions of an immutable snapshot, like :mod:`decisions`: nothing here does I/O,
-every answer carries a reason in words. Not wired into the agent's gate nor the CLI yet
-(docs/policy.md says what is and what is not): the agent still runs the deploy queue in
-series through :func:`decisions.may_take_down`.
+every answer carries a reason in words. This is the model the planner and its tests
+use; the agent's gate acts on waves, rack budgets and rack order through
+:func:`decisions.may_take_down` and :func:`decisions.admission`, which differ from it where
+docs/policy.md ("What the agent acts on") says.
 
 The snapshot the gate sees is a :class:`GateView`: per service a :class:`ServiceState`
 (registered hosts with their racks, online hosts with their versions, who is switching),
