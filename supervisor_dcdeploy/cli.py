@@ -149,10 +149,12 @@ def cmd_service(args: argparse.Namespace) -> int:
             spec = ops.service_set(store, args.name, program=args.program, quorum=args.quorum,
                                    depends_on=deps, max_parallel=args.max_parallel,
                                    health=_health(args), healthy_secs=args.healthy_secs,
-                                   preload=args.preload, signer=signer, expires=expires)
+                                   preload=args.preload, signer=signer, expires=expires,
+                                   policy=_policy(args))
             print(f"service {spec.name}: program {spec.program}, quorum {spec.quorum}, "
                   f"max_parallel {spec.max_parallel}, depends on "
-                  f"{', '.join(spec.depends_on) or 'nothing'}")
+                  f"{', '.join(spec.depends_on) or 'nothing'}" +
+                  "".join(f", {k} {v}" for k, v in spec.policy.to_dict().items()))
             if spec.quorum == 0:
                 print(f"dcdeploy: warning: {svcadmin.quorum_zero_warning(spec.name)}",
                       file=sys.stderr)
@@ -262,13 +264,31 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace):
+    """The rollout policy of ``service set``'s flags (docs/policy.md)."""
+    from .model import InvalidData
+    from .policy import Policy
+    data: dict = {}
+    if args.max_down_per_rack is not None:
+        data["max_down_per_rack"] = args.max_down_per_rack
+    if args.rack_order is not None:
+        racks = [r.strip() for r in args.rack_order.split(",") if r.strip()]
+        data["rack_order"] = racks or True
+    try:
+        return Policy.parse("service set", data)
+    except InvalidData as exc:
+        raise CLIError(str(exc).replace("field 'max_down_per_rack'", "--max-down-per-rack")
+                       .replace("field 'rack_order'", "--rack-order")) from None
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.wait_timeout is not None and not args.wait:
         raise CLIError("--timeout goes with --wait (deploy NAME... --wait --timeout SECS)")
     _check_wait_timeout(args)  # before queueing: a refused option must not leave a deploy
     signer, expires = _signing(args)
     with connected(args) as store:
-        items = ops.deploy(store, args.names, signer=signer, expires=expires)
+        items = ops.deploy(store, args.names, signer=signer, expires=expires,
+                           host_parallel=args.host_parallel)
         for item in items:
             print(f"queued {item.node}: {item.service} -> {item.version}")
         sys.stdout.flush()
@@ -308,9 +328,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with connected(args) as store:
-        item = ops.pause(store)
-        print(f"paused {item.node} ({item.service} {item.version}): hosts mid-switch finish, "
-              "nobody starts another")
+        items = ops.pause_all(store)
+        print(f"paused {', '.join(f'{i.node} ({i.service} {i.version})' for i in items)}: "
+              "hosts mid-switch finish, nobody starts another")
         return 0
 
 
@@ -489,6 +509,11 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the check must hold this long after start")
     sset.add_argument("--preload", action="store_true",
                       help="warm releases into the page cache before joining the queue")
+    sset.add_argument("--max-down-per-rack", type=int, metavar="K",
+                      help="at most K hosts of one rack switching at once")
+    sset.add_argument("--rack-order", nargs="?", const="", metavar="R1,R2,...",
+                      help="finish one rack before the next: in this order (racks not "
+                           "named follow, sorted), or sorted when no list is given")
     signing_options(sset, "service")
     sset.add_argument("--force", action="store_true", help="accept --quorum 0")
     sdel = svc_sub.add_parser("delete", help="remove a service (refused while it is queued "
@@ -530,6 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
     dep = sub.add_parser("deploy", help="queue staged versions in dependency order")
     dep.add_argument("names", nargs="+")
     signing_options(dep, "deploy")
+    dep.add_argument("--host-parallel", type=int, metavar="N",
+                     help="a host may switch up to N of its services at once (default 1)")
     dep.add_argument("--wait", action="store_true",
                      help="show progress; exit 0 when done, 1 when an item failed, "
                           "3 on --timeout")

@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from .decisions import ServiceView
+from .decisions import ServiceView, needs_racks
 from dataclasses import replace
 
 from .model import CurrentEntry, DeployItem, InvalidData, dumps
@@ -86,6 +86,12 @@ class Coordinator:
         only the mirror ever leaves some unread."""
         return view
 
+    def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
+        """The view with every ready-queue entry's and presence's value (their racks)
+        known: what a rack budget or rack order decides on. Only the mirror leaves some
+        unread."""
+        return view
+
     def set_front(self, svc: str, front: bool) -> None:
         """Whether this host may pass the gate now (no herd: only those follow the gate)."""
 
@@ -109,8 +115,9 @@ class Coordinator:
         self._gone(path)
 
     # -- the ready queue ----------------------------------------------------------------
-    def enter_queue(self, svc: str, version: str) -> str:
-        data = dumps({"version": version})
+    def enter_queue(self, svc: str, version: str, rack: str = "") -> str:
+        """Join the ready queue; the entry names the host's rack (rack budgets)."""
+        data = dumps({"version": version, "rack": rack} if rack else {"version": version})
         created = self.store.create(layout.ready_prefix(svc, self.host), data,
                                     ephemeral=True, sequential=True)
         self._own[svc][created] = version
@@ -130,6 +137,19 @@ class Coordinator:
         for node in self._own_entries(svc):
             self.drop_entry(svc, node)
 
+    def make_way(self, switching: str) -> list[str]:
+        """After passing ``switching``'s gate: leave the ready queues of this host's other
+        services, so that it does not hold a place at their front while it is busy (the
+        agent switches one service at a time, inside its cycle); their next host in line
+        goes instead, and this one joins again, at the back, once the switch is over.
+        The services whose queue it left."""
+        left = []
+        for svc in self.services:
+            if svc != switching and self._own_entries(svc):
+                self.leave_queue(svc)
+                left.append(svc)
+        return left
+
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self.store.children(layout.staged(svc))
                 if node.rpartition("-")[0] == self.host]
@@ -140,6 +160,10 @@ class Coordinator:
         the head item moved to ``rolling`` (CAS, so a concurrent pause or failure mark
         invalidates the take-down). False when another host or the operator won."""
         ops: list = [SetData(layout.gate(svc), dumps(gate), fresh.gate_version)]
+        if fresh.spec_version >= 0:
+            # The quorum, max_parallel and rack budget decided on are the spec's as read:
+            # an operator's change meanwhile voids the take-down.
+            ops.append(Check(layout.service(svc), fresh.spec_version))
         if self.host in fresh.current:
             ops.append(Delete(layout.presence(svc, self.host)))
         if head is not None and head.state == "waiting":
@@ -506,6 +530,8 @@ class MirrorCoordinator(Coordinator):
         read: no more than a host can already do (it may create siblings, see
         docs/security-zk.md)."""
         view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
+        if needs_racks(view):
+            return self.resolve_racks(svc, view)
         unread = {host: CurrentEntry(host=host, version="")
                   for host in self._mirror.children(layout.presence_dir(svc))
                   if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
@@ -520,6 +546,20 @@ class MirrorCoordinator(Coordinator):
         for host in unread:
             self._read_into(self._mirror, layout.presence(svc, host))
         return replace(view, current=self.view(svc, list(view.queue), []).current)
+
+    def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
+        """Reads the ready-queue entries and presences of ``svc`` not read yet (each once:
+        an entry never changes, a presence is read again only after it changed). Called
+        after the gate's sync too: a value read later than the cut can only show a host
+        back (fewer down) or gone (offline); a take-down after the cut fails the commit."""
+        unread = [layout.ready_entry(svc, n) for n in self._mirror.children(layout.staged(svc))]
+        unread += [layout.presence(svc, h)
+                   for h in self._mirror.children(layout.presence_dir(svc))]
+        for path in unread:
+            if self._mirror.nodes.get(path, (b"",))[0] is None:
+                self._read_into(self._mirror, path)
+        fresh = read_view(self._reader, svc, list(view.queue), [])  # type: ignore[arg-type]
+        return replace(view, staging=fresh.staging, current=fresh.current)
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))

@@ -38,6 +38,7 @@ MAX_TIMEOUT_SECS = 600.0  # a health check's timeout
 MAX_HEALTHY_SECS = 86_400.0  # how long a check must hold after a start
 MAX_SIZE_BYTES = 1 << 50  # a release's size (1 PiB)
 MAX_LIST = 1000  # depends_on, a host's services, urls, a host's fetch states
+MAX_HOST_PARALLEL = 64  # a deploy's --host-parallel
 
 DEPLOY_STATES = ("waiting", "rolling", "paused", "failed", "done", "aborted")
 ACTIVE_STATES = ("waiting", "rolling")
@@ -481,6 +482,9 @@ class ServiceSpec:
     health: HealthCheck = field(default_factory=HealthCheck)
     healthy_secs: float = 0.0
     preload: bool = False
+    # Rollout policy (policy.Policy: rack budget, rack order, canaries...); its fields are
+    # top-level keys of the spec's JSON, written only when not the default.
+    policy: Any = field(default_factory=lambda: _policy_class()())
     signature: Mapping[str, Any] | None = None  # the operator's (trust.py), not a field
 
     @classmethod
@@ -502,6 +506,7 @@ class ServiceSpec:
                    health=HealthCheck.parse(where, data.get("health")),
                    healthy_secs=healthy_secs,
                    preload=_get(where, data, "preload", bool, False),
+                   policy=_policy_class().parse(where, data),
                    signature=_signature(where, data))
 
     def to_json(self) -> bytes:
@@ -509,7 +514,13 @@ class ServiceSpec:
             {"program": self.program, "quorum": self.quorum,
              "depends_on": list(self.depends_on), "max_parallel": self.max_parallel,
              "health": self.health.to_dict(), "healthy_secs": self.healthy_secs,
-             "preload": self.preload}, self.signature))
+             "preload": self.preload, **self.policy.to_dict()}, self.signature))
+
+
+def _policy_class() -> Any:
+    """policy.Policy, imported late: policy.py builds on this module."""
+    from .policy import Policy
+    return Policy
 
 
 @dataclass(frozen=True)
@@ -606,6 +617,7 @@ class StagingEntry:
     seq: int
     host: str
     version: str
+    rack: str = ""  # the host's rack, for rack budgets ("" when not given)
 
     @classmethod
     def parse(cls, service: str, node: str, raw: bytes | str | None) -> "StagingEntry":
@@ -616,7 +628,7 @@ class StagingEntry:
         check_name(where, "(name)", host)
         data = _load(where, raw)
         version = check_version(where, "version", _get(where, data, "version", str))
-        return cls(node, int(seq), host, version)
+        return cls(node, int(seq), host, version, _get(where, data, "rack", str, ""))
 
 
 @dataclass(frozen=True)
@@ -633,6 +645,14 @@ class DeployItem:
     updated: float = 0.0
     data_version: int = -1  # the store's version of the node, for CAS writes
     signature: Mapping[str, Any] | None = None  # over service + version (trust.py)
+    # The services this item waits for (every service it depends on, directly or not, as
+    # `dcdeploy deploy` found them): an item ahead in the queue of one of these, or of its
+    # own service, must be done first; others roll at the same time. None (an item written
+    # by hand): it waits for every item ahead, as the queue always did.
+    after: tuple[str, ...] | None = None
+    # `dcdeploy deploy --host-parallel N`: how many of its services a host may switch at
+    # once while this item rolls (None: 1).
+    host_parallel: int | None = None
 
     @classmethod
     def parse(cls, node: str, raw: bytes | str | None, data_version: int = -1,
@@ -643,7 +663,13 @@ class DeployItem:
         state = _get(where, data, "state", str, "waiting")
         if state not in DEPLOY_STATES:
             raise InvalidData(where, "state", f"{_short(state)} is not one of {DEPLOY_STATES}")
-        return cls(node=node, seq=seq,
+        after = _get(where, data, "after", list, None)
+        if after is not None:
+            for i, dep in enumerate(after):
+                check_name(where, f"after[{i}]", dep)
+            after = tuple(after)
+        host_parallel = check_int(where, data, "host_parallel", None, 1, MAX_HOST_PARALLEL)
+        return cls(node=node, seq=seq, after=after, host_parallel=host_parallel,
                    service=check_name(where, "service", _get(where, data, "service", str)),
                    version=check_version(where, "version", _get(where, data, "version", str)),
                    state=state, reason=_get(where, data, "reason", str, None),
@@ -652,10 +678,14 @@ class DeployItem:
                    data_version=data_version, signature=_signature(where, data))
 
     def to_json(self) -> bytes:
-        return dumps(_with_signature(
-            {"service": self.service, "version": self.version, "state": self.state,
-             "reason": self.reason, "host": self.host, "updated": self.updated},
-            self.signature))
+        data: dict[str, Any] = {"service": self.service, "version": self.version,
+                                "state": self.state, "reason": self.reason, "host": self.host,
+                                "updated": self.updated}
+        if self.after is not None:
+            data["after"] = list(self.after)
+        if self.host_parallel is not None:
+            data["host_parallel"] = self.host_parallel
+        return dumps(_with_signature(data, self.signature))
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,9 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
                 depends_on: list[str] | tuple[str, ...] = (), max_parallel: int = 1,
                 health: HealthCheck | None = None, healthy_secs: float = 0.0,
                 preload: bool = False, signer: trust.Signer | None = None,
-                expires: float | None = None) -> ServiceSpec:
+                expires: float | None = None, policy: Any = None) -> ServiceSpec:
     """Define or replace a service. Refuses an undefined dependency or a cycle.
+    ``policy``: a :class:`policy.Policy` (rack budget, rack order...), default none.
 
     Signed with ``signer`` (default: ``$DCDEPLOY_SIGN_KEY``), valid for ``expires``
     seconds (default: trust.DEFAULT_EXPIRES); unsigned when there is no key."""
@@ -124,7 +125,8 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
         raw = dumps({"program": program or name, "quorum": quorum,
                      "depends_on": list(depends_on), "max_parallel": max_parallel,
                      "health": (health or HealthCheck()).to_dict(),
-                     "healthy_secs": healthy_secs, "preload": preload})
+                     "healthy_secs": healthy_secs, "preload": preload,
+                     **(policy.to_dict() if policy is not None else {})})
         spec = ServiceSpec.parse(name, raw, where=f"service {name}")
     except InvalidData as exc:
         raise OpError(str(exc)) from None
@@ -184,9 +186,22 @@ def stage(store: Store, name: str, version: str, *, sha256: str, size: int,
 
 
 def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
-           expires: float | None = None) -> list[DeployItem]:
+           expires: float | None = None, host_parallel: int | None = None,
+           in_series: bool = False) -> list[DeployItem]:
     """Queue the staged versions of ``names`` in dependency order (one transaction).
-    Each item is signed (service and version) as :func:`service_set` is."""
+
+    Each item records ``after``, every service its own depends on (directly or not): it
+    waits only for items of those (and of its own service) ahead of it, so independent
+    items roll at the same time. ``host_parallel`` (default 1): how many of its services
+    a host may switch at once. Each item is signed (service, version, after,
+    host_parallel) as :func:`service_set` is. ``in_series``: items without ``after``,
+    each waiting for every item ahead (the queue as it ran before issue 10)."""
+    if host_parallel is not None:
+        from .policy import check_host_parallel
+        try:
+            check_host_parallel("--host-parallel", host_parallel)
+        except InvalidData as exc:
+            raise OpError(str(exc)) from None
     specs, invalid = read_specs(store)
     staged = {}
     for name in names:
@@ -204,7 +219,10 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     for n in order:
         _check_staged(staged[n], signer)
     items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
-                              updated=now), signer, expires,
+                              updated=now, host_parallel=host_parallel,
+                              after=None if in_series else
+                              tuple(sorted(decisions.dependencies(specs, n)))),
+                   signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
     ops = [Create(layout.ITEM_PREFIX, item.to_json(), sequential=True) for item in items]
     created = store.commit(ops)
@@ -225,29 +243,59 @@ def _rewrite(store: Store, item: DeployItem, **changes: Any) -> None:
 
 
 def pause(store: Store) -> DeployItem:
-    """Stop new take-downs (hosts mid-switch finish theirs)."""
+    """Stop new take-downs (hosts mid-switch finish theirs): every waiting or rolling item
+    is paused, since independent items roll at the same time. Returns the first."""
+    return pause_all(store)[0]
+
+
+def pause_all(store: Store) -> list[DeployItem]:
+    """:func:`pause`, returning every item it paused."""
+    paused: list[DeployItem] = []
     for _ in range(5):
         head = _head(store)
-        if head.state not in ("waiting", "rolling"):
+        active = [i for i in read_queue(store)[0] if i.state in ("waiting", "rolling")]
+        if not active and not paused:
             raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
                           "nothing to pause")
-        try:
-            _rewrite(store, head, state="paused", reason="paused by operator")
-            return head
-        except StoreError:
-            continue
-    raise OpError("the deploy item kept changing; try again")
+        if not active:
+            return paused
+        for item in active:
+            try:
+                _rewrite(store, item, state="paused", reason="paused by operator")
+                paused.append(item)
+            except StoreError:
+                pass  # changed meanwhile: read the queue again
+    raise OpError("the deploy items kept changing; try again")
 
 
 def resume(store: Store, signer: trust.Signer | None = None,
            expires: float | None = None) -> tuple[DeployItem, str | None]:
-    """Continue a paused or failed head item. If the staged version changed since the item
-    was queued (a fixed release), the item is retargeted to it; returns (item, new version).
-    The item is signed again (a new counter and expiry; without a key it becomes
-    unsigned)."""
+    """Continue every paused or failed item (items roll at the same time, so a pause
+    pauses them all, and more than one may have failed). If the staged version changed
+    since an item was queued (a fixed release), the item is retargeted to it; returns
+    (the first item, its new version). Each item is signed again (a new counter and
+    expiry; without a key it becomes unsigned)."""
     signer = signer_or_default(signer)
+    head = _head(store)
+    stopped = [i.node for i in read_queue(store)[0] if i.state in ("paused", "failed")]
+    if not stopped:
+        raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
+                      "only a paused or failed deploy can be resumed")
+    first = _resume_one(store, signer, expires, stopped[0])
+    for node in stopped[1:]:
+        try:
+            _resume_one(store, signer, expires, node)
+        except OpError:
+            pass  # changed meanwhile (resumed, aborted): nothing left to do for it
+    return first
+
+
+def _resume_one(store: Store, signer: trust.Signer | None, expires: float | None,
+                node: str) -> tuple[DeployItem, str | None]:
     for _ in range(5):
-        head = _head(store)
+        head = next((i for i in read_queue(store)[0] if i.node == node), None)
+        if head is None:
+            raise OpError(f"{node} is gone")
         if head.state not in ("paused", "failed"):
             raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
                           "only a paused or failed deploy can be resumed")

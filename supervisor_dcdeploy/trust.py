@@ -186,6 +186,10 @@ def spec_payload(spec: ServiceSpec) -> dict[str, Any]:
     data = _plain(spec)
     data.pop("signature", None)
     name = data.pop("name")
+    # The rollout policy as the spec's JSON has it: its keys only when not the default,
+    # so a spec signed before the policy existed keeps the payload it was signed with.
+    data.pop("policy", None)
+    data.update(spec.policy.to_dict())
     return {"kind": "service", "service": name, **data}
 
 
@@ -202,7 +206,14 @@ def release_payload(release: StagedRelease) -> dict[str, Any]:
 def item_payload(item: DeployItem) -> dict[str, Any]:
     """What an operator decides about a deploy item: which service goes to which version.
     The agent-updated fields (state, reason, host, updated) are not signed."""
-    return {"kind": "deploy", "service": item.service, "version": item.version}
+    out: dict[str, Any] = {"kind": "deploy", "service": item.service, "version": item.version}
+    # What the item waits for and the deploy's per-host limit decide what may roll at once:
+    # signed when set (an item without them runs in series, as items always did).
+    if item.after is not None:
+        out["after"] = list(item.after)
+    if item.host_parallel is not None:
+        out["host_parallel"] = item.host_parallel
+    return out
 
 
 def payload_of(value: ServiceSpec | StagedRelease | DeployItem) -> dict[str, Any]:

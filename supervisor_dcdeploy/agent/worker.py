@@ -555,7 +555,7 @@ class Agent:
             if entry.version != want:
                 self.coord.drop_entry(svc, entry.node)
         if want is not None and not any(e.version == want for e in mine):
-            node = self.coord.enter_queue(svc, want)
+            node = self.coord.enter_queue(svc, want, self.cfg.rack)
             self.log.info("staging.enqueued", svc=svc, version=want, node=node)
 
     def _arm_queue_watches(self, svc: str, view: decisions.ServiceView,
@@ -565,7 +565,7 @@ class Agent:
         target, _ = decisions.rollout_target(view)
         queue = decisions.ready_queue(view, target) if target else []
         hosts = [e.host for e in queue]
-        k = view.spec.max_parallel if view.spec else 1
+        k = decisions.watch_width(view)
         if target is None or active == target or self.host not in hosts:
             self.coord.set_front(svc, target is not None and active != target)
             return
@@ -615,6 +615,10 @@ class Agent:
             return
         self.log.info("gate.passed", svc=svc, version=target, online=gate["online"],
                       quorum=gate["quorum"], item=gate["item"])
+        try:  # busy until the switch is over: give up its places in other ready queues
+            self.coord.make_way(svc)
+        except StoreError as exc:  # only a courtesy to the next host in line
+            self.log.warning("queue.make_way_failed", svc=svc, error=str(exc))
         self.switch(svc, program, fresh.spec, target, head.node if head else None)
 
     def switch(self, svc: str, program: str, spec: ServiceSpec, target: str,
