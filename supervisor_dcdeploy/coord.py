@@ -767,8 +767,8 @@ class FollowCoordinator(MirrorCoordinator):
         fresh = self.view(svc, list(view.queue), [])
         return replace(view, current=fresh.current, staging=fresh.staging)
 
-    def enter_queue(self, svc: str, version: str) -> str:
-        created = super().enter_queue(svc, version)
+    def enter_queue(self, svc: str, version: str, rack: str = "") -> str:
+        created = super().enter_queue(svc, version, rack)
         self._entered.add(svc)
         return created
 
