@@ -114,7 +114,7 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
                 depends_on: list[str] | tuple[str, ...] = (), max_parallel: int = 1,
                 health: HealthCheck | None = None, healthy_secs: float = 0.0,
                 preload: bool = False, signer: trust.Signer | None = None,
-                expires: float | None = None) -> ServiceSpec:
+                expires: float | None = None, verify_peers: bool = False) -> ServiceSpec:
     """Define or replace a service. Refuses an undefined dependency or a cycle.
 
     Signed with ``signer`` (default: ``$DCDEPLOY_SIGN_KEY``), valid for ``expires``
@@ -124,7 +124,8 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
         raw = dumps({"program": program or name, "quorum": quorum,
                      "depends_on": list(depends_on), "max_parallel": max_parallel,
                      "health": (health or HealthCheck()).to_dict(),
-                     "healthy_secs": healthy_secs, "preload": preload})
+                     "healthy_secs": healthy_secs, "preload": preload,
+                     **({"verify_peers": True} if verify_peers else {})})
         spec = ServiceSpec.parse(name, raw, where=f"service {name}")
     except InvalidData as exc:
         raise OpError(str(exc)) from None
@@ -185,9 +186,13 @@ def stage(store: Store, name: str, version: str, *, sha256: str, urls: list[str]
 
 
 def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
-           expires: float | None = None) -> list[DeployItem]:
+           expires: float | None = None, canary: int = 0, soak_secs: float = 0.0,
+           predicted: dict[str, float | None] | None = None) -> list[DeployItem]:
     """Queue the staged versions of ``names`` in dependency order (one transaction).
-    Each item is signed (service and version) as :func:`service_set` is."""
+    Each item is signed (service and version) as :func:`service_set` is. ``canary``
+    hosts switch first, then each item holds for ``soak_secs`` or until approved
+    (docs/policy.md); ``predicted``: service -> the plan's predicted seconds."""
+    check_canary(canary, soak_secs)
     specs, invalid = read_specs(store)
     staged = {}
     for name in names:
@@ -204,8 +209,10 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     signer = signer_or_default(signer)
     for n in order:
         _check_staged(staged[n], signer)
+    predicted = predicted or {}
     items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
-                              updated=now), signer, expires,
+                              updated=now, canary=canary, soak_secs=float(soak_secs),
+                              predicted_s=predicted.get(n)), signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
     ops = [Create(layout.ITEM_PREFIX, item.to_json(), sequential=True) for item in items]
     created = store.commit(ops)
@@ -260,9 +267,122 @@ def resume(store: Store, signer: trust.Signer | None = None,
         resigned = _sign(replace(head, version=staged.version, signature=None), signer,
                          expires, [head])
         try:
+            # A new canary round: the set is chosen again, the soak starts again.
             _rewrite(store, head, state="rolling", reason=None, host=None,
-                     version=staged.version, signature=resigned.signature)
+                     version=staged.version, signature=resigned.signature, canaries=(),
+                     canaries_done_at=None, rollback=False, approved=False)
             return head, retarget
+        except StoreError:
+            continue
+    raise OpError("the deploy item kept changing; try again")
+
+
+PLAN_HISTORY = 200  # history records the plan reads switch timings from
+
+
+def switch_timings(records: list[dict[str, Any]]) -> tuple[list, list[str]]:
+    """The switch timings in history records (``timings`` of done items), for the plan;
+    a bad record is reported and left out."""
+    from .policy import parse_timings
+    out, problems = [], []
+    for record in records:
+        raw = record.get("timings")
+        if raw is None:
+            continue
+        service = record.get("service")
+        where = f"history/{record.get('item')} timings"
+        if not isinstance(raw, list) or not isinstance(service, str):
+            problems.append(f"{where}: expected a list of switches of a named service")
+            continue
+        good, bad = parse_timings(where, [{"service": service, **t} if isinstance(t, dict)
+                                          else t for t in raw])
+        out += good
+        problems += bad
+    return out, problems
+
+
+def plan(store: Store, names: list[str], canary: int = 0,
+         soak_secs: float = 0.0) -> dict[str, Any]:
+    """``dcdeploy plan``: what deploying ``names`` now would do, after what is queued
+    (waves, order, batches, predicted seconds; policy.plan, docs/policy.md). Refuses
+    what ``deploy`` would refuse."""
+    from .policy import GateView, Policy, plan as make_plan, service_state
+    check_canary(canary, soak_secs)
+    specs, _ = read_specs(store)
+    staged = {}
+    for name in names:
+        release, problem = read_staged(store, name)
+        if problem:
+            raise OpError(f"{problem} (stage it with: dcdeploy stage {name} ...)")
+        staged[name] = release
+    queue, _ = read_queue(store)
+    try:
+        order = decisions.deploy_order(specs, staged, names, queue)
+    except decisions.DependencyError as exc:
+        raise OpError(str(exc)) from None
+    pending = [i for i in queue if i.state not in ("done", "aborted")]
+    new = [DeployItem(node=f"(new {n})", seq=10**10 + k, service=n,
+                      version=staged[n].version, canary=canary, soak_secs=float(soak_secs))
+           for k, n in enumerate(order)]
+    items = pending + new
+    hosts, _ = read_hosts(store)
+    states = {}
+    for svc, spec in specs.items():
+        mine = [i for i in items if i.service == svc]
+        target = mine[0].version if mine else None
+        policy = getattr(spec, "policy", None) or Policy()
+        if mine and mine[0].canary:
+            policy = replace(policy, canary=mine[0].canary, soak_secs=mine[0].soak_secs)
+        view = read_view(store, svc, queue, [], hosts=hosts)
+        states[svc] = service_state(view, policy, target)
+    timings, problems = switch_timings(history(store, PLAN_HISTORY))
+    out = make_plan(GateView(services=states, queue=items), timings,
+                    {svc: spec.healthy_secs for svc, spec in specs.items()})
+    out["timing_problems"] = problems
+    return out
+
+
+def check_canary(canary: Any, soak_secs: Any) -> None:
+    """``--canary N --soak SECS``: N whole, 0..MAX_HOSTS; a soak needs canaries."""
+    from .model import MAX_HOSTS, MAX_SOAK_SECS
+    if isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary <= MAX_HOSTS:
+        raise OpError(f"--canary {canary!r}: give a number of hosts, 0..{MAX_HOSTS}")
+    if isinstance(soak_secs, bool) or not isinstance(soak_secs, (int, float)) or \
+            not 0 <= soak_secs <= MAX_SOAK_SECS:  # False for NaN
+        raise OpError(f"--soak {soak_secs!r}: give seconds, 0..{MAX_SOAK_SECS:g}")
+    if soak_secs and not canary:
+        raise OpError("--soak needs --canary N (the soak is how long the canaries serve "
+                      "before the rest)")
+
+
+def approve(store: Store, service: str, signer: trust.Signer | None = None,
+            expires: float | None = None) -> DeployItem:
+    """End the canary hold of ``service``'s queued item: the rest of its hosts may
+    switch. The approval is signed with the item (hosts refuse a forged one)."""
+    try:
+        check_name("approve", "service", service)
+    except InvalidData as exc:
+        raise OpError(str(exc)) from None
+    signer = signer_or_default(signer)
+    for _ in range(5):
+        queue, _ = read_queue(store)
+        mine = [i for i in queue if i.service == service and i.state != "invalid"]
+        if not mine:
+            raise OpError(f'no deploy of "{service}" is queued (dcdeploy status lists the '
+                          "queue)")
+        item = mine[0]
+        if item.state not in ("waiting", "rolling"):
+            raise OpError(f"{item.node} ({service} {item.version}) is {item.state}: only a "
+                          "waiting or rolling item can be approved")
+        if not item.canary:
+            raise OpError(f"{item.node} ({service} {item.version}) has no canaries: nothing "
+                          "to approve")
+        if item.approved:
+            raise OpError(f"{item.node} ({service} {item.version}) is already approved")
+        resigned = _sign(replace(item, approved=True, signature=None), signer, expires, [item])
+        try:
+            _rewrite(store, item, approved=True, signature=resigned.signature)
+            return replace(item, approved=True)
         except StoreError:
             continue
     raise OpError("the deploy item kept changing; try again")
@@ -448,5 +568,6 @@ def hosts_status(store: Store) -> dict[str, Any]:
 
 
 __all__ = ["OpError", "service_set", "stage", "deploy", "pause", "resume", "abort", "status",
+           "approve", "plan", "check_canary", "switch_timings",
            "hosts_status", "history", "trim_history", "read_current", "read_staging",
            "check_version"]

@@ -186,6 +186,8 @@ def spec_payload(spec: ServiceSpec) -> dict[str, Any]:
     data = _plain(spec)
     data.pop("signature", None)
     name = data.pop("name")
+    if not data.get("verify_peers"):
+        data.pop("verify_peers", None)  # absent when off: specs signed before it still verify
     return {"kind": "service", "service": name, **data}
 
 
@@ -201,8 +203,16 @@ def release_payload(release: StagedRelease) -> dict[str, Any]:
 
 def item_payload(item: DeployItem) -> dict[str, Any]:
     """What an operator decides about a deploy item: which service goes to which version.
-    The agent-updated fields (state, reason, host, updated) are not signed."""
-    return {"kind": "deploy", "service": item.service, "version": item.version}
+    The agent-updated fields (state, reason, host, updated, and the canary bookkeeping)
+    are not signed. The canary count, soak and an approval are the operator's and are
+    signed when set (absent when not, so items without them verify as before)."""
+    payload: dict[str, Any] = {"kind": "deploy", "service": item.service,
+                               "version": item.version}
+    if item.canary:
+        payload.update(canary=item.canary, soak_secs=item.soak_secs)
+    if item.approved:
+        payload["approved"] = True
+    return payload
 
 
 def payload_of(value: ServiceSpec | StagedRelease | DeployItem) -> dict[str, Any]:

@@ -1,0 +1,141 @@
+"""Quorum verified by probes (issue 10 item 5, docs/policy.md "Verified peers").
+
+A presence says a host serves; it stays in the store until the host's session expires
+(ZooKeeper: the session timeout; Consul: up to twice the TTL), so a host ``kill -9``ed
+counts as online, and keeps its ready-queue slot, for that long. With ``verify_peers``
+on a service, the host at the gate probes the other online hosts' published endpoints
+(``probe`` in their presence: the health check rendered with each host's own
+``probe_address``) in parallel with a short timeout, and counts only those that answer.
+
+What is probed and when to stop is decided here; the probes are the only I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from typing import Any, Callable
+
+from . import health
+from .decisions import ServiceView, ready_queue, rollout_target
+from .model import ServiceSpec
+
+PEER_TIMEOUT = 0.5  # seconds per probe: a host that is up answers its check at once
+MAX_PROBE_WORKERS = 64
+
+
+def verify_peers(spec: ServiceSpec | None) -> bool:
+    """The spec asks for verified peers (a field of the spec, or of its policy once the
+    rollout policy is part of the spec)."""
+    if spec is None:
+        return False
+    policy = getattr(spec, "policy", None)
+    return bool(getattr(spec, "verify_peers", False) or getattr(policy, "verify_peers", False))
+
+
+def probe_target(spec: ServiceSpec | None, cfg: Any, svc: str) -> str | None:
+    """What this host publishes for others to probe: its http or tcp check rendered with
+    ``[service:NAME] probe_address`` (else ``[agent] probe_address``); None without one,
+    or for a check other hosts cannot run (cmd, none)."""
+    if spec is None or spec.health.kind not in ("http", "tcp"):
+        return None
+    variables = dict(cfg.variables(svc))
+    address = variables.get("probe_address") or cfg.extra.get("probe_address")
+    if not address:
+        return None
+    variables["address"] = address
+    try:
+        probe = health.resolve(spec.health, health.Local(svc, variables, {}))
+    except health.HealthError:
+        return None
+    if probe.kind == "http":
+        return probe.url
+    host, port = probe.address
+    return f"tcp://{f'[{host}]' if ':' in host else host}:{port}"
+
+
+def parse_probe(target: str, timeout: float = PEER_TIMEOUT) -> health.Probe:
+    if target.startswith("http://"):
+        return health.Probe("http", f"GET {target}", timeout, url=target)
+    rest = target.removeprefix("tcp://")
+    host, _, port = rest.rpartition(":")
+    return health.Probe("tcp", f"connect {rest}", timeout, address=(host.strip("[]"), int(port)))
+
+
+@dataclass(frozen=True)
+class Verified:
+    probes: int  # probes sent
+    seconds: float  # added to the gate
+    answered: tuple[str, ...]
+    silent: tuple[str, ...]  # did not answer: not online, no slot
+    unknown: tuple[str, ...]  # not waited for (enough had answered) or nothing to probe
+
+
+def needed(view: ServiceView, host: str) -> tuple[int, set[str]]:
+    """How many other hosts must answer (the quorum, when ``host`` is online), and which
+    hosts must be heard in any case: the online ones ahead of ``host`` in the ready queue
+    (each holds a ``max_parallel`` slot; a silent one gives it up)."""
+    spec = view.spec
+    quorum = spec.quorum if spec and host in view.current else 0
+    target, _ = rollout_target(view)
+    ahead: set[str] = set()
+    if target is not None:
+        hosts = [e.host for e in ready_queue(view, target)]
+        if host in hosts:
+            ahead = {h for h in hosts[:hosts.index(host)] if h in view.current}
+    return quorum, ahead
+
+
+def verify(view: ServiceView, host: str,
+           run: Callable[[health.Probe], str | None] = health.run,
+           timeout: float = PEER_TIMEOUT) -> Verified:
+    """Probe the other online hosts in parallel; stop once ``quorum`` answered and every
+    host ahead in the ready queue was heard. A presence without a probe address cannot be
+    verified and is taken at its word (``unknown``)."""
+    quorum, ahead = needed(view, host)
+    others = {h: e.probe for h, e in view.current.items() if h != host}
+    unprobed = tuple(sorted(h for h, p in others.items() if not p))
+    targets = {h: p for h, p in others.items() if p}
+    started = time.monotonic()
+    answered: list[str] = []
+    silent: list[str] = []
+    pending_ahead = set(ahead) & set(targets)
+    if not targets:
+        return Verified(0, 0.0, (), (), unprobed)
+    pool = ThreadPoolExecutor(max_workers=min(MAX_PROBE_WORKERS, len(targets)),
+                              thread_name_prefix="peer-probe")
+    try:
+        futures = {pool.submit(run, parse_probe(p, timeout)): h for h, p in targets.items()}
+        waiting = set(futures)
+        sent = len(futures)
+        while waiting:
+            # Enough: quorum answered (counting hosts taken at their word) and every host
+            # ahead in the queue heard.
+            if len(answered) + len(unprobed) >= quorum and not pending_ahead:
+                break
+            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            for fut in done:
+                h = futures[fut]
+                pending_ahead.discard(h)
+                try:
+                    problem = fut.result()
+                except Exception as exc:  # noqa: BLE001 - a probe that raised did not answer
+                    problem = str(exc)
+                (silent if problem else answered).append(h)
+        # Probes not started yet are not sent.
+        sent -= sum(1 for f in waiting if f.cancel())
+        unknown = tuple(sorted(set(unprobed) | {futures[f] for f in waiting}))
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return Verified(sent, time.monotonic() - started, tuple(sorted(answered)),
+                    tuple(sorted(silent)), unknown)
+
+
+def without(view: ServiceView, silent: tuple[str, ...] | list[str]) -> ServiceView:
+    """The view with silent hosts neither online nor in the ready queue."""
+    if not silent:
+        return view
+    gone = set(silent)
+    return replace(view, current={h: e for h, e in view.current.items() if h not in gone},
+                   staging=[e for e in view.staging if e.host not in gone])
