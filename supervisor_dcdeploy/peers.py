@@ -132,6 +132,26 @@ def verify(view: ServiceView, host: str,
                     tuple(sorted(silent)), unknown)
 
 
+def position(view: ServiceView, host: str) -> int | None:
+    """``host``'s place in the ready queue for the rollout target (0: first)."""
+    target, _ = rollout_target(view)
+    hosts = [e.host for e in ready_queue(view, target)] if target else []
+    return hosts.index(host) if host in hosts else None
+
+
+def slot_held_by_online(view: ServiceView, host: str) -> bool:
+    """``host`` waits only for its ready-queue position, and a host holding one of the
+    slots ahead still has a presence (it has not taken itself down: if it is dead,
+    probing it frees the slot). Only then does a refused host probe at all."""
+    spec = view.spec
+    place = position(view, host)
+    if spec is None or place is None or place < spec.max_parallel:
+        return False
+    target, _ = rollout_target(view)
+    ahead = [e.host for e in ready_queue(view, target)][:place]
+    return any(h in view.current for h in ahead)
+
+
 def without(view: ServiceView, silent: tuple[str, ...] | list[str]) -> ServiceView:
     """The view with silent hosts neither online nor in the ready queue."""
     if not silent:

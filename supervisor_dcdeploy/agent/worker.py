@@ -393,6 +393,10 @@ class Agent:
         self._arm_queue_watches(svc, hold.view, st.active)
         if self._canary_upkeep(svc, program, view, hold):
             return
+        if not decision and hold.refusal is None and peers.verify_peers(view.spec) and \
+                peers.slot_held_by_online(hold.view, self.host):
+            # A host ahead still has a presence: if it is dead, probing frees its slot.
+            decision = decisions.Decision(True, "verify the hosts ahead in the queue")
         if decision:
             self.pass_gate_and_switch(svc, program, view.spec)
         else:
@@ -605,9 +609,12 @@ class Agent:
             fresh = self.coord.resolve(svc, fresh)
         hold = canary.hold(fresh, self.host, time.time())
         decision = canary.gate_decision(hold, self.host, active)
-        if decision and fresh.spec is not None and peers.verify_peers(fresh.spec):
+        silent: tuple[str, ...] = ()
+        if fresh.spec is not None and peers.verify_peers(fresh.spec) and \
+                hold.refusal is None and (decision or peers.slot_held_by_online(hold.view,
+                                                                                self.host)):
             fresh = self.coord.resolve(svc, fresh)
-            decision = self._verify_peers(svc, fresh, hold)
+            decision, silent = self._verify_peers(svc, fresh, hold)
         if not decision:
             self._set(svc, reason=decision.reason)  # the synced read overrules the cycle's
             return
@@ -627,10 +634,13 @@ class Agent:
                 self._pending_fail[svc] = (head.node, reason)
                 self.retry_pending_failure(svc)
             return
-        gate = {"host": self.host, "online": decisions.online_count(fresh),
+        gate = {"host": self.host,
+                "online": decisions.online_count(peers.without(fresh, silent)),
                 "was_online": self.host in fresh.current,
                 "quorum": fresh.spec.quorum, "version": target,
                 "item": head.node if head else None, "t": time.time()}
+        if silent:
+            gate["silent"] = list(silent)  # presences that did not answer: not counted
         try:
             self.coord.try_gate(svc, fresh, gate, head, record=hold.record)
         except TransactionFailed as exc:
@@ -824,16 +834,22 @@ class Agent:
         return False
 
     def _verify_peers(self, svc: str, fresh: decisions.ServiceView,
-                      hold: canary.Hold) -> decisions.Decision:
+                      hold: canary.Hold) -> tuple[decisions.Decision, tuple[str, ...]]:
         """verify_peers: probe the online hosts' published endpoints (peers.py); those that
-        do not answer count neither as online nor as holding a ready-queue slot."""
+        do not answer count neither as online nor as holding a ready-queue slot. In
+        status.json (``verify_peers``): the last gate's probes, seconds, silent hosts,
+        and this host's ready-queue position before and after."""
         result = peers.verify(fresh, self.host)
-        self._set(svc, verify_peers={"probes": result.probes, "seconds": result.seconds,
-                                     "silent": result.silent})
+        verified = peers.without(hold.view, result.silent)
+        decision = decisions.may_take_down(verified, self.host, self.local.get(svc).active)
+        self._set(svc, verify_peers={"probes": result.probes,
+                                     "seconds": round(result.seconds, 4),
+                                     "silent": list(result.silent), "passed": decision.ok,
+                                     "position": peers.position(hold.view, self.host),
+                                     "verified_position": peers.position(verified, self.host)})
         if result.silent:
             self.log.warning("gate.peers_silent", svc=svc, hosts=result.silent)
-        verified = peers.without(hold.view, result.silent)
-        return decisions.may_take_down(verified, self.host, self.local.get(svc).active)
+        return decision, result.silent
 
     def _wake_by(self, when: float) -> None:
         self._wake_at = when if self._wake_at is None else min(self._wake_at, when)
