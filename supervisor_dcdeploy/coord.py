@@ -36,6 +36,7 @@ from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, Set
 from .store import layout
 
 Waker = Callable[[], None]
+MAX_TIMINGS = 50  # switch timings kept in one history record
 
 
 class Coordinator:
@@ -218,8 +219,10 @@ class Coordinator:
                  timings: Sequence[dict] = ()) -> bool:
         """Move the item to history as done (with the switch ``timings`` the presences
         carried), and record the released version: one transaction."""
+        # Bounded: the plan reads a service's latest 20 switches; a record must stay far
+        # below the store's value limit whatever the fleet's size.
         record = replace(head, state="done", reason=reason, updated=time.time(),
-                         timings=tuple(timings)).to_json()
+                         timings=tuple(timings)[:MAX_TIMINGS]).to_json()
         name = head.node
         for _ in range(2):
             try:

@@ -13,7 +13,8 @@ What is probed and when to stop is decided here; the probes are the only I/O.
 from __future__ import annotations
 
 import time
-from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
+import random
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from .model import ServiceSpec
 
 PEER_TIMEOUT = 0.5  # seconds per probe: a host that is up answers its check at once
 MAX_PROBE_WORKERS = 64
+PROBE_SLACK = 2  # probes beyond the answers still needed: one slow host does not stall
 
 
 def verify_peers(spec: ServiceSpec | None) -> bool:
@@ -89,47 +91,56 @@ def needed(view: ServiceView, host: str) -> tuple[int, set[str]]:
 
 def verify(view: ServiceView, host: str,
            run: Callable[[health.Probe], str | None] = health.run,
-           timeout: float = PEER_TIMEOUT) -> Verified:
-    """Probe the other online hosts in parallel; stop once ``quorum`` answered and every
-    host ahead in the ready queue was heard. A presence without a probe address cannot be
-    verified and is taken at its word (``unknown``)."""
+           timeout: float = PEER_TIMEOUT, slack: int = PROBE_SLACK) -> Verified:
+    """Probe the other online hosts in parallel until ``quorum`` answered (counting those
+    taken at their word: a presence without a probe address) and every online host ahead
+    in the ready queue was heard. Probes go out as needed: the hosts ahead first, then
+    as many others as answers are still missing plus ``slack``, one more for each that
+    stays silent; a host never probed is ``unknown`` and keeps counting as online."""
     quorum, ahead = needed(view, host)
     others = {h: e.probe for h, e in view.current.items() if h != host}
-    unprobed = tuple(sorted(h for h, p in others.items() if not p))
+    unprobed = sorted(h for h, p in others.items() if not p)
     targets = {h: p for h, p in others.items() if p}
+    if not targets:
+        return Verified(0, 0.0, (), (), tuple(unprobed))
     started = time.monotonic()
+    rest = sorted(set(targets) - ahead)
+    random.shuffle(rest)  # spread the probing over the fleet
+    order = sorted(ahead & set(targets)) + rest
+    pending_ahead = set(ahead) & set(targets)
+    must_answer = max(0, quorum - len(unprobed))
     answered: list[str] = []
     silent: list[str] = []
-    pending_ahead = set(ahead) & set(targets)
-    if not targets:
-        return Verified(0, 0.0, (), (), unprobed)
     pool = ThreadPoolExecutor(max_workers=min(MAX_PROBE_WORKERS, len(targets)),
                               thread_name_prefix="peer-probe")
+    running: dict[Future, str] = {}
+    sent = 0
     try:
-        futures = {pool.submit(run, parse_probe(p, timeout)): h for h, p in targets.items()}
-        waiting = set(futures)
-        sent = len(futures)
-        while waiting:
-            # Enough: quorum answered (counting hosts taken at their word) and every host
-            # ahead in the queue heard.
-            if len(answered) + len(unprobed) >= quorum and not pending_ahead:
+        while True:
+            missing = max(0, must_answer - len(answered))
+            if not missing and not pending_ahead:
                 break
-            done, waiting = wait(waiting, return_when=FIRST_COMPLETED)
+            want = missing + len(pending_ahead) + slack
+            while len(running) < want and sent < len(order):
+                name = order[sent]
+                running[pool.submit(run, parse_probe(targets[name], timeout))] = name
+                sent += 1
+            if not running:
+                break  # everyone probed: not enough answered
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
             for fut in done:
-                h = futures[fut]
-                pending_ahead.discard(h)
+                name = running.pop(fut)
+                pending_ahead.discard(name)
                 try:
                     problem = fut.result()
                 except Exception as exc:  # noqa: BLE001 - a probe that raised did not answer
                     problem = str(exc)
-                (silent if problem else answered).append(h)
-        # Probes not started yet are not sent.
-        sent -= sum(1 for f in waiting if f.cancel())
-        unknown = tuple(sorted(set(unprobed) | {futures[f] for f in waiting}))
+                (silent if problem else answered).append(name)
     finally:
         pool.shutdown(wait=False, cancel_futures=True)
+    unknown = sorted(set(unprobed) | set(order[sent:]) | set(running.values()))
     return Verified(sent, time.monotonic() - started, tuple(sorted(answered)),
-                    tuple(sorted(silent)), unknown)
+                    tuple(sorted(silent)), tuple(unknown))
 
 
 def position(view: ServiceView, host: str) -> int | None:
