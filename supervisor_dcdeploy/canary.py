@@ -146,6 +146,15 @@ def soaking(view: ServiceView, host: str, now: float) -> bool:
     return hold(view, host, now).holding
 
 
+def failed_in_hold(view: ServiceView, host: str, active: str | None, now: float) -> bool:
+    """``host``, a canary whose service stopped running while on the item's version during
+    the hold: the canary failed (recovery would quietly start the old version, and the
+    soak must not then pass as if the release had held)."""
+    item = item_of(view)
+    return (item is not None and item.canary > 0 and host in item.canaries
+            and active == item.version and hold(view, host, now).holding)
+
+
 def rollback_item(view: ServiceView) -> DeployItem | None:
     """The head item of this service when it failed during a canary hold (``rollback``):
     its canaries go back to their previous version."""

@@ -88,6 +88,11 @@ def test_stamp_soaking_and_rollback():
     assert "not on 2" in canary.may_roll_back(failed, "h0", "1", "2").reason
     assert "quorum" in canary.may_roll_back(replace(failed, spec=ServiceSpec(
         "api", "api", 4)), "h1", "2", "1").reason
+    # a canary whose process stopped on the new version during the hold failed
+    assert canary.failed_in_hold(soak, "h0", "2", 120)
+    assert not canary.failed_in_hold(soak, "h0", "2", 161)  # soak over
+    assert not canary.failed_in_hold(soak, "h2", "1", 120)  # not a canary
+    assert not canary.failed_in_hold(soak, "h1", "1", 120)  # on the old version
     plain_fail = view(current=on, canary=2, canaries=("h0", "h1"), state="failed")
     assert not canary.may_roll_back(plain_fail, "h1", "2", "1")
 

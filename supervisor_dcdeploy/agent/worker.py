@@ -363,6 +363,9 @@ class Agent:
         if state not in RUNNING_STATES:
             if view is not None and self.host in view.current:
                 self._unregister(svc)  # not serving: stop counting as online at once
+            if view is not None and canary.failed_in_hold(view, self.host, st.active,
+                                                          time.time()):
+                self._canary_failed(svc, view, f"process is {state}")
             self.recover(svc, program, spec, view)
             return
         if st.active is None or st.active != rd.active():
@@ -798,13 +801,8 @@ class Agent:
             self._wake_by(now + CANARY_CHECK_SECS)
             problem = health.probe(view.spec.health, self.cfg.health(svc))
             if problem is not None:
-                reason = (f"canary {self.host}: {head.version} failed its health check "
-                          f"during the soak: {problem}")
-                self._set(svc, phase="failed", reason=reason, last_failure=reason)
                 self._unregister(svc)  # it does not serve properly: not online any more
-                if self.coord.mark_failed(head.node, reason, rollback=True):
-                    self.log.error("canary.failed", svc=svc, item=head.node, reason=reason)
-                self.wake.set()
+                self._canary_failed(svc, view, problem)
                 return True
             if head.canaries_done_at is None and \
                     canary.should_stamp(self.coord.resolve(svc, view)):
@@ -832,6 +830,17 @@ class Agent:
             self.switch(svc, program, view.spec, st.previous, None)
             return True
         return False
+
+    def _canary_failed(self, svc: str, view: decisions.ServiceView, problem: str) -> None:
+        """Fail the item with rollback: every canary goes back (the next cycles)."""
+        head = view.head
+        assert head is not None
+        reason = (f"canary {self.host}: {head.version} failed its health check during the "
+                  f"soak: {problem}")
+        self._set(svc, phase="failed", reason=reason, last_failure=reason)
+        if self.coord.mark_failed(head.node, reason, rollback=True):
+            self.log.error("canary.failed", svc=svc, item=head.node, reason=reason)
+        self.wake.set()
 
     def _verify_peers(self, svc: str, fresh: decisions.ServiceView,
                       hold: canary.Hold) -> tuple[decisions.Decision, tuple[str, ...]]:
