@@ -246,7 +246,14 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     ops.check_canary(args.canary, args.soak)
     signer, expires = _signing(args)
     with connected(args) as store:
-        planned = ops.plan(store, args.names, args.canary, args.soak)
+        try:
+            planned = ops.plan(store, args.names, args.canary, args.soak)
+        except ops.OpError:
+            raise  # what deploy itself would refuse, with the same reason
+        except Exception as exc:  # noqa: BLE001 - a failed prediction never blocks a deploy
+            print(f"dcdeploy: warning: no prediction ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            planned = {"items": [], "total_s": None}
         predicted = {i["service"]: i["predicted_s"] for i in planned["items"]
                      if i["item"].startswith("(new ")}
         items = ops.deploy(store, args.names, signer=signer, expires=expires,
