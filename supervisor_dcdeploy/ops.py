@@ -534,8 +534,15 @@ def status(store: Store) -> dict[str, Any]:
             state, reason = "blocked", f'service "{item.service}" is not defined'
         else:
             state, reason = decisions.deploy_status(view, item)
+            if state == "rolling" and reason is None and item.canary:
+                from .canary import hold
+                held = hold(view, "", time.time())  # "": a host that is no canary
+                if held.holding:
+                    reason = held.reason  # e.g. "canary: soaking, 42 s of 60 s left ..."
         deploy.append({"item": item.node, "service": item.service, "version": item.version,
                        "state": state, "reason": reason, "host": item.host})
+        if item.canary:
+            deploy[-1].update(canaries=list(item.canaries), approved=item.approved)
     host_out = {}
     for name in sorted(set(hosts) | set(host_services)):
         info = hosts.get(name)

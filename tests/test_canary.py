@@ -81,6 +81,8 @@ def test_failing_canary_rolls_back_then_good_release_approved(cluster):
         # The soak is 120 s: the others hold (one cycle after the stamp, still on 1).
         status = cluster.status()
         assert status["deploy"][0]["state"] == "rolling"
+        assert status["deploy"][0]["reason"].startswith("canary: soaking")
+        assert status["deploy"][0]["canaries"] == canaries3
         assert all(cluster.version(h, "A") == "1" for h in rest)
         ops.approve(cluster.store, "A", signer=cluster.signer)
         wait_for(cluster.queue_empty, 120, "the approved deploy to finish")
