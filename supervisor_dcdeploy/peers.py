@@ -154,13 +154,36 @@ def slot_held_by_online(view: ServiceView, host: str) -> bool:
     """``host`` waits only for its ready-queue position, and a host holding one of the
     slots ahead still has a presence (it has not taken itself down: if it is dead,
     probing it frees the slot). Only then does a refused host probe at all."""
+    return bool(online_ahead(view, host))
+
+
+def online_ahead(view: ServiceView, host: str) -> list[str]:
+    """The hosts ahead of ``host`` in the ready queue that still have a presence, when
+    ``host`` waits only for its position and is among the next ``max_parallel`` after the
+    slots (position < 2 × max_parallel): those further back move up as the dead host's
+    slot is used, so at most ``max_parallel`` hosts probe per cycle, not the whole queue."""
     spec = view.spec
     place = position(view, host)
-    if spec is None or place is None or place < spec.max_parallel:
-        return False
+    if spec is None or place is None or not spec.max_parallel <= place < 2 * spec.max_parallel:
+        return []
     target, _ = rollout_target(view)
     ahead = [e.host for e in ready_queue(view, target)][:place]
-    return any(h in view.current for h in ahead)
+    return [h for h in ahead if h in view.current]
+
+
+def any_silent(view: ServiceView, hosts: list[str],
+               run: Callable[[health.Probe], str | None] = health.run,
+               timeout: float = PEER_TIMEOUT) -> bool:
+    """A cheap look before the gate: does any of ``hosts`` (with a probe address) not
+    answer? Probed in parallel; at most 2 × max_parallel hosts."""
+    targets = [view.current[h].probe for h in hosts if h in view.current]
+    targets = [t for t in targets if t]
+    if not targets:
+        return False
+    with ThreadPoolExecutor(max_workers=min(MAX_PROBE_WORKERS, len(targets)),
+                            thread_name_prefix="peer-probe") as pool:
+        return any(problem is not None for problem in
+                   pool.map(lambda t: run(parse_probe(t, timeout)), targets))
 
 
 def without(view: ServiceView, silent: tuple[str, ...] | list[str]) -> ServiceView:

@@ -153,6 +153,9 @@ def test_silent_host_is_not_online_and_gives_up_its_slot(listeners):
     verified = peers.without(v, result.silent)
     assert "h1" not in verified.current
     assert d.may_take_down(verified, "h0", "1")
+    # the cheap look before the gate: h0 (position 1, max_parallel 1) sees h1 silent
+    assert peers.online_ahead(v, "h0") == ["h1"] and peers.any_silent(v, ["h1"])
+    assert not peers.any_silent(v, ["h2", "h3"])
     # quorum 3: with h1 silent only 2 others answer, so h0 may not go
     v3 = replace(v, spec=ServiceSpec("api", "api", 3))
     assert not d.may_take_down(peers.without(v3, peers.verify(v3, "h0").silent), "h0", "1")

@@ -398,8 +398,11 @@ class Agent:
             return
         if not decision and hold.refusal is None and peers.verify_peers(view.spec) and \
                 peers.slot_held_by_online(hold.view, self.host):
-            # A host ahead still has a presence: if it is dead, probing frees its slot.
-            decision = decisions.Decision(True, "verify the hosts ahead in the queue")
+            # A host ahead still has a presence: if it is dead, probing frees its slot
+            # (a cheap look at those hosts first; the gate then probes for the quorum).
+            resolved = self.coord.resolve(svc, hold.view)
+            if peers.any_silent(resolved, peers.online_ahead(resolved, self.host)):
+                decision = decisions.Decision(True, "a host ahead in the queue is silent")
         if decision:
             self.pass_gate_and_switch(svc, program, view.spec)
         else:
