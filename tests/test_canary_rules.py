@@ -97,6 +97,15 @@ def test_stamp_soaking_and_rollback():
     assert not canary.may_roll_back(plain_fail, "h1", "2", "1")
 
 
+def test_all_hosts_canaries_still_soak():
+    on = {h: "2" for h in RACKS}
+    v = view(current=on, canary=9, canaries=tuple(RACKS), soak_secs=60,
+             canaries_done_at=100.0)
+    assert d.item_complete(v)  # by versions alone it would be done ...
+    assert canary.hold(v, "", 120).holding  # ... but the worker waits for the soak
+    assert not canary.hold(v, "", 161).holding
+
+
 def test_item_fields_bounded():
     bad = [b'{"service":"a","version":"1","canary":-1}',
            b'{"service":"a","version":"1","soak_secs":1e12}',

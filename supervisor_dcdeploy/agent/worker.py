@@ -921,6 +921,8 @@ class Agent:
 
     # -- completion -------------------------------------------------------------------
     def maybe_complete(self, svc: str, view: decisions.ServiceView) -> None:
+        if canary.hold(view, "", time.time()).holding:
+            return  # every host may be a canary: the soak still decides, not completion
         done = decisions.item_complete(view)
         if not done and self._may_resolve(svc, view):
             view = self.coord.resolve(svc, view)
