@@ -36,6 +36,7 @@ from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, Set
 from .store import layout
 
 Waker = Callable[[], None]
+MAX_TIMINGS = 50  # switch timings kept in one history record
 
 
 class Coordinator:
@@ -96,9 +97,12 @@ class Coordinator:
         """Whether this host may pass the gate now (no herd: only those follow the gate)."""
 
     # -- presence -----------------------------------------------------------------------
-    def register(self, svc: str, version: str, rack: str) -> None:
-        data = dumps({"version": version, "state": "serving", "since": time.time(),
-                      "rack": rack})
+    def register(self, svc: str, version: str, rack: str, switch: dict | None = None,
+                 probe: str | None = None) -> None:
+        """Presence; ``switch``: the timing of the switch that brought this host to
+        ``version``, ``probe``: where other hosts can check it (docs/policy.md)."""
+        data = CurrentEntry(host=self.host, version=version, since=time.time(), rack=rack,
+                            switch=switch, probe=probe).to_json()
         path = layout.presence(svc, self.host)
         try:
             self.store.create(path, data, ephemeral=True)
@@ -155,10 +159,13 @@ class Coordinator:
                 if node.rpartition("-")[0] == self.host]
 
     # -- the gate, failure, completion ---------------------------------------------------
-    def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None) -> bool:
+    def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None,
+                 record: Sequence[str] = ()) -> bool:
         """One atomic commit: the gate's version checked and bumped, our presence deleted,
         the head item moved to ``rolling`` (CAS, so a concurrent pause or failure mark
-        invalidates the take-down). False when another host or the operator won."""
+        invalidates the take-down), and ``record`` written as the item's canaries when
+        given (the first canary's take-down records the set). False when another host or
+        the operator won."""
         ops: list = [SetData(layout.gate(svc), dumps(gate), fresh.gate_version)]
         if fresh.spec_version >= 0:
             # The quorum, max_parallel and rack budget decided on are the spec's as read:
@@ -166,7 +173,9 @@ class Coordinator:
             ops.append(Check(layout.service(svc), fresh.spec_version))
         if self.host in fresh.current:
             ops.append(Delete(layout.presence(svc, self.host)))
-        if head is not None and head.state == "waiting":
+        if head is not None and (head.state == "waiting" or record):
+            if record:
+                head = replace(head, canaries=tuple(record))
             ops.append(SetData(layout.item(head.node), item_data(head), head.data_version))
         elif head is not None:
             # Checking the item's version makes a concurrent pause or failure mark
@@ -184,8 +193,9 @@ class Coordinator:
     def _contended(self, svc: str) -> None:
         pass
 
-    def mark_failed(self, node: str, reason: str) -> bool:
-        """Mark the deploy item failed (CAS); False when there is nothing to mark."""
+    def mark_failed(self, node: str, reason: str, rollback: bool = False) -> bool:
+        """Mark the deploy item failed (CAS); False when there is nothing to mark.
+        ``rollback``: a canary failed during the hold, the canaries go back."""
         for _ in range(5):
             try:
                 raw, version = self.store.get(layout.item(node))
@@ -198,7 +208,7 @@ class Coordinator:
             if item.state not in ("waiting", "rolling", "paused"):
                 return False
             data = replace(item, state="failed", reason=reason, host=self.host,
-                           updated=time.time()).to_json()
+                           updated=time.time(), rollback=rollback).to_json()
             try:
                 self.store.set(layout.item(node), data, version)
                 return True
@@ -208,8 +218,35 @@ class Coordinator:
                 continue
         return False
 
-    def complete(self, svc: str, head: DeployItem, reason: str) -> bool:
-        record = replace(head, state="done", reason=reason, updated=time.time()).to_json()
+    def stamp_canaries_done(self, node: str, version: str) -> bool:
+        """Set the item's ``canaries_done_at`` (CAS, once): the soak starts now."""
+        for _ in range(5):
+            try:
+                raw, data_version = self.store.get(layout.item(node))
+                item = DeployItem.parse(node, raw, data_version)
+            except (NoNode, InvalidData):
+                return False
+            if item.canaries_done_at is not None or item.version != version \
+                    or item.state not in ("waiting", "rolling"):
+                return False
+            try:
+                self.store.set(layout.item(node), replace(
+                    item, canaries_done_at=time.time()).to_json(), data_version)
+                return True
+            except StoreUnavailable:
+                raise
+            except StoreError:
+                continue
+        return False
+
+    def complete(self, svc: str, head: DeployItem, reason: str,
+                 timings: Sequence[dict] = ()) -> bool:
+        """Move the item to history as done (with the switch ``timings`` the presences
+        carried), and record the released version: one transaction."""
+        # Bounded: the plan reads a service's latest 20 switches; a record must stay far
+        # below the store's value limit whatever the fleet's size.
+        record = replace(head, state="done", reason=reason, updated=time.time(),
+                         timings=tuple(timings)[:MAX_TIMINGS]).to_json()
         name = head.node
         for _ in range(2):
             try:
@@ -250,7 +287,8 @@ def item_data(head: DeployItem) -> bytes:
     """The head item as the gate writes it: ``waiting`` becomes ``rolling``."""
     if head.state != "waiting":
         return head.to_json()
-    return replace(head, state="rolling", updated=time.time()).to_json()
+    now = time.time()
+    return replace(head, state="rolling", updated=now, started_at=now).to_json()
 
 
 class RereadCoordinator(Coordinator):

@@ -487,6 +487,12 @@ class ServiceSpec:
     policy: Any = field(default_factory=lambda: _policy_class()())
     signature: Mapping[str, Any] | None = None  # the operator's (trust.py), not a field
 
+    @property
+    def verify_peers(self) -> bool:
+        """Count only hosts that answer a probe at the gate (docs/policy.md, peers.py): a
+        policy field, signed with the rest of the policy."""
+        return bool(self.policy.verify_peers)
+
     @classmethod
     def parse(cls, name: str, raw: bytes | str | None, where: str | None = None) -> "ServiceSpec":
         where = where or f"services/{name}"
@@ -592,21 +598,43 @@ class CurrentEntry:
     state: str = "serving"
     since: float = 0.0
     rack: str = ""
+    # The switch that brought this host to ``version`` (stop, start, healthy seconds):
+    # collected into the item's history record on completion (docs/policy.md).
+    switch: Mapping[str, Any] | None = None
+    # Where other hosts can run this host's health check: "http://ADDR:PORT/PATH" or
+    # "tcp://ADDR:PORT" (agent.conf probe_address; verify_peers, docs/policy.md).
+    probe: str | None = None
 
     @classmethod
     def parse(cls, service: str, host: str, raw: bytes | str | None) -> "CurrentEntry":
         where = f"current/{service}/{host}"
         check_name(where, "(name)", host)
         data = _load(where, raw)
+        switch = data.get("switch")
+        probe = _get(where, data, "probe", str, None)
+        if probe is not None and not PROBE_RE.fullmatch(probe):
+            raise InvalidData(where, "probe", f"{_short(probe)} is not http://ADDR:PORT/PATH "
+                                              "or tcp://ADDR:PORT")
         return cls(host=host,
                    version=check_version(where, "version", _get(where, data, "version", str)),
                    state=_get(where, data, "state", str, "serving"),
                    since=check_number(where, data, "since", 0.0, 0.0, MAX_TIMESTAMP),
-                   rack=_get(where, data, "rack", str, ""))
+                   rack=_get(where, data, "rack", str, ""),
+                   switch=None if switch is None else check_switch(f"{where} switch", switch),
+                   probe=probe)
 
     def to_json(self) -> bytes:
-        return dumps({"version": self.version, "state": self.state, "since": self.since,
-                      "rack": self.rack})
+        data: dict[str, Any] = {"version": self.version, "state": self.state,
+                                "since": self.since, "rack": self.rack}
+        if self.switch is not None:
+            data["switch"] = dict(self.switch)
+        if self.probe is not None:
+            data["probe"] = self.probe
+        return dumps(data)
+
+
+PROBE_RE = re.compile(r"(http://[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}/[\x21-\x7e]{0,511}"
+                      r"|tcp://[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5})")
 
 
 @dataclass(frozen=True)
@@ -653,6 +681,21 @@ class DeployItem:
     # `dcdeploy deploy --host-parallel N`: how many of its services a host may switch at
     # once while this item rolls (None: 1).
     host_parallel: int | None = None
+    # Canaries and the plan (issue 10, docs/policy.md). The operator's: ``canary`` (how
+    # many), ``soak_secs``, ``approved`` (signed with service and version when set) and
+    # ``predicted_s``. The hosts' (state fields, like ``state``): ``canaries`` (the set,
+    # recorded by the first gate commit), ``canaries_done_at``, ``rollback`` (a canary
+    # failed during the hold: the canaries go back), ``started_at`` (first take-down) and
+    # ``timings`` (per host: stop, start, healthy seconds; written on completion).
+    canary: int = 0
+    soak_secs: float = 0.0
+    approved: bool = False
+    predicted_s: float | None = None
+    canaries: tuple[str, ...] = ()
+    canaries_done_at: float | None = None
+    rollback: bool = False
+    started_at: float | None = None
+    timings: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, node: str, raw: bytes | str | None, data_version: int = -1,
@@ -675,17 +718,71 @@ class DeployItem:
                    state=state, reason=_get(where, data, "reason", str, None),
                    host=_get(where, data, "host", str, None),
                    updated=check_number(where, data, "updated", 0.0, 0.0, MAX_TIMESTAMP),
-                   data_version=data_version, signature=_signature(where, data))
+                   data_version=data_version, signature=_signature(where, data),
+                   **_item_policy(where, data))
 
     def to_json(self) -> bytes:
         data: dict[str, Any] = {"service": self.service, "version": self.version,
                                 "state": self.state, "reason": self.reason, "host": self.host,
                                 "updated": self.updated}
+        # Only fields that differ from their defaults: items without canaries keep the
+        # bytes they always had.
+        for name, default in ITEM_POLICY_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                data[name] = list(value) if isinstance(value, tuple) else value
         if self.after is not None:
             data["after"] = list(self.after)
         if self.host_parallel is not None:
             data["host_parallel"] = self.host_parallel
         return dumps(_with_signature(data, self.signature))
+
+
+MAX_SOAK_SECS = 7 * 24 * 3600.0
+MAX_PREDICTED_SECS = 1e9
+SWITCH_FIELDS = ("stop_s", "start_s", "healthy_s")
+ITEM_POLICY_DEFAULTS: dict[str, Any] = {
+    "canary": 0, "soak_secs": 0.0, "approved": False, "predicted_s": None, "canaries": (),
+    "canaries_done_at": None, "rollback": False, "started_at": None, "timings": ()}
+
+
+def check_switch(where: str, data: Any) -> dict[str, Any]:
+    """One switch's timing as a host records it: ``{"host"?, "version", "stop_s",
+    "start_s", "healthy_s", "at"}``, seconds finite and in [0, 86400]."""
+    if not isinstance(data, dict):
+        raise InvalidData(where, "(json)", f"expected an object, got {_short(data)}")
+    out: dict[str, Any] = {}
+    for name in SWITCH_FIELDS:
+        out[name] = check_number(where, data, name, ..., 0.0, 86_400.0)
+    out["version"] = check_version(where, "version", _get(where, data, "version", str))
+    out["at"] = check_number(where, data, "at", 0.0, 0.0, MAX_TIMESTAMP)
+    if "host" in data:
+        out["host"] = check_name(where, "host", _get(where, data, "host", str))
+    return out
+
+
+def _item_policy(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    canaries = _get(where, data, "canaries", list, [])
+    for i, host in enumerate(canaries):
+        check_name(where, f"canaries[{i}]", host)
+    timings = _get(where, data, "timings", list, [])
+    predicted = _get(where, data, "predicted_s", (int, float), None)
+    if predicted is not None:
+        predicted = check_number(where, data, "predicted_s", 0.0, 0.0, MAX_PREDICTED_SECS)
+    done_at = _get(where, data, "canaries_done_at", (int, float), None)
+    started = _get(where, data, "started_at", (int, float), None)
+    return {"canary": check_int(where, data, "canary", 0, 0, MAX_HOSTS),
+            "soak_secs": check_number(where, data, "soak_secs", 0.0, 0.0, MAX_SOAK_SECS),
+            "approved": _get(where, data, "approved", bool, False),
+            "predicted_s": predicted,
+            "canaries": tuple(canaries),
+            "canaries_done_at": None if done_at is None else check_number(
+                where, data, "canaries_done_at", 0.0, 0.0, MAX_TIMESTAMP),
+            "rollback": _get(where, data, "rollback", bool, False),
+            "started_at": None if started is None else check_number(
+                where, data, "started_at", 0.0, 0.0, MAX_TIMESTAMP),
+            "timings": tuple(check_switch(f"{where} timings[{i}]", t)
+                             for i, t in enumerate(timings))}
 
 
 @dataclass(frozen=True)

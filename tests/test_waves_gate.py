@@ -36,7 +36,7 @@ def view(svc="api", queue=(), current=None, staging=(), quorum=0, max_parallel=1
         service=svc,
         spec=ServiceSpec(name=svc, program=svc, quorum=quorum, max_parallel=max_parallel,
                          policy=policy),
-        staged=StagedRelease(svc, "2", SHA, urls=("file:///x",)),
+        staged=StagedRelease(svc, "2", SHA, 1, urls=("file:///x",)),
         current={h: CurrentEntry(h, v, rack=racks.get(h, "")) for h, v in current.items()},
         staging=[StagingEntry(f"{h}-{i:010d}", i, h, "2", racks.get(h, ""))
                  for i, h in enumerate(staging)],
