@@ -18,9 +18,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from supervisor_dcdeploy.cli import main as cli  # noqa: E402
-from supervisor_dcdeploy.localdc import Cluster, wait_for  # noqa: E402
+from supervisor_dcdeploy.lab.localdc import Cluster, wait_for  # noqa: E402
 from supervisor_dcdeploy.store import open_store  # noqa: E402
-from supervisor_dcdeploy.zkserver import ZooKeeperServer, free_port  # noqa: E402
+from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port  # noqa: E402
 
 
 def main() -> int:

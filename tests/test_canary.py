@@ -14,7 +14,7 @@ import pytest
 from cluster import Cluster, wait_for
 
 from supervisor_dcdeploy import ops
-from supervisor_dcdeploy.sample import build_release
+from supervisor_dcdeploy.lab.sample import build_release
 
 SERVICES = {"A": {"quorum": 2, "max_parallel": 1, "healthy_secs": 0.5}}
 
