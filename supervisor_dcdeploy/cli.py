@@ -286,6 +286,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         raise CLIError("--timeout goes with --wait (deploy NAME... --wait --timeout SECS)")
     _check_wait_timeout(args)  # before queueing: a refused option must not leave a deploy
     ops.check_canary(args.canary, args.soak)
+    ops.check_host_parallel(args.host_parallel)
     signer, expires = _signing(args)
     with connected(args) as store:
         try:

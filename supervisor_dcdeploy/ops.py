@@ -202,12 +202,7 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     hosts switch first, then each item holds for ``soak_secs`` or until approved
     (docs/policy.md); ``predicted``: service -> the plan's predicted seconds."""
     check_canary(canary, soak_secs)
-    if host_parallel is not None:
-        from .policy import check_host_parallel
-        try:
-            check_host_parallel("--host-parallel", host_parallel)
-        except InvalidData as exc:
-            raise OpError(str(exc)) from None
+    check_host_parallel(host_parallel)
     specs, invalid = read_specs(store)
     staged = {}
     for name in names:
@@ -396,6 +391,16 @@ def _canary_of(spec: ServiceSpec, canary: int, soak_secs: float) -> dict[str, An
     if not canary:
         canary, soak_secs = spec.policy.canary, spec.policy.soak_secs
     return {"canary": canary, "soak_secs": float(soak_secs)}
+
+
+def check_host_parallel(host_parallel: int | None) -> None:
+    """``--host-parallel N``: 1..64 when given."""
+    if host_parallel is not None:
+        from .policy import check_host_parallel as check
+        try:
+            check("--host-parallel", host_parallel)
+        except InvalidData as exc:
+            raise OpError(str(exc)) from None
 
 
 def check_canary(canary: Any, soak_secs: Any) -> None:

@@ -129,7 +129,7 @@ def test_cli_policy_flags_and_host_parallel_are_stored(run, store):
     assert json.loads(store.get("services/c")[0])["rack_order"] is True
     assert "max_down_per_rack" not in json.loads(store.get("services/a")[0])
     for svc in ("a", "b", "c"):
-        assert run("stage", svc, "2", "--url", "file:///x", "--sha256", SHA)[0] == 0
+        assert run("stage", svc, "2", "--url", "file:///x", "--sha256", SHA, "--size", "1")[0] == 0
     code, out, err = run("deploy", "c", "b", "a", "--host-parallel", "2")
     assert code == 0, err
     items = {json.loads(store.get(f"deploy/{n}")[0])["service"]:
@@ -156,7 +156,7 @@ def test_pause_stops_every_item_and_resume_continues_them(run, store):
     others go on taking hosts down."""
     for svc in ("a", "c"):
         assert run("service", "set", svc, "--quorum", "1")[0] == 0
-        assert run("stage", svc, "2", "--url", "file:///x", "--sha256", SHA)[0] == 0
+        assert run("stage", svc, "2", "--url", "file:///x", "--sha256", SHA, "--size", "1")[0] == 0
     assert run("deploy", "a", "c")[0] == 0
 
     def states():
