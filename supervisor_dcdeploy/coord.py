@@ -30,7 +30,7 @@ from .decisions import ServiceView
 from dataclasses import replace
 
 from .model import CurrentEntry, DeployItem, InvalidData, dumps
-from .snapshot import read_queue, read_view
+from .snapshot import checked_view, read_queue, read_view
 from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
                     StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed)
 from .store import layout
@@ -47,6 +47,7 @@ class Coordinator:
         self.services = tuple(services)
         self._wake = wake
         self._own: dict[str, dict[str, str]] = {svc: {} for svc in self.services}
+        self._claimed: int | None = None  # the session hosts/<host>/session was made in
 
     # -- following the store ------------------------------------------------------------
     def on_session(self, state: SessionState) -> None:
@@ -90,15 +91,56 @@ class Coordinator:
         """Whether this host may pass the gate now (no herd: only those follow the gate)."""
 
     # -- presence -----------------------------------------------------------------------
+    def claim_session(self) -> None:
+        """``hosts/<host>/session``, ephemeral, once per session (where the backend shows
+        owners): readers count a presence of ours only when it has this node's owner
+        (:func:`.snapshot.checked_view`). One of an earlier session of ours that has not
+        expired yet (an agent restarted) is replaced. A store that refuses it leaves our
+        presences uncounted, which readers report: never an error out of the cycle."""
+        sid = self.store.session_id
+        if sid is None or sid == self._claimed:
+            return
+        path = layout.session(self.host)
+        try:
+            try:
+                self.store.create(path, b"", ephemeral=True)
+            except NodeExists:
+                (found,) = self.store.get_owned([path])
+                if found is not None and found.owner != sid:
+                    self.store.delete(path)
+                    self.store.create(path, b"", ephemeral=True)
+        except StoreUnavailable:
+            raise
+        except StoreError:
+            return  # not registered by `dcdeploy init` under ACLs: readers report it
+        self._claimed = sid
+
     def register(self, svc: str, version: str, rack: str) -> None:
+        self.claim_session()
         data = dumps({"version": version, "state": "serving", "since": time.time(),
                       "rack": rack})
         path = layout.presence(svc, self.host)
         try:
             self.store.create(path, data, ephemeral=True)
         except NodeExists:
-            self.store.set(path, data)
+            self._replace_foreign(path, data)
         self._wrote(path, data)
+
+    def _replace_foreign(self, path: str, data: bytes) -> None:
+        """Our presence exists already: update it, unless another session holds it (one
+        forged under our name, or our own from before a restart), which is deleted and
+        made again as ours."""
+        sid = self.store.session_id
+        if sid is not None:
+            (found,) = self.store.get_owned([path])
+            if found is not None and found.owner != sid:
+                try:
+                    self.store.delete(path)
+                except NoNode:
+                    pass
+                self.store.create(path, data, ephemeral=True)
+                return
+        self.store.set(path, data)
 
     def unregister(self, svc: str) -> None:
         path = layout.presence(svc, self.host)
@@ -251,7 +293,7 @@ class RereadCoordinator(Coordinator):
 
     def fresh_view(self, svc: str) -> ServiceView:
         self.store.sync()
-        return read_view(self.store, svc)
+        return checked_view(self.store, read_view(self.store, svc))
 
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         for node in nodes:
@@ -495,7 +537,9 @@ class MirrorCoordinator(Coordinator):
                              "(the agent makes it, or `dcdeploy init` under ACLs)")
         self._apply(upto=self._cut_at, uncounted=uncounted)
         queue, invalid = self.queue()
-        return self.view(svc, queue, invalid)
+        # Only presences held by their host's published session count at the gate: one
+        # multiRead (a forged presence must not let us below the real quorum).
+        return checked_view(self.store, self.view(svc, queue, invalid))
 
     def view(self, svc: str, queue: list[DeployItem], queue_invalid: list[str]) -> ServiceView:
         """The mirror's view. Another host's presence not read yet counts as serving an
