@@ -372,9 +372,12 @@ class MirrorCoordinator(Coordinator):
         self._generation = 0  # moves on every session change: a load in flight is void
         self.notifications = 0
         self._reader = _MirrorReader(self._mirror, self._gates)
+        self._sessions_followed = False  # set by a ZooKeeper load (_followed has hosts/)
 
     def _followed(self) -> list[str]:
-        out = [layout.DEPLOY]
+        # hosts/: only which hosts have a live session (hosts/<host>/session exists), from
+        # the notifications; never read (see view()).
+        out = [layout.DEPLOY, layout.HOSTS]
         for svc in self.services:
             out += [layout.service(svc), layout.staged(svc), layout.presence_dir(svc),
                     layout.released(svc), layout.gate(svc)]
@@ -430,6 +433,11 @@ class MirrorCoordinator(Coordinator):
                 except NoNode:
                     self._gates[parts[1]] = -1
                 continue
+            if path == layout.HOSTS:
+                for name in self.store.children(path):
+                    if "session" in self.store.children(layout.host(name)):
+                        mirror.nodes[layout.session(name)] = (None, -1)
+                continue
             self._read_into(mirror, path)
             for child in self.store.children(path):
                 sub = f"{path}/{child}"
@@ -438,6 +446,7 @@ class MirrorCoordinator(Coordinator):
                 else:
                     self._read_into(mirror, sub)
         self._mirror.nodes = mirror.nodes
+        self._sessions_followed = getattr(self.store, "knows_owners", False)
         self._stale_gates = set()
         for svc in self.services:
             self._own[svc] = {}
@@ -485,6 +494,13 @@ class MirrorCoordinator(Coordinator):
         for path, kind in last.items():
             parts = layout.split(path)
             if parts[0] == layout.GATE:
+                continue
+            if parts[0] == layout.HOSTS:  # only a live session's coming and going
+                if len(parts) == 3 and path == layout.session(parts[1]):
+                    if kind == "deleted":
+                        self._mirror.nodes.pop(path, None)
+                    else:
+                        self._mirror.nodes[path] = (None, -1)
                 continue
             if kind == "deleted":
                 self._mirror.nodes.pop(path, None)
@@ -537,9 +553,7 @@ class MirrorCoordinator(Coordinator):
                              "(the agent makes it, or `dcdeploy init` under ACLs)")
         self._apply(upto=self._cut_at, uncounted=uncounted)
         queue, invalid = self.queue()
-        # Only presences held by their host's published session count at the gate: one
-        # multiRead (a forged presence must not let us below the real quorum).
-        return checked_view(self.store, self.view(svc, queue, invalid))
+        return self.view(svc, queue, invalid)
 
     def view(self, svc: str, queue: list[DeployItem], queue_invalid: list[str]) -> ServiceView:
         """The mirror's view. Another host's presence not read yet counts as serving an
@@ -553,9 +567,20 @@ class MirrorCoordinator(Coordinator):
         unread = {host: CurrentEntry(host=host, version="")
                   for host in self._mirror.children(layout.presence_dir(svc))
                   if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
-        if not unread:
+        if unread:
+            view = replace(view, current={**view.current, **unread})
+        if not self._sessions_followed:
             return view
-        return replace(view, current={**view.current, **unread})
+        # A presence counts only while its host has a live session (docs/security.md):
+        # one forged under the name of a host that is down is named, never counted.
+        dead = sorted(h for h in view.current
+                      if layout.session(h) not in self._mirror.nodes and h != self.host)
+        if not dead:
+            return view
+        return replace(view, current={h: e for h, e in view.current.items() if h not in dead},
+                       invalid=[*view.invalid, *(
+                           f"presence of {svc} on {h} is not counted: {h} has no live "
+                           f"session (hosts/{h}/session is missing)" for h in dead)])
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
         unread = [h for h, e in view.current.items() if e.version == ""]

@@ -92,6 +92,40 @@ def test_the_victim_takes_its_presence_back_from_another_session(store, store_ur
         other.stop()
 
 
+def test_the_mirror_counts_a_presence_only_while_its_host_has_a_live_session(store,
+                                                                            store_url):
+    """What the agents decide on (ZooKeeper's mirror): no request per presence; the
+    session nodes' coming and going arrive as notifications."""
+    from supervisor_dcdeploy.coord import MirrorCoordinator
+
+    ops.service_set(store, "api", program="api", quorum=1, health=HealthCheck())
+    h1, h2, other = _session(store_url), _session(store_url), _session(store_url)
+    try:
+        Coordinator(h1, "h1", ["api"], lambda: None).register("api", "1", "r1")
+        mirror = MirrorCoordinator(h1, "h1", ["api"], lambda: None)
+        mirror.follow()
+        other.create("current/api/h2", SERVING, ephemeral=True)  # h2 is down
+        store.sync()
+
+        def view():
+            mirror.follow()
+            return mirror.fresh_view("api")
+        wait_for(lambda: any("h2" in p for p in view().invalid), 10,
+                 "h1's mirror to name the presence of h2")
+        assert set(view().current) == {"h1"}
+        other.delete("current/api/h2")
+        Coordinator(h2, "h2", ["api"], lambda: None).register("api", "1", "r2")  # h2 up
+        wait_for(lambda: set(view().current) == {"h1", "h2"} and not view().invalid, 10,
+                 "h1's mirror to count h2 once h2 has a live session")
+        h2.stop()  # h2's session ends: presence and session node go together
+        wait_for(lambda: set(view().current) == {"h1"} and not view().invalid, 10,
+                 "h1's mirror to see h2 go")
+    finally:
+        h1.stop()
+        h2.stop()
+        other.stop()
+
+
 # -- with credentials and ACLs: a host identity forging another host's presence ---------------
 def test_a_host_cannot_publish_a_session_for_another_host(secure_root):
     secure_root.init(["h1", "h2"])
@@ -141,6 +175,9 @@ def test_a_forged_presence_of_a_down_host_does_not_let_others_below_quorum(
         assert op.get("gate/A")[1] == gate_before, "a host took down counting the forgery"
         problems = ops.status(op)["problems"]
         assert any("presence of A on h2" in p for p in problems), problems
+        for h in cluster.hosts:  # and each host names it in its own status
+            invalid = cluster.host_status(h)["services"]["A"].get("invalid") or []
+            assert any("presence of A on h2" in p for p in invalid), (h, invalid)
         prober.stop()
         assert prober.samples
         for sample in prober.samples:
