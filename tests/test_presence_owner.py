@@ -184,6 +184,11 @@ def test_a_forged_presence_of_a_down_host_does_not_let_others_below_quorum(
             assert prober.serving(sample, "A") == 2, sample  # S1: quorum 2 at every sample
             assert set(sample.versions.values()) == {"1"}
         assert cluster.all_on("A", "1")
+        # Deleting a sibling's presence only delays: h0 registers again on its own.
+        attacker.delete("current/A/h0")
+        wait_for(lambda: "h0" in op.children("current/A"), 30, "h0 to register again")
+        (read,) = op.get_owned(["current/A/h0"])
+        assert read is not None and read.owner == op.get_owned(["hosts/h0/session"])[0].owner
     finally:
         if prober is not None:
             prober.stop()
