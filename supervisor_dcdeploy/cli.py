@@ -149,10 +149,12 @@ def cmd_service(args: argparse.Namespace) -> int:
             spec = ops.service_set(store, args.name, program=args.program, quorum=args.quorum,
                                    depends_on=deps, max_parallel=args.max_parallel,
                                    health=_health(args), healthy_secs=args.healthy_secs,
-                                   preload=args.preload, signer=signer, expires=expires)
+                                   preload=args.preload, signer=signer, expires=expires,
+                                   policy=_policy(args), verify_peers=args.verify_peers)
             print(f"service {spec.name}: program {spec.program}, quorum {spec.quorum}, "
                   f"max_parallel {spec.max_parallel}, depends on "
-                  f"{', '.join(spec.depends_on) or 'nothing'}")
+                  f"{', '.join(spec.depends_on) or 'nothing'}" +
+                  "".join(f", {k} {v}" for k, v in spec.policy.to_dict().items()))
             if spec.quorum == 0:
                 print(f"dcdeploy: warning: {svcadmin.quorum_zero_warning(spec.name)}",
                       file=sys.stderr)
@@ -262,15 +264,53 @@ def cmd_seed(args: argparse.Namespace) -> int:
     return 0
 
 
+def _policy(args: argparse.Namespace):
+    """The rollout policy of ``service set``'s flags (docs/policy.md)."""
+    from .model import InvalidData
+    from .policy import Policy
+    data: dict = {}
+    if args.max_down_per_rack is not None:
+        data["max_down_per_rack"] = args.max_down_per_rack
+    if args.rack_order is not None:
+        racks = [r.strip() for r in args.rack_order.split(",") if r.strip()]
+        data["rack_order"] = racks or True
+    try:
+        return Policy.parse("service set", data)
+    except InvalidData as exc:
+        raise CLIError(str(exc).replace("field 'max_down_per_rack'", "--max-down-per-rack")
+                       .replace("field 'rack_order'", "--rack-order")) from None
+
+
 def cmd_deploy(args: argparse.Namespace) -> int:
     if args.wait_timeout is not None and not args.wait:
         raise CLIError("--timeout goes with --wait (deploy NAME... --wait --timeout SECS)")
     _check_wait_timeout(args)  # before queueing: a refused option must not leave a deploy
+    ops.check_canary(args.canary, args.soak)
     signer, expires = _signing(args)
     with connected(args) as store:
-        items = ops.deploy(store, args.names, signer=signer, expires=expires)
+        try:
+            planned = ops.plan(store, args.names, args.canary, args.soak)
+        except ops.OpError:
+            raise  # what deploy itself would refuse, with the same reason
+        except Exception as exc:  # noqa: BLE001 - a failed prediction never blocks a deploy
+            print(f"dcdeploy: warning: no prediction ({type(exc).__name__}: {exc})",
+                  file=sys.stderr)
+            planned = {"items": [], "total_s": None}
+        predicted = {i["service"]: i["predicted_s"] for i in planned["items"]
+                     if i["item"].startswith("(new ")}
+        items = ops.deploy(store, args.names, signer=signer, expires=expires,
+                           host_parallel=args.host_parallel, canary=args.canary,
+                           soak_secs=args.soak, predicted=predicted)
         for item in items:
-            print(f"queued {item.node}: {item.service} -> {item.version}")
+            print(f"queued {item.node}: {item.service} -> {item.version}"
+                  + (f", predicted {_secs(item.predicted_s)}" if item.predicted_s is not None
+                     else ", no prediction (blocked now)")
+                  + (f", canaries {item.canary} (soak {item.soak_secs:g} s"
+                     + (", then " if item.soak_secs else ": ") + "dcdeploy approve "
+                     + item.service + ")" if item.canary else ""))
+        total = planned["total_s"]
+        print(f"predicted total {_secs(total)}" if total is not None
+              else "predicted total unknown (an item is blocked now: dcdeploy plan says why)")
         sys.stdout.flush()
         if not args.wait:
             return 0
@@ -308,9 +348,9 @@ def cmd_wait(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     with connected(args) as store:
-        item = ops.pause(store)
-        print(f"paused {item.node} ({item.service} {item.version}): hosts mid-switch finish, "
-              "nobody starts another")
+        items = ops.pause_all(store)
+        print(f"paused {', '.join(f'{i.node} ({i.service} {i.version})' for i in items)}: "
+              "hosts mid-switch finish, nobody starts another")
         return 0
 
 
@@ -399,17 +439,86 @@ def cmd_hosts(args: argparse.Namespace) -> int:
         return 0
 
 
+def _secs(value: Any) -> str:
+    return f"{value:.1f} s" if isinstance(value, (int, float)) and \
+        not isinstance(value, bool) else "-"
+
+
+def timing_of(record: dict[str, Any]) -> dict[str, Any]:
+    """A history record's predicted and actual seconds (actual: from the first take-down
+    to done), None where unknown; a record's fields are whatever the store held."""
+    def num(key: str) -> float | None:
+        value = record.get(key)
+        return float(value) if isinstance(value, (int, float)) and \
+            not isinstance(value, bool) else None
+    started, done = num("started_at"), num("updated")
+    actual = done - started if started is not None and done is not None and \
+        record.get("state") == "done" else None
+    return {"predicted_s": num("predicted_s"), "actual_s": actual}
+
+
 def cmd_history(args: argparse.Namespace) -> int:
+    if args.limit < 1:
+        raise CLIError(f"--limit {args.limit}: give a number of items, 1 or more")
     with connected(args) as store:
         items = ops.history(store, args.limit)
         if args.json:
-            print(json.dumps(items, allow_nan=False))
+            print(json.dumps([{**i, **timing_of(i)} for i in items], allow_nan=False))
         else:
             for item in items:  # fields of a record are whatever the store held: str() them
+                t = timing_of(item)
+                times = f"predicted {_secs(t['predicted_s'])}, actual {_secs(t['actual_s'])}"
                 print(printable(f"{item['item']}  {str(item.get('service', '?')):<14} "
                                 f"{str(item.get('version', '?')):<12} {item.get('state')}  "
-                                f"{item.get('reason') or ''}"))
+                                f"{times}  {item.get('reason') or ''}"))
         return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    signer, expires = _signing(args)
+    with connected(args) as store:
+        item = ops.approve(store, args.name, signer=signer, expires=expires)
+    print(f"approved {item.node} ({item.service} {item.version}): the rest of its hosts "
+          "may switch")
+    return 0
+
+
+def render_plan(data: dict[str, Any]) -> str:
+    lines = []
+    by_item = {i["item"]: i for i in data["items"]}
+    for w, wave in enumerate(data["waves"]):
+        lines.append(f"wave {w}:")
+        for node in wave:
+            i = by_item[node]
+            limits = ", ".join(f"{k} {v}" for k, v in i["limits"].items())
+            if i["blocked"]:
+                lines.append(f"  {node}  {i['service']} -> {i['version']}: blocked: "
+                             f"{i['blocked']}")
+                continue
+            extra = (f", soak {i['soak_s']:g} s" if i["soak_s"] else "") + \
+                (", waits for dcdeploy approve" if i["waits_for_approve"] else "")
+            lines.append(f"  {node}  {i['service']} -> {i['version']}: {i['hosts']} hosts "
+                         f"in {i['batches']} batches of up to {i['k']} ({limits}){extra}; "
+                         f"{_secs(i['batch_s'])} per batch ({i['timing_source']}); predicted "
+                         f"{_secs(i['predicted_s'])}, from {_secs(i['start_s'])} to "
+                         f"{_secs(i['finish_s'])}")
+            if i["host_order"]:
+                lines.append(f"    order: {' '.join(i['host_order'])}")
+    for b in data["blocked"]:
+        lines.append(f"not in a wave: {b['item']} {b['service']}: {b['reason']}")
+    for problem in data.get("timing_problems", []):
+        lines.append(f"ignored switch record: {problem}")
+    lines.append(f"predicted total {_secs(data['total_s'])} (dependency chains "
+                 f"{_secs(data['dag_bound_s'])}, busiest host {_secs(data['host_bound_s'])}; "
+                 f"in series {_secs(data['series_s'])})")
+    return printable("\n".join(lines))
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    with connected(args) as store:
+        data = ops.plan(store, args.names, args.canary, args.soak)
+    print(json.dumps(data, sort_keys=True, allow_nan=False) if args.json else render_plan(data))
+    return 0
 
 
 def cmd_web(args: argparse.Namespace) -> int:
@@ -489,6 +598,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="the check must hold this long after start")
     sset.add_argument("--preload", action="store_true",
                       help="warm releases into the page cache before joining the queue")
+    sset.add_argument("--max-down-per-rack", type=int, metavar="K",
+                      help="at most K hosts of one rack switching at once")
+    sset.add_argument("--rack-order", nargs="?", const="", metavar="R1,R2,...",
+                      help="finish one rack before the next: in this order (racks not "
+                           "named follow, sorted), or sorted when no list is given")
+    sset.add_argument("--verify-peers", action="store_true",
+                      help="at the gate, count only hosts that answer a probe of their "
+                           "published endpoint (agent.conf probe_address)")
     signing_options(sset, "service")
     sset.add_argument("--force", action="store_true", help="accept --quorum 0")
     sdel = svc_sub.add_parser("delete", help="remove a service (refused while it is queued "
@@ -530,12 +647,33 @@ def build_parser() -> argparse.ArgumentParser:
     dep = sub.add_parser("deploy", help="queue staged versions in dependency order")
     dep.add_argument("names", nargs="+")
     signing_options(dep, "deploy")
+    dep.add_argument("--host-parallel", type=int, metavar="N",
+                     help="a host may switch up to N of its services at once (default 1)")
     dep.add_argument("--wait", action="store_true",
                      help="show progress; exit 0 when done, 1 when an item failed, "
                           "3 on --timeout")
     dep.add_argument("--timeout", dest="wait_timeout", type=float, metavar="SECS",
                      help="with --wait: stop waiting after SECS (exit 3)")
+
+    def canary_options(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--canary", type=int, default=0, metavar="N",
+                       help="the first N hosts (spread over racks) switch, then the item "
+                            "holds (docs/policy.md)")
+        p.add_argument("--soak", type=float, default=0.0, metavar="SECS",
+                       help="with --canary: hold this long after the canaries serve the new "
+                            "version (0: until dcdeploy approve)")
+    canary_options(dep)
     dep.set_defaults(func=cmd_deploy)
+    apr = sub.add_parser("approve", help="end the canary hold of a service's queued deploy")
+    apr.add_argument("name")
+    signing_options(apr, "deploy")
+    apr.set_defaults(func=cmd_approve)
+    pl = sub.add_parser("plan", help="what deploying services now would do: waves, batches, "
+                                     "predicted duration (docs/policy.md)")
+    pl.add_argument("names", nargs="+")
+    pl.add_argument("--json", action="store_true", help="the schema in docs/policy.md")
+    canary_options(pl)
+    pl.set_defaults(func=cmd_plan)
     wt = sub.add_parser("wait", help="wait for queued deploy items (all, or ITEM): exit 0 "
                                      "done, 1 failed, 3 timeout")
     wt.add_argument("item", nargs="?", help="item-0000000007 or 7 (default: the whole queue)")

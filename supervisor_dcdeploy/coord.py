@@ -26,7 +26,7 @@ import time
 from collections import deque
 from typing import Any, Callable, Sequence
 
-from .decisions import ServiceView
+from .decisions import ServiceView, needs_racks
 from dataclasses import replace
 
 from .model import CurrentEntry, DeployItem, InvalidData, dumps
@@ -36,6 +36,7 @@ from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, Set
 from .store import layout
 
 Waker = Callable[[], None]
+MAX_TIMINGS = 50  # switch timings kept in one history record
 
 
 class Coordinator:
@@ -87,6 +88,12 @@ class Coordinator:
         only the mirror ever leaves some unread."""
         return view
 
+    def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
+        """The view with every ready-queue entry's and presence's value (their racks)
+        known: what a rack budget or rack order decides on. Only the mirror leaves some
+        unread."""
+        return view
+
     def set_front(self, svc: str, front: bool) -> None:
         """Whether this host may pass the gate now (no herd: only those follow the gate)."""
 
@@ -115,10 +122,13 @@ class Coordinator:
             return  # not registered by `dcdeploy init` under ACLs: readers report it
         self._claimed = sid
 
-    def register(self, svc: str, version: str, rack: str) -> None:
+    def register(self, svc: str, version: str, rack: str, switch: dict | None = None,
+                 probe: str | None = None) -> None:
+        """Presence; ``switch``: the timing of the switch that brought this host to
+        ``version``, ``probe``: where other hosts can check it (docs/policy.md)."""
         self.claim_session()
-        data = dumps({"version": version, "state": "serving", "since": time.time(),
-                      "rack": rack})
+        data = CurrentEntry(host=self.host, version=version, since=time.time(), rack=rack,
+                            switch=switch, probe=probe).to_json()
         path = layout.presence(svc, self.host)
         try:
             self.store.create(path, data, ephemeral=True)
@@ -151,8 +161,9 @@ class Coordinator:
         self._gone(path)
 
     # -- the ready queue ----------------------------------------------------------------
-    def enter_queue(self, svc: str, version: str) -> str:
-        data = dumps({"version": version})
+    def enter_queue(self, svc: str, version: str, rack: str = "") -> str:
+        """Join the ready queue; the entry names the host's rack (rack budgets)."""
+        data = dumps({"version": version, "rack": rack} if rack else {"version": version})
         created = self.store.create(layout.ready_prefix(svc, self.host), data,
                                     ephemeral=True, sequential=True)
         self._own[svc][created] = version
@@ -172,19 +183,41 @@ class Coordinator:
         for node in self._own_entries(svc):
             self.drop_entry(svc, node)
 
+    def make_way(self, switching: str) -> list[str]:
+        """After passing ``switching``'s gate: leave the ready queues of this host's other
+        services, so that it does not hold a place at their front while it is busy (the
+        agent switches one service at a time, inside its cycle); their next host in line
+        goes instead, and this one joins again, at the back, once the switch is over.
+        The services whose queue it left."""
+        left = []
+        for svc in self.services:
+            if svc != switching and self._own_entries(svc):
+                self.leave_queue(svc)
+                left.append(svc)
+        return left
+
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self.store.children(layout.staged(svc))
                 if node.rpartition("-")[0] == self.host]
 
     # -- the gate, failure, completion ---------------------------------------------------
-    def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None) -> bool:
+    def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None,
+                 record: Sequence[str] = ()) -> bool:
         """One atomic commit: the gate's version checked and bumped, our presence deleted,
         the head item moved to ``rolling`` (CAS, so a concurrent pause or failure mark
-        invalidates the take-down). False when another host or the operator won."""
+        invalidates the take-down), and ``record`` written as the item's canaries when
+        given (the first canary's take-down records the set). False when another host or
+        the operator won."""
         ops: list = [SetData(layout.gate(svc), dumps(gate), fresh.gate_version)]
+        if fresh.spec_version >= 0:
+            # The quorum, max_parallel and rack budget decided on are the spec's as read:
+            # an operator's change meanwhile voids the take-down.
+            ops.append(Check(layout.service(svc), fresh.spec_version))
         if self.host in fresh.current:
             ops.append(Delete(layout.presence(svc, self.host)))
-        if head is not None and head.state == "waiting":
+        if head is not None and (head.state == "waiting" or record):
+            if record:
+                head = replace(head, canaries=tuple(record))
             ops.append(SetData(layout.item(head.node), item_data(head), head.data_version))
         elif head is not None:
             # Checking the item's version makes a concurrent pause or failure mark
@@ -202,8 +235,9 @@ class Coordinator:
     def _contended(self, svc: str) -> None:
         pass
 
-    def mark_failed(self, node: str, reason: str) -> bool:
-        """Mark the deploy item failed (CAS); False when there is nothing to mark."""
+    def mark_failed(self, node: str, reason: str, rollback: bool = False) -> bool:
+        """Mark the deploy item failed (CAS); False when there is nothing to mark.
+        ``rollback``: a canary failed during the hold, the canaries go back."""
         for _ in range(5):
             try:
                 raw, version = self.store.get(layout.item(node))
@@ -216,7 +250,7 @@ class Coordinator:
             if item.state not in ("waiting", "rolling", "paused"):
                 return False
             data = replace(item, state="failed", reason=reason, host=self.host,
-                           updated=time.time()).to_json()
+                           updated=time.time(), rollback=rollback).to_json()
             try:
                 self.store.set(layout.item(node), data, version)
                 return True
@@ -226,8 +260,35 @@ class Coordinator:
                 continue
         return False
 
-    def complete(self, svc: str, head: DeployItem, reason: str) -> bool:
-        record = replace(head, state="done", reason=reason, updated=time.time()).to_json()
+    def stamp_canaries_done(self, node: str, version: str) -> bool:
+        """Set the item's ``canaries_done_at`` (CAS, once): the soak starts now."""
+        for _ in range(5):
+            try:
+                raw, data_version = self.store.get(layout.item(node))
+                item = DeployItem.parse(node, raw, data_version)
+            except (NoNode, InvalidData):
+                return False
+            if item.canaries_done_at is not None or item.version != version \
+                    or item.state not in ("waiting", "rolling"):
+                return False
+            try:
+                self.store.set(layout.item(node), replace(
+                    item, canaries_done_at=time.time()).to_json(), data_version)
+                return True
+            except StoreUnavailable:
+                raise
+            except StoreError:
+                continue
+        return False
+
+    def complete(self, svc: str, head: DeployItem, reason: str,
+                 timings: Sequence[dict] = ()) -> bool:
+        """Move the item to history as done (with the switch ``timings`` the presences
+        carried), and record the released version: one transaction."""
+        # Bounded: the plan reads a service's latest 20 switches; a record must stay far
+        # below the store's value limit whatever the fleet's size.
+        record = replace(head, state="done", reason=reason, updated=time.time(),
+                         timings=tuple(timings)[:MAX_TIMINGS]).to_json()
         name = head.node
         for _ in range(2):
             try:
@@ -268,7 +329,8 @@ def item_data(head: DeployItem) -> bytes:
     """The head item as the gate writes it: ``waiting`` becomes ``rolling``."""
     if head.state != "waiting":
         return head.to_json()
-    return replace(head, state="rolling", updated=time.time()).to_json()
+    now = time.time()
+    return replace(head, state="rolling", updated=now, started_at=now).to_json()
 
 
 class RereadCoordinator(Coordinator):
@@ -564,11 +626,16 @@ class MirrorCoordinator(Coordinator):
         read: no more than a host can already do (it may create siblings, see
         docs/security-zk.md)."""
         view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
+        if needs_racks(view):
+            return self._live_only(svc, self.resolve_racks(svc, view))
         unread = {host: CurrentEntry(host=host, version="")
                   for host in self._mirror.children(layout.presence_dir(svc))
                   if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
         if unread:
             view = replace(view, current={**view.current, **unread})
+        return self._live_only(svc, view)
+
+    def _live_only(self, svc: str, view: ServiceView) -> ServiceView:
         if not self._sessions_followed:
             return view
         # A presence counts only while its host has a live session (docs/security.md):
@@ -589,6 +656,20 @@ class MirrorCoordinator(Coordinator):
         for host in unread:
             self._read_into(self._mirror, layout.presence(svc, host))
         return replace(view, current=self.view(svc, list(view.queue), []).current)
+
+    def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
+        """Reads the ready-queue entries and presences of ``svc`` not read yet (each once:
+        an entry never changes, a presence is read again only after it changed). Called
+        after the gate's sync too: a value read later than the cut can only show a host
+        back (fewer down) or gone (offline); a take-down after the cut fails the commit."""
+        unread = [layout.ready_entry(svc, n) for n in self._mirror.children(layout.staged(svc))]
+        unread += [layout.presence(svc, h)
+                   for h in self._mirror.children(layout.presence_dir(svc))]
+        for path in unread:
+            if self._mirror.nodes.get(path, (b"",))[0] is None:
+                self._read_into(self._mirror, path)
+        fresh = read_view(self._reader, svc, list(view.queue), [])  # type: ignore[arg-type]
+        return replace(view, staging=fresh.staging, current=fresh.current)
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))
@@ -796,8 +877,8 @@ class FollowCoordinator(MirrorCoordinator):
         fresh = self.view(svc, list(view.queue), [])
         return replace(view, current=fresh.current, staging=fresh.staging)
 
-    def enter_queue(self, svc: str, version: str) -> str:
-        created = super().enter_queue(svc, version)
+    def enter_queue(self, svc: str, version: str, rack: str = "") -> str:
+        created = super().enter_queue(svc, version, rack)
         self._entered.add(svc)
         return created
 

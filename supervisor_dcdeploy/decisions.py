@@ -29,10 +29,12 @@ class ServiceView:
     gate_version: int = -1
     released: str | None = None  # last version whose deploy item completed (catch-up target)
     invalid: Sequence[str] = ()  # problems found parsing this service's nodes
+    spec_version: int = -1  # the store's version of the spec, checked by the gate commit
 
     @property
     def head(self) -> DeployItem | None:
-        return self.queue[0] if self.queue else None
+        """The deploy item this service acts on (:func:`item_for`)."""
+        return item_for(self.queue, self.service)
 
     def offline_hosts(self) -> list[str]:
         return sorted(h for h, info in self.hosts.items()
@@ -46,6 +48,37 @@ class Decision:
 
     def __bool__(self) -> bool:
         return self.ok
+
+
+def waits_for(item: DeployItem, ahead: DeployItem) -> bool:
+    """Must ``item`` wait for ``ahead`` (earlier in the queue, not done) to be done?
+
+    For an item of the same service, or of a service in the item's ``after`` (every
+    service it depends on, recorded by ``dcdeploy deploy``): yes. An item without
+    ``after`` (written by hand) waits for every item ahead: the queue in series."""
+    if ahead.service == item.service or item.after is None:
+        return True
+    return ahead.service in item.after
+
+
+def item_for(queue: Sequence[DeployItem], service: str) -> DeployItem | None:
+    """The item ``service`` acts on: its first item in the queue, unless an item ahead
+    of it blocks it (an invalid item, or one it waits for: :func:`waits_for`), which is
+    then returned instead (so :func:`rollout_target` says what it waits for). With no
+    item of ``service`` queued, the first item (None: the queue is empty).
+
+    Independent items roll at the same time; S2 holds per dependency edge: no host of B
+    switches while an item of A, which B depends on, is ahead of B's item."""
+    mine = next((i for i, item in enumerate(queue)
+                 if item.service == service and item.state not in ("done", "aborted")), None)
+    if mine is None:
+        return queue[0] if queue else None
+    for ahead in queue[:mine]:
+        if ahead.state in ("done", "aborted"):
+            continue
+        if ahead.state == "invalid" or waits_for(queue[mine], ahead):
+            return ahead
+    return queue[mine]
 
 
 def online_count(view: ServiceView) -> int:
@@ -73,8 +106,9 @@ def ready_queue(view: ServiceView, version: str) -> list[StagingEntry]:
 def rollout_target(view: ServiceView) -> tuple[str | None, str]:
     """The version this service is rolling to now, and why (None: nothing to roll).
 
-    Rolling happens for the head item of the deploy queue only (items run in series, so a
-    service is never switched while an item before it is not done: S2). With the queue empty,
+    Rolling happens for this service's item when no item it waits for is ahead of it
+    (:func:`item_for`), so a service is never switched while an item of a service it
+    depends on is not done (S2, per dependency edge). With the queue empty,
     hosts left behind (offline when the item completed) catch up to the released version,
     through the same gate (L2)."""
     head = view.head
@@ -97,11 +131,101 @@ def rollout_target(view: ServiceView) -> tuple[str | None, str]:
     return None, "no deploy queued"
 
 
-def may_take_down(view: ServiceView, host: str, local_version: str | None) -> Decision:
+def needs_racks(view: ServiceView) -> bool:
+    """Does the service's policy decide on racks (a rack budget or a rack order)? Then
+    every ready-queue entry's and presence's rack must be known (read) before deciding."""
+    policy = view.spec.policy if view.spec else None
+    return policy is not None and (policy.max_down_per_rack is not None or policy.rack_order)
+
+
+def entry_rack(view: ServiceView, entry: StagingEntry) -> str:
+    """A queued host's rack: from its ready-queue entry, else its presence ("": unknown,
+    which is a rack of its own)."""
+    if entry.rack:
+        return entry.rack
+    present = view.current.get(entry.host)
+    return present.rack if present else ""
+
+
+def rack_turn(view: ServiceView, target: str) -> tuple[str | None, str]:
+    """With ``rack_order``: the rack whose hosts may switch now, and why (None: no order).
+
+    Racks go in the order the policy names, then the others sorted; a rack is done when
+    none of its hosts is queued or switching for ``target`` and every online host of it
+    runs ``target``. Offline hosts do not hold their rack back (they catch up)."""
+    policy = view.spec.policy if view.spec else None
+    if policy is None or not policy.rack_order:
+        return None, "no rack order"
+    queued = ready_queue(view, target)
+    pending: dict[str, set[str]] = {}
+    for entry in queued:
+        pending.setdefault(entry_rack(view, entry), set()).add(entry.host)
+    for host, entry in view.current.items():
+        rack = pending.setdefault(entry.rack, set())
+        if entry.version != target:
+            rack.add(host)
+    present = set(pending)
+    order = [r for r in policy.rack_names if r in present] + sorted(present - set(policy.rack_names))
+    for rack in order:
+        if pending[rack]:
+            done = order[:order.index(rack)]
+            return rack, (f"rack order: rack {rack or '(none)'}'s turn" +
+                          (f" ({', '.join(r or '(none)' for r in done)} done)" if done else ""))
+    return None, "rack order: every rack done"
+
+
+def admission(view: ServiceView, target: str) -> dict[str, str | None]:
+    """Every host queued for ``target``: None when it may pass the gate now (or is
+    switching already), else why not.
+
+    Queued hosts without a presence (switching, or not serving anyway) come first: each
+    holds a slot of ``max_parallel`` and counts as down in its rack; the first
+    ``max_parallel`` of them may pass (taking them down costs no serving host). Then, in
+    queue order, each serving host takes a free slot unless its rack is at its budget
+    (``max_down_per_rack``, counting the hosts down and those ahead of it that may go) or
+    it is not its rack's turn (``rack_order``); such a host is skipped and takes no slot,
+    so hosts behind it in other racks may go. Hosts down or admitted never exceed
+    ``max_parallel``, nor those of one rack its budget."""
+    assert view.spec is not None
+    queue = ready_queue(view, target)
+    slots = view.spec.max_parallel
+    budget = view.spec.policy.max_down_per_rack
+    turn, turn_why = rack_turn(view, target)
+    down: Counter[str] = Counter()
+    out: dict[str, str | None] = {}
+    for position, entry in enumerate(queue):
+        if entry.host not in view.current:
+            out[entry.host] = None if slots > 0 else (
+                f"queue position {position + 1}, max_parallel {view.spec.max_parallel}")
+            down[entry_rack(view, entry)] += 1
+            slots -= 1
+    for position, entry in enumerate(queue):
+        if entry.host in out:
+            continue
+        rack = entry_rack(view, entry)
+        if budget is not None and down[rack] >= budget:
+            out[entry.host] = (f"rack budget: rack {rack or '(none)'} has {down[rack]} "
+                               f"switching or ahead, max_down_per_rack {budget}")
+        elif turn is not None and rack != turn:
+            out[entry.host] = turn_why
+        elif slots <= 0:
+            out[entry.host] = (f"queue position {position + 1}, max_parallel "
+                               f"{view.spec.max_parallel}")
+        else:
+            out[entry.host] = None
+            down[rack] += 1
+            slots -= 1
+    return out
+
+
+def may_take_down(view: ServiceView, host: str, local_version: str | None,
+                  switching_here: Sequence[str] = ()) -> Decision:
     """May ``host`` take itself down now to switch to the rollout target?
 
-    True only when: there is a target; this host runs something else; its ready-queue entry
-    for the target is among the first ``max_parallel``; and, if it is online, taking it away
+    True only when: there is a target; this host runs something else; the host switches
+    fewer than ``host_parallel`` other services now (``switching_here``; the item's
+    setting, default 1); :func:`admission` lets its ready-queue entry pass (within
+    ``max_parallel``, its rack's budget and turn); and, if it is online, taking it away
     leaves at least ``quorum`` online. The caller must re-check this on a synced read and
     commit through the gate CAS (the snapshot may be stale by then)."""
     if view.spec is None:
@@ -111,19 +235,52 @@ def may_take_down(view: ServiceView, host: str, local_version: str | None) -> De
         return Decision(False, why)
     if local_version == target:
         return Decision(False, f"already on {target}")
-    queue = ready_queue(view, target)
-    hosts = [e.host for e in queue]
-    if host not in hosts:
+    limit = host_parallel(view)
+    others = sorted(s for s in switching_here if s != view.service)
+    if len(others) >= limit:
+        return Decision(False, f"host_parallel {limit}: this host is switching "
+                               f"{', '.join(others)}")
+    verdicts = admission(view, target)
+    if host not in verdicts:
         return Decision(False, f"not ready for {target} (not in the staging queue)")
-    position = hosts.index(host)
-    if position >= view.spec.max_parallel:
-        return Decision(False, f"queue position {position + 1}, max_parallel "
-                               f"{view.spec.max_parallel}")
+    if verdicts[host] is not None:
+        return Decision(False, verdicts[host])
     if host in view.current:
         online = online_count(view)
         if online - 1 < view.spec.quorum:
             return Decision(False, quorum_reason(view))
-    return Decision(True, f"{why}: take-down to {target} keeps quorum {view.spec.quorum}")
+    budget = view.spec.policy.max_down_per_rack
+    return Decision(True, f"{why}: take-down to {target} keeps quorum {view.spec.quorum}" + (
+        f" and rack {entry_rack_of(view, host) or '(none)'} within max_down_per_rack {budget}"
+        if budget is not None else ""))
+
+
+def entry_rack_of(view: ServiceView, host: str) -> str:
+    entry = next((e for e in view.staging if e.host == host), None)
+    if entry is not None:
+        return entry_rack(view, entry)
+    present = view.current.get(host)
+    return present.rack if present else ""
+
+
+def host_parallel(view: ServiceView) -> int:
+    """How many of its services a host may switch at once while this service's item
+    rolls: the item's ``host_parallel`` (``dcdeploy deploy --host-parallel N``), else 1."""
+    head = view.head
+    if head is not None and head.service == view.service and head.host_parallel:
+        return head.host_parallel
+    return 1
+
+
+def watch_width(view: ServiceView) -> int:
+    """How many ready-queue entries from the front may be let through as others leave:
+    ``max_parallel``, or the whole queue under a rack policy (a host far back may be the
+    next one admitted when a rack frees up)."""
+    if view.spec is None:
+        return 1
+    if needs_racks(view):
+        return max(len(view.staging), view.spec.max_parallel)
+    return view.spec.max_parallel
 
 
 def most_popular(entries: Iterable[CurrentEntry], target: str | None = None) -> str | None:

@@ -38,6 +38,7 @@ MAX_TIMEOUT_SECS = 600.0  # a health check's timeout
 MAX_HEALTHY_SECS = 86_400.0  # how long a check must hold after a start
 MAX_SIZE_BYTES = 1 << 50  # a release's size (1 PiB)
 MAX_LIST = 1000  # depends_on, a host's services, urls, a host's fetch states
+MAX_HOST_PARALLEL = 64  # a deploy's --host-parallel
 
 DEPLOY_STATES = ("waiting", "rolling", "paused", "failed", "done", "aborted")
 ACTIVE_STATES = ("waiting", "rolling")
@@ -481,7 +482,16 @@ class ServiceSpec:
     health: HealthCheck = field(default_factory=HealthCheck)
     healthy_secs: float = 0.0
     preload: bool = False
+    # Rollout policy (policy.Policy: rack budget, rack order, canaries...); its fields are
+    # top-level keys of the spec's JSON, written only when not the default.
+    policy: Any = field(default_factory=lambda: _policy_class()())
     signature: Mapping[str, Any] | None = None  # the operator's (trust.py), not a field
+
+    @property
+    def verify_peers(self) -> bool:
+        """Count only hosts that answer a probe at the gate (docs/policy.md, peers.py): a
+        policy field, signed with the rest of the policy."""
+        return bool(self.policy.verify_peers)
 
     @classmethod
     def parse(cls, name: str, raw: bytes | str | None, where: str | None = None) -> "ServiceSpec":
@@ -502,6 +512,7 @@ class ServiceSpec:
                    health=HealthCheck.parse(where, data.get("health")),
                    healthy_secs=healthy_secs,
                    preload=_get(where, data, "preload", bool, False),
+                   policy=_policy_class().parse(where, data),
                    signature=_signature(where, data))
 
     def to_json(self) -> bytes:
@@ -509,7 +520,13 @@ class ServiceSpec:
             {"program": self.program, "quorum": self.quorum,
              "depends_on": list(self.depends_on), "max_parallel": self.max_parallel,
              "health": self.health.to_dict(), "healthy_secs": self.healthy_secs,
-             "preload": self.preload}, self.signature))
+             "preload": self.preload, **self.policy.to_dict()}, self.signature))
+
+
+def _policy_class() -> Any:
+    """policy.Policy, imported late: policy.py builds on this module."""
+    from .policy import Policy
+    return Policy
 
 
 @dataclass(frozen=True)
@@ -581,21 +598,43 @@ class CurrentEntry:
     state: str = "serving"
     since: float = 0.0
     rack: str = ""
+    # The switch that brought this host to ``version`` (stop, start, healthy seconds):
+    # collected into the item's history record on completion (docs/policy.md).
+    switch: Mapping[str, Any] | None = None
+    # Where other hosts can run this host's health check: "http://ADDR:PORT/PATH" or
+    # "tcp://ADDR:PORT" (agent.conf probe_address; verify_peers, docs/policy.md).
+    probe: str | None = None
 
     @classmethod
     def parse(cls, service: str, host: str, raw: bytes | str | None) -> "CurrentEntry":
         where = f"current/{service}/{host}"
         check_name(where, "(name)", host)
         data = _load(where, raw)
+        switch = data.get("switch")
+        probe = _get(where, data, "probe", str, None)
+        if probe is not None and not PROBE_RE.fullmatch(probe):
+            raise InvalidData(where, "probe", f"{_short(probe)} is not http://ADDR:PORT/PATH "
+                                              "or tcp://ADDR:PORT")
         return cls(host=host,
                    version=check_version(where, "version", _get(where, data, "version", str)),
                    state=_get(where, data, "state", str, "serving"),
                    since=check_number(where, data, "since", 0.0, 0.0, MAX_TIMESTAMP),
-                   rack=_get(where, data, "rack", str, ""))
+                   rack=_get(where, data, "rack", str, ""),
+                   switch=None if switch is None else check_switch(f"{where} switch", switch),
+                   probe=probe)
 
     def to_json(self) -> bytes:
-        return dumps({"version": self.version, "state": self.state, "since": self.since,
-                      "rack": self.rack})
+        data: dict[str, Any] = {"version": self.version, "state": self.state,
+                                "since": self.since, "rack": self.rack}
+        if self.switch is not None:
+            data["switch"] = dict(self.switch)
+        if self.probe is not None:
+            data["probe"] = self.probe
+        return dumps(data)
+
+
+PROBE_RE = re.compile(r"(http://[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5}/[\x21-\x7e]{0,511}"
+                      r"|tcp://[A-Za-z0-9.:\[\]-]{1,255}:[0-9]{1,5})")
 
 
 @dataclass(frozen=True)
@@ -606,6 +645,7 @@ class StagingEntry:
     seq: int
     host: str
     version: str
+    rack: str = ""  # the host's rack, for rack budgets ("" when not given)
 
     @classmethod
     def parse(cls, service: str, node: str, raw: bytes | str | None) -> "StagingEntry":
@@ -616,7 +656,7 @@ class StagingEntry:
         check_name(where, "(name)", host)
         data = _load(where, raw)
         version = check_version(where, "version", _get(where, data, "version", str))
-        return cls(node, int(seq), host, version)
+        return cls(node, int(seq), host, version, _get(where, data, "rack", str, ""))
 
 
 @dataclass(frozen=True)
@@ -633,6 +673,29 @@ class DeployItem:
     updated: float = 0.0
     data_version: int = -1  # the store's version of the node, for CAS writes
     signature: Mapping[str, Any] | None = None  # over service + version (trust.py)
+    # The services this item waits for (every service it depends on, directly or not, as
+    # `dcdeploy deploy` found them): an item ahead in the queue of one of these, or of its
+    # own service, must be done first; others roll at the same time. None (an item written
+    # by hand): it waits for every item ahead, as the queue always did.
+    after: tuple[str, ...] | None = None
+    # `dcdeploy deploy --host-parallel N`: how many of its services a host may switch at
+    # once while this item rolls (None: 1).
+    host_parallel: int | None = None
+    # Canaries and the plan (issue 10, docs/policy.md). The operator's: ``canary`` (how
+    # many), ``soak_secs``, ``approved`` (signed with service and version when set) and
+    # ``predicted_s``. The hosts' (state fields, like ``state``): ``canaries`` (the set,
+    # recorded by the first gate commit), ``canaries_done_at``, ``rollback`` (a canary
+    # failed during the hold: the canaries go back), ``started_at`` (first take-down) and
+    # ``timings`` (per host: stop, start, healthy seconds; written on completion).
+    canary: int = 0
+    soak_secs: float = 0.0
+    approved: bool = False
+    predicted_s: float | None = None
+    canaries: tuple[str, ...] = ()
+    canaries_done_at: float | None = None
+    rollback: bool = False
+    started_at: float | None = None
+    timings: tuple[Mapping[str, Any], ...] = ()
 
     @classmethod
     def parse(cls, node: str, raw: bytes | str | None, data_version: int = -1,
@@ -643,19 +706,83 @@ class DeployItem:
         state = _get(where, data, "state", str, "waiting")
         if state not in DEPLOY_STATES:
             raise InvalidData(where, "state", f"{_short(state)} is not one of {DEPLOY_STATES}")
-        return cls(node=node, seq=seq,
+        after = _get(where, data, "after", list, None)
+        if after is not None:
+            for i, dep in enumerate(after):
+                check_name(where, f"after[{i}]", dep)
+            after = tuple(after)
+        host_parallel = check_int(where, data, "host_parallel", None, 1, MAX_HOST_PARALLEL)
+        return cls(node=node, seq=seq, after=after, host_parallel=host_parallel,
                    service=check_name(where, "service", _get(where, data, "service", str)),
                    version=check_version(where, "version", _get(where, data, "version", str)),
                    state=state, reason=_get(where, data, "reason", str, None),
                    host=_get(where, data, "host", str, None),
                    updated=check_number(where, data, "updated", 0.0, 0.0, MAX_TIMESTAMP),
-                   data_version=data_version, signature=_signature(where, data))
+                   data_version=data_version, signature=_signature(where, data),
+                   **_item_policy(where, data))
 
     def to_json(self) -> bytes:
-        return dumps(_with_signature(
-            {"service": self.service, "version": self.version, "state": self.state,
-             "reason": self.reason, "host": self.host, "updated": self.updated},
-            self.signature))
+        data: dict[str, Any] = {"service": self.service, "version": self.version,
+                                "state": self.state, "reason": self.reason, "host": self.host,
+                                "updated": self.updated}
+        # Only fields that differ from their defaults: items without canaries keep the
+        # bytes they always had.
+        for name, default in ITEM_POLICY_DEFAULTS.items():
+            value = getattr(self, name)
+            if value != default:
+                data[name] = list(value) if isinstance(value, tuple) else value
+        if self.after is not None:
+            data["after"] = list(self.after)
+        if self.host_parallel is not None:
+            data["host_parallel"] = self.host_parallel
+        return dumps(_with_signature(data, self.signature))
+
+
+MAX_SOAK_SECS = 7 * 24 * 3600.0
+MAX_PREDICTED_SECS = 1e9
+SWITCH_FIELDS = ("stop_s", "start_s", "healthy_s")
+ITEM_POLICY_DEFAULTS: dict[str, Any] = {
+    "canary": 0, "soak_secs": 0.0, "approved": False, "predicted_s": None, "canaries": (),
+    "canaries_done_at": None, "rollback": False, "started_at": None, "timings": ()}
+
+
+def check_switch(where: str, data: Any) -> dict[str, Any]:
+    """One switch's timing as a host records it: ``{"host"?, "version", "stop_s",
+    "start_s", "healthy_s", "at"}``, seconds finite and in [0, 86400]."""
+    if not isinstance(data, dict):
+        raise InvalidData(where, "(json)", f"expected an object, got {_short(data)}")
+    out: dict[str, Any] = {}
+    for name in SWITCH_FIELDS:
+        out[name] = check_number(where, data, name, ..., 0.0, 86_400.0)
+    out["version"] = check_version(where, "version", _get(where, data, "version", str))
+    out["at"] = check_number(where, data, "at", 0.0, 0.0, MAX_TIMESTAMP)
+    if "host" in data:
+        out["host"] = check_name(where, "host", _get(where, data, "host", str))
+    return out
+
+
+def _item_policy(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    canaries = _get(where, data, "canaries", list, [])
+    for i, host in enumerate(canaries):
+        check_name(where, f"canaries[{i}]", host)
+    timings = _get(where, data, "timings", list, [])
+    predicted = _get(where, data, "predicted_s", (int, float), None)
+    if predicted is not None:
+        predicted = check_number(where, data, "predicted_s", 0.0, 0.0, MAX_PREDICTED_SECS)
+    done_at = _get(where, data, "canaries_done_at", (int, float), None)
+    started = _get(where, data, "started_at", (int, float), None)
+    return {"canary": check_int(where, data, "canary", 0, 0, MAX_HOSTS),
+            "soak_secs": check_number(where, data, "soak_secs", 0.0, 0.0, MAX_SOAK_SECS),
+            "approved": _get(where, data, "approved", bool, False),
+            "predicted_s": predicted,
+            "canaries": tuple(canaries),
+            "canaries_done_at": None if done_at is None else check_number(
+                where, data, "canaries_done_at", 0.0, 0.0, MAX_TIMESTAMP),
+            "rollback": _get(where, data, "rollback", bool, False),
+            "started_at": None if started is None else check_number(
+                where, data, "started_at", 0.0, 0.0, MAX_TIMESTAMP),
+            "timings": tuple(check_switch(f"{where} timings[{i}]", t)
+                             for i, t in enumerate(timings))}
 
 
 @dataclass(frozen=True)

@@ -114,8 +114,10 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
                 depends_on: list[str] | tuple[str, ...] = (), max_parallel: int = 1,
                 health: HealthCheck | None = None, healthy_secs: float = 0.0,
                 preload: bool = False, signer: trust.Signer | None = None,
-                expires: float | None = None) -> ServiceSpec:
+                expires: float | None = None, policy: Any = None,
+                verify_peers: bool = False) -> ServiceSpec:
     """Define or replace a service. Refuses an undefined dependency or a cycle.
+    ``policy``: a :class:`policy.Policy` (rack budget, rack order...), default none.
 
     Signed with ``signer`` (default: ``$DCDEPLOY_SIGN_KEY``), valid for ``expires``
     seconds (default: trust.DEFAULT_EXPIRES); unsigned when there is no key."""
@@ -124,7 +126,9 @@ def service_set(store: Store, name: str, *, program: str | None, quorum: int,
         raw = dumps({"program": program or name, "quorum": quorum,
                      "depends_on": list(depends_on), "max_parallel": max_parallel,
                      "health": (health or HealthCheck()).to_dict(),
-                     "healthy_secs": healthy_secs, "preload": preload})
+                     "healthy_secs": healthy_secs, "preload": preload,
+                     **(policy.to_dict() if policy is not None else {}),
+                     **({"verify_peers": True} if verify_peers else {})})
         spec = ServiceSpec.parse(name, raw, where=f"service {name}")
     except InvalidData as exc:
         raise OpError(str(exc)) from None
@@ -184,9 +188,26 @@ def stage(store: Store, name: str, version: str, *, sha256: str, size: int,
 
 
 def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
-           expires: float | None = None) -> list[DeployItem]:
+           expires: float | None = None, host_parallel: int | None = None,
+           in_series: bool = False, canary: int = 0, soak_secs: float = 0.0,
+           predicted: dict[str, float | None] | None = None) -> list[DeployItem]:
     """Queue the staged versions of ``names`` in dependency order (one transaction).
-    Each item is signed (service and version) as :func:`service_set` is."""
+
+    Each item records ``after``, every service its own depends on (directly or not): it
+    waits only for items of those (and of its own service) ahead of it, so independent
+    items roll at the same time. ``host_parallel`` (default 1): how many of its services
+    a host may switch at once. Each item is signed (service, version, after,
+    host_parallel) as :func:`service_set` is. ``in_series``: items without ``after``,
+    each waiting for every item ahead (the queue as it ran before issue 10). ``canary``
+    hosts switch first, then each item holds for ``soak_secs`` or until approved
+    (docs/policy.md); ``predicted``: service -> the plan's predicted seconds."""
+    check_canary(canary, soak_secs)
+    if host_parallel is not None:
+        from .policy import check_host_parallel
+        try:
+            check_host_parallel("--host-parallel", host_parallel)
+        except InvalidData as exc:
+            raise OpError(str(exc)) from None
     specs, invalid = read_specs(store)
     staged = {}
     for name in names:
@@ -203,8 +224,13 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     signer = signer_or_default(signer)
     for n in order:
         _check_staged(staged[n], signer)
+    predicted = predicted or {}
     items = [_sign(DeployItem(node="item-", seq=-1, service=n, version=staged[n].version,
-                              updated=now), signer, expires,
+                              updated=now, host_parallel=host_parallel,
+                              after=None if in_series else
+                              tuple(sorted(decisions.dependencies(specs, n))),
+                              **_canary_of(specs[n], canary, soak_secs),
+                              predicted_s=predicted.get(n)), signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
     ops = [Create(layout.ITEM_PREFIX, item.to_json(), sequential=True) for item in items]
     created = store.commit(ops)
@@ -225,29 +251,59 @@ def _rewrite(store: Store, item: DeployItem, **changes: Any) -> None:
 
 
 def pause(store: Store) -> DeployItem:
-    """Stop new take-downs (hosts mid-switch finish theirs)."""
+    """Stop new take-downs (hosts mid-switch finish theirs): every waiting or rolling item
+    is paused, since independent items roll at the same time. Returns the first."""
+    return pause_all(store)[0]
+
+
+def pause_all(store: Store) -> list[DeployItem]:
+    """:func:`pause`, returning every item it paused."""
+    paused: list[DeployItem] = []
     for _ in range(5):
         head = _head(store)
-        if head.state not in ("waiting", "rolling"):
+        active = [i for i in read_queue(store)[0] if i.state in ("waiting", "rolling")]
+        if not active and not paused:
             raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
                           "nothing to pause")
-        try:
-            _rewrite(store, head, state="paused", reason="paused by operator")
-            return head
-        except StoreError:
-            continue
-    raise OpError("the deploy item kept changing; try again")
+        if not active:
+            return paused
+        for item in active:
+            try:
+                _rewrite(store, item, state="paused", reason="paused by operator")
+                paused.append(item)
+            except StoreError:
+                pass  # changed meanwhile: read the queue again
+    raise OpError("the deploy items kept changing; try again")
 
 
 def resume(store: Store, signer: trust.Signer | None = None,
            expires: float | None = None) -> tuple[DeployItem, str | None]:
-    """Continue a paused or failed head item. If the staged version changed since the item
-    was queued (a fixed release), the item is retargeted to it; returns (item, new version).
-    The item is signed again (a new counter and expiry; without a key it becomes
-    unsigned)."""
+    """Continue every paused or failed item (items roll at the same time, so a pause
+    pauses them all, and more than one may have failed). If the staged version changed
+    since an item was queued (a fixed release), the item is retargeted to it; returns
+    (the first item, its new version). Each item is signed again (a new counter and
+    expiry; without a key it becomes unsigned)."""
     signer = signer_or_default(signer)
+    head = _head(store)
+    stopped = [i.node for i in read_queue(store)[0] if i.state in ("paused", "failed")]
+    if not stopped:
+        raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
+                      "only a paused or failed deploy can be resumed")
+    first = _resume_one(store, signer, expires, stopped[0])
+    for node in stopped[1:]:
+        try:
+            _resume_one(store, signer, expires, node)
+        except OpError:
+            pass  # changed meanwhile (resumed, aborted): nothing left to do for it
+    return first
+
+
+def _resume_one(store: Store, signer: trust.Signer | None, expires: float | None,
+                node: str) -> tuple[DeployItem, str | None]:
     for _ in range(5):
-        head = _head(store)
+        head = next((i for i in read_queue(store)[0] if i.node == node), None)
+        if head is None:
+            raise OpError(f"{node} is gone")
         if head.state not in ("paused", "failed"):
             raise OpError(f"{head.node} ({head.service} {head.version}) is {head.state}: "
                           "only a paused or failed deploy can be resumed")
@@ -259,9 +315,130 @@ def resume(store: Store, signer: trust.Signer | None = None,
         resigned = _sign(replace(head, version=staged.version, signature=None), signer,
                          expires, [head])
         try:
+            # A new canary round: the set is chosen again, the soak starts again.
             _rewrite(store, head, state="rolling", reason=None, host=None,
-                     version=staged.version, signature=resigned.signature)
+                     version=staged.version, signature=resigned.signature, canaries=(),
+                     canaries_done_at=None, rollback=False, approved=False)
             return head, retarget
+        except StoreError:
+            continue
+    raise OpError("the deploy item kept changing; try again")
+
+
+PLAN_HISTORY = 200  # history records the plan reads switch timings from
+
+
+def switch_timings(records: list[dict[str, Any]]) -> tuple[list, list[str]]:
+    """The switch timings in history records (``timings`` of done items), for the plan;
+    a bad record is reported and left out."""
+    from .policy import parse_timings
+    out, problems = [], []
+    for record in records:
+        raw = record.get("timings")
+        if raw is None:
+            continue
+        service = record.get("service")
+        where = f"history/{record.get('item')} timings"
+        if not isinstance(raw, list) or not isinstance(service, str):
+            problems.append(f"{where}: expected a list of switches of a named service")
+            continue
+        good, bad = parse_timings(where, [{"service": service, **t} if isinstance(t, dict)
+                                          else t for t in raw])
+        out += good
+        problems += bad
+    return out, problems
+
+
+def plan(store: Store, names: list[str], canary: int = 0,
+         soak_secs: float = 0.0) -> dict[str, Any]:
+    """``dcdeploy plan``: what deploying ``names`` now would do, after what is queued
+    (waves, order, batches, predicted seconds; policy.plan, docs/policy.md). Refuses
+    what ``deploy`` would refuse."""
+    from .policy import GateView, Policy, plan as make_plan, service_state
+    check_canary(canary, soak_secs)
+    specs, _ = read_specs(store)
+    staged = {}
+    for name in names:
+        release, problem = read_staged(store, name)
+        if problem:
+            raise OpError(f"{problem} (stage it with: dcdeploy stage {name} ...)")
+        staged[name] = release
+    queue, _ = read_queue(store)
+    try:
+        order = decisions.deploy_order(specs, staged, names, queue)
+    except decisions.DependencyError as exc:
+        raise OpError(str(exc)) from None
+    pending = [i for i in queue if i.state not in ("done", "aborted")]
+    new = [DeployItem(node=f"(new {n})", seq=10**10 + k, service=n,
+                      version=staged[n].version, **_canary_of(specs[n], canary, soak_secs))
+           for k, n in enumerate(order)]
+    items = pending + new
+    hosts, _ = read_hosts(store)
+    states = {}
+    for svc, spec in specs.items():
+        mine = [i for i in items if i.service == svc]
+        target = mine[0].version if mine else None
+        policy = getattr(spec, "policy", None) or Policy()
+        if mine and mine[0].canary:
+            policy = replace(policy, canary=mine[0].canary, soak_secs=mine[0].soak_secs)
+        view = read_view(store, svc, queue, [], hosts=hosts)
+        states[svc] = service_state(view, policy, target)
+    timings, problems = switch_timings(history(store, PLAN_HISTORY))
+    out = make_plan(GateView(services=states, queue=items), timings,
+                    {svc: spec.healthy_secs for svc, spec in specs.items()})
+    out["timing_problems"] = problems
+    return out
+
+
+def _canary_of(spec: ServiceSpec, canary: int, soak_secs: float) -> dict[str, Any]:
+    """The canaries of one deploy item: ``--canary``/``--soak`` when given, else the
+    spec's own ``canary``/``soak_secs`` (docs/policy.md)."""
+    if not canary:
+        canary, soak_secs = spec.policy.canary, spec.policy.soak_secs
+    return {"canary": canary, "soak_secs": float(soak_secs)}
+
+
+def check_canary(canary: Any, soak_secs: Any) -> None:
+    """``--canary N --soak SECS``: N whole, 0..MAX_HOSTS; a soak needs canaries."""
+    from .model import MAX_HOSTS, MAX_SOAK_SECS
+    if isinstance(canary, bool) or not isinstance(canary, int) or not 0 <= canary <= MAX_HOSTS:
+        raise OpError(f"--canary {canary!r}: give a number of hosts, 0..{MAX_HOSTS}")
+    if isinstance(soak_secs, bool) or not isinstance(soak_secs, (int, float)) or \
+            not 0 <= soak_secs <= MAX_SOAK_SECS:  # False for NaN
+        raise OpError(f"--soak {soak_secs!r}: give seconds, 0..{MAX_SOAK_SECS:g}")
+    if soak_secs and not canary:
+        raise OpError("--soak needs --canary N (the soak is how long the canaries serve "
+                      "before the rest)")
+
+
+def approve(store: Store, service: str, signer: trust.Signer | None = None,
+            expires: float | None = None) -> DeployItem:
+    """End the canary hold of ``service``'s queued item: the rest of its hosts may
+    switch. The approval is signed with the item (hosts refuse a forged one)."""
+    try:
+        check_name("approve", "service", service)
+    except InvalidData as exc:
+        raise OpError(str(exc)) from None
+    signer = signer_or_default(signer)
+    for _ in range(5):
+        queue, _ = read_queue(store)
+        mine = [i for i in queue if i.service == service and i.state != "invalid"]
+        if not mine:
+            raise OpError(f'no deploy of "{service}" is queued (dcdeploy status lists the '
+                          "queue)")
+        item = mine[0]
+        if item.state not in ("waiting", "rolling"):
+            raise OpError(f"{item.node} ({service} {item.version}) is {item.state}: only a "
+                          "waiting or rolling item can be approved")
+        if not item.canary:
+            raise OpError(f"{item.node} ({service} {item.version}) has no canaries: nothing "
+                          "to approve")
+        if item.approved:
+            raise OpError(f"{item.node} ({service} {item.version}) is already approved")
+        resigned = _sign(replace(item, approved=True, signature=None), signer, expires, [item])
+        try:
+            _rewrite(store, item, approved=True, signature=resigned.signature)
+            return replace(item, approved=True)
         except StoreError:
             continue
     raise OpError("the deploy item kept changing; try again")
@@ -413,8 +590,15 @@ def status(store: Store) -> dict[str, Any]:
             state, reason = "blocked", f'service "{item.service}" is not defined'
         else:
             state, reason = decisions.deploy_status(view, item)
+            if state == "rolling" and reason is None and item.canary:
+                from .canary import hold
+                held = hold(view, "", time.time())  # "": a host that is no canary
+                if held.holding:
+                    reason = held.reason  # e.g. "canary: soaking, 42 s of 60 s left ..."
         deploy.append({"item": item.node, "service": item.service, "version": item.version,
                        "state": state, "reason": reason, "host": item.host})
+        if item.canary:
+            deploy[-1].update(canaries=list(item.canaries), approved=item.approved)
     host_out = {}
     for name in sorted(set(hosts) | set(host_services)):
         info = hosts.get(name)
@@ -447,5 +631,6 @@ def hosts_status(store: Store) -> dict[str, Any]:
 
 
 __all__ = ["OpError", "service_set", "stage", "deploy", "pause", "resume", "abort", "status",
+           "approve", "plan", "check_canary", "switch_timings",
            "hosts_status", "history", "trim_history", "read_current", "read_staging",
            "check_version"]

@@ -2,9 +2,10 @@
 canaries, and the prediction model behind ``dcdeploy plan`` (issue 10).
 
 Pure functions of an immutable snapshot, like :mod:`decisions`: nothing here does I/O,
-every answer carries a reason in words. Not wired into the agent's gate nor the CLI yet
-(docs/policy.md says what is and what is not): the agent still runs the deploy queue in
-series through :func:`decisions.may_take_down`.
+every answer carries a reason in words. This is the model the planner and its tests
+use; the agent's gate acts on waves, rack budgets and rack order through
+:func:`decisions.may_take_down` and :func:`decisions.admission`, which differ from it where
+docs/policy.md ("What the agent acts on") says.
 
 The snapshot the gate sees is a :class:`GateView`: per service a :class:`ServiceState`
 (registered hosts with their racks, online hosts with their versions, who is switching),
@@ -22,9 +23,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 from .decisions import Decision, ServiceView, dependencies, ready_queue
-from .model import ACTIVE_STATES, DeployItem, InvalidData, _get, check_name
-
-MAX_HOST_PARALLEL = 64
+from .model import ACTIVE_STATES, MAX_HOST_PARALLEL, DeployItem, InvalidData, _get, check_name
 MAX_SOAK_SECS = 7 * 24 * 3600.0
 MAX_COUNT = 100_000
 # Without recorded switch timings, a batch is predicted to take the service's healthy_secs

@@ -161,7 +161,13 @@ def read_view(store: Store, svc: str, queue: list[DeployItem] | None = None,
     if queue is None:
         queue, queue_invalid = read_queue(store)
     invalid.extend(queue_invalid or [])
-    spec, problem = read_spec(store, svc)
+    raw, spec_version = _data(store, layout.service(svc))
+    spec, problem = None, None
+    if raw is not None:
+        try:
+            spec = ServiceSpec.parse(svc, raw)
+        except InvalidData as exc:
+            problem = str(exc)
     if problem:
         invalid.append(problem)
     staged, problem = read_staged(store, svc, watch_staged)
@@ -173,4 +179,4 @@ def read_view(store: Store, svc: str, queue: list[DeployItem] | None = None,
     return ServiceView(service=svc, spec=spec, staged=staged, current=current,
                        staging=staging, queue=queue, hosts=hosts or {},
                        gate_version=gate_version, released=read_released(store, svc),
-                       invalid=invalid)
+                       invalid=invalid, spec_version=spec_version)

@@ -186,6 +186,10 @@ def spec_payload(spec: ServiceSpec) -> dict[str, Any]:
     data = _plain(spec)
     data.pop("signature", None)
     name = data.pop("name")
+    # The rollout policy as the spec's JSON has it: its keys only when not the default,
+    # so a spec signed before the policy existed keeps the payload it was signed with.
+    data.pop("policy", None)
+    data.update(spec.policy.to_dict())
     return {"kind": "service", "service": name, **data}
 
 
@@ -201,8 +205,22 @@ def release_payload(release: StagedRelease) -> dict[str, Any]:
 
 def item_payload(item: DeployItem) -> dict[str, Any]:
     """What an operator decides about a deploy item: which service goes to which version.
-    The agent-updated fields (state, reason, host, updated) are not signed."""
-    return {"kind": "deploy", "service": item.service, "version": item.version}
+    The agent-updated fields (state, reason, host, updated, and the canary bookkeeping)
+    are not signed. The canary count, soak and an approval are the operator's and are
+    signed when set (absent when not, so items without them verify as before)."""
+    payload: dict[str, Any] = {"kind": "deploy", "service": item.service,
+                               "version": item.version}
+    # What the item waits for and the deploy's per-host limit decide what may roll at once:
+    # signed when set (an item without them runs in series, as items always did).
+    if item.after is not None:
+        payload["after"] = list(item.after)
+    if item.host_parallel is not None:
+        payload["host_parallel"] = item.host_parallel
+    if item.canary:
+        payload.update(canary=item.canary, soak_secs=item.soak_secs)
+    if item.approved:
+        payload["approved"] = True
+    return payload
 
 
 def payload_of(value: ServiceSpec | StagedRelease | DeployItem) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from typing import Any, Callable, NamedTuple
 
 import structlog
 
-from .. import decisions, health, trust
+from .. import canary, decisions, health, peers, trust
 from ..coord import RereadCoordinator, coordinator_for
 from ..localstate import STATUS_FILE, LocalState, ReleaseDir, atomic_write
 from ..metrics import AgentMetrics
@@ -43,6 +43,7 @@ RECONNECT_SECS = 3.0  # between attempts to open the store session while it is u
 # (L2 is judged 20 s after every reachable host runs the target), long enough that a
 # normal last switch (start + healthy_secs) ends first and nobody else reads.
 COMPLETE_FALLBACK_SECS = 10.0
+CANARY_CHECK_SECS = 1.0  # a canary checks its own health this often during the hold
 
 
 class FetchFailure(NamedTuple):
@@ -89,6 +90,9 @@ class Agent:
         self._next_access_check = 0.0
         self._access_check_secs = float(cfg.extra.get("store_check_secs") or 60.0)
         self._views: dict[str, decisions.ServiceView] = {}
+        self._wake_at: float | None = None  # time.time() of an earlier wake-up (soak end)
+        self._switch_timing: dict[str, dict[str, Any]] = {}  # svc -> the last switch's
+        self._start_mark: dict[str, float] = {}
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         # What this host knows of the store: a mirror followed by watches where the backend
         # can (ZooKeeper), else re-read each cycle (coord.py).
@@ -165,7 +169,11 @@ class Agent:
                     self.write_status()
                 except Exception:  # noqa: BLE001 - reported above; keep looping
                     pass
-            self.wake.wait(self.cfg.poll_interval if self._started else 1.0)
+            timeout = self.cfg.poll_interval if self._started else 1.0
+            if self._wake_at is not None:
+                timeout = max(0.0, min(timeout, self._wake_at - time.time()))
+                self._wake_at = None
+            self.wake.wait(timeout)
         self.shutdown()
 
     def shutdown(self) -> None:
@@ -355,6 +363,9 @@ class Agent:
         if state not in RUNNING_STATES:
             if view is not None and self.host in view.current:
                 self._unregister(svc)  # not serving: stop counting as online at once
+            if view is not None and canary.failed_in_hold(view, self.host, st.active,
+                                                          time.time()):
+                self._canary_failed(svc, view, f"process is {state}")
             self.recover(svc, program, spec, view)
             return
         if st.active is None or st.active != rd.active():
@@ -377,9 +388,21 @@ class Agent:
         self.ensure_presence(svc, view, st.active, spec)
         self.prefetch(svc, view)
         self.enqueue(svc, view, st.active)
-        decision = decisions.may_take_down(view, self.host, st.active)
+        if canary.needs_choice(view):
+            view = self.coord.resolve(svc, view)
+        hold = canary.hold(view, self.host, time.time())
+        decision = canary.gate_decision(hold, self.host, st.active)
         self._set(svc, phase="serving", reason=decision.reason)
-        self._arm_queue_watches(svc, view, st.active)
+        self._arm_queue_watches(svc, hold.view, st.active)
+        if self._canary_upkeep(svc, program, view, hold):
+            return
+        if not decision and hold.refusal is None and peers.verify_peers(view.spec) and \
+                peers.slot_held_by_online(hold.view, self.host):
+            # A host ahead still has a presence: if it is dead, probing frees its slot
+            # (a cheap look at those hosts first; the gate then probes for the quorum).
+            resolved = self.coord.resolve(svc, hold.view)
+            if peers.any_silent(resolved, peers.online_ahead(resolved, self.host)):
+                decision = decisions.Decision(True, "a host ahead in the queue is silent")
         if decision:
             self.pass_gate_and_switch(svc, program, view.spec)
         else:
@@ -418,7 +441,11 @@ class Agent:
         self._register(svc, version)
 
     def _register(self, svc: str, version: str) -> None:
-        self.coord.register(svc, version, self.cfg.rack)
+        timing = self._switch_timing.get(svc)
+        self.coord.register(svc, version, self.cfg.rack,
+                            switch=timing if timing and timing["version"] == version else None,
+                            probe=peers.probe_target(self._spec(svc, self._views.get(svc)),
+                                                     self.cfg, svc))
         self.log.info("presence.registered", svc=svc, version=version)
 
     def _unregister(self, svc: str) -> None:
@@ -555,7 +582,7 @@ class Agent:
             if entry.version != want:
                 self.coord.drop_entry(svc, entry.node)
         if want is not None and not any(e.version == want for e in mine):
-            node = self.coord.enter_queue(svc, want)
+            node = self.coord.enter_queue(svc, want, self.cfg.rack)
             self.log.info("staging.enqueued", svc=svc, version=want, node=node)
 
     def _arm_queue_watches(self, svc: str, view: decisions.ServiceView,
@@ -565,7 +592,7 @@ class Agent:
         target, _ = decisions.rollout_target(view)
         queue = decisions.ready_queue(view, target) if target else []
         hosts = [e.host for e in queue]
-        k = view.spec.max_parallel if view.spec else 1
+        k = decisions.watch_width(view)
         if target is None or active == target or self.host not in hosts:
             self.coord.set_front(svc, target is not None and active != target)
             return
@@ -583,7 +610,16 @@ class Agent:
             return
         fresh = self._trusted(svc, self.coord.fresh_view(svc))  # as fresh as sync() makes it
         active = self.local.get(svc).active
-        decision = decisions.may_take_down(fresh, self.host, active)
+        if canary.needs_choice(fresh):
+            fresh = self.coord.resolve(svc, fresh)
+        hold = canary.hold(fresh, self.host, time.time())
+        decision = canary.gate_decision(hold, self.host, active)
+        silent: tuple[str, ...] = ()
+        if fresh.spec is not None and peers.verify_peers(fresh.spec) and \
+                hold.refusal is None and (decision or peers.slot_held_by_online(hold.view,
+                                                                                self.host)):
+            fresh = self.coord.resolve(svc, fresh)
+            decision, silent = self._verify_peers(svc, fresh, hold)
         if not decision:
             self._set(svc, reason=decision.reason)  # the synced read overrules the cycle's
             return
@@ -603,18 +639,26 @@ class Agent:
                 self._pending_fail[svc] = (head.node, reason)
                 self.retry_pending_failure(svc)
             return
-        gate = {"host": self.host, "online": decisions.online_count(fresh),
+        gate = {"host": self.host,
+                "online": decisions.online_count(peers.without(fresh, silent)),
                 "was_online": self.host in fresh.current,
                 "quorum": fresh.spec.quorum, "version": target,
                 "item": head.node if head else None, "t": time.time()}
+        if silent:
+            gate["silent"] = list(silent)  # presences that did not answer: not counted
         try:
-            self.coord.try_gate(svc, fresh, gate, head)
+            self.coord.try_gate(svc, fresh, gate, head, record=hold.record)
         except TransactionFailed as exc:
             self.log.info("gate.contended", svc=svc, op=exc.index, error=str(exc.cause))
             self.wake.set()
             return
         self.log.info("gate.passed", svc=svc, version=target, online=gate["online"],
-                      quorum=gate["quorum"], item=gate["item"])
+                      quorum=gate["quorum"], item=gate["item"], canaries=list(hold.canaries),
+                      recorded=list(hold.record), why=decision.reason)
+        try:  # busy until the switch is over: give up its places in other ready queues
+            self.coord.make_way(svc)
+        except StoreError as exc:  # only a courtesy to the next host in line
+            self.log.warning("queue.make_way_failed", svc=svc, error=str(exc))
         self.switch(svc, program, fresh.spec, target, head.node if head else None)
 
     def switch(self, svc: str, program: str, spec: ServiceSpec, target: str,
@@ -644,9 +688,15 @@ class Agent:
             return False
         self.sup.stop(program)
         rd.commit_current(prepared)
+        stopped = time.monotonic()
         self._record(svc, active=target, previous=previous, verified=False)
         problem = self._start_and_check(svc, program, spec, hold=True)
         if problem is None:
+            healthy = time.monotonic()
+            up = max(stopped, min(self._start_mark.get(svc, healthy), healthy))
+            self._switch_timing[svc] = {"version": target, "stop_s": round(stopped - started, 3),
+                                        "start_s": round(up - stopped, 3),
+                                        "healthy_s": round(healthy - up, 3), "at": time.time()}
             self._record(svc, verified=True)
             if back is not None:
                 back.unlink(missing_ok=True)
@@ -717,6 +767,7 @@ class Agent:
             self.sup.start(program)
         except SupervisorError as exc:
             return str(exc)
+        self._start_mark[svc] = time.monotonic()
         if spec is None:
             return None
 
@@ -738,6 +789,85 @@ class Agent:
         removed = self.dirs[svc].prune(self.cfg.keep_releases, protect)
         if removed:
             self.log.info("releases.pruned", svc=svc, versions=removed)
+
+    # -- canaries and verified peers (issue 10; logic in canary.py, peers.py) ---------
+    def _canary_upkeep(self, svc: str, program: str, view: decisions.ServiceView,
+                       hold: canary.Hold) -> bool:
+        """During a canary hold: a canary checks its own health every CANARY_CHECK_SECS
+        and fails the item (rollback) on a failure; the last canary stamps the soak's
+        start. After such a failure, each canary goes back through the gate. True when
+        this cycle switched or failed something (the caller stops there)."""
+        now = time.time()
+        if hold.holding and hold.soak_ends is not None:
+            self._wake_by(hold.soak_ends)
+        st = self.local.get(svc)
+        head = view.head
+        assert view.spec is not None
+        if head is not None and canary.soaking(view, self.host, now):
+            self._wake_by(now + CANARY_CHECK_SECS)
+            problem = health.probe(view.spec.health, self.cfg.health(svc))
+            if problem is not None:
+                self._unregister(svc)  # it does not serve properly: not online any more
+                self._canary_failed(svc, view, problem)
+                return True
+            if head.canaries_done_at is None and \
+                    canary.should_stamp(self.coord.resolve(svc, view)):
+                if self.coord.stamp_canaries_done(head.node, head.version):
+                    self.log.info("canary.soak_started", svc=svc, item=head.node)
+        back = canary.may_roll_back(view, self.host, st.active, st.previous)
+        if back:
+            fresh = self._trusted(svc, self.coord.fresh_view(svc))
+            back = canary.may_roll_back(fresh, self.host, st.active, st.previous)
+            if not back:
+                return False
+            gate = {"host": self.host, "online": decisions.online_count(fresh),
+                    "was_online": self.host in fresh.current, "rollback": True,
+                    "quorum": fresh.spec.quorum if fresh.spec else 0,
+                    "version": st.previous, "item": fresh.head.node if fresh.head else None,
+                    "t": time.time()}
+            try:
+                self.coord.try_gate(svc, fresh, gate, fresh.head)
+            except TransactionFailed as exc:
+                self.log.info("gate.contended", svc=svc, op=exc.index, error=str(exc.cause))
+                self.wake.set()
+                return True
+            self.log.info("canary.rolling_back", svc=svc, version=st.previous)
+            assert st.previous is not None
+            self.switch(svc, program, view.spec, st.previous, None)
+            return True
+        return False
+
+    def _canary_failed(self, svc: str, view: decisions.ServiceView, problem: str) -> None:
+        """Fail the item with rollback: every canary goes back (the next cycles)."""
+        head = view.head
+        assert head is not None
+        reason = (f"canary {self.host}: {head.version} failed its health check during the "
+                  f"soak: {problem}")
+        self._set(svc, phase="failed", reason=reason, last_failure=reason)
+        if self.coord.mark_failed(head.node, reason, rollback=True):
+            self.log.error("canary.failed", svc=svc, item=head.node, reason=reason)
+        self.wake.set()
+
+    def _verify_peers(self, svc: str, fresh: decisions.ServiceView,
+                      hold: canary.Hold) -> tuple[decisions.Decision, tuple[str, ...]]:
+        """verify_peers: probe the online hosts' published endpoints (peers.py); those that
+        do not answer count neither as online nor as holding a ready-queue slot. In
+        status.json (``verify_peers``): the last gate's probes, seconds, silent hosts,
+        and this host's ready-queue position before and after."""
+        result = peers.verify(fresh, self.host)
+        verified = peers.without(hold.view, result.silent)
+        decision = decisions.may_take_down(verified, self.host, self.local.get(svc).active)
+        self._set(svc, verify_peers={"probes": result.probes,
+                                     "seconds": round(result.seconds, 4),
+                                     "silent": list(result.silent), "passed": decision.ok,
+                                     "position": peers.position(hold.view, self.host),
+                                     "verified_position": peers.position(verified, self.host)})
+        if result.silent:
+            self.log.warning("gate.peers_silent", svc=svc, hosts=result.silent)
+        return decision, result.silent
+
+    def _wake_by(self, when: float) -> None:
+        self._wake_at = when if self._wake_at is None else min(self._wake_at, when)
 
     # -- recovery ---------------------------------------------------------------------
     def recover(self, svc: str, program: str, spec: ServiceSpec | None,
@@ -794,6 +924,8 @@ class Agent:
 
     # -- completion -------------------------------------------------------------------
     def maybe_complete(self, svc: str, view: decisions.ServiceView) -> None:
+        if canary.hold(view, "", time.time()).holding:
+            return  # every host may be a canary: the soak still decides, not completion
         done = decisions.item_complete(view)
         if not done and self._may_resolve(svc, view):
             view = self.coord.resolve(svc, view)
@@ -802,7 +934,9 @@ class Agent:
             return
         head = view.head
         assert head is not None
-        if not self.coord.complete(svc, head, done.reason):
+        timings = [{"host": h, **e.switch} for h, e in sorted(view.current.items())
+                   if e.switch is not None and e.switch.get("version") == head.version]
+        if not self.coord.complete(svc, head, done.reason, timings):
             self.log.info("deploy.complete_contended", svc=svc, item=head.node)
             return
         self.log.info("deploy.done", svc=svc, item=head.node, version=head.version)

@@ -2,7 +2,8 @@
 """A tiny service shipped inside sample releases (demo, tests, testbed, benchmarks).
 
 GET /        -> 200 {"service", "version", "host", "pid"}
-GET /health  -> 200, or 500 when the release is marked broken (a failing health check)
+GET /health  -> 200, or 500 when the release is marked broken (a failing health check),
+               or from ``broken_after`` seconds after start (a release that fails later)
 The version is read once, at start, from release.json next to this file, so a host serves
 exactly the release that was started, whatever the ``current`` symlink says later.
 Standard library only: the release must run with any Python 3.
@@ -12,17 +13,21 @@ import argparse
 import json
 import os
 import socket
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 with open(os.path.join(HERE, "release.json")) as fh:
     RELEASE = json.load(fh)
+STARTED = time.monotonic()
 
 
 class Handler(BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         if self.path.startswith("/health"):
-            code = 500 if RELEASE.get("broken") else 200
+            after = RELEASE.get("broken_after")  # seconds after start: fails from then on
+            late = after is not None and time.monotonic() - STARTED >= after
+            code = 500 if RELEASE.get("broken") or late else 200
             body = {"healthy": code == 200}
         else:
             code = 200
