@@ -163,6 +163,7 @@ class Coordinator:
     # -- the ready queue ----------------------------------------------------------------
     def enter_queue(self, svc: str, version: str, rack: str = "") -> str:
         """Join the ready queue; the entry names the host's rack (rack budgets)."""
+        self.claim_session()  # a host may queue before it ever registered (nothing runs)
         data = dumps({"version": version, "rack": rack} if rack else {"version": version})
         created = self.store.create(layout.ready_prefix(svc, self.host), data,
                                     ephemeral=True, sequential=True)
@@ -640,14 +641,19 @@ class MirrorCoordinator(Coordinator):
             return view
         # A presence counts only while its host has a live session (docs/security.md):
         # one forged under the name of a host that is down is named, never counted.
-        dead = sorted(h for h in view.current
-                      if layout.session(h) not in self._mirror.nodes and h != self.host)
-        if not dead:
+        # Likewise a ready-queue entry (a forged one would only place others further back).
+        def live(h: str) -> bool:
+            return h == self.host or layout.session(h) in self._mirror.nodes
+        dead = sorted(h for h in view.current if not live(h))
+        queued = [e for e in view.staging if live(e.host)]
+        if not dead and len(queued) == len(view.staging):
             return view
-        return replace(view, current={h: e for h, e in view.current.items() if h not in dead},
-                       invalid=[*view.invalid, *(
-                           f"presence of {svc} on {h} is not counted: {h} has no live "
-                           f"session (hosts/{h}/session is missing)" for h in dead)])
+        problems = [f"presence of {svc} on {h} is not counted: {h} has no live session "
+                    f"(hosts/{h}/session is missing)" for h in dead]
+        problems += [f"ready-queue entry staging/{svc}/{e.node} is not counted: {e.host} "
+                     "has no live session" for e in view.staging if not live(e.host)]
+        return replace(view, current={h: e for h, e in view.current.items() if live(h)},
+                       staging=queued, invalid=[*view.invalid, *problems])
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
         unread = [h for h, e in view.current.items() if e.version == ""]

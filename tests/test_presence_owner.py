@@ -99,12 +99,15 @@ def test_the_mirror_counts_a_presence_only_while_its_host_has_a_live_session(sto
     from supervisor_dcdeploy.coord import MirrorCoordinator
 
     ops.service_set(store, "api", program="api", quorum=1, health=HealthCheck())
+    ops.stage(store, "api", "1", sha256="a" * 64, urls=["https://builds/api-1.tgz"], size=1)
     h1, h2, other = _session(store_url), _session(store_url), _session(store_url)
     try:
         Coordinator(h1, "h1", ["api"], lambda: None).register("api", "1", "r1")
         mirror = MirrorCoordinator(h1, "h1", ["api"], lambda: None)
         mirror.follow()
         other.create("current/api/h2", SERVING, ephemeral=True)  # h2 is down
+        other.create("staging/api/h2-", dumps({"version": "1"}), ephemeral=True,
+                     sequential=True)
         store.sync()
 
         def view():
@@ -112,8 +115,11 @@ def test_the_mirror_counts_a_presence_only_while_its_host_has_a_live_session(sto
             return mirror.fresh_view("api")
         wait_for(lambda: any("h2" in p for p in view().invalid), 10,
                  "h1's mirror to name the presence of h2")
-        assert set(view().current) == {"h1"}
+        assert set(view().current) == {"h1"} and view().staging == []
+        assert any("ready-queue entry" in p and "h2" in p for p in view().invalid)
         other.delete("current/api/h2")
+        for node in other.children("staging/api"):
+            other.delete(f"staging/api/{node}")
         Coordinator(h2, "h2", ["api"], lambda: None).register("api", "1", "r2")  # h2 up
         wait_for(lambda: set(view().current) == {"h1", "h2"} and not view().invalid, 10,
                  "h1's mirror to count h2 once h2 has a live session")
