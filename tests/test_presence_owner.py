@@ -135,7 +135,9 @@ def test_the_mirror_counts_a_presence_only_while_its_host_has_a_live_session(sto
 # -- with credentials and ACLs: a host identity forging another host's presence ---------------
 def test_a_host_cannot_publish_a_session_for_another_host(secure_root):
     secure_root.init(["h1", "h2"])
-    h1 = secure_root.open("h1")
+    op = secure_root.open("operator")
+    ops.service_set(op, "api", program="api", quorum=1, health=HealthCheck())
+    h1, h2 = secure_root.open("h1"), secure_root.open("h2")
     try:
         Coordinator(h1, "h1", [], lambda: None).claim_session()
         assert h1.get_owned(["hosts/h1/session"])[0].owner == h1.session_id
@@ -143,8 +145,17 @@ def test_a_host_cannot_publish_a_session_for_another_host(secure_root):
             h1.create("hosts/h2/session", b"", ephemeral=True)
         with pytest.raises(StoreUnauthorized):
             h1.create("hosts/h9/session", b"", ephemeral=True)  # not registered by init
+        # h1 forges h2's presence (ZooKeeper lets it: CREATE is on the parent) ...
+        h1.create("current/api/h2", SERVING, ephemeral=True)
+        assert any("presence of api on h2" in p for p in ops.status(op)["problems"])
+        # ... and h2, coming up, takes the name back under ACLs too.
+        Coordinator(h2, "h2", ["api"], lambda: None).register("api", "1", "r2")
+        assert op.get_owned(["current/api/h2"])[0].owner == h2.session_id
+        assert set(ops.status(op)["services"]["api"]["current"]) == {"h2"}
     finally:
         h1.stop()
+        h2.stop()
+        op.stop()
 
 
 def test_a_forged_presence_of_a_down_host_does_not_let_others_below_quorum(
