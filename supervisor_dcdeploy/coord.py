@@ -401,7 +401,7 @@ class _MirrorReader:
             staged = self.mirror.nodes.get(layout.staged(parts[1]))
             try:
                 assumed = json.loads(staged[0] or b"{}").get("version") if staged else None
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # a nested staged value
                 assumed = None
             data = dumps({"version": assumed if isinstance(assumed, str) else "?"})
         return data or b"", version

@@ -212,3 +212,16 @@ def test_a_forged_presence_of_a_down_host_does_not_let_others_below_quorum(
         attacker.stop()
         cluster.stop_all()
         op.stop()
+
+
+def test_the_mirror_reader_survives_a_deeply_nested_staged_value():
+    """Found by tests/test_store_fuzz.py: another host's unread ready entry is assumed to be
+    for the staged version, read from the staged value; a value nested 100,000 deep made
+    json raise RecursionError out of the agent's cycle."""
+    from supervisor_dcdeploy.coord import _Mirror, _MirrorReader
+
+    mirror = _Mirror()
+    mirror.nodes["staging/api"] = (b"[" * 100_000, 3)
+    mirror.nodes["staging/api/h2-0000000001"] = (None, -1)
+    data, _ = _MirrorReader(mirror, {}).get("staging/api/h2-0000000001")
+    assert json.loads(data) == {"version": "?"}
