@@ -30,7 +30,7 @@ from .decisions import ServiceView, needs_racks
 from dataclasses import replace
 
 from .model import CurrentEntry, DeployItem, InvalidData, dumps
-from .snapshot import read_queue, read_view
+from .snapshot import checked_view, read_queue, read_view
 from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
                     StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed)
 from .store import layout
@@ -48,6 +48,7 @@ class Coordinator:
         self.services = tuple(services)
         self._wake = wake
         self._own: dict[str, dict[str, str]] = {svc: {} for svc in self.services}
+        self._claimed: int | None = None  # the session hosts/<host>/session was made in
 
     # -- following the store ------------------------------------------------------------
     def on_session(self, state: SessionState) -> None:
@@ -97,18 +98,59 @@ class Coordinator:
         """Whether this host may pass the gate now (no herd: only those follow the gate)."""
 
     # -- presence -----------------------------------------------------------------------
+    def claim_session(self) -> None:
+        """``hosts/<host>/session``, ephemeral, once per session (where the backend shows
+        owners): readers count a presence of ours only when it has this node's owner
+        (:func:`.snapshot.checked_view`). One of an earlier session of ours that has not
+        expired yet (an agent restarted) is replaced. A store that refuses it leaves our
+        presences uncounted, which readers report: never an error out of the cycle."""
+        sid = self.store.session_id
+        if sid is None or sid == self._claimed:
+            return
+        path = layout.session(self.host)
+        try:
+            try:
+                self.store.create(path, b"", ephemeral=True)
+            except NodeExists:
+                (found,) = self.store.get_owned([path])
+                if found is not None and found.owner != sid:
+                    self.store.delete(path)
+                    self.store.create(path, b"", ephemeral=True)
+        except StoreUnavailable:
+            raise
+        except StoreError:
+            return  # not registered by `dcdeploy init` under ACLs: readers report it
+        self._claimed = sid
+
     def register(self, svc: str, version: str, rack: str, switch: dict | None = None,
                  probe: str | None = None) -> None:
         """Presence; ``switch``: the timing of the switch that brought this host to
         ``version``, ``probe``: where other hosts can check it (docs/policy.md)."""
+        self.claim_session()
         data = CurrentEntry(host=self.host, version=version, since=time.time(), rack=rack,
                             switch=switch, probe=probe).to_json()
         path = layout.presence(svc, self.host)
         try:
             self.store.create(path, data, ephemeral=True)
         except NodeExists:
-            self.store.set(path, data)
+            self._replace_foreign(path, data)
         self._wrote(path, data)
+
+    def _replace_foreign(self, path: str, data: bytes) -> None:
+        """Our presence exists already: update it, unless another session holds it (one
+        forged under our name, or our own from before a restart), which is deleted and
+        made again as ours."""
+        sid = self.store.session_id
+        if sid is not None:
+            (found,) = self.store.get_owned([path])
+            if found is not None and found.owner != sid:
+                try:
+                    self.store.delete(path)
+                except NoNode:
+                    pass
+                self.store.create(path, data, ephemeral=True)
+                return
+        self.store.set(path, data)
 
     def unregister(self, svc: str) -> None:
         path = layout.presence(svc, self.host)
@@ -121,6 +163,7 @@ class Coordinator:
     # -- the ready queue ----------------------------------------------------------------
     def enter_queue(self, svc: str, version: str, rack: str = "") -> str:
         """Join the ready queue; the entry names the host's rack (rack budgets)."""
+        self.claim_session()  # a host may queue before it ever registered (nothing runs)
         data = dumps({"version": version, "rack": rack} if rack else {"version": version})
         created = self.store.create(layout.ready_prefix(svc, self.host), data,
                                     ephemeral=True, sequential=True)
@@ -313,7 +356,7 @@ class RereadCoordinator(Coordinator):
 
     def fresh_view(self, svc: str) -> ServiceView:
         self.store.sync()
-        return read_view(self.store, svc)
+        return checked_view(self.store, read_view(self.store, svc))
 
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         for node in nodes:
@@ -358,7 +401,7 @@ class _MirrorReader:
             staged = self.mirror.nodes.get(layout.staged(parts[1]))
             try:
                 assumed = json.loads(staged[0] or b"{}").get("version") if staged else None
-            except (ValueError, AttributeError):
+            except (ValueError, AttributeError, RecursionError):  # a nested staged value
                 assumed = None
             data = dumps({"version": assumed if isinstance(assumed, str) else "?"})
         return data or b"", version
@@ -392,9 +435,12 @@ class MirrorCoordinator(Coordinator):
         self._generation = 0  # moves on every session change: a load in flight is void
         self.notifications = 0
         self._reader = _MirrorReader(self._mirror, self._gates)
+        self._sessions_followed = False  # set by a ZooKeeper load (_followed has hosts/)
 
     def _followed(self) -> list[str]:
-        out = [layout.DEPLOY]
+        # hosts/: only which hosts have a live session (hosts/<host>/session exists), from
+        # the notifications; never read (see view()).
+        out = [layout.DEPLOY, layout.HOSTS]
         for svc in self.services:
             out += [layout.service(svc), layout.staged(svc), layout.presence_dir(svc),
                     layout.released(svc), layout.gate(svc)]
@@ -450,6 +496,11 @@ class MirrorCoordinator(Coordinator):
                 except NoNode:
                     self._gates[parts[1]] = -1
                 continue
+            if path == layout.HOSTS:
+                for name in self.store.children(path):
+                    if "session" in self.store.children(layout.host(name)):
+                        mirror.nodes[layout.session(name)] = (None, -1)
+                continue
             self._read_into(mirror, path)
             for child in self.store.children(path):
                 sub = f"{path}/{child}"
@@ -458,6 +509,7 @@ class MirrorCoordinator(Coordinator):
                 else:
                     self._read_into(mirror, sub)
         self._mirror.nodes = mirror.nodes
+        self._sessions_followed = getattr(self.store, "knows_owners", False)
         self._stale_gates = set()
         for svc in self.services:
             self._own[svc] = {}
@@ -505,6 +557,13 @@ class MirrorCoordinator(Coordinator):
         for path, kind in last.items():
             parts = layout.split(path)
             if parts[0] == layout.GATE:
+                continue
+            if parts[0] == layout.HOSTS:  # only a live session's coming and going
+                if len(parts) == 3 and path == layout.session(parts[1]):
+                    if kind == "deleted":
+                        self._mirror.nodes.pop(path, None)
+                    else:
+                        self._mirror.nodes[path] = (None, -1)
                 continue
             if kind == "deleted":
                 self._mirror.nodes.pop(path, None)
@@ -569,13 +628,32 @@ class MirrorCoordinator(Coordinator):
         docs/security-zk.md)."""
         view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
         if needs_racks(view):
-            return self.resolve_racks(svc, view)
+            return self._live_only(svc, self.resolve_racks(svc, view))
         unread = {host: CurrentEntry(host=host, version="")
                   for host in self._mirror.children(layout.presence_dir(svc))
                   if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
-        if not unread:
+        if unread:
+            view = replace(view, current={**view.current, **unread})
+        return self._live_only(svc, view)
+
+    def _live_only(self, svc: str, view: ServiceView) -> ServiceView:
+        if not self._sessions_followed:
             return view
-        return replace(view, current={**view.current, **unread})
+        # A presence counts only while its host has a live session (docs/security.md):
+        # one forged under the name of a host that is down is named, never counted.
+        # Likewise a ready-queue entry (a forged one would only place others further back).
+        def live(h: str) -> bool:
+            return h == self.host or layout.session(h) in self._mirror.nodes
+        dead = sorted(h for h in view.current if not live(h))
+        queued = [e for e in view.staging if live(e.host)]
+        if not dead and len(queued) == len(view.staging):
+            return view
+        problems = [f"presence of {svc} on {h} is not counted: {h} has no live session "
+                    f"(hosts/{h}/session is missing)" for h in dead]
+        problems += [f"ready-queue entry staging/{svc}/{e.node} is not counted: {e.host} "
+                     "has no live session" for e in view.staging if not live(e.host)]
+        return replace(view, current={h: e for h, e in view.current.items() if live(h)},
+                       staging=queued, invalid=[*view.invalid, *problems])
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
         unread = [h for h, e in view.current.items() if e.version == ""]

@@ -13,7 +13,7 @@ from typing import Any, TypeVar
 from . import decisions, trust
 from .model import (DeployItem, HealthCheck, HostInfo, InvalidData, ServiceSpec,
                     StagedRelease, check_name, check_version, dumps, load_json)
-from .snapshot import (read_current, read_hosts, read_queue, read_spec, read_specs,
+from .snapshot import (checked_view, read_current, read_hosts, read_queue, read_spec, read_specs,
                        read_staged, read_staging, read_view)
 from .store import Create, Delete, NoNode, Store, StoreError, TransactionFailed, layout
 
@@ -557,7 +557,7 @@ def status(store: Store) -> dict[str, Any]:
     names = sorted(set(store.children(layout.SERVICES)) | {s for h in hosts.values()
                                                       for s in h.services})
     for name in names:
-        view = read_view(store, name, queue, [], hosts=hosts)
+        view = checked_view(store, read_view(store, name, queue, [], hosts=hosts))
         views[name] = view
         problems += [p for p in view.invalid if p not in problems]
         staged = view.staged

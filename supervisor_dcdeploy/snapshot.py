@@ -6,11 +6,13 @@ deploy item blocks the queue at its place (items behind it must not overtake it)
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable
 
 from .decisions import ServiceView
 from .model import (SEQ_RE, CurrentEntry, DeployItem, HostInfo, InvalidData, ServiceSpec,
                     StagedRelease, StagingEntry, _load, check_version)
+from .presence import counted
 from .store import NoNode, Store
 from .store import layout
 
@@ -92,6 +94,26 @@ def read_current(store: Store, svc: str, invalid: list[str],
         except InvalidData as exc:
             invalid.append(str(exc))  # counted as not online: the safe side for quorum
     return out
+
+
+def checked_view(store: Store, view: ServiceView) -> ServiceView:
+    """The view with only the presences held by the session their host published in
+    ``hosts/<host>/session`` (:func:`..presence.counted`); every other one is dropped
+    from ``current`` and named in ``invalid``. One request on ZooKeeper (``multiRead`` of
+    the presences and the session nodes), whatever the number of hosts; the view as it
+    is on a backend that cannot tell a node's owner."""
+    if not getattr(store, "knows_owners", False) or not view.current:
+        return view
+    hosts = sorted(view.current)
+    reads = store.get_owned([layout.presence(view.service, h) for h in hosts] +
+                            [layout.session(h) for h in hosts])
+    owners = {h: r.owner for h, r in zip(hosts, reads[:len(hosts)]) if r is not None}
+    sessions = {h: r.owner for h, r in zip(hosts, reads[len(hosts):]) if r is not None}
+    valid, problems = counted(f"presence of {view.service} on", owners, sessions)
+    if valid == set(hosts):
+        return view
+    return replace(view, current={h: e for h, e in view.current.items() if h in valid},
+                   invalid=[*view.invalid, *(p for p in problems if p not in view.invalid)])
 
 
 def read_staging(store: Store, svc: str, invalid: list[str],

@@ -7,11 +7,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import parse_qsl, urlsplit
 
-from .base import (BadVersion, Check, Create, Delete, NodeExists, NoNode, NotEmpty, Op,
-                   SessionState, SetData, Store, StoreError, StoreUnauthorized,
+from .base import (BadVersion, Check, Create, Delete, NodeExists, NodeRead, NoNode, NotEmpty,
+                   Op, SessionState, SetData, Store, StoreError, StoreUnauthorized,
                    StoreUnavailable, TransactionFailed)
 
-__all__ = ["BadVersion", "Check", "Create", "Delete", "NodeExists", "NoNode",
+__all__ = ["BadVersion", "Check", "Create", "Delete", "NodeExists", "NodeRead", "NoNode",
            "NotEmpty", "Op", "SessionState", "SetData", "Store", "StoreError", "StoreUnauthorized",
            "StoreUnavailable", "TransactionFailed", "StoreURLError", "StoreSecurity",
            "open_store", "parse_store_url", "store_security", "store_url_from"]

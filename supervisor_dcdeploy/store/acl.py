@@ -66,7 +66,9 @@ HOST_PERMS: dict[str, int] = {
 
 # Kinds whose node belongs to one host (named in the path): that host gets ALL on it,
 # every other host READ.
-OWNED = ("staging/*/*", "current/*/*", "hosts/*", "peers/*/*")
+# ``hosts/*/*`` is ``hosts/<host>/session``, which only the host (who has ALL on its
+# ``hosts/<host>``, made by init) can create: its ephemeralOwner is the host's session.
+OWNED = ("staging/*/*", "current/*/*", "hosts/*", "hosts/*/*", "peers/*/*")
 
 POLICY_NODE = ""  # the policy is the root's data
 MIN_PASSWORD = 16
@@ -166,6 +168,8 @@ def owner_of(path: str) -> str | None:
     if kind not in OWNED:
         return None
     name = path.rstrip("/").rpartition("/")[2]
+    if kind == "hosts/*/*":  # hosts/<host>/session
+        name = path.split("/")[1]
     if kind == "staging/*/*":  # <host>-<10-digit seq>
         name = name.rpartition("-")[0]
     return name or None

@@ -94,6 +94,17 @@ class Delete:
 
 
 Op = Check | Create | SetData | Delete
+
+
+@dataclass(frozen=True)
+class NodeRead:
+    """A node read with its owner: ``owner`` is the session id of the ZooKeeper session
+    that holds the (ephemeral) node, 0 for a persistent one, None where the backend
+    cannot tell."""
+
+    data: bytes
+    version: int
+    owner: int | None
 Watcher = Callable[[], None]
 
 
@@ -189,6 +200,27 @@ class Store(abc.ABC):
 
         Returns one result per op (created path, new version, or None); raises
         :class:`TransactionFailed` naming the op that failed."""
+
+    knows_owners = False  # get_owned() tells who holds an ephemeral node (ZooKeeper)
+
+    @property
+    def session_id(self) -> int | None:
+        """The id this session's ephemeral nodes carry as their owner, or None where the
+        backend has none to show (then presences are not checked against it)."""
+        return None
+
+    def get_owned(self, paths: Sequence[str]) -> list[NodeRead | None]:
+        """Each path read with its owner (None for a missing node). The default reads one
+        by one and knows no owner; ZooKeeper answers all in one request."""
+        out: list[NodeRead | None] = []
+        for path in paths:
+            try:
+                data, version = self.get(path)
+            except NoNode:
+                out.append(None)
+                continue
+            out.append(NodeRead(data, version, None))
+        return out
 
     def watch_tree(self, path: str, watcher: Callable[[str, str], None]) -> bool:
         """Follow every change at or below ``path`` (``watcher(kind, relpath)``, kind one of

@@ -76,6 +76,13 @@ def host(name: str) -> str:
     return f"{HOSTS}/{name}"
 
 
+def session(name: str) -> str:
+    """``hosts/<host>/session``: ephemeral, made by the host in each of its sessions. Its
+    ``ephemeralOwner`` is the host's live session id; a presence or ready-queue entry
+    naming the host counts only when held by that same session (docs/security.md)."""
+    return f"{HOSTS}/{name}/session"
+
+
 def peers(infohash: str) -> str:
     return f"{PEERS}/{infohash}"
 
