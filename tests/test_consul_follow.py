@@ -278,6 +278,7 @@ class FollowDouble:
     the test answers for, writes recorded."""
 
     supports_tree_follow = True
+    session_id = None  # no session marker (coord.claim_session does nothing)
 
     def __init__(self) -> None:
         self.trees: dict[str, dict] = {}
