@@ -15,8 +15,13 @@ from supervisor_dcdeploy import decisions, trust
 from supervisor_dcdeploy.agent.config import AgentConfig
 from supervisor_dcdeploy.agent.fetching import FetchManager
 from supervisor_dcdeploy.agent.reconciler import HostContext, ServiceReconciler
-from supervisor_dcdeploy.agent.status import (FetchProgress, FetchStatus, HostStatus,
-                                              PreloadStatus, ServiceStatus)
+from supervisor_dcdeploy.agent.status import (
+    FetchProgress,
+    FetchStatus,
+    HostStatus,
+    PreloadStatus,
+    ServiceStatus,
+)
 from supervisor_dcdeploy.fetch import DownloadError, VerificationError, write_marker
 from supervisor_dcdeploy.localstate import LocalState, ReleaseDir
 from supervisor_dcdeploy.model import StagedRelease
@@ -119,7 +124,7 @@ def test_reconciler_reports_a_download_then_the_installed_release(tmp_path):
         progress(3, 3)
         write_marker(rd.path(staged.version), version=staged.version, sha256=staged.sha256)
 
-    r, woken = _reconciler(tmp_path, fetch)
+    r, _ = _reconciler(tmp_path, fetch)
     try:
         view = _view(_staged())
         r.prefetch(view)

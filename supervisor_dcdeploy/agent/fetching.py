@@ -11,8 +11,9 @@ status is written by a fetch thread.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 from ..localstate import ReleaseDir
 from ..model import StagedRelease

@@ -19,9 +19,10 @@ Rules kept here, in one place:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .. import decisions, health, trust
 from ..coord import Coordinator

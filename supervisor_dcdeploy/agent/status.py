@@ -14,8 +14,9 @@ it with ``.get``).
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any, Mapping
+from typing import Any
 
 # The fetch states a service reports (``fetch.state``).
 FETCH_STATES = ("downloading", "installed", "failed", "error")

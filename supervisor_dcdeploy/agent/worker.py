@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import threading
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import structlog
 
@@ -26,8 +27,16 @@ from ..files import atomic_write
 from ..localstate import STATUS_FILE, LocalState
 from ..metrics import AgentMetrics
 from ..model import DeployItem, HostInfo, dumps
-from ..store import (NoNode, SessionState, Store, StoreError, StoreUnauthorized,
-                     StoreUnavailable, layout, open_store)
+from ..store import (
+    NoNode,
+    SessionState,
+    Store,
+    StoreError,
+    StoreUnauthorized,
+    StoreUnavailable,
+    layout,
+    open_store,
+)
 from ..supervisorctl_client import Supervisor, SupervisorError, SupervisorShuttingDown
 from .config import AgentConfig
 from .distribution import Distribution
