@@ -18,10 +18,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-# The fetch states a service reports (``fetch.state``).
-FETCH_STATES = ("downloading", "installed", "failed", "error")
-
-
 def _present(obj: Any) -> dict[str, Any]:
     """The dataclass's fields that are not None, by name."""
     return {f.name: getattr(obj, f.name) for f in fields(obj)
@@ -44,7 +40,8 @@ class FetchProgress:
 class FetchStatus:
     """The staged release's download on this host (``services.<svc>.fetch``).
 
-    ``state`` is one of :data:`FETCH_STATES`; ``error``/``kind`` name the last failure
+    ``state`` is downloading, installed, failed (the download) or error (what is installed
+    under that version differs from the staged sha256); ``error``/``kind`` name the last failure
     (kept while a retry runs: ``dcdeploy status`` counts hosts that failed to verify)."""
 
     version: str
@@ -136,5 +133,5 @@ class HostStatus:
         return out
 
 
-__all__ = ["FETCH_STATES", "FetchProgress", "FetchStatus", "HostStatus", "PreloadStatus",
+__all__ = ["FetchProgress", "FetchStatus", "HostStatus", "PreloadStatus",
            "ServiceStatus"]
