@@ -90,8 +90,11 @@ class ServiceReconciler:
 
     # -- status -----------------------------------------------------------------------
     def set(self, **fields: Any) -> None:
-        """Change fields of this service's status (a new value; readers keep the old)."""
-        self.status = replace(self.status, **fields)
+        """Change fields of this service's status (a new value; readers keep the old). Most
+        cycles repeat what the status says: then the value is kept, not copied."""
+        current = self.status
+        if any(getattr(current, name) != value for name, value in fields.items()):
+            self.status = replace(current, **fields)
 
     def snapshot(self) -> ServiceStatus:
         """The status with what the fetch thread published since (preloading)."""

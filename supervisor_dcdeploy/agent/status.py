@@ -18,10 +18,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+_NAMES: dict[type, tuple[str, ...]] = {}  # field names per class (fields() is slow per call)
+
+
 def _present(obj: Any) -> dict[str, Any]:
     """The dataclass's fields that are not None, by name."""
-    return {f.name: getattr(obj, f.name) for f in fields(obj)
-            if getattr(obj, f.name) is not None}
+    names = _NAMES.get(type(obj))
+    if names is None:
+        names = _NAMES[type(obj)] = tuple(f.name for f in fields(obj))
+    return {name: value for name in names if (value := getattr(obj, name)) is not None}
 
 
 @dataclass(frozen=True)
