@@ -21,6 +21,7 @@ from supervisor_dcdeploy.agent.status import (
     HostStatus,
     PreloadStatus,
     ServiceStatus,
+    VerifyPeersStatus,
 )
 from supervisor_dcdeploy.fetch import DownloadError, VerificationError, write_marker
 from supervisor_dcdeploy.localstate import LocalState, ReleaseDir
@@ -42,6 +43,16 @@ def test_service_status_json_leaves_out_what_was_never_set():
     assert "error" not in ServiceStatus(phase="stopping").to_json()
     with pytest.raises(dataclasses.FrozenInstanceError):
         status.phase = "down"  # type: ignore[misc]
+
+
+def test_verify_peers_status_json_keeps_every_key_as_status_json_had_it():
+    """test_verify_peers reads services.<svc>.verify_peers from status.json: the gate's
+    probe record keeps a position that is None (not in the queue) as null."""
+    probes = VerifyPeersStatus(probes=3, seconds=0.0123, silent=("h2",), passed=True,
+                               position=None, verified_position=0)
+    assert ServiceStatus(verify_peers=probes).to_json() == {"verify_peers": {
+        "probes": 3, "seconds": 0.0123, "silent": ["h2"], "passed": True,
+        "position": None, "verified_position": 0}}
 
 
 def test_host_status_json_has_the_keys_of_status_json():
