@@ -54,7 +54,7 @@ import structlog
 import tenacity
 import urllib3
 
-from .localstate import atomic_write, sha256_file
+from .files import atomic_write, fsync_dir, sha256_file
 
 log = structlog.get_logger(__name__)
 
@@ -163,18 +163,6 @@ def _check_sha256(sha256: str) -> str:
     return sha256.lower()
 
 
-_sha256_file = sha256_file
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes a rename/creation in `directory` durable across power loss, not only kill -9.
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _unlink_quietly(path: Path) -> None:
     path.unlink(missing_ok=True)
 
@@ -252,7 +240,7 @@ def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int,
     part = dest.with_name(dest.name + ".part")
 
     if dest.exists():
-        actual = _sha256_file(dest)
+        actual = sha256_file(dest)
         if actual == sha256 and dest.stat().st_size == size:
             log.debug("fetch.cached", dest=str(dest), sha256=sha256)
             return dest
@@ -284,7 +272,7 @@ def download(urls: Sequence[str], sha256: str, dest: Path, *, size: int,
             raise
         try:
             os.rename(part, dest)
-            _fsync_dir(dest.parent)
+            fsync_dir(dest.parent)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 _unlink_quietly(part)
@@ -1090,7 +1078,7 @@ def unpack(archive: Path, target: Path, *, limits: Limits | None = None) -> None
         UnsafeArchive: see above. DiskFull: ENOSPC/EDQUOT under ``target.parent``.
     """
     archive, target = Path(archive), Path(target)
-    digest = _sha256_file(archive)
+    digest = sha256_file(archive)
     if installed_sha256(target) == digest:
         log.info("unpack.present", target=str(target), sha256=digest)
         return
@@ -1133,7 +1121,7 @@ def _unpack(archive: Path, target: Path, *, sha256: str, version: str, limits: L
             write_marker(tmp, version=version, sha256=sha256)
             os.chmod(tmp, 0o755)  # mkdtemp makes it 0700
             os.rename(tmp, target)
-            _fsync_dir(target.parent)
+            fsync_dir(target.parent)
         except OSError as exc:
             if exc.errno in _NO_SPACE:
                 raise _disk_full(target.parent, exc) from exc

@@ -22,11 +22,11 @@ import hashlib
 import json
 import os
 import struct
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from .files import atomic_write, fsync_dir
 from .model import version_key
 
 STATE_FILE = "state.slots"
@@ -37,43 +37,6 @@ SLOT_SIZE = 64 * 1024  # bytes per slot; a state that does not fit makes the fil
 _MAGIC = b"DCDSLOT1"
 _HEADER = struct.Struct(">8sQI32s")  # magic, sequence, payload length, sha256
 _PAGE = 4096
-
-
-def sha256_file(path: Path) -> str:
-    """The sha256 of a file's bytes, hex (what ``sha256sum FILE`` prints): the one helper
-    for it, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Replace ``path`` with ``data`` so readers see the old or the new bytes, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # -- the slot file ----------------------------------------------------------------------
@@ -362,7 +325,7 @@ class ReleaseDir:
         """Atomically replace ``current`` with a prepared symlink (rename)."""
         os.replace(prepared, self.current)
         try:
-            _fsync_dir(self.base)
+            fsync_dir(self.base)
         except OSError:
             pass  # the rename is done; durability is best effort on a failing disk
 

@@ -28,7 +28,7 @@ from prometheus_client.registry import Collector
 if TYPE_CHECKING:
     from .agent.worker import Agent
 
-# Phases the worker reports (agent/worker.py ``_set(svc, phase=...)``).
+# Phases a service's reconciler reports (agent/reconciler.py ``set(phase=...)``).
 PHASES = ("serving", "switching", "failed", "down", "installing", "recovering")
 SESSION_STATES = ("connected", "suspended", "lost", "unreachable", "not authorized")
 # Switches hold a healthy period (seconds to minutes): buckets from 100 ms to 10 min.
@@ -76,8 +76,9 @@ def _enum(name: str, doc: str, labels: list[str], states: Iterable[str],
 
 
 class _AgentCollector(Collector):
-    """Reads the agent's status at scrape time (a plain dict copy: no lock is needed to
-    read a dict the worker replaces values in)."""
+    """Reads the agent's status at scrape time: ``agent.status`` is made from immutable
+    values (agent/status.py), ``agent.fetch_progress`` is a copy taken under the fetch
+    manager's lock, so this thread never reads a value half-written."""
 
     def __init__(self, agent: Agent) -> None:
         self.agent = agent
@@ -101,7 +102,7 @@ class _AgentCollector(Collector):
         size = GaugeMetricFamily("dcdeploy_download_size_bytes",
                                  "Size of the staged release being downloaded (when known)",
                                  labels=["service"])
-        progress = dict(getattr(agent, "_fetch_progress", {}))
+        progress = dict(agent.fetch_progress)  # live, published by the fetch threads
         for svc in sorted(services):
             fetch = {**progress.get(svc, {}), **(services[svc].get("fetch") or {})}
             if isinstance(fetch.get("done"), int):

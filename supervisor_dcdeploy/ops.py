@@ -5,7 +5,6 @@ operator can act on; writes that must go together go in one transaction."""
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import replace
 from typing import Any, TypeVar
@@ -463,21 +462,22 @@ def abort(store: Store) -> list[str]:
             continue
         try:
             item = DeployItem.parse(node, raw, version)
-            record = json.loads(item.to_json())
-            was = item.state
         except InvalidData as exc:
             # Unreadable items are aborted too (they block the queue); keep what can be
             # read, and a bounded piece of the raw value for the post-mortem.
             record = _readable_part(raw)
             record["raw"] = (raw or b"")[:RAW_KEPT].decode("utf-8", "replace")
-            was = f"invalid: {exc}"
-        record.update(state="aborted", updated=time.time(),
-                      reason=f"aborted by operator (was {was})")
+            record.update(state="aborted", updated=time.time(),
+                          reason=f"aborted by operator (was invalid: {exc})")
+            data = dumps(record)
+        else:
+            data = replace(item, state="aborted", updated=time.time(),
+                           reason=f"aborted by operator (was {item.state})").to_json()
         # A history node of the same name (written by hand) must not make abort impossible.
         name = node if store.exists(layout.history(node)) is None else \
             f"{node}-aborted-{time.time_ns()}"
         groups.append([Delete(layout.item(node), version),
-                       Create(layout.history(name), dumps(record))])
+                       Create(layout.history(name), data)])
     try:
         _commit_groups(store, groups)
     except TransactionFailed as exc:

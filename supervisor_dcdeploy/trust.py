@@ -43,7 +43,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (Ed25519PrivateKey,
                                                                Ed25519PublicKey)
 
-from .localstate import atomic_write
+from .files import atomic_write
 from .model import DeployItem, ServiceSpec, StagedRelease
 from .store import layout
 

@@ -34,7 +34,7 @@ def fake_agent(**status):
     counter = OpCounter()
     counter.read(7)
     counter.write(2)
-    return SimpleNamespace(status=status, _fetch_progress={}, session=SessionState.CONNECTED,
+    return SimpleNamespace(status=status, fetch_progress={}, session=SessionState.CONNECTED,
                            _started=True, _denied=False, store=SimpleNamespace(ops=counter))
 
 
@@ -42,7 +42,7 @@ def test_agent_metrics_names_and_values():
     agent = fake_agent(api={"version": "1.2", "phase": "switching",
                             "fetch": {"version": "1.3", "state": "downloading"}},
                        web={"version": None, "phase": "down"})
-    agent._fetch_progress["api"] = {"via": "http", "done": 300, "total": 1000}
+    agent.fetch_progress["api"] = {"via": "http", "done": 300, "total": 1000}
     metrics = AgentMetrics(agent)
     metrics.on_switch("api", 2.0, "ok")
     metrics.on_switch("api", 0.3, "rolled_back")

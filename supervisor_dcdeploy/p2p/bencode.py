@@ -8,8 +8,15 @@ at most ``MAX_DEPTH`` nested lists/dictionaries (a 100,000-deep ``llll...`` woul
 raise RecursionError), ``MAX_INPUT`` bytes and integers of at most ``MAX_INT_DIGITS`` digits.
 Every violation is a :class:`BencodeError` naming the offset.
 
-(torf ships a non-recursive decoder, but as a private module, with no depth or size bound
-and without the byte spans :func:`info_span` needs; this one is kept.)
+Why not torf's decoder: torf 4.3 ships one only as a private module (``torf._flatbencode``,
+its copy of the unmaintained flatbencode), so any torf release may move it. It has no
+depth, size or integer bound: it decodes a 100,000-deep ``llll...`` into a value that
+then raises RecursionError in whatever walks it (``repr`` does), and a 5,000-digit integer
+raises a bare ValueError from ``int()``. It gives no byte spans, which :func:`info_span`
+needs (the infohash is the SHA-1 of the ``info`` bytes as written, not as re-encoded), and
+its encoder takes only bytes keys. A depth pre-check in front of it would have to tokenize
+string lengths to tell a structural ``l`` from one inside a string: a second parser of the
+same grammar, as long as this one. So this module stays; torf builds the torrents.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ from typing import Any
 
 import structlog
 
-from ..localstate import atomic_write
+from ..files import atomic_write
 
 log = structlog.get_logger("dcdeploy.p2p.daemon")
 

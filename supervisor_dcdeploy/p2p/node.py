@@ -35,7 +35,7 @@ from pathlib import Path
 
 import structlog
 
-from ..localstate import atomic_write
+from ..files import atomic_write
 from ..store import StoreError, open_store
 from .daemon import DaemonProcess, check_loopback, write_settings
 from .errors import FetchError

@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import structlog
 
-from ..localstate import sha256_file
+from ..files import sha256_file
 from .bencode import BencodeError, decode, info_span
 
 log = structlog.get_logger("dcdeploy.p2p.torrent")
@@ -182,9 +182,6 @@ def _files(root: Path) -> list[Path]:
                   key=lambda p: p.relative_to(root).as_posix())
 
 
-file_sha256 = sha256_file
-
-
 def artifact_sha256(path: Path) -> str:
     """The sha256 staged for an artifact and checked after download.
 
@@ -196,10 +193,10 @@ def artifact_sha256(path: Path) -> str:
     symlinks are ignored (torf does not follow them into the torrent either)."""
     path = Path(path)
     if path.is_file():
-        return file_sha256(path)
+        return sha256_file(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    lines = "".join(f"{file_sha256(p)}  {p.relative_to(path).as_posix()}\n"
+    lines = "".join(f"{sha256_file(p)}  {p.relative_to(path).as_posix()}\n"
                     for p in _files(path))
     return hashlib.sha256(lines.encode("utf-8")).hexdigest()
 

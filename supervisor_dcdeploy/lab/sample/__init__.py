@@ -7,7 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from ...localstate import sha256_file
+from ...files import sha256_file
 
 APP = Path(__file__).with_name("app.py")
 

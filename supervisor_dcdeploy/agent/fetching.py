@@ -1,0 +1,163 @@
+"""The agent's background downloads: one job at most per service, on a small thread pool.
+
+The hand-off between threads is by immutable values only. The agent's thread starts and
+forgets jobs (nothing else touches the job table); a fetch thread publishes how far it is
+(:class:`~.status.FetchProgress`) and what preloading achieved
+(:class:`~.status.PreloadStatus`) by replacing a value under a lock; the agent's thread
+and the metrics thread read those values. No dict is mutated by two threads, and no
+status is written by a fetch thread.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, NamedTuple
+
+from ..localstate import ReleaseDir
+from ..model import StagedRelease
+from .config import AgentConfig
+from .distribution import Distribution
+from .status import FetchProgress, PreloadStatus
+
+
+class FetchFailure(NamedTuple):
+    """The last failed download of a service's staged release: paces retries, reports it."""
+
+    sha256: str
+    when: float  # time.monotonic()
+    reason: str  # in full, for status.json
+    public: str  # for the store: no digest or size learnt from the fetched bytes
+    permanent: bool  # verified bytes that are an unsafe archive: never retried for this sha
+    kind: str  # "verify": the bytes are not a usable release; "fetch": network, disk...
+
+
+class FetchJob(NamedTuple):
+    """A download started for one staged release (by its sha256)."""
+
+    sha256: str
+    future: Future
+
+    def running(self) -> bool:
+        return not self.future.done()
+
+
+class FetchManager:
+    """This host's downloads. ``start``, ``job``, ``forget`` and ``shas`` are for the
+    agent's thread only; ``progress``, ``preload`` and ``progress_json`` may be called
+    from any thread."""
+
+    def __init__(self, cfg: AgentConfig, dist: Distribution | None, wake: Callable[[], None],
+                 log: Any, fetch: Callable[..., Any] | None = None, workers: int = 2) -> None:
+        self.cfg = cfg
+        self.dist = dist
+        self.wake = wake
+        self.log = log
+        self._inject = fetch  # tests: replaces the download (swarm or URL) itself
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fetch")
+        self._jobs: dict[str, FetchJob] = {}
+        self._lock = threading.Lock()  # guards the two tables of published values below
+        self._progress: dict[str, FetchProgress] = {}
+        self._preload: dict[str, PreloadStatus] = {}
+
+    # -- the agent's thread ---------------------------------------------------------------
+    def start(self, svc: str, staged: StagedRelease, rd: ReleaseDir, preload: bool,
+              transport: str) -> None:
+        """Start downloading ``staged`` for ``svc`` (replacing a finished job)."""
+        self._publish_progress(svc, FetchProgress(transport))
+        future = self._executor.submit(self._run, svc, staged, rd, preload, transport)
+        self._jobs[svc] = FetchJob(staged.sha256, future)
+
+    def job(self, svc: str) -> FetchJob | None:
+        return self._jobs.get(svc)
+
+    def forget(self, svc: str) -> None:
+        self._jobs.pop(svc, None)
+
+    def busy(self, svc: str) -> bool:
+        """Whether a download for ``svc`` is still running."""
+        job = self._jobs.get(svc)
+        return job is not None and job.running()
+
+    def shas(self) -> set[str]:
+        """The sha256 of every job's release (their archives stay in the cache)."""
+        return {job.sha256 for job in self._jobs.values()}
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # -- any thread ---------------------------------------------------------------------
+    def progress(self, svc: str) -> FetchProgress | None:
+        with self._lock:
+            return self._progress.get(svc)
+
+    def preload(self, svc: str) -> PreloadStatus | None:
+        with self._lock:
+            return self._preload.get(svc)
+
+    def progress_json(self) -> dict[str, dict[str, Any]]:
+        """{service: progress} for the metrics (a copy)."""
+        with self._lock:
+            return {svc: p.to_json() for svc, p in self._progress.items()}
+
+    def _publish_progress(self, svc: str, progress: FetchProgress) -> None:
+        with self._lock:
+            self._progress[svc] = progress
+
+    # -- a fetch thread -----------------------------------------------------------------
+    def _run(self, svc: str, staged: StagedRelease, rd: ReleaseDir, preload: bool,
+             transport: str) -> None:
+        """Download (swarm or URL, see ``fetch_transport``), verify, install, then warm the
+        page cache when the spec asks for it. The host joins the ready queue only after all
+        of it. A swarm download that fails for any reason but a full disk or a wrong
+        checksum is retried from the URLs, when there are some. Raises what the download
+        raised (the reconciler reads it from the job's future)."""
+        from ..fetch import DiskFull, DownloadError, VerificationError, install_release
+        via = transport
+
+        def progress(done: int, total: int | None) -> None:
+            self._publish_progress(svc, FetchProgress(via, done, total))
+
+        try:
+            if self._inject is not None:
+                self._inject(svc, staged, rd, progress)
+                transport = "injected"
+            if transport == "swarm" and self.dist is not None:
+                try:
+                    self.dist.fetch(staged, rd.path(staged.version), progress)
+                except (DiskFull, VerificationError):
+                    raise
+                except DownloadError as exc:
+                    if not staged.urls:
+                        raise
+                    self.log.warning("fetch.swarm_failed", svc=svc, version=staged.version,
+                                     error=str(exc), action="download from the URLs")
+                    transport = via = "http"
+                    self._publish_progress(svc, FetchProgress(via))
+            if transport == "http" and staged.urls:
+                from ..fetch import Limits
+                # The staged size (required, signed) bounds the download byte for byte.
+                install_release(list(staged.urls), staged.sha256, rd.releases, staged.version,
+                                rd.cache, size=staged.size,
+                                file_root=self.cfg.extra.get("file_root") or None,
+                                limits=Limits.from_config(self.cfg.extra), progress=progress)
+            elif transport == "http":
+                raise DownloadError("the staged release has only a torrent and this host has "
+                                    "no transmission_rpc in its agent.conf")
+            if preload:
+                from ..p2p.warm import warm
+                result = warm(rd.path(staged.version),
+                              mlock_cap=self.dist.mlock_cap if self.dist else 0)
+                with self._lock:
+                    self._preload[svc] = PreloadStatus(
+                        result.bytes_total, result.bytes_resident, result.bytes_locked,
+                        result.mlock_error)
+                self.log.info("preload.done", svc=svc, version=staged.version,
+                              resident=result.bytes_resident, total=result.bytes_total,
+                              mlock_error=result.mlock_error)
+        finally:
+            self.wake()
+
+
+__all__ = ["FetchFailure", "FetchJob", "FetchManager"]

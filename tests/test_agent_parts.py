@@ -1,0 +1,214 @@
+"""The agent's parts without a store: the typed status, the fetch manager's hand-off
+between threads, and a service reconciler's download steps (agent/status.py,
+agent/fetching.py, agent/reconciler.py)."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+from types import SimpleNamespace
+
+import pytest
+import structlog
+
+from supervisor_dcdeploy import decisions, trust
+from supervisor_dcdeploy.agent.config import AgentConfig
+from supervisor_dcdeploy.agent.fetching import FetchManager
+from supervisor_dcdeploy.agent.reconciler import HostContext, ServiceReconciler
+from supervisor_dcdeploy.agent.status import (
+    FetchProgress,
+    FetchStatus,
+    HostStatus,
+    PreloadStatus,
+    ServiceStatus,
+    VerifyPeersStatus,
+)
+from supervisor_dcdeploy.fetch import DownloadError, VerificationError, write_marker
+from supervisor_dcdeploy.localstate import LocalState, ReleaseDir
+from supervisor_dcdeploy.model import StagedRelease
+from supervisor_dcdeploy.waiting import wait_for
+
+SHA = "ab" * 32
+OTHER_SHA = "cd" * 32
+
+
+def test_service_status_json_leaves_out_what_was_never_set():
+    status = ServiceStatus(phase="serving", reason="ok", invalid=("deploy/x: bad",),
+                           fetch=FetchStatus("2", "downloading", via="http", done=3),
+                           preload=PreloadStatus(10, 8, 0, None))
+    assert status.to_json() == {
+        "phase": "serving", "reason": "ok", "invalid": ["deploy/x: bad"],
+        "fetch": {"version": "2", "state": "downloading", "via": "http", "done": 3},
+        "preload": {"bytes": 10, "resident": 8, "locked": 0, "mlock_error": None}}
+    assert "error" not in ServiceStatus(phase="stopping").to_json()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        status.phase = "down"  # type: ignore[misc]
+
+
+def test_verify_peers_status_json_keeps_every_key_as_status_json_had_it():
+    """test_verify_peers reads services.<svc>.verify_peers from status.json: the gate's
+    probe record keeps a position that is None (not in the queue) as null."""
+    probes = VerifyPeersStatus(probes=3, seconds=0.0123, silent=("h2",), passed=True,
+                               position=None, verified_position=0)
+    assert ServiceStatus(verify_peers=probes).to_json() == {"verify_peers": {
+        "probes": 3, "seconds": 0.0123, "silent": ["h2"], "passed": True,
+        "position": None, "verified_position": 0}}
+
+
+def test_host_status_json_has_the_keys_of_status_json():
+    snapshot = HostStatus("h0", "r1", "connected", reads=4, writes=2, cycles=7,
+                          cycle_errors=1, trusted_keys=("k1",), insecure_unsigned=False,
+                          services={"A": ServiceStatus(version="1")})
+    assert snapshot.to_json() == {
+        "host": "h0", "rack": "r1", "store": "connected",
+        "store_ops": {"reads": 4, "writes": 2}, "cycles": 7, "cycle_errors": 1,
+        "trust": {"keys": ["k1"], "insecure_unsigned": False},
+        "services": {"A": {"version": "1"}}}
+    assert dataclasses.replace(snapshot, swarm={"peers": 1}).to_json()["swarm"] == \
+        {"peers": 1}
+
+
+def _cfg(tmp_path, services=("A",)) -> AgentConfig:
+    return AgentConfig(host="h0", rack="r0", store="zk://127.0.0.1:1/dc", root=tmp_path,
+                       services={s: {} for s in services})
+
+
+def _staged(version="2", sha=SHA) -> StagedRelease:
+    return StagedRelease("A", version, sha, size=3, urls=("file:///nowhere",))
+
+
+def test_fetch_manager_publishes_progress_as_values_from_its_thread(tmp_path):
+    """The fetch thread's progress reaches other threads as immutable values; the job is
+    busy until the download returns, and the agent is woken when it does."""
+    half, finish = threading.Event(), threading.Event()
+    woken = threading.Event()
+
+    def fetch(svc, staged, rd, progress):
+        progress(5, 10)
+        half.set()
+        assert finish.wait(20)
+
+    manager = FetchManager(_cfg(tmp_path), None, woken.set, structlog.get_logger(), fetch)
+    try:
+        rd = ReleaseDir(tmp_path, "A")
+        manager.start("A", _staged(), rd, preload=False, transport="http")
+        assert manager.progress("A") is not None
+        assert half.wait(20)
+        assert manager.progress("A") == FetchProgress("http", 5, 10)
+        assert manager.busy("A") and manager.shas() == {SHA}
+        copy = manager.progress_json()
+        copy["A"]["done"] = 999  # a copy: the manager's value does not change
+        assert manager.progress_json() == {"A": {"via": "http", "done": 5, "total": 10}}
+        finish.set()
+        wait_for(lambda: not manager.busy("A"), 20, "the download to end")
+        assert woken.wait(20)
+        assert manager.job("A").future.exception() is None
+        manager.forget("A")
+        assert manager.job("A") is None and manager.shas() == set()
+    finally:
+        finish.set()
+        manager.shutdown()
+
+
+class _Coord:
+    """Nothing of the coordinator is used by the download steps."""
+
+
+def _reconciler(tmp_path, fetch) -> tuple[ServiceReconciler, threading.Event]:
+    cfg = _cfg(tmp_path)
+    woken = threading.Event()
+    log = structlog.get_logger()
+    manager = FetchManager(cfg, None, woken.set, log, fetch)
+    ctx = HostContext(cfg=cfg, log=log, sup=SimpleNamespace(), local=LocalState(tmp_path),
+                      counters=trust.CounterLog(tmp_path), metrics=SimpleNamespace(),
+                      fetches=manager, dist=None, coord=_Coord(), wake=woken.set,
+                      connected=lambda: True, wake_by=lambda when: None)
+    return ServiceReconciler("A", ctx), woken
+
+
+def _view(staged: StagedRelease) -> decisions.ServiceView:
+    return decisions.ServiceView("A", None, staged, {}, [], [])
+
+
+def test_reconciler_reports_a_download_then_the_installed_release(tmp_path):
+    def fetch(svc, staged, rd, progress):
+        progress(3, 3)
+        write_marker(rd.path(staged.version), version=staged.version, sha256=staged.sha256)
+
+    r, _ = _reconciler(tmp_path, fetch)
+    try:
+        view = _view(_staged())
+        r.prefetch(view)
+        assert r.status.fetch == FetchStatus("2", "downloading")
+        wait_for(lambda: not r.ctx.fetches.busy("A"), 20, "the download to end")
+        r.prefetch(view)
+        assert r.status.fetch == FetchStatus("2", "installed", via="http")
+        assert r.published_fetch() == {}  # nothing failed: nothing for the store
+    finally:
+        r.ctx.fetches.shutdown()
+
+
+def test_reconciler_reads_a_failed_download_from_its_job_and_paces_the_retry(tmp_path):
+    calls = []
+
+    def fetch(svc, staged, rd, progress):
+        calls.append(staged.version)
+        raise VerificationError("bytes of sha256 " + OTHER_SHA, expected=SHA,
+                                actual=OTHER_SHA)
+
+    r, _ = _reconciler(tmp_path, fetch)
+    try:
+        view = _view(_staged())
+        r.prefetch(view)
+        wait_for(lambda: not r.ctx.fetches.busy("A"), 20, "the download to fail")
+        r.prefetch(view)
+        fetch_status = r.status.fetch
+        assert fetch_status is not None
+        assert (fetch_status.state, fetch_status.kind) == ("failed", "verify")
+        assert OTHER_SHA in (fetch_status.error or "")
+        assert r.ctx.fetches.job("A") is None  # the finished job was taken
+        # For the store: the failure without what was learnt from the fetched bytes.
+        published = r.published_fetch()
+        assert published["state"] == "failed" and OTHER_SHA not in published["error"]
+        assert SHA in published["error"]
+        r.prefetch(view)  # within FETCH_RETRY_SECS: no second download
+        assert calls == ["2"]
+    finally:
+        r.ctx.fetches.shutdown()
+
+
+def test_a_retry_keeps_the_last_error_in_view_and_in_the_store(tmp_path, monkeypatch):
+    """dcdeploy status counts hosts that failed to verify: a retry running does not hide
+    the failure before it."""
+    monkeypatch.setattr("supervisor_dcdeploy.agent.reconciler.FETCH_RETRY_SECS", 0.0)
+    go = threading.Event()
+    calls = []
+
+    def fetch(svc, staged, rd, progress):
+        calls.append(staged.version)
+        if len(calls) == 1:
+            raise DownloadError("HTTP 404 for file:///nowhere")
+        assert go.wait(20)
+
+    r, _ = _reconciler(tmp_path, fetch)
+    try:
+        view = _view(_staged())
+        r.prefetch(view)
+        wait_for(lambda: not r.ctx.fetches.busy("A"), 20, "the first download to fail")
+        r.prefetch(view)  # reads the failure and, the pause being 0 here, retries
+        assert r.ctx.fetches.busy("A")  # a second download started
+        r.prefetch(view)  # the next cycle, while the retry runs
+        assert r.status.fetch == FetchStatus("2", "downloading", via="http",
+                                             error="HTTP 404 for file:///nowhere",
+                                             kind="fetch")
+        assert r.published_fetch() == {"version": "2", "state": "downloading",
+                                       "error": "HTTP 404 for file:///nowhere",
+                                       "kind": "fetch"}
+        # A newer release is a new download, without the old release's error.
+        go.set()
+        wait_for(lambda: not r.ctx.fetches.busy("A"), 20, "the retry to end")
+        r.prefetch(_view(_staged("3", OTHER_SHA)))
+        assert r.status.fetch == FetchStatus("3", "downloading")
+    finally:
+        go.set()
+        r.ctx.fetches.shutdown()
