@@ -295,6 +295,8 @@ def test_s1_gate_online_is_recounted_from_the_recorded_view():
     sc.store(29.1, "current/b/h3", None)
     sc.store(30.0, "gate/b", {"host": "h1", "online": 3, "was_online": True, "quorum": 2,
                               "version": "v2", "item": "", "t": 30.0}, 4)
+    for host in ("h2", "h3"):  # their new sessions (L1 wants everyone back at the end)
+        sc.store(35.0, f"current/b/{host}", {"version": "v2"})
     r = only(status(sc.history()), "S1")
     assert "recorded view had 0 other host(s)" in r.counterexample
 
@@ -672,6 +674,7 @@ def test_s1_gate_record_of_a_host_not_online_takes_nothing_away():
     quorum=2 is then fine, whereas the same record from an online host is a violation."""
     sc = clean()
     sc.store(29.0, "current/a/h2", None)  # h2 lost its presence (session expired)
+    sc.store(35.0, "current/a/h2", {"version": "v2"})  # and registered again later
     sc.store(30.0, "gate/a", {"host": "h2", "online": 2, "quorum": 2, "version": "v2",
                               "item": "", "t": 30.0}, 4)
     assert status(sc.history())["S1"].status == "held"
@@ -698,3 +701,14 @@ def test_reboot_without_store_comes_back_on_its_own_version_then_catches_up():
     sc.serve("b", "h2", 37.0, "v2")
     results = status(sc.history())
     assert {p: r.status for p, r in results.items()} == {p: "held" for p in checker.PROPERTIES}
+
+
+def test_l1_host_serving_without_presence_at_the_end():
+    """h3 serves v2 at the end, but its entry left current/ (its supervisord died of a full
+    disk and took the agent along, seen on the testbed) and never came back: it is outside
+    the protocol, which L1 reports; the old check only looked at the versions served."""
+    sc = clean()
+    assert status(sc.history())["L1"].status == "held"
+    sc.store(30.0, "current/a/h3", None)
+    r = only(status(sc.history()), "L1")
+    assert "h3 serves a at the end without a serving entry in current/a" in r.counterexample

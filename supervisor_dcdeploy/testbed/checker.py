@@ -421,6 +421,17 @@ class Timeline:
                 present = e.get("data") is not None
         return present
 
+    def registered(self, svc: str, host: str, t: float) -> bool:
+        """Did the recorded view hold a serving ``current/<svc>/<host>`` entry at ``t``?
+        (False when never recorded: the recorder sees every entry present when it starts.)"""
+        state = False
+        for e in self.store:
+            if e["t"] > t:
+                break
+            if e["path"] == f"current/{svc}/{host}":
+                state = _serving(e)
+        return state
+
     def garbage_on(self, path: str, t: float) -> bool:
         return any("garbage" in f.effects and f.detail.get("path") == path
                    and f.start <= t <= f.end + 1.0 for f in self.faults.values())
@@ -861,6 +872,11 @@ def check_l1(tl: Timeline, p: Params) -> tuple[Found, str] | None:
             elif target is not None and last.version != target:
                 found.append((t, f"{host} serves {svc} {last.version} at the end, target "
                                  f"{target}"))
+            elif not tl.registered(svc, host, t):
+                # Serving, but outside the protocol: no gate counts it and it takes no part
+                # in the next deploy (its agent or supervisord gone, or no session).
+                found.append((t, f"{host} serves {svc} at the end without a serving entry "
+                                 f"in current/{svc}"))
     return found, ""
 
 

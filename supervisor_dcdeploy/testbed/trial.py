@@ -274,7 +274,8 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
                     log.warning("trial.resume_failed", error=str(exc))
                 continue
             if not _deploy_active(bed) and all(
-                    bed.version(h, s) == want[s] for s in services for h in bed.hosts):
+                    bed.version(h, s) == want[s] for s in services for h in bed.hosts) \
+                    and _all_present(bed):
                 converged = True
                 break
             time.sleep(0.25)
@@ -300,6 +301,17 @@ def abort_if_stuck(bed: Testbed) -> None:
             ops.abort(bed.store)
     except ops.OpError:
         pass
+
+
+def _all_present(bed: Testbed) -> bool:
+    """Every host registered (``current/<svc>/<host>``) for every service: serving is not
+    enough, a host whose agent or supervisord is gone serves outside the protocol (L1)."""
+    assert bed.store is not None
+    try:
+        return all(set(bed.hosts) <= set(bed.store.children(f"current/{svc}"))
+                   for svc in bed.services)
+    except Exception:  # noqa: BLE001 - store busy (leader election): look again later
+        return False
 
 
 def _failed_head(bed: Testbed):
