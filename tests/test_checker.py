@@ -712,3 +712,29 @@ def test_l1_host_serving_without_presence_at_the_end():
     sc.store(30.0, "current/a/h3", None)
     r = only(status(sc.history()), "L1")
     assert "h3 serves a at the end without a serving entry in current/a" in r.counterexample
+
+
+def test_l3_a_sample_in_flight_when_the_link_is_cut_belongs_to_the_cut():
+    """h2's link is cut for 32 s (longer than switch_max: L2's long fault). The prober's
+    last request before the cut started 10 ms before the fault was recorded and never got
+    an answer, so the down run starts just before the fault's window: it is the cut's, not
+    a 32 s outage while cut off (CI chaos seed 13, trial 5, flagged by the old L3). With
+    the host observable (store_filter), a refusal while cut off is still reported."""
+    def cut_h2(kind: str, effects: list[str]) -> Scenario:
+        sc = clean()
+        sc.end = 70.0
+        sc.events = [e for e in sc.events if e["kind"] != "final"]
+        sc.add(30.02, "fault", fault=kind, phase="start", id="c", hosts=["h2"],
+               effects=effects, detail={})
+        sc.add(62.0, "fault", fault=kind, phase="end", id="c", hosts=["h2"], detail={})
+        sc.add(70.0, "final", settled=True)
+        return sc
+    sc = cut_h2("link_cut", ["store_cut", "unobservable"])
+    sc.timeouts[("a", "h2")] = (30.0, 62.0)
+    sc.timeouts[("b", "h2")] = (30.0, 62.0)
+    assert [p for p, r in status(sc.history()).items() if r.status == "violated"] == []
+    sc = cut_h2("store_filter", ["store_cut"])
+    sc.serve("b", "h2", 35.0, None)
+    sc.serve("b", "h2", 40.0, "v2")
+    r = only(status(sc.history()), "L3")
+    assert "h2 stopped serving b while cut off" in r.counterexample
