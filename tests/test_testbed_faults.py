@@ -119,7 +119,7 @@ def test_checker_catches_an_unrecorded_take_down_on_the_live_testbed(bed, tmp_pa
     The rogue holds the three hosts' agents (SIGSTOP) while a is stopped: an agent is a
     supervisord event listener and starts a stopped service again from local state within
     0.1-0.3 s (docs/design.md §4.7). Without the hold the three outages overlapped only for
-    whatever the time between the rogue's XML-RPC calls left: 0.04 s on an idle machine,
+    whatever the time between the rogue's XML-RPC calls left: 0.04 s in a passing run,
     nothing with 0.15 s between the calls, and S1 rightly "held" under the full suite's
     load. Held agents cannot undo it, and the rogue checks a stayed stopped on all three."""
     from supervisor_dcdeploy.hostenv import host_rpc
