@@ -738,3 +738,28 @@ def test_l3_a_sample_in_flight_when_the_link_is_cut_belongs_to_the_cut():
     sc.serve("b", "h2", 40.0, "v2")
     r = only(status(sc.history()), "L3")
     assert "h2 stopped serving b while cut off" in r.counterexample
+
+
+def test_s1_timeouts_under_injected_loss_are_the_faults():
+    """h2 takes a down through the gate while h3 suffers injected packet loss (netem) and
+    one request to it gets no answer: the fault's doing, not a take-down (chaos seed 1403,
+    trial 0). Refused requests instead, or the same timeouts with no fault on h3: counted."""
+    def lossy(fault: bool) -> Scenario:
+        sc = clean()
+        if fault:
+            sc.add(28.9, "fault", fault="netem", phase="start", id="n", hosts=["h3"],
+                   effects=["network"], detail={})
+            sc.add(31.0, "fault", fault="netem", phase="end", id="n", hosts=["h3"],
+                   detail={})
+        sc.switch("a", "h2", 29.5, "v2", item="", gate=4)
+        return sc
+    sc = lossy(True)
+    sc.timeouts[("a", "h3")] = (29.0, 30.0)
+    assert status(sc.history())["S1"].status == "held"
+    sc = lossy(False)
+    sc.timeouts[("a", "h3")] = (29.0, 30.0)
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample
+    sc = lossy(True)
+    sc.serve("a", "h3", 29.0, None)
+    sc.serve("a", "h3", 30.0, "v2")
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample
