@@ -423,7 +423,14 @@ class DiskFull(Fault):
         real host (provision/host.sh installs such a unit): kill the leftovers, restart."""
         host = self.bed.hosts[self.name]
         Path(host.layout.root / ".ballast").unlink(missing_ok=True)
-        if host.supervisord_pid() is None:
+        # A supervisord that hit ENOSPC just before the space came back is still alive for a
+        # while (it writes the traceback, to the same full disk, then leaves its loop): a
+        # pid check alone missed one on a loaded machine, and the host went on without
+        # supervisord or agent. Its main loop answering a call made after the space came
+        # back shows it survived: the failing write would have ended the loop first.
+        survived = _answers_after(host)
+        self.detail["supervisord_after_heal"] = "answered" if survived else "gone"
+        if not survived:
             self.detail["supervisord_died"] = True
             self._crashed()
             if self.writer is not None:
@@ -431,6 +438,34 @@ class DiskFull(Fault):
             self.bed.kill_host(self.name)
             self.bed.start_host(self.name)
             wait_rpc(host.layout, timeout=30)
+
+
+def _answers_after(host: Any, timeout: float = 20.0) -> bool:
+    """True once ``host``'s supervisord answers an XML-RPC call, False when it has no live
+    pid (or no answer within ``timeout``: treated as dead, the heal restarts it)."""
+    import threading
+
+    from ..hostenv import host_rpc
+    answered = threading.Event()
+
+    def call() -> None:
+        try:
+            host_rpc(host.layout).supervisor.getState()
+            answered.set()
+        except Exception:  # noqa: BLE001 - refused or reset: it died
+            pass
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if host.supervisord_pid() is None:
+            return False
+        worker = threading.Thread(target=call, daemon=True)
+        worker.start()
+        worker.join(max(0.0, deadline - time.monotonic()))
+        if answered.is_set():
+            return True
+        time.sleep(0.1)  # refused: look at the pid again
+    return False
 
 
 class Garbage(Fault):
