@@ -10,7 +10,7 @@ import the mutant. There is no switch in the product: the mutants exist only her
 
     A  no quorum check in the gate decision (decisions.may_take_down)
     B  no sync() and no fresh read before the gate: the agent commits on the view it read at
-       the start of its cycle (agent/worker.py, pass_gate_and_switch)
+       the start of its cycle (agent/reconciler.py, pass_gate_and_switch)
     C  (beyond issue 14) the gate commit without its version checks on the gate node and
        the deploy item
 
@@ -72,24 +72,26 @@ MUTANTS = (
               "    pass  # mutant A: no quorum check\n"),
     )),
     Mutant("B", "no sync() and no fresh read before the gate: the agent decides and commits "
-                "on the view read at the start of its cycle (worker.pass_gate_and_switch)", (
-        Patch("supervisor_dcdeploy/agent/worker.py",
-              "        self.store.sync()\n"
-              "        fresh = read_view(self.store, svc)"
-              "  # queue, gate, current, staging: all after sync\n",
-              "        fresh = self._views[svc]  # mutant B: the cycle's (stale) view\n"),
+                "on the view read at the start of its cycle (reconciler.pass_gate_and_switch)", (
+        Patch("supervisor_dcdeploy/agent/reconciler.py",
+              "        fresh = self._trusted(ctx.coord.fresh_view(svc))"
+              "  # as fresh as sync() makes it\n",
+              "        fresh = self.view  # mutant B: the cycle's (stale) view\n"),
     )),
     # Not asked for by issue 14; here to show what the two-host race guards. The item's
     # version check alone also stops a concurrent take-down while a deploy item is head,
     # so both checks go.
     Mutant("C", "the gate commit without its version checks (gate node and deploy item): "
                 "two hosts that read the same gate both commit", (
-        Patch("supervisor_dcdeploy/agent/worker.py",
-              'SetData(f"gate/{svc}", dumps(gate), fresh.gate_version)',
-              'SetData(f"gate/{svc}", dumps(gate))'),
-        Patch("supervisor_dcdeploy/agent/worker.py",
-              'SetData(f"deploy/{head.node}", item, head.data_version)',
-              'SetData(f"deploy/{head.node}", item)'),
+        Patch("supervisor_dcdeploy/coord.py",
+              "ops: list = [SetData(layout.gate(svc), dumps(gate), fresh.gate_version)]",
+              "ops: list = [SetData(layout.gate(svc), dumps(gate))]"),
+        Patch("supervisor_dcdeploy/coord.py",
+              "ops.append(SetData(layout.item(head.node), item_data(head), head.data_version))",
+              "ops.append(SetData(layout.item(head.node), item_data(head)))"),
+        Patch("supervisor_dcdeploy/coord.py",
+              "            ops.append(Check(layout.item(head.node), head.data_version))\n",
+              "            pass  # mutant C: no check of the item's version\n"),
     )),
 )
 CONTROL = Mutant("control", "the unpatched package, through the same machinery", ())
