@@ -330,6 +330,12 @@ class MirrorCoordinator(Coordinator):
         self._generation = 0  # moves on every session change: a load in flight is void
         self.notifications = 0
         self._reader = _MirrorReader(self._mirror, self._gates)
+        # No herd (docs/design.md §4.6), as the re-reading coordinator's one-shot watches
+        # do it: every notification updates the mirror, but only one that can change this
+        # host's next decision wakes it. Until a cycle says otherwise a host is at the front.
+        self._front: dict[str, bool] = {}
+        self._ahead: dict[str, frozenset[str]] = {}  # svc -> ready entries it waits on
+        self.wakeups = 0  # notifications that woke the agent (the rest wait for its next cycle)
 
     def _followed(self) -> list[str]:
         out = [layout.DEPLOY]
@@ -343,7 +349,59 @@ class MirrorCoordinator(Coordinator):
         with self._lock:
             self.notifications += 1
             self._events.append((self.notifications, kind, path))
-        self._wake()
+            wake = self._wakes(path)
+            if wake:
+                self.wakeups += 1
+        if wake:
+            self._wake()
+
+    def _wakes(self, path: str) -> bool:
+        """Whether a change of ``path`` can change this host's next decision. Deploy items,
+        the spec, the staged release and the released version concern every host. Presences,
+        ready entries and the gate concern a host at the front (it may pass the gate now, or
+        must complete the item); a host further back only the k entries just ahead of it
+        (one must go before it can be eligible, see ``Agent._arm_queue_watches``) and its
+        own nodes. The others learn of those changes at their next cycle, woken by one of
+        the above or by ``poll_interval``."""
+        parts = layout.split(path)
+        if parts[0] not in (layout.CURRENT, layout.STAGING, layout.GATE) or len(parts) < 2:
+            return True
+        svc = parts[1]
+        if (parts[0] == layout.STAGING and len(parts) == 2) or self._front.get(svc, True):
+            return True
+        if len(parts) != 3:
+            return False
+        if parts[0] == layout.CURRENT:
+            return parts[2] == self.host
+        if parts[0] == layout.STAGING:
+            return parts[2].rpartition("-")[0] == self.host or path in self._ahead.get(svc, ())
+        return False
+
+    def _rearm(self) -> None:
+        """After the front or the entries waited on changed: a notification that arrived
+        during the cycle, judged by the old ones, may matter now (it is not applied yet)."""
+        with self._lock:
+            wake = any(self._wakes(path) for _, _, path in self._events)
+        if wake:
+            self._wake()
+
+    def set_front(self, svc: str, front: bool) -> None:  # noqa: D102
+        if self._front.get(svc) == front and not self._ahead.get(svc):
+            return
+        with self._lock:
+            self._front[svc] = front
+            self._ahead[svc] = frozenset()
+        self._rearm()
+
+    def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:  # noqa: D102
+        paths = frozenset(layout.ready_entry(svc, node) for node in nodes)
+        if self._ahead.get(svc) == paths:
+            return
+        with self._lock:
+            self._ahead[svc] = paths
+        if any(path not in self._mirror.nodes for path in paths):
+            self._wake()  # gone already: look again now
+        self._rearm()
 
     def _cut(self) -> Callable[[], None]:
         """A mark for :meth:`Store.sync_marked`: remembers how many notifications had

@@ -78,3 +78,65 @@ def test_a_gate_read_afresh_matches_the_mirror():
     assert view.gate_version == 6 and "h4" not in view.current
     # Not counted twice: the next gate (no change meanwhile) uses 6 again.
     assert coord.fresh_view("A").gate_version == 6
+
+
+class Wakes:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_only_what_can_change_the_decision_wakes_a_host_further_back():
+    store = Double()
+    ahead = ("h0-0000000001", "h2-0000000002")
+    for node in (*ahead, "h1-0000000003", "h3-0000000004"):
+        store.nodes[f"staging/A/{node}"] = (dumps({"version": "2"}), 0)
+    wakes = Wakes()
+    coord = MirrorCoordinator(store, "h1", ["A"], wakes)  # type: ignore[arg-type]
+    coord.follow()
+    coord._notified("deleted", "current/A/h4")
+    assert wakes.count == 1  # at first every host counts as at the front
+    coord.follow()
+    coord.set_front("A", False)
+    coord.wait_ahead("A", list(ahead))
+    wakes.count = 0
+    for kind, path in [("deleted", "current/A/h3"), ("created", "current/A/h3"),
+                       ("changed", "gate/A"), ("deleted", "staging/A/h3-0000000004")]:
+        coord._notified(kind, path)
+    assert wakes.count == 0  # other hosts' switches behind or beside it: not woken
+    coord._notified("deleted", f"staging/A/{ahead[0]}")
+    assert wakes.count == 1  # one of the k entries just ahead went
+    coord._notified("deleted", "current/A/h1")
+    assert wakes.count == 2  # its own presence
+    for path in ("deploy/item-0000000001", "services/A", "staging/A", "released/A"):
+        coord._notified("changed", path)
+    assert wakes.count == 6  # the queue, spec, staged release and released: everyone
+    # Nothing was lost: the next cycle applies every notification to the mirror.
+    del store.nodes["current/A/h4"]
+    coord.follow()
+    assert "h4" not in coord.view("A", [], []).current
+
+
+def test_a_change_during_the_cycle_wakes_once_it_matters():
+    store = Double()
+    wakes = Wakes()
+    coord = MirrorCoordinator(store, "h1", ["A"], wakes)  # type: ignore[arg-type]
+    coord.follow()
+    coord.set_front("A", False)
+    coord.follow()
+    wakes.count = 0
+    # Arrives while the cycle still judges by "not at the front"; the same cycle then
+    # finds the host at the front: the pending change must wake it.
+    coord._notified("changed", "gate/A")
+    assert wakes.count == 0
+    coord.set_front("A", True)
+    assert wakes.count == 1
+    # Likewise an entry it now waits on that went before the wait was armed.
+    coord.follow()
+    coord.set_front("A", False)
+    wakes.count = 0
+    coord._notified("created", "staging/A/h0-0000000009")
+    coord.wait_ahead("A", ["h0-0000000009"])
+    assert wakes.count >= 1
