@@ -29,8 +29,9 @@ Per N, one JSON line:
 - ``clients_cpu_s``: CPU seconds of the worker processes (all N agents) over
   ``deploy_wall_s``, the deploy's window; ``cpu_util``: the whole machine's CPU busy share
   over that window (``/proc/stat``, every process, other users' too), with ``cores`` and
-  ``loadavg``. When ``cpu_util`` is near 1 the makespan is this machine's limit as much as
-  the protocol's.
+  ``loadavg``; ``timer_late_ms_p50``/``_p99``: how late a 10 ms sleep of the bench's own
+  idle process woke during the deploy (the scheduling delay every hop pays). When
+  ``cpu_util`` is near 1 the makespan is this machine's limit as much as the protocol's.
 
 Progress goes to stderr (structlog); agents' own logs are shown from level warning up.
 
@@ -167,6 +168,40 @@ def cpu_times() -> tuple[float, float]:
 def own_cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
+
+
+class LatenessProbe:
+    """How late a 10 ms sleep of this (otherwise idle) process wakes up: the machine's
+    scheduling delay, which every hop of the protocol (agent thread, kazoo thread, the
+    ZooKeeper server's threads) pays too on a loaded machine."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period = period
+        self.late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lateness", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            time.sleep(self.period)
+            self.late.append(time.monotonic() - t0 - self.period)
+
+    def __enter__(self) -> "LatenessProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict[str, float | None]:
+        late = sorted(self.late)
+        if not late:
+            return {"timer_late_ms_p50": None, "timer_late_ms_p99": None}
+        return {"timer_late_ms_p50": round(1e3 * late[len(late) // 2], 1),
+                "timer_late_ms_p99": round(1e3 * late[min(len(late) - 1,
+                                                          int(len(late) * 0.99))], 1)}
 
 
 # -- a worker process: a slice of the hosts ------------------------------------------------
@@ -449,7 +484,8 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
         reporter = threading.Thread(target=report, daemon=True)
         reporter.start()
         try:
-            wait_gone(store, f"deploy/{item.node}", timeout=args.deploy_timeout)
+            with LatenessProbe() as probe:
+                wait_gone(store, f"deploy/{item.node}", timeout=args.deploy_timeout)
         finally:
             progress.set()
             reporter.join()
@@ -476,7 +512,7 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
             "zk_cpu_s": round(deploy["cpu"], 2),
             # The machine during the deploy: every process's CPU (other users' too).
             "cpu_util": round(deploy["cpu_util"], 3), "cores": os.cpu_count(),
-            "loadavg": round(loadavg, 1),
+            "loadavg": round(loadavg, 1), **probe.report(),
             # the bound's inputs
             "bound_nominal_s": round(nominal, 2),
             "ratio_nominal": round(makespan / nominal, 3),
