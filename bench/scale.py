@@ -21,6 +21,8 @@ Per N, one JSON line:
   this bench's own requests, divided by N. ``client_requests_per_upgrade``: the same from the
   agents' own counters (:class:`OpCounter`; it counts ``sync`` as a read and a multi as one
   write, ZooKeeper counts ``exists`` as a read, not ``sync``, and each op of a multi).
+  ``requests_per_upgrade_less_idle``: the same less what the idle rate below sends over the
+  deploy's window (the periodic access check, which a long deploy also runs).
 - ``idle_requests_per_s_per_host``: the same server count over ``--idle-secs`` with no deploy
   running (after the deploy, the fleet on the released version), per second and host.
 - ``notifications_per_upgrade``: watch events delivered to the agents' store clients during
@@ -519,6 +521,11 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
             "switch_mean_s": round(sum(switches) / len(switches), 3),
             "switch_max_s": round(max(switches), 3),
             # cross-checks and context
+            # The periodic access check (store_check_secs) runs during the deploy too, and a
+            # deploy lasts ceil(N / k) rounds: its share grows with N at a fixed k. This is
+            # the count less the idle rate over the deploy's window.
+            "requests_per_upgrade_less_idle": round(
+                (deploy["server"] - idle["server"] / idle["secs"] * deploy["secs"]) / n, 1),
             "client_requests_per_upgrade": round(deploy["client"] / n, 1),
             "server_reads_per_upgrade": round(deploy["server_reads"] / n, 1),
             "server_writes_per_upgrade": round(deploy["server_writes"] / n, 1),

@@ -24,6 +24,7 @@ import json
 import threading
 import time
 from collections import deque
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 from .decisions import ServiceView
@@ -133,6 +134,11 @@ class Coordinator:
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self.store.children(layout.staged(svc))
                 if node.rpartition("-")[0] == self.host]
+
+    def rejoin(self, svc: str, version: str, rack: str) -> None:
+        """Back from a switch: register as serving ``version`` and leave the ready queue."""
+        self.register(svc, version, rack)
+        self.leave_queue(svc)
 
     # -- the gate, failure, completion ---------------------------------------------------
     def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None) -> bool:
@@ -272,6 +278,17 @@ class _Mirror:
                        if p.startswith(prefix)})
 
 
+@lru_cache(maxsize=64)
+def _assumed_entry(staged: bytes | None) -> bytes:
+    """The value taken for another host's unread ready entry: the staged version (parsed
+    once per staged value, not once per entry and cycle)."""
+    try:
+        assumed = json.loads(staged or b"{}").get("version")
+    except (ValueError, AttributeError):
+        assumed = None
+    return dumps({"version": assumed if isinstance(assumed, str) else "?"})
+
+
 class _MirrorReader:
     """A read-only :class:`Store` face of the mirror, so :mod:`.snapshot` builds the same
     :class:`ServiceView` from it as from the store. Another host's ready-queue entry is
@@ -294,11 +311,7 @@ class _MirrorReader:
         data, version = found
         if data is None and parts[0] == layout.STAGING and len(parts) == 3:
             staged = self.mirror.nodes.get(layout.staged(parts[1]))
-            try:
-                assumed = json.loads(staged[0] or b"{}").get("version") if staged else None
-            except (ValueError, AttributeError):
-                assumed = None
-            data = dumps({"version": assumed if isinstance(assumed, str) else "?"})
+            data = _assumed_entry(staged[0] if staged else None)
         return data or b"", version
 
     def exists(self, path: str, watch=None) -> int | None:
@@ -336,6 +349,11 @@ class MirrorCoordinator(Coordinator):
         self._front: dict[str, bool] = {}
         self._ahead: dict[str, frozenset[str]] = {}  # svc -> ready entries it waits on
         self.wakeups = 0  # notifications that woke the agent (the rest wait for its next cycle)
+        # A cycle woken by poll_interval with nothing new builds no view: the last one is
+        # kept until the mirror changes (building it walks every presence and entry).
+        self._changes = 0
+        self._last_queue: tuple[int, tuple[list[DeployItem], list[str]]] | None = None
+        self._last_views: dict[str, tuple[int, object, tuple[str, ...], ServiceView]] = {}
 
     def _followed(self) -> list[str]:
         out = [layout.DEPLOY]
@@ -424,6 +442,7 @@ class MirrorCoordinator(Coordinator):
 
     def _contended(self, svc: str) -> None:
         self._stale_gates.add(svc)  # read the gate's version afresh next time
+        self._changes += 1
 
     # -- loading and applying --------------------------------------------------------------
     def follow(self) -> None:
@@ -454,6 +473,7 @@ class MirrorCoordinator(Coordinator):
                 else:
                     self._read_into(mirror, sub)
         self._mirror.nodes = mirror.nodes
+        self._changes += 1
         self._stale_gates = set()
         for svc in self.services:
             self._own[svc] = {}
@@ -484,6 +504,8 @@ class MirrorCoordinator(Coordinator):
             events = []
             while self._events and (upto is None or self._events[0][0] <= upto):
                 events.append(self._events.popleft()[1:])
+        if events:
+            self._changes += 1
         for kind, path in events:  # the gate: every event counts
             parts = layout.split(path)
             if parts[0] == layout.GATE and len(parts) == 2 and parts[1] != uncounted:
@@ -515,13 +537,19 @@ class MirrorCoordinator(Coordinator):
 
     def _wrote(self, path: str, data: bytes) -> None:
         self._mirror.nodes[path] = (data, 0)
+        self._changes += 1
 
     def _gone(self, path: str) -> None:
         self._mirror.nodes.pop(path, None)
+        self._changes += 1
 
     # -- views ------------------------------------------------------------------------------
     def queue(self) -> tuple[list[DeployItem], list[str]]:
-        return read_queue(self._reader)  # type: ignore[arg-type]
+        if self._last_queue is not None and self._last_queue[0] == self._changes:
+            return self._last_queue[1]
+        result = read_queue(self._reader)  # type: ignore[arg-type]
+        self._last_queue = (self._changes, result)
+        return result
 
     def fresh_view(self, svc: str) -> ServiceView:
         """``sync()``: every notification up to now has then arrived on this connection
@@ -539,6 +567,7 @@ class MirrorCoordinator(Coordinator):
                 _, self._gates[svc] = store.get_marked(layout.gate(svc), self._cut())
             except NoNode:
                 self._gates[svc] = -1
+            self._changes += 1
             self._stale_gates.discard(svc)
             uncounted: str | None = svc
         else:
@@ -563,13 +592,18 @@ class MirrorCoordinator(Coordinator):
         first. A hand-written presence with another state is counted as serving until
         read: no more than a host can already do (it may create siblings, see
         docs/security-zk.md)."""
+        last = self._last_views.get(svc)
+        if last is not None and last[0] == self._changes and last[1] is queue \
+                and last[2] == tuple(queue_invalid):
+            return last[3]
         view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
         unread = {host: CurrentEntry(host=host, version="")
                   for host in self._mirror.children(layout.presence_dir(svc))
                   if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
-        if not unread:
-            return view
-        return replace(view, current={**view.current, **unread})
+        if unread:
+            view = replace(view, current={**view.current, **unread})
+        self._last_views[svc] = (self._changes, queue, tuple(queue_invalid), view)
+        return view
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
         unread = [h for h, e in view.current.items() if e.version == ""]
@@ -577,11 +611,35 @@ class MirrorCoordinator(Coordinator):
             return view
         for host in unread:
             self._read_into(self._mirror, layout.presence(svc, host))
+        self._changes += 1
         return replace(view, current=self.view(svc, list(view.queue), []).current)
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))
                 if node.rpartition("-")[0] == self.host]
+
+    def rejoin(self, svc: str, version: str, rack: str) -> None:
+        """Both in one commit: the next host in the queue waits for our entry to go, so
+        this is one round trip (and one fsync on the server) less between two switches.
+        When the commit fails (our presence is there already, an entry went meanwhile),
+        the two steps apart, each of which copes with that."""
+        entries = self._own_entries(svc)
+        if self.host in self._mirror.children(layout.presence_dir(svc)) or not entries:
+            super().rejoin(svc, version, rack)
+            return
+        data = dumps({"version": version, "state": "serving", "since": time.time(),
+                      "rack": rack})
+        path = layout.presence(svc, self.host)
+        try:
+            self.store.commit([Create(path, data, ephemeral=True)] +
+                              [Delete(layout.ready_entry(svc, node)) for node in entries])
+        except TransactionFailed:
+            super().rejoin(svc, version, rack)
+            return
+        self._wrote(path, data)
+        for node in entries:
+            self._own[svc].pop(layout.ready_entry(svc, node), None)
+            self._gone(layout.ready_entry(svc, node))
 
 
 def coordinator_for(store: Store, host: str, services: Sequence[str],

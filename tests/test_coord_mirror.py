@@ -140,3 +140,89 @@ def test_a_change_during_the_cycle_wakes_once_it_matters():
     coord._notified("created", "staging/A/h0-0000000009")
     coord.wait_ahead("A", ["h0-0000000009"])
     assert wakes.count >= 1
+
+
+class WritingDouble(Double):
+    """Also takes writes: ``commit`` applies a multi whole or raises, like ZooKeeper's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits: list[list] = []
+        self.calls: list[str] = []
+
+    def commit(self, ops) -> None:
+        from supervisor_dcdeploy.store import Create, Delete, NodeExists, TransactionFailed
+        self.commits.append(list(ops))
+        for i, op in enumerate(ops):
+            if isinstance(op, Create) and op.path in self.nodes:
+                raise TransactionFailed(i, NodeExists(op.path))
+            if isinstance(op, Delete) and op.path not in self.nodes:
+                raise TransactionFailed(i, NoNode(op.path))
+        for op in ops:
+            if isinstance(op, Create):
+                self.nodes[op.path] = (op.data, 0)
+            else:
+                del self.nodes[op.path]
+
+    def create(self, path, data=b"", ephemeral=False, sequential=False):
+        self.calls.append(f"create {path}")
+        self.nodes[path] = (data, 0)
+        return path
+
+    def delete(self, path, version=-1):
+        self.calls.append(f"delete {path}")
+        if path not in self.nodes:
+            raise NoNode(path)
+        del self.nodes[path]
+
+
+def test_back_from_a_switch_registers_and_leaves_the_queue_in_one_commit():
+    from supervisor_dcdeploy.store import Create, Delete
+    store = WritingDouble()
+    del store.nodes["current/A/h1"]  # h1 passed the gate: its presence went
+    store.nodes["staging/A/h1-0000000003"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    coord.rejoin("A", "2", "r1")
+    (ops,) = store.commits
+    assert [type(op) for op in ops] == [Create, Delete]
+    assert ops[0].path == "current/A/h1" and ops[0].ephemeral
+    assert ops[1].path == "staging/A/h1-0000000003"
+    assert store.calls == []
+    view = coord.view("A", [], [])
+    assert view.current["h1"].version == "2" and not view.staging
+
+
+def test_rejoin_falls_back_to_two_steps_when_the_commit_fails():
+    store = WritingDouble()
+    del store.nodes["current/A/h1"]
+    store.nodes["staging/A/h1-0000000003"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    store.nodes["current/A/h1"] = (b"{}", 0)  # registered meanwhile (not in the mirror yet)
+    coord.rejoin("A", "2", "r1")
+    assert len(store.commits) == 1  # tried, refused whole
+    assert store.calls == ["create current/A/h1", "delete staging/A/h1-0000000003"]
+    assert "staging/A/h1-0000000003" not in store.nodes
+
+
+def test_a_cycle_with_nothing_new_reuses_the_view_and_any_change_renews_it():
+    store = Double()
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    queue, invalid = coord.queue()
+    first = coord.view("A", queue, invalid)
+    coord.follow()  # a periodic wake-up: nothing arrived
+    assert coord.queue()[0] is queue
+    assert coord.view("A", *coord.queue()) is first
+    del store.nodes["current/A/h4"]
+    coord._notified("deleted", "current/A/h4")
+    coord.follow()
+    again = coord.view("A", *coord.queue())
+    assert again is not first and "h4" not in again.current
+    coord._gone("current/A/h1")  # what unregister records after deleting our presence
+    assert "h1" not in coord.view("A", *coord.queue()).current
+    store.nodes["gate/A"] = (b"{}", 7)
+    coord._contended("A")  # the gate's version is read afresh at the next gate
+    assert coord.fresh_view("A").gate_version == 7
+    assert coord.view("A", *coord.queue()).gate_version == 7

@@ -686,8 +686,8 @@ class Agent:
     def _after_switch(self, svc: str, version: str) -> None:
         self._switched.add(svc)
         try:
-            self._register(svc, version)
-            self._leave_queue(svc)
+            self.coord.rejoin(svc, version, self.cfg.rack)  # register + leave the queue
+            self.log.info("presence.registered", svc=svc, version=version)
         except StoreError as exc:
             # The next cycle registers again (presence is checked every cycle).
             self.log.warning("presence.deferred", svc=svc, error=str(exc))
