@@ -16,6 +16,8 @@ Per N, one JSON line:
   with k = min(max_parallel, online − quorum), from the switches as they were measured in
   the same run (see :func:`lower_bound`); ``ratio`` = makespan / bound.
   ``bound_nominal_s``: the same with stop = 0 and start = ``--switch-secs``.
+  ``handoff_ms_*``: the rest of each round, from a switch's end to the stop it let through
+  (see :func:`handoffs`).
 - ``requests_per_upgrade``: requests under ``/dc`` counted by ZooKeeper itself (``mntr``
   per-namespace counters, no pings) from the deploy's start until 1 s after its end, minus
   this bench's own requests, divided by N. ``client_requests_per_upgrade``: the same from the
@@ -119,6 +121,8 @@ class SimSupervisor:
         self.starts = 0
         self.stopped_at: float | None = None
         self.switches: list[float] = []
+        self.stops: list[float] = []  # time.monotonic(): one clock for every process here
+        self.dones: list[float] = []
 
     def state(self, program: str) -> str:
         if self.starting:
@@ -128,6 +132,7 @@ class SimSupervisor:
     def stop(self, program: str) -> None:
         self.running = False
         self.stopped_at = time.monotonic()
+        self.stops.append(self.stopped_at)
 
     def start(self, program: str) -> None:
         self.starting = True
@@ -135,7 +140,8 @@ class SimSupervisor:
         self.running, self.starting = True, False
         self.starts += 1
         if self.stopped_at is not None:
-            self.switches.append(time.monotonic() - self.stopped_at)
+            self.dones.append(time.monotonic())
+            self.switches.append(self.dones[-1] - self.stopped_at)
             self.stopped_at = None
 
 
@@ -149,6 +155,21 @@ def lower_bound(switches: Sequence[float], n: int, k: int, healthy_secs: float) 
         raise ValueError("a bound needs the measured switches and k >= 1")
     each = [s + healthy_secs for s in switches]
     return max(sum(each) / k, math.ceil(n / k) * min(each))
+
+
+def handoffs(stops: Sequence[float], dones: Sequence[float], k: int) -> list[float]:
+    """The coordination time of each round: with k slots, the i-th stop of the fleet (in
+    time order, i >= k) waited for the (i - k)-th switch to finish; the gap between the two
+    is the hand-off (the switched host re-registering and leaving the queue, the next host
+    notified, its cycle, sync and gate commit). Negative gaps cannot occur when at most k
+    hosts are down at once."""
+    stops, dones = sorted(stops), sorted(dones)
+    return [stops[i] - dones[i - k] for i in range(k, len(stops)) if i - k < len(dones)]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
 
 
 def split_hosts(n: int, procs: int) -> list[list[int]]:
@@ -165,6 +186,14 @@ def cpu_times() -> tuple[float, float]:
     idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
     total = sum(fields[:8])
     return total - idle, total
+
+
+def handoff_report(gaps: list[float]) -> dict[str, float | None]:
+    if not gaps:
+        return {"handoff_ms_mean": None, "handoff_ms_p50": None, "handoff_ms_p90": None}
+    return {"handoff_ms_mean": round(1e3 * sum(gaps) / len(gaps), 1),
+            "handoff_ms_p50": round(1e3 * percentile(gaps, 0.5), 1),
+            "handoff_ms_p90": round(1e3 * percentile(gaps, 0.9), 1)}
 
 
 def own_cpu() -> float:
@@ -261,7 +290,7 @@ def worker_main(conn, workdir: str, url: str, hosts: list[int], args: argparse.N
 
 def worker_counts(agents: list[Agent]) -> dict:
     counts = {"requests": 0, "notifications": 0, "wakeups": 0, "cycles": 0, "starts": 0,
-              "upgraded": 0, "switches": [], "cpu": own_cpu()}
+              "upgraded": 0, "switches": [], "stops": [], "dones": [], "cpu": own_cpu()}
     for agent in agents:
         counts["requests"] += agent.store.ops.total
         counts["notifications"] += agent.store.ops.notifications
@@ -270,6 +299,8 @@ def worker_counts(agents: list[Agent]) -> dict:
         sup = agent.sup
         counts["starts"] += sup.starts  # type: ignore[attr-defined]
         counts["switches"] += sup.switches  # type: ignore[attr-defined]
+        counts["stops"] += sup.stops  # type: ignore[attr-defined]
+        counts["dones"] += sup.dones  # type: ignore[attr-defined]
         counts["upgraded"] += agent.local.get(SVC).active == "2"
     return counts
 
@@ -348,7 +379,8 @@ class Fleet:
     def counts(self) -> dict:
         """The agents' own counters, summed over the workers, and the workers' CPU."""
         total: dict = {"requests": 0, "notifications": 0, "wakeups": 0, "cycles": 0,
-                       "starts": 0, "upgraded": 0, "switches": [], "cpu": 0.0}
+                       "starts": 0, "upgraded": 0, "switches": [], "stops": [], "dones": [],
+                       "cpu": 0.0}
         with self._pipe:
             for _, conn in self.workers:
                 conn.send("counts")  # type: ignore[attr-defined]
@@ -520,6 +552,9 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
             "ratio_nominal": round(makespan / nominal, 3),
             "switch_mean_s": round(sum(switches) / len(switches), 3),
             "switch_max_s": round(max(switches), 3),
+            # the rest of each round (the fleet switched once only: every stop and finish
+            # the workers recorded belongs to this deploy)
+            **handoff_report(handoffs(after.agents["stops"], after.agents["dones"], k)),
             # cross-checks and context
             # The periodic access check (store_check_secs) runs during the deploy too, and a
             # deploy lasts ceil(N / k) rounds: its share grows with N at a fixed k. This is

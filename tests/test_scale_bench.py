@@ -52,3 +52,14 @@ def test_every_host_goes_to_exactly_one_worker(n, procs):
 def test_procs_must_be_positive():
     with pytest.raises(SystemExit):
         scale.parse_args(["--hosts", "10", "--procs", "0"])
+
+
+def test_each_round_s_hand_off_is_the_gap_from_a_finish_to_the_stop_it_let_through():
+    # k = 2: hosts a and b stop at 0 and 0.1, finish at 1.0 and 1.1; c stops at 1.05
+    # (let through by a's finish), d at 1.3 (by b's).
+    gaps = scale.handoffs([0.0, 0.1, 1.05, 1.3], [1.0, 1.1, 2.05, 2.3], 2)
+    assert gaps == pytest.approx([0.05, 0.2])
+    # Order of recording does not matter (workers report in any order).
+    assert scale.handoffs([1.3, 0.0, 1.05, 0.1], [2.3, 1.1, 1.0, 2.05], 2) == \
+        pytest.approx([0.05, 0.2])
+    assert scale.handoffs([0.0, 0.1], [1.0, 1.1], 2) == []
