@@ -520,6 +520,16 @@ class MirrorCoordinator(Coordinator):
         for kind, path in events:
             last.pop(path, None)
             last[path] = kind
+        try:
+            self._apply_nodes(last)
+        except StoreError:
+            # The notifications are taken off the queue: a read that failed half-way (a
+            # timeout on a starved machine) would leave the mirror without the rest for
+            # good, e.g. ready entries long gone. Rebuild it at the next follow instead.
+            self._loaded = False
+            raise
+
+    def _apply_nodes(self, last: dict[str, str]) -> None:
         for path, kind in last.items():
             parts = layout.split(path)
             if parts[0] == layout.GATE:

@@ -226,3 +226,32 @@ def test_a_cycle_with_nothing_new_reuses_the_view_and_any_change_renews_it():
     coord._contended("A")  # the gate's version is read afresh at the next gate
     assert coord.fresh_view("A").gate_version == 7
     assert coord.view("A", *coord.queue()).gate_version == 7
+
+
+def test_a_read_failing_half_way_through_the_notifications_rebuilds_the_mirror():
+    import pytest
+    from supervisor_dcdeploy.store import StoreUnavailable
+    store = Double()
+    store.nodes["deploy/item-0000000001"] = (b"{}", 0)
+    store.nodes["staging/A/h0-0000000001"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    assert coord._mirror.children("staging/A") == ["h0-0000000001"]
+    real_get = store.get
+    failing = {"deploy/item-0000000001"}
+
+    def get(path, watch=None):
+        if path in failing:
+            raise StoreUnavailable("read timed out")
+        return real_get(path)
+
+    store.get = get  # type: ignore[method-assign]
+    store.nodes["deploy/item-0000000001"] = (b'{"x": 1}', 1)
+    del store.nodes["staging/A/h0-0000000001"]
+    coord._notified("changed", "deploy/item-0000000001")  # its read times out ...
+    coord._notified("deleted", "staging/A/h0-0000000001")  # ... before this one is applied
+    with pytest.raises(StoreUnavailable):
+        coord.follow()
+    failing.clear()
+    coord.follow()  # rebuilt from the store, not left without the deletion for good
+    assert coord._mirror.children("staging/A") == []
