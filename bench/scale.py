@@ -5,31 +5,41 @@ For each N in ``--hosts``: a fresh ZooKeeper (one server, or a 3-server ensemble
 with ``--ensemble``) and N hosts, each a real :class:`Agent` (its own kazoo session, its own
 run loop and reconcile cycle, real fetch of a tiny release over file://, real local state on
 disk). Only supervisord is simulated: a process table in which a start takes
-``--switch-secs`` and a stop is instant. All hosts are threads of this one process.
+``--switch-secs`` and a stop is instant. The hosts are threads of ``--procs`` worker
+processes (default: one per core), so that Python's GIL in one process does not become
+the fleet's limit.
 
 Per N, one JSON line:
 
 - ``makespan_s``: from just before the deploy item is queued to ZooKeeper's timestamp of its
-  history node; ``bound_s`` = ceil(N / k) × (stop + start + healthy_secs) with
-  k = min(max_parallel, online − quorum) (docs/design.md §8), stop = 0 and
-  start = switch_secs here; ``ratio`` = makespan / bound.
+  history node; ``bound_s``: docs/design.md §8's ceil(N / k) × (stop + start + healthy_secs)
+  with k = min(max_parallel, online − quorum), from the switches as they were measured in
+  the same run (see :func:`lower_bound`); ``ratio`` = makespan / bound.
+  ``bound_nominal_s``: the same with stop = 0 and start = ``--switch-secs``.
+  ``handoff_ms_*``: the rest of each round, from a switch's end to the stop it let through
+  (see :func:`handoffs`).
 - ``requests_per_upgrade``: requests under ``/dc`` counted by ZooKeeper itself (``mntr``
   per-namespace counters, no pings) from the deploy's start until 1 s after its end, minus
   this bench's own requests, divided by N. ``client_requests_per_upgrade``: the same from the
   agents' own counters (:class:`OpCounter`; it counts ``sync`` as a read and a multi as one
   write, ZooKeeper counts ``exists`` as a read, not ``sync``, and each op of a multi).
+  ``requests_per_upgrade_less_idle``: the same less what the idle rate below sends over the
+  deploy's window (the periodic access check, which a long deploy also runs).
 - ``idle_requests_per_s_per_host``: the same server count over ``--idle-secs`` with no deploy
   running (after the deploy, the fleet on the released version), per second and host.
 - ``notifications_per_upgrade``: watch events delivered to the agents' store clients during
   the deploy, per host (``server_notifications_per_upgrade``: the servers' count).
 - ``zk_cpu_s``: CPU seconds of the ZooKeeper server(s) during the deploy (``/proc``).
-- ``clients_cpu_s``: CPU seconds of this process (all N agents) over ``deploy_wall_s``, the
-  deploy's window: when the two are close, the simulated hosts saturated the one core their
-  threads share, and the makespan is that core's limit as much as the protocol's.
+- ``clients_cpu_s``: CPU seconds of the worker processes (all N agents) over
+  ``deploy_wall_s``, the deploy's window; ``cpu_util``: the whole machine's CPU busy share
+  over that window (``/proc/stat``, every process, other users' too), with ``cores`` and
+  ``loadavg``; ``timer_late_ms_p50``/``_p99``: how late a 10 ms sleep of the bench's own
+  idle process woke during the deploy (the scheduling delay every hop pays). When
+  ``cpu_util`` is near 1 the makespan is this machine's limit as much as the protocol's.
 
 Progress goes to stderr (structlog); agents' own logs are shown from level warning up.
 
-    python bench/scale.py [--hosts 10,30,100] [--ensemble] [--json]
+    python bench/scale.py [--hosts 10,30,100] [--procs K] [--ensemble] [--json]
 """
 
 from __future__ import annotations
@@ -38,7 +48,9 @@ import argparse
 import json
 import logging
 import math
+import multiprocessing
 import os
+import resource
 import shutil
 import signal
 import sys
@@ -46,6 +58,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Sequence
 
 import structlog
 
@@ -55,11 +68,13 @@ from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.lab.sample import build_release
 from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.waiting import wait_for
-from supervisor_dcdeploy.lab.zkserver import (RequestCount, ZooKeeperServer, cpu_seconds,
-                                          free_port, namespace_requests)
+
+# The lab (building releases, running ZooKeeper): imported here only, in one place.
+from supervisor_dcdeploy.lab.sample import build_release
+from supervisor_dcdeploy.lab.zkserver import (RequestCount, ZooKeeperServer, free_port,
+                                              namespace_requests)
 
 SVC = "A"
 NAMESPACE = "dc"
@@ -96,13 +111,18 @@ def configure_logging() -> None:
 class SimSupervisor:
     """One host's supervisord as the agent sees it (``state``, ``stop``, ``start``): a
     process table of one program, where a start takes ``switch_secs`` and a stop is
-    instant. ``starts`` counts completed starts (the bench's progress)."""
+    instant. ``starts`` counts completed starts (the bench's progress); ``switches`` holds
+    each stop-to-started duration as this host lived it (the bound's switch time)."""
 
     def __init__(self, switch_secs: float) -> None:
         self.switch_secs = switch_secs
         self.running = True
         self.starting = False
         self.starts = 0
+        self.stopped_at: float | None = None
+        self.switches: list[float] = []
+        self.stops: list[float] = []  # time.monotonic(): one clock for every process here
+        self.dones: list[float] = []
 
     def state(self, program: str) -> str:
         if self.starting:
@@ -111,25 +131,192 @@ class SimSupervisor:
 
     def stop(self, program: str) -> None:
         self.running = False
+        self.stopped_at = time.monotonic()
+        self.stops.append(self.stopped_at)
 
     def start(self, program: str) -> None:
         self.starting = True
         time.sleep(self.switch_secs)
         self.running, self.starting = True, False
         self.starts += 1
+        if self.stopped_at is not None:
+            self.dones.append(time.monotonic())
+            self.switches.append(self.dones[-1] - self.stopped_at)
+            self.stopped_at = None
+
+
+def lower_bound(switches: Sequence[float], n: int, k: int, healthy_secs: float) -> float:
+    """docs/design.md §8's lower bound of one item's makespan, from the switches measured:
+    at most k hosts are down at once and host i is down for at least its switch (stop +
+    start) plus ``healthy_secs``, so the makespan is at least the sum of those over k; and
+    some slot runs ceil(n / k) switches in series, each at least the shortest. With equal
+    switches s both are ceil(n / k) × (s + healthy_secs) when k divides n."""
+    if not switches or k < 1:
+        raise ValueError("a bound needs the measured switches and k >= 1")
+    each = [s + healthy_secs for s in switches]
+    return max(sum(each) / k, math.ceil(n / k) * min(each))
+
+
+def handoffs(stops: Sequence[float], dones: Sequence[float], k: int) -> list[float]:
+    """The coordination time of each round: with k slots, the i-th stop of the fleet (in
+    time order, i >= k) waited for the (i - k)-th switch to finish; the gap between the two
+    is the hand-off (the switched host re-registering and leaving the queue, the next host
+    notified, its cycle, sync and gate commit). Negative gaps cannot occur when at most k
+    hosts are down at once."""
+    stops, dones = sorted(stops), sorted(dones)
+    return [stops[i] - dones[i - k] for i in range(k, len(stops)) if i - k < len(dones)]
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * q))]
+
+
+def split_hosts(n: int, procs: int) -> list[list[int]]:
+    """Host indices 0..n-1 dealt to ``procs`` workers (none left empty), in turn."""
+    procs = max(1, min(procs, n))
+    return [list(range(i, n, procs)) for i in range(procs)]
+
+
+def cpu_times() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat (idle and iowait are
+    not busy)."""
+    with open("/proc/stat") as fh:
+        fields = [float(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def handoff_report(gaps: list[float]) -> dict[str, float | None]:
+    if not gaps:
+        return {"handoff_ms_mean": None, "handoff_ms_p50": None, "handoff_ms_p90": None}
+    return {"handoff_ms_mean": round(1e3 * sum(gaps) / len(gaps), 1),
+            "handoff_ms_p50": round(1e3 * percentile(gaps, 0.5), 1),
+            "handoff_ms_p90": round(1e3 * percentile(gaps, 0.9), 1)}
+
+
+def own_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
+class LatenessProbe:
+    """How late a 10 ms sleep of this (otherwise idle) process wakes up: the machine's
+    scheduling delay, which every hop of the protocol (agent thread, kazoo thread, the
+    ZooKeeper server's threads) pays too on a loaded machine."""
+
+    def __init__(self, period: float = 0.01) -> None:
+        self.period = period
+        self.late: list[float] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="lateness", daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = time.monotonic()
+            time.sleep(self.period)
+            self.late.append(time.monotonic() - t0 - self.period)
+
+    def __enter__(self) -> "LatenessProbe":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def report(self) -> dict[str, float | None]:
+        late = sorted(self.late)
+        if not late:
+            return {"timer_late_ms_p50": None, "timer_late_ms_p99": None}
+        return {"timer_late_ms_p50": round(1e3 * late[len(late) // 2], 1),
+                "timer_late_ms_p99": round(1e3 * late[min(len(late) - 1,
+                                                          int(len(late) * 0.99))], 1)}
+
+
+# -- a worker process: a slice of the hosts ------------------------------------------------
+
+def worker_main(conn, workdir: str, url: str, hosts: list[int], args: argparse.Namespace,
+                release1: tuple[str, str, int]) -> None:
+    """Boot these hosts (threads of this process) and answer the parent's requests on
+    ``conn``: "counts", then "stop". Runs in a spawned process (no kazoo state inherited)."""
+    configure_logging()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = Path(workdir)
+    artifacts = work / "artifacts"
+    url1, sha1, size1 = release1
+    agents: list[Agent] = []
+    threads: list[threading.Thread] = []
+    try:
+        for i in hosts:
+            host = f"h{i:04d}"
+            root = work / "hosts" / host
+            rd = ReleaseDir(root, SVC)
+            install_release([url1], sha1, rd.releases, "1", rd.cache, size=size1,
+                            file_root=artifacts)
+            rd.point_current("1")
+            cfg = AgentConfig(host=host, rack=f"r{i % 10}", store=url, root=root,
+                              services={SVC: {}}, session_timeout=args.session_timeout,
+                              start_timeout=30.0, poll_interval=args.poll_interval,
+                              extra={"file_root": str(artifacts)})
+            agent = Agent(cfg, supervisor=SimSupervisor(args.switch_secs))  # type: ignore[arg-type]
+            if not agent.connect(timeout=30):
+                raise RuntimeError(f"{host} could not open its store session")
+            thread = threading.Thread(target=agent.run, name=f"agent-{host}", daemon=True)
+            thread.start()
+            agents.append(agent)
+            threads.append(thread)
+        conn.send(("booted", len(agents)))
+        while True:
+            command = conn.recv()
+            if command == "counts":
+                conn.send(worker_counts(agents))
+            elif command == "stop":
+                break
+    except (EOFError, KeyboardInterrupt):
+        pass
+    finally:
+        for agent in agents:
+            agent.stopping.set()
+            agent.wake.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        try:
+            conn.send(("stopped", len(agents)))
+        except (OSError, ValueError):
+            pass
+
+
+def worker_counts(agents: list[Agent]) -> dict:
+    counts = {"requests": 0, "notifications": 0, "wakeups": 0, "cycles": 0, "starts": 0,
+              "upgraded": 0, "switches": [], "stops": [], "dones": [], "cpu": own_cpu()}
+    for agent in agents:
+        counts["requests"] += agent.store.ops.total
+        counts["notifications"] += agent.store.ops.notifications
+        counts["wakeups"] += getattr(agent.coord, "wakeups", 0)
+        counts["cycles"] += agent.cycles
+        sup = agent.sup
+        counts["starts"] += sup.starts  # type: ignore[attr-defined]
+        counts["switches"] += sup.switches  # type: ignore[attr-defined]
+        counts["stops"] += sup.stops  # type: ignore[attr-defined]
+        counts["dones"] += sup.dones  # type: ignore[attr-defined]
+        counts["upgraded"] += agent.local.get(SVC).active == "2"
+    return counts
 
 
 class Fleet:
-    """ZooKeeper server(s), the bench's own store session and N agents in threads."""
+    """ZooKeeper server(s), the bench's own store session and N agents in worker
+    processes."""
 
     def __init__(self, workdir: Path, n: int, args: argparse.Namespace) -> None:
         self.workdir = workdir
         self.n = n
         self.args = args
         self.servers: list[ZooKeeperServer] = []
-        self.agents: list[Agent] = []
-        self.threads: list[threading.Thread] = []
+        self.workers: list[tuple[multiprocessing.process.BaseProcess, object]] = []
         self.store = None
+        self._pipe = threading.Lock()  # the progress reporter asks too
 
     # -- ZooKeeper ---------------------------------------------------------------------
     def start_zookeeper(self) -> None:
@@ -158,8 +345,7 @@ class Fleet:
     # -- hosts -------------------------------------------------------------------------
     def boot(self) -> None:
         args = self.args
-        quorum = self.quorum
-        ops.service_set(self.store, SVC, program=SVC, quorum=quorum,
+        ops.service_set(self.store, SVC, program=SVC, quorum=self.quorum,
                         max_parallel=args.max_parallel, health=HealthCheck("none"),
                         healthy_secs=args.healthy_secs)
         artifacts = self.workdir / "artifacts"
@@ -167,27 +353,21 @@ class Fleet:
         for version in ("1", "2"):
             path, sha = build_release(artifacts, SVC, version)
             self.releases[version] = (f"file://{path}", sha, path.stat().st_size)
-        url1, sha1, size1 = self.releases["1"]
-        for i in range(self.n):
-            host = f"h{i:04d}"
-            root = self.workdir / "hosts" / host
-            rd = ReleaseDir(root, SVC)
-            install_release([url1], sha1, rd.releases, "1", rd.cache, size=size1,
-                            file_root=artifacts)
-            rd.point_current("1")
-            cfg = AgentConfig(host=host, rack=f"r{i % 10}", store=self.url, root=root,
-                              services={SVC: {}}, session_timeout=args.session_timeout,
-                              start_timeout=30.0, poll_interval=args.poll_interval,
-                              extra={"file_root": str(artifacts)})
-            agent = Agent(cfg, supervisor=SimSupervisor(args.switch_secs))  # type: ignore[arg-type]
-            if not agent.connect(timeout=30):
-                raise RuntimeError(f"{host} could not open its store session")
-            thread = threading.Thread(target=agent.run, name=f"agent-{host}", daemon=True)
-            thread.start()
-            self.agents.append(agent)
-            self.threads.append(thread)
-            if (i + 1) % 50 == 0:
-                log.info("boot.progress", hosts=i + 1, of=self.n)
+        spawn = multiprocessing.get_context("spawn")
+        for hosts in split_hosts(self.n, args.procs):
+            parent, child = spawn.Pipe()
+            proc = spawn.Process(target=worker_main, name="scale-worker", daemon=True,
+                                 args=(child, str(self.workdir), self.url, hosts, args,
+                                       self.releases["1"]))
+            proc.start()
+            self.workers.append((proc, parent))
+        for proc, conn in self.workers:
+            if not conn.poll(300 + self.n):  # type: ignore[attr-defined]
+                raise RuntimeError(f"worker {proc.pid} did not boot its hosts")
+            tag, _ = conn.recv()  # type: ignore[attr-defined]
+            if tag != "booted":
+                raise RuntimeError(f"worker {proc.pid}: {tag}")
+        log.info("boot.workers", hosts=self.n, procs=len(self.workers))
         wait_for(lambda: len(self.store.children(f"current/{SVC}")) == self.n,
                  60 + self.n, f"all {self.n} hosts registered in current/{SVC}")
 
@@ -196,21 +376,31 @@ class Fleet:
         return self.args.quorum if self.args.quorum is not None else \
             self.n - self.args.max_parallel
 
-    def client_ops(self) -> tuple[int, int]:
-        """(requests, notifications) the agents' store clients counted so far."""
-        requests = notes = 0
-        for agent in self.agents:
-            counter = agent.store.ops
-            requests += counter.total
-            notes += counter.notifications
-        return requests, notes
+    def counts(self) -> dict:
+        """The agents' own counters, summed over the workers, and the workers' CPU."""
+        total: dict = {"requests": 0, "notifications": 0, "wakeups": 0, "cycles": 0,
+                       "starts": 0, "upgraded": 0, "switches": [], "stops": [], "dones": [],
+                       "cpu": 0.0}
+        with self._pipe:
+            for _, conn in self.workers:
+                conn.send("counts")  # type: ignore[attr-defined]
+            for _, conn in self.workers:
+                for key, value in conn.recv().items():  # type: ignore[attr-defined]
+                    total[key] += value
+        return total
 
     def stop(self) -> None:
-        for agent in self.agents:
-            agent.stopping.set()
-            agent.wake.set()
-        for thread in self.threads:
-            thread.join(timeout=30)
+        with self._pipe:
+            for proc, conn in self.workers:
+                try:
+                    conn.send("stop")  # type: ignore[attr-defined]
+                except (OSError, ValueError):
+                    pass
+        for proc, _ in self.workers:
+            proc.join(timeout=60)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=10)
         if self.store is not None:
             try:
                 self.store.stop()
@@ -224,22 +414,35 @@ class Snapshot:
     def __init__(self, fleet: Fleet) -> None:
         self.t = time.monotonic()
         self.server = fleet.server_counts()
-        self.client, self.notifications = fleet.client_ops()
+        self.agents = fleet.counts()
         self.bench = fleet.store.ops.total
         self.cpu = fleet.zk_cpu()
-        self.clients_cpu = cpu_seconds(os.getpid())  # every agent is a thread of this process
+        self.machine = cpu_times()
 
 
 def delta(before: Snapshot, after: Snapshot) -> dict[str, float]:
     server = after.server - before.server
     bench = after.bench - before.bench  # our own reads in /dc, counted by our client
+    busy = after.machine[0] - before.machine[0]
+    jiffies = after.machine[1] - before.machine[1]
+    a, b = after.agents, before.agents
     return {"secs": after.t - before.t, "server": server.total - bench,
             "server_reads": server.reads, "server_writes": server.writes,
             "server_notifications": server.notifications,
-            "client": after.client - before.client,
-            "notifications": after.notifications - before.notifications,
-            "cpu": after.cpu - before.cpu, "clients_cpu": after.clients_cpu - before.clients_cpu,
-            "bench": bench}
+            "client": a["requests"] - b["requests"],
+            "notifications": a["notifications"] - b["notifications"],
+            "wakeups": a["wakeups"] - b["wakeups"], "cycles": a["cycles"] - b["cycles"],
+            "switches": _new_switches(b["switches"], a["switches"]),
+            "cpu": after.cpu - before.cpu, "clients_cpu": a["cpu"] - b["cpu"],
+            "cpu_util": busy / jiffies if jiffies else 0.0, "bench": bench}
+
+
+def _new_switches(before: list[float], after: list[float]) -> list[float]:
+    """The switches measured between two snapshots (each list is a multiset)."""
+    left = list(after)
+    for s in before:
+        left.remove(s)
+    return left
 
 
 def measure_idle(fleet: Fleet, args: argparse.Namespace) -> dict[str, float]:
@@ -258,7 +461,8 @@ def idle_report(n: int, idle: dict[str, float], args: argparse.Namespace) -> dic
         "idle_notifications_per_s_per_host": round(idle["notifications"] / per_host_s, 3),
         "zk_cpu_s_idle": round(idle["cpu"], 2),
         "clients_cpu_s_idle": round(idle["clients_cpu"], 2), "idle_secs": args.idle_secs,
-        "poll_interval": args.poll_interval, "ensemble": args.ensemble,
+        "cpu_util_idle": round(idle["cpu_util"], 3),
+        "poll_interval": args.poll_interval, "ensemble": args.ensemble, "procs": args.procs,
     }
 
 
@@ -289,7 +493,7 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
     try:
         log.info("zookeeper.start", hosts=n, ensemble=args.ensemble)
         fleet.start_zookeeper()
-        log.info("fleet.boot", hosts=n)
+        log.info("fleet.boot", hosts=n, procs=args.procs)
         fleet.boot()
         store = fleet.store
         if args.skip_deploy:
@@ -307,26 +511,31 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
 
         def report() -> None:
             while not progress.wait(10):
-                done = sum(a.sup.starts for a in fleet.agents)  # type: ignore[attr-defined]
-                log.info("deploy.progress", hosts=n, upgraded=done,
-                         elapsed_s=round(time.time() - start, 1))
+                log.info("deploy.progress", hosts=n, upgraded=fleet.counts()["starts"],
+                         elapsed_s=round(time.time() - start, 1),
+                         loadavg=os.getloadavg()[0])
 
         reporter = threading.Thread(target=report, daemon=True)
         reporter.start()
         try:
-            wait_gone(store, f"deploy/{item.node}", timeout=args.deploy_timeout)
+            with LatenessProbe() as probe:
+                wait_gone(store, f"deploy/{item.node}", timeout=args.deploy_timeout)
         finally:
             progress.set()
+            reporter.join()
         end = store.client.get(f"{store.root}/history/{item.node}")[1].ctime / 1e3
         time.sleep(SETTLE_SECS)
         after = Snapshot(fleet)
-        upgraded = sum(a.local.get(SVC).active == "2" for a in fleet.agents)
+        loadavg = os.getloadavg()[0]
+        upgraded = after.agents["upgraded"]
         log.info("deploy.done", hosts=n, upgraded=upgraded, makespan_s=round(end - start, 2))
         # Idle: the fleet on the released version, nothing queued.
         idle = measure_idle(fleet, args)
         deploy = delta(before, after)
         k = min(args.max_parallel, n - fleet.quorum)
-        bound = math.ceil(n / k) * (0.0 + args.switch_secs + args.healthy_secs)
+        switches = deploy["switches"]
+        bound = lower_bound(switches, n, k, args.healthy_secs)
+        nominal = math.ceil(n / k) * (0.0 + args.switch_secs + args.healthy_secs)
         makespan = end - start
         return {
             "hosts": n, "makespan_s": round(makespan, 2), "bound_s": round(bound, 2),
@@ -335,14 +544,29 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
             "idle_requests_per_s_per_host": round(idle["server"] / (n * idle["secs"]), 3),
             "notifications_per_upgrade": round(deploy["notifications"] / n, 1),
             "zk_cpu_s": round(deploy["cpu"], 2),
+            # The machine during the deploy: every process's CPU (other users' too).
+            "cpu_util": round(deploy["cpu_util"], 3), "cores": os.cpu_count(),
+            "loadavg": round(loadavg, 1), **probe.report(),
+            # the bound's inputs
+            "bound_nominal_s": round(nominal, 2),
+            "ratio_nominal": round(makespan / nominal, 3),
+            "switch_mean_s": round(sum(switches) / len(switches), 3),
+            "switch_max_s": round(max(switches), 3),
+            # the rest of each round (the fleet switched once only: every stop and finish
+            # the workers recorded belongs to this deploy)
+            **handoff_report(handoffs(after.agents["stops"], after.agents["dones"], k)),
             # cross-checks and context
+            # The periodic access check (store_check_secs) runs during the deploy too, and a
+            # deploy lasts ceil(N / k) rounds: its share grows with N at a fixed k. This is
+            # the count less the idle rate over the deploy's window.
+            "requests_per_upgrade_less_idle": round(
+                (deploy["server"] - idle["server"] / idle["secs"] * deploy["secs"]) / n, 1),
             "client_requests_per_upgrade": round(deploy["client"] / n, 1),
             "server_reads_per_upgrade": round(deploy["server_reads"] / n, 1),
             "server_writes_per_upgrade": round(deploy["server_writes"] / n, 1),
             "server_notifications_per_upgrade": round(deploy["server_notifications"] / n, 1),
-            # All N hosts' agents share this one process, and so one core (the GIL): when
-            # this is close to the deploy's duration, the makespan measures that core's
-            # saturation, not what N separate hosts would see.
+            "wakeups_per_upgrade": round(deploy["wakeups"] / n, 1),
+            "cycles_per_upgrade": round(deploy["cycles"] / n, 1),
             "clients_cpu_s": round(deploy["clients_cpu"], 2),
             "deploy_wall_s": round(deploy["secs"], 2),
             "upgraded": upgraded, "k": k, "quorum": fleet.quorum,
@@ -371,6 +595,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hosts", type=host_counts, default=[10, 30, 100, 300])
+    parser.add_argument("--procs", type=int, default=os.cpu_count() or 1,
+                        help="worker processes the hosts are spread over (default: cores)")
     parser.add_argument("--ensemble", action="store_true",
                         help="a 3-server ZooKeeper ensemble on loopback (default: one server)")
     parser.add_argument("--switch-secs", type=float, default=1.0,
@@ -394,6 +620,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         if args.max_parallel < 1 or not 0 <= quorum < n:
             parser.error(f"--hosts {n}: need max_parallel >= 1 and 0 <= quorum < hosts "
                          f"(quorum {quorum})")
+    if args.procs < 1:
+        parser.error("--procs must be >= 1")
     if args.switch_secs <= 0 or args.idle_secs <= 0:
         parser.error("--switch-secs and --idle-secs must be > 0")
     return args
@@ -417,7 +645,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{result['idle_requests_per_s_per_host']} requests/s per host (clients "
                   f"{result['client_idle_requests_per_s_per_host']})\n  notifications per "
                   f"upgrade {result['notifications_per_upgrade']}, ZooKeeper CPU "
-                  f"{result['zk_cpu_s']} s during the deploy", flush=True)
+                  f"{result['zk_cpu_s']} s during the deploy, machine CPU busy "
+                  f"{result['cpu_util']:.0%} of {result['cores']} cores", flush=True)
     return 0
 
 

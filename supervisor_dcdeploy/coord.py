@@ -24,6 +24,7 @@ import json
 import threading
 import time
 from collections import deque
+from functools import lru_cache
 from typing import Any, Callable, Sequence
 
 from .decisions import ServiceView, needs_racks
@@ -201,6 +202,12 @@ class Coordinator:
         return [node for node in self.store.children(layout.staged(svc))
                 if node.rpartition("-")[0] == self.host]
 
+    def rejoin(self, svc: str, version: str, rack: str, switch: dict | None = None,
+               probe: str | None = None) -> None:
+        """Back from a switch: register as serving ``version`` and leave the ready queue."""
+        self.register(svc, version, rack, switch=switch, probe=probe)
+        self.leave_queue(svc)
+
     # -- the gate, failure, completion ---------------------------------------------------
     def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None,
                  record: Sequence[str] = ()) -> bool:
@@ -377,6 +384,17 @@ class _Mirror:
                        if p.startswith(prefix)})
 
 
+@lru_cache(maxsize=64)
+def _assumed_entry(staged: bytes | None) -> bytes:
+    """The value taken for another host's unread ready entry: the staged version (parsed
+    once per staged value, not once per entry and cycle)."""
+    try:
+        assumed = json.loads(staged or b"{}").get("version")
+    except (ValueError, AttributeError, RecursionError):  # a nested staged value
+        assumed = None
+    return dumps({"version": assumed if isinstance(assumed, str) else "?"})
+
+
 class _MirrorReader:
     """A read-only :class:`Store` face of the mirror, so :mod:`.snapshot` builds the same
     :class:`ServiceView` from it as from the store. Another host's ready-queue entry is
@@ -399,11 +417,7 @@ class _MirrorReader:
         data, version = found
         if data is None and parts[0] == layout.STAGING and len(parts) == 3:
             staged = self.mirror.nodes.get(layout.staged(parts[1]))
-            try:
-                assumed = json.loads(staged[0] or b"{}").get("version") if staged else None
-            except (ValueError, AttributeError, RecursionError):  # a nested staged value
-                assumed = None
-            data = dumps({"version": assumed if isinstance(assumed, str) else "?"})
+            data = _assumed_entry(staged[0] if staged else None)
         return data or b"", version
 
     def exists(self, path: str, watch=None) -> int | None:
@@ -436,6 +450,17 @@ class MirrorCoordinator(Coordinator):
         self.notifications = 0
         self._reader = _MirrorReader(self._mirror, self._gates)
         self._sessions_followed = False  # set by a ZooKeeper load (_followed has hosts/)
+        # No herd (docs/design.md §4.6), as the re-reading coordinator's one-shot watches
+        # do it: every notification updates the mirror, but only one that can change this
+        # host's next decision wakes it. Until a cycle says otherwise a host is at the front.
+        self._front: dict[str, bool] = {}
+        self._ahead: dict[str, frozenset[str]] = {}  # svc -> ready entries it waits on
+        self.wakeups = 0  # notifications that woke the agent (the rest wait for its next cycle)
+        # A cycle woken by poll_interval with nothing new builds no view: the last one is
+        # kept until the mirror changes (building it walks every presence and entry).
+        self._changes = 0
+        self._last_queue: tuple[int, tuple[list[DeployItem], list[str]]] | None = None
+        self._last_views: dict[str, tuple[int, object, tuple[str, ...], ServiceView]] = {}
 
     def _followed(self) -> list[str]:
         # hosts/: only which hosts have a live session (hosts/<host>/session exists), from
@@ -451,7 +476,59 @@ class MirrorCoordinator(Coordinator):
         with self._lock:
             self.notifications += 1
             self._events.append((self.notifications, kind, path))
-        self._wake()
+            wake = self._wakes(path)
+            if wake:
+                self.wakeups += 1
+        if wake:
+            self._wake()
+
+    def _wakes(self, path: str) -> bool:
+        """Whether a change of ``path`` can change this host's next decision. Deploy items,
+        the spec, the staged release and the released version concern every host. Presences,
+        ready entries and the gate concern a host at the front (it may pass the gate now, or
+        must complete the item); a host further back only the k entries just ahead of it
+        (one must go before it can be eligible, see ``Agent._arm_queue_watches``) and its
+        own nodes. The others learn of those changes at their next cycle, woken by one of
+        the above or by ``poll_interval``."""
+        parts = layout.split(path)
+        if parts[0] not in (layout.CURRENT, layout.STAGING, layout.GATE) or len(parts) < 2:
+            return True
+        svc = parts[1]
+        if (parts[0] == layout.STAGING and len(parts) == 2) or self._front.get(svc, True):
+            return True
+        if len(parts) != 3:
+            return False
+        if parts[0] == layout.CURRENT:
+            return parts[2] == self.host
+        if parts[0] == layout.STAGING:
+            return parts[2].rpartition("-")[0] == self.host or path in self._ahead.get(svc, ())
+        return False
+
+    def _rearm(self) -> None:
+        """After the front or the entries waited on changed: a notification that arrived
+        during the cycle, judged by the old ones, may matter now (it is not applied yet)."""
+        with self._lock:
+            wake = any(self._wakes(path) for _, _, path in self._events)
+        if wake:
+            self._wake()
+
+    def set_front(self, svc: str, front: bool) -> None:  # noqa: D102
+        if self._front.get(svc) == front and not self._ahead.get(svc):
+            return
+        with self._lock:
+            self._front[svc] = front
+            self._ahead[svc] = frozenset()
+        self._rearm()
+
+    def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:  # noqa: D102
+        paths = frozenset(layout.ready_entry(svc, node) for node in nodes)
+        if self._ahead.get(svc) == paths:
+            return
+        with self._lock:
+            self._ahead[svc] = paths
+        if any(path not in self._mirror.nodes for path in paths):
+            self._wake()  # gone already: look again now
+        self._rearm()
 
     def _cut(self) -> Callable[[], None]:
         """A mark for :meth:`Store.sync_marked`: remembers how many notifications had
@@ -474,6 +551,7 @@ class MirrorCoordinator(Coordinator):
 
     def _contended(self, svc: str) -> None:
         self._stale_gates.add(svc)  # read the gate's version afresh next time
+        self._changes += 1
 
     # -- loading and applying --------------------------------------------------------------
     def follow(self) -> None:
@@ -510,6 +588,7 @@ class MirrorCoordinator(Coordinator):
                     self._read_into(mirror, sub)
         self._mirror.nodes = mirror.nodes
         self._sessions_followed = getattr(self.store, "knows_owners", False)
+        self._changes += 1
         self._stale_gates = set()
         for svc in self.services:
             self._own[svc] = {}
@@ -540,6 +619,8 @@ class MirrorCoordinator(Coordinator):
             events = []
             while self._events and (upto is None or self._events[0][0] <= upto):
                 events.append(self._events.popleft()[1:])
+        if events:
+            self._changes += 1
         for kind, path in events:  # the gate: every event counts
             parts = layout.split(path)
             if parts[0] == layout.GATE and len(parts) == 2 and parts[1] != uncounted:
@@ -554,6 +635,16 @@ class MirrorCoordinator(Coordinator):
         for kind, path in events:
             last.pop(path, None)
             last[path] = kind
+        try:
+            self._apply_nodes(last)
+        except StoreError:
+            # The notifications are taken off the queue: a read that failed half-way (a
+            # timeout on a starved machine) would leave the mirror without the rest for
+            # good, e.g. ready entries long gone. Rebuild it at the next follow instead.
+            self._loaded = False
+            raise
+
+    def _apply_nodes(self, last: dict[str, str]) -> None:
         for path, kind in last.items():
             parts = layout.split(path)
             if parts[0] == layout.GATE:
@@ -578,13 +669,19 @@ class MirrorCoordinator(Coordinator):
 
     def _wrote(self, path: str, data: bytes) -> None:
         self._mirror.nodes[path] = (data, 0)
+        self._changes += 1
 
     def _gone(self, path: str) -> None:
         self._mirror.nodes.pop(path, None)
+        self._changes += 1
 
     # -- views ------------------------------------------------------------------------------
     def queue(self) -> tuple[list[DeployItem], list[str]]:
-        return read_queue(self._reader)  # type: ignore[arg-type]
+        if self._last_queue is not None and self._last_queue[0] == self._changes:
+            return self._last_queue[1]
+        result = read_queue(self._reader)  # type: ignore[arg-type]
+        self._last_queue = (self._changes, result)
+        return result
 
     def fresh_view(self, svc: str) -> ServiceView:
         """``sync()``: every notification up to now has then arrived on this connection
@@ -602,6 +699,7 @@ class MirrorCoordinator(Coordinator):
                 _, self._gates[svc] = store.get_marked(layout.gate(svc), self._cut())
             except NoNode:
                 self._gates[svc] = -1
+            self._changes += 1
             self._stale_gates.discard(svc)
             uncounted: str | None = svc
         else:
@@ -626,6 +724,10 @@ class MirrorCoordinator(Coordinator):
         first. A hand-written presence with another state is counted as serving until
         read: no more than a host can already do (it may create siblings, see
         docs/security-zk.md)."""
+        last = self._last_views.get(svc)
+        if last is not None and last[0] == self._changes and last[1] is queue \
+                and last[2] == tuple(queue_invalid):
+            return last[3]
         view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
         if needs_racks(view):
             return self._live_only(svc, self.resolve_racks(svc, view))
@@ -634,7 +736,9 @@ class MirrorCoordinator(Coordinator):
                   if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
         if unread:
             view = replace(view, current={**view.current, **unread})
-        return self._live_only(svc, view)
+        view = self._live_only(svc, view)
+        self._last_views[svc] = (self._changes, queue, tuple(queue_invalid), view)
+        return view
 
     def _live_only(self, svc: str, view: ServiceView) -> ServiceView:
         if not self._sessions_followed:
@@ -661,6 +765,7 @@ class MirrorCoordinator(Coordinator):
             return view
         for host in unread:
             self._read_into(self._mirror, layout.presence(svc, host))
+        self._changes += 1
         return replace(view, current=self.view(svc, list(view.queue), []).current)
 
     def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
@@ -674,12 +779,38 @@ class MirrorCoordinator(Coordinator):
         for path in unread:
             if self._mirror.nodes.get(path, (b"",))[0] is None:
                 self._read_into(self._mirror, path)
+                self._changes += 1  # the mirror holds more now: no cached view stands
         fresh = read_view(self._reader, svc, list(view.queue), [])  # type: ignore[arg-type]
         return replace(view, staging=fresh.staging, current=fresh.current)
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))
                 if node.rpartition("-")[0] == self.host]
+
+    def rejoin(self, svc: str, version: str, rack: str, switch: dict | None = None,
+               probe: str | None = None) -> None:
+        """Both in one commit: the next host in the queue waits for our entry to go, so
+        this is one round trip (and one fsync on the server) less between two switches.
+        When the commit fails (our presence is there already, an entry went meanwhile),
+        the two steps apart, each of which copes with that."""
+        entries = self._own_entries(svc)
+        if self.host in self._mirror.children(layout.presence_dir(svc)) or not entries:
+            super().rejoin(svc, version, rack, switch, probe)
+            return
+        self.claim_session()  # as register() does: readers count the presence by it
+        data = CurrentEntry(host=self.host, version=version, since=time.time(), rack=rack,
+                            switch=switch, probe=probe).to_json()
+        path = layout.presence(svc, self.host)
+        try:
+            self.store.commit([Create(path, data, ephemeral=True)] +
+                              [Delete(layout.ready_entry(svc, node)) for node in entries])
+        except TransactionFailed:
+            super().rejoin(svc, version, rack, switch, probe)
+            return
+        self._wrote(path, data)
+        for node in entries:
+            self._own[svc].pop(layout.ready_entry(svc, node), None)
+            self._gone(layout.ready_entry(svc, node))
 
 
 PROMPT_SECS = 0.1  # a followed subtree is read at most this often while it matters now

@@ -25,18 +25,20 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def atomic_write(path: Path, data: bytes) -> None:
+def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     """Replace ``path`` with ``data`` so readers see the old or the new bytes, never a mix,
-    and the new bytes survive power loss once this returns. The file is made mode 0600
-    (``mkstemp``). Makes the parent directory if needed; raises OSError (a full disk, ...)
-    with nothing left behind."""
+    and (``durable``) the new bytes survive power loss once this returns; a report
+    rewritten every cycle (status.json) does without the two fsyncs, a crash then loses
+    only its last version. The file is made mode 0600 (``mkstemp``). Makes the parent
+    directory if needed; raises OSError (a full disk, ...) with nothing left behind."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
-            os.fsync(fh.fileno())
+            if durable:
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         try:
@@ -44,7 +46,8 @@ def atomic_write(path: Path, data: bytes) -> None:
         except FileNotFoundError:
             pass
         raise
-    fsync_dir(path.parent)
+    if durable:
+        fsync_dir(path.parent)
 
 
 def fsync_dir(directory: Path) -> None:

@@ -7,6 +7,7 @@ deploy item blocks the queue at its place (items behind it must not overtake it)
 from __future__ import annotations
 
 from dataclasses import replace
+from functools import lru_cache
 from typing import Callable
 
 from .decisions import ServiceView
@@ -82,6 +83,19 @@ def read_staged(store: Store, svc: str,
         return None, str(exc)
 
 
+# An agent builds its view every cycle, most of the time from the same presences and ready
+# entries (the mirror, docs/design.md §4): each distinct value is parsed once. The entries
+# are frozen; a value that does not parse is not remembered (it raises again, as it should).
+@lru_cache(maxsize=16384)
+def _current_entry(svc: str, host: str, raw: bytes) -> CurrentEntry:
+    return CurrentEntry.parse(svc, host, raw)
+
+
+@lru_cache(maxsize=16384)
+def _staging_entry(svc: str, node: str, raw: bytes) -> StagingEntry:
+    return StagingEntry.parse(svc, node, raw)
+
+
 def read_current(store: Store, svc: str, invalid: list[str],
                  watch: Watcher | None = None) -> dict[str, CurrentEntry]:
     out = {}
@@ -90,7 +104,7 @@ def read_current(store: Store, svc: str, invalid: list[str],
         if raw is None:
             continue
         try:
-            out[host] = CurrentEntry.parse(svc, host, raw)
+            out[host] = _current_entry(svc, host, bytes(raw))
         except InvalidData as exc:
             invalid.append(str(exc))  # counted as not online: the safe side for quorum
     return out
@@ -124,7 +138,7 @@ def read_staging(store: Store, svc: str, invalid: list[str],
         if raw is None:
             continue
         try:
-            out.append(StagingEntry.parse(svc, node, raw))
+            out.append(_staging_entry(svc, node, bytes(raw)))
         except InvalidData as exc:
             invalid.append(str(exc))
     return sorted(out, key=lambda e: e.seq)

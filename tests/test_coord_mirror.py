@@ -78,3 +78,180 @@ def test_a_gate_read_afresh_matches_the_mirror():
     assert view.gate_version == 6 and "h4" not in view.current
     # Not counted twice: the next gate (no change meanwhile) uses 6 again.
     assert coord.fresh_view("A").gate_version == 6
+
+
+class Wakes:
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self) -> None:
+        self.count += 1
+
+
+def test_only_what_can_change_the_decision_wakes_a_host_further_back():
+    store = Double()
+    ahead = ("h0-0000000001", "h2-0000000002")
+    for node in (*ahead, "h1-0000000003", "h3-0000000004"):
+        store.nodes[f"staging/A/{node}"] = (dumps({"version": "2"}), 0)
+    wakes = Wakes()
+    coord = MirrorCoordinator(store, "h1", ["A"], wakes)  # type: ignore[arg-type]
+    coord.follow()
+    coord._notified("deleted", "current/A/h4")
+    assert wakes.count == 1  # at first every host counts as at the front
+    coord.follow()
+    coord.set_front("A", False)
+    coord.wait_ahead("A", list(ahead))
+    wakes.count = 0
+    for kind, path in [("deleted", "current/A/h3"), ("created", "current/A/h3"),
+                       ("changed", "gate/A"), ("deleted", "staging/A/h3-0000000004")]:
+        coord._notified(kind, path)
+    assert wakes.count == 0  # other hosts' switches behind or beside it: not woken
+    coord._notified("deleted", f"staging/A/{ahead[0]}")
+    assert wakes.count == 1  # one of the k entries just ahead went
+    coord._notified("deleted", "current/A/h1")
+    assert wakes.count == 2  # its own presence
+    for path in ("deploy/item-0000000001", "services/A", "staging/A", "released/A"):
+        coord._notified("changed", path)
+    assert wakes.count == 6  # the queue, spec, staged release and released: everyone
+    # Nothing was lost: the next cycle applies every notification to the mirror.
+    del store.nodes["current/A/h4"]
+    coord.follow()
+    assert "h4" not in coord.view("A", [], []).current
+
+
+def test_a_change_during_the_cycle_wakes_once_it_matters():
+    store = Double()
+    wakes = Wakes()
+    coord = MirrorCoordinator(store, "h1", ["A"], wakes)  # type: ignore[arg-type]
+    coord.follow()
+    coord.set_front("A", False)
+    coord.follow()
+    wakes.count = 0
+    # Arrives while the cycle still judges by "not at the front"; the same cycle then
+    # finds the host at the front: the pending change must wake it.
+    coord._notified("changed", "gate/A")
+    assert wakes.count == 0
+    coord.set_front("A", True)
+    assert wakes.count == 1
+    # Likewise an entry it now waits on that went before the wait was armed.
+    coord.follow()
+    coord.set_front("A", False)
+    wakes.count = 0
+    coord._notified("created", "staging/A/h0-0000000009")
+    coord.wait_ahead("A", ["h0-0000000009"])
+    assert wakes.count >= 1
+
+
+class WritingDouble(Double):
+    """Also takes writes: ``commit`` applies a multi whole or raises, like ZooKeeper's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.commits: list[list] = []
+        self.calls: list[str] = []
+
+    def commit(self, ops) -> None:
+        from supervisor_dcdeploy.store import Create, Delete, NodeExists, TransactionFailed
+        self.commits.append(list(ops))
+        for i, op in enumerate(ops):
+            if isinstance(op, Create) and op.path in self.nodes:
+                raise TransactionFailed(i, NodeExists(op.path))
+            if isinstance(op, Delete) and op.path not in self.nodes:
+                raise TransactionFailed(i, NoNode(op.path))
+        for op in ops:
+            if isinstance(op, Create):
+                self.nodes[op.path] = (op.data, 0)
+            else:
+                del self.nodes[op.path]
+
+    def create(self, path, data=b"", ephemeral=False, sequential=False):
+        self.calls.append(f"create {path}")
+        self.nodes[path] = (data, 0)
+        return path
+
+    def delete(self, path, version=-1):
+        self.calls.append(f"delete {path}")
+        if path not in self.nodes:
+            raise NoNode(path)
+        del self.nodes[path]
+
+
+def test_back_from_a_switch_registers_and_leaves_the_queue_in_one_commit():
+    from supervisor_dcdeploy.store import Create, Delete
+    store = WritingDouble()
+    del store.nodes["current/A/h1"]  # h1 passed the gate: its presence went
+    store.nodes["staging/A/h1-0000000003"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    coord.rejoin("A", "2", "r1")
+    (ops,) = store.commits
+    assert [type(op) for op in ops] == [Create, Delete]
+    assert ops[0].path == "current/A/h1" and ops[0].ephemeral
+    assert ops[1].path == "staging/A/h1-0000000003"
+    assert store.calls == []
+    view = coord.view("A", [], [])
+    assert view.current["h1"].version == "2" and not view.staging
+
+
+def test_rejoin_falls_back_to_two_steps_when_the_commit_fails():
+    store = WritingDouble()
+    del store.nodes["current/A/h1"]
+    store.nodes["staging/A/h1-0000000003"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    store.nodes["current/A/h1"] = (b"{}", 0)  # registered meanwhile (not in the mirror yet)
+    coord.rejoin("A", "2", "r1")
+    assert len(store.commits) == 1  # tried, refused whole
+    assert store.calls == ["create current/A/h1", "delete staging/A/h1-0000000003"]
+    assert "staging/A/h1-0000000003" not in store.nodes
+
+
+def test_a_cycle_with_nothing_new_reuses_the_view_and_any_change_renews_it():
+    store = Double()
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    queue, invalid = coord.queue()
+    first = coord.view("A", queue, invalid)
+    coord.follow()  # a periodic wake-up: nothing arrived
+    assert coord.queue()[0] is queue
+    assert coord.view("A", *coord.queue()) is first
+    del store.nodes["current/A/h4"]
+    coord._notified("deleted", "current/A/h4")
+    coord.follow()
+    again = coord.view("A", *coord.queue())
+    assert again is not first and "h4" not in again.current
+    coord._gone("current/A/h1")  # what unregister records after deleting our presence
+    assert "h1" not in coord.view("A", *coord.queue()).current
+    store.nodes["gate/A"] = (b"{}", 7)
+    coord._contended("A")  # the gate's version is read afresh at the next gate
+    assert coord.fresh_view("A").gate_version == 7
+    assert coord.view("A", *coord.queue()).gate_version == 7
+
+
+def test_a_read_failing_half_way_through_the_notifications_rebuilds_the_mirror():
+    import pytest
+    from supervisor_dcdeploy.store import StoreUnavailable
+    store = Double()
+    store.nodes["deploy/item-0000000001"] = (b"{}", 0)
+    store.nodes["staging/A/h0-0000000001"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    assert coord._mirror.children("staging/A") == ["h0-0000000001"]
+    real_get = store.get
+    failing = {"deploy/item-0000000001"}
+
+    def get(path, watch=None):
+        if path in failing:
+            raise StoreUnavailable("read timed out")
+        return real_get(path)
+
+    store.get = get  # type: ignore[method-assign]
+    store.nodes["deploy/item-0000000001"] = (b'{"x": 1}', 1)
+    del store.nodes["staging/A/h0-0000000001"]
+    coord._notified("changed", "deploy/item-0000000001")  # its read times out ...
+    coord._notified("deleted", "staging/A/h0-0000000001")  # ... before this one is applied
+    with pytest.raises(StoreUnavailable):
+        coord.follow()
+    failing.clear()
+    coord.follow()  # rebuilt from the store, not left without the deletion for good
+    assert coord._mirror.children("staging/A") == []

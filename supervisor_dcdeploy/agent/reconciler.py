@@ -232,13 +232,16 @@ class ServiceReconciler:
                 return
         self._register(version)
 
-    def _register(self, version: str) -> None:
+    def _presence(self, version: str) -> dict:
+        """What our presence carries besides the version: the timing of the switch that
+        brought us to it, and where other hosts can probe us (docs/policy.md)."""
         timing = self.switch_timing
+        return {"switch": timing if timing and timing["version"] == version else None,
+                "probe": peers.probe_target(self._spec(self.view), self.ctx.cfg, self.svc)}
+
+    def _register(self, version: str) -> None:
         self.ctx.coord.register(self.svc, version, self.ctx.cfg.rack,
-                                switch=timing if timing and timing["version"] == version
-                                else None,
-                                probe=peers.probe_target(self._spec(self.view), self.ctx.cfg,
-                                                         self.svc))
+                                **self._presence(version))
         self.ctx.log.info("presence.registered", svc=self.svc, version=version)
 
     def _unregister(self) -> None:
@@ -479,8 +482,10 @@ class ServiceReconciler:
     def _after_switch(self, version: str) -> None:
         self.switched = True
         try:
-            self._register(version)
-            self._leave_queue()
+            # Register and leave the ready queue (one commit where the backend can).
+            self.ctx.coord.rejoin(self.svc, version, self.ctx.cfg.rack,
+                                  **self._presence(version))
+            self.ctx.log.info("presence.registered", svc=self.svc, version=version)
         except StoreError as exc:
             # The next cycle registers again (presence is checked every cycle).
             self.ctx.log.warning("presence.deferred", svc=self.svc, error=str(exc))

@@ -356,7 +356,8 @@ class Agent:
         data = dumps(self.host_status().to_json())
         if data != self._status_written:
             try:
-                atomic_write(self.cfg.root / STATUS_FILE, data)
+                # Rewritten every cycle (its cycle counter): no fsync, it is a report.
+                atomic_write(self.cfg.root / STATUS_FILE, data, durable=False)
                 self._status_written = data
             except OSError as exc:
                 self.log.error("status.write_failed", error=str(exc))
