@@ -936,6 +936,7 @@ class FollowCoordinator(MirrorCoordinator):
         self._put(key, path, recurse, tree, started)
 
     def _put(self, key: str, path: str, recurse: bool, tree: dict, started: float) -> None:
+        self._changes += 1  # every answer may change a view: no cached one stands
         parts = layout.split(path)
         if parts[0] == layout.GATE and not recurse:
             found = tree.get(path)
