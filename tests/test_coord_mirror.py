@@ -145,6 +145,8 @@ def test_a_change_during_the_cycle_wakes_once_it_matters():
 class WritingDouble(Double):
     """Also takes writes: ``commit`` applies a multi whole or raises, like ZooKeeper's."""
 
+    session_id = None  # no session marker (coord.claim_session does nothing)
+
     def __init__(self) -> None:
         super().__init__()
         self.commits: list[list] = []
