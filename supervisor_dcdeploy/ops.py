@@ -186,6 +186,25 @@ def stage(store: Store, name: str, version: str, *, sha256: str, size: int,
     return release
 
 
+def _ordered(store: Store, names: list[str]) -> tuple:
+    """What ``deploy`` and ``plan`` both start from: the specs (and invalid ones), the
+    staged release of each of ``names``, the queue (and invalid items), and the order
+    ``names`` would be queued in. Raises :class:`OpError` for what a deploy refuses."""
+    specs, invalid = read_specs(store)
+    staged = {}
+    for name in names:
+        release, problem = read_staged(store, name)
+        if problem:
+            raise OpError(f"{problem} (stage it again with: dcdeploy stage {name} ...)")
+        staged[name] = release
+    queue, queue_invalid = read_queue(store)
+    try:
+        order = decisions.deploy_order(specs, staged, names, queue)
+    except decisions.DependencyError as exc:
+        raise OpError(str(exc)) from None
+    return specs, invalid, staged, queue, queue_invalid, order
+
+
 def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
            expires: float | None = None, host_parallel: int | None = None,
            in_series: bool = False, canary: int = 0, soak_secs: float = 0.0,
@@ -202,18 +221,7 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     (docs/policy.md); ``predicted``: service -> the plan's predicted seconds."""
     check_canary(canary, soak_secs)
     check_host_parallel(host_parallel)
-    specs, invalid = read_specs(store)
-    staged = {}
-    for name in names:
-        release, problem = read_staged(store, name)
-        if problem:
-            raise OpError(f"{problem} (stage it again with: dcdeploy stage {name} ...)")
-        staged[name] = release
-    queue, queue_invalid = read_queue(store)
-    try:
-        order = decisions.deploy_order(specs, staged, names, queue)
-    except decisions.DependencyError as exc:
-        raise OpError(str(exc)) from None
+    specs, invalid, staged, queue, queue_invalid, order = _ordered(store, names)
     now = time.time()
     signer = signer_or_default(signer)
     for n in order:
@@ -350,18 +358,7 @@ def plan(store: Store, names: list[str], canary: int = 0,
     what ``deploy`` would refuse."""
     from .policy import GateView, Policy, plan as make_plan, service_state
     check_canary(canary, soak_secs)
-    specs, _ = read_specs(store)
-    staged = {}
-    for name in names:
-        release, problem = read_staged(store, name)
-        if problem:
-            raise OpError(f"{problem} (stage it with: dcdeploy stage {name} ...)")
-        staged[name] = release
-    queue, _ = read_queue(store)
-    try:
-        order = decisions.deploy_order(specs, staged, names, queue)
-    except decisions.DependencyError as exc:
-        raise OpError(str(exc)) from None
+    specs, _, staged, queue, _, order = _ordered(store, names)
     pending = [i for i in queue if i.state not in ("done", "aborted")]
     new = [DeployItem(node=f"(new {n})", seq=10**10 + k, service=n,
                       version=staged[n].version, **_canary_of(specs[n], canary, soak_secs))
