@@ -38,12 +38,14 @@ class Scenario:
         self.timeline.setdefault((svc, host), [(0.0, "v1")]).append((t, version))
 
     def switch(self, svc: str, host: str, t: float, version: str, down: float = 1.0,
-               item: str = "", online: int = 3, quorum: int = 2, gate: int = 1) -> None:
-        """A voluntary take-down at ``t`` recorded on the gate, back on ``version``."""
+               item: str = "", online: int = 3, quorum: int = 2, gate: int = 1,
+               lag: float = 0.0) -> None:
+        """A voluntary take-down at ``t`` recorded on the gate, back on ``version``; the
+        program stops ``lag`` seconds after the commit (it answers until then)."""
         self.store(t, f"gate/{svc}", {"host": host, "online": online, "quorum": quorum,
                                       "version": version, "item": item, "t": t}, gate)
         self.store(t, f"current/{svc}/{host}", None)
-        self.serve(svc, host, t + 0.01, None)
+        self.serve(svc, host, t + lag + 0.01, None)
         self.serve(svc, host, t + down, version)
         self.store(t + down + 0.02, f"current/{svc}/{host}", {"version": version})
 
@@ -213,6 +215,25 @@ def test_s1_take_down_on_a_crashed_hosts_stale_presence_is_allowed():
     sc = _killed_h3()
     sc.switch("a", "h1", 23.0, "v2", item="", gate=4)
     assert status(sc.history())["S1"].status == "held"
+
+
+def test_s1_stale_presence_allowed_when_the_stop_lags_the_commit():
+    """As above, but h1 keeps answering for 0.3 s after its commit before its program
+    stops (a loaded machine): the take-down is still the commit's (chaos seed 1501,
+    trial 4, which the checker flagged when answers came between commit and stop)."""
+    sc = _killed_h3()
+    sc.switch("a", "h1", 23.0, "v2", item="", gate=4, lag=0.3)
+    assert status(sc.history())["S1"].status == "held"
+
+
+def test_s1_a_commit_is_not_lent_to_a_later_outage():
+    """h1 switched through the gate at 23 and came back; its second outage at 24.5 has no
+    gate record of its own, so it is not the commit's take-down and counts with h3's."""
+    sc = _killed_h3()
+    sc.switch("a", "h1", 23.0, "v2", item="", gate=4, down=0.5)
+    sc.serve("a", "h1", 24.5, None)
+    sc.serve("a", "h1", 24.8, "v2")
+    assert "h1, h3" in only(status(sc.history()), "S1").counterexample
 
 
 def test_s1_crash_after_a_take_down_commit_is_excused():
