@@ -219,11 +219,11 @@ def admission(view: ServiceView, target: str) -> dict[str, str | None]:
 
 
 def may_take_down(view: ServiceView, host: str, local_version: str | None,
-                  switching_here: Sequence[str] = ()) -> Decision:
+                  switching_here: Mapping[str, int] | Sequence[str] = ()) -> Decision:
     """May ``host`` take itself down now to switch to the rollout target?
 
     True only when: there is a target; this host runs something else; the host switches
-    fewer than ``host_parallel`` other services now (``switching_here``; the item's
+    fewer than ``host_parallel`` other services now (:func:`host_room`; the item's
     setting, default 1); :func:`admission` lets its ready-queue entry pass (within
     ``max_parallel``, its rack's budget and turn); and, if it is online, taking it away
     leaves at least ``quorum`` online. The caller must re-check this on a synced read and
@@ -235,11 +235,9 @@ def may_take_down(view: ServiceView, host: str, local_version: str | None,
         return Decision(False, why)
     if local_version == target:
         return Decision(False, f"already on {target}")
-    limit = host_parallel(view)
-    others = sorted(s for s in switching_here if s != view.service)
-    if len(others) >= limit:
-        return Decision(False, f"host_parallel {limit}: this host is switching "
-                               f"{', '.join(others)}")
+    room = host_room(view, switching_here)
+    if not room:
+        return room
     verdicts = admission(view, target)
     if host not in verdicts:
         return Decision(False, f"not ready for {target} (not in the staging queue)")
@@ -270,6 +268,26 @@ def host_parallel(view: ServiceView) -> int:
     if head is not None and head.service == view.service and head.host_parallel:
         return head.host_parallel
     return 1
+
+
+def host_room(view: ServiceView,
+              switching_here: Mapping[str, int] | Sequence[str] = ()) -> Decision:
+    """May this host start a switch of ``view.service`` while it switches the services in
+    ``switching_here``? Given as {service: the ``host_parallel`` of the item that switch is
+    for}, or as names (their limit taken as this item's). The host may have at most
+    ``min`` of its own item's limit and every running switch's limit down at once: a deploy
+    that asked for one service down at a time is not overruled by a later one asking for
+    more. ``view.service`` itself is not counted (the agent runs one switch of a service
+    at a time and does not ask for a service it is switching)."""
+    limits = dict(switching_here) if isinstance(switching_here, Mapping) else \
+        {s: host_parallel(view) for s in switching_here}
+    limits.pop(view.service, None)
+    limit = min([host_parallel(view), *limits.values()])
+    if len(limits) >= limit:
+        return Decision(False, f"host_parallel {limit}: this host is switching "
+                               f"{', '.join(sorted(limits))}")
+    return Decision(True, f"host_parallel {limit}: {len(limits)} other service"
+                          f"{'' if len(limits) == 1 else 's'} switching here")
 
 
 def watch_width(view: ServiceView) -> int:
