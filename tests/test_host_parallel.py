@@ -110,3 +110,44 @@ def test_host_parallel_2_switches_two_services_of_a_host_at_once_default_never(
     assert all(v <= EPS for v in both.values()), \
         f"a host switched x and y at once with the default host_parallel 1: {both} {win}"
     assert all(dc.all_on(s, "3") for s in ("x", "y"))
+
+
+# -- deploy-level rack overrides ----------------------------------------------------------
+
+RACK_HOSTS = 4  # h0 h2 in r0, h1 h3 in r1
+RACK_QUORUM = 1
+# The spec has no rack policy and lets 2 of 4 hosts go at once: only the deploy's
+# override keeps one host per rack and rack r1 first.
+RACK_SPEC = {"quorum": RACK_QUORUM, "max_parallel": 2, "healthy_secs": 1.0}
+
+
+@pytest.fixture
+def rack_dc(workdir, store, store_url):
+    c = Cluster(workdir, store, store_url, RACK_HOSTS, {"z": RACK_SPEC}, racks=2)
+    try:
+        yield c
+    finally:
+        c.stop_all()
+
+
+def test_deploy_rack_overrides_are_obeyed(rack_dc, record_property):
+    dc = rack_dc
+    dc.boot({"z": "1"})
+    dc.stage("z", "2")
+    ready_everywhere(dc, ("z",))
+    nodes, win, _ = deploy_and_judge(dc, ("z",), RACK_QUORUM, max_down_per_rack=1,
+                                     rack_order=["r1", "r0"])
+    record = next(r for r in dc.history() if r["item"] == nodes["z"])
+    assert record["max_down_per_rack"] == 1 and record["rack_order"] == ["r1", "r0"]
+    by_rack = {r: [win[(h, "z")] for h in dc.hosts if dc.hosts[h].rack == r]
+               for r in ("r0", "r1")}
+    record_property("windows", {f"{h}": [round(x, 3) for x in w] for (h, _), w in win.items()})
+    # --rack-order r1,r0: no r0 host starts its switch before every r1 host ended its own.
+    r1_end = max(end for _, end in by_rack["r1"])
+    r0_start = min(start for start, _ in by_rack["r0"])
+    assert r0_start >= r1_end - EPS, \
+        f"rack r0 started at {r0_start:.3f}, before rack r1 was done at {r1_end:.3f}"
+    # --max-down-per-rack 1: the two hosts of a rack never switch at once.
+    for r, (a, b) in by_rack.items():
+        assert overlap(a, b) <= EPS, f"rack {r}: two hosts switching at once: {a} {b}"
+    assert dc.all_on("z", "2")
