@@ -528,7 +528,7 @@ def render_plan(data: dict[str, Any]) -> str:
                          f"{_secs(i['finish_s'])}")
             racks = {k: v for k, v in (i.get("rack_policy") or {}).items() if v is not None}
             if racks:
-                lines.append(f"    racks:{_overrides_note(racks)[2:]}")
+                lines.append(f"    racks: {_overrides_note(racks)[2:]}")
             if i["host_order"]:
                 lines.append(f"    order: {' '.join(i['host_order'])}")
     for b in data["blocked"]:

@@ -394,8 +394,9 @@ class ServiceReconciler:
             fresh = ctx.coord.resolve(svc, fresh)
             decision, silent = self._verify_peers(fresh, hold)
         busy = self._busy()
-        if decision:
-            decision = decisions.host_room(fresh, busy)  # the item read at the gate's limit
+        room = decisions.host_room(fresh, busy)  # with the limit of the item read here
+        if decision and not room:
+            decision = room
         if not decision:
             self.set(reason=decision.reason)  # the synced read overrules the cycle's
             return
