@@ -8,12 +8,20 @@ the health check having held) and on an independent prober for quorum (S1).
 
 from __future__ import annotations
 
+import threading
 import time
 
 import pytest
 from cluster import Cluster, Prober, wait_for
 
 from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.agent.config import AgentConfig
+from supervisor_dcdeploy.agent.worker import Agent
+from supervisor_dcdeploy.fetch import install_release
+from supervisor_dcdeploy.lab.sample import build_release
+from supervisor_dcdeploy.localstate import ReleaseDir
+from supervisor_dcdeploy.model import HealthCheck
+from supervisor_dcdeploy.store import layout
 
 # Recorded seconds are rounded to 1 ms (three of them per window): two windows count as
 # overlapping only beyond this. It is the records' resolution, not a performance bound.
@@ -151,3 +159,160 @@ def test_deploy_rack_overrides_are_obeyed(rack_dc, record_property):
     for r, (a, b) in by_rack.items():
         assert overlap(a, b) <= EPS, f"rack {r}: two hosts switching at once: {a} {b}"
     assert dc.all_on("z", "2")
+
+
+# -- the same, event by event: real agents and ZooKeeper, supervisord stubbed ------------
+
+class TwoPrograms:
+    """supervisord with programs A and B as the agent sees it: ``start`` of a program
+    blocks until the test sets its ``finish``, so a switch stays in progress (its service
+    down) for as long as the test wants, and ``in_start`` says it got there."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.running = {"A": True, "B": True}
+        self.stops = {"A": 0, "B": 0}
+        self.in_start = {p: threading.Event() for p in self.running}
+        self.finish = {p: threading.Event() for p in self.running}
+
+    def state(self, program: str) -> str:
+        with self.lock:
+            return "RUNNING" if self.running[program] else "STOPPED"
+
+    def stop(self, program: str) -> None:
+        with self.lock:
+            self.running[program] = False
+            self.stops[program] += 1
+
+    def start(self, program: str) -> None:
+        self.in_start[program].set()
+        self.finish[program].wait(60)
+        with self.lock:
+            self.running[program] = True
+
+
+class PairBed:
+    """Hosts h0 and h1, each with services A and B on 1 (2 installed), quorum 1,
+    ``max_parallel`` 1, h0 ready for 2 in both ready queues. Only h0's agent runs after
+    that (h1 keeps its presences: it holds the quorum)."""
+
+    def __init__(self, workdir, store, store_url) -> None:
+        self.store = store
+        self.agents: dict[str, Agent] = {}
+        for svc in ("A", "B"):
+            ops.service_set(store, svc, program=svc, quorum=1, max_parallel=1,
+                            health=HealthCheck("none"), healthy_secs=0.0)
+        releases = {}
+        for svc in ("A", "B"):
+            for version in ("1", "2"):
+                path, sha = build_release(workdir / "artifacts", svc, version)
+                releases[svc, version] = (f"file://{path}", sha, path.stat().st_size)
+            url, sha, size = releases[svc, "2"]
+            ops.stage(store, svc, "2", sha256=sha, urls=[url], size=size)
+        for host in ("h0", "h1"):
+            for svc in ("A", "B"):
+                rd = ReleaseDir(workdir / host, svc)
+                for version in ("1", "2"):
+                    url, sha, size = releases[svc, version]
+                    install_release([url], sha, rd.releases, version, rd.cache, size=size,
+                                    file_root=workdir / "artifacts")
+                rd.point_current("1")
+            cfg = AgentConfig(host=host, rack="r0", store=store_url, root=workdir / host,
+                              services={"A": {}, "B": {}}, session_timeout=10.0,
+                              start_timeout=5.0, poll_interval=0.5)
+            agent = Agent(cfg, supervisor=TwoPrograms())  # type: ignore[arg-type]
+            assert agent.connect(timeout=15)
+            self.agents[host] = agent
+        for host in ("h0", "h1"):  # h0 first into both ready queues
+            for _ in range(2):
+                self.agents[host].cycle()
+        for svc in ("A", "B"):
+            assert [e.host for e in ops.read_staging(store, svc, [])] == ["h0", "h1"]
+            # h1 will not cycle again: out of the ready queues, it only holds the quorum
+            # (else h0, back in a queue at the end of it, would wait behind it for ever).
+            for entry in ops.read_staging(store, svc, []):
+                if entry.host == "h1":
+                    store.delete(layout.ready_entry(svc, entry.node))
+        self.h0 = self.agents["h0"]
+        self.sup: TwoPrograms = self.h0.sup  # type: ignore[assignment]
+        self.thread = threading.Thread(target=self.h0.run, daemon=True)
+
+    def reason(self, svc: str) -> str:
+        return self.h0.status[svc].get("reason") or ""
+
+    def close(self) -> None:
+        for sup in (a.sup for a in self.agents.values()):
+            for event in sup.finish.values():  # type: ignore[attr-defined]
+                event.set()
+        self.h0.stopping.set()
+        self.h0.wake.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=30)
+        for agent in self.agents.values():
+            agent.shutdown()
+
+
+@pytest.fixture
+def pair(workdir, store, store_url):
+    bed = PairBed(workdir, store, store_url)
+    try:
+        yield bed
+    finally:
+        bed.close()
+
+
+def test_host_parallel_2_both_switches_in_progress_at_once(pair):
+    ops.deploy(pair.store, ["A", "B"], host_parallel=2)
+    pair.thread.start()
+    # Both starts reached while neither may finish: two services of h0 down at once.
+    for svc in ("A", "B"):
+        assert pair.sup.in_start[svc].wait(30), f"{svc}'s switch never reached its start"
+    assert pair.sup.stops == {"A": 1, "B": 1}
+    for svc in ("A", "B"):
+        pair.sup.finish[svc].set()
+    wait_for(lambda: all(pair.h0.local.get(s).active == "2" and
+                         pair.h0.status[s].get("phase") == "serving" for s in ("A", "B")),
+             30, "both services of h0 on 2 and serving")
+    assert pair.h0.cycle_errors == 0
+
+
+def test_host_parallel_1_the_second_waits_for_the_first(pair):
+    ops.deploy(pair.store, ["A", "B"])
+    pair.thread.start()
+    wait_for(lambda: any(e.is_set() for e in pair.sup.in_start.values()), 30,
+             "one switch to reach its start")
+    first = next(s for s, e in pair.sup.in_start.items() if e.is_set())
+    second = "B" if first == "A" else "A"
+    # The cycle goes on (it is not blocked in the switch) and refuses the other service
+    # for host_parallel, while the first is still down.
+    wait_for(lambda: pair.reason(second).startswith(
+        f"host_parallel 1: this host is switching {first}"), 30,
+        f"{second} to be refused for host_parallel while {first} switches")
+    assert pair.sup.stops[second] == 0 and not pair.sup.in_start[second].is_set()
+    assert pair.h0.status[first].get("phase") == "switching"
+    pair.sup.finish[first].set()
+    assert pair.sup.in_start[second].wait(30), f"{second} never switched after {first}"
+    with pair.sup.lock:
+        assert pair.sup.running[first], f"{second} went down before {first} was back"
+    pair.sup.finish[second].set()
+    wait_for(lambda: all(pair.h0.local.get(s).active == "2" and
+                         pair.h0.status[s].get("phase") == "serving" for s in ("A", "B")),
+             30, "both services of h0 on 2 and serving")
+    assert pair.h0.cycle_errors == 0
+
+
+def test_shutdown_lets_a_switch_in_progress_finish(pair):
+    ops.deploy(pair.store, ["A"])
+    pair.thread.start()
+    assert pair.sup.in_start["A"].wait(30)
+    pair.h0.stopping.set()
+    pair.h0.wake.set()
+    # The loop ends and its shutdown waits for the switch: it must not return meanwhile.
+    stopper_done = threading.Event()
+    threading.Thread(target=lambda: (pair.thread.join(60), stopper_done.set()),
+                     daemon=True).start()
+    assert not stopper_done.wait(0.5)  # a bound on waiting for nothing, not a sync
+    pair.sup.finish["A"].set()
+    assert stopper_done.wait(30) and not pair.thread.is_alive()
+    assert pair.h0.local.get("A").active == "2" and pair.h0.local.get("A").verified
+    assert not any(t.name.startswith("dcdeploy-switch") for t in threading.enumerate())

@@ -207,8 +207,9 @@ class ServiceReconciler:
             view = ctx.coord.resolve(svc, view)
         hold = canary.hold(view, ctx.host, time.time())
         decision = canary.gate_decision(hold, ctx.host, st.active)
-        if decision and not room:
-            decision = room
+        if not room and (decision or decisions.rollout_target(view)[0] not in (None,
+                                                                              st.active)):
+            decision = room  # the reason too: out of the queue for host_parallel
         self.set(phase="serving", reason=decision.reason)
         self._arm_queue_watches(hold.view, st.active)
         if self._canary_upkeep(program, view, hold):
