@@ -287,10 +287,13 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     _check_wait_timeout(args)  # before queueing: a refused option must not leave a deploy
     ops.check_canary(args.canary, args.soak)
     ops.check_host_parallel(args.host_parallel)
+    racks = {"max_down_per_rack": args.max_down_per_rack,
+             "rack_order": _rack_order_arg(args.rack_order)}
+    ops.rack_override(**racks)  # refused before connecting, with the flag and the value
     signer, expires = _signing(args)
     with connected(args) as store:
         try:
-            planned = ops.plan(store, args.names, args.canary, args.soak)
+            planned = ops.plan(store, args.names, args.canary, args.soak, **racks)
         except ops.OpError:
             raise  # what deploy itself would refuse, with the same reason
         except Exception as exc:  # noqa: BLE001 - a failed prediction never blocks a deploy
@@ -301,14 +304,16 @@ def cmd_deploy(args: argparse.Namespace) -> int:
                      if i["item"].startswith("(new ")}
         items = ops.deploy(store, args.names, signer=signer, expires=expires,
                            host_parallel=args.host_parallel, canary=args.canary,
-                           soak_secs=args.soak, predicted=predicted)
+                           soak_secs=args.soak, predicted=predicted, **racks)
         for item in items:
             print(f"queued {item.node}: {item.service} -> {item.version}"
                   + (f", predicted {_secs(item.predicted_s)}" if item.predicted_s is not None
                      else ", no prediction (blocked now)")
                   + (f", canaries {item.canary} (soak {item.soak_secs:g} s"
                      + (", then " if item.soak_secs else ": ") + "dcdeploy approve "
-                     + item.service + ")" if item.canary else ""))
+                     + item.service + ")" if item.canary else "")
+                  + _overrides_note({k: v for k, v in ops.item_overrides(item).items()
+                                     if k != "host_parallel"}))
         total = planned["total_s"]
         print(f"predicted total {_secs(total)}" if total is not None
               else "predicted total unknown (an item is blocked now: dcdeploy plan says why)")
@@ -401,7 +406,7 @@ def render_status(data: dict[str, Any]) -> str:
     for item in data["deploy"]:
         reason = f"  ({item['reason']})" if item["reason"] else ""
         lines.append(f"  {item['item']}  {item['service']:<14} {item['version']:<12} "
-                     f"{item['state']}{reason}")
+                     f"{item['state']}{reason}{_overrides_note(item.get('overrides'))}")
     lines += ["", "HOST             RACK     ONLINE  SERVICES"]
     for name, host in data["hosts"].items():
         svcs = " ".join(f"{s}={v['version'] or '-'}({v['state']})" + _fetch_note(v)
@@ -412,6 +417,24 @@ def render_status(data: dict[str, Any]) -> str:
         lines += ["", "PROBLEMS (invalid data in the store, not acted on)"]
         lines += [f"  {p}" for p in data["problems"]]
     return printable("\n".join(lines))
+
+
+def _overrides_note(overrides: dict[str, Any] | None) -> str:
+    """`` [max_down_per_rack 1, rack_order r1,r0]``: what a deploy item sets over its spec."""
+    if not overrides:
+        return ""
+    parts = [f"{k} " + (",".join(v) if isinstance(v, list) else
+                        "sorted" if v is True else str(v)) for k, v in overrides.items()]
+    return f"  [{', '.join(parts)}]"
+
+
+def _rack_order_arg(value: str | None) -> bool | list[str] | None:
+    """``--rack-order``: absent None; without a list, racks sorted (True); else the names,
+    as ``service set --rack-order`` takes them."""
+    if value is None:
+        return None
+    racks = [r.strip() for r in value.split(",") if r.strip()]
+    return racks or True
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -503,6 +526,9 @@ def render_plan(data: dict[str, Any]) -> str:
                          f"{_secs(i['batch_s'])} per batch ({i['timing_source']}); predicted "
                          f"{_secs(i['predicted_s'])}, from {_secs(i['start_s'])} to "
                          f"{_secs(i['finish_s'])}")
+            racks = {k: v for k, v in (i.get("rack_policy") or {}).items() if v is not None}
+            if racks:
+                lines.append(f"    racks: {_overrides_note(racks)[2:]}")
             if i["host_order"]:
                 lines.append(f"    order: {' '.join(i['host_order'])}")
     for b in data["blocked"]:
@@ -517,7 +543,9 @@ def render_plan(data: dict[str, Any]) -> str:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     with connected(args) as store:
-        data = ops.plan(store, args.names, args.canary, args.soak)
+        data = ops.plan(store, args.names, args.canary, args.soak,
+                        max_down_per_rack=args.max_down_per_rack,
+                        rack_order=_rack_order_arg(args.rack_order))
     print(json.dumps(data, sort_keys=True, allow_nan=False) if args.json else render_plan(data))
     return 0
 
@@ -663,6 +691,12 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--soak", type=float, default=0.0, metavar="SECS",
                        help="with --canary: hold this long after the canaries serve the new "
                             "version (0: until dcdeploy approve)")
+        p.add_argument("--max-down-per-rack", type=int, metavar="K",
+                       help="for this deploy: at most K hosts of one rack switching at once "
+                            "(over the service's own)")
+        p.add_argument("--rack-order", nargs="?", const="", metavar="R1,R2,...",
+                       help="for this deploy: finish one rack before the next, in this order "
+                            "(racks not named follow, sorted), or sorted when no list is given")
     canary_options(dep)
     dep.set_defaults(func=cmd_deploy)
     apr = sub.add_parser("approve", help="end the canary hold of a service's queued deploy")

@@ -187,9 +187,9 @@ class Coordinator:
 
     def make_way(self, switching: str) -> list[str]:
         """After passing ``switching``'s gate: leave the ready queues of this host's other
-        services, so that it does not hold a place at their front while it is busy (the
-        agent switches one service at a time, inside its cycle); their next host in line
-        goes instead, and this one joins again, at the back, once the switch is over.
+        services, so that it does not hold a place at their front while it has no room for
+        another switch (``host_parallel``; the agent calls it only then); their next host in
+        line goes instead, and this one joins again, at the back, once a switch is over.
         The services whose queue it left."""
         left = []
         for svc in self.services:

@@ -8,8 +8,8 @@ words, which the agent logs and ``dcdeploy status`` shows.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, field
-from typing import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, Iterable, Mapping, Sequence
 
 from .model import (ACTIVE_STATES, CurrentEntry, DeployItem, HostInfo, ServiceSpec,
                     StagedRelease, StagingEntry, version_key)
@@ -131,11 +131,38 @@ def rollout_target(view: ServiceView) -> tuple[str | None, str]:
     return None, "no deploy queued"
 
 
+def override_racks(policy: Any, item: DeployItem | None) -> Any:
+    """``policy`` (a spec's :class:`policy.Policy`) with the rack budget and rack order of
+    deploy ``item`` in place of its own where the item sets them (``dcdeploy deploy
+    --max-down-per-rack K --rack-order [R1,R2,...]``)."""
+    if item is None:
+        return policy
+    changes: dict[str, Any] = {}
+    if item.max_down_per_rack is not None:
+        changes["max_down_per_rack"] = item.max_down_per_rack
+    if item.rack_order:
+        changes.update(rack_order=True, rack_names=item.rack_names)
+    return replace(policy, **changes) if changes else policy
+
+
+def rack_policy(view: ServiceView) -> Any:
+    """The rack policy in force for the service now: the spec's, overridden by the deploy
+    item it acts on when that item is its own. The gate decides on it after its synced
+    read and commits against the item's version (a CAS or a check of the item), so the
+    override is part of the same atomic commit as the quorum."""
+    assert view.spec is not None
+    head = view.head
+    return override_racks(view.spec.policy,
+                          head if head is not None and head.service == view.service else None)
+
+
 def needs_racks(view: ServiceView) -> bool:
     """Does the service's policy decide on racks (a rack budget or a rack order)? Then
     every ready-queue entry's and presence's rack must be known (read) before deciding."""
-    policy = view.spec.policy if view.spec else None
-    return policy is not None and (policy.max_down_per_rack is not None or policy.rack_order)
+    if view.spec is None:
+        return False
+    policy = rack_policy(view)
+    return policy.max_down_per_rack is not None or bool(policy.rack_order)
 
 
 def entry_rack(view: ServiceView, entry: StagingEntry) -> str:
@@ -153,7 +180,7 @@ def rack_turn(view: ServiceView, target: str) -> tuple[str | None, str]:
     Racks go in the order the policy names, then the others sorted; a rack is done when
     none of its hosts is queued or switching for ``target`` and every online host of it
     runs ``target``. Offline hosts do not hold their rack back (they catch up)."""
-    policy = view.spec.policy if view.spec else None
+    policy = rack_policy(view) if view.spec else None
     if policy is None or not policy.rack_order:
         return None, "no rack order"
     queued = ready_queue(view, target)
@@ -189,7 +216,7 @@ def admission(view: ServiceView, target: str) -> dict[str, str | None]:
     assert view.spec is not None
     queue = ready_queue(view, target)
     slots = view.spec.max_parallel
-    budget = view.spec.policy.max_down_per_rack
+    budget = rack_policy(view).max_down_per_rack
     turn, turn_why = rack_turn(view, target)
     down: Counter[str] = Counter()
     out: dict[str, str | None] = {}
@@ -219,11 +246,11 @@ def admission(view: ServiceView, target: str) -> dict[str, str | None]:
 
 
 def may_take_down(view: ServiceView, host: str, local_version: str | None,
-                  switching_here: Sequence[str] = ()) -> Decision:
+                  switching_here: Mapping[str, int] | Sequence[str] = ()) -> Decision:
     """May ``host`` take itself down now to switch to the rollout target?
 
     True only when: there is a target; this host runs something else; the host switches
-    fewer than ``host_parallel`` other services now (``switching_here``; the item's
+    fewer than ``host_parallel`` other services now (:func:`host_room`; the item's
     setting, default 1); :func:`admission` lets its ready-queue entry pass (within
     ``max_parallel``, its rack's budget and turn); and, if it is online, taking it away
     leaves at least ``quorum`` online. The caller must re-check this on a synced read and
@@ -235,11 +262,9 @@ def may_take_down(view: ServiceView, host: str, local_version: str | None,
         return Decision(False, why)
     if local_version == target:
         return Decision(False, f"already on {target}")
-    limit = host_parallel(view)
-    others = sorted(s for s in switching_here if s != view.service)
-    if len(others) >= limit:
-        return Decision(False, f"host_parallel {limit}: this host is switching "
-                               f"{', '.join(others)}")
+    room = host_room(view, switching_here)
+    if not room:
+        return room
     verdicts = admission(view, target)
     if host not in verdicts:
         return Decision(False, f"not ready for {target} (not in the staging queue)")
@@ -249,7 +274,7 @@ def may_take_down(view: ServiceView, host: str, local_version: str | None,
         online = online_count(view)
         if online - 1 < view.spec.quorum:
             return Decision(False, quorum_reason(view))
-    budget = view.spec.policy.max_down_per_rack
+    budget = rack_policy(view).max_down_per_rack
     return Decision(True, f"{why}: take-down to {target} keeps quorum {view.spec.quorum}" + (
         f" and rack {entry_rack_of(view, host) or '(none)'} within max_down_per_rack {budget}"
         if budget is not None else ""))
@@ -270,6 +295,26 @@ def host_parallel(view: ServiceView) -> int:
     if head is not None and head.service == view.service and head.host_parallel:
         return head.host_parallel
     return 1
+
+
+def host_room(view: ServiceView,
+              switching_here: Mapping[str, int] | Sequence[str] = ()) -> Decision:
+    """May this host start a switch of ``view.service`` while it switches the services in
+    ``switching_here``? Given as {service: the ``host_parallel`` of the item that switch is
+    for}, or as names (their limit taken as this item's). The host may have at most
+    ``min`` of its own item's limit and every running switch's limit down at once: a deploy
+    that asked for one service down at a time is not overruled by a later one asking for
+    more. ``view.service`` itself is not counted (the agent runs one switch of a service
+    at a time and does not ask for a service it is switching)."""
+    limits = dict(switching_here) if isinstance(switching_here, Mapping) else \
+        {s: host_parallel(view) for s in switching_here}
+    limits.pop(view.service, None)
+    limit = min([host_parallel(view), *limits.values()])
+    if len(limits) >= limit:
+        return Decision(False, f"host_parallel {limit}: this host is switching "
+                               f"{', '.join(sorted(limits))}")
+    return Decision(True, f"host_parallel {limit}: {len(limits)} other service"
+                          f"{'' if len(limits) == 1 else 's'} switching here")
 
 
 def watch_width(view: ServiceView) -> int:

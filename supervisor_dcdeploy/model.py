@@ -681,6 +681,11 @@ class DeployItem:
     # `dcdeploy deploy --host-parallel N`: how many of its services a host may switch at
     # once while this item rolls (None: 1).
     host_parallel: int | None = None
+    # `dcdeploy deploy --max-down-per-rack K --rack-order [R1,R2,...]`: this item's rack
+    # policy, over the service spec's (None / False: the spec's). Signed when set.
+    max_down_per_rack: int | None = None
+    rack_order: bool = False
+    rack_names: tuple[str, ...] = ()
     # Canaries and the plan (issue 10, docs/policy.md). The operator's: ``canary`` (how
     # many), ``soak_secs``, ``approved`` (signed with service and version when set) and
     # ``predicted_s``. The hosts' (state fields, like ``state``): ``canaries`` (the set,
@@ -713,6 +718,7 @@ class DeployItem:
             after = tuple(after)
         host_parallel = check_int(where, data, "host_parallel", None, 1, MAX_HOST_PARALLEL)
         return cls(node=node, seq=seq, after=after, host_parallel=host_parallel,
+                   **rack_override(where, data),
                    service=check_name(where, "service", _get(where, data, "service", str)),
                    version=check_version(where, "version", _get(where, data, "version", str)),
                    state=state, reason=_get(where, data, "reason", str, None),
@@ -735,6 +741,10 @@ class DeployItem:
             data["after"] = list(self.after)
         if self.host_parallel is not None:
             data["host_parallel"] = self.host_parallel
+        if self.max_down_per_rack is not None:
+            data["max_down_per_rack"] = self.max_down_per_rack
+        if self.rack_order:
+            data["rack_order"] = list(self.rack_names) if self.rack_names else True
         return dumps(_with_signature(data, self.signature))
 
 
@@ -759,6 +769,22 @@ def check_switch(where: str, data: Any) -> dict[str, Any]:
     if "host" in data:
         out["host"] = check_name(where, "host", _get(where, data, "host", str))
     return out
+
+
+def rack_override(where: str, data: Mapping[str, Any]) -> dict[str, Any]:
+    """A deploy item's rack policy fields (the same bounds as a spec's): ``max_down_per_rack``
+    1..MAX_HOSTS, ``rack_order`` true (racks sorted) or a list of rack names, no repeats.
+    Raises :class:`InvalidData` naming the field."""
+    k = check_int(where, data, "max_down_per_rack", None, 1, MAX_HOSTS)
+    order = _get(where, data, "rack_order", (bool, list), False)
+    names: tuple[str, ...] = ()
+    if isinstance(order, list):
+        for i, rack in enumerate(order):
+            check_name(where, f"rack_order[{i}]", rack)
+        if len(set(order)) != len(order):
+            raise InvalidData(where, "rack_order", f"names a rack twice: {_short(order)}")
+        names, order = tuple(order), True
+    return {"max_down_per_rack": k, "rack_order": bool(order), "rack_names": names}
 
 
 def _item_policy(where: str, data: Mapping[str, Any]) -> dict[str, Any]:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import replace
+from collections.abc import Sequence
 from typing import Any, TypeVar
 
 from . import decisions, trust
@@ -208,7 +209,9 @@ def _ordered(store: Store, names: list[str]) -> tuple:
 def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
            expires: float | None = None, host_parallel: int | None = None,
            in_series: bool = False, canary: int = 0, soak_secs: float = 0.0,
-           predicted: dict[str, float | None] | None = None) -> list[DeployItem]:
+           predicted: dict[str, float | None] | None = None,
+           max_down_per_rack: int | None = None,
+           rack_order: bool | Sequence[str] | None = None) -> list[DeployItem]:
     """Queue the staged versions of ``names`` in dependency order (one transaction).
 
     Each item records ``after``, every service its own depends on (directly or not): it
@@ -218,9 +221,12 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
     host_parallel) as :func:`service_set` is. ``in_series``: items without ``after``,
     each waiting for every item ahead (the queue as it ran before issue 10). ``canary``
     hosts switch first, then each item holds for ``soak_secs`` or until approved
-    (docs/policy.md); ``predicted``: service -> the plan's predicted seconds."""
+    (docs/policy.md); ``predicted``: service -> the plan's predicted seconds.
+    ``max_down_per_rack``, ``rack_order`` (True: racks sorted; or rack names): this
+    deploy's rack policy over each service spec's (:func:`rack_override`), signed."""
     check_canary(canary, soak_secs)
     check_host_parallel(host_parallel)
+    racks = rack_override(max_down_per_rack, rack_order)
     specs, invalid, staged, queue, queue_invalid, order = _ordered(store, names)
     now = time.time()
     signer = signer_or_default(signer)
@@ -231,7 +237,7 @@ def deploy(store: Store, names: list[str], signer: trust.Signer | None = None,
                               updated=now, host_parallel=host_parallel,
                               after=None if in_series else
                               tuple(sorted(decisions.dependencies(specs, n))),
-                              **_canary_of(specs[n], canary, soak_secs),
+                              **_canary_of(specs[n], canary, soak_secs), **racks,
                               predicted_s=predicted.get(n)), signer, expires,
                    [i for i in queue if i.service == n]) for n in order]
     ops = [Create(layout.ITEM_PREFIX, item.to_json(), sequential=True) for item in items]
@@ -352,16 +358,20 @@ def switch_timings(records: list[dict[str, Any]]) -> tuple[list, list[str]]:
 
 
 def plan(store: Store, names: list[str], canary: int = 0,
-         soak_secs: float = 0.0) -> dict[str, Any]:
+         soak_secs: float = 0.0, max_down_per_rack: int | None = None,
+         rack_order: bool | Sequence[str] | None = None) -> dict[str, Any]:
     """``dcdeploy plan``: what deploying ``names`` now would do, after what is queued
     (waves, order, batches, predicted seconds; policy.plan, docs/policy.md). Refuses
-    what ``deploy`` would refuse."""
+    what ``deploy`` would refuse. The rack overrides are those of ``deploy`` (queued
+    items keep their own)."""
     from .policy import GateView, Policy, plan as make_plan, service_state
     check_canary(canary, soak_secs)
+    racks = rack_override(max_down_per_rack, rack_order)
     specs, _, staged, queue, _, order = _ordered(store, names)
     pending = [i for i in queue if i.state not in ("done", "aborted")]
     new = [DeployItem(node=f"(new {n})", seq=10**10 + k, service=n,
-                      version=staged[n].version, **_canary_of(specs[n], canary, soak_secs))
+                      version=staged[n].version, **_canary_of(specs[n], canary, soak_secs),
+                      **racks)
            for k, n in enumerate(order)]
     items = pending + new
     hosts, _ = read_hosts(store)
@@ -372,6 +382,7 @@ def plan(store: Store, names: list[str], canary: int = 0,
         policy = getattr(spec, "policy", None) or Policy()
         if mine and mine[0].canary:
             policy = replace(policy, canary=mine[0].canary, soak_secs=mine[0].soak_secs)
+        policy = decisions.override_racks(policy, mine[0] if mine else None)
         view = read_view(store, svc, queue, [], hosts=hosts)
         states[svc] = service_state(view, policy, target)
     timings, problems = switch_timings(history(store, PLAN_HISTORY))
@@ -387,6 +398,38 @@ def _canary_of(spec: ServiceSpec, canary: int, soak_secs: float) -> dict[str, An
     if not canary:
         canary, soak_secs = spec.policy.canary, spec.policy.soak_secs
     return {"canary": canary, "soak_secs": float(soak_secs)}
+
+
+def rack_override(max_down_per_rack: Any = None,
+                  rack_order: bool | Sequence[str] | None = None) -> dict[str, Any]:
+    """``deploy --max-down-per-rack K --rack-order [R1,R2,...]``: the deploy item's rack
+    fields, checked as a spec's are (K 1..100000; rack names valid, none twice).
+    ``rack_order`` True: racks sorted; None: the spec's. Raises :class:`OpError` naming
+    the flag and the bad value."""
+    from .model import rack_override as parse
+    data: dict[str, Any] = {}
+    if max_down_per_rack is not None:
+        data["max_down_per_rack"] = max_down_per_rack
+    if rack_order is not None and rack_order is not False:
+        data["rack_order"] = True if rack_order is True else list(rack_order)
+    try:
+        return parse("deploy", data)
+    except InvalidData as exc:
+        flag = {"max_down_per_rack": "--max-down-per-rack"}.get(exc.field, "--rack-order")
+        raise OpError(f"{flag}: {exc.problem}") from None
+
+
+def item_overrides(item: DeployItem) -> dict[str, Any]:
+    """What a deploy item sets over the service spec's policy, for ``status`` (only the
+    fields it sets): ``host_parallel``, ``max_down_per_rack``, ``rack_order``."""
+    out: dict[str, Any] = {}
+    if item.host_parallel is not None:
+        out["host_parallel"] = item.host_parallel
+    if item.max_down_per_rack is not None:
+        out["max_down_per_rack"] = item.max_down_per_rack
+    if item.rack_order:
+        out["rack_order"] = list(item.rack_names) if item.rack_names else True
+    return out
 
 
 def check_host_parallel(host_parallel: int | None) -> None:
@@ -601,6 +644,9 @@ def status(store: Store) -> dict[str, Any]:
                        "state": state, "reason": reason, "host": item.host})
         if item.canary:
             deploy[-1].update(canaries=list(item.canaries), approved=item.approved)
+        overrides = item_overrides(item)
+        if overrides:
+            deploy[-1]["overrides"] = overrides
     host_out = {}
     for name in sorted(set(hosts) | set(host_services)):
         info = hosts.get(name)

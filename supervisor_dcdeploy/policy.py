@@ -559,7 +559,10 @@ def predict_item(svc: ServiceState, timings: Iterable[SwitchTiming],
     out: dict[str, Any] = {"service": svc.name, "version": svc.target, "hosts": len(behind),
                            "k": k, "limits": limits, "batch_s": per_batch,
                            "timing_source": source, "soak_s": 0.0, "waits_for_approve": False,
-                           "blocked": None}
+                           "blocked": None,
+                           "rack_policy": {"max_down_per_rack": svc.policy.max_down_per_rack,
+                                           "rack_order": (list(svc.policy.rack_names) or True)
+                                           if svc.policy.rack_order else None}}
     if not behind:
         out.update(batches=0, predicted_s=0.0, host_order=[])
         return out

@@ -216,6 +216,12 @@ def item_payload(item: DeployItem) -> dict[str, Any]:
         payload["after"] = list(item.after)
     if item.host_parallel is not None:
         payload["host_parallel"] = item.host_parallel
+    # The deploy's rack overrides decide how many hosts of a rack go at once and in what
+    # order: signed when set (absent otherwise, so older items verify as before).
+    if item.max_down_per_rack is not None:
+        payload["max_down_per_rack"] = item.max_down_per_rack
+    if item.rack_order:
+        payload["rack_order"] = list(item.rack_names) if item.rack_names else True
     if item.canary:
         payload.update(canary=item.canary, soak_secs=item.soak_secs)
     if item.approved:

@@ -16,13 +16,18 @@ Rules kept here, in one place:
   not running is started from local state (L3); running services are left alone.
 * a take-down happens only through the gate transaction, after ``sync()`` and a fresh read.
 * a switch that started is always finished or rolled back locally, store or no store.
+* a switch runs in a thread of the agent's :class:`~.switches.SwitchRunner`, so that up to
+  ``host_parallel`` services of the host switch at once; the cycle goes on meanwhile,
+  leaves that service alone until the switch ends, and then does the store's part of it
+  (presence, ready queue, failure mark) on the agent's thread.
 """
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,7 @@ from .config import AgentConfig
 from .distribution import Distribution, fetch_transport
 from .fetching import FetchFailure, FetchManager
 from .status import FetchStatus, ServiceStatus, VerifyPeersStatus
+from .switches import SwitchRunner
 
 RUNNING_STATES = ("RUNNING",)
 TRANSIENT_STATES = ("STARTING", "STOPPING", "BACKOFF")
@@ -56,7 +62,9 @@ class HostContext:
     """What the reconcilers of one host share. ``coord`` may be replaced by the agent (a
     backend that cannot follow falls back to re-reading); ``connected`` reads the store
     session's state at the moment it is asked; ``wake_by`` asks the agent's loop to run
-    the next cycle no later than a ``time.time()`` (a canary's soak ending, say)."""
+    the next cycle no later than a ``time.time()`` (a canary's soak ending, say).
+    ``switches`` runs switches beside the cycle (None: inside it, one at a time);
+    ``state_lock`` guards the local state file, which switch threads write too."""
 
     cfg: AgentConfig
     log: Any
@@ -70,6 +78,8 @@ class HostContext:
     wake: Callable[[], None]
     connected: Callable[[], bool]
     wake_by: Callable[[float], None]
+    switches: SwitchRunner | None = None
+    state_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def host(self) -> str:
@@ -77,7 +87,9 @@ class HostContext:
 
 
 class ServiceReconciler:
-    """One service on this host. All methods run on the agent's thread."""
+    """One service on this host. All methods run on the agent's thread, except
+    :meth:`switch` (and what it calls), which runs in a switch thread while the cycle leaves
+    this service alone; :meth:`set` may be called from both."""
 
     def __init__(self, svc: str, ctx: HostContext) -> None:
         self.svc = svc
@@ -94,14 +106,16 @@ class ServiceReconciler:
         self.queue_empty_since: float | None = None
         self.switch_timing: dict[str, Any] | None = None  # the last switch's, for presence
         self.start_mark: float | None = None  # time.monotonic() of the last program start
+        self._status_lock = threading.Lock()
 
     # -- status -----------------------------------------------------------------------
     def set(self, **fields: Any) -> None:
         """Change fields of this service's status (a new value; readers keep the old). Most
         cycles repeat what the status says: then the value is kept, not copied."""
-        current = self.status
-        if any(getattr(current, name) != value for name, value in fields.items()):
-            self.status = replace(current, **fields)
+        with self._status_lock:  # the agent's thread and this service's switch thread
+            current = self.status
+            if any(getattr(current, name) != value for name, value in fields.items()):
+                self.status = replace(current, **fields)
 
     def snapshot(self) -> ServiceStatus:
         """The status with what the fetch thread published since (preloading)."""
@@ -128,6 +142,12 @@ class ServiceReconciler:
         (``store_state`` says why): then only local state decides. Raises what the store,
         supervisord or the disk raised; the agent reports it and goes on."""
         svc, ctx = self.svc, self.ctx
+        if ctx.switches is not None:
+            if ctx.switches.running(svc):
+                return  # its switch thread has it until the switch ends
+            done = ctx.switches.take(svc)
+            if done is not None:
+                self._finish_switch(done.result())  # raises what the switch raised
         st = ctx.local.get(svc)
         rd = self.rd
         view = None
@@ -178,17 +198,24 @@ class ServiceReconciler:
         self.retry_pending_failure()
         self.ensure_presence(view, st.active, spec)
         self.prefetch(view)
-        self.enqueue(view, st.active)
+        # host_parallel: while this host switches as many of its services as it may, it
+        # stays out of this service's ready queue (it would hold a place at the front that
+        # it cannot use) and joins again, at the back, when a switch ends.
+        room = decisions.host_room(view, self._busy())
+        self.enqueue(view, st.active, room.ok)
         if canary.needs_choice(view):
             view = ctx.coord.resolve(svc, view)
         hold = canary.hold(view, ctx.host, time.time())
         decision = canary.gate_decision(hold, ctx.host, st.active)
+        if not room and (decision or decisions.rollout_target(view)[0] not in (None,
+                                                                              st.active)):
+            decision = room  # the reason too: out of the queue for host_parallel
         self.set(phase="serving", reason=decision.reason)
         self._arm_queue_watches(hold.view, st.active)
         if self._canary_upkeep(program, view, hold):
             return
-        if not decision and hold.refusal is None and peers.verify_peers(view.spec) and \
-                peers.slot_held_by_online(hold.view, ctx.host):
+        if not decision and room and hold.refusal is None and \
+                peers.verify_peers(view.spec) and peers.slot_held_by_online(hold.view, ctx.host):
             # A host ahead still has a presence: if it is dead, probing frees its slot
             # (a cheap look at those hosts first; the gate then probes for the quorum).
             resolved = ctx.coord.resolve(svc, hold.view)
@@ -311,13 +338,15 @@ class ServiceReconciler:
         fetches.start(svc, staged, self.rd, preload, transport)
         self.set(fetch=FetchStatus(staged.version, "downloading", **last_error))
 
-    def enqueue(self, view: decisions.ServiceView, active: str | None) -> None:
+    def enqueue(self, view: decisions.ServiceView, active: str | None,
+                room: bool = True) -> None:
         """Join the ready-to-roll queue for the staged version once it is installed and
-        verified here; leave entries for any other version."""
+        verified here; leave entries for any other version, and every entry while the host
+        has no ``room`` for another switch (host_parallel)."""
         from ..fetch import installed_sha256
         staged = view.staged
         want = None
-        if staged is not None and staged.version != active and \
+        if room and staged is not None and staged.version != active and \
                 not self.ctx.fetches.busy(self.svc) and \
                 installed_sha256(self.rd.path(staged.version)) == staged.sha256:
             want = staged.version  # installed, verified and (with preload) warm
@@ -365,6 +394,10 @@ class ServiceReconciler:
                                                                                 ctx.host)):
             fresh = ctx.coord.resolve(svc, fresh)
             decision, silent = self._verify_peers(fresh, hold)
+        busy = self._busy()
+        room = decisions.host_room(fresh, busy)  # with the limit of the item read here
+        if decision and not room:
+            decision = room
         if not decision:
             self.set(reason=decision.reason)  # the synced read overrules the cycle's
             return
@@ -400,15 +433,59 @@ class ServiceReconciler:
         ctx.log.info("gate.passed", svc=svc, version=target, online=gate["online"],
                      quorum=gate["quorum"], item=gate["item"], canaries=list(hold.canaries),
                      recorded=list(hold.record), why=decision.reason)
-        try:  # busy until the switch is over: give up its places in other ready queues
-            ctx.coord.make_way(svc)
-        except StoreError as exc:  # only a courtesy to the next host in line
-            ctx.log.warning("queue.make_way_failed", svc=svc, error=str(exc))
-        self.switch(program, fresh.spec, target, head.node if head else None)
+        limit = decisions.host_parallel(fresh)
+        if len(busy) + 1 >= min([limit, *busy.values()]):
+            try:  # no room left until a switch is over: give up its places in other queues
+                ctx.coord.make_way(svc)
+            except StoreError as exc:  # only a courtesy to the next host in line
+                ctx.log.warning("queue.make_way_failed", svc=svc, error=str(exc))
+        self._launch(program, fresh.spec, target, head.node if head else None, limit)
 
-    def switch(self, program: str, spec: ServiceSpec, target: str, item: str | None) -> bool:
-        """Stop, repoint ``current``, start, health-check; roll back on failure."""
+    def _busy(self) -> dict[str, int]:
+        """{service: its item's host_parallel} of this host's switches not over yet."""
+        return self.ctx.switches.busy() if self.ctx.switches is not None else {}
+
+    def _launch(self, program: str, spec: ServiceSpec, target: str, item: str | None,
+                limit: int) -> None:
+        """Run the switch in a switch thread (after the gate commit); the cycle goes on
+        and, once it ended, :meth:`_finish_switch` does its store part."""
+        runner = self.ctx.switches
+        if runner is not None:
+            self.set(phase="switching",
+                     reason=f"{self.ctx.local.get(self.svc).active} -> {target}")
+            try:
+                runner.submit(self.svc, limit, lambda: self.switch(program, spec, target, item))
+                return
+            except RuntimeError:  # the agent is stopping: switch here, as it used to
+                pass
+        self._finish_switch(self.switch(program, spec, target, item))
+
+    def _finish_switch(self, outcome: tuple[str, str | None]) -> None:
+        """The store's part of an ended switch, on the agent's thread: back in presence
+        and out of the ready queue; after a failure, the item marked failed (retried
+        every cycle until the store takes it) and the old version registered again."""
+        what, version = outcome
+        if what == "failed":
+            self._after_failure(version)
+            return
+        if version is not None:
+            self._after_switch(version)
+        if what == "done":
+            self._prune()
+
+    def _sup(self) -> Supervisor:
+        """supervisord's client for the calling thread (a switch thread has its own)."""
+        runner = self.ctx.switches
+        own = runner.supervisor() if runner is not None else None
+        return own if own is not None else self.ctx.sup
+
+    def switch(self, program: str, spec: ServiceSpec, target: str,
+               item: str | None) -> tuple[str, str | None]:
+        """Stop, repoint ``current``, start, health-check; roll back on failure. No store
+        I/O (it may run in a switch thread): returns what :meth:`_finish_switch` does with
+        the store, ("done", target), ("not_started", previous) or ("failed", previous)."""
         svc, ctx = self.svc, self.ctx
+        sup = self._sup()
         rd = self.rd
         previous = ctx.local.get(svc).active
         self.set(phase="switching", reason=f"{previous} -> {target}")
@@ -428,10 +505,8 @@ class ServiceReconciler:
                 prepared.unlink(missing_ok=True)
             ctx.log.error("switch.not_started", svc=svc, version=target, error=str(exc))
             self.set(phase="serving", error=f"cannot prepare the switch: {exc}")
-            if previous is not None:
-                self._after_switch(previous)
-            return False
-        ctx.sup.stop(program)
+            return "not_started", previous
+        sup.stop(program)
         rd.commit_current(prepared)
         stopped = time.monotonic()
         self._record(active=target, previous=previous, verified=False)
@@ -448,11 +523,9 @@ class ServiceReconciler:
                 back.unlink(missing_ok=True)
             ctx.log.info("switch.done", svc=svc, version=target)
             ctx.metrics.on_switch(svc, time.monotonic() - started, "ok")
-            self._after_switch(target)
-            self._prune()
-            return True
+            return "done", target
         ctx.log.error("switch.failed", svc=svc, version=target, reason=problem)
-        ctx.sup.stop(program)
+        sup.stop(program)
         if previous is not None:
             ctx.metrics.on_rollback(svc)
             try:
@@ -476,8 +549,7 @@ class ServiceReconciler:
         self.set(phase="failed", reason=reason, last_failure=reason)
         if item is not None:
             self.pending_fail = (item, reason)
-        self._after_failure(previous)
-        return False
+        return "failed", previous
 
     def _after_switch(self, version: str) -> None:
         self.switched = True
@@ -511,7 +583,7 @@ class ServiceReconciler:
 
     def _start_and_check(self, program: str, spec: ServiceSpec | None,
                          hold: bool) -> str | None:
-        sup = self.ctx.sup
+        sup = self._sup()
         try:
             sup.start(program)
         except SupervisorError as exc:
@@ -565,6 +637,10 @@ class ServiceReconciler:
                 if ctx.coord.stamp_canaries_done(head.node, head.version):
                     ctx.log.info("canary.soak_started", svc=svc, item=head.node)
         back = canary.may_roll_back(view, ctx.host, st.active, st.previous)
+        if back:  # a rollback is a take-down too: within host_parallel
+            back = decisions.host_room(view, self._busy())
+            if not back:
+                self.set(reason=f"canary rollback waits: {back.reason}")
         if back:
             fresh = self._trusted(ctx.coord.fresh_view(svc))
             back = canary.may_roll_back(fresh, ctx.host, st.active, st.previous)
@@ -583,7 +659,7 @@ class ServiceReconciler:
                 return True
             ctx.log.info("canary.rolling_back", svc=svc, version=st.previous)
             assert st.previous is not None
-            self.switch(program, view.spec, st.previous, None)
+            self._launch(program, view.spec, st.previous, None, decisions.host_parallel(fresh))
             return True
         return False
 
@@ -715,7 +791,8 @@ class ServiceReconciler:
         the ``current`` symlink is what supervisord starts."""
         local = self.ctx.local
         try:
-            local.update(self.svc, **changes)
+            with self.ctx.state_lock:  # switch threads of other services write it too
+                local.update(self.svc, **changes)
         except OSError as exc:
             self.ctx.log.error("state.write_failed", svc=self.svc, error=str(exc))
             self.set(error=f"cannot write {local.path}: {exc.strerror or exc}")

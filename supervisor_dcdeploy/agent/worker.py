@@ -26,7 +26,7 @@ from ..coord import Coordinator, RereadCoordinator, coordinator_for
 from ..files import atomic_write
 from ..localstate import STATUS_FILE, LocalState
 from ..metrics import AgentMetrics
-from ..model import DeployItem, HostInfo, dumps
+from ..model import MAX_HOST_PARALLEL, DeployItem, HostInfo, dumps
 from ..store import (
     NoNode,
     SessionState,
@@ -43,6 +43,7 @@ from .distribution import Distribution
 from .fetching import FetchManager
 from .reconciler import HostContext, ServiceReconciler
 from .status import HostStatus
+from .switches import SwitchRunner
 
 RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
 
@@ -87,6 +88,11 @@ class Agent:
         self.counters = trust.CounterLog(cfg.root)
         if self.counters.problem:
             self.log.warning("trust.counters_rebuilt", problem=self.counters.problem)
+        # Switches run beside the cycle, up to host_parallel at once (docs/policy.md); each
+        # thread gets its own supervisord client (an injected stand-in is shared).
+        self.switches = SwitchRunner(
+            min(len(cfg.services), MAX_HOST_PARALLEL),
+            None if supervisor is not None else (lambda: Supervisor(self.sup.url)), self._wake)
         # What this host knows of the store: a mirror followed by watches where the backend
         # can (ZooKeeper), else re-read each cycle (coord.py).
         self.ctx = HostContext(
@@ -94,7 +100,7 @@ class Agent:
             metrics=self.metrics, fetches=self.fetches, dist=self.dist,
             coord=coordinator_for(self.store, cfg.host, sorted(cfg.services), self._wake),
             wake=self._wake, connected=lambda: self.session is SessionState.CONNECTED,
-            wake_by=self._wake_by)
+            wake_by=self._wake_by, switches=self.switches)
         self.reconcilers = {svc: ServiceReconciler(svc, self.ctx) for svc in cfg.services}
 
     @property
@@ -178,6 +184,7 @@ class Agent:
         self.shutdown()
 
     def shutdown(self) -> None:
+        self.switches.shutdown()  # a switch in progress finishes or rolls back first
         self.fetches.shutdown()
         self.metrics.stop()
         if self.dist is not None:
