@@ -170,14 +170,15 @@ def test_the_coordinator_follows_consul_and_keeps_its_mirror_without_a_leader(
         assert coord._mirror.nodes == before  # kept, not emptied
 
         fake.elect_leader()
-        op.create("current/A/h8", b'{"version": "1", "state": "serving"}')
+        # A followed key (presences are followed only at the front of the ready queue).
+        op.create("staging/A", b'{"version": "8"}')
 
         def caught_up() -> bool:
             try:
                 coord.follow()
             except StoreUnavailable:
                 return False
-            return "h8" in coord.view("A", [], []).current
+            return coord._mirror.nodes.get("staging/A", (None,))[0] == b'{"version": "8"}'
         wait_for(caught_up, 15, "the followers to answer again")
     finally:
         st.stop()
@@ -287,11 +288,15 @@ class FollowDouble:
     def read_tree(self, path, recurse=True, consistent=False):
         return 5, dict(self.trees.get(path, {}))
 
-    def follow_tree(self, path, deliver, recurse=True, index=0, interval=0.0, wait=None):
+    def read_trees(self, wanted):
+        return [dict(self.trees.get(path, {})) for path, _ in wanted]
+
+    def follow_tree(self, path, deliver, recurse=True, index=0, interval=0.0, wait=None,
+                    hold=False):
         class Follower:
             alive = True
-            def set_interval(self, seconds): pass
-            def kick(self): pass
+            held = False
+            def resume(self, index=None): pass
             def cancel(self): self.alive = False
         follower = Follower()
         follower.deliver = deliver  # type: ignore[attr-defined]
@@ -303,23 +308,24 @@ class FollowDouble:
 
 
 def test_an_answer_to_a_read_sent_before_our_write_does_not_undo_it():
-    """Our queue entry is in the mirror from the moment we made it: an answer to a read
-    sent before the create (it cannot show the entry) leaves it there; an answer to a
-    read sent after decides. Otherwise the host would see itself out of the queue and
-    enter it twice."""
+    """Our presence is in the mirror from the moment we made it: an answer to a read
+    sent before the create (it cannot show the presence) leaves it there; an answer to
+    a read sent after decides. Otherwise the host would see itself unregistered and
+    register again."""
     import time as _time
     from supervisor_dcdeploy.store.consul import TreeAnswer
     store = FollowDouble()
     coord = FollowCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
     coord.follow()
+    coord._start_presences("A")  # as at the front of the ready queue
     before = _time.monotonic()
-    node = coord.enter_queue("A", "2")
-    assert node == "staging/A/h1-0000000007"
-    queue = store.followers["staging/A/"]
-    queue.deliver(TreeAnswer(queue, 6, {"staging/A": (b"{}", 3)}, started=before))
+    coord.register("A", "2", "r0")
+    assert "h1" in coord._mirror.children("current/A")
+    presences = store.followers["current/A/"]
+    presences.deliver(TreeAnswer(presences, 6, {"current/A": (b"", 3)}, started=before))
     coord.follow()
-    assert coord._own_entries("A") == ["h1-0000000007"]
-    queue.deliver(TreeAnswer(queue, 7, {"staging/A": (b"{}", 3)},
-                             started=_time.monotonic()))
+    assert "h1" in coord._mirror.children("current/A")
+    presences.deliver(TreeAnswer(presences, 7, {"current/A": (b"", 3)},
+                                 started=_time.monotonic()))
     coord.follow()
-    assert coord._own_entries("A") == []  # a read sent after the create: it is gone
+    assert "h1" not in coord._mirror.children("current/A")  # read after: it is gone
