@@ -891,6 +891,7 @@ class FollowCoordinator(MirrorCoordinator):
         self._cycle = 0
         self._deploy_held_at = 0  # the cycle that applied the deploy follower's last answer
         self._known = 0  # the highest Consul index this host has seen
+        self._vanished: list[str] = []  # entries followed after our switch, now gone
         self.snapshots = 0
         self._reader = _FollowReader(self._mirror, self._gates)
 
@@ -1036,8 +1037,18 @@ class FollowCoordinator(MirrorCoordinator):
             self._load()
         self._apply()
         with self._lock:
-            due = sorted(self._turn)
-        for svc in due:
+            due = set(self._turn)
+            vanished, self._vanished = self._vanished, []
+        for path in vanished:
+            svc = layout.split(path)[1]
+            self._ahead[svc].pop(layout.split(path)[2], None)
+            self._gone(path)
+            self._pending.pop(path, None)
+            if not self._front.get(svc) and not self._own_entries(svc) \
+                    and not any(f.alive for f in self._ahead[svc].values()) \
+                    and not self._queued_for_item(svc):
+                due.add(svc)  # every entry it knew of went: is the item done?
+        for svc in sorted(due):
             self._snapshot(svc)
         for svc in self.services:
             if self._front[svc] and self._presences(svc) is None:
@@ -1086,6 +1097,15 @@ class FollowCoordinator(MirrorCoordinator):
         self._fresh[svc] = time.monotonic()
         with self._lock:
             self._turn.discard(svc)
+
+    def _queued_for_item(self, svc: str) -> bool:
+        """Whether the mirror holds ready-queue entries for the head item of ``svc``
+        (none: the item may be done; only a snapshot says)."""
+        queue, _ = self.queue()
+        if not any(item.service == svc for item in queue):
+            return True  # no item of this service open: nothing to complete
+        return any(n.rpartition("-")[0] != self.host
+                   for n in self._mirror.children(layout.staged(svc)))
 
     def _is_fresh(self, svc: str) -> bool:
         at = self._fresh.get(svc)
@@ -1189,12 +1209,26 @@ class FollowCoordinator(MirrorCoordinator):
     def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None,
                  record: Sequence[str] = ()) -> bool:
         passed = super().try_gate(svc, fresh, gate, head, record)
-        # Switching now: what the others do cannot change that; back in the next cycle.
+        # Switching now: the presences cannot change that. The entries still switching
+        # ahead stay followed: whoever of this group is back last completes the item.
         self._front[svc] = False
         self._stop_presences(svc)
-        self._cancel_ahead(svc, ())
         self._fresh.pop(svc, None)
         return passed
+
+    def rejoin(self, svc: str, version: str, rack: str, switch: dict | None = None,
+               probe: str | None = None) -> None:
+        """Back (one transaction, as on ZooKeeper). Then, for completion, without
+        following the queue: the entries still switching ahead stay followed, and when
+        exactly one entry was behind ours, it is followed too (if that host dies
+        switching, nobody behind it would notice). When every entry this host knows of
+        has gone, one snapshot: if the item is done, this host completes it."""
+        entries = self._reader.children(layout.staged(svc))
+        own = [i for i, n in enumerate(entries) if n.rpartition("-")[0] == self.host]
+        behind = entries[own[0] + 1:] if own else []
+        super().rejoin(svc, version, rack, switch, probe)
+        if len(behind) == 1 and behind[0].rpartition("-")[0] != self.host:
+            self._follow_entry(svc, behind[0], snapshot=False)
 
     def _entries_ahead(self, svc: str) -> list[str]:
         """The mirror's ready-queue entries ahead of our own (in the queue's order)."""
@@ -1222,25 +1256,36 @@ class FollowCoordinator(MirrorCoordinator):
             self._behind[svc] = self._cycle  # (set_front came first in this cycle)
         self._cancel_ahead(svc, nodes)
         for node in nodes:
-            if node in self._ahead[svc]:
+            if node in self._ahead[svc] and self._ahead[svc][node].alive:
                 continue
-            path = layout.ready_entry(svc, node)
-            known = self._mirror.nodes.get(path)
-            if known is None:
+            self._follow_entry(svc, node, snapshot=True)
+
+    def _follow_entry(self, svc: str, node: str, snapshot: bool) -> None:
+        """One ready-queue entry, followed (one key) until it goes; then a snapshot at
+        the next cycle (``snapshot``: in the queue), or it just leaves the mirror."""
+        store: Any = self.store
+        path = layout.ready_entry(svc, node)
+        known = self._mirror.nodes.get(path)
+        if known is None:
+            if snapshot:
                 self._turn.add(svc)  # gone already: read the snapshot now
                 self._wake()
-                continue
+            return
 
-            def answered(answer: Any, path: str = path, svc: str = svc) -> None:
-                if answer.tree is not None and path not in answer.tree:
-                    answer.follower.cancel()
-                    with self._lock:
-                        self.notifications += 1
-                        self._turn.add(svc)
-                    self._wake()
-            self._ahead[svc][node] = store.follow_tree(path, answered, recurse=False,
-                                                       index=max(1, known[1]),
-                                                       interval=PROMPT_SECS)
+        def answered(answer: Any) -> None:
+            if answer.tree is None:
+                return
+            # In the queue: gone, or made again (left for another service's switch and
+            # back: a new place), both change our place. After our switch only a going.
+            if snapshot or path not in answer.tree:
+                answer.follower.cancel()
+                with self._lock:
+                    self.notifications += 1
+                    (self._turn.add(svc) if snapshot else self._vanished.append(path))
+                self._wake()
+        self._ahead[svc][node] = store.follow_tree(path, answered, recurse=False,
+                                                   index=max(1, known[1]),
+                                                   interval=PROMPT_SECS)
 
     def _cancel_ahead(self, svc: str, keep: Sequence[str]) -> None:
         for node in [n for n in self._ahead[svc] if n not in keep]:
