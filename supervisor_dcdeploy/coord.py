@@ -835,8 +835,8 @@ def _entry_order(name: str, known: tuple[bytes | None, int] | None) -> tuple[int
 
 PROMPT_SECS = 0.1  # a followed subtree is read at most this often while it matters now
 # A consistent snapshot of a service (gate, presences, ready queue, deploy queue) is reused
-# by the gate, completion and recovery when no answer touched it since and it is at most
-# this old: the next cycle after the read that prompted it, not a later one.
+# by the gate, completion and recovery only in the agent's cycle that read it, when no
+# answer touched it since, and when it is at most this old.
 FRESH_SECS = 1.0
 SNAPSHOT_LIMIT = 10 ** 10  # ready-queue suffixes have 10 digits
 
@@ -885,7 +885,7 @@ class FollowCoordinator(MirrorCoordinator):
         self._pending: dict[str, tuple[bytes | None, float]] = {}  # own writes in flight
         self._ahead: dict[str, dict[str, Any]] = {svc: {} for svc in self.services}
         self._front: dict[str, bool] = {svc: False for svc in self.services}
-        self._fresh: dict[str, float] = {}  # svc -> when its last snapshot was read
+        self._fresh: dict[str, tuple[int, float]] = {}  # svc -> (cycle, time) of its snapshot
         self._turn: set[str] = set()  # services whose snapshot is due (an entry ahead went)
         self._behind: dict[str, int] = {}  # svc -> cycle in which it waited behind the front
         self._cycle = 0
@@ -1094,7 +1094,7 @@ class FollowCoordinator(MirrorCoordinator):
             self._put(key, path, recurse, tree, started)
         if svc not in self._gates:
             self._gates[svc] = -1
-        self._fresh[svc] = time.monotonic()
+        self._fresh[svc] = (self._cycle, time.monotonic())
         with self._lock:
             self._turn.discard(svc)
 
@@ -1108,8 +1108,11 @@ class FollowCoordinator(MirrorCoordinator):
                    for n in self._mirror.children(layout.staged(svc)))
 
     def _is_fresh(self, svc: str) -> bool:
+        """A snapshot read in this cycle, untouched by answers since, at most FRESH_SECS
+        old: as fresh as a read made right before the commit (ZooKeeper's sync + read)."""
         at = self._fresh.get(svc)
-        return at is not None and time.monotonic() - at <= FRESH_SECS
+        return at is not None and at[0] == self._cycle and \
+            time.monotonic() - at[1] <= FRESH_SECS
 
     def fresh_view(self, svc: str) -> ServiceView:
         """The view on a consistent snapshot of the gate, the presences, the ready queue
