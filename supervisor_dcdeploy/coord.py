@@ -12,8 +12,10 @@ each backend does it in its own idiom (in the manner of Patroni's ``dcs/`` modul
   atomic commit. The mirror is rebuilt after every reconnect: the server forgets
   persistent watches with the connection, and a gate or queue position never survives a
   lost session.
-* :class:`RereadCoordinator` (any backend without ``watch_tree``, today Consul): the same
-  operations, the view re-read on each cycle as before.
+* :class:`FollowCoordinator` (Consul): blocking reads of what can change the host's next
+  decision, and one consistent snapshot (a read-only ``/v1/txn``) where it decides.
+* :class:`RereadCoordinator` (a backend that can do neither): the same operations, the
+  view re-read on each cycle as before.
 
 Paths come from :mod:`.store.layout` only.
 """
@@ -890,7 +892,6 @@ class FollowCoordinator(MirrorCoordinator):
         self._behind: dict[str, int] = {}  # svc -> cycle in which it waited behind the front
         self._cycle = 0
         self._deploy_held_at = 0  # the cycle that applied the deploy follower's last answer
-        self._known = 0  # the highest Consul index this host has seen
         self._vanished: list[str] = []  # entries followed after our switch, now gone
         self.snapshots = 0
         self._reader = _FollowReader(self._mirror, self._gates)
@@ -939,7 +940,6 @@ class FollowCoordinator(MirrorCoordinator):
             self._indexes.pop(key, None)
             self._put(key, path, recurse, tree, started)
             self._indexes[key] = index
-            self._saw(index)
             self._trouble.pop(key, None)
             follower = self._followers.get(key)
             if follower is None or not follower.alive:
@@ -951,10 +951,6 @@ class FollowCoordinator(MirrorCoordinator):
         for svc in self.services:
             self._snapshot(svc)
         self._loaded = generation == self._generation
-
-    def _saw(self, index: int) -> None:
-        if index > self._known:
-            self._known = index
 
     def _answered(self, answer: Any) -> None:
         """A follower's thread: queue the answer for the agent's thread, wake it."""
@@ -988,7 +984,6 @@ class FollowCoordinator(MirrorCoordinator):
         if not reset and index < self._indexes.get(key, 0):
             return
         self._indexes[key] = index
-        self._saw(index)
         self._put(key, path, recurse, tree, started)
         if key == layout.DEPLOY + "/":
             self._deploy_held_at = self._cycle
@@ -1089,7 +1084,6 @@ class FollowCoordinator(MirrorCoordinator):
             # What a follower started (or resumed) from here need not answer again: no
             # change at or below the newest index read is missing from the snapshot.
             newest = max((v[1] for v in tree.values()), default=0)
-            self._saw(newest)
             self._indexes[key] = max(self._indexes.get(key, 0), newest)
             self._put(key, path, recurse, tree, started)
         if svc not in self._gates:
