@@ -115,6 +115,71 @@ def test_index_going_backwards_resets_and_reloads(fake):
         st.stop()
 
 
+def test_a_held_follower_sends_nothing_until_resumed(fake):
+    """``hold``: after an answer no read is outstanding, so changes meanwhile cost no
+    request; resumed, one read answers them all at once."""
+    root = f"dc-{uuid.uuid4().hex[:8]}"
+    st = opened(fake, root)
+    try:
+        st.create("deploy", b"")
+        index, _ = st.read_tree("deploy")
+        got = Answers()
+        follower = st.follow_tree("deploy", got, index=index, hold=True)
+        st.create("deploy/item-1", b"1")
+        got.until(lambda a: a.tree and "deploy/item-1" in a.tree, "the first change")
+        wait_for(lambda: follower.held, 10, "the follower to hold")
+        with fake.cond:
+            sent = sum(1 for kind, _, path in fake.log
+                       if kind == "block" and path.endswith(f"{root}/deploy"))
+        st.set("deploy/item-1", b"2")
+        st.create("deploy/item-2", b"3")
+        with fake.cond:
+            assert sum(1 for kind, _, path in fake.log
+                       if kind == "block" and path.endswith(f"{root}/deploy")) == sent
+        follower.resume()
+        answer = got.until(lambda a: a.tree and "deploy/item-2" in a.tree, "both changes")
+        assert answer.tree["deploy/item-1"][0] == b"2"
+        with fake.cond:
+            assert sum(1 for kind, _, path in fake.log
+                       if kind == "block" and path.endswith(f"{root}/deploy")) == sent + 1
+    finally:
+        st.stop()
+
+
+def test_entering_the_ready_queue_is_one_request_and_orders_by_consul(fake):
+    """The agent's entry: one transaction that writes it and reads the snapshot (its
+    place known at once); entries of one staged release share a number and queue in the
+    order Consul made them, whatever their names."""
+    root = f"dc-{uuid.uuid4().hex[:8]}"
+    op = opened(fake, root)
+    stores = [opened(fake, root) for _ in range(2)]
+    try:
+        op.create("staging/A", b'{"version": "2"}')
+        op.ensure("current/A")
+        op.ensure("gate/A")
+        op.ensure("deploy")
+        coords = [coordinator_for(st, host, ["A"], lambda: None)
+                  for st, host in zip(stores, ("h9", "h1"))]
+        for coord in coords:
+            coord.follow()
+            coord.claim_session()  # done at registration, before any queueing
+
+        def sent() -> int:
+            with fake.cond:
+                return sum(1 for kind, _, _ in fake.log if kind != "renew")
+        before = sent()
+        first = coords[0].enter_queue("A", "2")  # h9 first, although it sorts last by name
+        assert sent() == before + 1
+        second = coords[1].enter_queue("A", "2")
+        assert first.rpartition("-")[2] == second.rpartition("-")[2]
+        queue = [e.host for e in coords[1].view("A", [], []).staging]
+        assert queue == ["h9", "h1"]
+        assert coords[1]._entries_ahead("A") == [first.rpartition("/")[2]]
+    finally:
+        for st in (op, *stores):
+            st.stop()
+
+
 @pytest.mark.parametrize("bad", ["0", "missing"])
 def test_an_index_of_zero_or_none_is_never_blocked_on(fake, bad):
     """An answer with X-Consul-Index 0 or without the header (a Consul bug the docs
