@@ -9,8 +9,9 @@ Session renewals are reported apart and not counted against the targets, as ZooK
 session pings are not (they are the session's heartbeat, one per TTL/3 per host).
 
 Targets (issue 9): at most 10 requests per host upgrade, at most 0.2 requests/s per host
-idle. The idle target is met and asserted. The per-upgrade one is not (23-25 measured):
-the test fails above REACHED and reports the target as an expected failure, not a pass.
+idle; both asserted (measured: 8.7-9.3 per upgrade at 10 and 30 hosts, 0.02-0.03/s idle;
+docs/scale.md, "Consul"). Each request is sorted by purpose from its endpoint (a
+transaction's from its verbs) and the breakdown printed, so a regression says where.
 
 Idle: the fleet is left alone for IDLE_SECS and every request in that window is counted;
 a follower's blocking read that times out after FOLLOW_WAIT (300 s) cannot fall in a
@@ -43,8 +44,7 @@ from supervisor_dcdeploy.store import open_store
 from supervisor_dcdeploy.store.consul import FOLLOW_WAIT
 
 HOSTS = int(os.environ.get("DCDEPLOY_TRAFFIC_HOSTS", "10"))
-PER_UPGRADE = 10  # the issue's target, met on ZooKeeper, not on Consul (see the end)
-REACHED = 40  # what the Consul design reaches, with a margin: a regression fails here
+PER_UPGRADE = 10  # the issue's target
 IDLE_PER_HOST_S = 0.2
 IDLE_SECS = 60.0
 OPERATOR = "operator-token-of-the-test"

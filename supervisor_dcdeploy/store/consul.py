@@ -51,8 +51,11 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
 * **Following** (the agent: ``coord.FollowCoordinator``): :meth:`ConsulStore.follow_tree`
   keeps one blocking recursive read (``?recurse&index=&wait=300s``) per followed key or
   prefix, each answer the subtree's whole content (:class:`TreeFollower`, as Patroni's
-  consul.py does); :meth:`ConsulStore.read_trees` reads several subtrees in one
-  consistent read-only ``/v1/txn`` (the gate). docs/consul.md, "How an agent follows".
+  consul.py does; ``hold``: no next read until the caller resumes it);
+  :meth:`ConsulStore.read_trees` reads several subtrees in one consistent read-only
+  ``/v1/txn`` (the agent's snapshot), :meth:`ConsulStore.commit_reading` writes and
+  reads them in one transaction (entering the ready queue). docs/consul.md, "How an
+  agent follows".
 * **One-shot watches** (the CLI): one background blocking query (``?index=&wait=``) on the
   whole root prefix, started with the first watch. Any change under the root fires every
   pending watch (once). The interface allows spurious wake-ups; this is herd-prone
