@@ -840,6 +840,9 @@ PROMPT_SECS = 0.1  # a followed subtree is read at most this often while it matt
 # by the gate, completion and recovery only in the agent's cycle that read it, when no
 # answer touched it since, and when it is at most this old.
 FRESH_SECS = 1.0
+# After the last entry of a deploy went, the host just ahead of it waits this long for
+# that host to complete the item before it looks itself (the reconciler's fallback, L2).
+COMPLETE_WATCH_SECS = 10.0
 SNAPSHOT_LIMIT = 10 ** 10  # ready-queue suffixes have 10 digits
 
 
@@ -893,6 +896,8 @@ class FollowCoordinator(MirrorCoordinator):
         self._cycle = 0
         self._deploy_held_at = 0  # the cycle that applied the deploy follower's last answer
         self._vanished: list[str] = []  # entries followed after our switch, now gone
+        self._last_behind: dict[str, str] = {}  # svc -> the one entry behind ours, followed
+        self._recheck: dict[str, float] = {}  # svc -> when to look whether its item is done
         self.snapshots = 0
         self._reader = _FollowReader(self._mirror, self._gates)
 
@@ -1034,15 +1039,26 @@ class FollowCoordinator(MirrorCoordinator):
         with self._lock:
             due = set(self._turn)
             vanished, self._vanished = self._vanished, []
+        now = time.monotonic()
         for path in vanished:
-            svc = layout.split(path)[1]
-            self._ahead[svc].pop(layout.split(path)[2], None)
+            svc, node = layout.split(path)[1:3]
+            self._ahead[svc].pop(node, None)
             self._gone(path)
             self._pending.pop(path, None)
             if not self._front.get(svc) and not self._own_entries(svc) \
-                    and not any(f.alive for f in self._ahead[svc].values()) \
-                    and not self._queued_for_item(svc):
-                due.add(svc)  # every entry it knew of went: is the item done?
+                    and not any(f.alive for f in self._ahead[svc].values()):
+                # Every entry it knew of went: is the item done? The last host of the
+                # queue completes it itself right away; the one just ahead of it looks
+                # only if it has not, after COMPLETE_WATCH_SECS (that host died).
+                if self._last_behind.get(svc) == node:
+                    self._recheck[svc] = now + COMPLETE_WATCH_SECS
+                elif not self._queued_for_item(svc):
+                    due.add(svc)
+        for svc, at in list(self._recheck.items()):
+            if now >= at:
+                del self._recheck[svc]
+                if not self._own_entries(svc) and not self._queued_for_item(svc):
+                    due.add(svc)
         for svc in sorted(due):
             self._snapshot(svc)
         for svc in self.services:
@@ -1226,6 +1242,7 @@ class FollowCoordinator(MirrorCoordinator):
         super().rejoin(svc, version, rack, switch, probe)
         if len(behind) == 1 and behind[0].rpartition("-")[0] != self.host:
             self._follow_entry(svc, behind[0], snapshot=False)
+            self._last_behind[svc] = behind[0]
 
     def _entries_ahead(self, svc: str) -> list[str]:
         """The mirror's ready-queue entries ahead of our own (in the queue's order)."""
