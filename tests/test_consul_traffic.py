@@ -150,6 +150,21 @@ def test_consul_requests_per_upgrade_and_idle(consul_fleet, record_property):
              300, "every host to switch to 2")
     wait_for(lambda: store.exists(f"history/{item.node}") is not None, 60,
              "the deploy item to complete")
+    # The completion is part of the deploy: every host hears it (the deploy queue's and
+    # the released version's followers answer, then read again). Wait for those reads,
+    # or the deploy's tail would be counted as idle traffic.
+    released = f"/v1/kv/{root}/released/A"
+    with fake.cond:
+        gone = fake.tombstones.get(f"{root}/deploy/{item.node}", 0)
+
+    def completion_heard() -> bool:
+        with fake.cond:
+            again = sum(1 for kind, token, path in fake.log[start_log:]
+                        if kind == "block" and not token and path == released)
+        deploy = [a.coord._followers.get("deploy/") for a in agents.values()]
+        return again >= HOSTS and all(f is not None and f.index >= gone and not f.held
+                                      for f in deploy)
+    wait_for(completion_heard, 60, "every host to hear the completion")
     with fake.cond:
         agents_total = fake.by_token[""] - start_agents
         log = [(kind, path) for kind, token, path in fake.log[start_log:] if not token]
