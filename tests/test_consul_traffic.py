@@ -9,7 +9,7 @@ Session renewals are reported apart and not counted against the targets, as ZooK
 session pings are not (they are the session's heartbeat, one per TTL/3 per host).
 
 Targets (issue 9): at most 10 requests per host upgrade, at most 0.2 requests/s per host
-idle; both asserted (measured: 8.7-9.3 per upgrade at 10 and 30 hosts, 0.02-0.03/s idle;
+idle; both asserted (measured: 9.3 and 9.1 per upgrade at 10 and 30 hosts, 0.013-0.03/s idle;
 docs/scale.md, "Consul"). Each request is sorted by purpose from its endpoint (a
 transaction's from its verbs) and the breakdown printed, so a regression says where.
 
