@@ -12,8 +12,10 @@ each backend does it in its own idiom (in the manner of Patroni's ``dcs/`` modul
   atomic commit. The mirror is rebuilt after every reconnect: the server forgets
   persistent watches with the connection, and a gate or queue position never survives a
   lost session.
-* :class:`RereadCoordinator` (any backend without ``watch_tree``, today Consul): the same
-  operations, the view re-read on each cycle as before.
+* :class:`FollowCoordinator` (Consul): blocking reads of what can change the host's next
+  decision, and one consistent snapshot (a read-only ``/v1/txn``) where it decides.
+* :class:`RereadCoordinator` (a backend that can do neither): the same operations, the
+  view re-read on each cycle as before.
 
 Paths come from :mod:`.store.layout` only.
 """
@@ -813,29 +815,67 @@ class MirrorCoordinator(Coordinator):
             self._gone(layout.ready_entry(svc, node))
 
 
+class _FollowReader(_MirrorReader):
+    """The mirror as :mod:`.snapshot` reads it, with the ready queue in Consul's order:
+    by sequence number, then by the entry's ``ModifyIndex`` (the raft index that made
+    it: entries are never modified), so entries of one staged release, which share a
+    number (:meth:`FollowCoordinator.enter_queue`), queue in the order Consul made them."""
+
+    def children(self, path: str, watch=None) -> list[str]:
+        names = super().children(path, watch)
+        parts = layout.split(path)
+        if parts[0] == layout.STAGING and len(parts) == 2:
+            names.sort(key=lambda n: _entry_order(n, self.mirror.nodes.get(f"{path}/{n}")))
+        return names
+
+
+def _entry_order(name: str, known: tuple[bytes | None, int] | None) -> tuple[int, int]:
+    seq = name.rpartition("-")[2]
+    index = known[1] if known is not None and known[1] > 0 else 10 ** 19  # not read yet
+    return (int(seq) if seq.isdigit() else -1, index)
+
+
 PROMPT_SECS = 0.1  # a followed subtree is read at most this often while it matters now
-# ... and this often while it does not (not at the queue's front). At most 10 s: a host
-# that is not at the front learns within it that the ready queue emptied, and completes
-# a deploy item whose last switcher died after the 10 s fallback (L2: 20 s).
-LAZY_SECS = 10.0
+# A consistent snapshot of a service (gate, presences, ready queue, deploy queue) is reused
+# by the gate, completion and recovery only in the agent's cycle that read it, when no
+# answer touched it since, and when it is at most this old.
+FRESH_SECS = 1.0
+# After the last entry of a deploy went, the host just ahead of it waits this long for
+# that host to complete the item before it looks itself (the reconciler's fallback, L2).
+COMPLETE_WATCH_SECS = 10.0
+SNAPSHOT_LIMIT = 10 ** 10  # ready-queue suffixes have 10 digits
 
 
 class FollowCoordinator(MirrorCoordinator):
-    """Consul: the mirror kept by one blocking read per followed key or prefix
-    (:meth:`ConsulStore.follow_tree`, in the manner of Patroni's consul.py), each answer
-    the subtree's whole content, applied without a read of its own. At the gate, one
-    consistent read each of the gate, the presences and the ready queue, then the same
-    atomic commit (``/v1/txn``).
+    """Consul: the mirror kept by blocking reads (:meth:`ConsulStore.follow_tree`, in
+    the manner of Patroni's consul.py), each answer the subtree's whole content, applied
+    without a read of its own; decisions that need the ready queue and the presences
+    fresh take one consistent snapshot of them (one request), which the gate's atomic
+    commit (``/v1/txn``) then checks by the gate's version.
 
-    Every answer of a blocking read is a request, so a host follows at full speed only
-    what it needs now: the deploy queue, the spec, the staged and released versions
-    always; the presences while it is in the ready queue near its front
-    (:meth:`set_front`), otherwise at most once per ``LAZY_SECS``; the ready queue
-    itself at most once per ``LAZY_SECS``, plus the entries just ahead of its own
-    (:meth:`wait_ahead`, one key each: the ``max_parallel`` ahead when behind the front,
-    those switching when at it), reading the queue again when one goes. The gate is not
-    followed. Decisions that need the presences fresh (completion, recovery) read them
-    consistently first (:meth:`resolve`); the gate decides only on consistent reads.
+    Every answer of a blocking read is a request, so a host follows only what can change
+    its next decision (docs/consul.md, "How an agent follows"):
+
+    * always: the spec, the staged release and the released version (single keys);
+    * the deploy queue, except while every service of the host waits in its ready queue
+      behind the front: its follower then holds after an answer (no read outstanding)
+      until the host is at the front or out of the queue, and is resumed from the state
+      the host read last (the changes meanwhile cost one answer, or none when a
+      snapshot already showed them);
+    * behind the front of a ready queue, only the ``max_parallel`` entries just ahead
+      (one key each, :meth:`wait_ahead`); when one goes, one snapshot;
+    * at the front, the presences (one blocking read, started the cycle after the host
+      found itself at the front without passing the gate, from the snapshot's index) and
+      the entries still switching ahead of it;
+    * out of the queue, nothing of the queue or the presences: completion and recovery
+      read a snapshot first (:meth:`resolve`). Until then another host's presence counts
+      with an unknown version (as the ZooKeeper mirror's unread presences do).
+
+    A host enters the ready queue with one transaction that also reads the snapshot
+    (:meth:`enter_queue`): its entry's sequence number is not taken from a shared counter
+    (Consul has no sequential keys; a counter is contended when every host enters at
+    once) but is one more than the highest Consul index the host has seen and than every
+    entry it knows: an entry made after another was visible to its maker sorts after it.
 
     A follower that fails (500 "No cluster leader", unreachable, 403) makes
     :meth:`follow` raise that error (store unavailable / unauthorized, as any read
@@ -850,21 +890,32 @@ class FollowCoordinator(MirrorCoordinator):
         self._pending: dict[str, tuple[bytes | None, float]] = {}  # own writes in flight
         self._ahead: dict[str, dict[str, Any]] = {svc: {} for svc in self.services}
         self._front: dict[str, bool] = {svc: False for svc in self.services}
-        self._entered: set[str] = set()
+        self._fresh: dict[str, tuple[int, float]] = {}  # svc -> (cycle, time) of its snapshot
+        self._turn: set[str] = set()  # services whose snapshot is due (an entry ahead went)
+        self._behind: dict[str, int] = {}  # svc -> cycle in which it waited behind the front
+        self._cycle = 0
+        self._deploy_held_at = 0  # the cycle that applied the deploy follower's last answer
+        self._vanished: list[str] = []  # entries followed after our switch, now gone
+        self._last_behind: dict[str, str] = {}  # svc -> the one entry behind ours, followed
+        self._recheck: dict[str, float] = {}  # svc -> when to look whether its item is done
+        self.snapshots = 0
+        self._reader = _FollowReader(self._mirror, self._gates)
 
-    # (key, path, recursive, service whose front decides the pace or None: always prompt)
-    def _follows(self) -> list[tuple[str, str, bool, str | None]]:
-        out: list[tuple[str, str, bool, str | None]] = [
-            (layout.DEPLOY + "/", layout.DEPLOY, True, None)]
+    # (key, path, recursive): the followers every host keeps
+    def _follows(self) -> list[tuple[str, str, bool]]:
+        out = [(layout.DEPLOY + "/", layout.DEPLOY, True)]
         for svc in self.services:
-            out += [(layout.service(svc), layout.service(svc), False, None),
-                    (layout.staged(svc), layout.staged(svc), False, None),
-                    (layout.released(svc), layout.released(svc), False, None),
-                    (layout.staged(svc) + "/", layout.staged(svc), True, svc),
-                    (layout.presence_dir(svc) + "/", layout.presence_dir(svc), True, svc)]
-            # Not the gate: only the gate's commit uses its version, read consistently
-            # there; a take-down also deletes a presence, which wakes the front.
+            out += [(layout.service(svc), layout.service(svc), False),
+                    (layout.staged(svc), layout.staged(svc), False),
+                    (layout.released(svc), layout.released(svc), False)]
+            # Not the gate: only the gate's commit uses its version, read in a snapshot.
         return out
+
+    def _specs(self) -> dict[str, tuple[str, bool]]:
+        specs = {key: (path, recurse) for key, path, recurse in self._follows()}
+        for svc in self.services:
+            specs[layout.presence_dir(svc) + "/"] = (layout.presence_dir(svc), True)
+        return specs
 
     def on_session(self, state: SessionState) -> None:
         # The followers do not depend on the session (they report an unreachable Consul
@@ -875,7 +926,7 @@ class FollowCoordinator(MirrorCoordinator):
             self._wake()
 
     def _contended(self, svc: str) -> None:
-        pass  # the gate is read consistently every time
+        self._fresh.pop(svc, None)  # the gate moved on: read it again
 
     def _load(self) -> None:
         store: Any = self.store
@@ -883,9 +934,12 @@ class FollowCoordinator(MirrorCoordinator):
         with self._lock:
             self._answers.clear()
         self._pending.clear()
+        self._fresh.clear()
         for svc in self.services:
             self._own[svc] = {}
-        for key, path, recurse, svc in self._follows():
+            self._cancel_ahead(svc, ())
+            self._stop_presences(svc)
+        for key, path, recurse in self._follows():
             started = time.monotonic()
             index, tree = store.read_tree(path, recurse=recurse)
             self._indexes.pop(key, None)
@@ -894,11 +948,13 @@ class FollowCoordinator(MirrorCoordinator):
             self._trouble.pop(key, None)
             follower = self._followers.get(key)
             if follower is None or not follower.alive:
-                prompt = svc is None or (self._front[svc] and
-                                         path == layout.presence_dir(svc))
-                interval = PROMPT_SECS if prompt else LAZY_SECS
                 self._followers[key] = store.follow_tree(
-                    path, self._answered, recurse=recurse, index=index, interval=interval)
+                    path, self._answered, recurse=recurse, index=index,
+                    interval=PROMPT_SECS, hold=key == layout.DEPLOY + "/")
+            elif key == layout.DEPLOY + "/":
+                follower.resume(index)
+        for svc in self.services:
+            self._snapshot(svc)
         self._loaded = generation == self._generation
 
     def _answered(self, answer: Any) -> None:
@@ -913,7 +969,7 @@ class FollowCoordinator(MirrorCoordinator):
             answers = list(self._answers)
             self._answers.clear()
         keys = {id(f): k for k, f in self._followers.items()}
-        specs = {k: (p, r) for k, p, r, _ in self._follows()}
+        specs = self._specs()
         for answer in answers:
             key = keys.get(id(answer.follower))
             if key is None:
@@ -934,6 +990,11 @@ class FollowCoordinator(MirrorCoordinator):
             return
         self._indexes[key] = index
         self._put(key, path, recurse, tree, started)
+        if key == layout.DEPLOY + "/":
+            self._deploy_held_at = self._cycle
+        parts = layout.split(path)
+        if parts[0] == layout.CURRENT:
+            self._fresh.pop(parts[1], None)  # presences moved: the snapshot is old
 
     def _put(self, key: str, path: str, recurse: bool, tree: dict, started: float) -> None:
         self._changes += 1  # every answer may change a view: no cached one stands
@@ -971,9 +1032,43 @@ class FollowCoordinator(MirrorCoordinator):
         self._pending[path] = (None, time.monotonic())
 
     def follow(self) -> None:
+        self._cycle += 1
         if not self._loaded:
             self._load()
         self._apply()
+        with self._lock:
+            due = set(self._turn)
+            vanished, self._vanished = self._vanished, []
+        now = time.monotonic()
+        for path in vanished:
+            svc, node = layout.split(path)[1:3]
+            self._ahead[svc].pop(node, None)
+            self._gone(path)
+            self._pending.pop(path, None)
+            if not self._front.get(svc) and not self._own_entries(svc) \
+                    and not any(f.alive for f in self._ahead[svc].values()):
+                # Every entry it knew of went: is the item done? The last host of the
+                # queue completes it itself right away; the one just ahead of it looks
+                # only if it has not, after COMPLETE_WATCH_SECS (that host died).
+                if self._last_behind.get(svc) == node:
+                    self._recheck[svc] = now + COMPLETE_WATCH_SECS
+                elif not self._queued_for_item(svc):
+                    due.add(svc)
+        for svc, at in list(self._recheck.items()):
+            if now >= at:
+                del self._recheck[svc]
+                if not self._own_entries(svc) and not self._queued_for_item(svc):
+                    due.add(svc)
+        for svc in sorted(due):
+            self._snapshot(svc)
+        for svc in self.services:
+            if self._front[svc] and self._presences(svc) is None:
+                self._start_presences(svc)
+        # Held through a whole cycle since its last answer, and that cycle did not find
+        # every service waiting behind the front: follow it again.
+        if self._deploy_held_at < self._cycle and not all(
+                self._behind.get(svc, -9) >= self._cycle - 1 for svc in self.services):
+            self._resume_deploy()
         for error in sorted(self._trouble.values(),
                             key=lambda e: not isinstance(e, StoreUnauthorized)):
             raise error
@@ -982,76 +1077,178 @@ class FollowCoordinator(MirrorCoordinator):
         self._generation += 1
         self._loaded = False
 
-    def _refresh(self, svc: str, what: Sequence[str]) -> None:
-        """One consistent read (one request) of this service's followed keys named in
-        ``what``, put into the mirror. A follower's answer to an older read may replace
-        it later: only the decision taken on it right away relies on it being fresh, and
-        the followers' next answers catch up."""
-        store: Any = self.store
-        follows = [(key, path, recurse) for key, path, recurse, owner in self._follows()
-                   if owner == svc and key in what]
-        if layout.gate(svc) in what:
-            follows.append((layout.gate(svc), layout.gate(svc), False))
-        started = time.monotonic()
-        trees = store.read_trees([(path, recurse) for _, path, recurse in follows])
-        for (key, path, recurse), tree in zip(follows, trees):
-            self._put(key, path, recurse, tree, started)
+    # -- snapshots -------------------------------------------------------------------------
+    def _snapshot_paths(self, svc: str) -> list[tuple[str, str, bool]]:
+        return [(layout.gate(svc), layout.gate(svc), False),
+                (layout.presence_dir(svc) + "/", layout.presence_dir(svc), True),
+                (layout.staged(svc) + "/", layout.staged(svc), True),
+                (layout.DEPLOY + "/", layout.DEPLOY, True)]
 
-    def fresh_view(self, svc: str) -> ServiceView:
-        """One consistent (leader-verified) read of the gate, the presences and the ready
-        queue, together; the deploy item's version is checked by the commit."""
-        self._apply()
-        self._refresh(svc, (layout.gate(svc), layout.presence_dir(svc) + "/",
-                            layout.staged(svc) + "/"))
+    def _snapshot(self, svc: str, trees: Sequence[dict] | None = None,
+                  started: float | None = None) -> None:
+        """One consistent read (one request) of the gate, the presences, the ready queue
+        and the deploy queue, put into the mirror (or ``trees`` read so already). A
+        follower's answer to an older read is not accepted over it (index check)."""
+        wanted = self._snapshot_paths(svc)
+        if trees is None:
+            store: Any = self.store
+            started = time.monotonic()
+            trees = store.read_trees([(path, recurse) for _, path, recurse in wanted])
+            self.snapshots += 1
+        assert started is not None
+        for (key, path, recurse), tree in zip(wanted, trees):
+            # What a follower started (or resumed) from here need not answer again: no
+            # change at or below the newest index read is missing from the snapshot.
+            newest = max((v[1] for v in tree.values()), default=0)
+            self._indexes[key] = max(self._indexes.get(key, 0), newest)
+            self._put(key, path, recurse, tree, started)
         if svc not in self._gates:
             self._gates[svc] = -1
+        self._fresh[svc] = (self._cycle, time.monotonic())
+        with self._lock:
+            self._turn.discard(svc)
+
+    def _queued_for_item(self, svc: str) -> bool:
+        """Whether the mirror holds ready-queue entries for the head item of ``svc``
+        (none: the item may be done; only a snapshot says)."""
+        queue, _ = self.queue()
+        if not any(item.service == svc for item in queue):
+            return True  # no item of this service open: nothing to complete
+        return any(n.rpartition("-")[0] != self.host
+                   for n in self._mirror.children(layout.staged(svc)))
+
+    def _is_fresh(self, svc: str) -> bool:
+        """A snapshot read in this cycle, untouched by answers since, at most FRESH_SECS
+        old: as fresh as a read made right before the commit (ZooKeeper's sync + read)."""
+        at = self._fresh.get(svc)
+        return at is not None and at[0] == self._cycle and \
+            time.monotonic() - at[1] <= FRESH_SECS
+
+    def fresh_view(self, svc: str) -> ServiceView:
+        """The view on a consistent snapshot of the gate, the presences, the ready queue
+        and the deploy queue: the one this cycle read (no answer touched it since, at most
+        FRESH_SECS old), else one read now. The commit checks the gate's version as read
+        there (a take-down since fails it) and the item's."""
+        self._apply()
+        if not self._is_fresh(svc):
+            self._snapshot(svc)
         queue, invalid = self.queue()
-        return self.view(svc, queue, invalid)
+        return self._view(svc, queue, invalid, marked=False)
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
-        """The presences and the ready queue read afresh (consistent): completion and
-        recovery must not decide on a subtree followed lazily."""
-        self._refresh(svc, (layout.presence_dir(svc) + "/", layout.staged(svc) + "/"))
-        fresh = self.view(svc, list(view.queue), [])
+        """The presences and the ready queue from a consistent snapshot: completion and
+        recovery never decide on what is not followed."""
+        if not self._is_fresh(svc):
+            self._snapshot(svc)
+        fresh = self._view(svc, list(view.queue), [], marked=False)
         return replace(view, current=fresh.current, staging=fresh.staging)
 
+    def view(self, svc: str, queue: list[DeployItem], queue_invalid: list[str]) -> ServiceView:
+        return self._view(svc, queue, queue_invalid, marked=True)
+
+    def _view(self, svc: str, queue: list[DeployItem], queue_invalid: list[str],
+              marked: bool) -> ServiceView:
+        """The mirror's view. ``marked``: another host's presence counts with an unknown
+        version (``""``) unless the presences are followed (at the front) or were read in
+        a snapshot just now: it counts toward quorum, but never completes an item nor
+        picks a recovery version (those :meth:`resolve` first, as on ZooKeeper)."""
+        view = MirrorCoordinator.view(self, svc, queue, queue_invalid)
+        if not marked or self._is_fresh(svc) or self._presences(svc) is not None:
+            return view
+        return replace(view, current={h: e if h == self.host else replace(e, version="")
+                                      for h, e in view.current.items()})
+
+    # -- the ready queue ----------------------------------------------------------------
     def enter_queue(self, svc: str, version: str, rack: str = "") -> str:
-        created = super().enter_queue(svc, version, rack)
-        self._entered.add(svc)
-        return created
+        """One transaction: the entry (ephemeral), and the snapshot after it, in which
+        every entry made before ours is. The entry's number is the staged release's
+        ``ModifyIndex`` + 1, the same for every host entering for this release: no
+        shared counter to contend on (Consul has no sequential keys), and entries of
+        one number queue by the raft index that made them (:class:`_FollowReader`), so
+        in the order Consul made them; an entry for an older release sorts ahead and is
+        left by its host on its next cycle."""
+        self.claim_session()
+        data = dumps({"version": version, "rack": rack} if rack else {"version": version})
+        staged = self._mirror.nodes.get(layout.staged(svc))
+        if staged is None or staged[1] <= 0:
+            return super().enter_queue(svc, version, rack)
+        seq = staged[1] + 1
+        store: Any = self.store
+        wanted = self._snapshot_paths(svc)
+        for _ in range(3):
+            if seq >= SNAPSHOT_LIMIT or not hasattr(store, "commit_reading"):
+                return super().enter_queue(svc, version, rack)
+            path = f"{layout.ready_prefix(svc, self.host)}{seq:010d}"
+            started = time.monotonic()
+            try:
+                _, trees = store.commit_reading(
+                    [Create(path, data, ephemeral=True)],
+                    [(p, recurse) for _, p, recurse in wanted])
+            except TransactionFailed as exc:
+                if isinstance(exc.cause, NodeExists):
+                    seq += 1  # ours from before (leaving it failed), or written by hand
+                    continue
+                return super().enter_queue(svc, version, rack)  # a parent is missing
+            self.snapshots += 1
+            self._own[svc][path] = version
+            self._wrote(path, data)
+            self._snapshot(svc, trees, started)
+            return path
+        return super().enter_queue(svc, version, rack)
 
     def set_front(self, svc: str, front: bool) -> None:
-        # Not in the ready queue yet (fetching, installing): nothing to pass, and at the
-        # start of a deploy every host enters it at once, which would wake them all.
-        front = front and bool(self._own_entries(svc))
-        if svc in self._entered:
-            # Just entered: the cycle decided without our entry, so it cannot know our
-            # place. Read the queue once now; the next cycle places us.
-            self._entered.discard(svc)
-            self._kick(layout.staged(svc) + "/")
-            return
-        if self._front.get(svc) == front:
-            return
-        self._front[svc] = front
-        follower = self._followers.get(layout.presence_dir(svc) + "/")
-        if follower is not None:
-            follower.set_interval(PROMPT_SECS if front else LAZY_SECS)
-        if front:
-            # The ready queue is never followed at full speed: at the front only the
-            # entries ahead of ours matter (hosts switching now), and only their going.
-            self.wait_ahead(svc, self._entries_ahead(svc))
-        else:
-            self._cancel_ahead(svc, ())  # behind the front, wait_ahead() names them again
+        # Not in the ready queue (fetching, installing, done): nothing to pass.
+        queued = bool(self._own_entries(svc))
+        front = front and queued
+        if self._front.get(svc) != front:
+            self._front[svc] = front
+            if front:
+                # The entries ahead that are switching now: their going frees a slot.
+                self.wait_ahead(svc, self._entries_ahead(svc))
+                self._wake()  # the next cycle follows the presences, unless we pass now
+            else:
+                self._stop_presences(svc)
+                self._cancel_ahead(svc, ())
+        if front or not queued:
+            self._behind.pop(svc, None)
+            self._resume_deploy()
+        elif self._behind.get(svc, -9) < self._cycle - 1:
+            # Queued behind the front: whether to follow the deploy queue is decided
+            # by the next follow(), after this cycle's wait_ahead (one cycle more, now).
+            follower = self._followers.get(layout.DEPLOY + "/")
+            if follower is not None and follower.held:
+                self._wake()
+
+    def try_gate(self, svc: str, fresh: ServiceView, gate: dict, head: DeployItem | None,
+                 record: Sequence[str] = ()) -> bool:
+        passed = super().try_gate(svc, fresh, gate, head, record)
+        # Switching now: the presences cannot change that. The entries still switching
+        # ahead stay followed: whoever of this group is back last completes the item.
+        self._front[svc] = False
+        self._stop_presences(svc)
+        self._fresh.pop(svc, None)
+        return passed
+
+    def rejoin(self, svc: str, version: str, rack: str, switch: dict | None = None,
+               probe: str | None = None) -> None:
+        """Back (one transaction, as on ZooKeeper). Then, for completion, without
+        following the queue: the entries still switching ahead stay followed, and when
+        exactly one entry was behind ours, it is followed too (if that host dies
+        switching, nobody behind it would notice). When every entry this host knows of
+        has gone, one snapshot: if the item is done, this host completes it."""
+        entries = self._reader.children(layout.staged(svc))
+        own = [i for i, n in enumerate(entries) if n.rpartition("-")[0] == self.host]
+        behind = entries[own[0] + 1:] if own else []
+        super().rejoin(svc, version, rack, switch, probe)
+        if len(behind) == 1 and behind[0].rpartition("-")[0] != self.host:
+            self._follow_entry(svc, behind[0], snapshot=False)
+            self._last_behind[svc] = behind[0]
 
     def _entries_ahead(self, svc: str) -> list[str]:
-        """The mirror's ready-queue entries older than our own (by sequence number)."""
-        def seq(node: str) -> str:
-            return node.rpartition("-")[2]
-        entries = self._mirror.children(layout.staged(svc))
-        own = [seq(n) for n in entries if n.rpartition("-")[0] == self.host]
-        if not own:
-            return []
-        return sorted((n for n in entries if seq(n) < min(own)), key=seq)
+        """The mirror's ready-queue entries ahead of our own (in the queue's order)."""
+        entries = self._reader.children(layout.staged(svc))
+        own = [i for i, n in enumerate(entries) if n.rpartition("-")[0] == self.host]
+        return entries[:own[0]] if own else []
 
     def drop_entry(self, svc: str, node: str) -> None:
         """As for every backend, without the check for children that a plain delete
@@ -1067,36 +1264,71 @@ class FollowCoordinator(MirrorCoordinator):
 
     def wait_ahead(self, svc: str, nodes: Sequence[str]) -> None:
         """Follow each of these entries (one key each, from the version the mirror holds);
-        when one goes, the ready queue is read at once."""
+        when one goes, a snapshot at the next cycle."""
         store: Any = self.store
+        if not self._front.get(svc):
+            self._behind[svc] = self._cycle  # (set_front came first in this cycle)
         self._cancel_ahead(svc, nodes)
-        queue_key = layout.staged(svc) + "/"
         for node in nodes:
-            if node in self._ahead[svc]:
+            if node in self._ahead[svc] and self._ahead[svc][node].alive:
                 continue
-            path = layout.ready_entry(svc, node)
-            known = self._mirror.nodes.get(path)
-            if known is None:
-                self._kick(queue_key)  # gone already: read the queue now
-                continue
+            self._follow_entry(svc, node, snapshot=True)
 
-            def answered(answer: Any, path: str = path) -> None:
-                if answer.tree is not None and path not in answer.tree:
-                    self._kick(queue_key)
-                    answer.follower.cancel()
-            self._ahead[svc][node] = store.follow_tree(path, answered, recurse=False,
-                                                       index=max(1, known[1]),
-                                                       interval=PROMPT_SECS)
+    def _follow_entry(self, svc: str, node: str, snapshot: bool) -> None:
+        """One ready-queue entry, followed (one key) until it goes; then a snapshot at
+        the next cycle (``snapshot``: in the queue), or it just leaves the mirror."""
+        store: Any = self.store
+        path = layout.ready_entry(svc, node)
+        known = self._mirror.nodes.get(path)
+        if known is None:
+            if snapshot:
+                self._turn.add(svc)  # gone already: read the snapshot now
+                self._wake()
+            return
+
+        def answered(answer: Any) -> None:
+            if answer.tree is None:
+                return
+            # In the queue: gone, or made again (left for another service's switch and
+            # back: a new place), both change our place. After our switch only a going.
+            if snapshot or path not in answer.tree:
+                answer.follower.cancel()
+                with self._lock:
+                    self.notifications += 1
+                    (self._turn.add(svc) if snapshot else self._vanished.append(path))
+                self._wake()
+        self._ahead[svc][node] = store.follow_tree(path, answered, recurse=False,
+                                                   index=max(1, known[1]),
+                                                   interval=PROMPT_SECS)
 
     def _cancel_ahead(self, svc: str, keep: Sequence[str]) -> None:
         for node in [n for n in self._ahead[svc] if n not in keep]:
             self._ahead[svc].pop(node).cancel()
 
-    def _kick(self, key: str) -> None:
-        follower = self._followers.get(key)
+    # -- the presences (at the front) and the deploy queue (unless waiting behind) ------
+    def _presences(self, svc: str) -> Any:
+        follower = self._followers.get(layout.presence_dir(svc) + "/")
+        return follower if follower is not None and follower.alive else None
+
+    def _start_presences(self, svc: str) -> None:
+        store: Any = self.store
+        key = layout.presence_dir(svc) + "/"
+        index = self._indexes.get(key, 0) if self._is_fresh(svc) else 0
+        self._followers[key] = store.follow_tree(
+            layout.presence_dir(svc), self._answered, recurse=True, index=index,
+            interval=PROMPT_SECS)
+
+    def _stop_presences(self, svc: str) -> None:
+        follower = self._followers.pop(layout.presence_dir(svc) + "/", None)
         if follower is not None:
-            follower.kick()
-        self._wake()
+            follower.cancel()
+
+    def _resume_deploy(self) -> None:
+        """The deploy queue's follower, held since its last answer, reads again: from
+        the newest state this host has of it (a snapshot may have shown more)."""
+        follower = self._followers.get(layout.DEPLOY + "/")
+        if follower is not None and follower.held:
+            follower.resume(self._indexes.get(layout.DEPLOY + "/"))
 
 
 def coordinator_for(store: Store, host: str, services: Sequence[str],

@@ -79,8 +79,9 @@ Semantics kept:
   for client certificates, like ``verify_incoming``).
 
 Counting (the traffic tests): ``requests``, ``by_kind`` (read, block, txn, write, renew,
-session), ``by_token``, ``log`` (every request: kind, token, path) and ``answered`` (every
-blocking read: key, index asked, index answered).
+session), ``by_token``, ``log`` (every request: kind, token, path), ``txns`` (every
+transaction: token, its (verb, key) pairs) and ``answered`` (every blocking read: key,
+index asked, index answered).
 
 Test hooks: :meth:`FakeConsul.expire_session` (as if its TTL ran out), :meth:`down` /
 :meth:`up` (stop listening / listen again on the same port: the server is unreachable, its
@@ -252,6 +253,9 @@ class FakeConsul:
         self.by_kind: Counter[str] = Counter()
         self.by_token: Counter[str] = Counter()
         self.log: list[tuple[str, str, str]] = []  # every request: (kind, token, path)
+        # every /v1/txn: (token, [(verb, key), ...]) in the order received (the traffic
+        # tests tell its purpose from its operations)
+        self.txns: list[tuple[str, list[tuple[str, str]]]] = []
         self.answered: list[tuple[str, int, int]] = []  # blocking reads: (key, index, answer)
         self._connections: set[Any] = set()  # open client sockets, cut by down()
         self._server: _Server | None = None
@@ -872,6 +876,10 @@ class _Handler(BaseHTTPRequestHandler):
                                        f"({len(ops)} > {fake.max_txn_ops})")
             if not all(isinstance(o, dict) and "KV" in o for o in ops):
                 return self._send(400, "only KV operations are faked")
+            with fake.cond:
+                fake.txns.append((self.headers.get("X-Consul-Token") or "",
+                                  [(str(o["KV"].get("Verb")), str(o["KV"].get("Key")))
+                                   for o in ops]))
             results, errors = fake.apply([o["KV"] for o in ops],
                                          None if isinstance(token, _AllowAll) else token)
             if errors:

@@ -115,6 +115,71 @@ def test_index_going_backwards_resets_and_reloads(fake):
         st.stop()
 
 
+def test_a_held_follower_sends_nothing_until_resumed(fake):
+    """``hold``: after an answer no read is outstanding, so changes meanwhile cost no
+    request; resumed, one read answers them all at once."""
+    root = f"dc-{uuid.uuid4().hex[:8]}"
+    st = opened(fake, root)
+    try:
+        st.create("deploy", b"")
+        index, _ = st.read_tree("deploy")
+        got = Answers()
+        follower = st.follow_tree("deploy", got, index=index, hold=True)
+        st.create("deploy/item-1", b"1")
+        got.until(lambda a: a.tree and "deploy/item-1" in a.tree, "the first change")
+        wait_for(lambda: follower.held, 10, "the follower to hold")
+        with fake.cond:
+            sent = sum(1 for kind, _, path in fake.log
+                       if kind == "block" and path.endswith(f"{root}/deploy"))
+        st.set("deploy/item-1", b"2")
+        st.create("deploy/item-2", b"3")
+        with fake.cond:
+            assert sum(1 for kind, _, path in fake.log
+                       if kind == "block" and path.endswith(f"{root}/deploy")) == sent
+        follower.resume()
+        answer = got.until(lambda a: a.tree and "deploy/item-2" in a.tree, "both changes")
+        assert answer.tree["deploy/item-1"][0] == b"2"
+        with fake.cond:
+            assert sum(1 for kind, _, path in fake.log
+                       if kind == "block" and path.endswith(f"{root}/deploy")) == sent + 1
+    finally:
+        st.stop()
+
+
+def test_entering_the_ready_queue_is_one_request_and_orders_by_consul(fake):
+    """The agent's entry: one transaction that writes it and reads the snapshot (its
+    place known at once); entries of one staged release share a number and queue in the
+    order Consul made them, whatever their names."""
+    root = f"dc-{uuid.uuid4().hex[:8]}"
+    op = opened(fake, root)
+    stores = [opened(fake, root) for _ in range(2)]
+    try:
+        op.create("staging/A", b'{"version": "2"}')
+        op.ensure("current/A")
+        op.ensure("gate/A")
+        op.ensure("deploy")
+        coords = [coordinator_for(st, host, ["A"], lambda: None)
+                  for st, host in zip(stores, ("h9", "h1"))]
+        for coord in coords:
+            coord.follow()
+            coord.claim_session()  # done at registration, before any queueing
+
+        def sent() -> int:
+            with fake.cond:
+                return sum(1 for kind, _, _ in fake.log if kind != "renew")
+        before = sent()
+        first = coords[0].enter_queue("A", "2")  # h9 first, although it sorts last by name
+        assert sent() == before + 1
+        second = coords[1].enter_queue("A", "2")
+        assert first.rpartition("-")[2] == second.rpartition("-")[2]
+        queue = [e.host for e in coords[1].view("A", [], []).staging]
+        assert queue == ["h9", "h1"]
+        assert coords[1]._entries_ahead("A") == [first.rpartition("/")[2]]
+    finally:
+        for st in (op, *stores):
+            st.stop()
+
+
 @pytest.mark.parametrize("bad", ["0", "missing"])
 def test_an_index_of_zero_or_none_is_never_blocked_on(fake, bad):
     """An answer with X-Consul-Index 0 or without the header (a Consul bug the docs
@@ -170,14 +235,15 @@ def test_the_coordinator_follows_consul_and_keeps_its_mirror_without_a_leader(
         assert coord._mirror.nodes == before  # kept, not emptied
 
         fake.elect_leader()
-        op.create("current/A/h8", b'{"version": "1", "state": "serving"}')
+        # A followed key (presences are followed only at the front of the ready queue).
+        op.create("staging/A", b'{"version": "8"}')
 
         def caught_up() -> bool:
             try:
                 coord.follow()
             except StoreUnavailable:
                 return False
-            return "h8" in coord.view("A", [], []).current
+            return coord._mirror.nodes.get("staging/A", (None,))[0] == b'{"version": "8"}'
         wait_for(caught_up, 15, "the followers to answer again")
     finally:
         st.stop()
@@ -287,11 +353,15 @@ class FollowDouble:
     def read_tree(self, path, recurse=True, consistent=False):
         return 5, dict(self.trees.get(path, {}))
 
-    def follow_tree(self, path, deliver, recurse=True, index=0, interval=0.0, wait=None):
+    def read_trees(self, wanted):
+        return [dict(self.trees.get(path, {})) for path, _ in wanted]
+
+    def follow_tree(self, path, deliver, recurse=True, index=0, interval=0.0, wait=None,
+                    hold=False):
         class Follower:
             alive = True
-            def set_interval(self, seconds): pass
-            def kick(self): pass
+            held = False
+            def resume(self, index=None): pass
             def cancel(self): self.alive = False
         follower = Follower()
         follower.deliver = deliver  # type: ignore[attr-defined]
@@ -303,23 +373,24 @@ class FollowDouble:
 
 
 def test_an_answer_to_a_read_sent_before_our_write_does_not_undo_it():
-    """Our queue entry is in the mirror from the moment we made it: an answer to a read
-    sent before the create (it cannot show the entry) leaves it there; an answer to a
-    read sent after decides. Otherwise the host would see itself out of the queue and
-    enter it twice."""
+    """Our presence is in the mirror from the moment we made it: an answer to a read
+    sent before the create (it cannot show the presence) leaves it there; an answer to
+    a read sent after decides. Otherwise the host would see itself unregistered and
+    register again."""
     import time as _time
     from supervisor_dcdeploy.store.consul import TreeAnswer
     store = FollowDouble()
     coord = FollowCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
     coord.follow()
+    coord._start_presences("A")  # as at the front of the ready queue
     before = _time.monotonic()
-    node = coord.enter_queue("A", "2")
-    assert node == "staging/A/h1-0000000007"
-    queue = store.followers["staging/A/"]
-    queue.deliver(TreeAnswer(queue, 6, {"staging/A": (b"{}", 3)}, started=before))
+    coord.register("A", "2", "r0")
+    assert "h1" in coord._mirror.children("current/A")
+    presences = store.followers["current/A/"]
+    presences.deliver(TreeAnswer(presences, 6, {"current/A": (b"", 3)}, started=before))
     coord.follow()
-    assert coord._own_entries("A") == ["h1-0000000007"]
-    queue.deliver(TreeAnswer(queue, 7, {"staging/A": (b"{}", 3)},
-                             started=_time.monotonic()))
+    assert "h1" in coord._mirror.children("current/A")
+    presences.deliver(TreeAnswer(presences, 7, {"current/A": (b"", 3)},
+                                 started=_time.monotonic()))
     coord.follow()
-    assert coord._own_entries("A") == []  # a read sent after the create: it is gone
+    assert "h1" not in coord._mirror.children("current/A")  # read after: it is gone

@@ -51,8 +51,11 @@ How the ZooKeeper model maps onto Consul's flat KV store (root ``/dc`` -> key pr
 * **Following** (the agent: ``coord.FollowCoordinator``): :meth:`ConsulStore.follow_tree`
   keeps one blocking recursive read (``?recurse&index=&wait=300s``) per followed key or
   prefix, each answer the subtree's whole content (:class:`TreeFollower`, as Patroni's
-  consul.py does); :meth:`ConsulStore.read_trees` reads several subtrees in one
-  consistent read-only ``/v1/txn`` (the gate). docs/consul.md, "How an agent follows".
+  consul.py does; ``hold``: no next read until the caller resumes it);
+  :meth:`ConsulStore.read_trees` reads several subtrees in one consistent read-only
+  ``/v1/txn`` (the agent's snapshot), :meth:`ConsulStore.commit_reading` writes and
+  reads them in one transaction (entering the ready queue). docs/consul.md, "How an
+  agent follows".
 * **One-shot watches** (the CLI): one background blocking query (``?index=&wait=``) on the
   whole root prefix, started with the first watch. Any change under the root fires every
   pending watch (once). The interface allows spurious wake-ups; this is herd-prone
@@ -282,7 +285,7 @@ class _TxOp:
 
     body: dict[str, Any]
     owner: int | None  # index of the caller's op, None for internal bookkeeping
-    role: str  # exists | version | absent | lock | write | counter | parent | mkparent
+    role: str  # exists | version | absent | lock | write | counter | parent | mkparent | read
 
 
 WRITE_VERBS = ("set", "cas", "lock")  # the verbs that write a value (and our Flags nonce)
@@ -374,11 +377,15 @@ class TreeFollower:
     rate-limited: at most one per ``interval`` seconds (a burst of changes costs one read;
     :meth:`kick` skips the wait when the caller needs the subtree now). An error (500 "No
     cluster leader", unreachable, 403) is delivered once per failure run and retried with
-    backoff up to 5 s; what was delivered before stays valid meanwhile."""
+    backoff up to 5 s; what was delivered before stays valid meanwhile.
+
+    ``hold``: after each answer the follower sends nothing until :meth:`resume` (every
+    read is a request: the caller decides whether the next change can matter to it;
+    changes meanwhile are answered at once by the next read, all in one answer)."""
 
     def __init__(self, store: ConsulStore, path: str, recurse: bool, index: int,
                  deliver: Callable[[TreeAnswer], None], interval: float, wait: float,
-                 stopping: threading.Event) -> None:
+                 stopping: threading.Event, hold: bool = False) -> None:
         self.store = store
         self.path = path
         self.recurse = recurse
@@ -386,8 +393,11 @@ class TreeFollower:
         self.interval = interval
         self.wait = wait
         self.reads = 0
+        self.hold = hold
+        self.held = False
         self._deliver = deliver
         self._kick = threading.Event()
+        self._go = threading.Event()
         self._cancelled = threading.Event()
         self._stopping = stopping
         self._thread = threading.Thread(target=self._run, daemon=True,
@@ -411,6 +421,16 @@ class TreeFollower:
     def cancel(self) -> None:
         self._cancelled.set()
         self._kick.set()
+        self._go.set()
+
+    def resume(self, index: int | None = None) -> None:
+        """A held follower (``hold``) sends its next read, from ``index`` when given
+        (a later state the caller read otherwise: what it already has is not answered
+        again)."""
+        if index is not None and index > self.index:
+            self.index = index
+        if self.held or self._cancelled.is_set():
+            self._go.set()
 
     def _done(self) -> bool:
         return self._cancelled.is_set() or self._stopping.is_set()
@@ -453,8 +473,15 @@ class TreeFollower:
             if found == index and not failures and not reset:
                 continue  # the wait ran out (or an idempotent write): nothing new
             self.index = found
+            if self.hold:
+                self.held = True  # before delivering: the caller may resume at once
             self._deliver(TreeAnswer(self, found, tree, reset=reset, started=started))
             failures, reset = 0, False
+            if self.hold:
+                self._go.wait()
+                self._go.clear()
+                self.held = False
+                last = -math.inf  # resumed: the caller wants it now
 
 
 class ConsulStore(Store):
@@ -852,14 +879,15 @@ class ConsulStore(Store):
 
     def follow_tree(self, path: str, deliver: Callable[[TreeAnswer], None], *,
                     recurse: bool = True, index: int = 0, interval: float = 0.0,
-                    wait: float | None = None) -> TreeFollower:
+                    wait: float | None = None, hold: bool = False) -> TreeFollower:
         """Follow ``path`` (as :meth:`read_tree` reads it) with one blocking read at a
         time, from ``index``, until :meth:`stop` or the follower's ``cancel()``. Every
         answer that says something new is handed to ``deliver`` (on the follower's
         thread: must not block): the subtree's whole content, or the error that kept the
         read from answering. See :class:`TreeFollower`."""
         follower = TreeFollower(self, path, recurse, index, deliver, interval,
-                                FOLLOW_WAIT if wait is None else wait, self._stopping)
+                                FOLLOW_WAIT if wait is None else wait, self._stopping,
+                                hold=hold)
         self._followers = [f for f in self._followers if f.alive] + [follower]
         return follower
 
@@ -890,15 +918,25 @@ class ConsulStore(Store):
         if response.code != 200:
             raise StoreError(f"consul consistent read: {response.code} "
                              f"{str(response.body)[:200]}")
+        return self._trees(keys, [r for _, r in wanted], results)
+
+    def _trees(self, keys: Sequence[str], recursive: Sequence[bool],
+               results: Sequence[dict]) -> list[Tree]:
+        """Txn Results (``KV`` entries, in op order) sorted into one tree per key; a key
+        met twice (a write's result, then a ``get-tree`` after it) keeps the later."""
         trees: list[Tree] = []
-        for key, (_, recurse) in zip(keys, wanted):
-            tree: Tree = {}
-            for entry in results:
-                k = str(entry.get("Key", ""))
-                if k == key or recurse and k.startswith(key + "/"):
-                    tree[self._rel(k) if k != self.prefix else ""] = (
-                        base64.b64decode(entry.get("Value") or ""), int(entry["ModifyIndex"]))
-            trees.append(tree)
+        try:
+            for key, recurse in zip(keys, recursive):
+                tree: Tree = {}
+                for entry in results:
+                    k = str(entry.get("Key", ""))
+                    if k == key or recurse and k.startswith(key + "/"):
+                        tree[self._rel(k) if k != self.prefix else ""] = (
+                            base64.b64decode(entry.get("Value") or ""),
+                            int(entry["ModifyIndex"]))
+                trees.append(tree)
+        except (ValueError, TypeError, KeyError) as exc:
+            raise StoreError(f"consul txn: unreadable answer ({exc})") from None
         return trees
 
     def _tree_read(self, path: str, recurse: bool, index: int, wait: float | None,
@@ -992,16 +1030,41 @@ class ConsulStore(Store):
         self._tls.consistent = False
         return self._commit(list(ops))
 
+    def commit_reading(self, ops: Sequence[Op], wanted: Sequence[tuple[str, bool]]
+                       ) -> tuple[list[str | int | None], list[Tree]]:
+        """:meth:`commit`, and in the same ``/v1/txn`` (after the writes, so showing
+        them) a ``get-tree`` of each (path, recursive) in ``wanted``, as
+        :meth:`read_trees` reads them: one request for a write and the picture it
+        leaves. A transaction with writes goes through raft, so what it reads is the
+        leader's state at that entry. Raises as :meth:`commit`. When the answer was lost
+        and the outcome read back, the trees are read apart (one more request)."""
+        self.ops.write()
+        self._tls.consistent = False
+        keys = [self._key(path) for path, _ in wanted]
+        found: list[dict] = []
+        out = self._commit(list(ops), reads=keys, raw=found)
+        if not any("Value" in (r.get("KV") or {}) for r in found):
+            return out, self.read_trees(wanted)  # read back after a lost answer
+        return out, self._trees(keys, [bool(r) for _, r in wanted],
+                                [r["KV"] for r in found if r.get("KV")])
+
     # -- transactions -------------------------------------------------------------------
-    def _commit(self, ops: Sequence[Op], makepath: bool = False) -> list[str | int | None]:
+    def _commit(self, ops: Sequence[Op], makepath: bool = False, reads: Sequence[str] = (),
+                raw: list[dict] | None = None) -> list[str | int | None]:
+        """``reads``: keys whose ``get-tree`` ends the transaction; its Results go to
+        ``raw`` (the caller sorts them out)."""
         deadline = time.monotonic() + self.request_timeout
         mkparents: list[str] = []  # keys to create (cas 0) before the op, create() only
         floors: dict[str, int] = {}  # sequence floors from the listing, kept across retries
         attempt = 0
         while True:
             tx = self._expand(ops, mkparents, floors)
+            for key in reads:
+                tx.add(None, "read", "get-tree", key)
             ok, results, errors = self._send_txn(tx, deadline)
             if ok:
+                if raw is not None:
+                    raw[:] = results
                 return self._results(ops, tx, results)
             failures = sorted((int(e.get("OpIndex", 0)), str(e.get("What", ""))) for e in errors)
             # Consul reports every failed op. A stale counter or a parent made meanwhile
