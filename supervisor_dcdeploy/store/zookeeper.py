@@ -358,6 +358,8 @@ class ZooKeeperStore(Store):
         original = connection._read_watch_event
         root = len(self.root) + 1
 
+        client = self._client
+
         def read_watch_event(buffer, offset):
             try:
                 event, _ = Watch.deserialize(buffer, offset)
@@ -367,6 +369,12 @@ class ZooKeeperStore(Store):
                         if event.path == prefix or event.path.startswith(prefix + "/"):
                             self.ops.notified()
                             watcher(kind, event.path[root:])
+                    # No one-shot watch of kazoo's waits on this path: its own handling
+                    # would only decode the event again and build an event nobody gets
+                    # (most notifications of a mirror: one per change per host).
+                    if event.path not in client._data_watchers and \
+                            event.path not in client._child_watchers:
+                        return None
             except Exception:  # noqa: BLE001 - never break kazoo's reader thread
                 pass
             return original(buffer, offset)
