@@ -63,3 +63,16 @@ def test_each_round_s_hand_off_is_the_gap_from_a_finish_to_the_stop_it_let_throu
     assert scale.handoffs([1.3, 0.0, 1.05, 0.1], [2.3, 1.1, 1.0, 2.05], 2) == \
         pytest.approx([0.05, 0.2])
     assert scale.handoffs([0.0, 0.1], [1.0, 1.1], 2) == []
+
+
+def test_worker_threads_are_told_apart_by_name():
+    """``clients_cpu_s_by_thread``: the agents' loops (named by the bench), kazoo's
+    connection and callback threads (Python puts the target's name in the default name),
+    the rest; and the split reads this process's own threads."""
+    assert scale.thread_kind("agent-h0042") == "agent"
+    assert scale.thread_kind("Thread-87 (zk_loop)") == "kazoo_connection"
+    assert scale.thread_kind("Thread-3 (_thread_worker)") == "kazoo_callbacks"
+    assert scale.thread_kind("MainThread") == "other"
+    split = scale.thread_cpu()
+    assert set(split) == {"agent", "kazoo_connection", "kazoo_callbacks", "other"}
+    assert split["other"] > 0 and split["agent"] == 0  # this test's own thread: other
