@@ -68,7 +68,7 @@ from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.store import open_store
+from supervisor_dcdeploy.store import StoreUnavailable, open_store
 from supervisor_dcdeploy.waiting import wait_for
 
 # The lab (building releases, running ZooKeeper): imported here only, in one place.
@@ -513,14 +513,24 @@ def idle_only(fleet: Fleet, args: argparse.Namespace) -> dict:
 
 
 def wait_gone(store, path: str, timeout: float) -> None:
-    """Block until ``path`` no longer exists, woken by a watch (one read per change)."""
+    """Block until ``path`` no longer exists, woken by a watch (one read per change). A
+    read that fails because the bench's own session lost its connection (a machine so
+    loaded that its pings went unanswered) is asked again, at most once a second, until
+    the deadline: the deploy goes on without the bench's session."""
     gone = threading.Event()
     deadline = time.monotonic() + timeout
-    while store.exists(path, gone.set) is not None:
+    while True:
         remaining = deadline - time.monotonic()
+        try:
+            if store.exists(path, gone.set) is None:
+                return
+            wait = 5.0
+        except StoreUnavailable as exc:
+            log.warning("bench.store_unavailable", path=path, error=str(exc))
+            wait = 1.0
         if remaining <= 0:
             raise TimeoutError(f"{path} still there after {timeout:g}s")
-        gone.wait(min(remaining, 5.0))
+        gone.wait(min(remaining, wait))
         gone.clear()
 
 

@@ -76,3 +76,36 @@ def test_worker_threads_are_told_apart_by_name():
     split = scale.thread_cpu()
     assert set(split) == {"agent", "kazoo_connection", "kazoo_callbacks", "other"}
     assert split["other"] > 0 and split["agent"] == 0  # this test's own thread: other
+
+
+def test_waiting_for_the_deploy_survives_the_bench_s_own_connection_loss():
+    """At 300 hosts on a starved machine the bench's own session lost its connection and
+    the whole run ended with it: the wait asks again once the store answers."""
+    from supervisor_dcdeploy.store import StoreUnavailable
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.answers = [StoreUnavailable("zookeeper: ConnectionLoss"), 0, None]
+            self.asked = 0
+
+        def exists(self, path, watch=None):
+            self.asked += 1
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            if answer is not None:
+                watch()  # the node changed: look again
+            return answer
+
+    store = Flaky()
+    scale.wait_gone(store, "deploy/item-0000000001", timeout=30)
+    assert store.asked == 3
+
+
+def test_waiting_for_the_deploy_still_times_out():
+    class Stuck:
+        def exists(self, path, watch=None):
+            return 0
+
+    with pytest.raises(TimeoutError):
+        scale.wait_gone(Stuck(), "deploy/item-0000000001", timeout=0.05)
