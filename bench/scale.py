@@ -68,7 +68,7 @@ from supervisor_dcdeploy.agent.worker import Agent
 from supervisor_dcdeploy.fetch import install_release
 from supervisor_dcdeploy.localstate import ReleaseDir
 from supervisor_dcdeploy.model import HealthCheck
-from supervisor_dcdeploy.store import open_store
+from supervisor_dcdeploy.store import StoreUnavailable, open_store
 from supervisor_dcdeploy.waiting import wait_for
 
 # The lab (building releases, running ZooKeeper): imported here only, in one place.
@@ -288,9 +288,40 @@ def worker_main(conn, workdir: str, url: str, hosts: list[int], args: argparse.N
             pass
 
 
+THREAD_KINDS = {"agent-": "agent", "(zk_loop)": "kazoo_connection",
+                "(_thread_worker)": "kazoo_callbacks"}
+
+
+def thread_kind(name: str) -> str:
+    """What a worker thread does, from its name: the agents' run loops (``agent-<host>``,
+    named here), kazoo's connection threads (which receive every notification and reply)
+    and kazoo's callback threads (Python 3.10+ puts the target's name in the default
+    thread name); ``other`` is the rest (fetch threads, the main thread)."""
+    for mark, kind in THREAD_KINDS.items():
+        if mark in name:
+            return kind
+    return "other"
+
+
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds of this process's live threads by :func:`thread_kind`, from
+    ``/proc/self/task/<tid>/stat`` (utime + stime). Threads that ended are not counted."""
+    tick = os.sysconf("SC_CLK_TCK")
+    out = dict.fromkeys([*THREAD_KINDS.values(), "other"], 0.0)
+    for thread in threading.enumerate():
+        try:
+            with open(f"/proc/self/task/{thread.native_id}/stat") as fh:
+                fields = fh.read().rpartition(")")[2].split()
+        except (OSError, TypeError):
+            continue
+        out[thread_kind(thread.name)] += (int(fields[11]) + int(fields[12])) / tick
+    return out
+
+
 def worker_counts(agents: list[Agent]) -> dict:
     counts = {"requests": 0, "notifications": 0, "wakeups": 0, "cycles": 0, "starts": 0,
-              "upgraded": 0, "switches": [], "stops": [], "dones": [], "cpu": own_cpu()}
+              "upgraded": 0, "switches": [], "stops": [], "dones": [], "cpu": own_cpu(),
+              "thread_cpu": thread_cpu()}
     for agent in agents:
         counts["requests"] += agent.store.ops.total
         counts["notifications"] += agent.store.ops.notifications
@@ -380,13 +411,17 @@ class Fleet:
         """The agents' own counters, summed over the workers, and the workers' CPU."""
         total: dict = {"requests": 0, "notifications": 0, "wakeups": 0, "cycles": 0,
                        "starts": 0, "upgraded": 0, "switches": [], "stops": [], "dones": [],
-                       "cpu": 0.0}
+                       "cpu": 0.0, "thread_cpu": {}}
         with self._pipe:
             for _, conn in self.workers:
                 conn.send("counts")  # type: ignore[attr-defined]
             for _, conn in self.workers:
                 for key, value in conn.recv().items():  # type: ignore[attr-defined]
-                    total[key] += value
+                    if key == "thread_cpu":
+                        for kind, secs in value.items():
+                            total[key][kind] = total[key].get(kind, 0.0) + secs
+                    else:
+                        total[key] += value
         return total
 
     def stop(self) -> None:
@@ -434,6 +469,8 @@ def delta(before: Snapshot, after: Snapshot) -> dict[str, float]:
             "wakeups": a["wakeups"] - b["wakeups"], "cycles": a["cycles"] - b["cycles"],
             "switches": _new_switches(b["switches"], a["switches"]),
             "cpu": after.cpu - before.cpu, "clients_cpu": a["cpu"] - b["cpu"],
+            "thread_cpu": {kind: round(secs - b["thread_cpu"].get(kind, 0.0), 2)
+                           for kind, secs in a["thread_cpu"].items()},
             "cpu_util": busy / jiffies if jiffies else 0.0, "bench": bench}
 
 
@@ -476,14 +513,24 @@ def idle_only(fleet: Fleet, args: argparse.Namespace) -> dict:
 
 
 def wait_gone(store, path: str, timeout: float) -> None:
-    """Block until ``path`` no longer exists, woken by a watch (one read per change)."""
+    """Block until ``path`` no longer exists, woken by a watch (one read per change). A
+    read that fails because the bench's own session lost its connection (a machine so
+    loaded that its pings went unanswered) is asked again, at most once a second, until
+    the deadline: the deploy goes on without the bench's session."""
     gone = threading.Event()
     deadline = time.monotonic() + timeout
-    while store.exists(path, gone.set) is not None:
+    while True:
         remaining = deadline - time.monotonic()
+        try:
+            if store.exists(path, gone.set) is None:
+                return
+            wait = 5.0
+        except StoreUnavailable as exc:
+            log.warning("bench.store_unavailable", path=path, error=str(exc))
+            wait = 1.0
         if remaining <= 0:
             raise TimeoutError(f"{path} still there after {timeout:g}s")
-        gone.wait(min(remaining, 5.0))
+        gone.wait(min(remaining, wait))
         gone.clear()
 
 
@@ -568,6 +615,9 @@ def run_one(n: int, args: argparse.Namespace) -> dict:
             "wakeups_per_upgrade": round(deploy["wakeups"] / n, 1),
             "cycles_per_upgrade": round(deploy["cycles"] / n, 1),
             "clients_cpu_s": round(deploy["clients_cpu"], 2),
+            # where the workers' CPU went (threads alive at both ends of the window)
+            "clients_cpu_s_by_thread": deploy["thread_cpu"],
+            "clients_cpu_ms_per_upgrade": round(1e3 * deploy["clients_cpu"] / n, 1),
             "deploy_wall_s": round(deploy["secs"], 2),
             "upgraded": upgraded, "k": k, "quorum": fleet.quorum,
             "switch_secs": args.switch_secs, "healthy_secs": args.healthy_secs,

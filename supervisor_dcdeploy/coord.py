@@ -373,17 +373,96 @@ class RereadCoordinator(Coordinator):
                 self._wake()  # gone already: look again now
 
 
+class _Nodes(dict):
+    """path -> (data, version), which also keeps, for every directory, the names below it
+    and how many nodes each name leads to: a cycle lists a few directories (the ready
+    queue, the presences, the deploy queue), and scanning every node for each listing made
+    a cycle cost O(all nodes) several times over at hundreds of hosts."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__()
+        self.below: dict[str, dict[str, int]] = {}
+        self.update(*args, **kwargs)
+
+    def _count(self, path: str, step: int) -> None:
+        start = 0
+        while True:
+            cut = path.find("/", start)
+            parent = path[:start - 1] if start else ""
+            name = path[start:cut] if cut >= 0 else path[start:]
+            names = self.below.setdefault(parent, {})
+            left = names.get(name, 0) + step
+            if left:
+                names[name] = left
+            else:
+                del names[name]
+                if not names:
+                    del self.below[parent]
+            if cut < 0:
+                return
+            start = cut + 1
+
+    def __setitem__(self, path: str, value: tuple[bytes | None, int]) -> None:
+        if path not in self:
+            self._count(path, 1)
+        super().__setitem__(path, value)
+
+    def __delitem__(self, path: str) -> None:
+        super().__delitem__(path)
+        self._count(path, -1)
+
+    _MISSING = object()
+
+    def pop(self, path: str, default: Any = _MISSING) -> Any:  # type: ignore[override]
+        if path in self:
+            value = super().pop(path)
+            self._count(path, -1)
+            return value
+        if default is _Nodes._MISSING:
+            raise KeyError(path)
+        return default
+
+    def update(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        for path, value in dict(*args, **kwargs).items():
+            self[path] = value
+
+    def setdefault(self, path: str, value: Any = None) -> Any:  # type: ignore[override]
+        if path not in self:
+            self[path] = value
+        return self[path]
+
+    def clear(self) -> None:
+        super().clear()
+        self.below.clear()
+
+    def popitem(self) -> tuple[str, Any]:
+        path, value = super().popitem()
+        self._count(path, -1)
+        return path, value
+
+    def names(self, path: str) -> list[str]:
+        return sorted(self.below.get(path, ()))
+
+
 class _Mirror:
     """What the host knows of the store: path -> (data, version). ``None`` data: a node
     known to exist whose value was not read (another host's ready-queue entry)."""
 
     def __init__(self) -> None:
-        self.nodes: dict[str, tuple[bytes | None, int]] = {}
+        self._nodes = _Nodes()
+
+    @property
+    def nodes(self) -> _Nodes:
+        return self._nodes
+
+    @nodes.setter
+    def nodes(self, value: dict[str, tuple[bytes | None, int]]) -> None:
+        self._nodes = value if isinstance(value, _Nodes) else _Nodes(value)
 
     def children(self, path: str) -> list[str]:
-        prefix = path + "/"
-        return sorted({p[len(prefix):].split("/", 1)[0] for p in self.nodes
-                       if p.startswith(prefix)})
+        """The names directly below ``path``, as the store would list them (a name counts
+        while any node at or below it is known)."""
+        return self._nodes.names(path)
 
 
 @lru_cache(maxsize=64)
@@ -395,6 +474,10 @@ def _assumed_entry(staged: bytes | None) -> bytes:
     except (ValueError, AttributeError, RecursionError):  # a nested staged value
         assumed = None
     return dumps({"version": assumed if isinstance(assumed, str) else "?"})
+
+
+_GATE_PREFIX = layout.GATE + "/"
+_STAGING_PREFIX = layout.STAGING + "/"
 
 
 class _MirrorReader:
@@ -410,15 +493,15 @@ class _MirrorReader:
         self.gate_versions = gate_versions
 
     def get(self, path: str, watch=None) -> tuple[bytes, int]:
-        parts = layout.split(path)
-        if parts[0] == layout.GATE and len(parts) == 2:
-            return b"", self.gate_versions.get(parts[1], -1)
+        # Called once per presence and entry on every view: string tests, no split.
+        if path.startswith(_GATE_PREFIX) and "/" not in path[len(_GATE_PREFIX):]:
+            return b"", self.gate_versions.get(path[len(_GATE_PREFIX):], -1)
         found = self.mirror.nodes.get(path)
         if found is None:
             raise NoNode(path)
         data, version = found
-        if data is None and parts[0] == layout.STAGING and len(parts) == 3:
-            staged = self.mirror.nodes.get(layout.staged(parts[1]))
+        if data is None and path.startswith(_STAGING_PREFIX) and path.count("/") == 2:
+            staged = self.mirror.nodes.get(path.rpartition("/")[0])
             data = _assumed_entry(staged[0] if staged else None)
         return data or b"", version
 

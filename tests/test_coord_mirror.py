@@ -257,3 +257,49 @@ def test_a_read_failing_half_way_through_the_notifications_rebuilds_the_mirror()
     failing.clear()
     coord.follow()  # rebuilt from the store, not left without the deletion for good
     assert coord._mirror.children("staging/A") == []
+
+
+def _scanned(nodes, path: str) -> list[str]:
+    """The names below ``path`` as the store lists them: every node under it counts."""
+    prefix = path + "/"
+    return sorted({p[len(prefix):].split("/", 1)[0] for p in nodes if p.startswith(prefix)})
+
+
+_PATHS = ["staging/A", "staging/A/h0-0000000001", "staging/A/h1-0000000002", "current/A/h0",
+          "current/A/h1", "hosts/h0/session", "hosts/h1/session", "hosts/h1", "deploy/item-1",
+          "staging/B/h0-0000000003"]
+
+
+def test_the_mirror_lists_a_directory_as_a_scan_of_its_nodes_would():
+    """The mirror keeps each directory's names as nodes come and go (a listing no longer
+    scans every node): after any sequence of writes, each listing equals the scan."""
+    from hypothesis import given, settings, strategies as st
+
+    from supervisor_dcdeploy.coord import _Mirror
+
+    op = st.tuples(st.sampled_from(["set", "pop", "del", "update", "clear", "replace"]),
+                   st.lists(st.sampled_from(_PATHS), min_size=1, max_size=3))
+
+    @settings(max_examples=300, deadline=None)
+    @given(st.lists(op, max_size=30))
+    def check(ops) -> None:
+        mirror = _Mirror()
+        for name, paths in ops:
+            nodes = mirror.nodes
+            if name == "set":
+                nodes[paths[0]] = (None, -1)
+            elif name == "pop":
+                nodes.pop(paths[0], None)
+            elif name == "del" and paths[0] in nodes:
+                del nodes[paths[0]]
+            elif name == "update":
+                nodes.update((p, (b"x", 0)) for p in paths)
+            elif name == "clear":
+                nodes.clear()
+            elif name == "replace":  # as a load does: a new dict for the mirror
+                mirror.nodes = {p: (b"", 0) for p in paths}
+            for directory in ("staging", "staging/A", "staging/B", "current/A", "hosts",
+                              "hosts/h1", "deploy", "gate"):
+                assert mirror.children(directory) == _scanned(mirror.nodes, directory)
+
+    check()

@@ -63,3 +63,49 @@ def test_each_round_s_hand_off_is_the_gap_from_a_finish_to_the_stop_it_let_throu
     assert scale.handoffs([1.3, 0.0, 1.05, 0.1], [2.3, 1.1, 1.0, 2.05], 2) == \
         pytest.approx([0.05, 0.2])
     assert scale.handoffs([0.0, 0.1], [1.0, 1.1], 2) == []
+
+
+def test_worker_threads_are_told_apart_by_name():
+    """``clients_cpu_s_by_thread``: the agents' loops (named by the bench), kazoo's
+    connection and callback threads (Python puts the target's name in the default name),
+    the rest; and the split reads this process's own threads."""
+    assert scale.thread_kind("agent-h0042") == "agent"
+    assert scale.thread_kind("Thread-87 (zk_loop)") == "kazoo_connection"
+    assert scale.thread_kind("Thread-3 (_thread_worker)") == "kazoo_callbacks"
+    assert scale.thread_kind("MainThread") == "other"
+    split = scale.thread_cpu()
+    assert set(split) == {"agent", "kazoo_connection", "kazoo_callbacks", "other"}
+    assert split["other"] > 0 and split["agent"] == 0  # this test's own thread: other
+
+
+def test_waiting_for_the_deploy_survives_the_bench_s_own_connection_loss():
+    """At 300 hosts on a starved machine the bench's own session lost its connection and
+    the whole run ended with it: the wait asks again once the store answers."""
+    from supervisor_dcdeploy.store import StoreUnavailable
+
+    class Flaky:
+        def __init__(self) -> None:
+            self.answers = [StoreUnavailable("zookeeper: ConnectionLoss"), 0, None]
+            self.asked = 0
+
+        def exists(self, path, watch=None):
+            self.asked += 1
+            answer = self.answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            if answer is not None:
+                watch()  # the node changed: look again
+            return answer
+
+    store = Flaky()
+    scale.wait_gone(store, "deploy/item-0000000001", timeout=30)
+    assert store.asked == 3
+
+
+def test_waiting_for_the_deploy_still_times_out():
+    class Stuck:
+        def exists(self, path, watch=None):
+            return 0
+
+    with pytest.raises(TimeoutError):
+        scale.wait_gone(Stuck(), "deploy/item-0000000001", timeout=0.05)

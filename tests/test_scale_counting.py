@@ -44,3 +44,56 @@ def test_notifications_are_counted_by_client_and_server(zk_server, store):
     assert store.ops.notifications - client_before == 1
     assert (namespace_requests(servers, namespace) - server_before).notifications >= 1
 
+
+
+def test_a_tree_watch_and_a_one_shot_watch_on_one_node_both_fire(zk_server, store):
+    """The store hands a notification to its tree watchers and skips kazoo's own handling
+    when no one-shot watch waits on the path (most of a mirror's notifications); a path
+    with one still gets it, once."""
+    store.ensure("t")
+    store.ensure("t/a")
+    tree: list[tuple[str, str]] = []
+    store.watch_tree("t", lambda kind, path: tree.append((kind, path)))
+    fired: list[int] = []
+    store.get("t/a", watch=lambda: fired.append(1))
+    store.set("t/a", b"1")
+    store.ensure("t/b")  # a notification with no one-shot watch on its path
+    wait_for(lambda: ("created", "t/b") in tree and fired, 10, "both notifications")
+    store.sync()
+    assert tree == [("changed", "t/a"), ("created", "t/b")]
+    assert fired == [1]
+    store.get("t/a", watch=lambda: fired.append(2))  # re-armed: fires again, once
+    store.set("t/a", b"2")
+    wait_for(lambda: len(fired) == 2, 10, "the re-armed one-shot watch")
+    assert fired == [1, 2] and tree[-1] == ("changed", "t/a")
+
+
+def test_the_store_s_select_reports_ready_descriptors_as_kazoo_s_does():
+    """``PollingHandler.select`` (poll(2) instead of a new epoll per call) keeps kazoo's
+    contract: ready readers, then writers, an empty third list, a timeout with nothing
+    ready gives three empty lists, and a bad descriptor or timeout raises."""
+    import socket
+
+    import pytest
+
+    from supervisor_dcdeploy.store.zookeeper import PollingHandler
+
+    handler = PollingHandler()
+    a, b = socket.socketpair()
+    try:
+        assert handler.select([a], [], [], 0.01) == ([], [], [])
+        assert handler.select([a], [], [], 0.0001) == ([], [], [])  # rounds up: no spin
+        b.send(b"x")
+        assert handler.select([a, b], [], [], 1.0) == ([a], [], [])
+        assert handler.select([], [b], [], 1.0) == ([], [b], [])
+        assert handler.select([a], [a], [], 1.0) == ([a], [], [])  # both ways: a reader
+        b.close()  # a hang-up wakes the reader
+        a.recv(1)
+        assert handler.select([a], [], [], 1.0) == ([a], [], [])
+        with pytest.raises(ValueError):
+            handler.select([a], [], [], -1)
+        with pytest.raises(TypeError):  # kazoo's fileobj_to_fd, as in its own select
+            handler.select([-1], [], [], 0)
+    finally:
+        a.close()
+        b.close()
