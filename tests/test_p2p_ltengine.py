@@ -45,7 +45,9 @@ def test_both_engines_implement_the_interface():
 
 def test_settings_close_the_swarm_and_keep_the_tuning():
     s = settings("10.0.0.5", 51413, {"unchoke_slots_limit": 4})
-    assert s["listen_interfaces"] == "10.0.0.5:51413"
+    # Peers on the data address; announces to the loopback tracker from 127.0.0.1 only.
+    assert s["listen_interfaces"] == "10.0.0.5:51413l,127.0.0.1:51413"
+    assert settings("127.0.0.1", 7, {})["listen_interfaces"] == "127.0.0.1:7"
     assert not any(s[k] for k in ("enable_dht", "enable_lsd", "enable_upnp", "enable_natpmp",
                                   "enable_outgoing_utp", "enable_incoming_utp"))
     assert s["unchoke_slots_limit"] == 4 and LT_SETTINGS["unchoke_slots_limit"] == 8

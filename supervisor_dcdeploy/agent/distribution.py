@@ -119,7 +119,7 @@ def make_engine(cfg: AgentConfig) -> Any:
 class Distribution:
     def __init__(self, cfg: AgentConfig, store: Store) -> None:
         from ..p2p.swarm import Kicker, SwarmFetcher
-        from ..p2p.tracker import Tracker
+        from ..p2p.tracker import Tracker, intro_window
         self.fetcher = make_engine(cfg)
         rpc = cfg.extra.get("transmission_rpc", "")
         self.address = cfg.extra.get("address") or urlsplit(rpc).hostname or "127.0.0.1"
@@ -131,7 +131,8 @@ class Distribution:
         self.limits = Limits.from_config(cfg.extra)
         self.tracker = Tracker(store, cfg.host, self.address, cfg.rack,
                                port=int(cfg.extra.get("tracker_port", "6969")),
-                               active=lambda: self.active)
+                               active=lambda: self.active,
+                               intro_window=intro_window(self.fetcher.name))
         # While this host seeds, peers asking it for data must not wait up to 10 s for the
         # daemon's choke pass (docs/distribution.md, "The first ~10 s").
         # (Transmission only: libtorrent's choke pass runs every 5 s by its own settings.)

@@ -18,7 +18,7 @@ The agent (``engine = libtorrent`` in agent.conf) talks to it through
   directories (default: ``<state-dir>/releases``); anything else is refused.
 
 What it uses that Transmission 3.00 lacks (docs/distribution.md, "Engines"): super-seeding
-(BEP 16) for a torrent added as the origin, HAVE messages sent when a piece passes its
+(BEP 16) for a torrent added as the origin (``--super-seed``; off by default), HAVE messages sent when a piece passes its
 check (libtorrent does not batch them), a 5 s unchoke interval instead of 10-15 s, a
 request queue sized from the measured rate with a cap above the default, and fast
 reconnects after a peer or the daemon restarts. Peers still come only from the host's own
@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import base64
 import binascii
+import ipaddress
 import json
 import os
 import re
@@ -89,7 +90,14 @@ def settings(address: str, port: int, tuning: dict[str, Any] | None = None) -> d
     """The session's settings: :data:`LT_SETTINGS`, the listen address, then ``tuning``
     (names of libtorrent's settings_pack; none of them runs a command). Pure."""
     out = dict(LT_SETTINGS)
-    out["listen_interfaces"] = f"{address}:{port}"
+    # libtorrent announces from each listen socket, bound to its address; our tracker is
+    # on loopback, which a socket bound to the data address cannot reach (measured: every
+    # announce timed out). So it also listens on 127.0.0.1, and the data address is marked
+    # local-network ("l"): used for peers, never to announce to a tracker outside its net.
+    if ipaddress.ip_address(address).is_loopback:
+        out["listen_interfaces"] = f"{address}:{port}"
+    else:
+        out["listen_interfaces"] = f"{address}:{port}l,127.0.0.1:{port}"
     for key in (tuning or {}):
         if key in ("listen_interfaces", "enable_dht", "enable_lsd"):
             raise ValueError(f"tuning may not set {key}")
@@ -113,14 +121,22 @@ class RequestError(ValueError):
 
 class LtDaemon:
     def __init__(self, state_dir: Path, roots: list[Path], address: str, port: int,
-                 tuning: dict[str, Any] | None = None) -> None:
+                 tuning: dict[str, Any] | None = None, super_seed: bool = False) -> None:
         import libtorrent as lt
         self.lt = lt
+        # Super-seeding the origin's torrents (BEP 16) is a switch, off by default: measured
+        # on 2 hosts x 8 MiB it took 11 s against 0.4 s without (the origin hands each host
+        # one piece at a time and waits to see it elsewhere); see docs/distribution.md.
+        self.super_seed = super_seed
         self.state_dir = Path(state_dir)
         self.roots = [Path(r) for r in roots]
         self.records = self.state_dir / "torrents"
         self.ses = lt.session(settings(address, port, tuning))
         self._lock = threading.Lock()  # add/remove and the records stay consistent
+        # The last file error per torrent (from file_error_alert). A full disk does not set a
+        # torrent's error in libtorrent: it switches the torrent to upload mode and retries
+        # much later, so the error is reported from here (cleared by start and remove).
+        self._file_errors: dict[str, str] = {}
         self.stopping = threading.Event()
 
     # -- torrents -------------------------------------------------------------------------
@@ -140,7 +156,7 @@ class LtDaemon:
                 flags = atp.flags
                 flags &= ~lt.torrent_flags.auto_managed
                 flags &= ~lt.torrent_flags.paused
-                if origin:  # BEP 16: offer each piece to one peer, until it is seen elsewhere
+                if origin and self.super_seed:  # BEP 16 (off by default: see __init__)
                     flags |= lt.torrent_flags.super_seeding
                 atp.flags = flags
                 h = self.ses.add_torrent(atp)
@@ -156,6 +172,7 @@ class LtDaemon:
 
     def remove(self, ih: str, delete_data: bool) -> None:
         with self._lock:
+            self._file_errors.pop(ih, None)
             (self.records / f"{ih}.json").unlink(missing_ok=True)
             h = self._handle(ih)
             if h is not None:
@@ -183,11 +200,16 @@ class LtDaemon:
             status = "seeding"
         else:
             status = "downloading"
-        error = ERROR_LOCAL if s.errc.value() != 0 else 0
-        return {"infohash": str(s.info_hashes.v1) if hasattr(s, "info_hashes")
-                else str(s.info_hash), "name": s.name, "status": status,
+        ih = str(s.info_hashes.v1) if hasattr(s, "info_hashes") else str(s.info_hash)
+        error, text = 0, ""
+        if s.errc.value() != 0:
+            error, text = ERROR_LOCAL, s.errc.message()
+        elif ih in self._file_errors and s.flags & (lt.torrent_flags.upload_mode
+                                                    | lt.torrent_flags.paused):
+            error, text = ERROR_LOCAL, self._file_errors[ih]
+        return {"infohash": ih, "name": s.name, "status": status,
                 "done_bytes": int(s.total_wanted_done), "total_bytes": int(s.total_wanted),
-                "error": error, "error_string": s.errc.message() if error else "",
+                "error": error, "error_string": text,
                 "download_dir": s.save_path, "peers": int(s.num_peers),
                 "rate_down": int(s.download_payload_rate),
                 "rate_up": int(s.upload_payload_rate), "uploaded": int(s.all_time_upload),
@@ -197,8 +219,9 @@ class LtDaemon:
     def start(self, ih: str) -> None:
         h = self._handle(ih)
         if h is not None:
+            self._file_errors.pop(ih, None)
             h.clear_error()
-            h.unset_flags(self.lt.torrent_flags.auto_managed)
+            h.unset_flags(self.lt.torrent_flags.auto_managed | self.lt.torrent_flags.upload_mode)
             h.resume()
 
     def verify(self, ih: str) -> None:
@@ -270,8 +293,18 @@ class LtDaemon:
             if self.ses.wait_for_alert(500) is None:
                 continue
             for a in self.ses.pop_alerts():
+                kind = type(a).__name__
+                if kind == "file_error_alert":
+                    try:
+                        ih = str(a.handle.info_hashes().v1)
+                        self._file_errors[ih] = f"{a.error.message()} ({a.filename()})"
+                    except (AttributeError, RuntimeError):
+                        pass
                 if a.category() & 0x1:  # error_notification
-                    log.warning("ltdaemon.alert", kind=type(a).__name__, message=a.message())
+                    log.warning("ltdaemon.alert", kind=kind, message=a.message())
+                elif kind in ("tracker_reply_alert", "torrent_finished_alert",
+                              "torrent_checked_alert", "hash_failed_alert"):
+                    log.info("ltdaemon.event", kind=kind, message=a.message())
 
 
 def peer_uid(conn: socket.socket) -> int:
@@ -330,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--port", type=int, default=51413)
     p.add_argument("--socket", type=Path, help="default <state-dir>/control.sock")
     p.add_argument("--tuning", default="", help="JSON object of extra libtorrent settings")
+    p.add_argument("--super-seed", action="store_true",
+                   help="super-seed (BEP 16) the torrents added as the release's origin")
     return p
 
 
@@ -345,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
         tuning = json.loads(args.tuning) if args.tuning else {}
         if not isinstance(tuning, dict):
             raise ValueError("--tuning must be a JSON object")
-        daemon = LtDaemon(state_dir, roots, args.address, args.port, tuning)
+        daemon = LtDaemon(state_dir, roots, args.address, args.port, tuning, args.super_seed)
     except (ValueError, RuntimeError) as exc:
         print(f"dcdeploy ltdaemon: {exc}", file=sys.stderr)
         return 2

@@ -135,14 +135,19 @@ __all__ = ["LtEngine", "infohash", "state_from_json"]
 
 def daemon_command(state_dir: Path, data_roots: list[Path], address: str, port: int,
                    tuning: dict[str, Any] | None = None, python: str = "") -> list[str]:
-    """The ltdaemon's command line (for supervisord or Popen)."""
+    """The ltdaemon's command line (for supervisord or Popen). ``tuning``: libtorrent
+    settings, plus ``"super_seed": true`` for ``--super-seed``."""
     import sys
+    tuning = dict(tuning or {})
+    super_seed = bool(tuning.pop("super_seed", False))
     cmd = [python or sys.executable, "-m", "supervisor_dcdeploy.p2p.ltdaemon", "--state-dir",
            str(state_dir), "--address", address, "--port", str(port)]
     for root in data_roots:
         cmd += ["--data-root", str(root)]
     if tuning:
         cmd += ["--tuning", json.dumps(tuning)]
+    if super_seed:
+        cmd.append("--super-seed")
     return cmd
 
 

@@ -46,7 +46,7 @@ from .engine import Engine
 from .errors import FetchError
 from .ltengine import LtDaemonProcess, LtEngine
 from .swarm import Kicker, SwarmFetcher
-from .tracker import Tracker
+from .tracker import Tracker, intro_window
 
 log = structlog.get_logger("dcdeploy.p2p.node")
 
@@ -133,7 +133,8 @@ class Node:
                                port=self.args.tracker_port, bind=self.args.tracker_bind,
                                active=lambda: self.args.active,
                                interval_active=self.args.interval,
-                               local_torrents=lambda: seeded_infohashes(self.dir))
+                               local_torrents=lambda: seeded_infohashes(self.dir),
+                               intro_window=intro_window(self.engine))
         self.tracker.start()
         self.daemon.start()
         fetcher: Engine
