@@ -225,9 +225,31 @@ class LtDaemon:
             h.resume()
 
     def verify(self, ih: str) -> None:
-        h = self._handle(ih)
-        if h is not None:
-            h.force_recheck()
+        """Re-check every piece on disk: the torrent is removed (files kept) and added again
+        from its record, which makes libtorrent check the files from scratch. Not
+        force_recheck(): on a torrent that had been complete, libtorrent then kept treating
+        the other complete hosts as seeds it need not connect to, and the repair got no peer
+        (measured: 0 peers for 120 s while 2 pieces were missing)."""
+        with self._lock:
+            h = self._handle(ih)
+            rec = self.records / f"{ih}.json"
+            if h is None:
+                return
+            if not rec.exists():
+                h.force_recheck()
+                return
+            data = json.loads(rec.read_text())
+            self.ses.remove_torrent(h)
+        self._wait_removed(ih)
+        self.add(base64.b64decode(data["metainfo"]), Path(data["save_path"]),
+                 bool(data.get("origin")), record=False)
+
+    def _wait_removed(self, ih: str, timeout: float = 10.0) -> None:
+        """remove_torrent is asynchronous; adding the same infohash before it is gone fails."""
+        import time
+        deadline = time.monotonic() + timeout
+        while self._handle(ih) is not None and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def reannounce(self, ih: str) -> None:
         h = self._handle(ih)
