@@ -291,6 +291,55 @@ def test_fetch_survives_daemon_restart(lab):
     assert json.loads((h4.dir / "node.json").read_text())["daemon_pid"] != old_pid
 
 
+def test_fetch_recovers_when_the_restarted_daemon_cannot_reach_its_tracker_at_first(lab):
+    """Issue #12 item 6: a restarted daemon whose first announces fail (here: its tracker on
+    loopback refuses connections for 25 s after the restart) must get peers as soon as the
+    tracker answers again, not when the daemon's own retry timers say so. Transmission
+    retries a failed announce after 20 s, then 5-6 min, and ignores torrent-reannounce for
+    120 s after each answer until one succeeds; the fetch then stops and starts the torrent
+    (which announces at once) instead of asking for a re-announce it would drop."""
+    staged = stage_and_seed(lab, "rel-13.bin", 8 * MiB)
+    h4 = lab.hosts["h4"]
+    block = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "6969", "-j", "REJECT"]
+    lab.net.shape("h4", 20_000_000)  # mid-download when killed
+    started = threading.Event()
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["path"] = h4.fetcher().fetch(
+                staged.metainfo_b64, staged.sha256, timeout=FETCH_TIMEOUT,
+                progress=lambda done, total: started.set() if 0 < done < total else None)
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    blocked = False
+    try:
+        t.start()
+        assert started.wait(60), "download never started"
+        h4.ns.run("iptables", "-w", "-I", *block)
+        blocked = True
+        old_pid = h4.info["daemon_pid"]
+        os.kill(old_pid, 9)
+        wait_for(lambda: json.loads((h4.dir / "node.json").read_text())["daemon_pid"]
+                 != old_pid, 60, "the node to restart h4's daemon")
+        # The fault: the tracker stays unreachable for 25 s after the restart, past the
+        # daemon's first announce and Transmission's 20 s retry.
+        time.sleep(25)
+        h4.ns.run("iptables", "-w", "-D", *block)
+        blocked = False
+        t.join(FETCH_TIMEOUT + 30)
+    finally:
+        if blocked:
+            h4.ns.run("iptables", "-w", "-D", *block, check=False)
+        lab.net.unshape("h4")
+        t.join()
+        h4.info = json.loads((h4.dir / "node.json").read_text())
+    assert "error" not in result, result.get("error")
+    assert result["path"].read_bytes() == staged.path.read_bytes()
+
+
 def test_forgotten_torrent_is_added_again(lab):
     staged = stage_and_seed(lab, "rel-6.bin", 4 * MiB)
     h1 = lab.hosts["h1"]

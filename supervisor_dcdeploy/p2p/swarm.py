@@ -199,7 +199,32 @@ class SwarmFetcher(Engine):
         self._rpc(lambda c: c.verify_torrent(infohash_))
 
     def reannounce(self, infohash_: str) -> None:
-        self._rpc(lambda c: c.reannounce_torrent(infohash_), retry_secs=5.0)
+        """Ask the tracker for peers now. Transmission ignores ``torrent-reannounce``
+        silently until its ``manualAnnounceTime``: each tracker response sets that to now +
+        the tier's min interval, and a tier that has never had a good answer (a restarted
+        daemon's) uses its default, 120 s; a failed announce also sets the automatic retry
+        to 20 s, then 5-6 min. That is how a restarted daemon sat with 0 peers for 120 s
+        (issue #12). Then the torrent is stopped and started instead, which queues a
+        "started" announce for now whatever the tier's timers say (it only runs when the
+        torrent has no peer at all, so no connection is lost)."""
+        import time as _time
+
+        def call(c: Client) -> str:
+            try:
+                t = c.get_torrent(infohash_, arguments=["manualAnnounceTime", "peersConnected"])
+            except KeyError:
+                return "missing"  # the fetch loop adds it again
+            allowed_at = int(t.fields.get("manualAnnounceTime", 0) or 0)
+            if allowed_at <= _time.time() or t.fields.get("peersConnected", 0):
+                c.reannounce_torrent(infohash_)
+                return "reannounce"
+            c.stop_torrent(infohash_)
+            c.start_torrent_now(infohash_)
+            return "restart"
+        how = self._rpc(call, retry_secs=5.0)
+        if how == "restart":
+            log.info("swarm.reannounce_by_restart", infohash=infohash_,
+                     reason="transmission refuses a manual announce until manualAnnounceTime")
 
     def remove(self, infohash_: str, delete_data: bool) -> None:
         """Drop a torrent (and, with ``delete_data``, its files). Idempotent."""
