@@ -298,6 +298,11 @@ def test_fetch_recovers_when_the_restarted_daemon_cannot_reach_its_tracker_at_fi
     retries a failed announce after 20 s, then 5-6 min, and ignores torrent-reannounce for
     120 s after each answer until one succeeds; the fetch then stops and starts the torrent
     (which announces at once) instead of asking for a re-announce it would drop."""
+    if lab.engine != "transmission":
+        # CI time (#12: the swarm suite may add ~3 min): the timers in question are
+        # Transmission's; libtorrent's re-announce ignores its min interval, and its restart
+        # is covered by test_fetch_survives_daemon_restart[libtorrent].
+        pytest.skip("Transmission's announcer timers only")
     staged = stage_and_seed(lab, "rel-13.bin", 8 * MiB)
     h4 = lab.hosts["h4"]
     block = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "6969", "-j", "REJECT"]
