@@ -293,8 +293,9 @@ def test_fetch_survives_daemon_restart(lab):
 
 def test_fetch_recovers_when_the_restarted_daemon_cannot_reach_its_tracker_at_first(lab):
     """Issue #12 item 6: a restarted daemon whose first announces fail (here: its tracker on
-    loopback refuses connections for 25 s after the restart) must get peers as soon as the
-    tracker answers again, not when the daemon's own retry timers say so. Transmission
+    loopback refuses connections, and peers cannot dial it, for 25 s after the restart) must
+    get peers as soon as the tracker answers again, not when the daemon's own retry timers
+    say so. Transmission
     retries a failed announce after 20 s, then 5-6 min, and ignores torrent-reannounce for
     120 s after each answer until one succeeds; the fetch then stops and starts the torrent
     (which announces at once) instead of asking for a re-announce it would drop."""
@@ -305,7 +306,10 @@ def test_fetch_recovers_when_the_restarted_daemon_cannot_reach_its_tracker_at_fi
         pytest.skip("Transmission's announcer timers only")
     staged = stage_and_seed(lab, "rel-13.bin", 8 * MiB)
     h4 = lab.hosts["h4"]
-    block = ["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "6969", "-j", "REJECT"]
+    # The fault, both ways: h4's daemon cannot reach its tracker (loopback) and no peer can
+    # dial h4's peer port, so only an announce by h4 itself brings it peers again.
+    rules = [["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "6969", "-j", "REJECT"],
+             ["INPUT", "!", "-i", "lo", "-p", "tcp", "--dport", "51413", "-j", "REJECT"]]
     lab.net.shape("h4", 20_000_000)  # mid-download when killed
     started = threading.Event()
     result: dict = {}
@@ -323,21 +327,24 @@ def test_fetch_recovers_when_the_restarted_daemon_cannot_reach_its_tracker_at_fi
     try:
         t.start()
         assert started.wait(60), "download never started"
-        h4.ns.run("iptables", "-w", "-I", *block)
+        for rule in rules:
+            h4.ns.run("iptables", "-w", "-I", *rule)
         blocked = True
-        old_pid = h4.info["daemon_pid"]
+        old_pid = json.loads((h4.dir / "node.json").read_text())["daemon_pid"]  # current one
         os.kill(old_pid, 9)
         wait_for(lambda: json.loads((h4.dir / "node.json").read_text())["daemon_pid"]
                  != old_pid, 60, "the node to restart h4's daemon")
-        # The fault: the tracker stays unreachable for 25 s after the restart, past the
-        # daemon's first announce and Transmission's 20 s retry.
+        # The fault lasts 25 s after the restart, past the daemon's first announce and
+        # Transmission's 20 s retry.
         time.sleep(25)
-        h4.ns.run("iptables", "-w", "-D", *block)
+        for rule in rules:
+            h4.ns.run("iptables", "-w", "-D", *rule)
         blocked = False
         t.join(FETCH_TIMEOUT + 30)
     finally:
         if blocked:
-            h4.ns.run("iptables", "-w", "-D", *block, check=False)
+            for rule in rules:
+                h4.ns.run("iptables", "-w", "-D", *rule, check=False)
         lab.net.unshape("h4")
         t.join()
         h4.info = json.loads((h4.dir / "node.json").read_text())

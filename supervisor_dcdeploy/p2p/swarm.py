@@ -199,23 +199,23 @@ class SwarmFetcher(Engine):
         self._rpc(lambda c: c.verify_torrent(infohash_))
 
     def reannounce(self, infohash_: str) -> None:
-        """Ask the tracker for peers now. Transmission ignores ``torrent-reannounce``
-        silently until its ``manualAnnounceTime``: each tracker response sets that to now +
-        the tier's min interval, and a tier that has never had a good answer (a restarted
-        daemon's) uses its default, 120 s; a failed announce also sets the automatic retry
-        to 20 s, then 5-6 min. That is how a restarted daemon sat with 0 peers for 120 s
-        (issue #12). Then the torrent is stopped and started instead, which queues a
-        "started" announce for now whatever the tier's timers say (it only runs when the
-        torrent has no peer at all, so no connection is lost)."""
-        import time as _time
-
+        """Ask the tracker for peers now. For a torrent with no peer at all (the only case
+        the fetch asks for), the torrent is stopped and started rather than sent
+        ``torrent-reannounce``: Transmission drops a manual announce silently until
+        ``manualAnnounceAllowedAt``, which every tracker response sets to now + the tier's
+        min interval, and a tier that has never had a good answer (a restarted daemon's)
+        uses the default, 120 s; a failed announce is retried after 20 s, then 5-6 min.
+        That is how a restarted daemon sat with 0 peers for 120 s (issue #12). Starting a
+        stopped torrent queues a "started" announce for now, whatever the tier's timers
+        say; with no peer, no connection is lost. (The RPC's ``manualAnnounceTime`` does
+        not tell: it reads -1 while no announce of the tier has succeeded.)"""
         def call(c: Client) -> str:
             try:
-                t = c.get_torrent(infohash_, arguments=["manualAnnounceTime", "peersConnected"])
+                peers = c.get_torrent(infohash_, arguments=["peersConnected"]).fields.get(
+                    "peersConnected", 0)
             except KeyError:
                 return "missing"  # the fetch loop adds it again
-            allowed_at = int(t.fields.get("manualAnnounceTime", 0) or 0)
-            if allowed_at <= _time.time() or t.fields.get("peersConnected", 0):
+            if peers:
                 c.reannounce_torrent(infohash_)
                 return "reannounce"
             c.stop_torrent(infohash_)
@@ -224,7 +224,7 @@ class SwarmFetcher(Engine):
         how = self._rpc(call, retry_secs=5.0)
         if how == "restart":
             log.info("swarm.reannounce_by_restart", infohash=infohash_,
-                     reason="transmission refuses a manual announce until manualAnnounceTime")
+                     reason="no peer; transmission may drop a manual announce for 120 s")
 
     def remove(self, infohash_: str, delete_data: bool) -> None:
         """Drop a torrent (and, with ``delete_data``, its files). Idempotent."""
