@@ -111,3 +111,28 @@ def test_another_user_cannot_connect(tmp_path, daemon):
          f"s.connect({str(daemon.control)!r})"], preexec_fn=lambda: os.setuid(65534),
         capture_output=True, text=True, timeout=30)
     assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe
+
+
+def test_the_agent_picks_its_engine_from_agent_conf(tmp_path):
+    from supervisor_dcdeploy.agent.config import ConfigError, load
+    from supervisor_dcdeploy.agent.distribution import Distribution, make_engine
+
+    cfg = tmp_path / "agent.conf"
+    base = "[agent]\nstore = zk://z/dc\nroot = /x\ninsecure_unsigned = true\n"
+    cfg.write_text(base + "swarm_engine = libtorrent\naddress = 10.0.0.5\n[service:api]\n")
+    conf = load(cfg)
+    assert Distribution.enabled(conf)
+    engine = make_engine(conf)
+    assert isinstance(engine, LtEngine) and engine.name == "libtorrent"
+    assert engine.control == Path("/x/ltdaemon/control.sock")
+    assert engine.download_dir == Path("/x/downloads")
+    cfg.write_text(base + "transmission_rpc = http://127.0.0.1:9091/transmission/rpc\n"
+                   "[service:api]\n")
+    assert isinstance(make_engine(load(cfg)), SwarmFetcher)
+    cfg.write_text(base + "swarm_engine = rtorrent\n[service:api]\n")
+    conf = load(cfg)
+    assert Distribution.enabled(conf)  # so that the agent's start fails, naming the key
+    with pytest.raises(ConfigError, match="swarm_engine: 'rtorrent' is not an engine"):
+        make_engine(conf)
+    cfg.write_text(base + "[service:api]\n")
+    assert not Distribution.enabled(load(cfg))

@@ -144,8 +144,9 @@ class Distribution:
 
     @staticmethod
     def enabled(cfg: AgentConfig) -> bool:
+        # Any swarm_engine turns it on, so that a misspelt one fails at start (make_engine).
         return bool(cfg.extra.get("transmission_rpc")) or \
-            cfg.extra.get("swarm_engine", "").strip() == "libtorrent"
+            bool(cfg.extra.get("swarm_engine", "").strip())
 
     def start(self) -> None:
         self.tracker.start()
