@@ -1,20 +1,29 @@
 #!/usr/bin/env python3
-"""Release distribution: BitTorrent swarm against plain HTTP from one origin, in the same run.
+"""Release distribution through one engine: a BitTorrent swarm or plain HTTP from one origin.
 
 N hosts (default 8, in 2 racks) and an origin/build host, each in its own network namespace
 on one bridge, each capped at B (default 100 Mbit/s) both ways with tc tbf. An artifact of S
-bytes (default 256 MiB, random) is distributed twice:
+bytes (default 256 MiB, random) is distributed by ``--engine``:
 
-- swarm: staged as a private torrent, seeded by the origin's transmission-daemon, fetched by
-  every host at once through its own daemon (SwarmFetcher: add, wait, sha256 verify);
-- http:  every host downloads it at once with curl from a Python HTTP server on the origin.
+- transmission / libtorrent: staged as a private torrent, seeded by the origin's daemon of
+  that engine (libtorrent: super-seeding), fetched by every host at once through its own
+  daemon (the Engine interface: add, wait, sha256 verify);
+- http: every host downloads it at once with curl from a Python HTTP server on the origin.
 
-For each it prints the time until the last host is complete (from the moment all fetches are
-started; the swarm's includes its sha256 verification), that time over the ideal S/B, and
-the origin's egress (bytes leaving its interface, TCP/IP headers included) over S.
-Targets (issue #3): swarm <= 1.5 x S/B with origin egress < 1.5 x S; HTTP needs ~N x S/B.
+It prints the time until the last host is complete (from the moment all fetches are
+started; the swarm's includes its sha256 verification), that time over the ideal S/B, the
+median host's time, the origin's egress (bytes leaving its interface, TCP/IP headers
+included) over S, and the machine's CPU use during the distribution (all cores, 0..1: near
+1 means the machine, not the links, was the limit).
 
-    sudo python bench/distribute.py [--hosts 8] [--size-mib 256] [--mbit 100] [--json]
+    sudo python bench/distribute.py --engine libtorrent [--hosts 8] [--size-mib 256] \
+        [--mbit 100] [--json]
+
+``--json`` prints one object: {"engine", "hosts", "size_bytes", "bandwidth_bps",
+"last_complete_s", "ideal_s", "ratio", "origin_egress_ratio", "p50_complete_s", "cpu_util"},
+plus "lab_cpu_util" (the share of all cores used by the lab's own long-lived processes:
+daemons and nodes; curl processes that exited are not counted) and "load_avg" (the
+machine's 1-minute load at the end), since cpu_util counts everything the machine runs.
 
 Needs root. Namespaces "dcdb-*" on 10.215.0.0/16, torn down on exit (failures included).
 """
@@ -60,9 +69,41 @@ def write_artifact(path: Path, size: int) -> None:
             left -= n
 
 
-def summary(last: float, ideal: float, egress: int, size: int) -> dict:
+def summary(done: dict[str, float], ideal: float, egress: int, size: int) -> dict:
+    import statistics
+    last = max(done.values())
     return {"last_complete_s": round(last, 2), "ideal_s": round(ideal, 2),
-            "ratio": round(last / ideal, 2), "origin_egress_ratio": round(egress / size, 3)}
+            "ratio": round(last / ideal, 2), "origin_egress_ratio": round(egress / size, 3),
+            "p50_complete_s": round(statistics.median(done.values()), 2)}
+
+
+def cpu_times() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine (/proc/stat's first line)."""
+    fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def cpu_util(before: tuple[int, int], after: tuple[int, int]) -> float:
+    busy, total = after[0] - before[0], after[1] - before[1]
+    return round(busy / total, 3) if total else 0.0
+
+
+def lab_cpu_ticks(lab: SwarmLab) -> int:
+    """CPU ticks (user + system) used so far by the processes inside the lab's namespaces
+    (daemons, nodes, curl, the HTTP server): what the benchmark itself costs, apart from
+    whatever else the machine runs."""
+    total = 0
+    for host in lab.hosts.values():
+        out = subprocess.run(["ip", "netns", "pids", host.ns.ns], capture_output=True,
+                             text=True).stdout.split()
+        for pid in out:
+            try:
+                fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+            except OSError:
+                continue
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total
 
 
 def pieces_held(bitfields: list[str], piece_count: int) -> int:
@@ -134,7 +175,7 @@ def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
               parts: int = 1) -> tuple[float, int, dict[str, float]]:
     build = lab.hosts["origin"]
     lab.publish(staged)  # the trackers answer staged infohashes only
-    add_seed(build.dir, build.rpc_url, staged, wait=600, runner=build.runner)
+    add_seed(build.dir, build.info.get("rpc_url", ""), staged, wait=600, runner=build.runner)
     before = lab.egress_bytes("origin")
     done: dict[str, float] = {}
     errors: dict[str, BaseException] = {}
@@ -221,25 +262,26 @@ def run_http(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", choices=["transmission", "libtorrent", "http"],
+                    default="transmission")
     ap.add_argument("--hosts", type=int, default=8)
     ap.add_argument("--racks", type=int, default=2)
     ap.add_argument("--size-mib", type=int, default=256)
     ap.add_argument("--mbit", type=int, default=100)
     ap.add_argument("--piece-kib", type=int, default=0, help="override the piece size")
-    ap.add_argument("--tuning", default="", help="JSON of extra transmission settings")
+    ap.add_argument("--tuning", default="", help="JSON of extra engine settings")
     ap.add_argument("--origin-tuning", default="",
-                    help="JSON of extra transmission settings for the origin only")
+                    help="JSON of extra engine settings for the origin only")
     ap.add_argument("--parts", type=int, default=1,
-                    help="experiment: split the artifact into N files, host i prefers part i")
-    ap.add_argument("--skip-http", action="store_true")
+                    help="experiment (transmission): split the artifact into N files, host i "
+                         "prefers part i")
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--timeline", default=None, metavar="FILE",
-                    help="write the swarm's per-host timeline (JSON lines) to FILE")
+                    help="transmission: write the swarm's per-host timeline (JSON lines)")
     args = ap.parse_args(argv)
-    if args.parts > 1 and not args.skip_http:
-        ap.error("--parts makes a directory torrent; the HTTP baseline needs one file: "
-                 "add --skip-http")
+    if (args.parts > 1 or args.timeline) and args.engine != "transmission":
+        ap.error("--parts and --timeline use Transmission's RPC: --engine transmission")
     ok, why = netns.available()
     if not ok:
         print(f"bench/distribute.py: {why}", file=sys.stderr)
@@ -250,10 +292,12 @@ def main(argv: list[str] | None = None) -> int:
     ideal = size * 8 / bps
     timeout = max(600.0, 3 * args.hosts * ideal)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="dcdb-"))
+    swarm = args.engine != "http"
     lab = SwarmLab(work, prefix="dcdb", subnet="10.215.0.0/16", root="/dcdb",
                    tuning=json.loads(args.tuning) if args.tuning else None,
                    host_tuning={"origin": json.loads(args.origin_tuning)}
-                   if args.origin_tuning else None)
+                   if args.origin_tuning else None,
+                   engine=args.engine if swarm else "transmission")
     notes: list[str] = []
     try:
         lab.up()
@@ -261,8 +305,9 @@ def main(argv: list[str] | None = None) -> int:
         lab.add_host("origin", "build", mbit=args.mbit)
         for i, n in enumerate(names):
             lab.add_host(n, f"r{i % args.racks + 1}", mbit=args.mbit)
-        for n in ["origin", *names]:
-            lab.start_node(n)
+        if swarm:
+            for n in ["origin", *names]:
+                lab.start_node(n)
         art_dir = work / "artifacts"
         art_dir.mkdir()
         if args.parts > 1:
@@ -278,30 +323,33 @@ def main(argv: list[str] | None = None) -> int:
         hash_s = time.monotonic() - t0
         staged = Staged(art, meta, ih, artifact_sha256(art), size)
         notes.append(f"torrent: {ih}, hashed in {hash_s:.1f} s")
-        s_last, s_egress, _ = run_swarm(lab, names, staged, timeout, notes,
-                                         Path(args.timeline) if args.timeline else None,
-                                         parts=args.parts)
-        result = {"hosts": args.hosts, "size_bytes": size, "bandwidth_bps": bps,
-                  "swarm": summary(s_last, ideal, s_egress, size)}
-        if not args.skip_http:
-            h_last, h_egress, _ = run_http(lab, names, staged, timeout, notes)
-            result["http"] = summary(h_last, ideal, h_egress, size)
+        cpu0, lab0, wall0 = cpu_times(), lab_cpu_ticks(lab), time.monotonic()
+        if swarm:
+            _, egress, done = run_swarm(lab, names, staged, timeout, notes,
+                                        Path(args.timeline) if args.timeline else None,
+                                        parts=args.parts)
+        else:
+            _, egress, done = run_http(lab, names, staged, timeout, notes)
+        cpu = cpu_util(cpu0, cpu_times())
+        # Processes still running at the end only (a curl that exited is not counted).
+        lab_cpu = (lab_cpu_ticks(lab) - lab0) / os.sysconf("SC_CLK_TCK") / (
+            (time.monotonic() - wall0) * (os.cpu_count() or 1))
+        result = {"engine": args.engine, "hosts": args.hosts, "size_bytes": size,
+                  "bandwidth_bps": bps, **summary(done, ideal, egress, size), "cpu_util": cpu,
+                  "lab_cpu_util": round(lab_cpu, 3), "load_avg": os.getloadavg()[0]}
     finally:
         lab.down()
         shutil.rmtree(work, ignore_errors=True)
     if args.json:
         print(json.dumps(result))
         return 0
-    print(f"{args.hosts} hosts in {args.racks} racks + origin, S = {args.size_mib} MiB, "
-          f"B = {args.mbit} Mbit/s per host, ideal S/B = {ideal:.1f} s")
+    print(f"{args.engine}: {args.hosts} hosts in {args.racks} racks + origin, "
+          f"S = {args.size_mib} MiB, B = {args.mbit} Mbit/s per host, ideal S/B = {ideal:.1f} s")
     for line in notes:
         print("  " + line)
-    print(f"{'':8}{'last host done':>16}{'/ (S/B)':>10}{'origin egress / S':>20}")
-    for kind in ("swarm", "http"):
-        if kind in result:
-            r = result[kind]
-            print(f"{kind:8}{r['last_complete_s']:>14.1f} s{r['ratio']:>10.2f}"
-                  f"{r['origin_egress_ratio']:>20.2f}")
+    print(f"  last host done {result['last_complete_s']:.1f} s = {result['ratio']:.2f} x S/B, "
+          f"median host {result['p50_complete_s']:.1f} s, origin egress "
+          f"{result['origin_egress_ratio']:.2f} x S, CPU {100 * cpu:.0f} %")
     return 0
 
 

@@ -253,7 +253,8 @@ def cmd_seed(args: argparse.Namespace) -> int:
         info = seed.start(seed.SeedConfig(dir=args.dir, store_url=url, host=args.host,
                                           address=args.address, rack=args.rack,
                                           rpc_port=args.rpc_port, peer_port=args.peer_port,
-                                          tracker_port=args.tracker_port))
+                                          tracker_port=args.tracker_port,
+                                          engine=args.engine))
         print(f"seeder running: pid {info['pid']}, RPC {info['rpc_url']}")
     elif args.action == "stop":
         print("seeder stopped" if seed.stop(args.dir) else f"no seeder running in {args.dir}")
@@ -671,6 +672,8 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--rpc-port", type=int, default=9091)
     sd.add_argument("--peer-port", type=int, default=51413)
     sd.add_argument("--tracker-port", type=int, default=6969)
+    sd.add_argument("--engine", choices=["transmission", "libtorrent"], default="transmission",
+                    help="the BitTorrent engine (docs/distribution.md, Engines)")
     sd.set_defaults(func=cmd_seed)
 
     dep = sub.add_parser("deploy", help="queue staged versions in dependency order")

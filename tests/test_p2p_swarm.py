@@ -1,5 +1,9 @@
-"""Swarm tests: real transmission-daemons in network namespaces, a real ZooKeeper, one
+"""Swarm tests: real BitTorrent daemons in network namespaces, a real ZooKeeper, one
 store-backed tracker per host. A build host (rack "build") and four hosts in two racks.
+
+Every test runs against both engines (the module's lab is parametrized: one lab of
+transmission-daemons, then one of libtorrent ltdaemons); the control-channel test checks
+each engine's own protection.
 
 Needs root (namespaces, tc, a tmpfs); skips with the reason otherwise, and fails with it
 under CI=true (tests/needs.py). Every namespace is prefixed "dcdp" (10.214.0.0/16) and torn down after
@@ -8,6 +12,7 @@ the module, failures included.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -25,7 +30,6 @@ from supervisor_dcdeploy.lab import netns
 from supervisor_dcdeploy.p2p.errors import DiskFull, DownloadError
 from supervisor_dcdeploy.lab.swarmlab import LabHost, SwarmLab
 from supervisor_dcdeploy.p2p.seed import Staged, add_seed, stage
-from supervisor_dcdeploy.p2p.swarm import SwarmFetcher
 from supervisor_dcdeploy.p2p.torrent import artifact_sha256
 
 MiB = 1 << 20
@@ -39,6 +43,10 @@ def _why_not() -> str:
         return why
     if not shutil.which("transmission-daemon"):
         return "transmission-daemon is not installed (apt-get install transmission-daemon)"
+    try:
+        import libtorrent  # noqa: F401
+    except ImportError:
+        return "libtorrent is not installed (pip install libtorrent; scripts/setup.sh does)"
     if not Path("/usr/share/zookeeper").is_dir():
         return "zookeeper is not installed (apt-get install zookeeper)"
     return ""
@@ -68,10 +76,13 @@ def small_disk(tmp_path_factory):
         subprocess.run(["umount", "-l", str(path)], check=False)
 
 
-@pytest.fixture(scope="module")
-def lab(tmp_path_factory, small_disk):
-    work = tmp_path_factory.mktemp("swarm")
-    lab = SwarmLab(work, prefix="dcdp", subnet="10.214.0.0/16")
+@pytest.fixture(scope="module", params=["transmission", "libtorrent"])
+def lab(request, tmp_path_factory, small_disk):
+    work = tmp_path_factory.mktemp(f"swarm-{request.param}")
+    # The small disk is a download directory of its own (test_disk_full...): the libtorrent
+    # daemon saves only under its data roots.
+    lab = SwarmLab(work, prefix="dcdp", subnet="10.214.0.0/16", engine=request.param,
+                   data_roots=(str(small_disk),))
     try:
         lab.up()
         lab.add_host("build", "build")
@@ -149,6 +160,12 @@ def test_everyone_completes_verifies_and_prefers_its_rack(lab, everywhere):
     assert raw["address"] == lab.hosts["h3"].address and raw["rack"] == "r2"
 
     # Rack preference in what the trackers answered the real daemons: same rack first.
+    # (Awaited: a daemon's last announce may predate the others' registration; they
+    # announce every 5 s while the deploy is active.)
+    def answered_everyone() -> bool:
+        return all(set(lab.hosts[n].tracker_status()["answers"][staged.infohash])
+                   == {"build", *HOSTS} - {n} for n in HOSTS)
+    wait_for(answered_everyone, 30, "every tracker to answer its daemon every other host")
     for name, rack in HOSTS.items():
         answered = lab.hosts[name].tracker_status()["answers"][staged.infohash]
         racks = [HOSTS.get(h, "build") for h in answered]
@@ -274,6 +291,67 @@ def test_fetch_survives_daemon_restart(lab):
     assert json.loads((h4.dir / "node.json").read_text())["daemon_pid"] != old_pid
 
 
+def test_fetch_recovers_when_the_restarted_daemon_cannot_reach_its_tracker_at_first(lab):
+    """Issue #12 item 6: a restarted daemon whose first announces fail (here: its tracker on
+    loopback refuses connections, and peers cannot dial it, for 25 s after the restart) must
+    get peers as soon as the tracker answers again, not when the daemon's own retry timers
+    say so. Transmission
+    retries a failed announce after 20 s, then 5-6 min, and ignores torrent-reannounce for
+    120 s after each answer until one succeeds; the fetch then stops and starts the torrent
+    (which announces at once) instead of asking for a re-announce it would drop."""
+    if lab.engine != "transmission":
+        # CI time (#12: the swarm suite may add ~3 min): the timers in question are
+        # Transmission's; libtorrent's re-announce ignores its min interval, and its restart
+        # is covered by test_fetch_survives_daemon_restart[libtorrent].
+        pytest.skip("Transmission's announcer timers only")
+    staged = stage_and_seed(lab, "rel-13.bin", 8 * MiB)
+    h4 = lab.hosts["h4"]
+    # The fault, both ways: h4's daemon cannot reach its tracker (loopback) and no peer can
+    # dial h4's peer port, so only an announce by h4 itself brings it peers again.
+    rules = [["OUTPUT", "-o", "lo", "-p", "tcp", "--dport", "6969", "-j", "REJECT"],
+             ["INPUT", "!", "-i", "lo", "-p", "tcp", "--dport", "51413", "-j", "REJECT"]]
+    lab.net.shape("h4", 20_000_000)  # mid-download when killed
+    started = threading.Event()
+    result: dict = {}
+
+    def run() -> None:
+        try:
+            result["path"] = h4.fetcher().fetch(
+                staged.metainfo_b64, staged.sha256, timeout=FETCH_TIMEOUT,
+                progress=lambda done, total: started.set() if 0 < done < total else None)
+        except BaseException as exc:  # noqa: BLE001
+            result["error"] = exc
+
+    t = threading.Thread(target=run)
+    blocked = False
+    try:
+        t.start()
+        assert started.wait(60), "download never started"
+        for rule in rules:
+            h4.ns.run("iptables", "-w", "-I", *rule)
+        blocked = True
+        old_pid = json.loads((h4.dir / "node.json").read_text())["daemon_pid"]  # current one
+        os.kill(old_pid, 9)
+        wait_for(lambda: json.loads((h4.dir / "node.json").read_text())["daemon_pid"]
+                 != old_pid, 60, "the node to restart h4's daemon")
+        # The fault lasts 25 s after the restart, past the daemon's first announce and
+        # Transmission's 20 s retry.
+        time.sleep(25)
+        for rule in rules:
+            h4.ns.run("iptables", "-w", "-D", *rule)
+        blocked = False
+        t.join(FETCH_TIMEOUT + 30)
+    finally:
+        if blocked:
+            for rule in rules:
+                h4.ns.run("iptables", "-w", "-D", *rule, check=False)
+        lab.net.unshape("h4")
+        t.join()
+        h4.info = json.loads((h4.dir / "node.json").read_text())
+    assert "error" not in result, result.get("error")
+    assert result["path"].read_bytes() == staged.path.read_bytes()
+
+
 def test_forgotten_torrent_is_added_again(lab):
     staged = stage_and_seed(lab, "rel-6.bin", 4 * MiB)
     h1 = lab.hosts["h1"]
@@ -306,8 +384,12 @@ def test_disk_full_fails_clearly_and_leaves_the_running_version(lab, small_disk)
     def fill(done: int, total: int) -> None:
         if not filler.exists():
             free = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize
-            with open(filler, "wb") as fh:
-                fh.write(b"\0" * (free - 64 * 1024))
+            try:
+                with open(filler, "wb") as fh:
+                    fh.write(b"\0" * (free - 64 * 1024))
+            except OSError as exc:  # the daemon wrote meanwhile: the disk is full anyway
+                if exc.errno != errno.ENOSPC:
+                    raise
     try:
         with pytest.raises(DiskFull, match="No space left"):
             fetcher.fetch(mid.metainfo_b64, mid.sha256, timeout=60, progress=fill)
@@ -356,9 +438,15 @@ def test_web_seed_alone_serves_a_host(lab):
         server.wait()
 
 
-# -- trust boundary (issue 8): RPC on loopback with a password, tracker on staged data ------
+# -- trust boundary (issue 8, #12): the daemon's control is local only; tracker on staged data
 
-def test_rpc_wants_the_password_and_is_only_on_loopback(lab):
+def test_control_channel_is_local_only(lab):
+    if lab.engine == "libtorrent":
+        return check_ltdaemon_control_is_local_only(lab)
+    check_rpc_wants_the_password_and_is_only_on_loopback(lab)
+
+
+def check_rpc_wants_the_password_and_is_only_on_loopback(lab):
     import requests
 
     h1, h2 = lab.hosts["h1"], lab.hosts["h2"]
@@ -382,6 +470,48 @@ def test_rpc_wants_the_password_and_is_only_on_loopback(lab):
     for where in (lambda fn: fn(), h2.runner):
         with pytest.raises(requests.ConnectionError):
             where(lambda: requests.get(remote, timeout=5, auth=("dcdeploy", password)))
+
+
+def check_ltdaemon_control_is_local_only(lab):
+    """libtorrent: a unix socket only the daemon's user (or root) may open, requests
+    checked, downloads only under the data roots, and no TCP listener but the peer port."""
+    h1 = lab.hosts["h1"]
+    sock = Path(h1.info["control"])
+    assert (sock.stat().st_mode & 0o777) == 0o600
+    assert (sock.parent.stat().st_mode & 0o777) == 0o700
+    # Another local user cannot even connect.
+    probe = subprocess.run(  # Debian's python: nobody may not run the venv's under /root
+        ["/usr/bin/python3", "-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); "
+         f"s.connect({str(sock)!r})"], preexec_fn=lambda: os.setuid(65534),
+        capture_output=True, text=True, timeout=30)
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe
+    # A download directory outside the data roots is refused, also through a symlink.
+    staged = stage(make_artifact(lab, "rel-12.bin", 64 * 1024))
+    engine = h1.fetcher()
+    with pytest.raises(DownloadError, match="outside the data roots"):
+        engine.add(staged.metainfo, download_dir=Path("/etc"))
+    escape = h1.releases / "escape"
+    escape.symlink_to("/etc")
+    try:
+        with pytest.raises(DownloadError, match="outside the data roots"):
+            engine.add(staged.metainfo, download_dir=escape)
+    finally:
+        escape.unlink()
+    assert engine.state(staged.infohash) is None
+    # Requests outside the fixed set are refused, the daemon keeps serving.
+    with pytest.raises(DownloadError, match="unknown op"):
+        engine._call("session_set", infohash=staged.infohash)
+    with pytest.raises(DownloadError, match="infohash"):
+        engine._call("state", infohash="../../etc")
+    assert engine.ping()["pid"] == h1.info["daemon_pid"]
+    # The daemon listens on TCP only on its peer port: h1's data address for peers, and
+    # loopback, from where it announces to the tracker on loopback.
+    listening = subprocess.run([*h1.ns.exec_args("ss", "-Hltnp")], capture_output=True,
+                               text=True, check=True).stdout
+    mine = [line.split()[3] for line in listening.splitlines()
+            if f"pid={h1.info['daemon_pid']}," in line]
+    mine = [addr.split("%")[0] + ":" + addr.rsplit(":", 1)[1] for addr in mine]  # ss: ADDR%IF:PORT
+    assert sorted(mine) == sorted([f"{h1.address}:51413", "127.0.0.1:51413"]), listening
 
 
 def test_tracker_of_a_real_host_refuses_an_unstaged_infohash(lab):

@@ -1,9 +1,12 @@
 """This host's side of peer-to-peer distribution (docs/design.md §2, docs/distribution.md).
 
-Enabled by ``transmission_rpc`` in ``[agent]``. The agent then serves the tracker on
-loopback (peers registered in ``/dc/peers/<infohash>/<host>``, same rack first), fetches
-staged releases that carry a torrent through the local transmission-daemon, verifies the
-whole-file sha256 after Transmission's piece checks, installs them like an HTTP download,
+Enabled by ``transmission_rpc`` in ``[agent]`` (the Transmission engine, the default) or by
+``swarm_engine = libtorrent`` (the libtorrent engine: this host's ``ltdaemon`` program, reached
+over its unix socket ``ltdaemon_socket``, default ``<root>/ltdaemon/control.sock``). The agent
+then serves the tracker on loopback (peers registered in ``/dc/peers/<infohash>/<host>``,
+same rack first), fetches staged releases that carry a torrent through the engine
+(:class:`~..p2p.engine.Engine`), verifies the whole-file sha256 after the engine's piece
+checks, installs them like an HTTP download,
 keeps seeding until the deploy of that version is done plus ``seed_grace`` seconds, and
 removes superseded torrents. Optional page-cache warming (``preload`` in the service spec)
 runs after verification, because Transmission's verify evicts the pages.
@@ -88,18 +91,37 @@ def fetch_transport(staged: StagedRelease, hosts: int, link_bps: float,
     return choose_transport(staged.size, hosts, link_bps, has_urls=True)
 
 
+def make_engine(cfg: AgentConfig) -> Any:
+    """The :class:`~..p2p.engine.Engine` agent.conf asks for; :class:`ConfigError` naming the
+    key for a bad engine name or a non-loopback Transmission RPC."""
+    download_dir = Path(cfg.extra.get("swarm_dir", str(cfg.root / "downloads")))
+    kind = cfg.extra.get("swarm_engine", "").strip() or "transmission"
+    if kind == "libtorrent":
+        from ..p2p.ltengine import LtEngine
+        return LtEngine(Path(cfg.extra.get("ltdaemon_socket",
+                                           str(cfg.root / "ltdaemon" / "control.sock"))),
+                        download_dir)
+    if kind != "transmission":
+        raise ConfigError(f"[agent] swarm_engine: {kind!r} is not an engine "
+                          "(transmission or libtorrent)")
+    from ..p2p.daemon import SECRET_FILE, check_loopback
+    from ..p2p.swarm import SwarmFetcher
+    rpc = cfg.extra.get("transmission_rpc", "")
+    try:
+        check_loopback("transmission_rpc host", urlsplit(rpc).hostname or "")
+    except ValueError as exc:
+        raise ConfigError(f"[agent] {exc}") from None
+    secret = Path(cfg.extra.get("transmission_secret",
+                                str(cfg.root / "transmission" / SECRET_FILE)))
+    return SwarmFetcher(rpc, download_dir, secret_file=secret)
+
+
 class Distribution:
     def __init__(self, cfg: AgentConfig, store: Store) -> None:
-        from ..p2p.daemon import SECRET_FILE, check_loopback
         from ..p2p.swarm import Kicker, SwarmFetcher
-        from ..p2p.tracker import Tracker
-        rpc = cfg.extra["transmission_rpc"]
-        try:
-            check_loopback("transmission_rpc host", urlsplit(rpc).hostname or "")
-        except ValueError as exc:
-            raise ConfigError(f"[agent] {exc}") from None
-        secret = Path(cfg.extra.get("transmission_secret",
-                                    str(cfg.root / "transmission" / SECRET_FILE)))
+        from ..p2p.tracker import Tracker, intro_window
+        self.fetcher = make_engine(cfg)
+        rpc = cfg.extra.get("transmission_rpc", "")
         self.address = cfg.extra.get("address") or urlsplit(rpc).hostname or "127.0.0.1"
         self.seed_grace = float(cfg.extra.get("seed_grace", "60"))
         self.mlock_cap = int(cfg.extra.get("mlock_cap", "0"))
@@ -107,22 +129,24 @@ class Distribution:
         self.stall_secs = float(cfg.extra.get("swarm_stall_secs", "120")) or None
         self.active = False
         self.limits = Limits.from_config(cfg.extra)
-        self.fetcher = SwarmFetcher(rpc, Path(cfg.extra.get("swarm_dir",
-                                                            str(cfg.root / "downloads"))),
-                                    secret_file=secret)
         self.tracker = Tracker(store, cfg.host, self.address, cfg.rack,
                                port=int(cfg.extra.get("tracker_port", "6969")),
-                               active=lambda: self.active)
+                               active=lambda: self.active,
+                               intro_window=intro_window(self.fetcher.name))
         # While this host seeds, peers asking it for data must not wait up to 10 s for the
         # daemon's choke pass (docs/distribution.md, "The first ~10 s").
+        # (Transmission only: libtorrent's choke pass runs every 5 s by its own settings.)
         kick_secs = float(cfg.extra.get("kick_secs", "1"))
-        self.kicker = Kicker(self.fetcher, kick_secs) if kick_secs > 0 else None
+        self.kicker = Kicker(self.fetcher, kick_secs) \
+            if kick_secs > 0 and isinstance(self.fetcher, SwarmFetcher) else None
         self._released_at: dict[str, float] = {}  # infohash -> when its deploy was done
         self._last_prune = 0.0
 
     @staticmethod
     def enabled(cfg: AgentConfig) -> bool:
-        return bool(cfg.extra.get("transmission_rpc"))
+        # Any swarm_engine turns it on, so that a misspelt one fails at start (make_engine).
+        return bool(cfg.extra.get("transmission_rpc")) or \
+            bool(cfg.extra.get("swarm_engine", "").strip())
 
     def start(self) -> None:
         self.tracker.start()
@@ -137,7 +161,8 @@ class Distribution:
 
     def status(self) -> dict[str, Any]:
         """For ``status.json``: where peers reach us and what the kicker did."""
-        return {"address": self.address, "tracker_port": self.tracker.port,
+        return {"engine": self.fetcher.name, "address": self.address,
+                "tracker_port": self.tracker.port,
                 "kicker_running": bool(self.kicker and self.kicker.running),
                 "kicks": self.kicker.kicks if self.kicker else 0}
 

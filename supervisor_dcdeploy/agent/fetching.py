@@ -144,7 +144,8 @@ class FetchManager:
                                 limits=Limits.from_config(self.cfg.extra), progress=progress)
             elif transport == "http":
                 raise DownloadError("the staged release has only a torrent and this host has "
-                                    "no transmission_rpc in its agent.conf")
+                                    "no swarm engine in its agent.conf (transmission_rpc or "
+                                    "swarm_engine = libtorrent)")
             if preload:
                 from ..p2p.warm import warm
                 result = warm(rd.path(staged.version),

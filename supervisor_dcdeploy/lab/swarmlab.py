@@ -29,6 +29,8 @@ import structlog
 from . import netns
 from ..store import NodeExists, Store, layout, open_store
 from .zkserver import ZooKeeperServer
+from ..p2p.engine import Engine
+from ..p2p.ltengine import LtEngine
 from ..p2p.seed import SeedConfig, secret_file, start as start_node, status as node_status
 from ..p2p.swarm import SwarmFetcher
 
@@ -99,7 +101,16 @@ class LabHost:
     def secret_file(self) -> Path:
         return secret_file(self.dir)
 
-    def fetcher(self, download_dir: Path | None = None) -> SwarmFetcher:
+    @property
+    def engine(self) -> str:
+        return self.info.get("engine", "transmission")
+
+    def fetcher(self, download_dir: Path | None = None) -> Engine:
+        """This host's engine client (libtorrent: its daemon's unix socket, which a path
+        reaches from any namespace; Transmission: the RPC on the namespace's loopback)."""
+        if self.engine == "libtorrent":
+            return LtEngine(Path(self.info["control"]), download_dir or self.releases,
+                            poll=0.25)
         return SwarmFetcher(self.rpc_url, download_dir or self.releases, poll=0.25,
                             secret_file=self.secret_file, runner=self.runner)
 
@@ -118,12 +129,15 @@ class LabHost:
 class SwarmLab:
     def __init__(self, workdir: Path, *, prefix: str = "dcdp", subnet: str = "10.214.0.0/16",
                  root: str = "/dcdp", tuning: dict | None = None,
-                 host_tuning: dict[str, dict] | None = None) -> None:
+                 host_tuning: dict[str, dict] | None = None,
+                 engine: str = "transmission", data_roots: tuple[str, ...] = ()) -> None:
         self.workdir = Path(workdir)
         self.net = netns.Network(prefix=prefix, subnet=subnet)
         self.root = root
         self.tuning = tuning
         self.host_tuning = host_tuning or {}
+        self.engine = engine
+        self.data_roots = data_roots
         self.zk: ZooKeeperServer | None = None
         self.hosts: dict[str, LabHost] = {}
         self.store: Store | None = None
@@ -156,6 +170,7 @@ class SwarmLab:
     def config(self, host: LabHost) -> SeedConfig:
         return SeedConfig(dir=host.dir, store_url=self.store_url, host=host.name,
                           address=host.address, rack=host.rack, tracker_bind="0.0.0.0",
+                          engine=self.engine, data_roots=self.data_roots,
                           tuning={**(self.tuning or {}), **self.host_tuning.get(host.name, {})}
                           or None)
 

@@ -1,4 +1,8 @@
-"""One host's swarm runtime in one process: transmission-daemon (child) + tracker (thread).
+"""One host's swarm runtime in one process: the engine's daemon (child) + tracker (thread).
+
+``--engine transmission`` (default) runs transmission-daemon; ``--engine libtorrent`` runs
+``python -m supervisor_dcdeploy.p2p.ltdaemon`` (its state, control socket and the
+releases it seeds under ``ltdaemon/`` and ``releases/``).
 
 The agent does not use this (it runs the daemon as a supervisord program and the tracker in
 its own process). This is what ``dcdeploy seed start`` runs on the build host, and what the
@@ -38,9 +42,11 @@ import structlog
 from ..files import atomic_write
 from ..store import StoreError, open_store
 from .daemon import DaemonProcess, check_loopback, write_settings
+from .engine import Engine
 from .errors import FetchError
+from .ltengine import LtDaemonProcess, LtEngine
 from .swarm import Kicker, SwarmFetcher
-from .tracker import Tracker
+from .tracker import Tracker, intro_window
 
 log = structlog.get_logger("dcdeploy.p2p.node")
 
@@ -100,35 +106,57 @@ class Node:
         self.args = args
         self.dir = Path(args.dir).resolve()
         self.rpc_address = check_loopback("--rpc-bind", args.rpc_bind)
-        self.daemon = DaemonProcess(self.dir / "transmission", self.rpc_address, args.rpc_port)
+        self.engine = args.engine
+        self.daemon: DaemonProcess | LtDaemonProcess
+        if self.engine == "libtorrent":
+            tuning = json.loads(args.tuning) if args.tuning else {}
+            roots = [self.dir / "releases", *(Path(r) for r in args.data_root)]
+            self.daemon = LtDaemonProcess(self.dir / "ltdaemon", roots, args.address,
+                                          args.peer_port, tuning)
+        else:
+            self.daemon = DaemonProcess(self.dir / "transmission", self.rpc_address,
+                                        args.rpc_port)
         self.store = open_store(args.store, session_timeout=args.session_timeout)
         self.tracker: Tracker | None = None
         self.stopping = threading.Event()
 
     def run(self) -> int:
         tuning = json.loads(self.args.tuning) if self.args.tuning else {}
-        write_settings(self.daemon.config_dir, download_dir=self.dir / "releases",
-                       rpc_bind=self.rpc_address, rpc_port=self.args.rpc_port,
-                       peer_port=self.args.peer_port, bind_address=self.args.address, **tuning)
+        if isinstance(self.daemon, DaemonProcess):
+            write_settings(self.daemon.config_dir, download_dir=self.dir / "releases",
+                           rpc_bind=self.rpc_address, rpc_port=self.args.rpc_port,
+                           peer_port=self.args.peer_port, bind_address=self.args.address,
+                           **tuning)
         (self.dir / "node.pid").write_text(f"{os.getpid()}\n")
         self.store.start(timeout=30)
         self.tracker = Tracker(self.store, self.args.host, self.args.address, self.args.rack,
                                port=self.args.tracker_port, bind=self.args.tracker_bind,
                                active=lambda: self.args.active,
                                interval_active=self.args.interval,
-                               local_torrents=lambda: seeded_infohashes(self.dir))
+                               local_torrents=lambda: seeded_infohashes(self.dir),
+                               intro_window=intro_window(self.engine))
         self.tracker.start()
         self.daemon.start()
-        fetcher = SwarmFetcher(self.daemon.url, self.dir / "releases",
-                               secret_file=self.daemon.secret_path)
+        fetcher: Engine
+        if isinstance(self.daemon, LtDaemonProcess):
+            fetcher = LtEngine(self.daemon.control, self.dir / "releases")
+            secret = ""
+        else:
+            fetcher = SwarmFetcher(self.daemon.url, self.dir / "releases",
+                                   secret_file=self.daemon.secret_path)
+            secret = str(self.daemon.secret_path)
         self._ensure_seeds(fetcher)
-        kicker = Kicker(fetcher, self.args.kick) if self.args.kick > 0 else None
+        # Only Transmission waits on a 10 s choke pass (libtorrent's is every 5 s, settable).
+        kicker = Kicker(fetcher, self.args.kick) \
+            if self.args.kick > 0 and isinstance(fetcher, SwarmFetcher) else None
         if kicker:
             kicker.start()
         info = {"pid": os.getpid(), "daemon_pid": self.daemon.proc.pid if self.daemon.proc
-                else None, "rpc_url": self.daemon.url, "rpc_secret": str(self.daemon.secret_path),
-                "tracker_port": self.tracker.port,
+                else None, "engine": self.engine, "rpc_url": self.daemon.url,
+                "rpc_secret": secret, "tracker_port": self.tracker.port,
                 "address": self.args.address, "host": self.args.host}
+        if isinstance(self.daemon, LtDaemonProcess):
+            info["control"] = str(self.daemon.control)
         atomic_write(self.dir / "node.json", json.dumps(info).encode())
         log.info("node.ready", **info)
         last_check = time.monotonic()
@@ -151,10 +179,10 @@ class Node:
             kicker.stop()
         return 0
 
-    def _ensure_seeds(self, fetcher: SwarmFetcher) -> None:
+    def _ensure_seeds(self, fetcher: Engine) -> None:
         for entry in load_seeds(self.dir):
             try:
-                fetcher.ensure_seeding(entry.metainfo, entry.data_dir)
+                fetcher.ensure_seeding(entry.metainfo, entry.data_dir, origin=True)
             except FetchError as exc:
                 log.error("node.seed_failed", infohash=entry.infohash, error=str(exc))
 
@@ -174,11 +202,15 @@ class Node:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m supervisor_dcdeploy.p2p.node",
-                                description="transmission-daemon + store-backed tracker")
+                                description="BitTorrent daemon + store-backed tracker")
     p.add_argument("--store", required=True, help="zk://HOST:PORT/ROOT")
     p.add_argument("--host", required=True, help="this host's name in the store")
     p.add_argument("--address", required=True, help="address peers dial (data network)")
     p.add_argument("--rack", default="")
+    p.add_argument("--engine", choices=["transmission", "libtorrent"], default="transmission")
+    p.add_argument("--data-root", action="append", default=[],
+                   help="libtorrent: another directory releases may be saved in (repeatable; "
+                        "<dir>/releases always is)")
     p.add_argument("--dir", required=True, help="state directory")
     p.add_argument("--rpc-bind", default="127.0.0.1",
                    help="RPC bind address: a loopback address (the RPC is never on the network)")
@@ -193,7 +225,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--seed-check", action="store_true", help="re-check seeds every 30 s")
     p.add_argument("--kick", type=float, default=1.0,
                    help="seconds between rechoke kicks (0: off; see docs/distribution.md)")
-    p.add_argument("--tuning", default="", help="JSON object of extra settings.json keys")
+    p.add_argument("--tuning", default="",
+                   help="JSON object of extra settings (settings.json keys for Transmission, "
+                        "settings_pack names for libtorrent)")
     return p
 
 

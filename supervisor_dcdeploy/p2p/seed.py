@@ -24,6 +24,8 @@ from typing import Any, Callable, Sequence
 import structlog
 
 from .daemon import SECRET_FILE
+from .engine import Engine
+from .ltengine import LtEngine
 from .node import SeedEntry, forget_seed, record_seed
 from .swarm import SwarmFetcher
 from .torrent import DEFAULT_ANNOUNCE, artifact_sha256, artifact_size, make_torrent
@@ -77,13 +79,18 @@ class SeedConfig:
     tracker_bind: str = "127.0.0.1"
     rpc_bind: str = "127.0.0.1"  # loopback only: the node refuses anything else
     tuning: dict | None = None
+    engine: str = "transmission"  # or "libtorrent" (docs/distribution.md, "Engines")
+    data_roots: tuple[str, ...] = ()  # libtorrent: where else it may save (besides releases/)
 
     def command(self) -> list[str]:
         cmd = [sys.executable, "-m", "supervisor_dcdeploy.p2p.node", "--store", self.store_url,
                "--host", self.host, "--address", self.address, "--rack", self.rack,
                "--dir", str(self.dir), "--rpc-port", str(self.rpc_port),
                "--peer-port", str(self.peer_port), "--tracker-port", str(self.tracker_port),
-               "--tracker-bind", self.tracker_bind, "--seed-check", "--rpc-bind", self.rpc_bind]
+               "--tracker-bind", self.tracker_bind, "--seed-check", "--rpc-bind", self.rpc_bind,
+               "--engine", self.engine]
+        for root in self.data_roots:
+            cmd += ["--data-root", str(root)]
         if self.tuning:
             cmd += ["--tuning", json.dumps(self.tuning)]
         return cmd
@@ -167,21 +174,62 @@ def secret_file(node_dir: Path) -> Path:
     return Path(node_dir) / "transmission" / SECRET_FILE
 
 
+def node_engine(node_dir: Path, rpc_url: str = "", *,
+                runner: Callable[[Callable[[], Any]], Any] | None = None,
+                download_dir: Path | None = None) -> Engine:
+    """The engine of the seeder running in ``node_dir`` (its ``node.json`` says which): the
+    libtorrent engine over its control socket, else Transmission at ``rpc_url`` (default:
+    the one ``node.json`` names) with the node's password file."""
+    info = status(node_dir) or {}
+    where = download_dir or Path(node_dir) / "releases"
+    if info.get("engine") == "libtorrent":
+        return LtEngine(Path(info["control"]), where)
+    return SwarmFetcher(rpc_url or info["rpc_url"], where, secret_file=secret_file(node_dir),
+                        runner=runner)
+
+
+def _seed_data_dir(node_dir: Path, staged: Staged, engine: Engine) -> Path:
+    """Where the seed's data is read from. Transmission: the file's own directory. The
+    libtorrent daemon saves only under its data root (``<node_dir>/releases``), so the
+    artifact is hard-linked (copied across file systems) to ``releases/<infohash>/``."""
+    if not isinstance(engine, LtEngine):
+        return staged.path.parent
+    import shutil
+    where = Path(node_dir).resolve() / "releases" / staged.infohash
+    where.mkdir(parents=True, exist_ok=True)
+    dest = where / staged.path.name
+    if dest.exists():
+        return where
+
+    def link(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+    if staged.path.is_dir():
+        shutil.copytree(staged.path, dest, copy_function=link, symlinks=True)
+    else:
+        link(str(staged.path), str(dest))
+    return where
+
+
 def add_seed(node_dir: Path, rpc_url: str, staged: Staged, *, wait: float = 600.0,
              runner: Callable[[Callable[[], Any]], Any] | None = None) -> str:
     """Seed ``staged`` from its original location: recorded under ``node_dir/seeds`` (re-added
     after daemon restarts; the node's tracker answers for it from then on), added to the
-    daemon with the file's directory as download dir, and waited for until the daemon has
-    checked the data and is seeding. Returns the infohash. Raises
-    :class:`~.errors.DownloadError` when the daemon does not get there. The RPC is on the
-    seeder's loopback: call this on the build host (``runner``: see :class:`SwarmFetcher`)."""
-    entry = SeedEntry(staged.infohash, staged.metainfo, staged.path.parent)
+    daemon as the release's origin (super-seeding with libtorrent), and waited for until
+    the daemon has checked the data and is seeding. Returns the infohash. Raises
+    :class:`~.errors.DownloadError` when the daemon does not get there. The daemon's
+    control is on the seeder's host: call this on the build host (``runner``: see
+    :class:`SwarmFetcher`)."""
+    engine = node_engine(node_dir, rpc_url, runner=runner, download_dir=staged.path.parent)
+    data_dir = _seed_data_dir(node_dir, staged, engine)
+    entry = SeedEntry(staged.infohash, staged.metainfo, data_dir)
     record_seed(node_dir, entry)
-    fetcher = SwarmFetcher(rpc_url, staged.path.parent, secret_file=secret_file(node_dir),
-                           runner=runner)
-    fetcher.ensure_seeding(staged.metainfo, staged.path.parent)
-    fetcher.wait_seeding(staged.infohash, timeout=wait)
-    log.info("seed.seeding", infohash=staged.infohash, path=str(staged.path))
+    engine.ensure_seeding(staged.metainfo, data_dir, origin=True)
+    engine.wait_seeding(staged.infohash, timeout=wait)
+    log.info("seed.seeding", infohash=staged.infohash, path=str(staged.path),
+             engine=engine.name)
     return staged.infohash
 
 
@@ -189,5 +237,4 @@ def remove_seed(node_dir: Path, rpc_url: str, infohash: str, *,
                 runner: Callable[[Callable[[], Any]], Any] | None = None) -> None:
     """Stop seeding (the original file is kept)."""
     forget_seed(node_dir, infohash)
-    SwarmFetcher(rpc_url, Path(node_dir), secret_file=secret_file(node_dir),
-                 runner=runner).remove(infohash, delete_data=False)
+    node_engine(node_dir, rpc_url, runner=runner).remove(infohash, delete_data=False)

@@ -293,6 +293,15 @@ def order_peers(self_host: str, self_rack: str, peers: Iterable[PeerInfo],
     return answer
 
 
+def intro_window(engine: str) -> float:
+    """The seeders-first window for the hosts' engine. Pure. Transmission: :data:`INTRO_WINDOW`
+    (its HAVE batching, see :func:`seeders_first`). libtorrent sends HAVEs at once, and the
+    origin super-seeds: it hands a new piece to a host only once it has seen the previous
+    one on another host, so hosts that cannot see each other stall (measured: nothing for
+    ~10 s on 2 hosts). 0: everyone learns of everyone at once."""
+    return 0.0 if engine == "libtorrent" else INTRO_WINDOW
+
+
 def seeders_first(ann: Announce, peers: list[PeerInfo], waited: float,
                   window: float) -> list[PeerInfo]:
     """The peers an announcing host should learn about now. Pure.

@@ -65,6 +65,7 @@ class BedConfig:
     base: Path = DEFAULT_BASE
     session_timeout: float = 4.0
     transmission: bool = True
+    swarm_engine: str = "transmission"  # or "libtorrent" (the ltdaemon program)
     disk_host: str | None = "h1"  # this host's root is a small tmpfs (the disk-full fault)
     disk_mb: int = 48
     initial_version: str = "1"
@@ -189,7 +190,8 @@ class Testbed:
                 *[f"{s.name}={s.port}" for s in self.config.services]]
         env = {**os.environ, "DCDT_PYTHON": sys.executable,
                "DCDT_FILE_ROOT": str(self.artifacts),
-               "DCDT_TRANSMISSION": "1" if self.config.transmission else "0"}
+               "DCDT_TRANSMISSION": "1" if self.config.transmission else "0",
+               "DCDT_ENGINE": self.config.swarm_engine}
         subprocess.run(["sh", *args], check=True, capture_output=True, env=env)
         layout = self._layout(name, rack, nh.addr, root)
         host = Host(name, nh.ns, nh.addr, nh.veth, layout)

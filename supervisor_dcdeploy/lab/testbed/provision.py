@@ -3,7 +3,8 @@ namespace testbed and the Vagrant VMs (``provision/host.sh`` and ``provision/zk.
 this module, so CI exercises exactly what a VM would run).
 
 ``python -m supervisor_dcdeploy.lab.testbed.provision host --name h1 --rack r1 --address ADDR
---root DIR --store zk://.../dc --service a=8001 [--service b=8002] [--transmission]``
+--root DIR --store zk://.../dc --service a=8001 [--service b=8002] [--transmission
+[--engine libtorrent]]``
 ``python -m supervisor_dcdeploy.lab.testbed.provision zk --id 1 --address ADDR --data-dir DIR
 --peer 1=ADDR --peer 2=ADDR --peer 3=ADDR``
 """
@@ -46,6 +47,26 @@ redirect_stderr = true
 """
 
 
+def ltdaemon_program(root: Path, address: str, python: str) -> str:
+    """The supervisord section running this host's libtorrent daemon (``conf/ltdaemon.conf.example``):
+    state and control socket under ``root/ltdaemon``, releases only in ``root/downloads``
+    (the agent's default ``swarm_dir``), peers on the host's own address."""
+    from ...p2p.ltengine import daemon_command
+    cmd = " ".join(daemon_command(root / "ltdaemon", [root / "downloads"], address,
+                                  TRANSMISSION_PEER_PORT, python=python))
+    return f"""
+[program:ltdaemon]
+command = {cmd}
+autostart = true
+autorestart = true
+startsecs = 1
+stopasgroup = true
+killasgroup = true
+stdout_logfile = {root}/logs/ltdaemon.log
+redirect_stderr = true
+"""
+
+
 def host_layout(args: argparse.Namespace) -> HostLayout:
     services = {}
     for item in args.service:
@@ -58,7 +79,12 @@ def host_layout(args: argparse.Namespace) -> HostLayout:
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     programs = ""
-    if args.transmission and shutil.which("transmission-daemon"):
+    if args.transmission and getattr(args, "engine", "transmission") == "libtorrent":
+        programs = ltdaemon_program(root, args.address, args.python)
+        extra["swarm_engine"] = "libtorrent"
+        extra["ltdaemon_socket"] = str(root / "ltdaemon" / "control.sock")
+        extra["address"] = args.address
+    elif args.transmission and shutil.which("transmission-daemon"):
         programs = transmission_program(root, args.address)
         extra["transmission_rpc"] = f"http://127.0.0.1:{TRANSMISSION_RPC_PORT}/transmission/rpc"
         extra["address"] = args.address  # what peers dial
@@ -84,7 +110,10 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--poll-interval", type=float, default=1.0)
     host.add_argument("--file-root", default="",
                       help="the directory file:// release URLs may read (default: none)")
-    host.add_argument("--transmission", action="store_true")
+    host.add_argument("--transmission", action="store_true",
+                      help="run a BitTorrent engine (the agent's swarm)")
+    host.add_argument("--engine", choices=["transmission", "libtorrent"],
+                      default="transmission", help="which engine --transmission runs")
     zk = sub.add_parser("zk")
     zk.add_argument("--id", type=int, required=True)
     zk.add_argument("--address", required=True)

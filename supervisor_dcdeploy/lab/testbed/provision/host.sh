@@ -6,6 +6,7 @@
 #        DCDT_PYTHON     the Python with supervisor_dcdeploy importable (default python3)
 #        DCDT_SRC        the project source (VMs: /vagrant)
 #        DCDT_TRANSMISSION=0  no transmission-daemon program
+#        DCDT_ENGINE=libtorrent  the libtorrent daemon instead of transmission-daemon
 #        DCDT_FILE_ROOT  the directory file:// release URLs may read (default: none)
 set -eu
 name=$1 rack=$2 address=$3 root=$4 store=$5
@@ -20,7 +21,7 @@ if [ "${DCDT_INSTALL:-0}" = 1 ]; then
     /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
     py=/opt/dcdeploy/bin/python
 fi
-tm=--transmission
+tm="--transmission --engine ${DCDT_ENGINE:-transmission}"
 [ "${DCDT_TRANSMISSION:-1}" = 1 ] || tm=""
 services=""
 for svc in "$@"; do services="$services --service $svc"; done

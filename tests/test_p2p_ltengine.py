@@ -1,0 +1,138 @@
+"""The libtorrent engine's daemon and client on this host's loopback (no namespaces): the
+control socket's rules, seeding from data on disk, the records that survive a restart, and
+the settings it runs with. The swarm itself (several hosts) is in test_p2p_swarm.py, run
+against both engines."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from supervisor_dcdeploy.p2p.engine import Engine
+from supervisor_dcdeploy.p2p.errors import DownloadError
+from supervisor_dcdeploy.p2p.ltdaemon import LT_SETTINGS, inside, settings
+from supervisor_dcdeploy.p2p.ltengine import LtDaemonProcess, LtEngine
+from supervisor_dcdeploy.p2p.seed import stage
+from supervisor_dcdeploy.p2p.swarm import SwarmFetcher
+
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    proc = LtDaemonProcess(tmp_path / "state", [tmp_path / "releases"], "127.0.0.1",
+                           free_port())
+    proc.start(wait=30)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def test_both_engines_implement_the_interface():
+    assert issubclass(LtEngine, Engine) and issubclass(SwarmFetcher, Engine)
+    assert not LtEngine.__abstractmethods__ and not SwarmFetcher.__abstractmethods__
+
+
+def test_settings_close_the_swarm_and_keep_the_tuning():
+    s = settings("10.0.0.5", 51413, {"unchoke_slots_limit": 4})
+    # Peers on the data address; announces to the loopback tracker from 127.0.0.1 only.
+    assert s["listen_interfaces"] == "10.0.0.5:51413l,127.0.0.1:51413"
+    assert settings("127.0.0.1", 7, {})["listen_interfaces"] == "127.0.0.1:7"
+    assert not any(s[k] for k in ("enable_dht", "enable_lsd", "enable_upnp", "enable_natpmp",
+                                  "enable_outgoing_utp", "enable_incoming_utp"))
+    assert s["unchoke_slots_limit"] == 4 and LT_SETTINGS["unchoke_slots_limit"] == 8
+    assert s["min_announce_interval"] <= 5  # our tracker's active interval is honoured
+    with pytest.raises(ValueError, match="listen_interfaces"):
+        settings("10.0.0.5", 51413, {"listen_interfaces": "0.0.0.0:1"})
+
+
+def test_inside_follows_symlinks(tmp_path):
+    root = tmp_path / "releases"
+    (root / "a").mkdir(parents=True)
+    (root / "out").symlink_to("/etc")
+    assert inside(root / "a", [root]) and inside(root, [root])
+    assert not inside(root / "out", [root]) and not inside(tmp_path, [root])
+    assert not inside(root / ".." / "x", [root])
+
+
+def test_seeds_from_disk_refuses_outside_paths_and_survives_a_restart(tmp_path, daemon):
+    rel = tmp_path / "releases"
+    art = rel / "a.bin"
+    art.write_bytes(os.urandom(3 * 1024 * 1024 + 17))
+    staged = stage(art)
+    engine = LtEngine(daemon.control, rel, poll=0.1)
+    # The socket: 0600 in a 0700 directory.
+    assert (daemon.control.stat().st_mode & 0o777) == 0o600
+    assert (daemon.control.parent.stat().st_mode & 0o777) == 0o700
+    with pytest.raises(DownloadError, match="outside the data roots"):
+        engine.add(staged.metainfo, download_dir=tmp_path)
+    with pytest.raises(DownloadError, match="unknown op"):
+        engine._call("set_settings", infohash="0" * 40)
+    with pytest.raises(DownloadError, match="metainfo"):
+        engine._call("add", metainfo="bm90IGEgdG9ycmVudA==", save_path=str(rel))
+    # Seeding the origin's copy: the daemon checks the pieces, nothing is downloaded.
+    engine.ensure_seeding(staged.metainfo, rel, origin=True)
+    st = engine.wait_seeding(staged.infohash, timeout=30)
+    assert st.done_bytes == st.total_bytes == staged.size and st.error == 0
+    assert engine.fetch(staged.metainfo_b64, staged.sha256, timeout=30) == art
+    # A restarted daemon adds its recorded torrents back and checks them again.
+    old_pid = daemon.proc.pid
+    daemon.kill()
+    daemon.start(wait=30)
+    assert daemon.proc.pid != old_pid
+    assert engine.wait_seeding(staged.infohash, timeout=30).done_bytes == staged.size
+    # Stop seeding and delete: gone from the daemon, its records and the disk.
+    assert engine.prune(set()) == [staged.infohash]
+    assert engine.state(staged.infohash) is None and not art.exists()
+    assert not list((daemon.state_dir / "torrents").glob("*.json"))
+
+
+def test_an_unreachable_daemon_is_a_clear_download_error(tmp_path):
+    engine = LtEngine(tmp_path / "nothing.sock", tmp_path, rpc_retry_secs=0.5)
+    with pytest.raises(DownloadError, match="ltdaemon at .* unreachable"):
+        engine.state("0" * 40)
+
+
+def test_another_user_cannot_connect(tmp_path, daemon):
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a probe as another user")
+    probe = subprocess.run(
+        ["/usr/bin/python3", "-c", "import socket; s=socket.socket(socket.AF_UNIX); "
+         f"s.connect({str(daemon.control)!r})"], preexec_fn=lambda: os.setuid(65534),
+        capture_output=True, text=True, timeout=30)
+    assert probe.returncode != 0 and "PermissionError" in probe.stderr, probe
+
+
+def test_the_agent_picks_its_engine_from_agent_conf(tmp_path):
+    from supervisor_dcdeploy.agent.config import ConfigError, load
+    from supervisor_dcdeploy.agent.distribution import Distribution, make_engine
+
+    cfg = tmp_path / "agent.conf"
+    base = "[agent]\nstore = zk://z/dc\nroot = /x\ninsecure_unsigned = true\n"
+    cfg.write_text(base + "swarm_engine = libtorrent\naddress = 10.0.0.5\n[service:api]\n")
+    conf = load(cfg)
+    assert Distribution.enabled(conf)
+    engine = make_engine(conf)
+    assert isinstance(engine, LtEngine) and engine.name == "libtorrent"
+    assert engine.control == Path("/x/ltdaemon/control.sock")
+    assert engine.download_dir == Path("/x/downloads")
+    cfg.write_text(base + "transmission_rpc = http://127.0.0.1:9091/transmission/rpc\n"
+                   "[service:api]\n")
+    assert isinstance(make_engine(load(cfg)), SwarmFetcher)
+    cfg.write_text(base + "swarm_engine = rtorrent\n[service:api]\n")
+    conf = load(cfg)
+    assert Distribution.enabled(conf)  # so that the agent's start fails, naming the key
+    with pytest.raises(ConfigError, match="swarm_engine: 'rtorrent' is not an engine"):
+        make_engine(conf)
+    cfg.write_text(base + "[service:api]\n")
+    assert not Distribution.enabled(load(cfg))
