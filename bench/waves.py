@@ -44,6 +44,7 @@ import math
 import os
 import shutil
 import statistics
+import struct
 import sys
 import tempfile
 import time
@@ -225,6 +226,100 @@ def breakdown(run: dict, records: dict[str, dict], model: dict, hosts: list[str]
             "items": out}
 
 
+# -- the store's own record: ZooKeeper's transaction log ----------------------------------
+# Every write the agents made, with the server's time (ms), read from the log files in the
+# data directory (the format is ZooKeeper's, big-endian jute: a file header, then per
+# transaction a checksum, a length, the header and the record, and a 0x42). Only the
+# paths are taken: each record of the types below starts with its path.
+TXN_NAMES = {1: "create", 2: "delete", 5: "set", 13: "check", 15: "create", 19: "create",
+             21: "create"}
+TXN_MULTI = 14
+
+
+def _path_of(buf: bytes) -> str:
+    (n,) = struct.unpack_from(">i", buf, 0)
+    return buf[4:4 + n].decode()
+
+
+def zk_txns(data_dir: Path) -> list[tuple[float, list[tuple[str, str]]]]:
+    """[(server time in seconds, [(op, path), ...])] for every write, in order."""
+    out = []
+    files = sorted((data_dir / "version-2").glob("log.*"), key=lambda f: int(f.suffix[1:], 16))
+    for f in files:
+        raw = f.read_bytes()
+        pos = 16  # magic, version, dbid
+        while pos + 12 <= len(raw):
+            _, length = struct.unpack_from(">qi", raw, pos)
+            if length <= 0:
+                break
+            body = raw[pos + 12: pos + 12 + length]
+            pos += 12 + length + 1  # the trailing 0x42
+            _, _, _, ms, kind = struct.unpack_from(">qiqqi", body, 0)
+            rec = body[32:]
+            ops = []
+            try:
+                if kind == TXN_MULTI:
+                    (count,) = struct.unpack_from(">i", rec, 0)
+                    at = 4
+                    for _ in range(count):
+                        sub, n = struct.unpack_from(">ii", rec, at)
+                        if sub in TXN_NAMES:
+                            ops.append((TXN_NAMES[sub], _path_of(rec[at + 8: at + 8 + n])))
+                        at += 8 + n
+                elif kind in TXN_NAMES:
+                    ops.append((TXN_NAMES[kind], _path_of(rec)))
+            except (struct.error, UnicodeDecodeError):
+                continue  # a record this reader does not know: its time is all we lose
+            if ops:
+                out.append((ms / 1e3, ops))
+    return out
+
+
+def handoffs(run: dict, records: dict[str, dict], txns: list, root: str) -> dict:
+    """Each handoff between two switches of one item (host A's switch ended, host B's
+    began), cut at the store's record of A's presence coming back (``rejoin``), B's gate
+    commit (``gate``) and B leaving its other ready queues (``make_way``):
+
+    ``after_switch``  A: from healthy to its presence written (local state, the commit)
+    ``to_gate``       from A's presence to B's gate commit (notification, B's cycle, sync)
+    ``make_way``      B: leaving the other queues, one delete each
+    ``to_stop``       B: from there to its switch's start (preparing the symlinks)
+
+    Seconds per item, summed over its handoffs, and the mean over all."""
+    totals: dict[str, dict[str, float]] = {}
+    for item in run["items"]:
+        sw = _switches(records[item.node])
+        svc = item.service
+        parts = {"after_switch": 0.0, "to_gate": 0.0, "make_way": 0.0, "to_stop": 0.0,
+                 "unmatched": 0}
+        for a, b in zip(sw, sw[1:]):
+            if b["start"] < a["end"]:
+                continue  # overlapping switches (max_parallel > 1): no handoff
+            pres = f"{root}/current/{svc}/{a['host']}"
+            back = next((t for t, ops in txns if t >= a["end"] - 0.05 and
+                         ("create", pres) in ops), None)
+            mine = f"{root}/current/{svc}/{b['host']}"
+            gate = next((t for t, ops in txns if a["end"] - 0.05 <= t <= b["start"] + 0.05
+                         and ("delete", mine) in ops), None)
+            if back is None or gate is None:
+                parts["unmatched"] += 1
+                continue
+            prefix = f"{root}/staging/"
+            way = [t for t, ops in txns if gate <= t <= b["start"] + 0.05 and
+                   any(op == "delete" and p.startswith(prefix) and
+                       p.rsplit("/", 1)[1].rpartition("-")[0] == b["host"] for op, p in ops)]
+            left = max(way, default=gate)
+            parts["after_switch"] += back - a["end"]
+            parts["to_gate"] += gate - back
+            parts["make_way"] += left - gate
+            parts["to_stop"] += b["start"] - left
+        totals[svc] = {k: round(v, 3) for k, v in parts.items()}
+    n = sum(max(0, len(_switches(records[i.node])) - 1) for i in run["items"])
+    mean = {k: round(sum(t[k] for t in totals.values()) / max(1, n), 3)
+            for k in ("after_switch", "to_gate", "make_way", "to_stop")}
+    return {"per_item": totals, "mean": mean}
+
+
 def history_records(store, nodes) -> dict[str, dict]:
     records = {r["item"]: r for r in ops.history(store, 200)}
     return {n: records[n] for n in nodes}
@@ -243,6 +338,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-series", action="store_true",
                         help="skip the deploy in series (series_makespan_s: null)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--dump", help="write the history records and the store's writes "
+                                       "of every deploy to this JSON file")
     args = parser.parse_args(argv)
     n = args.hosts
     quorum = args.quorum if args.quorum is not None else n - args.max_parallel
@@ -319,7 +416,17 @@ def main(argv: list[str] | None = None) -> int:
             result["series_per_switch_ratio"] = sbd["per_switch_ratio"]
             result["series_handoff_mean_s"] = round(statistics.fmean(
                 i["handoff_s"] / i["handoffs"] for i in sbd["items"].values() if i["handoffs"]), 3)
+        txns = zk_txns(zk.data_dir)
+        bd["handoff_parts"] = handoffs(run, history_records(store, [i.node for i in run["items"]]),
+                                       txns, store.root)
         result["breakdown"] = bd
+        if args.dump:
+            Path(args.dump).write_text(json.dumps({
+                "result": result, "txns": txns,
+                "runs": {name: {"t0": r["t0"], "done": r["done"],
+                                "records": history_records(store, [i.node for i in r["items"]])}
+                         for name, r in (("warmup", warm), ("waves", run), ("series", series))
+                         if r is not None}}))
         if args.json:
             print(json.dumps(result))
         else:
@@ -334,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"per switch: recorded {bd['switch_mean_s']} s, model "
                   f"{bd['switch_model_s']} s (ratio {bd['per_switch_ratio']})")
             print(f"chain {'<-'.join(bd['chain'])}: {bd['chain_parts']}")
+            print(f"handoff, mean parts: {bd['handoff_parts']['mean']}")
             for svc, row in bd["items"].items():
                 print(f"  {svc}: {row}")
         return 0
