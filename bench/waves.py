@@ -6,9 +6,11 @@
 10 local hosts (real supervisord + agent each, real single-node ZooKeeper), every service on
 every host; services in two chains (x1 <- x2 <- x3, y1 <- y2) plus three independent ones
 (z1, z2, z3). The switch cost is measured first on a program the agents leave alone (stop,
-then start, through supervisord's XML-RPC, as the agent does), then:
+then start, through supervisord's XML-RPC, as the agent does, then the time until the app
+first answers: a switch's ``healthy_secs`` begin only then, docs/design.md §8), then:
 
-    per-service bound = ceil(N / k) * (stop + start + healthy_secs), k = min(max_parallel, N - quorum)
+    per-service bound = ceil(N / k) * (stop + start + ready + healthy_secs),
+                        k = min(max_parallel, N - quorum)
     dag_bound_s       = the longest chain of per-service bounds (here 3 of them)
 
 Then three deploys of every service (items with ``after``, as ``dcdeploy deploy`` writes
@@ -51,12 +53,12 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from rollout import CALIBRATION, add_calibration_program  # noqa: E402
+from rollout import CALIBRATION  # noqa: E402
 
 from supervisor_dcdeploy import ops  # noqa: E402
 from supervisor_dcdeploy.cli import main as cli  # noqa: E402
 from supervisor_dcdeploy.lab.hostenv import host_rpc  # noqa: E402
-from supervisor_dcdeploy.lab.localdc import Cluster, wait_for  # noqa: E402
+from supervisor_dcdeploy.lab.localdc import Cluster, get_version, wait_for  # noqa: E402
 from supervisor_dcdeploy.snapshot import read_queue  # noqa: E402
 from supervisor_dcdeploy.store import open_store  # noqa: E402
 from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port  # noqa: E402
@@ -69,12 +71,29 @@ def load1() -> float:
     return round(os.getloadavg()[0], 2)
 
 
-def calibrate(dc: Cluster, rounds: int = 3) -> tuple[float, float]:
-    """Median seconds of stopProcess(wait) and of startProcess(wait) of the same app (on a
-    program the agent leaves alone), as the agent's switch calls them."""
+def add_calibration(dc: Cluster, svc: str) -> int:
+    """The app of ``svc`` as one more program on h0 that the agent leaves alone (it would
+    restart a stopped service of its own); returns its port."""
+    layout = dc.hosts["h0"]
+    port = free_port()
+    layout.extra_programs += f"""
+[program:{CALIBRATION}]
+command = {layout.python} {layout.root}/{svc}/current/app.py --port {port} --bind 127.0.0.1
+autostart = false
+autorestart = false
+startsecs = 1
+stopwaitsecs = 5
+"""
+    return port
+
+
+def calibrate(dc: Cluster, port: int, rounds: int = 3) -> tuple[float, float, float]:
+    """Median seconds of stopProcess(wait), of startProcess(wait) (supervisord's RUNNING,
+    after ``startsecs``), and from RUNNING to the app's first healthy answer (asked every
+    10 ms): what every switch must wait for before its ``healthy_secs`` begin."""
     rpc = host_rpc(dc.hosts["h0"]).supervisor
     rpc.startProcess(CALIBRATION, True)
-    stops, starts = [], []
+    stops, starts, readies = [], [], []
     for _ in range(rounds):
         t = time.monotonic()
         rpc.stopProcess(CALIBRATION, True)
@@ -82,8 +101,14 @@ def calibrate(dc: Cluster, rounds: int = 3) -> tuple[float, float]:
         t = time.monotonic()
         rpc.startProcess(CALIBRATION, True)
         starts.append(time.monotonic() - t)
+        t = time.monotonic()
+        while get_version("127.0.0.1", port, timeout=1.0) is None:
+            if time.monotonic() - t > 30:
+                raise TimeoutError("the calibration app never answered")
+            time.sleep(0.01)
+        readies.append(time.monotonic() - t)
     rpc.stopProcess(CALIBRATION, True)
-    return statistics.median(stops), statistics.median(starts)
+    return statistics.median(stops), statistics.median(starts), statistics.median(readies)
 
 
 def plan_json(url: str, names: list[str]) -> dict:
@@ -166,7 +191,7 @@ def breakdown(run: dict, records: dict[str, dict], model: dict, hosts: list[str]
     items = run["items"]
     node_of = {i.service: i.node for i in items}
     everyone = {i.node: _switches(records[i.node]) for i in items}
-    per_switch = model["stop_s"] + model["start_s"] + model["healthy_s"]
+    per_switch = sum(model.values())
 
     def busy(host: str, t: float) -> bool:
         return any(s["host"] == host and s["start"] <= t < s["end"]
@@ -365,11 +390,11 @@ def main(argv: list[str] | None = None) -> int:
         store = open_store(url)
         store.start()
         dc = Cluster(workdir, store, url, n, specs, poll_interval=5.0)
-        add_calibration_program(dc, names[0])
+        port = add_calibration(dc, names[0])
         log(f"booting {n} hosts with services {', '.join(names)}")
         dc.boot({s: "1" for s in names}, timeout=180)
-        stop_s, start_s = calibrate(dc)
-        switch = stop_s + start_s
+        stop_s, start_s, ready_s = calibrate(dc, port)
+        switch = stop_s + start_s + ready_s
         k = min(args.max_parallel, n - quorum)
         per_service = math.ceil(n / k) * (switch + args.healthy_secs)
         dag_bound = max(len(chain) for chain in CHAINS) * per_service
@@ -395,7 +420,8 @@ def main(argv: list[str] | None = None) -> int:
             series = deploy_and_time(dc, names, str(int(measured) + 1), log, in_series=True,
                                      host_parallel=args.host_parallel)
         makespan = run["makespan"]
-        model = {"stop_s": stop_s, "start_s": start_s, "healthy_s": args.healthy_secs}
+        model = {"stop_s": stop_s, "start_s": start_s, "ready_s": ready_s,
+                 "healthy_s": args.healthy_secs}
         result.update({
             "makespan_s": round(makespan, 3), "dag_bound_s": round(dag_bound, 3),
             "ratio": round(makespan / dag_bound, 3),
@@ -433,8 +459,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\nhosts {n}, services {len(names)} (chains "
                   f"{' '.join('<-'.join(c) for c in CHAINS)}), max_parallel "
                   f"{args.max_parallel}, quorum {quorum}, host_parallel {args.host_parallel}")
-            print(f"switch cost (measured) stop {stop_s:.3f} s + start {start_s:.3f} s, "
-                  f"healthy {args.healthy_secs:g} s, per-service bound {per_service:.2f} s")
+            print(f"switch cost (measured) stop {stop_s:.3f} s + start {start_s:.3f} s + "
+                  f"ready {ready_s:.3f} s, healthy {args.healthy_secs:g} s, per-service "
+                  f"bound {per_service:.2f} s")
             print(f"makespan {makespan:.2f} s (load {run['load']}), DAG bound "
                   f"{dag_bound:.2f} s, ratio {makespan / dag_bound:.3f}; predicted (plan) "
                   f"{result['predicted_s']} s; in series {result['series_makespan_s']} s")

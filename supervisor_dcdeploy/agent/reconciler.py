@@ -178,7 +178,12 @@ class ServiceReconciler:
         self.retry_pending_failure()
         self.ensure_presence(view, st.active, spec)
         self.prefetch(view)
-        self.enqueue(view, st.active)
+        if self.enqueue(view, st.active):
+            # Decide on the queue with our new entry (the coordinator holds it already),
+            # not a cycle later: a host back from another service's switch is often
+            # first in line at once (bench/waves.py: most handoffs at 4 hosts).
+            view = self._trusted(ctx.coord.view(svc, queue, queue_invalid))
+            self.view = view
         if canary.needs_choice(view):
             view = ctx.coord.resolve(svc, view)
         hold = canary.hold(view, ctx.host, time.time())
@@ -311,9 +316,9 @@ class ServiceReconciler:
         fetches.start(svc, staged, self.rd, preload, transport)
         self.set(fetch=FetchStatus(staged.version, "downloading", **last_error))
 
-    def enqueue(self, view: decisions.ServiceView, active: str | None) -> None:
+    def enqueue(self, view: decisions.ServiceView, active: str | None) -> bool:
         """Join the ready-to-roll queue for the staged version once it is installed and
-        verified here; leave entries for any other version."""
+        verified here; leave entries for any other version. True when it joined now."""
         from ..fetch import installed_sha256
         staged = view.staged
         want = None
@@ -328,6 +333,8 @@ class ServiceReconciler:
         if want is not None and not any(e.version == want for e in mine):
             node = self.ctx.coord.enter_queue(self.svc, want, self.ctx.cfg.rack)
             self.ctx.log.info("staging.enqueued", svc=self.svc, version=want, node=node)
+            return True
+        return False
 
     def _arm_queue_watches(self, view: decisions.ServiceView, active: str | None) -> None:
         """A host at position p >= k of the ready queue can only become eligible after one
