@@ -135,9 +135,9 @@ def stage_all(dc: Cluster, names: list[str], version: str) -> None:
 def deploy_and_time(dc: Cluster, names: list[str], version: str, log, *, in_series: bool,
                     host_parallel: int | None, predicted: dict | None = None,
                     staged: bool = False) -> dict:
-    """Deploy ``version`` of every service (staged first unless ``staged``). Returns the item nodes, ``t0`` (the items'
-    creation) and ``end`` (the last history node's creation), ZooKeeper's clock, and the
-    load average before and after."""
+    """Deploy ``version`` of every service (staged first unless ``staged``). Returns the
+    item nodes, ``t0`` (the items' creation), ``end`` (the last history node's creation)
+    and each item's ``done``, ZooKeeper's clock, and the load average before and after."""
     store = dc.store
     if not staged:
         stage_all(dc, names, version)
