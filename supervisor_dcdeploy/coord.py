@@ -192,13 +192,29 @@ class Coordinator:
         services, so that it does not hold a place at their front while it has no room for
         another switch (``host_parallel``; the agent calls it only then); their next host in
         line goes instead, and this one joins again, at the back, once a switch is over.
-        The services whose queue it left."""
-        left = []
-        for svc in self.services:
-            if svc != switching and self._own_entries(svc):
-                self.leave_queue(svc)
-                left.append(svc)
-        return left
+        The services whose queue it left.
+
+        One transaction for all of them: this runs between the gate and the stop, so
+        each round trip (and the server's fsync) here delays the switch (bench/waves.py
+        measured one delete per service, 7 in a row, at up to 0.7 s on a loaded machine).
+        When it fails (an entry went meanwhile), one at a time, as before."""
+        entries = {svc: self._own_entries(svc) for svc in self.services if svc != switching}
+        entries = {svc: nodes for svc, nodes in entries.items() if nodes}
+        paths = [(svc, layout.ready_entry(svc, node))
+                 for svc, nodes in entries.items() for node in nodes]
+        if len(paths) > 1:
+            try:
+                self.store.commit([Delete(path) for _, path in paths])
+            except TransactionFailed:
+                pass  # an entry went meanwhile: one at a time below
+            else:
+                for svc, path in paths:  # what drop_entry does after its delete
+                    self._own[svc].pop(path, None)
+                    self._gone(path)
+                return list(entries)
+        for svc in entries:
+            self.leave_queue(svc)
+        return list(entries)
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self.store.children(layout.staged(svc))

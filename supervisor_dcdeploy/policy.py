@@ -518,16 +518,43 @@ def parse_timings(where: str, records: Any) -> tuple[list[SwitchTiming], list[st
 def batch_seconds(service: str, timings: Iterable[SwitchTiming],
                   healthy_secs: float = 0.0) -> tuple[float, str]:
     """Predicted seconds for one batch of ``service`` and where the number comes from:
-    the median stop + start + healthy of its latest :data:`TIMING_WINDOW` switches, or,
-    with none recorded, ``healthy_secs`` + :data:`FALLBACK_SWITCH_S`."""
+    the median stop + start + healthy of its latest :data:`TIMING_WINDOW` switches plus
+    the median handoff between them (:func:`handoffs`; one per batch: between batches,
+    and the item's own start and completion), or, with none recorded, ``healthy_secs`` +
+    :data:`FALLBACK_SWITCH_S`."""
     mine = sorted((t for t in timings if t.service == service), key=lambda t: t.at)
     mine = mine[-TIMING_WINDOW:]
     if not mine:
         return (healthy_secs + FALLBACK_SWITCH_S,
                 (f"fallback: healthy_secs {healthy_secs:g} + {FALLBACK_SWITCH_S:g} s "
                  "(no recorded switches)"))
-    return (statistics.median(t.total_s for t in mine),
-            f"history: median of {len(mine)} switches")
+    switch = statistics.median(t.total_s for t in mine)
+    gaps = handoffs(mine)
+    if not gaps:
+        return switch, f"history: median of {len(mine)} switches"
+    gap = statistics.median(gaps)
+    return (switch + gap, f"history: median of {len(mine)} switches, plus the median "
+                          f"handoff {gap:.2f} s of {len(gaps)}")
+
+
+def handoffs(timings: Iterable[SwitchTiming]) -> list[float]:
+    """The idle seconds between switches of one item: for the switches to one version of
+    one service, each gap in the union of their intervals (``at`` − total to ``at``),
+    while no host of it switched (the next host's wake-up, its gate, the store's round
+    trips). Records without ``at`` (0) tell nothing and are left out."""
+    groups: dict[tuple[str, str], list[tuple[float, float]]] = {}
+    for t in timings:
+        if t.at > 0:
+            groups.setdefault((t.service, t.version), []).append((t.at - t.total_s, t.at))
+    gaps = []
+    for spans in groups.values():
+        spans.sort()
+        reach = spans[0][1]
+        for start, end in spans[1:]:
+            if start > reach:
+                gaps.append(start - reach)
+            reach = max(reach, end)
+    return gaps
 
 
 def parallelism(svc: ServiceState) -> tuple[int, dict[str, Any]]:

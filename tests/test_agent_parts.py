@@ -25,7 +25,8 @@ from supervisor_dcdeploy.agent.status import (
 )
 from supervisor_dcdeploy.fetch import DownloadError, VerificationError, write_marker
 from supervisor_dcdeploy.localstate import LocalState, ReleaseDir
-from supervisor_dcdeploy.model import StagedRelease
+from supervisor_dcdeploy.model import (CurrentEntry, DeployItem, HealthCheck, ServiceSpec,
+                                      StagedRelease, StagingEntry)
 from supervisor_dcdeploy.waiting import wait_for
 
 SHA = "ab" * 32
@@ -211,4 +212,60 @@ def test_a_retry_keeps_the_last_error_in_view_and_in_the_store(tmp_path, monkeyp
         assert r.status.fetch == FetchStatus("3", "downloading")
     finally:
         go.set()
+        r.ctx.fetches.shutdown()
+
+
+class _QueueCoord:
+    """A coordinator holding one ready queue, in which this host's entry appears as soon
+    as it joins (as the mirror records its own writes)."""
+
+    def __init__(self, view: decisions.ServiceView) -> None:
+        self.base = view
+        self.entries = list(view.staging)
+
+    def view(self, svc, queue, invalid):
+        return dataclasses.replace(self.base, staging=list(self.entries))
+
+    def enter_queue(self, svc, version, rack=""):
+        seq = len(self.entries) + 10
+        node = f"h0-{seq:010d}"
+        self.entries.append(StagingEntry(node, seq, "h0", version, rack))
+        return node
+
+    def drop_entry(self, svc, node):
+        self.entries = [e for e in self.entries if e.node != node]
+
+    def set_front(self, svc, front):
+        pass
+
+    def wait_ahead(self, svc, nodes):
+        pass
+
+
+def test_a_host_that_joins_the_queue_first_in_line_goes_to_the_gate_in_the_same_cycle(
+        tmp_path):
+    """Back from another service's switch, a host joins this service's ready queue at the
+    back; when nobody is ahead of it, it may pass the gate at once: the cycle decides on
+    the queue with its new entry, not on the one read before it joined (a cycle later,
+    bench/waves.py)."""
+    r, _ = _reconciler(tmp_path, fetch=None)
+    try:
+        for version in ("1", "2"):
+            r.rd.path(version).mkdir(parents=True)
+        r.rd.point_current("1")
+        write_marker(r.rd.path("2"), version="2", sha256=SHA)
+        r.ctx.local.update("A", active="1", verified=True)
+        spec = ServiceSpec(name="A", program="A", quorum=1, health=HealthCheck(kind="none"))
+        item = DeployItem(node="item-0000000001", seq=1, service="A", version="2", after=())
+        view = decisions.ServiceView(
+            "A", spec, _staged(), {"h0": CurrentEntry("h0", "1"), "h1": CurrentEntry("h1", "2")},
+            [], [item])
+        r.ctx.coord = _QueueCoord(view)  # type: ignore[assignment]
+        r.ctx.sup = SimpleNamespace(state=lambda program: "RUNNING")
+        gates = []
+        r.pass_gate_and_switch = lambda program, spec: gates.append(program)
+        r.reconcile([item], [], "connected")
+        assert [e.host for e in r.ctx.coord.entries] == ["h0"]
+        assert gates == ["A"], r.status.reason
+    finally:
         r.ctx.fetches.shutdown()

@@ -208,6 +208,46 @@ def test_rejoin_falls_back_to_two_steps_when_the_commit_fails():
     assert "staging/A/h1-0000000003" not in store.nodes
 
 
+
+def _queued_for_three() -> tuple[WritingDouble, MirrorCoordinator]:
+    """h1 queued for A, B and C (A's gate just passed)."""
+    store = WritingDouble()
+    for svc, seq in (("A", 3), ("B", 7), ("C", 1)):
+        store.nodes[f"staging/{svc}/h1-000000000{seq}"] = (dumps({"version": "2"}), 0)
+    store.nodes["staging/B/h2-0000000008"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h1", ["A", "B", "C"],
+                              lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    return store, coord
+
+
+def test_making_way_leaves_the_other_queues_in_one_commit():
+    from supervisor_dcdeploy.store import Delete
+    store, coord = _queued_for_three()
+    assert sorted(coord.make_way("A")) == ["B", "C"]
+    (ops,) = store.commits
+    assert all(isinstance(op, Delete) for op in ops)
+    assert sorted(op.path for op in ops) == ["staging/B/h1-0000000007",
+                                             "staging/C/h1-0000000001"]
+    assert store.calls == []
+    assert "staging/A/h1-0000000003" in store.nodes  # the one it switches stays
+    assert "staging/B/h2-0000000008" in store.nodes  # another host's
+    # The mirror knows at once (the cycle goes on with it, no notification needed).
+    assert coord._mirror.children("staging/B") == ["h2-0000000008"]
+    assert coord._mirror.children("staging/C") == []
+
+
+def test_making_way_falls_back_to_one_delete_each_when_an_entry_went():
+    store, coord = _queued_for_three()
+    del store.nodes["staging/C/h1-0000000001"]  # gone meanwhile, not in the mirror yet
+    assert sorted(coord.make_way("A")) == ["B", "C"]
+    assert len(store.commits) == 1  # tried, refused whole
+    assert sorted(store.calls) == ["delete staging/B/h1-0000000007",
+                                   "delete staging/C/h1-0000000001"]
+    assert "staging/B/h1-0000000007" not in store.nodes
+    assert "staging/A/h1-0000000003" in store.nodes
+
+
 def test_a_cycle_with_nothing_new_reuses_the_view_and_any_change_renews_it():
     store = Double()
     coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]

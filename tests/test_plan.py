@@ -55,7 +55,13 @@ def test_plan_predicts_from_recorded_switches_and_history_compares(cluster, run)
     code, out, err = run("plan", "A", "--json")
     planned = json.loads(out)
     assert planned["schema"] == 1 and planned["total_s"] is not None
-    assert planned["items"][0]["timing_source"] == "history: median of 3 switches"
+    # ... plus the median idle time between them (one host back, the next one's gate):
+    # the next switch starts only after the previous host registered again.
+    (item,) = planned["items"]
+    assert item["timing_source"].startswith(
+        "history: median of 3 switches, plus the median handoff"), item["timing_source"]
+    switches = sorted(t["stop_s"] + t["start_s"] + t["healthy_s"] for t in done["timings"])
+    assert item["batch_s"] > switches[1]
     ready(cluster, "3")
     code, out, err = run("deploy", "A")
     assert code == 0, err

@@ -514,6 +514,24 @@ def test_batch_seconds_from_history_and_fallback():
     assert p.batch_seconds("api", many)[0] == 1.0  # only the latest 20 count
 
 
+
+def test_handoffs_are_the_idle_gaps_between_switches_of_one_item():
+    def sw(host, version, start, total, service="api"):
+        return p.SwitchTiming(service, host, version, 0.5, 0.5, total - 1.0, at=start + total)
+    one_at_a_time = [sw("h0", "2", 100.0, 2.0), sw("h1", "2", 102.5, 2.0),
+                     sw("h2", "2", 104.7, 2.0)]  # gaps 0.5 and 0.2
+    two_at_a_time = [sw("h0", "3", 200.0, 2.0), sw("h1", "3", 200.1, 2.0),
+                     sw("h2", "3", 203.0, 2.0)]  # overlap, then a gap of 0.9
+    other = [sw("h0", "2", 103.0, 2.0, service="web")]  # never fills api's gap
+    gaps = sorted(round(g, 6) for g in p.handoffs(one_at_a_time + two_at_a_time + other))
+    assert gaps == [0.2, 0.5, 0.9]
+    assert p.handoffs([p.SwitchTiming("api", "h0", "2", 1, 1, 1),  # no `at`: left out
+                       p.SwitchTiming("api", "h1", "2", 1, 1, 1)]) == []
+    secs, source = p.batch_seconds("api", one_at_a_time)
+    assert secs == pytest.approx(2.0 + 0.35)  # median switch + median handoff
+    assert source == "history: median of 3 switches, plus the median handoff 0.35 s of 2"
+
+
 @pytest.mark.parametrize("kwargs,k,batches", [
     (dict(quorum=4, max_parallel=3), 2, 3),  # room above quorum: 6 - 4
     (dict(quorum=0, max_parallel=3), 3, 2),  # max_parallel

@@ -202,7 +202,12 @@ class ServiceReconciler:
         # stays out of this service's ready queue (it would hold a place at the front that
         # it cannot use) and joins again, at the back, when a switch ends.
         room = decisions.host_room(view, self._busy())
-        self.enqueue(view, st.active, room.ok)
+        if self.enqueue(view, st.active, room.ok):
+            # Decide on the queue with our new entry (the coordinator holds it already),
+            # not a cycle later: a host back from another service's switch is often
+            # first in line at once (bench/waves.py: most handoffs at 4 hosts).
+            view = self._trusted(ctx.coord.view(svc, queue, queue_invalid))
+            self.view = view
         if canary.needs_choice(view):
             view = ctx.coord.resolve(svc, view)
         hold = canary.hold(view, ctx.host, time.time())
@@ -339,10 +344,10 @@ class ServiceReconciler:
         self.set(fetch=FetchStatus(staged.version, "downloading", **last_error))
 
     def enqueue(self, view: decisions.ServiceView, active: str | None,
-                room: bool = True) -> None:
+                room: bool = True) -> bool:
         """Join the ready-to-roll queue for the staged version once it is installed and
         verified here; leave entries for any other version, and every entry while the host
-        has no ``room`` for another switch (host_parallel)."""
+        has no ``room`` for another switch (host_parallel). True when it joined now."""
         from ..fetch import installed_sha256
         staged = view.staged
         want = None
@@ -357,6 +362,8 @@ class ServiceReconciler:
         if want is not None and not any(e.version == want for e in mine):
             node = self.ctx.coord.enter_queue(self.svc, want, self.ctx.cfg.rack)
             self.ctx.log.info("staging.enqueued", svc=self.svc, version=want, node=node)
+            return True
+        return False
 
     def _arm_queue_watches(self, view: decisions.ServiceView, active: str | None) -> None:
         """A host at position p >= k of the ready queue can only become eligible after one
