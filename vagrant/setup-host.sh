@@ -11,7 +11,9 @@
 # `systemctl start libvirtd` in the root namespace is the usual way instead.
 # Why nice 19: qemu inherits it, so the VMs only take CPU nobody else wants.
 #
-# usage: vagrant/setup-host.sh [install|start|stop]   (default: install and start)
+# usage: vagrant/setup-host.sh [install|start|stop|install-check]   (default: install, start)
+#        install-check: only what tests/test_vagrant.py needs (vagrant validate, shellcheck);
+#        .ci/run uses it
 set -euo pipefail
 ns=${DCVM_NS:-dcvm}
 run=/run/dcvm
@@ -25,6 +27,16 @@ install() {
     apt-get update -q
     # shellcheck disable=SC2086
     apt-get install -y -q --no-install-recommends $packages
+}
+
+install_check() {
+    local check="vagrant vagrant-libvirt shellcheck"
+    # shellcheck disable=SC2086
+    if dpkg -s $check >/dev/null 2>&1; then return; fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    # shellcheck disable=SC2086
+    apt-get install -y -q --no-install-recommends $check
 }
 
 running() { [ -s "$run/$1.pid" ] && kill -0 "$(cat "$run/$1.pid")" 2>/dev/null; }
@@ -59,8 +71,9 @@ stop() {
 
 case "${1:-all}" in
     install) install ;;
+    install-check) install_check ;;
     start) start ;;
     stop) stop ;;
     all) install; start ;;
-    *) echo "usage: $0 [install|start|stop]" >&2; exit 2 ;;
+    *) echo "usage: $0 [install|start|stop|install-check]" >&2; exit 2 ;;
 esac
