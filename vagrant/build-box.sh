@@ -12,14 +12,20 @@
 #        DCVM_DISK_GB virtual disk size (default 8)
 # On a workstation any Debian 12 box works instead (VAGRANT_BOX=debian/bookworm64).
 set -euo pipefail
-here=$(cd "$(dirname "$0")" && pwd)
 cache=${DCVM_CACHE:-$HOME/.cache/dcdeploy}
 mirror=${DCVM_MIRROR:-http://deb.debian.org/debian}
 size=${DCVM_DISK_GB:-8}
-tag=$(sha256sum "$here/build-box.sh" | cut -c1-12)
-box=$cache/dcdeploy-bookworm-$tag.box
+BOX_VERSION=2
+box=$cache/dcdeploy-bookworm-v$BOX_VERSION.box
 if [ -s "$box" ]; then echo "$box"; exit 0; fi
 [ "$(id -u)" = 0 ] || { echo "build-box.sh: needs root (debootstrap, loop devices)" >&2; exit 2; }
+# Mount nothing where other mount namespaces can copy it: a copy made by a namespace
+# started meanwhile (`ip netns exec ... libvirtd`) kept the image's filesystem mounted after
+# our umount, and the box shipped a dirty ext4 whose last files (grub.cfg) sat in the
+# journal, which GRUB does not read: the VM stopped at the grub> prompt.
+if [ -z "${DCVM_PRIVATE_MOUNTS:-}" ]; then
+    exec env DCVM_PRIVATE_MOUNTS=1 unshare --mount --propagation private bash "$0" "$@"
+fi
 for tool in debootstrap sfdisk losetup mkfs.ext4 grub-install qemu-img; do
     command -v "$tool" >/dev/null || { echo "build-box.sh: $tool missing (vagrant/setup-host.sh installs it)" >&2; exit 2; }
 done
@@ -98,6 +104,9 @@ grub-install --target=i386-pc --boot-directory="$mnt/boot" --modules="part_msdos
     || { cat "$work/grub.log" >&2; exit 1; }
 kernel=$(find "$mnt/boot" -name "vmlinuz-*" -printf "%f\n" | sort -V | tail -1)
 cat > "$mnt/boot/grub/grub.cfg" <<CFG
+serial --unit=0 --speed=115200
+terminal_input serial console
+terminal_output serial console
 set timeout=0
 search --no-floppy --fs-uuid --set=root $uuid
 linux /boot/$kernel root=UUID=$uuid ro net.ifnames=0 biosdevname=0 console=ttyS0,115200 console=tty0
@@ -105,8 +114,15 @@ initrd /boot/initrd.img-${kernel#vmlinuz-}
 boot
 CFG
 rm -f "$mnt/etc/ssh/ssh_host_"*; chroot "$mnt" ssh-keygen -A >/dev/null
+cp "$mnt/boot/$kernel" "$cache/vmlinuz"  # vagrant/driver.sh boots it to probe KVM
 for m in dev/pts dev proc sys; do umount "$mnt/$m"; done
-umount "$mnt"; losetup -d "$part" "$loop"; part="" loop=""
+fstrim "$mnt" 2>/dev/null || true  # blocks freed by apt-get clean stay out of the qcow2
+umount "$mnt"
+# GRUB ignores the journal: the filesystem must be clean, everything checkpointed
+e2fsck -fy "$part" >"$work/fsck.log" 2>&1 || [ $? -le 1 ] || { cat "$work/fsck.log" >&2; exit 1; }
+dumpe2fs -h "$part" 2>/dev/null | grep -q '^Filesystem state: *clean$' \
+    || { echo "build-box.sh: the image's filesystem is not clean after umount" >&2; exit 1; }
+losetup -d "$part" "$loop"; part="" loop=""
 
 step "qcow2 and box"
 qemu-img convert -O qcow2 "$img" "$work/box.img"
@@ -121,5 +137,6 @@ end
 VF
 tar -C "$work" -cf "$box.part" metadata.json Vagrantfile box.img
 mv "$box.part" "$box"
+ln -sfn "$box" "$cache/dcdeploy-bookworm.box"  # the Vagrantfile's box_url
 step "done: $(du -h "$box" | cut -f1) $box"
 echo "$box"
