@@ -76,8 +76,13 @@ if [ -z "${VAGRANT_BOX:-}" ]; then
 fi
 stores=(store); [ "$ZK_NODES" = 3 ] && stores=(store store2 store3)
 hosts=(); for i in $(seq "$HOSTS"); do hosts+=("h$i"); done
-step "vagrant up ${stores[*]} (ZooKeeper)" inns vagrant up "${stores[@]}"
-step "vagrant up ${hosts[*]} (in parallel)" inns vagrant up "${hosts[@]}"
+# all VMs at once (vagrant-libvirt boots them in parallel); each output line gets a time
+# stamp, so every VM's milestones (domain started, booted, provisioned) can be read off
+uplog=${DCVM_UPLOG:-/tmp/dcvm-up.log}
+stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date -u +%T)" "$line"; done; }
+up_all() { inns vagrant up "${stores[@]}" "${hosts[@]}" 2>&1 | tr '\r' '\n' | stamp | tee "$uplog"; }
+step "vagrant up ${stores[*]} ${hosts[*]} (in parallel)" up_all
+grep -E ': (Starting domain|Machine booted and ready|Running provisioner)' "$uplog" >&2 || true
 store_url=zk://$(for i in $(seq "$ZK_NODES"); do printf '10.216.1.%s:2181,' $((i + 1)); done | sed 's/,$//')/dc
 args=(--store "$store_url" --serve-on 10.216.1.1)
 for i in $(seq "$HOSTS"); do args+=(--host "h$i=10.216.1.$((10 + i))"); done
