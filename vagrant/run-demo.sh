@@ -80,7 +80,11 @@ hosts=(); for i in $(seq "$HOSTS"); do hosts+=("h$i"); done
 # stamp, so every VM's milestones (domain started, booted, provisioned) can be read off
 uplog=${DCVM_UPLOG:-/tmp/dcvm-up.log}
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date -u +%T)" "$line"; done; }
-up_all() { inns vagrant up "${stores[@]}" "${hosts[@]}" 2>&1 | tr '\r' '\n' | stamp | tee "$uplog"; }
+# (through `script`: on a pipe vagrant's output is block-buffered and the stamps would lie)
+up_all() {
+    inns script -qefc "vagrant up ${stores[*]} ${hosts[*]}" /dev/null 2>&1 | tr '\r' '\n' \
+        | stamp | tee "$uplog"
+}
 step "vagrant up ${stores[*]} ${hosts[*]} (in parallel)" up_all
 grep -E ': (Starting domain|Machine booted and ready|Running provisioner)' "$uplog" >&2 || true
 store_url=zk://$(for i in $(seq "$ZK_NODES"); do printf '10.216.1.%s:2181,' $((i + 1)); done | sed 's/,$//')/dc
