@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import re
 import os
 import signal
 import subprocess
@@ -101,18 +100,6 @@ def test_provision_scripts_write_a_host_and_a_zookeeper(tmp_path):
     cfg = Path(out.strip().splitlines()[-1]).read_text()
     assert "server.3=10.9.0.4:2888:3888" in cfg and "clientPortAddress=10.9.0.3" in cfg
     assert (tmp_path / "zk" / "myid").read_text().strip() == "2"
-
-
-def test_vagrantfile_runs_the_testbed_provisioning_scripts():
-    """The VMs are provisioned by the scripts CI runs in namespaces (not a copy of them)."""
-    repo = Path(__file__).resolve().parent.parent
-    text = (repo / "vagrant" / "Vagrantfile").read_text()
-    prov = re.search(r'PROVISION = "/vagrant/([^"]+)"', text).group(1)
-    assert (repo / prov).resolve() == tb.SCRIPTS
-    used = set(re.findall(r"#\{PROVISION\}/(\w+\.sh)", text))
-    assert used == {"zk.sh", "host.sh"}
-    assert all((tb.SCRIPTS / name).is_file() for name in used)
-    assert len(re.findall(r'"h\d" => \["10\.216\.', text)) == 3  # three host VMs
 
 
 def test_fault_plan_is_a_function_of_the_seed():

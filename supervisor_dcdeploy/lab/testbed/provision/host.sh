@@ -1,7 +1,8 @@
 #!/bin/sh
 # Provision one dcdeploy host: the same script for a Vagrant VM and a testbed namespace.
 # usage: host.sh NAME RACK ADDRESS ROOT STORE_URL NAME=PORT [NAME=PORT...]
-# env:   DCDT_INSTALL=1  install packages and the project (VMs only)
+# env:   DCDT_WHEELS     a directory of wheels to install from instead of an index
+#        DCDT_INSTALL=1  install packages and the project (VMs only)
 #        DCDT_START=1    run supervisord as a systemd service (VMs only)
 #        DCDT_PYTHON     the Python with supervisor_dcdeploy importable (default python3)
 #        DCDT_SRC        the project source (VMs: /vagrant)
@@ -14,11 +15,18 @@ shift 5
 py=${DCDT_PYTHON:-python3}
 if [ "${DCDT_INSTALL:-0}" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q python3-venv transmission-daemon iproute2
+    # a box with the packages already in it (vagrant/build-box.sh) needs no network here
+    if ! dpkg -s python3-venv transmission-daemon iproute2 >/dev/null 2>&1; then
+        apt-get update -q
+        apt-get install -y -q python3-venv transmission-daemon iproute2
+    fi
     systemctl disable --now transmission-daemon 2>/dev/null || true
     python3 -m venv /opt/dcdeploy
-    /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
+    if [ -n "${DCDT_WHEELS:-}" ]; then  # the dependencies as wheels, no index
+        /opt/dcdeploy/bin/pip install -q --no-index --find-links "$DCDT_WHEELS" "${DCDT_SRC:-/vagrant}"
+    else
+        /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
+    fi
     py=/opt/dcdeploy/bin/python
 fi
 tm="--transmission --engine ${DCDT_ENGINE:-transmission}"

@@ -1,17 +1,25 @@
 #!/bin/sh
 # Provision one ZooKeeper server: the same script for the Vagrant store VM and the testbed.
 # usage: zk.sh ID ADDRESS DATA_DIR ID=ADDRESS [ID=ADDRESS...]
-# env:   DCDT_INSTALL=1 install ZooKeeper; DCDT_START=1 run it as a systemd service
+# env:   DCDT_INSTALL=1 install ZooKeeper; DCDT_START=1 run it as a systemd service;
+#        DCDT_WHEELS a directory of wheels to install the project from instead of an index
 set -eu
 sid=$1 address=$2 data=$3
 shift 3
 py=${DCDT_PYTHON:-python3}
 if [ "${DCDT_INSTALL:-0}" = 1 ]; then
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q zookeeper python3-venv
+    # a box with the packages already in it (vagrant/build-box.sh) needs no network here
+    if ! dpkg -s zookeeper python3-venv >/dev/null 2>&1; then
+        apt-get update -q
+        apt-get install -y -q zookeeper python3-venv
+    fi
     python3 -m venv /opt/dcdeploy
-    /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
+    if [ -n "${DCDT_WHEELS:-}" ]; then  # the dependencies as wheels, no index
+        /opt/dcdeploy/bin/pip install -q --no-index --find-links "$DCDT_WHEELS" "${DCDT_SRC:-/vagrant}"
+    else
+        /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
+    fi
     py=/opt/dcdeploy/bin/python
 fi
 peers=""

@@ -1,0 +1,174 @@
+"""The operator's side of ``vagrant/run-demo.sh``: a deploy on the Vagrant VMs, watched.
+
+Runs where the VMs' private network is reachable (inside the ``dcvm`` namespace here). It
+defines services ``a`` and ``b`` (``b`` depends on ``a``), builds releases 1.0 and 2.0 of the
+sample app, serves them over HTTP on the host's side of the VMs' network, stages 1.0 by URL
+and waits until every host serves it, then starts a prober against the VMs' addresses,
+stages 2.0 and deploys both, prints the deploy's progress, and checks convergence and the
+quorum on what the prober saw. Every step's wall-clock time is printed at the end.
+
+``python -m supervisor_dcdeploy.lab.vmdemo --store zk://10.216.1.2:2181/dc
+--host h1=10.216.1.11 --host h2=10.216.1.12 --host h3=10.216.1.13 --serve-on 10.216.1.1``
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import http.server
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from .. import ops
+from ..model import HealthCheck
+from ..store import layout, open_store
+from .demo import timeline
+from ..waiting import wait_for
+from .localdc import Prober, get_version
+from .sample import build_release
+
+SERVICES = {"a": 8001, "b": 8002}  # the ports vagrant/Vagrantfile gives the hosts
+
+
+def _say(text: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", flush=True)
+
+
+class Steps:
+    """Wall-clock time per named step."""
+
+    def __init__(self) -> None:
+        self.times: list[tuple[str, float]] = []
+
+    def run(self, name, fn, *args, **kwargs):
+        _say(name)
+        started = time.monotonic()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            self.times.append((name, time.monotonic() - started))
+
+    def table(self) -> str:
+        return "\n".join(f"  {secs:7.1f} s  {name}" for name, secs in self.times)
+
+
+def serve(directory: Path, address: str, port: int) -> http.server.ThreadingHTTPServer:
+    """Serve ``directory`` on ``address:port`` in a thread (the release URLs)."""
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
+    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    server = http.server.ThreadingHTTPServer((address, port), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def all_serve(hosts: dict[str, str], version: str) -> bool:
+    return all(get_version(addr, port, timeout=2.0) == version
+               for addr in hosts.values() for port in SERVICES.values())
+
+
+def progress(store, hosts: dict[str, str]) -> str:
+    parts = []
+    for svc, port in SERVICES.items():
+        counts: dict[str, int] = {}
+        for addr in hosts.values():
+            version = get_version(addr, port, timeout=2.0) or "down"
+            counts[version] = counts.get(version, 0) + 1
+        parts.append(f"{svc}: " + ", ".join(f"{v} x{n}" for v, n in sorted(counts.items())))
+    queue = ops.status(store)["deploy"]
+    head = f"{queue[0]['service']} {queue[0]['state']}" if queue else "empty"
+    return " | ".join(parts) + f" | queue: {head}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vmdemo")
+    parser.add_argument("--store", required=True)
+    parser.add_argument("--host", action="append", required=True, help="NAME=ADDRESS")
+    parser.add_argument("--serve-on", required=True, help="the host side's address for URLs")
+    parser.add_argument("--port", type=int, default=8090)
+    parser.add_argument("--timeout", type=float, default=900.0,
+                        help="seconds for each wait (software emulation is slow)")
+    parser.add_argument("--hz", type=float, default=5.0, help="prober rounds per second")
+    args = parser.parse_args(argv)
+    hosts = dict(item.partition("=")[::2] for item in args.host)
+    quorum = max(1, len(hosts) - 1)
+    steps = Steps()
+    workdir = Path(tempfile.mkdtemp(prefix="dcdeploy-vmdemo-"))
+    server = serve(workdir, args.serve_on, args.port)
+    store = open_store(args.store)
+    prober: Prober | None = None
+    try:
+        steps.run("connect to the store", store.start, timeout=120.0)
+
+        def define() -> None:
+            for svc in SERVICES:
+                ops.service_set(store, svc, program=svc, quorum=quorum,
+                                depends_on=["a"] if svc == "b" else [], max_parallel=1,
+                                health=HealthCheck(kind="http", path="/health", port="port",
+                                                   timeout=2.0),
+                                healthy_secs=2.0)
+        steps.run(f"define a and b (b depends on a), quorum {quorum} of {len(hosts)}", define)
+
+        def stage(version: str) -> None:
+            for svc in SERVICES:
+                path, sha = build_release(workdir, svc, version)
+                ops.stage(store, svc, version, sha256=sha, size=path.stat().st_size,
+                          urls=[f"http://{args.serve_on}:{args.port}/{path.name}"])
+        steps.run("stage 1.0 of a and b by URL", stage, "1.0")
+        steps.run("every host fetches and serves 1.0", wait_for,
+                  lambda: all_serve(hosts, "1.0"), args.timeout, "every host serving 1.0", 2.0)
+        prober = Prober({(h, s): (addr, port) for h, addr in hosts.items()
+                         for s, port in SERVICES.items()}, hz=args.hz, timeout=1.0).start()
+        t0 = time.time()
+        steps.run("stage 2.0 of a and b by URL", stage, "2.0")
+        steps.run("every host ready to roll 2.0", wait_for,
+                  lambda: all(len(store.children(layout.staged(s))) == len(hosts)
+                              for s in SERVICES), args.timeout, "every host ready to roll", 1.0)
+        items = steps.run("deploy b a (queued in dependency order)",
+                          ops.deploy, store, ["b", "a"])
+        _say("queued: " + ", ".join(f"{i.node} {i.service} -> {i.version}" for i in items))
+
+        def watch() -> None:
+            last = ""
+            deadline = time.monotonic() + args.timeout
+            while True:
+                line = progress(store, hosts)
+                if line != last:
+                    _say(line)
+                    last = line
+                if not ops.status(store)["deploy"] and all_serve(hosts, "2.0"):
+                    return
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the deploy did not converge in {args.timeout:.0f} s")
+                time.sleep(2.0)
+        steps.run("deploy until every host serves 2.0", watch)
+        prober.stop()
+        worst = {s: min(prober.serving(x, s) for x in prober.samples) for s in SERVICES}
+        history = {h["service"]: h["state"] for h in ops.history(store)}
+        print(f"\nTimeline (the prober on the host side, {prober.rate():.1f} rounds/s, "
+              f"largest gap {prober.max_gap():.2f} s):")
+        print("\n".join(timeline(prober, t0)))
+        print("\nfewest serving: " + ", ".join(f"{s} {n} of {len(hosts)}"
+                                               for s, n in worst.items())
+              + f" (quorum {quorum}); history: {history}")
+        print("\nsteps:\n" + steps.table())
+        if min(worst.values()) < quorum or set(history.values()) != {"done"}:
+            _say("FAILED: went below quorum, or an item is not done")
+            return 1
+        _say(f"converged: all {len(hosts)} hosts on a 2.0 and b 2.0, never below quorum")
+        return 0
+    except (TimeoutError, ops.OpError) as exc:
+        print("\nsteps:\n" + steps.table())
+        _say(f"FAILED: {exc}")
+        return 1
+    finally:
+        if prober is not None:
+            prober.stop()
+        server.shutdown()
+        store.stop()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
