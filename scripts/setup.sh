@@ -1,13 +1,16 @@
 #!/usr/bin/env bash
 # Install everything supervisor-dcdeploy's tests, demo and benchmarks need on Debian 12:
 # Debian packages (ZooKeeper with a Java runtime, transmission-daemon, iproute2 for network
-# namespaces and tc, chromium for the web page's browser test), then the package and its
+# namespaces and tc, chromium for the web page's browser test, vagrant + vagrant-libvirt +
+# shellcheck for tests/test_vagrant.py's `vagrant validate` and script checks: the VMs
+# themselves need vagrant/setup-host.sh), then the package and its
 # test extras in a virtualenv at .venv.
 # Run as root (or with sudo). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(zookeeper transmission-daemon iproute2 iptables python3-venv procps chromium)
+packages=(zookeeper transmission-daemon iproute2 iptables python3-venv procps chromium
+          vagrant vagrant-libvirt shellcheck)
 missing=()
 for pkg in "${packages[@]}"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg")
