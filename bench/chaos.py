@@ -12,17 +12,21 @@ machine's; the plan is not.
     python bench/chaos.py --trials 2 --seed 7 --json      # one JSON object on stdout
 
 With --json stdout holds exactly {"trials", "seed", "faults", "during_deploy", "mid_switch",
-"violations"} (faults by kind: injected, injected while the deploy queue was not empty,
+"violations", "interrupted"} (trials counts the trials that finished; faults by kind: injected, injected while the deploy queue was not empty,
 landed inside a switch); the summary (leader election and deploy-resume times) goes to
 stderr. ``--cover`` makes the run draw every fault kind at least once (trials x faults per
-trial must be at least the number of kinds); the plan then depends on --trials too. Exit status 1 when any property
-was violated, 2 when the testbed could not be built.
+trial must be at least the number of kinds); the plan then depends on --trials too.
+
+SIGINT or SIGTERM ends the run between two steps: the testbed is torn down and the trials that
+finished are reported (``"interrupted": true``). Exit status 1 when any property was violated,
+2 when the testbed could not be built, 130 when interrupted without a violation.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import signal
 import statistics
 import sys
 import tempfile
@@ -91,6 +95,9 @@ def main(argv: list[str] | None = None) -> int:
     resumes: list[float] = []
     trials = [args.only_trial] if args.only_trial is not None else list(range(args.trials))
     started = time.monotonic()
+    finished = 0
+    interrupted = ""
+    _interruptible()
     try:
         try:
             bed.up()
@@ -124,12 +131,17 @@ def main(argv: list[str] | None = None) -> int:
                                    "detail": r.counterexample})
             print(checker.format_table(result.results), file=out)
             print(f"  history {history}; converged {result.converged}", file=out, flush=True)
+            finished += 1
+    except KeyboardInterrupt as exc:
+        interrupted = str(exc) or "SIGINT"
+        print(f"chaos: {interrupted} after {finished} finished trial(s); tearing the testbed "
+              f"down", file=sys.stderr, flush=True)
     finally:
         bed.down()
-    report = {"trials": len(trials), "seed": args.seed, "faults": dict(sorted(faults.items())),
+    report = {"trials": finished, "interrupted": bool(interrupted), "seed": args.seed, "faults": dict(sorted(faults.items())),
               "during_deploy": dict(sorted(during.items())),
               "mid_switch": dict(sorted(mid.items())), "violations": violations}
-    summary = [f"chaos: {len(trials)} trial(s), seed {args.seed}, "
+    summary = [f"chaos: {finished} trial(s){' (interrupted)' if interrupted else ''}, seed {args.seed}, "
                f"{sum(faults.values())} faults {dict(sorted(faults.items()))}, "
                f"{len(violations)} violation(s), {time.monotonic() - started:.0f}s"]
     if elections:
@@ -141,7 +153,23 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(summary), file=sys.stderr if args.json else sys.stdout)
     if args.json:
         print(json.dumps(report, sort_keys=True))
-    return 1 if violations else 0
+    return 1 if violations else 130 if interrupted else 0
+
+
+def _interruptible() -> None:
+    """Make SIGINT and SIGTERM stop the run cleanly.
+
+    A shell starts a background job with SIGINT ignored, and Python's default SIGTERM ends the
+    process without running ``finally``: either way the testbed's namespaces and processes
+    stayed behind. Both signals now raise KeyboardInterrupt in the main thread; a second one
+    is ignored so the teardown is not cut short."""
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGTERM, stop)
 
 
 def _stats(values: list[float]) -> str:

@@ -32,7 +32,7 @@ def test_chaos_ci_set_draws_every_fault_kind_during_the_deploy(tmp_path):
     print(proc.stderr[-6000:])
     report = json.loads(proc.stdout)
     assert set(report) == {"trials", "seed", "faults", "during_deploy", "mid_switch",
-                           "violations"}
+                           "violations", "interrupted"}
     assert report["trials"] == TRIALS and report["seed"] == SEED
     assert set(report["faults"]) == set(KINDS), report["faults"]
     assert sum(report["faults"].values()) == TRIALS * PER_TRIAL
