@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import select
+import time
 from collections import namedtuple
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -262,6 +263,7 @@ class ZooKeeperStore(Store):
         if wrapper is None:
             def wrapper(_event, watch=watch) -> None:
                 self.ops.notified()
+                self.notified_at = time.monotonic()
                 watch()
             self._wrappers[watch] = wrapper
         return wrapper
@@ -270,6 +272,7 @@ class ZooKeeperStore(Store):
     def get(self, path: str, watch: Watcher | None = None) -> tuple[bytes, int]:
         self.ops.read()
         data, stat = self._wait(self._client.get_async(self._abs(path), self._watch(watch)))
+        self.accepted_at = time.monotonic()
         return data, stat.version
 
     def exists(self, path: str, watch: Watcher | None = None) -> int | None:
@@ -280,8 +283,10 @@ class ZooKeeperStore(Store):
     def children(self, path: str, watch: Watcher | None = None) -> list[str]:
         self.ops.read()
         try:
-            return list(self._wait(self._client.get_children_async(self._abs(path),
-                                                                   self._watch(watch))))
+            names = list(self._wait(self._client.get_children_async(self._abs(path),
+                                                                    self._watch(watch))))
+            self.accepted_at = time.monotonic()
+            return names
         except NoNode:
             if watch:  # watch for the parent to appear instead
                 self.exists(path, watch)
@@ -323,6 +328,7 @@ class ZooKeeperStore(Store):
         result = self._client.handler.async_result()
         self._client._call(request, result)
         data, stat = self._wait(result)
+        self.accepted_at = time.monotonic()
         return data, stat.version
 
     @property
@@ -349,6 +355,7 @@ class ZooKeeperStore(Store):
             else:
                 data, stat = answer
                 out.append(NodeRead(data or b"", stat.version, stat.ephemeralOwner))
+                self.accepted_at = time.monotonic()
         return out
 
     def _hook_events(self) -> None:
@@ -368,6 +375,7 @@ class ZooKeeperStore(Store):
                     for prefix, watcher in list(self._tree_watches.items()):
                         if event.path == prefix or event.path.startswith(prefix + "/"):
                             self.ops.notified()
+                            self.notified_at = time.monotonic()
                             watcher(kind, event.path[root:])
                     # No one-shot watch of kazoo's waits on this path: its own handling
                     # would only decode the event again and build an event nobody gets
@@ -394,6 +402,7 @@ class ZooKeeperStore(Store):
             created = self._wait(self._client.create_async(
                 self._abs(path), data, ephemeral=ephemeral, sequence=sequential,
                 makepath=True))
+            self.accepted_at = time.monotonic()
             return created[len(self.root) + 1:]
         policy = self.policy()
 
@@ -406,6 +415,7 @@ class ZooKeeperStore(Store):
         except NoNode:  # parents first, each with its own ACL (kazoo's makepath would
             self._make_parents(path, policy)  # give them the child's)
             created = attempt()
+        self.accepted_at = time.monotonic()
         return created[len(self.root) + 1:]
 
     def ensure(self, path: str) -> None:
@@ -514,7 +524,9 @@ class ZooKeeperStore(Store):
 
     def set(self, path: str, data: bytes, version: int = -1) -> int:
         self.ops.write()
-        return self._wait(self._client.set_async(self._abs(path), data, version)).version
+        version = self._wait(self._client.set_async(self._abs(path), data, version)).version
+        self.accepted_at = time.monotonic()
+        return version
 
     def delete(self, path: str, version: int = -1, *, recursive: bool = False) -> None:
         self.ops.write()
@@ -525,6 +537,7 @@ class ZooKeeperStore(Store):
                 raise _translate(exc) from exc
             return
         self._wait(self._client.delete_async(self._abs(path), version))
+        self.accepted_at = time.monotonic()
 
     def commit(self, ops: Sequence) -> list:
         self.ops.write()
@@ -551,6 +564,7 @@ class ZooKeeperStore(Store):
                 continue
             if isinstance(result, BaseException):
                 raise TransactionFailed(index, _translate(result))
+        self.accepted_at = time.monotonic()  # every op passed its ACL check
         for op, result in zip(ops, results):
             if isinstance(op, Create):
                 out.append(result[len(self.root) + 1:])
