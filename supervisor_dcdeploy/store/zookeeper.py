@@ -153,6 +153,12 @@ class PollingHandler(SequentialThreadingHandler):
                 raise TypeError("timeout must be a number")
             if timeout < 0:
                 raise ValueError("timeout must be non-negative")
+        # Bytes already read into a _BufferedSocket are ready without asking the kernel
+        # (kazoo's loop then reads the next packet from them; its requests to send wait
+        # at most until they are used up).
+        buffered = [obj for obj in rlist if type(obj) is _BufferedSocket and obj.pending()]
+        if buffered:
+            return buffered, [], []
         masks: dict[int, int] = {}
         objects: dict[int, tuple[list, list]] = {}
         for mask, objs in ((_POLL_READ, rlist), (_POLL_WRITE, wlist)):
@@ -176,6 +182,54 @@ class PollingHandler(SequentialThreadingHandler):
             elif events & ~_POLL_READ:
                 writers.extend(writable)
         return readers, writers, []
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> "_BufferedSocket":
+        return _BufferedSocket(super().create_connection(*args, **kwargs))
+
+
+class _BufferedSocket:
+    """The connection's socket, read in large pieces. kazoo reads each packet in two
+    ``recv`` calls (its length, then the rest), each after a ``select``: with the loop's
+    own select, three polls and two receives per notification, and each system call
+    hands the GIL over. Here one ``recv`` takes whatever the kernel holds (up to
+    ``CHUNK``), later ``recv`` calls are served from it, and ``pending()`` (which kazoo
+    already asks of an SSL socket before it selects) says so: a notification that arrives
+    alone costs one poll and one receive, and those that arrive together (the two events
+    of one multi) share them. Everything else is the wrapped socket's."""
+
+    CHUNK = 65536
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)  # an SSL socket's decrypted bytes
+        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+
+    def recv(self, size: int, *flags: Any) -> bytes:
+        if self._pos < len(self._buf):
+            out = self._buf[self._pos:self._pos + size]
+            self._pos += len(out)
+            return out
+        data = self._sock.recv(max(size, self.CHUNK), *flags)
+        if len(data) <= size:
+            return data
+        self._buf, self._pos = data, size
+        return data[:size]
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:  # send, close, setblocking, ...
+        return getattr(self._sock, name)
+
+    def __enter__(self) -> "_BufferedSocket":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._sock.close()
 
 
 class ZooKeeperStore(Store):
