@@ -47,6 +47,7 @@ from .status import HostStatus
 from .switches import SwitchRunner
 
 RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
+PRUNE_SECS = 60.0  # the download cache is listed at least this often (see _prune_cache)
 
 
 class Agent:
@@ -81,6 +82,8 @@ class Agent:
         self.cycles = 0
         self.cycle_errors = 0
         self._status_written = b""
+        self._pruned_keep: set[str] | None = None
+        self._pruned_at = 0.0
         self.reconcilers: dict[str, ServiceReconciler] = {}  # below; the metrics read it
         self.metrics = AgentMetrics(self)  # served only when agent.conf has metrics_listen
         if self.local.problem:
@@ -309,10 +312,18 @@ class Agent:
             if staged is not None and \
                     installed_sha256(r.rd.path(staged.version)) != staged.sha256:
                 keep.add(staged.sha256)
+        # Artifacts come only from fetches (kept while they run), so with the same set to
+        # keep as at the last pruning there is nothing new to drop: list the directory
+        # again only when the set changed, or after PRUNE_SECS anyway.
+        now = time.monotonic()
+        if keep == self._pruned_keep and now - self._pruned_at < PRUNE_SECS:
+            return
         try:
             prune_cache(self.cfg.root / ".cache", keep)
         except OSError as exc:
             self.log.warning("cache.prune_failed", error=str(exc))
+            return
+        self._pruned_keep, self._pruned_at = keep, now
 
     def _prepare(self) -> None:
         """Once per session: parents for our nodes, and the host registry entry."""
