@@ -22,6 +22,7 @@ Paths come from :mod:`.store.layout` only.
 
 from __future__ import annotations
 
+import itertools
 import json
 import threading
 import time
@@ -32,8 +33,9 @@ from typing import Any, Callable, Sequence
 from .decisions import ServiceView, needs_racks
 from dataclasses import replace
 
-from .model import CurrentEntry, DeployItem, InvalidData, dumps
-from .snapshot import checked_view, read_queue, read_view
+from .model import CurrentEntry, DeployItem, InvalidData, StagingEntry, dumps
+from .snapshot import (_current_entry, _staging_entry, checked_view, read_queue,
+                       read_view)
 from .store import (Check, Create, Delete, NodeExists, NoNode, SessionState, SetData, Store,
                     StoreError, StoreUnauthorized, StoreUnavailable, TransactionFailed)
 from .store import layout
@@ -389,6 +391,9 @@ class RereadCoordinator(Coordinator):
                 self._wake()  # gone already: look again now
 
 
+_STAMPS = itertools.count(1)
+
+
 class _Nodes(dict):
     """path -> (data, version), which also keeps, for every directory, the names below it
     and how many nodes each name leads to: a cycle lists a few directories (the ready
@@ -398,7 +403,22 @@ class _Nodes(dict):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__()
         self.below: dict[str, dict[str, int]] = {}
+        # When each area last changed ("current", "current/A", "hosts", ...: a node's first
+        # and first two path components), from one clock for all instances, so that a
+        # view's parts can be kept until their area changes (MirrorCoordinator._parts).
+        self.stamps: dict[str, int] = {}
+        self.epoch = next(_STAMPS)
         self.update(*args, **kwargs)
+
+    def _touch(self, path: str) -> None:
+        stamp = next(_STAMPS)
+        cut = path.find("/")
+        if cut < 0:
+            self.stamps[path] = stamp
+            return
+        self.stamps[path[:cut]] = stamp
+        second = path.find("/", cut + 1)
+        self.stamps[path if second < 0 else path[:second]] = stamp
 
     def _count(self, path: str, step: int) -> None:
         start = 0
@@ -422,10 +442,12 @@ class _Nodes(dict):
         if path not in self:
             self._count(path, 1)
         super().__setitem__(path, value)
+        self._touch(path)
 
     def __delitem__(self, path: str) -> None:
         super().__delitem__(path)
         self._count(path, -1)
+        self._touch(path)
 
     _MISSING = object()
 
@@ -433,6 +455,7 @@ class _Nodes(dict):
         if path in self:
             value = super().pop(path)
             self._count(path, -1)
+            self._touch(path)
             return value
         if default is _Nodes._MISSING:
             raise KeyError(path)
@@ -450,10 +473,13 @@ class _Nodes(dict):
     def clear(self) -> None:
         super().clear()
         self.below.clear()
+        self.stamps.clear()
+        self.epoch = next(_STAMPS)
 
     def popitem(self) -> tuple[str, Any]:
         path, value = super().popitem()
         self._count(path, -1)
+        self._touch(path)
         return path, value
 
     def names(self, path: str) -> list[str]:
@@ -535,6 +561,16 @@ class _MirrorReader:
         return names
 
 
+class _BareReader(_MirrorReader):
+    """The mirror with no presences and no ready-queue entries listed: read_view through it
+    reads the service's other nodes only (MirrorCoordinator.view adds the two parts)."""
+
+    def children(self, path: str, watch=None) -> list[str]:
+        if layout.split(path)[0] in (layout.CURRENT, layout.STAGING):
+            return []
+        return super().children(path, watch)
+
+
 class MirrorCoordinator(Coordinator):
     """ZooKeeper 3.6+: follow by persistent recursive watches into a local mirror."""
 
@@ -562,6 +598,9 @@ class MirrorCoordinator(Coordinator):
         self._changes = 0
         self._last_queue: tuple[int, tuple[list[DeployItem], list[str]]] | None = None
         self._last_views: dict[str, tuple[int, object, tuple[str, ...], ServiceView]] = {}
+        self._bare = _BareReader(self._mirror, self._gates)  # the view without its two parts
+        self._parts: dict[str, tuple[tuple, Any]] = {}  # area -> (_part_key, part)
+        self._unread_entries: dict[str, CurrentEntry] = {}
 
     def _followed(self) -> list[str]:
         # hosts/: only which hosts have a live session (hosts/<host>/session exists), from
@@ -829,17 +868,112 @@ class MirrorCoordinator(Coordinator):
         if last is not None and last[0] == self._changes and last[1] is queue \
                 and last[2] == tuple(queue_invalid):
             return last[3]
-        view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
-        if needs_racks(view):
+        # Everything but the presences and the ready queue (a few nodes), then those two
+        # parts, each kept until a node of its own area (or a session) changes: a
+        # notification changes one of them, and a host at the front builds its view twice
+        # per hand-off (its cycle, then the gate's), each walking N presences and entries.
+        base = read_view(self._bare, svc, queue, queue_invalid)  # type: ignore[arg-type]
+        if needs_racks(base):
+            view = read_view(self._reader, svc, queue, queue_invalid)  # type: ignore[arg-type]
             return self._live_only(svc, self.resolve_racks(svc, view))
-        unread = {host: CurrentEntry(host=host, version="")
-                  for host in self._mirror.children(layout.presence_dir(svc))
-                  if self._mirror.nodes.get(layout.presence(svc, host), (b"",))[0] is None}
-        if unread:
-            view = replace(view, current={**view.current, **unread})
-        view = self._live_only(svc, view)
+        current, current_problems, dead = self._current_part(svc)
+        staging, staging_problems, dead_entries = self._staging_part(svc)
+        problems = [*base.invalid, *current_problems, *staging_problems]
+        problems += [f"presence of {svc} on {h} is not counted: {h} has no live session "
+                     f"(hosts/{h}/session is missing)" for h in dead]
+        problems += [f"ready-queue entry staging/{svc}/{e.node} is not counted: {e.host} "
+                     "has no live session" for e in dead_entries]
+        view = replace(base, current=current, staging=staging, invalid=problems)
         self._last_views[svc] = (self._changes, queue, tuple(queue_invalid), view)
         return view
+
+    def _part_key(self, area: str) -> tuple:
+        nodes = self._mirror.nodes
+        return (nodes.epoch, nodes.stamps.get(area, 0), nodes.stamps.get(layout.HOSTS, 0),
+                self._sessions_followed)
+
+    def _live(self) -> Callable[[str], bool]:
+        """Whether a host's presence or entry counts (see _live_only)."""
+        if not self._sessions_followed:
+            return lambda h: True
+        nodes, me = self._mirror.nodes, self.host
+        return lambda h: h == me or f"{layout.HOSTS}/{h}/session" in nodes
+
+    def _current_part(self, svc: str) -> tuple[dict[str, CurrentEntry], list[str], list[str]]:
+        """The presences as read_view, view() and _live_only make them: those read (each
+        value parsed once), then those not read (version ""), less those without a live
+        session; the problems; the hosts left out for that (sorted)."""
+        area = layout.presence_dir(svc)
+        key = self._part_key(area)
+        known = self._parts.get(area)
+        if known is not None and known[0] == key:
+            return known[1]
+        nodes = self._mirror.nodes
+        prefix = area + "/"
+        current: dict[str, CurrentEntry] = {}
+        unread: dict[str, CurrentEntry] = {}
+        problems: list[str] = []
+        for host in nodes.names(area):
+            found = nodes.get(prefix + host)
+            if found is None:
+                continue  # only nodes below it
+            if found[0] is None:
+                entry = self._unread_entries.get(host)
+                if entry is None:
+                    entry = self._unread_entries[host] = CurrentEntry(host=host, version="")
+                unread[host] = entry
+                continue
+            try:
+                current[host] = _current_entry(svc, host, bytes(found[0]))
+            except InvalidData as exc:
+                problems.append(str(exc))  # counted as not online: the safe side for quorum
+        if unread:
+            current.update(unread)
+        live = self._live()
+        dead = sorted(h for h in current if not live(h))
+        if dead:
+            current = {h: e for h, e in current.items() if live(h)}
+        part = (current, problems, dead)
+        self._parts[area] = (key, part)
+        return part
+
+    def _staging_part(self, svc: str) -> tuple[list[StagingEntry], list[str],
+                                               list[StagingEntry]]:
+        """The ready queue as read_staging reads it from the mirror, in sequence order,
+        less the entries of hosts without a live session; the problems; the entries left
+        out for that."""
+        area = layout.staged(svc)
+        key = self._part_key(area)
+        known = self._parts.get(area)
+        if known is not None and known[0] == key:
+            return known[1]
+        nodes = self._mirror.nodes
+        prefix = area + "/"
+        staged = nodes.get(area)
+        assumed: bytes | None = None
+        problems: list[str] = []
+        entries: list[StagingEntry] = []
+        for node in self._reader.children(area):  # the backend's order within a number
+            found = nodes.get(prefix + node)
+            if found is None:
+                continue  # only nodes below it
+            data = found[0]
+            if data is None:  # another host's entry, not read (see _MirrorReader)
+                if assumed is None:
+                    assumed = _assumed_entry(staged[0] if staged else None)
+                data = assumed
+            try:
+                entries.append(_staging_entry(svc, node, bytes(data)))
+            except InvalidData as exc:
+                problems.append(str(exc))
+        entries.sort(key=lambda e: e.seq)
+        live = self._live()
+        dead = [e for e in entries if not live(e.host)]
+        if dead:
+            entries = [e for e in entries if live(e.host)]
+        part = (entries, problems, dead)
+        self._parts[area] = (key, part)
+        return part
 
     def _live_only(self, svc: str, view: ServiceView) -> ServiceView:
         if not self._sessions_followed:

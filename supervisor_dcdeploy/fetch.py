@@ -1148,12 +1148,38 @@ def write_marker(directory: Path, *, version: str, sha256: str) -> None:
     atomic_write(directory / MARKER_NAME, data)
 
 
+# marker path -> (what stat said of it, the digest it held): the agent asks on every cycle
+# (prefetch, the cache's pruning), and a stat is one system call where reading and parsing
+# the marker were four and a JSON parse. A marker is replaced by a rename (a new inode) or
+# deleted with its release, either of which the stat shows.
+_MARKERS: dict[str, tuple[tuple[int, int, int, int], str | None]] = {}
+_MARKERS_MAX = 4096
+
+
 def installed_sha256(release_dir: Path) -> str | None:
     """The sha256 recorded in ``release_dir``'s marker; None if absent, unreadable or malformed.
     Never raises for a bad marker: a release without a valid marker is simply not installed."""
+    marker = os.path.join(release_dir, MARKER_NAME)
     try:
-        data = json.loads((Path(release_dir) / MARKER_NAME).read_bytes())
+        st = os.stat(marker)
     except (OSError, ValueError):
+        return None
+    key = (st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size)
+    known = _MARKERS.get(marker)
+    if known is not None and known[0] == key:
+        return known[1]
+    sha = _read_marker(marker)
+    if len(_MARKERS) >= _MARKERS_MAX:
+        _MARKERS.clear()
+    _MARKERS[marker] = (key, sha)
+    return sha
+
+
+def _read_marker(marker: str) -> str | None:
+    try:
+        with open(marker, "rb") as fh:
+            data = json.loads(fh.read())
+    except (OSError, ValueError, RecursionError):
         return None
     if not isinstance(data, dict):
         return None

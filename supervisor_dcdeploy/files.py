@@ -31,8 +31,11 @@ def atomic_write(path: Path, data: bytes, durable: bool = True) -> None:
     rewritten every cycle (status.json) does without the two fsyncs, a crash then loses
     only its last version. The file is made mode 0600 (``mkstemp``). Makes the parent
     directory if needed; raises OSError (a full disk, ...) with nothing left behind."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except FileNotFoundError:  # the directory first (looked for only then: status.json
+        path.parent.mkdir(parents=True, exist_ok=True)  # is written every cycle)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)

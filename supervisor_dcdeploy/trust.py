@@ -419,13 +419,14 @@ class Policy:
 def check(value: ServiceSpec | StagedRelease | DeployItem, policy: Policy, now: float,
           seen: Mapping[str, Seen]) -> tuple[Verdict, dict[str, Seen]]:
     """One value against the policy and what was seen: (verdict, counters to record)."""
+    signature = getattr(value, "signature", None)
+    if policy.insecure_unsigned and (signature is None or not policy.keys):
+        # No pinned key means no basis to check a signature either: accepted as is (and
+        # before the payload is built: this runs for every value on every view).
+        return Verdict(True, "not checked, accepted (insecure_unsigned = true)"), {}
     kind = payload_of(value)["kind"]
     service = value.name if isinstance(value, ServiceSpec) else value.service
     key = f"{kind}/{service}"
-    signature = getattr(value, "signature", None)
-    if policy.insecure_unsigned and (signature is None or not policy.keys):
-        # No pinned key means no basis to check a signature either: accepted as is.
-        return Verdict(True, "not checked, accepted (insecure_unsigned = true)"), {}
     last = seen.get(key)
     verdict = verify(payload_of(value), signature, policy.keys, now,
                      last.counter if last else None)

@@ -343,3 +343,66 @@ def test_the_mirror_lists_a_directory_as_a_scan_of_its_nodes_would():
                 assert mirror.children(directory) == _scanned(mirror.nodes, directory)
 
     check()
+
+
+def _view_as_before(coord: MirrorCoordinator, svc: str, queue, queue_invalid):
+    """The mirror's view as it was built before it was kept in parts: every node read
+    through the mirror's reader, the unread presences added, then only live hosts."""
+    from dataclasses import replace
+
+    from supervisor_dcdeploy.model import CurrentEntry
+    from supervisor_dcdeploy.snapshot import read_view
+    view = read_view(coord._reader, svc, queue, queue_invalid)
+    unread = {h: CurrentEntry(host=h, version="")
+              for h in coord._mirror.children(f"current/{svc}")
+              if coord._mirror.nodes.get(f"current/{svc}/{h}", (b"",))[0] is None}
+    if unread:
+        view = replace(view, current={**view.current, **unread})
+    return coord._live_only(svc, view)
+
+
+_VIEW_HOSTS = ("h0", "h1", "h2", "h3")
+_VALUES = [None, dumps({"version": "1"}), dumps({"version": "2", "rack": "r1"}), b"garbage",
+           b""]
+
+
+def test_the_view_kept_in_parts_equals_the_view_read_whole():
+    """The presences and the ready queue are kept apart and rebuilt only when a node of
+    their own area (or a session) changed: after any sequence of changes the view is
+    the one read whole from the mirror, in the same order, with the same problems."""
+    from hypothesis import given, settings, strategies as st
+
+    paths = ([f"current/A/{h}" for h in _VIEW_HOSTS] +
+             [f"staging/A/{h}-000000000{i}" for i, h in enumerate(_VIEW_HOSTS)] +
+             [f"hosts/{h}/session" for h in _VIEW_HOSTS] +
+             ["staging/A", "gate/A", "current/A/h0/x", "staging/B/h1-0000000009"])
+    change = st.tuples(st.sampled_from(["set", "delete", "gone", "contended"]),
+                       st.sampled_from(paths), st.sampled_from(_VALUES))
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.booleans(), st.lists(change, max_size=25))
+    def check(owners, changes) -> None:
+        store = Double()
+        store.knows_owners = owners  # sessions followed: only live hosts count
+        store.nodes["staging/A"] = (dumps({"version": "2", "sha256": "a" * 64,
+                                           "urls": ["file:///x"], "size": 1}), 0)
+        coord = MirrorCoordinator(store, "h1", ["A"], lambda: None)  # type: ignore[arg-type]
+        coord.follow()
+        for kind, path, value in changes:
+            if kind == "set":
+                coord._mirror.nodes[path] = (value, 0)
+            elif kind == "delete":
+                coord._mirror.nodes.pop(path, None)
+            elif kind == "gone":
+                coord._gone(path)
+            else:
+                coord._contended("A")
+            coord._changes += 1
+            queue, invalid = coord.queue()
+            got = coord.view("A", queue, invalid)
+            want = _view_as_before(coord, "A", queue, invalid)
+            assert got == want
+            assert list(got.current) == list(want.current)
+            assert coord.view("A", queue, invalid) is got  # nothing new: kept
+
+    check()

@@ -682,6 +682,25 @@ def test_installed_sha256_is_none_for_missing_or_garbage_markers(
     assert installed_sha256(tmp_path / "absent") is None
 
 
+def test_installed_sha256_follows_a_marker_replaced_rewritten_or_removed(tmp_path: Path) -> None:
+    """The digest is remembered per marker as stat shows it (one system call per cycle),
+    so each way a marker changes is seen at the next call."""
+    from supervisor_dcdeploy.fetch import write_marker
+    first, second = "a" * 64, "b" * 64
+    write_marker(tmp_path, version="1", sha256=first)
+    assert installed_sha256(tmp_path) == first
+    assert installed_sha256(tmp_path) == first  # remembered
+    write_marker(tmp_path, version="1", sha256=second)  # replaced by a rename
+    assert installed_sha256(tmp_path) == second
+    marker = tmp_path / ".dcdeploy-release.json"
+    marker.write_bytes(b"not json, and longer than the marker was" * 3)  # in place
+    assert installed_sha256(tmp_path) is None
+    write_marker(tmp_path, version="1", sha256=first)
+    assert installed_sha256(tmp_path) == first
+    marker.unlink()
+    assert installed_sha256(tmp_path) is None
+
+
 def test_errors_are_one_family() -> None:
     for cls in (DownloadError, VerificationError, UnsafeArchive, DiskFull):
         assert issubclass(cls, FetchError)

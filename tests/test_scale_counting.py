@@ -97,3 +97,49 @@ def test_the_store_s_select_reports_ready_descriptors_as_kazoo_s_does():
     finally:
         a.close()
         b.close()
+
+
+def test_the_connection_reads_packets_that_arrive_together_with_one_receive():
+    """The handler's socket (``_BufferedSocket``) takes what the kernel holds in one
+    ``recv`` and serves kazoo's reads (a packet's length, then its body) from it;
+    ``pending()`` and the handler's ``select`` say when bytes are already there, so the
+    second packet needs no poll and no receive. A packet split across arrivals is
+    returned in pieces, as a socket would."""
+    import socket
+
+    from supervisor_dcdeploy.store.zookeeper import PollingHandler, _BufferedSocket
+
+    class Counting:
+        def __init__(self, sock):
+            self.sock, self.receives = sock, 0
+
+        def recv(self, size):
+            self.receives += 1
+            return self.sock.recv(size)
+
+        def fileno(self):
+            return self.sock.fileno()
+
+    handler = PollingHandler()
+    a, b = socket.socketpair()
+    inner = Counting(a)
+    conn = _BufferedSocket(inner)
+    try:
+        assert conn.pending() == 0
+        assert handler.select([conn], [], [], 0.01) == ([], [], [])
+        b.sendall(b"\x00\x00\x00\x03abc" + b"\x00\x00\x00\x02de")  # two packets at once
+        assert handler.select([conn], [], [], 1.0) == ([conn], [], [])
+        assert conn.recv(4) == b"\x00\x00\x00\x03" and inner.receives == 1
+        assert conn.pending() == 9
+        assert handler.select([conn, b], [], [], 1.0) == ([conn], [], [])  # no poll
+        assert conn.recv(3) == b"abc"
+        assert conn.recv(4) == b"\x00\x00\x00\x02"
+        assert conn.recv(5) == b"de"  # what is there, not more
+        assert inner.receives == 1 and conn.pending() == 0
+        b.sendall(b"fg")
+        assert handler.select([conn], [], [], 1.0) == ([conn], [], [])
+        assert conn.recv(2) == b"fg" and inner.receives == 2
+        assert conn.fileno() == a.fileno()
+    finally:
+        a.close()
+        b.close()

@@ -224,6 +224,37 @@ def test_init_is_idempotent_and_a_host_left_out_loses_access(secure_root):
         h2.stop()
 
 
+def test_a_revoked_host_hears_no_notifications(secure_root):
+    """What lets an agent skip its periodic access check while notifications arrive
+    (agent/access.py): the server sends a watch notification only to a session that may
+    read the node that changed (ZooKeeper's fix of CVE-2024-23944). Before the revocation
+    h2 hears the change h1 hears; after it, h2 hears none of them, and its store's proof
+    of access stops moving."""
+    secure_root.init(["h1", "h2"])
+    op = secure_root.open("operator")
+    h1, h2 = secure_root.open("h1"), secure_root.open("h2")
+    heard: dict[str, list[str]] = {"h1": [], "h2": []}
+    try:
+        op.ensure("released/api")
+        for name, client in (("h1", h1), ("h2", h2)):
+            client.watch_tree("released", lambda kind, path, name=name:
+                              heard[name].append(f"{kind} {path}"))
+        op.set("released/api", b'{"version": "1"}')
+        wait_for(lambda: heard["h1"] and heard["h2"], 15, "both hosts to hear the change")
+        assert h2.notified_at is not None
+        proof = h2.notified_at
+        secure_root.init(["h1"])  # h2 revoked
+        before = len(heard["h1"])
+        op.set("released/api", b'{"version": "2"}')
+        wait_for(lambda: len(heard["h1"]) > before, 15, "h1 to hear the second change")
+        h2.sync("")  # not checked against rights: every notification sent before it is in
+        assert heard["h2"] == ["changed released/api"]
+        assert h2.notified_at == proof
+    finally:
+        for client in (h1, h2, op):
+            client.stop()
+
+
 def test_without_init_a_credentialed_client_creates_nothing(secure_root):
     h1 = secure_root.open("h1")
     try:

@@ -140,6 +140,11 @@ def load(path: Path) -> AgentConfig:
     for key, kind, minimum in SWARM_NUMBERS:  # kept as text in ``extra``, checked here
         if agent.get(key, "").strip():
             _number(f"{where} {key}", agent[key].strip(), kind, minimum)
+    try:
+        from .access import events_prove_access
+        events_prove_access(dict(agent))
+    except ValueError as exc:
+        raise ConfigError(f"{where} {exc}") from None
     if agent.get("metrics_listen", "").strip():
         from ..metrics import ListenError, parse_listen
         try:

@@ -38,6 +38,7 @@ from ..store import (
     open_store,
 )
 from ..supervisorctl_client import Supervisor, SupervisorError, SupervisorShuttingDown
+from .access import access_check_due, events_prove_access
 from .config import AgentConfig
 from .distribution import Distribution
 from .fetching import FetchManager
@@ -46,6 +47,7 @@ from .status import HostStatus
 from .switches import SwitchRunner
 
 RECONNECT_SECS = 3.0  # between attempts to open the store session while it is unreachable
+PRUNE_SECS = 60.0  # the download cache is listed at least this often (see _prune_cache)
 
 
 class Agent:
@@ -67,8 +69,9 @@ class Agent:
         self._published: tuple[dict[str, Any], tuple[str, ...]] | None = None
         self._denied = False  # this cycle, the store refused our credentials
         self._was_denied = False  # a cycle before this one was refused
-        self._next_access_check = 0.0
+        self._access_checked_at: float | None = None  # time.monotonic() of the last pass
         self._access_check_secs = float(cfg.extra.get("store_check_secs") or 60.0)
+        self._events_prove_access = events_prove_access(cfg.extra)
         self._wake_at: float | None = None  # time.time() of an earlier wake-up (soak end)
         self.dist = Distribution(cfg, self.store) if Distribution.enabled(cfg) else None
         self.fetches = FetchManager(cfg, self.dist, self._wake, self.log, fetch)
@@ -79,6 +82,8 @@ class Agent:
         self.cycles = 0
         self.cycle_errors = 0
         self._status_written = b""
+        self._pruned_keep: set[str] | None = None
+        self._pruned_at = 0.0
         self.reconcilers: dict[str, ServiceReconciler] = {}  # below; the metrics read it
         self.metrics = AgentMetrics(self)  # served only when agent.conf has metrics_listen
         if self.local.problem:
@@ -265,14 +270,20 @@ class Agent:
         return self.session.value if self._started else "unreachable"
 
     def _check_access(self) -> None:
-        """Every ``store_check_secs`` (each cycle while refused), one read the store checks
-        against our rights: a revoked host notices, and a readmitted one rebuilds what it
-        follows (events may have been missed meanwhile)."""
+        """One read the store checks against our rights once ``store_check_secs`` have
+        passed without another proof of access (agent/access.py: a request the store
+        accepted, or a notification where the server filters them by read right), and
+        each cycle while refused: a revoked host notices, and a readmitted one rebuilds
+        what it follows (events may have been missed meanwhile)."""
         now = time.monotonic()
-        if not self._was_denied and now < self._next_access_check:
+        due, _reason = access_check_due(
+            now, self._access_check_secs, checked_at=self._access_checked_at,
+            accepted_at=self.store.accepted_at, notified_at=self.store.notified_at,
+            events_prove=self._events_prove_access, refused=self._was_denied)
+        if not due:
             return
         self.coord.check_access()
-        self._next_access_check = now + self._access_check_secs
+        self._access_checked_at = now
         if self._was_denied:
             self._was_denied = False
             self.coord.reload()
@@ -301,10 +312,18 @@ class Agent:
             if staged is not None and \
                     installed_sha256(r.rd.path(staged.version)) != staged.sha256:
                 keep.add(staged.sha256)
+        # Artifacts come only from fetches (kept while they run), so with the same set to
+        # keep as at the last pruning there is nothing new to drop: list the directory
+        # again only when the set changed, or after PRUNE_SECS anyway.
+        now = time.monotonic()
+        if keep == self._pruned_keep and now - self._pruned_at < PRUNE_SECS:
+            return
         try:
             prune_cache(self.cfg.root / ".cache", keep)
         except OSError as exc:
             self.log.warning("cache.prune_failed", error=str(exc))
+            return
+        self._pruned_keep, self._pruned_at = keep, now
 
     def _prepare(self) -> None:
         """Once per session: parents for our nodes, and the host registry entry."""

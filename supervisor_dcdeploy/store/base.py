@@ -203,6 +203,14 @@ class Store(abc.ABC):
 
     knows_owners = False  # get_owned() tells who holds an ephemeral node (ZooKeeper)
 
+    # What shows that the store still admits this identity (agent/access.py), as
+    # time.monotonic() values, None: never or not told by this backend (then the agent's
+    # periodic access check runs on its own clock). ``accepted_at``: the last request the
+    # store checked against our rights and accepted; ``notified_at``: the last watch
+    # notification received.
+    accepted_at: float | None = None
+    notified_at: float | None = None
+
     @property
     def session_id(self) -> int | None:
         """The id this session's ephemeral nodes carry as their owner, or None where the

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import select
+import time
 from collections import namedtuple
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -152,6 +153,12 @@ class PollingHandler(SequentialThreadingHandler):
                 raise TypeError("timeout must be a number")
             if timeout < 0:
                 raise ValueError("timeout must be non-negative")
+        # Bytes already read into a _BufferedSocket are ready without asking the kernel
+        # (kazoo's loop then reads the next packet from them; its requests to send wait
+        # at most until they are used up).
+        buffered = [obj for obj in rlist if type(obj) is _BufferedSocket and obj.pending()]
+        if buffered:
+            return buffered, [], []
         masks: dict[int, int] = {}
         objects: dict[int, tuple[list, list]] = {}
         for mask, objs in ((_POLL_READ, rlist), (_POLL_WRITE, wlist)):
@@ -175,6 +182,54 @@ class PollingHandler(SequentialThreadingHandler):
             elif events & ~_POLL_READ:
                 writers.extend(writable)
         return readers, writers, []
+
+    def create_connection(self, *args: Any, **kwargs: Any) -> "_BufferedSocket":
+        return _BufferedSocket(super().create_connection(*args, **kwargs))
+
+
+class _BufferedSocket:
+    """The connection's socket, read in large pieces. kazoo reads each packet in two
+    ``recv`` calls (its length, then the rest), each after a ``select``: with the loop's
+    own select, three polls and two receives per notification, and each system call
+    hands the GIL over. Here one ``recv`` takes whatever the kernel holds (up to
+    ``CHUNK``), later ``recv`` calls are served from it, and ``pending()`` (which kazoo
+    already asks of an SSL socket before it selects) says so: a notification that arrives
+    alone costs one poll and one receive, and those that arrive together (the two events
+    of one multi) share them. Everything else is the wrapped socket's."""
+
+    CHUNK = 65536
+
+    def __init__(self, sock: Any) -> None:
+        self._sock = sock
+        self._buf = b""
+        self._pos = 0
+
+    def pending(self) -> int:
+        inner = getattr(self._sock, "pending", None)  # an SSL socket's decrypted bytes
+        return len(self._buf) - self._pos + (inner() if inner is not None else 0)
+
+    def recv(self, size: int, *flags: Any) -> bytes:
+        if self._pos < len(self._buf):
+            out = self._buf[self._pos:self._pos + size]
+            self._pos += len(out)
+            return out
+        data = self._sock.recv(max(size, self.CHUNK), *flags)
+        if len(data) <= size:
+            return data
+        self._buf, self._pos = data, size
+        return data[:size]
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def __getattr__(self, name: str) -> Any:  # send, close, setblocking, ...
+        return getattr(self._sock, name)
+
+    def __enter__(self) -> "_BufferedSocket":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self._sock.close()
 
 
 class ZooKeeperStore(Store):
@@ -262,6 +317,7 @@ class ZooKeeperStore(Store):
         if wrapper is None:
             def wrapper(_event, watch=watch) -> None:
                 self.ops.notified()
+                self.notified_at = time.monotonic()
                 watch()
             self._wrappers[watch] = wrapper
         return wrapper
@@ -270,6 +326,7 @@ class ZooKeeperStore(Store):
     def get(self, path: str, watch: Watcher | None = None) -> tuple[bytes, int]:
         self.ops.read()
         data, stat = self._wait(self._client.get_async(self._abs(path), self._watch(watch)))
+        self.accepted_at = time.monotonic()
         return data, stat.version
 
     def exists(self, path: str, watch: Watcher | None = None) -> int | None:
@@ -280,8 +337,10 @@ class ZooKeeperStore(Store):
     def children(self, path: str, watch: Watcher | None = None) -> list[str]:
         self.ops.read()
         try:
-            return list(self._wait(self._client.get_children_async(self._abs(path),
-                                                                   self._watch(watch))))
+            names = list(self._wait(self._client.get_children_async(self._abs(path),
+                                                                    self._watch(watch))))
+            self.accepted_at = time.monotonic()
+            return names
         except NoNode:
             if watch:  # watch for the parent to appear instead
                 self.exists(path, watch)
@@ -323,6 +382,7 @@ class ZooKeeperStore(Store):
         result = self._client.handler.async_result()
         self._client._call(request, result)
         data, stat = self._wait(result)
+        self.accepted_at = time.monotonic()
         return data, stat.version
 
     @property
@@ -349,6 +409,7 @@ class ZooKeeperStore(Store):
             else:
                 data, stat = answer
                 out.append(NodeRead(data or b"", stat.version, stat.ephemeralOwner))
+                self.accepted_at = time.monotonic()
         return out
 
     def _hook_events(self) -> None:
@@ -368,6 +429,7 @@ class ZooKeeperStore(Store):
                     for prefix, watcher in list(self._tree_watches.items()):
                         if event.path == prefix or event.path.startswith(prefix + "/"):
                             self.ops.notified()
+                            self.notified_at = time.monotonic()
                             watcher(kind, event.path[root:])
                     # No one-shot watch of kazoo's waits on this path: its own handling
                     # would only decode the event again and build an event nobody gets
@@ -394,6 +456,7 @@ class ZooKeeperStore(Store):
             created = self._wait(self._client.create_async(
                 self._abs(path), data, ephemeral=ephemeral, sequence=sequential,
                 makepath=True))
+            self.accepted_at = time.monotonic()
             return created[len(self.root) + 1:]
         policy = self.policy()
 
@@ -406,6 +469,7 @@ class ZooKeeperStore(Store):
         except NoNode:  # parents first, each with its own ACL (kazoo's makepath would
             self._make_parents(path, policy)  # give them the child's)
             created = attempt()
+        self.accepted_at = time.monotonic()
         return created[len(self.root) + 1:]
 
     def ensure(self, path: str) -> None:
@@ -514,7 +578,9 @@ class ZooKeeperStore(Store):
 
     def set(self, path: str, data: bytes, version: int = -1) -> int:
         self.ops.write()
-        return self._wait(self._client.set_async(self._abs(path), data, version)).version
+        version = self._wait(self._client.set_async(self._abs(path), data, version)).version
+        self.accepted_at = time.monotonic()
+        return version
 
     def delete(self, path: str, version: int = -1, *, recursive: bool = False) -> None:
         self.ops.write()
@@ -525,6 +591,7 @@ class ZooKeeperStore(Store):
                 raise _translate(exc) from exc
             return
         self._wait(self._client.delete_async(self._abs(path), version))
+        self.accepted_at = time.monotonic()
 
     def commit(self, ops: Sequence) -> list:
         self.ops.write()
@@ -551,6 +618,7 @@ class ZooKeeperStore(Store):
                 continue
             if isinstance(result, BaseException):
                 raise TransactionFailed(index, _translate(result))
+        self.accepted_at = time.monotonic()  # every op passed its ACL check
         for op, result in zip(ops, results):
             if isinstance(op, Create):
                 out.append(result[len(self.root) + 1:])
