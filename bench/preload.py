@@ -276,10 +276,11 @@ def wait_serving(port: int, version: str, timeout: float) -> tuple[dict[str, Any
 # -- the bench ------------------------------------------------------------------------------
 
 class Bench:
-    """A ZooKeeper and one host running ``data``; :meth:`run` measures one switch."""
+    """One host running ``data`` against a ZooKeeper of its own (or at ``store_url``);
+    :meth:`run` measures one switch."""
 
     def __init__(self, workdir: Path, data_bytes: int, startup_bytes: int,
-                 evict_how: str, madvise: str = "normal") -> None:
+                 evict_how: str, madvise: str = "normal", store_url: str | None = None) -> None:
         self.workdir = workdir
         self.madvise = madvise
         self.data_bytes = data_bytes
@@ -287,15 +288,19 @@ class Bench:
         self.src = workdir / "src"
         self.artifacts = workdir / "artifacts"
         make_data(self.src, data_bytes, startup_bytes)
-        self.zk = ZooKeeperServer(workdir / "zk", free_port())
+        self.zk = None if store_url else ZooKeeperServer(workdir / "zk", free_port())
+        self.store_url = store_url
         self.store: Any = None
         self.dc: Cluster | None = None
         self.version = 0
 
     def start(self) -> None:
-        self.zk.start()
-        self.zk.wait_serving()
-        url = f"zk://127.0.0.1:{self.zk.client_port}/dc"
+        url = self.store_url
+        if self.zk is not None:
+            self.zk.start()
+            self.zk.wait_serving()
+            url = f"zk://127.0.0.1:{self.zk.client_port}/dc"
+        assert url is not None
         self.store = open_store(url)
         self.store.start()
         self.dc = Cluster(self.workdir, self.store, url, 1, {SVC: {}}, racks=1,
@@ -314,7 +319,8 @@ class Bench:
             self.dc.stop_all()
         if self.store is not None:
             self.store.stop()
-        self.zk.kill()
+        if self.zk is not None:
+            self.zk.kill()
 
     @property
     def port(self) -> int:
@@ -404,9 +410,10 @@ class Bench:
 
 def measure(workdir: Path, *, data_bytes: int, startup_bytes: int, requests: int,
             pages: int, repeats: int, evict_how: str, madvise: str = "normal",
-            arms: Sequence[str] = ARMS) -> dict[str, Any]:
-    """Run every arm ``repeats`` times (alternating); return the result document."""
-    bench = Bench(workdir, data_bytes, startup_bytes, evict_how, madvise)
+            arms: Sequence[str] = ARMS, store_url: str | None = None) -> dict[str, Any]:
+    """Run every arm ``repeats`` times (alternating); return the result document.
+    ``store_url``: a ZooKeeper root to use instead of starting a ZooKeeper."""
+    bench = Bench(workdir, data_bytes, startup_bytes, evict_how, madvise, store_url)
     runs: list[dict[str, Any]] = []
     started_load = loadavg()
     try:
