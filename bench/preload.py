@@ -52,7 +52,7 @@ from supervisor_dcdeploy.p2p.warm import drop_cache, residency
 from supervisor_dcdeploy.store import NoNode, layout, open_store
 from supervisor_dcdeploy.waiting import wait_for
 
-from supervisor_dcdeploy.lab.hostenv import host_rpc
+from supervisor_dcdeploy.lab.hostenv import descendants, host_rpc
 from supervisor_dcdeploy.lab.localdc import Cluster
 from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port
 
@@ -232,6 +232,120 @@ def read_ahead_kb(path: Path) -> int | None:
     return None
 
 
+def device_probe(data: Path, reads: int = 400) -> dict[str, float]:
+    """What this machine's storage costs, read around the page cache (O_DIRECT) from the
+    release's source files: the sequential rate of reading ``index.bin`` in 1 MiB blocks,
+    and the latency of random 4 KiB reads in ``blob-00.bin`` (what one major fault of a
+    MADV_RANDOM mapping waits for). For scaling the results to other disks."""
+    import mmap
+    import random
+    rng = random.Random(0)
+    buf = mmap.mmap(-1, 1 << 20)  # page-aligned, as O_DIRECT wants
+    fd = os.open(data / "index.bin", os.O_RDONLY | os.O_DIRECT)
+    try:
+        size, done = os.fstat(fd).st_size, 0
+        started = time.perf_counter()
+        while done < size:
+            n = os.preadv(fd, [buf], done)
+            if n <= 0:
+                break
+            done += n
+        seq_s = time.perf_counter() - started
+    finally:
+        os.close(fd)
+    page = memoryview(buf)[:4096]
+    fd = os.open(data / "blob-00.bin", os.O_RDONLY | os.O_DIRECT)
+    try:
+        pages = os.fstat(fd).st_size // 4096
+        times = []
+        for _ in range(reads):
+            started = time.perf_counter()
+            os.preadv(fd, [page], rng.randrange(pages) * 4096)
+            times.append(time.perf_counter() - started)
+    finally:
+        os.close(fd)
+        page.release()
+        buf.close()
+    return {"seq_read_mb_s": round(done / seq_s / 1e6, 1),
+            "random_4k_read_p50_ms": round(percentile(times, 50) * 1e3, 4),
+            "random_4k_read_p99_ms": round(percentile(times, 99) * 1e3, 4)}
+
+
+def disk_of(path: Path) -> str:
+    """``major:minor`` of the whole disk holding ``path`` (a partition's parent): the
+    device blkio throttling rules name."""
+    dev = os.stat(path).st_dev
+    sysdir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    if (sysdir / "partition").is_file():
+        return (sysdir.resolve().parent / "dev").read_text().strip()
+    return f"{os.major(dev)}:{os.minor(dev)}"
+
+
+def parse_throttle(text: str) -> tuple[int, int]:
+    """``MBPS:IOPS`` (e.g. ``125:3000``, a cloud volume's baseline) -> (bytes/s, IO/s).
+    Raises ValueError naming what is wrong."""
+    rate, sep, iops = text.partition(":")
+    try:
+        bps, ios = int(float(rate) * 1e6), int(iops)
+    except ValueError:
+        raise ValueError(f"--throttle {text!r}: want MBPS:IOPS, e.g. 125:3000") from None
+    if not sep or bps <= 0 or ios <= 0:
+        raise ValueError(f"--throttle {text!r}: want MBPS:IOPS, both above 0, e.g. 125:3000")
+    return bps, ios
+
+
+class Throttle:
+    """A cgroup-v1 blkio group limiting reads from one disk (bytes/s and IO/s): what the
+    host's processes read from storage goes at most that fast, as on a slower disk. Page
+    cache hits are not affected. Root only."""
+
+    ROOT = Path("/sys/fs/cgroup/blkio")
+
+    def __init__(self, disk: str, bps: int, iops: int) -> None:
+        self.disk, self.bps, self.iops = disk, bps, iops
+        self.path = self.ROOT / f"dcdeploy-preload-{os.getpid()}"
+
+    def create(self) -> "Throttle":
+        if not (self.ROOT / "cgroup.procs").is_file():
+            raise RuntimeError(f"{self.ROOT}: no cgroup-v1 blkio hierarchy here, so no "
+                               "--throttle (run without it)")
+        self.path.mkdir(exist_ok=True)
+        (self.path / "blkio.throttle.read_bps_device").write_text(f"{self.disk} {self.bps}\n")
+        (self.path / "blkio.throttle.read_iops_device").write_text(
+            f"{self.disk} {self.iops}\n")
+        return self
+
+    def add(self, pids: Iterable[int]) -> None:
+        for pid in pids:
+            try:
+                (self.path / "cgroup.procs").write_text(f"{pid}\n")
+            except ProcessLookupError:
+                pass  # gone meanwhile
+
+    def holds(self, pid: int) -> bool:
+        """Whether ``pid`` is in the group (its reads are limited)."""
+        try:
+            return str(pid) in (self.path / "cgroup.procs").read_text().split()
+        except OSError:
+            return False
+
+    def remove(self) -> None:
+        """Move what is left back to the root group and remove the group."""
+        try:
+            for pid in (self.path / "cgroup.procs").read_text().split():
+                try:
+                    (self.ROOT / "cgroup.procs").write_text(f"{pid}\n")
+                except ProcessLookupError:
+                    pass
+            self.path.rmdir()
+        except OSError as exc:
+            log.warning("bench.throttle_left", bench="preload", path=str(self.path),
+                        error=str(exc))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"disk": self.disk, "read_mb_s": self.bps / 1e6, "read_iops": self.iops}
+
+
 def loadavg() -> float:
     return float(Path("/proc/loadavg").read_text().split()[0])
 
@@ -280,8 +394,10 @@ class Bench:
     :meth:`run` measures one switch."""
 
     def __init__(self, workdir: Path, data_bytes: int, startup_bytes: int,
-                 evict_how: str, madvise: str = "normal", store_url: str | None = None) -> None:
+                 evict_how: str, madvise: str = "normal", store_url: str | None = None,
+                 throttle: Throttle | None = None) -> None:
         self.workdir = workdir
+        self.throttle = throttle
         self.madvise = madvise
         self.data_bytes = data_bytes
         self.evict_how = evict_how
@@ -312,6 +428,9 @@ class Bench:
         self.define(preload=False)
         self.stage()
         self.dc.start()
+        if self.throttle is not None:  # supervisord and all below it, services to come too
+            proc: Any = self.dc.procs["h0"]
+            self.throttle.add([proc.pid, *descendants(proc.pid)])
         wait_for(lambda: self.dc.version("h0", SVC) == "1", 300, "the first version serving")
 
     def stop(self) -> None:
@@ -389,6 +508,7 @@ class Bench:
         wait_for(lambda: self.dc.queue_empty(), 120, f"the deploy of {version} to finish")
         result = {
             "arm": arm, "version": version, "pid": pid, "old_pid": old_pid,
+            "throttled": self.throttle is not None and self.throttle.holds(pid),
             "release_bytes": total, "resident_before_evict": resident_before,
             "resident_at_switch": round(resident_at_switch / total, 4) if total else None,
             "preload_status": preload_status if arm == "preload" else None,
@@ -410,27 +530,49 @@ class Bench:
 
 def measure(workdir: Path, *, data_bytes: int, startup_bytes: int, requests: int,
             pages: int, repeats: int, evict_how: str, madvise: str = "normal",
-            arms: Sequence[str] = ARMS, store_url: str | None = None) -> dict[str, Any]:
+            arms: Sequence[str] = ARMS, store_url: str | None = None,
+            throttle: tuple[int, int] | None = None) -> dict[str, Any]:
     """Run every arm ``repeats`` times (alternating); return the result document.
-    ``store_url``: a ZooKeeper root to use instead of starting a ZooKeeper."""
-    bench = Bench(workdir, data_bytes, startup_bytes, evict_how, madvise, store_url)
+    ``store_url``: a ZooKeeper root to use instead of starting a ZooKeeper; ``throttle``:
+    (bytes/s, IO/s) for the host's reads from its disk."""
     runs: list[dict[str, Any]] = []
+    device: dict[str, Any] = {}
     started_load = loadavg()
+    limit = Throttle(disk_of(workdir), *throttle) if throttle else None
+    bench = None
     try:
+        if limit is not None:
+            limit.create()
+        bench = Bench(workdir, data_bytes, startup_bytes, evict_how, madvise, store_url,
+                      limit)
         log.info("bench.start", bench="preload", data_bytes=data_bytes,
-                 startup_bytes=startup_bytes, evict=evict_how)
+                 startup_bytes=startup_bytes, evict=evict_how, madvise=madvise,
+                 throttle=limit.to_json() if limit else None)
         bench.start()
+        device = device_probe(bench.src / "data")
+        if limit is not None:  # the same probe from inside the group, then back out
+            limit.add([os.getpid()])
+            try:
+                device["throttled"] = device_probe(bench.src / "data")
+            finally:
+                (Throttle.ROOT / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        log.info("bench.device", bench="preload", **device)
         for arm in arm_order(arms, repeats):
             runs.append(bench.run(arm, requests, pages))
     finally:
-        bench.stop()
+        if bench is not None:
+            bench.stop()
+        if limit is not None:
+            limit.remove()
     per_arm = {arm: {**arm_summary([r for r in runs if r["arm"] == arm]),
                      "all": [r for r in runs if r["arm"] == arm]} for arm in arms}
     result: dict[str, Any] = {
         "data_bytes": data_bytes, "startup_bytes": startup_bytes, "requests": requests,
         "pages_per_request": pages, "repeats": repeats, "evict": evict_how,
         "madvise": madvise, "read_ahead_kb": read_ahead_kb(workdir),
-        "arms": per_arm, "loadavg": [started_load, loadavg()], "cpus": os.cpu_count()}
+        "throttle": limit.to_json() if limit else None,
+        "device": device, "arms": per_arm, "loadavg": [started_load, loadavg()],
+        "cpus": os.cpu_count()}
     if "cold" in per_arm and "preload" in per_arm:
         result["ratio_cold_over_preload"] = ratios(per_arm["cold"], per_arm["preload"])
     return result
@@ -450,6 +592,9 @@ def main(argv: Iterable[str] | None = None) -> int:
     parser.add_argument("--madvise", choices=("normal", "random"), default="normal",
                         help="how the service maps the blobs: normal (the kernel reads "
                              "around each fault) or random (MADV_RANDOM: a page per fault)")
+    parser.add_argument("--throttle", metavar="MBPS:IOPS",
+                        help="limit the host's reads from its disk (cgroup-v1 blkio, root), "
+                             "e.g. 125:3000 for a cloud volume's baseline")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(list(argv) if argv is not None else None)
     if args.requests < 1 or args.pages < 1 or args.repeats < 1:
@@ -458,16 +603,23 @@ def main(argv: Iterable[str] | None = None) -> int:
         data_files(args.data_mib * MiB, args.startup_mib * MiB)
     except ValueError as exc:
         parser.error(str(exc))
-    if args.evict == "all" and os.geteuid() != 0:
-        parser.error("--evict all writes /proc/sys/vm/drop_caches: run as root, or use "
-                     "--evict release")
+    throttle = None
+    if args.throttle:
+        try:
+            throttle = parse_throttle(args.throttle)
+        except ValueError as exc:
+            parser.error(str(exc))
+    if (args.evict == "all" or throttle) and os.geteuid() != 0:
+        parser.error("--evict all (/proc/sys/vm/drop_caches) and --throttle (a blkio "
+                     "cgroup) need root: run as root, or use --evict release without "
+                     "--throttle")
     logs.configure("info")
     workdir = Path(tempfile.mkdtemp(prefix="dcdeploy-preload-"))
     try:
         result = measure(workdir, data_bytes=args.data_mib * MiB,
                          startup_bytes=args.startup_mib * MiB, requests=args.requests,
                          pages=args.pages, repeats=args.repeats, evict_how=args.evict,
-                         madvise=args.madvise)
+                         madvise=args.madvise, throttle=throttle)
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:

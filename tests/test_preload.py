@@ -174,3 +174,26 @@ def test_preload_arm_takes_fewer_major_faults_than_the_cold_one(tmp_path, store_
     assert cold["majflt_requests"] > 20, cold
     assert pinned["majflt_total"] < cold["majflt_total"], (pinned, cold)
     assert pinned["read_mib_requests"] < cold["read_mib_requests"], (pinned, cold)
+
+
+@pytest.mark.parametrize("text, expected", [("125:3000", (125_000_000, 3000)),
+                                            ("0.5:100", (500_000, 100))])
+def test_throttle_is_megabytes_and_iops(text, expected):
+    assert preload.parse_throttle(text) == expected
+
+
+@pytest.mark.parametrize("text", ["125", "125:", ":3000", "0:3000", "125:0", "fast:3000",
+                                  "125:-1"])
+def test_throttle_refuses_what_is_not_two_positive_numbers(text):
+    with pytest.raises(ValueError, match="MBPS:IOPS"):
+        preload.parse_throttle(text)
+
+
+def test_disk_of_names_a_block_device_with_its_own_rules(tmp_path):
+    disk = preload.disk_of(tmp_path)
+    major, minor = (int(x) for x in disk.split(":"))
+    sysdir = Path(f"/sys/dev/block/{disk}")
+    if not sysdir.exists():  # tmpfs, overlay: no block device to throttle
+        assert major == 0
+    else:
+        assert not (sysdir / "partition").exists()  # a whole disk, never a partition
