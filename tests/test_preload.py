@@ -72,8 +72,8 @@ def test_percentile_refuses_no_values_and_ranks_out_of_range(values, q):
 
 
 def test_latency_summary_is_in_milliseconds():
-    assert preload.latency_summary([0.001] * 99 + [0.5]) == \
-        {"p50_ms": 1.0, "p99_ms": 1.0, "max_ms": 500.0}
+    assert preload.latency_summary([0.002] + [0.001] * 98 + [0.5]) == \
+        {"first_ms": 2.0, "p50_ms": 1.0, "p99_ms": 2.0, "max_ms": 500.0}  # 99th of 100
 
 
 def test_arms_alternate_which_goes_first():
