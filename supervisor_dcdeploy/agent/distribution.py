@@ -17,7 +17,8 @@ password file the daemon's settings were written with, mode 0600; default
 ``<root>/transmission/rpc-secret``), ``address`` (what peers dial: the host's data-network
 address; required in practice, the default is the RPC host), ``tracker_port`` (6969),
 ``swarm_dir`` (the daemon's download dir; default ``<root>/downloads``), ``seed_grace``
-(seconds, 60), ``mlock_cap`` (bytes pinned with mlock by preload, 0), ``kick_secs`` (how
+(seconds, 60), ``mlock_cap`` (bytes pinned with mlock by preload, 0; the fetch manager
+reads it, so it applies on hosts without a swarm engine too), ``kick_secs`` (how
 often the kicker looks for peers waiting on Transmission's 10 s choke pass, 1; 0 turns it off),
 ``swarm_stall_secs`` (a swarm download with no new byte for this long fails, and is
 retried from the release's URLs when it has some; 120, 0 waits forever), ``link_mbit``

@@ -13,6 +13,7 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
 from typing import Any, NamedTuple
 
 from ..localstate import ReleaseDir
@@ -60,6 +61,10 @@ class FetchManager:
         self._lock = threading.Lock()  # guards the two tables of published values below
         self._progress: dict[str, FetchProgress] = {}
         self._preload: dict[str, PreloadStatus] = {}
+        # Read here, not from the swarm part: a host that fetches over HTTP only pins
+        # what its agent.conf asks for too (the key was ignored without a swarm engine).
+        self.mlock_cap = int(cfg.extra.get("mlock_cap", "0") or 0)
+        self._warmed: dict[str, Path] = {}  # svc -> the release path its locks are held for
 
     # -- the agent's thread ---------------------------------------------------------------
     def start(self, svc: str, staged: StagedRelease, rd: ReleaseDir, preload: bool,
@@ -146,19 +151,33 @@ class FetchManager:
                 raise DownloadError("the staged release has only a torrent and this host has "
                                     "no swarm engine in its agent.conf (transmission_rpc or "
                                     "swarm_engine = libtorrent)")
+            target = rd.path(staged.version)
             if preload:
                 from ..p2p.warm import warm
-                result = warm(rd.path(staged.version),
-                              mlock_cap=self.dist.mlock_cap if self.dist else 0)
+                result = warm(target, mlock_cap=self.mlock_cap)
                 with self._lock:
                     self._preload[svc] = PreloadStatus(
                         result.bytes_total, result.bytes_resident, result.bytes_locked,
                         result.mlock_error)
                 self.log.info("preload.done", svc=svc, version=staged.version,
                               resident=result.bytes_resident, total=result.bytes_total,
-                              mlock_error=result.mlock_error)
+                              locked=result.bytes_locked, mlock_error=result.mlock_error)
+            self._release_pins(svc, target if preload else None)
         finally:
             self.wake()
+
+    def _release_pins(self, svc: str, warmed: Path | None) -> None:
+        """The release just installed supersedes the one warmed before for ``svc``: unpin
+        that one, or every deploy would add ``mlock_cap`` bytes (pruned releases' deleted
+        files included) until the agent restarts. One job per service at a time, so only
+        this thread touches this service's entry."""
+        with self._lock:
+            previous = self._warmed.pop(svc, None)
+            if warmed is not None:
+                self._warmed[svc] = warmed
+        if previous is not None and previous != warmed:
+            from ..p2p.warm import unlock
+            unlock(previous)
 
 
 __all__ = ["FetchFailure", "FetchJob", "FetchManager"]
