@@ -411,16 +411,11 @@ def test_a_swarm_nobody_seeds_fails_as_stalled_not_forever(lab):
         f.remove(staged.infohash, delete_data=True)
 
 
-# libtorrent: the final CI run of 2026-12-02 saw the engine report this web-seeded
-# download complete while rel-9.bin was not (yet) in h1's releases directory, so the
-# sha256 read failed; earlier runs passed. Not understood yet (issue #12): reported as an
-# expected failure with its reason, not hidden; Transmission's case must pass.
-@pytest.mark.parametrize("lab", [
-    "transmission",
-    pytest.param("libtorrent", marks=pytest.mark.xfail(
-        reason="#12: libtorrent reported a web-seeded download complete before the file "
-               "was in the releases directory (seen once in CI, cause not found)",
-        strict=False))], indirect=True)
+# libtorrent: the final CI run of 2026-12-02 saw the engine report this web-seeded download
+# complete while rel-9.bin was not in h1's releases directory yet: libtorrent counts a piece
+# once its hash passed, before its write reached the file. The fetch now has the daemon flush
+# first (LtEngine.settle; tests/test_p2p_ltengine.py::
+# test_what_the_daemon_reports_complete_is_in_the_file_once_flushed).
 def test_web_seed_alone_serves_a_host(lab):
     """BEP 19: nobody seeds this release over BitTorrent; an HTTP server on the build host
     that answers Range requests is the torrent's web seed, and a host's daemon fetches the
