@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from supervisor_dcdeploy import ops
 from supervisor_dcdeploy.fetch import installed_sha256
 from supervisor_dcdeploy.lab import netns
 from supervisor_dcdeploy.lab.hostenv import wait_rpc
+from supervisor_dcdeploy.lab.swarmlab import NetnsRunner
 from supervisor_dcdeploy.p2p import seed
 from supervisor_dcdeploy.lab.sample import build_release
 from supervisor_dcdeploy.lab.testbed.bed import BedConfig, ServiceDef, Testbed
@@ -101,12 +103,27 @@ def test_stage_path_and_deploy_through_the_swarm(tmp_path, engine):
             wait_for(lambda: all(fetched_3(h) for h in bed.hosts.values()), 120,
                      "every host to install a 3")
             assert {fetched_3(h)["via"] for h in bed.hosts.values()} == {"http"}
+            # ... and it stays gone: the build host, still seeding 2, drops its registration
+            # rather than writing the node back (its tracker's maintenance pass, every 10 s,
+            # used to; the wait above usually caught the node in that gap).
+            runner = NetnsRunner(build.ns)  # its tracker listens on its loopback
+
+            def build_registered() -> dict:
+                url = "http://127.0.0.1:6969/status"
+                return runner(lambda: json.loads(urllib.request.urlopen(url, timeout=5)
+                                                 .read()))["registered"]
+            try:
+                wait_for(lambda: infohash not in build_registered(), 30,
+                         "the build host's tracker to drop the superseded seed")
+            finally:
+                runner.close()
+            assert infohash not in store.children("peers")
     finally:
         try:
             seed.stop(seed_dir)
         finally:
             bed.down()
-    assert not [ns for ns in netns.namespaces() if ns.startswith("dcdt")]
+    assert not [ns for ns in netns.namespaces() if ns.startswith(bed.net.prefix)]
     assert Path(seed_dir / "node.json").exists() is False
 
 
