@@ -421,8 +421,11 @@ def deploy_status(view: ServiceView, item: DeployItem) -> tuple[str, str | None]
         waiting = f"waiting for hosts to download and verify ({complete.reason})"
         failing = download_failures(view, target)
         if failing:  # a dead URL or a full disk may heal: not blocked, but say why it waits
+            named = sorted(failing.items())[:SHOWN_FAILURES]
             waiting += (f"; {len(failing)} hosts failed to download {target} and retry: "
-                        + "; ".join(f"{h}: {why}" for h, why in sorted(failing.items())))
+                        + "; ".join(f"{h}: {why}" for h, why in named)
+                        + (f"; and {len(failing) - len(named)} more"
+                           if len(failing) > len(named) else ""))
         return ("rolling" if item.state == "rolling" else item.state), waiting
     return ("rolling" if item.state == "rolling" or switching else item.state), None
 
@@ -449,6 +452,9 @@ def verify_failures(view: ServiceView, version: str) -> dict[str, str]:
             return {}
         failed[host] = str(fetch["error"])
     return failed
+
+
+SHOWN_FAILURES = 5  # hosts named in a waiting deploy's reason (the count covers all)
 
 
 def download_failures(view: ServiceView, version: str) -> dict[str, str]:

@@ -288,6 +288,16 @@ def test_unverifiable_release_shows_blocked(desc, fetch, current, staging, state
         assert fragment in reason
 
 
+def test_a_waiting_deploy_names_five_failed_downloads_and_counts_the_rest():
+    v = verify_view({f"h{i}": FULL for i in range(8)},
+                    {f"h{i}": "1" for i in range(8)})
+    state, reason = d.deploy_status(v, v.queue[0])
+    assert state == "waiting"
+    assert "8 hosts failed to download 2 and retry: h0: no space left" in reason
+    assert "h4: no space left; and 3 more" in reason and "h5" not in reason.split(
+        "retry:")[1]
+
+
 # ------------------------------------------------------- (7) quorum 0, service delete
 
 @pytest.mark.parametrize("quorum,force,refused", [(0, False, True), (0, True, False),
