@@ -11,8 +11,8 @@ The agent (``engine = libtorrent`` in agent.conf) talks to it through
 - the socket is made mode 0600 inside a 0700 directory, and every connection's peer uid
   (``SO_PEERCRED``) must be the daemon's own or root's: nothing on the network reaches it;
 - one JSON object per line in, one per line out; the operations are a fixed set (``ping``,
-  ``add``, ``state``, ``states``, ``start``, ``verify``, ``reannounce``, ``flush``, ``remove``), each
-  with checked arguments (an infohash is 40 hex digits, a metainfo passes
+  ``add``, ``state``, ``states``, ``start``, ``verify``, ``reannounce``, ``flush``,
+  ``remove``), each with checked arguments (an infohash is 40 hex digits, a metainfo passes
   :func:`.torrent.check_metainfo`); nothing in a request or in a torrent names a command;
 - a download directory must resolve (symlinks followed) inside one of the ``--data-root``
   directories (default: ``<state-dir>/releases``); anything else is refused.

@@ -14,8 +14,8 @@ Trust (docs/distribution.md, "Security"): the tracker answers only infohashes of
 staged in the store (``staging/<svc>``, re-read every few seconds and on a miss) or named
 by ``local_torrents`` (the build host's own seeds, until they are superseded: seen staged
 and then replaced, or their peers node pruned by ``dcdeploy stage``); anything else gets a
-bencoded failure reason and writes nothing. Announces are parsed with bounds and rate-limited per client
-address (:func:`take_token`). ``dcdeploy stage`` removes ``peers/<infohash>`` of releases
+bencoded failure reason and writes nothing. Announces are parsed with bounds and
+rate-limited per client address (:func:`take_token`). ``dcdeploy stage`` removes ``peers/<infohash>`` of releases
 no longer staged (:func:`prune_unstaged_peers`).
 """
 
