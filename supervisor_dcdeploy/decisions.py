@@ -418,8 +418,15 @@ def deploy_status(view: ServiceView, item: DeployItem) -> tuple[str, str | None]
         if failed:
             return "blocked", (f"{len(failed)} hosts failed to verify {target}: " + "; ".join(
                 f"{h}: {why}" for h, why in sorted(failed.items())))
-        return ("rolling" if item.state == "rolling" else item.state), \
-            f"waiting for hosts to download and verify ({complete.reason})"
+        waiting = f"waiting for hosts to download and verify ({complete.reason})"
+        failing = download_failures(view, target)
+        if failing:  # a dead URL or a full disk may heal: not blocked, but say why it waits
+            named = sorted(failing.items())[:SHOWN_FAILURES]
+            waiting += (f"; {len(failing)} hosts failed to download {target} and retry: "
+                        + "; ".join(f"{h}: {why}" for h, why in named)
+                        + (f"; and {len(failing) - len(named)} more"
+                           if len(failing) > len(named) else ""))
+        return ("rolling" if item.state == "rolling" else item.state), waiting
     return ("rolling" if item.state == "rolling" or switching else item.state), None
 
 
@@ -444,6 +451,23 @@ def verify_failures(view: ServiceView, version: str) -> dict[str, str]:
                 or fetch.get("state") == "installed":
             return {}
         failed[host] = str(fetch["error"])
+    return failed
+
+
+SHOWN_FAILURES = 5  # hosts named in a waiting deploy's reason (the count covers all)
+
+
+def download_failures(view: ServiceView, version: str) -> dict[str, str]:
+    """Hosts that should fetch ``version`` whose last download of it failed (any kind:
+    network, disk, bytes), with their errors, as they report them in the host registry.
+    Unlike :func:`verify_failures` one host is enough: it is shown, not acted on."""
+    failed: dict[str, str] = {}
+    for host in sorted(h for h, e in view.current.items() if e.version != version):
+        info = view.hosts.get(host)
+        fetch = (info.fetch.get(view.service) if info else None) or {}
+        if isinstance(fetch, dict) and fetch.get("version") == version and \
+                fetch.get("error") and fetch.get("state") != "installed":
+            failed[host] = str(fetch["error"])
     return failed
 
 

@@ -269,3 +269,57 @@ def test_a_host_that_joins_the_queue_first_in_line_goes_to_the_gate_in_the_same_
         assert gates == ["A"], r.status.reason
     finally:
         r.ctx.fetches.shutdown()
+
+
+class _SwarmThatFails:
+    """A distribution whose swarm download fails as a stall does (agent/distribution.py)."""
+
+    link_bps = 1.0  # a slow link: fetch_transport chooses the swarm for any release
+    mlock_cap = 0
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def fetch(self, staged, target, progress):
+        self.calls += 1
+        raise DownloadError("fetch of 00ff stalled: no new data for 10 s at 0/3 bytes, "
+                            "0 peers connected")
+
+
+@pytest.mark.parametrize("url_works", [True, False], ids=["url-works", "url-missing"])
+def test_a_failed_swarm_download_goes_on_from_the_urls_and_the_status_says_so(
+        tmp_path, url_works):
+    """#12 item 6: the status names the swarm failure that sent the fetch to the URLs
+    (``swarm_error``, ``via`` "http"); when the URLs fail too, the error names both."""
+    from supervisor_dcdeploy.fetch import sha256_file
+    from supervisor_dcdeploy.lab.sample import build_release
+    art, sha = build_release(tmp_path / "art", "A", "2")
+    assert sha256_file(art) == sha
+    staged = StagedRelease("A", "2", sha, size=art.stat().st_size, urls=(art.as_uri(),),
+                           torrent="dG9ycmVudA==")  # only its presence matters here
+    if not url_works:
+        art.unlink()
+    r, _ = _reconciler(tmp_path / "root", fetch=None)
+    swarm = _SwarmThatFails()
+    r.ctx.dist = swarm
+    r.ctx.fetches.dist = swarm
+    r.ctx.cfg.extra["file_root"] = str(tmp_path / "art")
+    try:
+        view = _view(staged)
+        r.prefetch(view)
+        wait_for(lambda: not r.ctx.fetches.busy("A"), 30, "the download to end")
+        r.prefetch(view)
+        fetch = r.status.fetch
+        assert swarm.calls == 1 and fetch is not None
+        assert fetch.swarm_error is not None and "stalled" in fetch.swarm_error
+        if url_works:
+            assert (fetch.state, fetch.via) == ("installed", "http") and not fetch.failed()
+            assert r.published_fetch() == {}
+        else:
+            assert (fetch.state, fetch.kind) == ("failed", "fetch")
+            assert "swarm download had failed first" in fetch.error
+            assert art.name in fetch.error  # the URL's own failure comes first
+            published = r.published_fetch()
+            assert "stalled" in published["error"] and art.name in published["error"]
+    finally:
+        r.ctx.fetches.shutdown()

@@ -149,9 +149,11 @@ def test_full_disk_fails_the_download_and_keeps_serving(workdir, store, store_ur
         ops.deploy(cluster.store, ["A"])
         wait_for(lambda: cluster.all_on("A", "2", ["h0", "h1"]), 60, "h0 and h1 on 2")
         assert cluster.version("h2", "A") == "1"  # still serving, untouched
-        wait_for(lambda: ops.status(cluster.store)["deploy"][0]["reason"] ==
-                 "waiting for hosts to download and verify (hosts not on 2: h2)", 30,
-                 "status to name h2 as the host the deploy waits for")
+        # ... and its failed download, with the error h2 reported (a full disk may heal).
+        wait_for(lambda: (ops.status(cluster.store)["deploy"][0]["reason"] or "").startswith(
+                 "waiting for hosts to download and verify (hosts not on 2: h2); 1 hosts "
+                 "failed to download 2 and retry: h2: "), 30,
+                 "status to name h2 as the host the deploy waits for, and why")
         filler.unlink()
         wait_for(cluster.queue_empty, 90, "h2 to catch up once space is back")
         assert cluster.all_on("A", "2")

@@ -267,6 +267,12 @@ VERIFY_TABLE = [
      {"h0": "1", "h1": "2", "h2": "2"}, (), "blocked", "1 hosts failed to verify 2: h0"),
     ("a host in the ready queue: not blocked", {"h0": BAD, "h1": BAD, "h2": None}, {},
      ("h2",), "waiting", None),
+    # #12 item 6: a swarm download and then the URL failed on every host: not blocked (a
+    # URL may come back), but the reason names the hosts and their errors.
+    ("every download failed: waiting, with why", {"h0": FULL, "h1": FULL, "h2": FULL}, {},
+     (), "waiting", "3 hosts failed to download 2 and retry: h0: no space left; h1: no"),
+    ("one download failed: named too", {"h0": None, "h1": FULL, "h2": None}, {}, (),
+     "waiting", "; 1 hosts failed to download 2 and retry: h1: no space left"),
 ]
 
 
@@ -280,6 +286,16 @@ def test_unverifiable_release_shows_blocked(desc, fetch, current, staging, state
         assert reason is None or "failed to verify" not in reason
     else:
         assert fragment in reason
+
+
+def test_a_waiting_deploy_names_five_failed_downloads_and_counts_the_rest():
+    v = verify_view({f"h{i}": FULL for i in range(8)},
+                    {f"h{i}": "1" for i in range(8)})
+    state, reason = d.deploy_status(v, v.queue[0])
+    assert state == "waiting"
+    assert "8 hosts failed to download 2 and retry: h0: no space left" in reason
+    assert "h4: no space left; and 3 more" in reason and "h5" not in reason.split(
+        "retry:")[1]
 
 
 # ------------------------------------------------------- (7) quorum 0, service delete

@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,8 @@ from supervisor_dcdeploy.p2p.ltdaemon import LT_SETTINGS, inside, settings
 from supervisor_dcdeploy.p2p.ltengine import LtDaemonProcess, LtEngine
 from supervisor_dcdeploy.p2p.seed import stage
 from supervisor_dcdeploy.p2p.swarm import SwarmFetcher
+from supervisor_dcdeploy.p2p.torrent import artifact_sha256
+from supervisor_dcdeploy.waiting import wait_for
 
 
 
@@ -95,6 +98,43 @@ def test_seeds_from_disk_refuses_outside_paths_and_survives_a_restart(tmp_path, 
     assert engine.prune(set()) == [staged.infohash]
     assert engine.state(staged.infohash) is None and not art.exists()
     assert not list((daemon.state_dir / "torrents").glob("*.json"))
+
+
+def test_what_the_daemon_reports_complete_is_in_the_file_once_flushed(tmp_path, daemon):
+    """#12 (the libtorrent web-seed xfail): libtorrent counts a piece as had once its hash
+    passed, computed from the blocks in memory, before their writes reach the file; read at
+    once, the file was short of bytes (or, once in CI, not there). After the daemon's
+    ``flush`` the file holds every byte. Five web-seeded downloads on loopback (measured
+    without the flush: 6 of 8 read wrong at completion)."""
+    origin = tmp_path / "origin"
+    origin.mkdir()
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, str(Path(__file__).with_name("rangeserver.py")), "127.0.0.1",
+         str(port), str(origin)], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    releases = tmp_path / "releases"
+    engine = LtEngine(daemon.control, releases, poll=0.05)
+    try:
+        assert server.stdout.readline().strip() == "listening"
+        for i in range(5):
+            art = origin / f"r{i}.bin"
+            art.write_bytes(os.urandom(4 * 1024 * 1024))
+            staged = stage(art, webseeds=[f"http://127.0.0.1:{port}/{art.name}"])
+            engine.add(staged.metainfo)
+
+            def complete(ih: str = staged.infohash) -> bool:
+                st = engine.state(ih)
+                return st is not None and st.complete
+            wait_for(complete, 60, f"r{i}.bin reported complete", interval=0.01)
+            assert engine._call("flush", infohash=staged.infohash) is True
+            assert artifact_sha256(releases / art.name) == staged.sha256, i
+        # The engine's fetch flushes before its sha256 read: no re-check needed.
+        assert engine.fetch(staged.metainfo_b64, staged.sha256, timeout=30) == \
+            releases / art.name
+        assert engine._call("flush", infohash="0" * 40) is False  # unknown torrent
+    finally:
+        server.kill()
+        server.wait()
 
 
 def test_an_unreachable_daemon_is_a_clear_download_error(tmp_path):

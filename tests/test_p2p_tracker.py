@@ -216,6 +216,39 @@ def test_superseded_swarm_is_removed_from_the_store(store, trackers):
     assert prune_unstaged_peers(store) == []
 
 
+def test_a_superseded_seed_of_the_build_host_does_not_come_back_into_the_store(
+        store, trackers):
+    """The build host keeps seeding a release after the next one is staged; `dcdeploy stage`
+    removes the old swarm's peers node, and the build host's tracker must not write it back
+    (it did: its own seeds were always answered and re-registered, so the node came back
+    within one maintenance pass, ~10 s; tests/test_swarm_deploy.py saw it as a flake)."""
+    ops.service_set(store, "t", program=None, quorum=1)
+    old_meta, new_meta = metainfo(b"o"), metainfo(b"n")
+    old, new = infohash(old_meta), infohash(new_meta)
+    seeds = [old]
+    build = trackers("build", "10.9.9.1", "build", local_torrents=lambda: list(seeds))
+    assert b"failure reason" not in announce(build, port=7800, left=0, ih=bytes.fromhex(old))
+    stage_torrent(store, "t", old_meta)
+    assert store.exists(f"peers/{old}/build") is not None
+    seeds.append(new)  # dcdeploy stage --path: seed the next release, then stage it
+    assert b"failure reason" not in announce(build, port=7800, left=0, ih=bytes.fromhex(new))
+    ops.stage(store, "t", "2", sha256="1" * 64, size=1,
+              torrent=base64.b64encode(new_meta).decode())
+    assert store.exists(f"peers/{old}") is None  # pruned by the stage
+    build._resync.set()  # its maintenance pass now, instead of within 10 s
+    wait_for(lambda: old not in build.status()["registered"], 15,
+             "the build host's tracker to drop the superseded seed")
+    assert store.exists(f"peers/{old}") is None  # not written back
+    assert store.exists(f"peers/{new}/build") is not None  # the staged one stays
+    body = announce(build, port=7800, left=0, ih=bytes.fromhex(old))
+    assert b"not a staged release" in body[b"failure reason"]
+    assert store.exists(f"peers/{old}") is None
+    # Staged again (the same bytes): answered and registered again.
+    stage_torrent(store, "t", old_meta, version="3")
+    assert b"failure reason" not in announce(build, port=7800, left=0, ih=bytes.fromhex(old))
+    assert store.exists(f"peers/{old}/build") is not None
+
+
 def test_the_seeders_own_torrents_are_answered_before_they_are_staged(store, trackers):
     # dcdeploy stage --path seeds first, then publishes: the seeder's tracker must answer.
     own = bytes.fromhex(infohash(metainfo(b"w")))

@@ -32,6 +32,7 @@ class FetchFailure(NamedTuple):
     public: str  # for the store: no digest or size learnt from the fetched bytes
     permanent: bool  # verified bytes that are an unsafe archive: never retried for this sha
     kind: str  # "verify": the bytes are not a usable release; "fetch": network, disk...
+    swarm_error: str | None = None  # the swarm failed first, then the URLs (the reason above)
 
 
 class FetchJob(NamedTuple):
@@ -120,9 +121,10 @@ class FetchManager:
         raised (the reconciler reads it from the job's future)."""
         from ..fetch import DiskFull, DownloadError, VerificationError, install_release
         via = transport
+        swarm_error: str | None = None  # published with the progress: status.json shows it
 
         def progress(done: int, total: int | None) -> None:
-            self._publish_progress(svc, FetchProgress(via, done, total))
+            self._publish_progress(svc, FetchProgress(via, done, total, swarm_error))
 
         try:
             if self._inject is not None:
@@ -139,7 +141,8 @@ class FetchManager:
                     self.log.warning("fetch.swarm_failed", svc=svc, version=staged.version,
                                      error=str(exc), action="download from the URLs")
                     transport = via = "http"
-                    self._publish_progress(svc, FetchProgress(via))
+                    swarm_error = str(exc)
+                    self._publish_progress(svc, FetchProgress(via, swarm_error=swarm_error))
             if transport == "http" and staged.urls:
                 from ..fetch import Limits
                 # The staged size (required, signed) bounds the download byte for byte.

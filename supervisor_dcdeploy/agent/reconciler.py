@@ -291,7 +291,8 @@ class ServiceReconciler:
         if have == staged.sha256:
             progress = fetches.progress(svc)  # how this agent fetched it
             self.set(fetch=FetchStatus(staged.version, "installed",
-                                       via=progress.via if progress else None))
+                                       via=progress.via if progress else None,
+                                       swarm_error=progress.swarm_error if progress else None))
             return
         if have is not None:
             self.set(fetch=FetchStatus(
@@ -316,12 +317,18 @@ class ServiceReconciler:
             exc = job.future.exception()
             if exc is not None:
                 from ..fetch import FetchError, UnsafeArchive, VerificationError
-                public = exc.public_reason if isinstance(exc, FetchError) else str(exc)
+                reason = str(exc)
+                public = exc.public_reason if isinstance(exc, FetchError) else reason
                 bad_bytes = isinstance(exc, (VerificationError, UnsafeArchive))
+                progress = fetches.progress(svc)
+                swarm_error = progress.swarm_error if progress else None
+                if swarm_error:  # both ways failed: say so (the store has one error field)
+                    first = f"; the swarm download had failed first: {swarm_error}"
+                    reason, public = reason + first, public + first
                 self.fetch_failed = FetchFailure(
-                    staged.sha256, time.monotonic(), str(exc), public,
+                    staged.sha256, time.monotonic(), reason, public,
                     permanent=isinstance(exc, UnsafeArchive),
-                    kind="verify" if bad_bytes else "fetch")
+                    kind="verify" if bad_bytes else "fetch", swarm_error=swarm_error)
                 ctx.log.error("fetch.failed", svc=svc, version=staged.version, error=str(exc),
                               kind=type(exc).__name__)
             else:
@@ -332,7 +339,7 @@ class ServiceReconciler:
         if failed and failed.sha256 == staged.sha256 and \
                 (failed.permanent or time.monotonic() - failed.when < FETCH_RETRY_SECS):
             self.set(fetch=FetchStatus(staged.version, "failed", error=failed.reason,
-                                       kind=failed.kind))
+                                       kind=failed.kind, swarm_error=failed.swarm_error))
             return
         hosts = max(len(view.current), sum(svc in h.services for h in view.hosts.values()))
         transport = fetch_transport(staged, hosts, ctx.dist.link_bps if ctx.dist else 0,

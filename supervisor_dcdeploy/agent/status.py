@@ -36,6 +36,7 @@ class FetchProgress:
     via: str  # "http", "swarm" or "injected"
     done: int | None = None
     total: int | None = None
+    swarm_error: str | None = None  # why the swarm download failed, when via fell to "http"
 
     def to_json(self) -> dict[str, Any]:
         return _present(self)
@@ -47,7 +48,9 @@ class FetchStatus:
 
     ``state`` is downloading, installed, failed (the download) or error (what is installed
     under that version differs from the staged sha256); ``error``/``kind`` name the last failure
-    (kept while a retry runs: ``dcdeploy status`` counts hosts that failed to verify)."""
+    (kept while a retry runs: ``dcdeploy status`` counts hosts that failed to verify).
+    ``swarm_error``: the swarm download failed with it and this fetch went on from the
+    release's URLs (``via`` is then "http"), whether that then succeeded or not."""
 
     version: str
     state: str
@@ -56,6 +59,7 @@ class FetchStatus:
     total: int | None = None
     error: str | None = None
     kind: str | None = None  # "verify": the bytes are not a usable release; "fetch": other
+    swarm_error: str | None = None
 
     def failed(self) -> bool:
         return bool(self.error) or self.state in ("failed", "error")

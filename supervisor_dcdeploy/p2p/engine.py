@@ -162,6 +162,11 @@ class Engine(abc.ABC):
     def remove(self, infohash_: str, delete_data: bool) -> None:
         """Stop seeding and forget a torrent (with ``delete_data``, its files). Idempotent."""
 
+    def settle(self, infohash_: str) -> None:
+        """Make sure the data of a torrent the daemon reports complete is in its files
+        before they are read. Engines that count a piece as had before its write reached
+        the file override this (libtorrent); Transmission writes first."""
+
     def kick_if_waiting(self) -> bool:
         """Engines whose choke pass runs on a slow timer override this (Transmission)."""
         return False
@@ -211,9 +216,13 @@ class Engine(abc.ABC):
         for attempt in range(REPAIR_ATTEMPTS + 1):
             final = self._wait_complete(meta, ih, bound, progress, cancel, deadline,
                                         stall_timeout)
+            self.settle(ih)
             # A torrent added earlier with another directory (a seed) is verified where it is.
             target = Path(final.download_dir or self.download_dir) / target.name
-            actual = artifact_sha256(target)
+            try:
+                actual = artifact_sha256(target)
+            except FileNotFoundError:  # reported complete, yet not on disk: check it again
+                actual = "none (no such file)"
             if actual == sha256.lower():
                 bound.info("swarm.verified", sha256=actual,
                            secs=round(time.monotonic() - started, 2), repairs=attempt)

@@ -27,6 +27,8 @@ from .torrent import infohash
 
 log = structlog.get_logger("dcdeploy.p2p.ltengine")
 
+FLUSH_CALLS = 3
+
 _UNREACHABLE = (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
                 BrokenPipeError, EOFError)
 
@@ -123,6 +125,28 @@ class LtEngine(Engine):
 
     def reannounce(self, infohash_: str) -> None:
         self._call("reannounce", infohash=infohash_, retry_secs=5.0)
+
+    def settle(self, infohash_: str) -> None:
+        """Have the daemon write libtorrent's cached blocks of ``infohash_`` to the files
+        (ltdaemon ``flush``): libtorrent reports a piece had once its hash passed, which
+        can be before the write. Not flushed in time: logged, and the sha256 check after
+        (with its re-check and repair) decides, as it does with a daemon started before
+        ``flush`` existed (it refuses the op until supervisord restarts it)."""
+        flushed = False
+        # The daemon waits at most 10 s per call (under this client's socket timeout); a
+        # big release's queued writes on a slow disk may need more: ask up to 3 times.
+        for _ in range(FLUSH_CALLS):
+            try:
+                flushed = bool(self._call("flush", infohash=infohash_))
+            except DownloadError as exc:
+                if "unknown op" not in str(exc):
+                    raise
+                break
+            if flushed or self.state(infohash_) is None:
+                break
+        if not flushed:
+            log.warning("swarm.not_flushed", engine=self.name, infohash=infohash_,
+                        action="verify the sha256 anyway (re-check and repair on a mismatch)")
 
     def remove(self, infohash_: str, delete_data: bool) -> None:
         self._call("remove", infohash=infohash_, delete_data=delete_data)

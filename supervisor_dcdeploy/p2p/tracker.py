@@ -12,9 +12,10 @@ the store is the peer list, and a host whose agent dies vanishes from it with it
 
 Trust (docs/distribution.md, "Security"): the tracker answers only infohashes of releases
 staged in the store (``staging/<svc>``, re-read every few seconds and on a miss) or named
-by ``local_torrents`` (the build host's own seeds); anything else gets a bencoded failure
-reason and writes nothing. Announces are parsed with bounds and rate-limited per client
-address (:func:`take_token`). ``dcdeploy stage`` removes ``peers/<infohash>`` of releases
+by ``local_torrents`` (the build host's own seeds, until they are superseded: seen staged
+and then replaced, or their peers node pruned by ``dcdeploy stage``); anything else gets a
+bencoded failure reason and writes nothing. Announces are parsed with bounds and
+rate-limited per client address (:func:`take_token`). ``dcdeploy stage`` removes ``peers/<infohash>`` of releases
 no longer staged (:func:`prune_unstaged_peers`).
 """
 
@@ -399,6 +400,10 @@ class Tracker:
         self._lock = threading.Lock()
         self._registered: dict[str, tuple[PeerInfo, float]] = {}  # infohash -> (info, last seen)
         self._written: dict[str, PeerInfo] = {}  # what this session wrote
+        # Local seeds no longer staged (see refresh_staged, _maintain): neither answered nor
+        # registered, so a build host that still seeds an old release does not put its
+        # swarm back into the store after `dcdeploy stage` removed it.
+        self._superseded: set[str] = set()
         self._cache: dict[str, tuple[float, list[PeerInfo]]] = {}
         self._answers: dict[str, list[str]] = {}
         self._resync = threading.Event()
@@ -553,7 +558,10 @@ class Tracker:
         if fresh and infohash in staged:
             return True
         if infohash in self._local():
-            return True
+            with self._lock:
+                if infohash not in self._superseded:
+                    return True
+            # A superseded seed is answered again only once it is staged again.
         if fresh and age < self.staged_miss_secs:
             return False
         return infohash in self.refresh_staged(sync=infohash not in staged)
@@ -587,9 +595,12 @@ class Tracker:
                 log.warning("tracker.bad_staging", host=self.host, problem=problem)
             local = self._local()
             with self._lock:
+                # A local seed staged at the last read and not now was superseded; one
+                # staged again is not any more.
+                self._superseded = ((self._superseded | self._staged) - staged) & local
                 self._staged, self._staged_at = staged, time.monotonic()
                 gone = [ih for ih in set(self._registered) | set(self._written)
-                        if ih not in staged and ih not in local]
+                        if ih not in staged and (ih not in local or ih in self._superseded)]
                 for ih in gone:
                     self._registered.pop(ih, None)
                     self._first_seen.pop(ih, None)
@@ -721,6 +732,7 @@ class Tracker:
             for ih in expired:
                 log.info("tracker.expired", host=self.host, infohash=ih)
                 self._unregister(ih)
+            missing = []
             for ih, info in wanted.items():
                 try:
                     present = self.store.exists(self._path(ih)) is not None
@@ -728,9 +740,25 @@ class Tracker:
                     failed = True
                     break
                 if not present:
-                    with self._lock:
-                        self._written.pop(ih, None)
-                    log.info("tracker.reregister", host=self.host, infohash=ih)
-                    self._register(ih, info)
-                    with self._lock:
-                        failed = failed or ih not in self._written
+                    missing.append((ih, info))
+            if missing:
+                # Gone from the store: our session was lost, or `dcdeploy stage` pruned a
+                # superseded release's node. Read staging first: a local seed that is not
+                # staged is then taken as superseded and not written back (wrongly so only
+                # for a seed not staged yet, until it is: refresh_staged forgets it then).
+                staged, local = self.refresh_staged(sync=True), self._local()
+            for ih, info in missing:
+                with self._lock:
+                    self._written.pop(ih, None)
+                    if ih not in staged and ih in local:
+                        self._superseded.add(ih)
+                        self._registered.pop(ih, None)
+                        self._first_seen.pop(ih, None)
+                    wanted_still = ih in self._registered
+                if not wanted_still:
+                    log.info("tracker.superseded_seed", host=self.host, infohash=ih)
+                    continue
+                log.info("tracker.reregister", host=self.host, infohash=ih)
+                self._register(ih, info)
+                with self._lock:
+                    failed = failed or ih not in self._written
