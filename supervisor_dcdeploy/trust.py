@@ -27,6 +27,7 @@ import base64
 import binascii
 import calendar
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -310,6 +311,22 @@ def signature_counter(signature: Any) -> int | None:
     return None
 
 
+# Signatures found valid, remembered: the agent checks every service's spec, staged
+# release and each queued item at every cycle, the same signed bytes over and over while
+# a deploy runs (80 checks a cycle for 8 services and 8 items), and the Ed25519 check was
+# nearly all of its CPU (bench/waves.py, docs/policy.md). A hit needs the same public key,
+# signature and signed bytes, so it answers what the check would; a failure is not kept.
+VERIFIED_MEMO = 1024
+
+
+@functools.lru_cache(maxsize=VERIFIED_MEMO)
+def _signature_valid(public: bytes, sig: bytes, signed: bytes) -> bool:
+    """True when ``sig`` is ``public``'s Ed25519 signature of ``signed``; raises
+    InvalidSignature otherwise (not cached)."""
+    Ed25519PublicKey.from_public_bytes(public).verify(sig, signed)
+    return True
+
+
 def verify(payload: Mapping[str, Any], signature: Any,
            keys: Mapping[str, Ed25519PublicKey], now: float,
            last_counter: int | None) -> Verdict:
@@ -345,7 +362,7 @@ def verify(payload: Mapping[str, Any], signature: Any,
         trusted = ", ".join(sorted(keys)) or "none"
         return Verdict(False, f"signed by unknown key {keyid} (trusted here: {trusted})")
     try:
-        key.verify(raw, message(payload, counter, expires))
+        _signature_valid(key.public_bytes_raw(), raw, message(payload, counter, expires))
     except InvalidSignature:
         return Verdict(False, f"bad signature by key {keyid}: the signed fields were "
                               "changed after signing")
