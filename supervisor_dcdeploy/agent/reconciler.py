@@ -80,6 +80,9 @@ class HostContext:
     wake_by: Callable[[float], None]
     switches: SwitchRunner | None = None
     state_lock: threading.Lock = field(default_factory=threading.Lock)
+    # supervisord's program states, read in one call at the start of the cycle (None:
+    # each service asks for its own program): see ServiceReconciler._program_state.
+    states: dict[str, str] | None = None
 
     @property
     def host(self) -> str:
@@ -142,12 +145,14 @@ class ServiceReconciler:
         (``store_state`` says why): then only local state decides. Raises what the store,
         supervisord or the disk raised; the agent reports it and goes on."""
         svc, ctx = self.svc, self.ctx
+        fresh = False
         if ctx.switches is not None:
             if ctx.switches.running(svc):
                 return  # its switch thread has it until the switch ends
             done = ctx.switches.take(svc)
             if done is not None:
                 self._finish_switch(done.result())  # raises what the switch raised
+                fresh = True
         st = ctx.local.get(svc)
         rd = self.rd
         view = None
@@ -166,7 +171,7 @@ class ServiceReconciler:
             self.set(store=store_state)
         spec = self._spec(view)
         program = spec.program if spec else svc
-        state = ctx.sup.state(program)
+        state = self._program_state(program, fresh)
         self.set(program=program, process=state, version=st.active)
 
         if state in TRANSIENT_STATES:
@@ -479,6 +484,16 @@ class ServiceReconciler:
             self._after_switch(version)
         if what == "done":
             self._prune()
+
+    def _program_state(self, program: str, fresh: bool) -> str:
+        """``program``'s state: from the cycle's one read of every program, unless
+        ``fresh`` (its switch ended since that read: only the switch thread stops and
+        starts a program outside the agent's thread) or it is not in that read (then
+        supervisord's own answer, or its error naming the program)."""
+        states = self.ctx.states
+        if fresh or states is None or program not in states:
+            return self.ctx.sup.state(program)
+        return states[program]
 
     def _sup(self) -> Supervisor:
         """supervisord's client for the calling thread (a switch thread has its own)."""
