@@ -250,6 +250,7 @@ def format_expires(when: float) -> str:
     return time.strftime(EXPIRES_FORMAT, time.gmtime(when))
 
 
+@functools.lru_cache(maxsize=256)  # the same few signatures' times, checked every cycle
 def parse_expires(text: str) -> float:
     """Seconds since the epoch; ValueError unless exactly ``YYYY-MM-DDTHH:MM:SSZ``."""
     return float(calendar.timegm(time.strptime(text, EXPIRES_FORMAT)))
@@ -436,7 +437,8 @@ class Policy:
 def check(value: ServiceSpec | StagedRelease | DeployItem, policy: Policy, now: float,
           seen: Mapping[str, Seen]) -> tuple[Verdict, dict[str, Seen]]:
     """One value against the policy and what was seen: (verdict, counters to record)."""
-    kind = payload_of(value)["kind"]
+    payload = payload_of(value)
+    kind = payload["kind"]
     service = value.name if isinstance(value, ServiceSpec) else value.service
     key = f"{kind}/{service}"
     signature = getattr(value, "signature", None)
@@ -444,7 +446,7 @@ def check(value: ServiceSpec | StagedRelease | DeployItem, policy: Policy, now: 
         # No pinned key means no basis to check a signature either: accepted as is.
         return Verdict(True, "not checked, accepted (insecure_unsigned = true)"), {}
     last = seen.get(key)
-    verdict = verify(payload_of(value), signature, policy.keys, now,
+    verdict = verify(payload, signature, policy.keys, now,
                      last.counter if last else None)
     if not verdict:
         return verdict, {}
