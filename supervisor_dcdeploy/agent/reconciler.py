@@ -791,12 +791,21 @@ class ServiceReconciler:
     def _may_resolve(self, view: decisions.ServiceView) -> bool:
         """Whether to read the presences not read yet to see if the item is complete:
         when this host just switched (the last to switch sees the ready queue empty), or
-        when the item has stayed open with an empty queue for COMPLETE_FALLBACK_SECS."""
+        when the item has stayed open with an empty queue for COMPLETE_FALLBACK_SECS.
+
+        Hosts that end their switches at the same moment (``max_parallel`` > 1) may each
+        still see another in the queue, its leaving not yet in this host's view: such a
+        host keeps the duty while only hosts mid-switch are left in the queue
+        (:func:`decisions.only_switching_left`), and checks again when their leaving
+        wakes it, instead of every host waiting for the fallback."""
         head = view.head
         just_switched, self.switched = self.switched, False
         if head is None or head.service != self.svc \
                 or decisions.ready_queue(view, head.version) \
                 or not any(e.version == "" for e in view.current.values()):
+            if just_switched and head is not None and head.service == self.svc and \
+                    decisions.only_switching_left(view, head.version, self.ctx.host):
+                self.switched = True
             self.queue_empty_since = None
             return False
         now = time.monotonic()
