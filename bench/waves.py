@@ -31,13 +31,22 @@ against the calibrated model, the idle time between one host's switch and the ne
 (``handoff``), and the time from the last switch to the item's completion (``tail``); for
 the chain that ends last, those summed, which add up to the makespan. ``per_switch_ratio``
 (recorded switch over calibrated) separates the machine's load from the protocol's latency.
+``cpu`` (for the measured deploy and the series one): CPU seconds used during it by
+kind of process, summed over the hosts (every agent; every supervisord itself; the
+services, live ones and the stopped ones their supervisord reaped; ZooKeeper; this bench),
+the same per switch (``ms_per_switch``), the agents' cycles per switch, and the machine's
+busy share of its cores (every process on it, other users' too): how much of the machine
+the product's own processes take beside the services it starts. ``--keep`` leaves the
+work directory (every supervisord's and agent's log) for a closer look. ``--host-parallel
+N`` deploys with it and asks ``dcdeploy plan --host-parallel N`` for the prediction.
 ``load`` is the 1-minute load average before and after each deploy. On a shared machine
 the load moves within minutes, so the calibration taken before the deploys can be off
 for the deploy itself: ``dag_bound_recorded_s`` is the same bound with each item's switch
 at its recorded mean in the measured deploy, and ``ratio_recorded`` the makespan over it,
 which is the coordination alone.
 
-    python bench/waves.py [--hosts 10] [--max-parallel 1] [--healthy-secs 1] [--json]
+    python bench/waves.py [--hosts 10] [--max-parallel 1] [--healthy-secs 1]
+                          [--host-parallel 1] [--json] [--keep]
 """
 
 from __future__ import annotations
@@ -61,7 +70,7 @@ from rollout import CALIBRATION  # noqa: E402
 
 from supervisor_dcdeploy import ops  # noqa: E402
 from supervisor_dcdeploy.cli import main as cli  # noqa: E402
-from supervisor_dcdeploy.lab.hostenv import host_rpc  # noqa: E402
+from supervisor_dcdeploy.lab.hostenv import descendants, host_rpc  # noqa: E402
 from supervisor_dcdeploy.lab.localdc import Cluster, get_version, wait_for  # noqa: E402
 from supervisor_dcdeploy.snapshot import read_queue  # noqa: E402
 from supervisor_dcdeploy.store import open_store  # noqa: E402
@@ -73,6 +82,80 @@ PROGRESS_SECS = 5.0  # how often the progress line asks every endpoint (80 HTTP 
 
 def load1() -> float:
     return round(os.getloadavg()[0], 2)
+
+
+# -- where the CPU goes -------------------------------------------------------------------
+# On one machine every host's agent, supervisord and services share the cores: how much CPU
+# each kind of process used during a deploy, per switch, tells the product's part (agent,
+# supervisord) from the services' own start cost and from the store.
+CPU_KINDS = ("agent", "supervisord", "service", "zookeeper", "bench", "other")
+
+
+def _proc_cpu(pid: int) -> tuple[float, float]:
+    """(own, reaped children's) CPU seconds of ``pid`` (``/proc/<pid>/stat``): utime +
+    stime, and cutime + cstime, which hold the processes it waited for (a supervisord's
+    stopped services)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    f = stat[stat.rindex(")") + 2:].split()
+    tck = os.sysconf("SC_CLK_TCK")
+    return (int(f[11]) + int(f[12])) / tck, (int(f[13]) + int(f[14])) / tck
+
+
+def _kind(pid: int) -> str:
+    cmd = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ")
+    if b"supervisor_dcdeploy.agent" in cmd:
+        return "agent"
+    return "service" if b"app.py" in cmd else "other"
+
+
+def machine_busy() -> tuple[float, float]:
+    """(busy, total) jiffies of the whole machine (``/proc/stat``; idle and iowait are not
+    busy): every process, other users' too."""
+    with open("/proc/stat") as fh:
+        fields = [float(x) for x in fh.readline().split()[1:]]
+    idle = fields[3] + fields[4]
+    total = sum(fields[:8])
+    return total - idle, total
+
+
+def fleet_cpu(dc: Cluster, zk_pid: int) -> dict:
+    """CPU seconds used so far, by kind: every host's agent, supervisord, services (live
+    ones, and the stopped ones its supervisord reaped), ZooKeeper, this bench; plus the
+    agents' cycles (their status.json) and the machine's busy jiffies."""
+    out = dict.fromkeys(CPU_KINDS, 0.0)
+    cycles = 0
+    for name, proc in dc.procs.items():
+        own, reaped = _proc_cpu(proc.pid)
+        out["supervisord"] += own
+        out["service"] += reaped  # supervisord's children that ended: stopped services
+        for pid in descendants(proc.pid):
+            try:
+                kind = _kind(pid)
+                own, reaped = _proc_cpu(pid)
+            except (OSError, ValueError, IndexError):
+                continue  # ended meanwhile: its parent reaps it, counted next time
+            out[kind] += own + reaped
+        try:
+            cycles += json.loads((dc.hosts[name].root / "status.json").read_text())["cycles"]
+        except (OSError, ValueError, KeyError):
+            pass
+    out["zookeeper"] = sum(_proc_cpu(zk_pid))
+    out["bench"] = sum(_proc_cpu(os.getpid()))
+    return {"cpu": out, "cycles": cycles, "machine": machine_busy(), "t": time.monotonic()}
+
+
+def cpu_report(before: dict, after: dict, switches: int) -> dict:
+    """What each kind used between ``before`` and ``after``: seconds, and ms per switch;
+    the agents' cycles per switch; the machine's busy share of its cores."""
+    secs = {k: after["cpu"][k] - before["cpu"][k] for k in CPU_KINDS}
+    busy = after["machine"][0] - before["machine"][0]
+    total = after["machine"][1] - before["machine"][1]
+    return {"wall_s": round(after["t"] - before["t"], 2),
+            "cpu_s": {k: round(v, 2) for k, v in secs.items()},
+            "ms_per_switch": {k: round(1e3 * v / switches, 1) for k, v in secs.items()},
+            "cycles_per_switch": round((after["cycles"] - before["cycles"]) / switches, 2),
+            "machine_busy": round(busy / total, 3) if total else None,
+            "cores": os.cpu_count()}
 
 
 def add_calibration(dc: Cluster, svc: str) -> int:
@@ -115,11 +198,13 @@ def calibrate(dc: Cluster, port: int, rounds: int = 3) -> tuple[float, float, fl
     return statistics.median(stops), statistics.median(starts), statistics.median(readies)
 
 
-def plan_json(url: str, names: list[str]) -> dict:
-    """``dcdeploy plan --json NAMES`` as an operator runs it."""
+def plan_json(url: str, names: list[str], host_parallel: int) -> dict:
+    """``dcdeploy plan --json NAMES --host-parallel N`` as an operator runs it before
+    ``deploy --host-parallel N``."""
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = cli(["--store", url, "plan", "--json", *names])
+        rc = cli(["--store", url, "plan", "--json", *names, "--host-parallel",
+                  str(host_parallel)])
     if rc:
         raise RuntimeError(f"dcdeploy plan exited {rc}")
     return json.loads(out.getvalue())
@@ -134,7 +219,7 @@ def stage_all(dc: Cluster, names: list[str], version: str) -> None:
 
 def deploy_and_time(dc: Cluster, names: list[str], version: str, log, *, in_series: bool,
                     host_parallel: int | None, predicted: dict | None = None,
-                    staged: bool = False) -> dict:
+                    staged: bool = False, zk_pid: int | None = None) -> dict:
     """Deploy ``version`` of every service (staged first unless ``staged``). Returns the
     item nodes, ``t0`` (the items' creation), ``end`` (the last history node's creation)
     and each item's ``done``, ZooKeeper's clock, and the load average before and after."""
@@ -142,6 +227,7 @@ def deploy_and_time(dc: Cluster, names: list[str], version: str, log, *, in_seri
     if not staged:
         stage_all(dc, names, version)
     before = load1()
+    cpu0 = fleet_cpu(dc, zk_pid) if zk_pid else None
     items = ops.deploy(store, names, signer=dc.signer, in_series=in_series,
                        host_parallel=host_parallel, predicted=predicted)
     client = store.client
@@ -158,12 +244,14 @@ def deploy_and_time(dc: Cluster, names: list[str], version: str, log, *, in_seri
         if time.monotonic() > deadline:
             raise TimeoutError(f"the deploy to {version} did not finish in 900 s")
         time.sleep(0.25)
+    cpu = cpu_report(cpu0, fleet_cpu(dc, zk_pid), len(names) * len(dc.hosts)) \
+        if cpu0 else None
     wait_for(lambda: all(dc.all_on(s, version) for s in names), 30, "convergence")
     end = max(client.get(f"{store.root}/history/{i.node}")[1].ctime for i in items) / 1e3
     done = {i.node: client.get(f"{store.root}/history/{i.node}")[1].ctime / 1e3
             for i in items}
     return {"items": items, "t0": start, "end": end, "done": done,
-            "load": [before, load1()], "makespan": end - start}
+            "load": [before, load1()], "makespan": end - start, "cpu": cpu}
 
 
 # -- the breakdown ------------------------------------------------------------------------
@@ -367,6 +455,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-series", action="store_true",
                         help="skip the deploy in series (series_makespan_s: null)")
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--keep", action="store_true",
+                        help="leave the work directory (every host's logs) and say where")
     parser.add_argument("--dump", help="write the history records and the store's writes "
                                        "of every deploy to this JSON file")
     args = parser.parse_args(argv)
@@ -374,9 +464,6 @@ def main(argv: list[str] | None = None) -> int:
     quorum = args.quorum if args.quorum is not None else n - args.max_parallel
     if n < 2 or not 0 <= quorum < n:
         parser.error("need hosts >= 2 and 0 <= quorum < hosts")
-    if args.host_parallel != 1:
-        parser.error("dcdeploy plan predicts for host_parallel 1 only (it has no "
-                     "--host-parallel): the comparison would not be like with like")
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print
     names = [s for chain in CHAINS for s in chain]
     specs = {s: {"quorum": quorum, "max_parallel": args.max_parallel,
@@ -411,18 +498,18 @@ def main(argv: list[str] | None = None) -> int:
             log(f"warm-up makespan {warm['makespan']:.2f} s, load {warm['load']}")
         measured = "2" if warm is None else "3"
         stage_all(dc, names, measured)  # the plan predicts for the staged versions
-        plan = plan_json(url, names)
+        plan = plan_json(url, names, args.host_parallel)
         log(f"plan: total {plan['total_s']} s "
             f"({sorted({i['timing_source'] for i in plan['items']})})")
         predicted = {i["service"]: i["predicted_s"] for i in plan["items"]}
         run = deploy_and_time(dc, names, measured, log, in_series=False,
                               host_parallel=args.host_parallel, predicted=predicted,
-                              staged=True)
+                              staged=True, zk_pid=zk.proc.pid)
         log(f"makespan {run['makespan']:.2f} s, load {run['load']}")
         series = None
         if not args.no_series:
             series = deploy_and_time(dc, names, str(int(measured) + 1), log, in_series=True,
-                                     host_parallel=args.host_parallel)
+                                     host_parallel=args.host_parallel, zk_pid=zk.proc.pid)
         makespan = run["makespan"]
         model = {"stop_s": stop_s, "start_s": start_s, "ready_s": ready_s,
                  "healthy_s": args.healthy_secs}
@@ -457,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
         bd["handoff_parts"] = handoffs(run, history_records(store, [i.node for i in run["items"]]),
                                        txns, store.root)
         result["breakdown"] = bd
+        result["cpu"] = {"waves": run["cpu"], "series": series["cpu"] if series else None}
         if args.dump:
             Path(args.dump).write_text(json.dumps({
                 "result": result, "txns": txns,
@@ -489,7 +577,10 @@ def main(argv: list[str] | None = None) -> int:
         if store is not None:
             store.stop()
         zk.kill()
-        shutil.rmtree(workdir, ignore_errors=True)
+        if args.keep:
+            print(f"kept {workdir}", file=sys.stderr)
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
 
 
 if __name__ == "__main__":

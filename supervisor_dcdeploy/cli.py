@@ -286,15 +286,11 @@ def cmd_deploy(args: argparse.Namespace) -> int:
     if args.wait_timeout is not None and not args.wait:
         raise CLIError("--timeout goes with --wait (deploy NAME... --wait --timeout SECS)")
     _check_wait_timeout(args)  # before queueing: a refused option must not leave a deploy
-    ops.check_canary(args.canary, args.soak)
-    ops.check_host_parallel(args.host_parallel)
-    racks = {"max_down_per_rack": args.max_down_per_rack,
-             "rack_order": _rack_order_arg(args.rack_order)}
-    ops.rack_override(**racks)  # refused before connecting, with the flag and the value
+    overrides = _deploy_overrides(args)
     signer, expires = _signing(args)
     with connected(args) as store:
         try:
-            planned = ops.plan(store, args.names, args.canary, args.soak, **racks)
+            planned = ops.plan(store, args.names, **overrides)
         except ops.OpError:
             raise  # what deploy itself would refuse, with the same reason
         except Exception as exc:  # noqa: BLE001 - a failed prediction never blocks a deploy
@@ -304,8 +300,7 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         predicted = {i["service"]: i["predicted_s"] for i in planned["items"]
                      if i["item"].startswith("(new ")}
         items = ops.deploy(store, args.names, signer=signer, expires=expires,
-                           host_parallel=args.host_parallel, canary=args.canary,
-                           soak_secs=args.soak, predicted=predicted, **racks)
+                           predicted=predicted, **overrides)
         for item in items:
             print(f"queued {item.node}: {item.service} -> {item.version}"
                   + (f", predicted {_secs(item.predicted_s)}" if item.predicted_s is not None
@@ -322,6 +317,19 @@ def cmd_deploy(args: argparse.Namespace) -> int:
         if not args.wait:
             return 0
         return _wait(args, store, [i.node for i in items])
+
+
+def _deploy_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``deploy_options`` parsed, checked before connecting (a refusal names the flag
+    and the value), as keyword arguments of both ``ops.deploy`` and ``ops.plan``: the plan
+    then describes the deploy these flags would run."""
+    ops.check_canary(args.canary, args.soak)
+    ops.check_host_parallel(args.host_parallel)
+    racks = {"max_down_per_rack": args.max_down_per_rack,
+             "rack_order": _rack_order_arg(args.rack_order)}
+    ops.rack_override(**racks)
+    return {"canary": args.canary, "soak_secs": args.soak,
+            "host_parallel": args.host_parallel, **racks}
 
 
 def _check_wait_timeout(args: argparse.Namespace) -> None:
@@ -527,6 +535,8 @@ def render_plan(data: dict[str, Any]) -> str:
                          f"{_secs(i['batch_s'])} per batch ({i['timing_source']}); predicted "
                          f"{_secs(i['predicted_s'])}, from {_secs(i['start_s'])} to "
                          f"{_secs(i['finish_s'])}")
+            if i.get("host_parallel", data["host_parallel"]) != data["host_parallel"]:
+                lines.append(f"    host_parallel {i['host_parallel']} (queued with it)")
             racks = {k: v for k, v in (i.get("rack_policy") or {}).items() if v is not None}
             if racks:
                 lines.append(f"    racks: {_overrides_note(racks)[2:]}")
@@ -537,16 +547,16 @@ def render_plan(data: dict[str, Any]) -> str:
     for problem in data.get("timing_problems", []):
         lines.append(f"ignored switch record: {problem}")
     lines.append(f"predicted total {_secs(data['total_s'])} (dependency chains "
-                 f"{_secs(data['dag_bound_s'])}, busiest host {_secs(data['host_bound_s'])}; "
+                 f"{_secs(data['dag_bound_s'])}, busiest host {_secs(data['host_bound_s'])} "
+                 f"with host_parallel {data['host_parallel']}; "
                  f"in series {_secs(data['series_s'])})")
     return printable("\n".join(lines))
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
+    overrides = _deploy_overrides(args)
     with connected(args) as store:
-        data = ops.plan(store, args.names, args.canary, args.soak,
-                        max_down_per_rack=args.max_down_per_rack,
-                        rack_order=_rack_order_arg(args.rack_order))
+        data = ops.plan(store, args.names, **overrides)
     print(json.dumps(data, sort_keys=True, allow_nan=False) if args.json else render_plan(data))
     return 0
 
@@ -679,15 +689,16 @@ def build_parser() -> argparse.ArgumentParser:
     dep = sub.add_parser("deploy", help="queue staged versions in dependency order")
     dep.add_argument("names", nargs="+")
     signing_options(dep, "deploy")
-    dep.add_argument("--host-parallel", type=int, metavar="N",
-                     help="a host may switch up to N of its services at once (default 1)")
     dep.add_argument("--wait", action="store_true",
                      help="show progress; exit 0 when done, 1 when an item failed, "
                           "3 on --timeout")
     dep.add_argument("--timeout", dest="wait_timeout", type=float, metavar="SECS",
                      help="with --wait: stop waiting after SECS (exit 3)")
 
-    def canary_options(p: argparse.ArgumentParser) -> None:
+    def deploy_options(p: argparse.ArgumentParser) -> None:
+        """How the deploy runs: ``deploy`` acts on them, ``plan`` predicts with them."""
+        p.add_argument("--host-parallel", type=int, metavar="N",
+                       help="a host may switch up to N of its services at once (default 1)")
         p.add_argument("--canary", type=int, default=0, metavar="N",
                        help="the first N hosts (spread over racks) switch, then the item "
                             "holds (docs/policy.md)")
@@ -700,7 +711,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--rack-order", nargs="?", const="", metavar="R1,R2,...",
                        help="for this deploy: finish one rack before the next, in this order "
                             "(racks not named follow, sorted), or sorted when no list is given")
-    canary_options(dep)
+    deploy_options(dep)
     dep.set_defaults(func=cmd_deploy)
     apr = sub.add_parser("approve", help="end the canary hold of a service's queued deploy")
     apr.add_argument("name")
@@ -710,7 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "predicted duration (docs/policy.md)")
     pl.add_argument("names", nargs="+")
     pl.add_argument("--json", action="store_true", help="the schema in docs/policy.md")
-    canary_options(pl)
+    deploy_options(pl)
     pl.set_defaults(func=cmd_plan)
     wt = sub.add_parser("wait", help="wait for queued deploy items (all, or ITEM): exit 0 "
                                      "done, 1 failed, 3 timeout")

@@ -103,6 +103,16 @@ def ready_queue(view: ServiceView, version: str) -> list[StagingEntry]:
     return out
 
 
+def only_switching_left(view: ServiceView, version: str, me: str) -> bool:
+    """Is every other host in the ready queue for ``version`` mid-switch (its entry there,
+    its presence gone), with at least one? A host whose switch just ended then keeps the
+    duty to complete the item: one of those hosts ends last, but it may see this host
+    still queued, this host's leaving not yet in its view. A host still waiting in the
+    queue switches after this one and completes the item itself."""
+    others = [e for e in ready_queue(view, version) if e.host != me]
+    return bool(others) and all(e.host not in view.current for e in others)
+
+
 def rollout_target(view: ServiceView) -> tuple[str | None, str]:
     """The version this service is rolling to now, and why (None: nothing to roll).
 

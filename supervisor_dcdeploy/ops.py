@@ -359,19 +359,23 @@ def switch_timings(records: list[dict[str, Any]]) -> tuple[list, list[str]]:
 
 def plan(store: Store, names: list[str], canary: int = 0,
          soak_secs: float = 0.0, max_down_per_rack: int | None = None,
-         rack_order: bool | Sequence[str] | None = None) -> dict[str, Any]:
+         rack_order: bool | Sequence[str] | None = None,
+         host_parallel: int | None = None) -> dict[str, Any]:
     """``dcdeploy plan``: what deploying ``names`` now would do, after what is queued
     (waves, order, batches, predicted seconds; policy.plan, docs/policy.md). Refuses
-    what ``deploy`` would refuse. The rack overrides are those of ``deploy`` (queued
-    items keep their own)."""
+    what ``deploy`` would refuse. The overrides (canaries, rack policy, host_parallel)
+    are those of ``deploy`` for the new items; queued items keep their own (an item
+    without ``host_parallel`` runs with 1, as the agent reads it)."""
     from .policy import GateView, Policy, plan as make_plan, service_state
     check_canary(canary, soak_secs)
+    check_host_parallel(host_parallel)
     racks = rack_override(max_down_per_rack, rack_order)
     specs, _, staged, queue, _, order = _ordered(store, names)
-    pending = [i for i in queue if i.state not in ("done", "aborted")]
+    pending = [i if i.host_parallel is not None else replace(i, host_parallel=1)
+               for i in queue if i.state not in ("done", "aborted")]
     new = [DeployItem(node=f"(new {n})", seq=10**10 + k, service=n,
                       version=staged[n].version, **_canary_of(specs[n], canary, soak_secs),
-                      **racks)
+                      host_parallel=host_parallel or 1, **racks)
            for k, n in enumerate(order)]
     items = pending + new
     hosts, _ = read_hosts(store)
@@ -386,7 +390,8 @@ def plan(store: Store, names: list[str], canary: int = 0,
         view = read_view(store, svc, queue, [], hosts=hosts)
         states[svc] = service_state(view, policy, target)
     timings, problems = switch_timings(history(store, PLAN_HISTORY))
-    out = make_plan(GateView(services=states, queue=items), timings,
+    out = make_plan(GateView(services=states, queue=items, host_parallel=host_parallel or 1),
+                    timings,
                     {svc: spec.healthy_secs for svc, spec in specs.items()})
     out["timing_problems"] = problems
     return out

@@ -396,8 +396,13 @@ def admit_take_down(view: GateView, host: str, service: str) -> Decision:
         return Decision(False, f"max_parallel {svc.max_parallel}: switching now "
                                f"{', '.join(switching)}")
     mine_down = sorted(s.name for s in view.services.values() if host in s.switching)
-    if len(mine_down) >= view.host_parallel:
-        return Decision(False, f"host_parallel {view.host_parallel}: {host} is switching "
+    # As the agent's decisions.host_room: the item's own limit, and no more than any
+    # running switch's item allows, so a deploy asking for one at a time is not overruled.
+    limit = min([item_host_parallel(view, item)] +
+                [item_host_parallel(view, i) for s in mine_down
+                 if (i := _first_item(view.queue, s)) is not None])
+    if len(mine_down) >= limit:
+        return Decision(False, f"host_parallel {limit}: {host} is switching "
                                f"{', '.join(mine_down)}")
     rack = svc.rack(host)
     if host in svc.online:
@@ -421,6 +426,17 @@ def admit_take_down(view: GateView, host: str, service: str) -> Decision:
                           f"{svc.quorum}" + (f" and rack {_rack_name(rack)} within "
                                              f"{svc.policy.max_down_per_rack}"
                                              if svc.policy.max_down_per_rack else ""))
+
+
+def item_host_parallel(view: GateView, item: DeployItem) -> int:
+    """How many of a host's services may switch at once for ``item``: its own
+    ``host_parallel`` (``deploy --host-parallel N``), else the view's."""
+    return item.host_parallel if item.host_parallel is not None else view.host_parallel
+
+
+def _first_item(queue: Sequence[DeployItem], service: str) -> DeployItem | None:
+    return next((i for i in queue
+                 if i.service == service and i.state not in ("done", "aborted")), None)
 
 
 def apply_take_down(view: GateView, host: str, service: str) -> GateView:
@@ -624,10 +640,12 @@ def plan(view: GateView, timings: Iterable[SwitchTiming] = (),
     own service or of services it depends on) are done, so one bound on the total is the
     longest chain of predicted durations through the waves (``dag_bound_s``). Services
     rolling at once on the same hosts also share each host's ``host_parallel`` slots:
-    a host must do every switch it is in, at most ``host_parallel`` at a time, which
-    gives the second bound (``host_bound_s``: the busiest host's batch seconds over
-    ``host_parallel``). ``total_s`` is the larger; ``start_s``/``finish_s`` per item
-    follow the DAG only."""
+    a host must do every switch it is in, and while a switch of an item allowing N runs,
+    at most N run on that host (:func:`admit_take_down`, as the agent's ``host_room``),
+    so each switch holds at least 1/N of its host for its batch's seconds; the busiest
+    host's sum is the second bound (``host_bound_s``; with one N for every item, its
+    batch seconds over N). N is each item's ``host_parallel``, else the view's.
+    ``total_s`` is the larger; ``start_s``/``finish_s`` per item follow the DAG only."""
     timings = list(timings)
     healthy_secs = healthy_secs or {}
     specs = view.services
@@ -654,9 +672,11 @@ def plan(view: GateView, timings: Iterable[SwitchTiming] = (),
                         start_s=start if math.isfinite(start) else None,
                         finish_s=finish[item.node] if math.isfinite(finish[item.node])
                         else None)
+            hp = item_host_parallel(view, item)
+            pred["host_parallel"] = hp
             items_out.append(pred)
-            for host in pred["host_order"]:
-                load[host] = load.get(host, 0.0) + pred["batch_s"]
+            for host in pred["host_order"]:  # each switch holds 1/hp of its host at least
+                load[host] = load.get(host, 0.0) + pred["batch_s"] / hp
             if dur is None:
                 total = series = None
             elif series is not None:
@@ -665,7 +685,7 @@ def plan(view: GateView, timings: Iterable[SwitchTiming] = (),
     busiest: float | None = None
     if total is not None:
         dag = max(finish.values(), default=0.0)
-        busiest = max(load.values(), default=0.0) / view.host_parallel
+        busiest = max(load.values(), default=0.0)
         total = max(dag, busiest)
     return {"schema": 1,
             "host_parallel": view.host_parallel,

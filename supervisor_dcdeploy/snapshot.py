@@ -56,7 +56,7 @@ def read_spec(store: Store, svc: str) -> tuple[ServiceSpec | None, str | None]:
     if raw is None:
         return None, None
     try:
-        return ServiceSpec.parse(svc, raw), None
+        return _spec_value(svc, bytes(raw)), None
     except InvalidData as exc:
         return None, str(exc)
 
@@ -78,7 +78,7 @@ def read_staged(store: Store, svc: str,
     if not raw:
         return None, None
     try:
-        return StagedRelease.parse(svc, raw), None
+        return _staged_value(svc, bytes(raw)), None
     except InvalidData as exc:
         return None, str(exc)
 
@@ -86,6 +86,16 @@ def read_staged(store: Store, svc: str,
 # An agent builds its view every cycle, most of the time from the same presences and ready
 # entries (the mirror, docs/design.md §4): each distinct value is parsed once. The entries
 # are frozen; a value that does not parse is not remembered (it raises again, as it should).
+@lru_cache(maxsize=1024)  # specs and staged releases: the same few, every cycle
+def _spec_value(svc: str, raw: bytes) -> ServiceSpec:
+    return ServiceSpec.parse(svc, raw)
+
+
+@lru_cache(maxsize=1024)
+def _staged_value(svc: str, raw: bytes) -> StagedRelease:
+    return StagedRelease.parse(svc, raw)
+
+
 @lru_cache(maxsize=16384)
 def _current_entry(svc: str, host: str, raw: bytes) -> CurrentEntry:
     return CurrentEntry.parse(svc, host, raw)
@@ -179,7 +189,7 @@ def read_view(store: Store, svc: str, queue: list[DeployItem] | None = None,
     spec, problem = None, None
     if raw is not None:
         try:
-            spec = ServiceSpec.parse(svc, raw)
+            spec = _spec_value(svc, bytes(raw))
         except InvalidData as exc:
             problem = str(exc)
     if problem:

@@ -27,6 +27,7 @@ import base64
 import binascii
 import calendar
 import dataclasses
+import functools
 import glob
 import hashlib
 import json
@@ -249,6 +250,7 @@ def format_expires(when: float) -> str:
     return time.strftime(EXPIRES_FORMAT, time.gmtime(when))
 
 
+@functools.lru_cache(maxsize=256)  # the same few signatures' times, checked every cycle
 def parse_expires(text: str) -> float:
     """Seconds since the epoch; ValueError unless exactly ``YYYY-MM-DDTHH:MM:SSZ``."""
     return float(calendar.timegm(time.strptime(text, EXPIRES_FORMAT)))
@@ -310,6 +312,22 @@ def signature_counter(signature: Any) -> int | None:
     return None
 
 
+# Signatures found valid, remembered: the agent checks every service's spec, staged
+# release and each queued item at every cycle, the same signed bytes over and over while
+# a deploy runs (80 checks a cycle for 8 services and 8 items), and the Ed25519 check was
+# nearly all of its CPU (bench/waves.py, docs/policy.md). A hit needs the same public key,
+# signature and signed bytes, so it answers what the check would; a failure is not kept.
+VERIFIED_MEMO = 1024
+
+
+@functools.lru_cache(maxsize=VERIFIED_MEMO)
+def _signature_valid(public: bytes, sig: bytes, signed: bytes) -> bool:
+    """True when ``sig`` is ``public``'s Ed25519 signature of ``signed``; raises
+    InvalidSignature otherwise (not cached)."""
+    Ed25519PublicKey.from_public_bytes(public).verify(sig, signed)
+    return True
+
+
 def verify(payload: Mapping[str, Any], signature: Any,
            keys: Mapping[str, Ed25519PublicKey], now: float,
            last_counter: int | None) -> Verdict:
@@ -345,7 +363,7 @@ def verify(payload: Mapping[str, Any], signature: Any,
         trusted = ", ".join(sorted(keys)) or "none"
         return Verdict(False, f"signed by unknown key {keyid} (trusted here: {trusted})")
     try:
-        key.verify(raw, message(payload, counter, expires))
+        _signature_valid(key.public_bytes_raw(), raw, message(payload, counter, expires))
     except InvalidSignature:
         return Verdict(False, f"bad signature by key {keyid}: the signed fields were "
                               "changed after signing")
@@ -424,11 +442,12 @@ def check(value: ServiceSpec | StagedRelease | DeployItem, policy: Policy, now: 
         # No pinned key means no basis to check a signature either: accepted as is (and
         # before the payload is built: this runs for every value on every view).
         return Verdict(True, "not checked, accepted (insecure_unsigned = true)"), {}
-    kind = payload_of(value)["kind"]
+    payload = payload_of(value)
+    kind = payload["kind"]
     service = value.name if isinstance(value, ServiceSpec) else value.service
     key = f"{kind}/{service}"
     last = seen.get(key)
-    verdict = verify(payload_of(value), signature, policy.keys, now,
+    verdict = verify(payload, signature, policy.keys, now,
                      last.counter if last else None)
     if not verdict:
         return verdict, {}

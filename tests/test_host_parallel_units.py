@@ -121,3 +121,75 @@ def test_shutdown_waits_for_a_switch_in_progress():
     assert not any(t.name.startswith("dcdeploy-switch") for t in threading.enumerate())
     with pytest.raises(RuntimeError):  # after shutdown: the agent switches inline instead
         runner.submit("b", 1, lambda: None)
+
+
+# -- supervisord's states, once a cycle ---------------------------------------------------
+
+class CountingSupervisor:
+    """Every program RUNNING; counts the calls of each kind. ``all_fail``: the one call
+    for every program fails (then each service asks for its own)."""
+
+    def __init__(self, programs, all_fail: bool = False) -> None:
+        self.programs = programs
+        self.all_fail = all_fail
+        self.calls = {"states": 0, "state": 0}
+
+    def states(self) -> dict[str, str]:
+        from supervisor_dcdeploy.supervisorctl_client import SupervisorError
+        self.calls["states"] += 1
+        if self.all_fail:
+            raise SupervisorError("getAllProcessInfo: broken")
+        return {p: "RUNNING" for p in self.programs}
+
+    def state(self, program: str) -> str:
+        self.calls["state"] += 1
+        return "RUNNING"
+
+    def stop(self, program: str) -> None:
+        raise AssertionError("nothing is stopped here")
+
+    def start(self, program: str) -> None:
+        raise AssertionError("nothing is started here")
+
+
+@pytest.mark.parametrize("all_fail,states,state", [(False, 2, 0), (True, 2, 6)])
+def test_a_cycle_asks_supervisord_once_for_all_its_programs(tmp_path, store_url, all_fail,
+                                                            states, state):
+    """Each cycle reads every program's state in one call, not one per service (the
+    agents' per-service calls were most of supervisord's CPU during bench/waves.py); when
+    that call fails, each service asks for its own as before."""
+    from supervisor_dcdeploy.agent.config import AgentConfig
+    from supervisor_dcdeploy.agent.worker import Agent
+    programs = ["A", "B", "C"]
+    sup = CountingSupervisor(programs, all_fail)
+    cfg = AgentConfig(host="h0", rack="r0", store=store_url, root=tmp_path,
+                      services={p: {} for p in programs}, start_timeout=5.0)
+    agent = Agent(cfg, supervisor=sup)  # type: ignore[arg-type]
+    try:
+        assert agent.connect(timeout=15)
+        agent.cycle()
+        agent.cycle()
+        assert sup.calls == {"states": states, "state": state}
+        assert {svc: s["process"] for svc, s in agent.status.items()} == \
+            dict.fromkeys(programs, "RUNNING")
+    finally:
+        agent.shutdown()
+
+
+def test_supervisor_states_by_the_names_state_takes():
+    """``getAllProcessInfo`` answers name and group: a program in its own group is found
+    by its name, one of a group by ``group:name``; malformed entries are left out."""
+    from supervisor_dcdeploy.supervisorctl_client import Supervisor
+
+    class Proxy:
+        class supervisor:  # noqa: N801 - the XML-RPC namespace's name
+            @staticmethod
+            def getAllProcessInfo():  # noqa: N802 - supervisord's method name
+                return [{"name": "api", "group": "api", "statename": "RUNNING"},
+                        {"name": "w_0", "group": "workers", "statename": "STARTING"},
+                        {"name": 7, "group": "x", "statename": "RUNNING"}]
+
+    sup = Supervisor("unix:///nonexistent.sock")
+    sup._proxy = Proxy()  # type: ignore[assignment]
+    assert sup.states() == {"api": "RUNNING", "api:api": "RUNNING",
+                            "workers:w_0": "STARTING"}

@@ -84,6 +84,11 @@ def test_plan_predicts_from_recorded_switches_and_history_compares(cluster, run)
     (["approve", "A"], 'no deploy of "A" is queued'),
     (["approve", "not a name"], "not a valid name"),
     (["history", "--limit", "0"], "--limit 0"),
+    (["plan", "A", "--host-parallel", "0"], "--host-parallel: field 'host_parallel': "
+                                            "must be 1..64, got 0"),
+    (["plan", "A", "--host-parallel", "65"], "got 65"),
+    (["plan", "A", "--max-down-per-rack", "0"], "--max-down-per-rack: 0 is outside"),
+    (["plan", "A", "--rack-order", "r1,r1"], "--rack-order: names a rack twice"),
 ])
 def test_bad_input_exit_2_with_the_reason(store, run, argv, fragment):
     ops.service_set(store, "A", program="A", quorum=0)
@@ -106,3 +111,62 @@ def test_approve_without_canaries_is_refused(store, run):
     assert raw["approved"] is True and raw["signature"]  # the approval is signed
     code, _, err = run("approve", "A")
     assert code == 2 and "already approved" in err
+
+
+def fleet_online(store, services, hosts):
+    """Presences of ``hosts`` serving version 1 of each of ``services`` (the test's own
+    session holds them), and the hosts in the registry: what the plan counts as online."""
+    from supervisor_dcdeploy.model import CurrentEntry, HostInfo
+    for h in hosts:
+        store.create(f"hosts/{h}", HostInfo(h, "r0", tuple(services)).to_json())
+        for svc in services:
+            store.create(f"current/{svc}/{h}", CurrentEntry(h, "1", rack="r0").to_json(),
+                         ephemeral=True)
+
+
+def test_plan_takes_deploys_host_parallel(store, run):
+    """``plan --host-parallel N`` predicts the deploy ``deploy --host-parallel N`` runs
+    (issue 10 item 4): two independent services on the same 4 hosts, one batch each
+    (max_parallel 4, quorum 0), no history (the fallback's batch): with the default a host
+    does its two switches one after the other (the busiest host bounds the total at two
+    batches), with 2 both at once (one batch). A queued item keeps its own N (1 here, as
+    written without the flag), and ``deploy`` records the plan made with its own flags."""
+    hosts = ["h0", "h1", "h2", "h3"]
+    for svc in ("A", "B"):
+        ops.service_set(store, svc, program=svc, quorum=0, max_parallel=4, healthy_secs=1)
+        ops.stage(store, svc, "2", sha256="a" * 64, urls=["file:///x"], size=1)
+    fleet_online(store, ["A", "B"], hosts)
+
+    def plan(*flags, names=("A", "B")):
+        code, out, err = run("plan", *names, "--json", *flags)
+        assert code == 0, err
+        return json.loads(out)
+
+    one, two = plan(), plan("--host-parallel", "2")
+    batch = one["items"][0]["batch_s"]
+    assert one["items"][0]["timing_source"].startswith("fallback")
+    assert (one["host_parallel"], two["host_parallel"]) == (1, 2)
+    assert {i["host_parallel"] for i in one["items"]} == {1}
+    assert {i["host_parallel"] for i in two["items"]} == {2}
+    assert one["dag_bound_s"] == two["dag_bound_s"] == batch
+    assert (one["host_bound_s"], one["total_s"]) == (2 * batch, 2 * batch)
+    assert (two["host_bound_s"], two["total_s"]) == (batch, batch)
+    code, out, _ = run("plan", "A", "B", "--host-parallel", "2")
+    assert code == 0 and "with host_parallel 2" in out, out
+
+    # B queued without the flag: its item runs with 1, whatever A's plan asks for.
+    assert run("deploy", "B")[0] == 0
+    mixed = plan("--host-parallel", "2", names=("A",))
+    by = {i["service"]: i for i in mixed["items"]}
+    assert (by["B"]["host_parallel"], by["A"]["host_parallel"]) == (1, 2)
+    assert mixed["host_bound_s"] == pytest.approx(batch + batch / 2)
+    code, out, _ = run("plan", "A", "--host-parallel", "2")
+    assert "host_parallel 1 (queued with it)" in out, out
+
+    # deploy prints (and records per item) the plan of its own flags.
+    assert run("abort")[0] == 0
+    code, out, err = run("deploy", "A", "B", "--host-parallel", "2")
+    assert code == 0, err
+    assert f"predicted total {batch:.1f} s" in out, out
+    items = [json.loads(store.get(f"deploy/{n}")[0]) for n in store.children("deploy")]
+    assert {i["host_parallel"] for i in items} == {2}

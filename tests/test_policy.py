@@ -642,6 +642,63 @@ def test_plan_total_matches_the_gate_simulated(host_parallel, max_parallel, quor
     assert out["total_s"] == max(out["dag_bound_s"], out["host_bound_s"])
 
 
+def bench_queue(host_parallel):
+    """Issue 10's bench items, each carrying ``host_parallel(service)`` as ``deploy
+    --host-parallel N`` records it (None: not set)."""
+    return [replace(item(i + 1, n), host_parallel=host_parallel(n))
+            for i, n in enumerate(BENCH_NAMES)]
+
+
+@pytest.mark.parametrize("items_hp,view_hp,max_parallel,per_item,host_bound,total,rounds", [
+    # Every item carries N (deploy --host-parallel N): 8 services on every host.
+    (1, 1, 10, [1] * 8, 8.0, 8.0, 8),  # each host does its 8 switches one by one
+    (2, 1, 10, [2] * 8, 4.0, 4.0, 4),  # two at a time: the host bound halves
+    (3, 1, 10, [3] * 8, 8 / 3, 3.0, 3),  # the chain of 3 (DAG bound) is longer
+    (8, 1, 5, [8] * 8, 1.0, 6.0, 6),  # k = 5: 2 batches per service, chain 6
+    # Items without their own N take the view's: the same as carrying it.
+    (None, 2, 10, [2] * 8, 4.0, 4.0, 4),
+    # A queued item's N stays its own: here a1-a3 at 1, the rest at 2 (the host bound
+    # 3 x 1 + 5 x 1/2); the gate needs more rounds, never fewer.
+    ({"a1": 1, "a2": 1, "a3": 1}, 2, 10, [1, 1, 1, 2, 2, 2, 2, 2], 5.5, 5.5, 6),
+    ({"c1": 1, "c2": 1, "c3": 1}, 4, 10, [4, 4, 4, 4, 4, 1, 1, 1], 4.25, 4.25, 6),
+])
+def test_plan_host_parallel_per_item(items_hp, view_hp, max_parallel, per_item, host_bound,
+                                     total, rounds):
+    """``plan --host-parallel N`` (issue 10 item 4): the bench fleet with quorum 0 and
+    1 s batches. Each item's ``host_parallel`` (else the view's) bounds its host's
+    switches at once, as at the gate; with one N for all, the plan's total is exactly
+    the rounds the gate needs, and with mixed N a lower bound of them."""
+    hp = (lambda n: items_hp) if not isinstance(items_hp, dict) else \
+        (lambda n: items_hp.get(n))
+    services = [svc(n, racks=BENCH_HOSTS, quorum=0, max_parallel=max_parallel,
+                    depends_on=BENCH_CHAINS.get(n, ())) for n in BENCH_NAMES]
+    view = gate_view(*services, queue=bench_queue(hp), host_parallel=view_hp)
+    out = p.plan(view, [t for n in BENCH_NAMES for t in timings(n, 1.0)])
+    json.dumps(out, allow_nan=False)
+    assert {i["service"]: i["host_parallel"] for i in out["items"]} == \
+        dict(zip(BENCH_NAMES, per_item))
+    assert out["host_parallel"] == view_hp
+    assert out["host_bound_s"] == pytest.approx(host_bound)
+    assert out["total_s"] == pytest.approx(total)
+    simulated, _ = run_to_completion(view)
+    assert len(simulated) == rounds
+    assert out["total_s"] <= len(simulated)
+
+
+def test_gate_host_parallel_is_the_least_of_the_running_items():
+    """As the agent's ``host_room``: a host switching a service whose item allows 1 takes
+    no other down, even for an item allowing 2; with both at 2 it takes a second."""
+    a, b = svc("a", switching={"h0"}), svc("b")
+    one = [replace(item(1, "a"), host_parallel=1), replace(item(2, "b"), host_parallel=2)]
+    refused = p.admit_take_down(gate_view(a, b, queue=one), "h0", "b")
+    assert not refused and refused.reason == "host_parallel 1: h0 is switching a"
+    two = [replace(i, host_parallel=2) for i in one]
+    assert p.admit_take_down(gate_view(a, b, queue=two), "h0", "b")
+    # Items without a value take the view's.
+    assert p.admit_take_down(gate_view(a, b, host_parallel=2), "h0", "b")
+    assert not p.admit_take_down(gate_view(a, b), "h0", "b")
+
+
 @settings(max_examples=150, deadline=None)
 @given(st.data())
 def test_plan_total_is_a_lower_bound_of_the_simulated_rounds(data):
@@ -661,10 +718,13 @@ def test_plan_total_is_a_lower_bound_of_the_simulated_rounds(data):
                                           unique=True)) if i else (),
             max_down_per_rack=data.draw(st.none() | st.integers(1, 2)),
             rack_order=data.draw(st.booleans())))
-    view = gate_view(*services, host_parallel=data.draw(st.integers(1, 2)))
+    # Each item its own host_parallel (deploy --host-parallel N), or none (the view's).
+    queue = [replace(item(i + 1, s.name), host_parallel=data.draw(st.none() | st.integers(1, 3)))
+             for i, s in enumerate(services)]
+    view = gate_view(*services, queue=queue, host_parallel=data.draw(st.integers(1, 2)))
     out = p.plan(view, [t for s in services for t in timings(s.name, 1.0)])
     rounds, _ = run_to_completion(view)
-    assert out["total_s"] <= len(rounds)
+    assert out["total_s"] <= len(rounds) + 1e-9
 
 
 @settings(max_examples=150, deadline=None)

@@ -120,6 +120,28 @@ def test_a_key_id_of_a_trusted_key_with_another_keys_signature(keys, tmp_path):
     assert not verdict.ok and "bad signature" in verdict.reason
 
 
+def test_a_remembered_signature_answers_only_for_the_same_key_and_bytes(keys, tmp_path):
+    """The agent checks the same signed values every cycle, so a valid signature is
+    remembered (trust.VERIFIED_MEMO); the memory must answer exactly as the check: a
+    changed field, another key pinned under the same id, or the expiry passing since is
+    still refused after the good value was accepted (and remembered)."""
+    signer, trusted = keys
+    trust._signature_valid.cache_clear()
+    value = reparse(signed(SPEC, signer))
+    for _ in range(2):  # the second answer comes from memory
+        assert trust.check(value, trust.Policy(trusted), NOW, {})[0].ok
+    changed = dataclasses.replace(value, quorum=value.quorum + 1)
+    verdict, _ = trust.check(changed, trust.Policy(trusted), NOW, {})
+    assert not verdict.ok and "bad signature" in verdict.reason
+    other, _, _ = trust.generate(tmp_path / "other")
+    swapped = {signer.keyid: trust.load_signer(other).public}  # same id, another key
+    verdict, _ = trust.check(value, trust.Policy(swapped), NOW, {})
+    assert not verdict.ok and "bad signature" in verdict.reason
+    verdict, _ = trust.check(value, trust.Policy(trusted), NOW + 10 ** 6, {})
+    assert not verdict.ok and "expired" in verdict.reason
+    assert trust._signature_valid.cache_info().hits >= 2  # it was remembered
+
+
 def test_expired(keys):
     signer, trusted = keys
     value = signed(RELEASE, signer, expires=NOW - 1)

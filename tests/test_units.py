@@ -136,6 +136,23 @@ def test_listener_protocol():
     assert out.getvalue() == "READY\nRESULT 2\nOKREADY\nRESULT 2\nOKREADY\n"
 
 
+@pytest.mark.parametrize("event,wakes", [
+    ("PROCESS_STATE_RUNNING", True), ("PROCESS_STATE_STOPPED", True),
+    ("PROCESS_STATE_EXITED", True), ("PROCESS_STATE_FATAL", True),
+    ("PROCESS_STATE_UNKNOWN", True),
+    # passing states: another event follows, and a cycle now would leave the program be
+    ("PROCESS_STATE_STARTING", False), ("PROCESS_STATE_STOPPING", False),
+    ("PROCESS_STATE_BACKOFF", False),
+    ("TICK_5", False), ("SUPERVISOR_STATE_CHANGE_RUNNING", False),
+])
+def test_which_events_wake_the_cycle(event, wakes):
+    from supervisor_dcdeploy.agent.listener import PASSING_STATES, wakes_the_cycle
+    from supervisor_dcdeploy.agent.reconciler import TRANSIENT_STATES
+    assert wakes_the_cycle(event) is wakes
+    # exactly the states the cycle leaves alone
+    assert {e.removeprefix("PROCESS_STATE_") for e in PASSING_STATES} == set(TRANSIENT_STATES)
+
+
 class _Handler(BaseHTTPRequestHandler):
     code = 200
 

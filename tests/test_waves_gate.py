@@ -308,3 +308,25 @@ def test_no_interleaving_of_hosts_breaks_quorum_rack_budget_or_an_edge(
         if all(v == "2" for v in w.current["a"].values()) and not w.queued["a"]:
             w.a_done = True
         w.check()
+
+
+# -- completing an item when several hosts end their switches at once ------------------------
+
+@pytest.mark.parametrize("current,staging,keeps", [
+    # h1 and h2 switch beside h0 (entries, no presence): h0 may be the last to end
+    ({"h0": "2", "h3": "2"}, ["h1", "h2"], True),
+    # h1 still waits in the queue (its presence on 1): it switches after h0, and completes
+    ({"h0": "2", "h1": "1"}, ["h1"], False),
+    ({"h0": "2", "h1": "1", "h3": "2"}, ["h2", "h1"], False),
+    # nobody else left: the queue is empty, the usual check completes the item
+    ({"h0": "2"}, [], False),
+    # h0's own entry, not yet gone from its view, does not count
+    ({"h3": "2"}, ["h0"], False),
+])
+def test_only_switching_left(current, staging, keeps):
+    """A host whose switch just ended keeps the duty to complete the item while only hosts
+    mid-switch are left in the ready queue (bench/waves.py with max_parallel 5: the five
+    hosts of the last batch each saw another still queued, and the item waited for the
+    10 s fallback)."""
+    v = view("api", [item(1, "api")], current=current, staging=staging)
+    assert d.only_switching_left(v, "2", "h0") is keeps

@@ -5,6 +5,20 @@ from __future__ import annotations
 from typing import Callable, TextIO
 
 
+# A program passing through one of these states is followed by another event (RUNNING,
+# BACKOFF then FATAL, STOPPED, EXITED): a cycle woken by it would find the program in a
+# transient state and leave it be (reconciler.TRANSIENT_STATES), so it would only spend
+# CPU on the host's other services. Each switch passes through two of them.
+PASSING_STATES = ("PROCESS_STATE_STARTING", "PROCESS_STATE_STOPPING",
+                  "PROCESS_STATE_BACKOFF")
+
+
+def wakes_the_cycle(eventname: str) -> bool:
+    """Does this supervisord event call for a cycle now (a program settled in a state
+    the agent acts on)? Other events wait for the next one, or the poll interval."""
+    return eventname.startswith("PROCESS_STATE") and eventname not in PASSING_STATES
+
+
 def parse_header(line: str) -> dict[str, str]:
     return dict(token.split(":", 1) for token in line.split() if ":" in token)
 

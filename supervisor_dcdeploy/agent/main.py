@@ -15,7 +15,7 @@ import structlog
 
 from .. import logs
 from .config import ConfigError, load
-from .listener import listen
+from .listener import listen, wakes_the_cycle
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     worker.start()
 
     def on_event(name: str, _payload: str) -> None:
-        if name.startswith("PROCESS_STATE"):
+        if wakes_the_cycle(name):
             agent.wake.set()
 
     try:

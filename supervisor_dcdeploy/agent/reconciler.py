@@ -80,6 +80,9 @@ class HostContext:
     wake_by: Callable[[float], None]
     switches: SwitchRunner | None = None
     state_lock: threading.Lock = field(default_factory=threading.Lock)
+    # supervisord's program states, read in one call at the start of the cycle (None:
+    # each service asks for its own program): see ServiceReconciler._program_state.
+    states: dict[str, str] | None = None
 
     @property
     def host(self) -> str:
@@ -142,12 +145,14 @@ class ServiceReconciler:
         (``store_state`` says why): then only local state decides. Raises what the store,
         supervisord or the disk raised; the agent reports it and goes on."""
         svc, ctx = self.svc, self.ctx
+        fresh = False
         if ctx.switches is not None:
             if ctx.switches.running(svc):
                 return  # its switch thread has it until the switch ends
             done = ctx.switches.take(svc)
             if done is not None:
                 self._finish_switch(done.result())  # raises what the switch raised
+                fresh = True
         st = ctx.local.get(svc)
         rd = self.rd
         view = None
@@ -166,7 +171,7 @@ class ServiceReconciler:
             self.set(store=store_state)
         spec = self._spec(view)
         program = spec.program if spec else svc
-        state = ctx.sup.state(program)
+        state = self._program_state(program, fresh)
         self.set(program=program, process=state, version=st.active)
 
         if state in TRANSIENT_STATES:
@@ -487,6 +492,16 @@ class ServiceReconciler:
         if what == "done":
             self._prune()
 
+    def _program_state(self, program: str, fresh: bool) -> str:
+        """``program``'s state: from the cycle's one read of every program, unless
+        ``fresh`` (its switch ended since that read: only the switch thread stops and
+        starts a program outside the agent's thread) or it is not in that read (then
+        supervisord's own answer, or its error naming the program)."""
+        states = self.ctx.states
+        if fresh or states is None or program not in states:
+            return self.ctx.sup.state(program)
+        return states[program]
+
     def _sup(self) -> Supervisor:
         """supervisord's client for the calling thread (a switch thread has its own)."""
         runner = self.ctx.switches
@@ -783,12 +798,21 @@ class ServiceReconciler:
     def _may_resolve(self, view: decisions.ServiceView) -> bool:
         """Whether to read the presences not read yet to see if the item is complete:
         when this host just switched (the last to switch sees the ready queue empty), or
-        when the item has stayed open with an empty queue for COMPLETE_FALLBACK_SECS."""
+        when the item has stayed open with an empty queue for COMPLETE_FALLBACK_SECS.
+
+        Hosts that end their switches at the same moment (``max_parallel`` > 1) may each
+        still see another in the queue, its leaving not yet in this host's view: such a
+        host keeps the duty while only hosts mid-switch are left in the queue
+        (:func:`decisions.only_switching_left`), and checks again when their leaving
+        wakes it, instead of every host waiting for the fallback."""
         head = view.head
         just_switched, self.switched = self.switched, False
         if head is None or head.service != self.svc \
                 or decisions.ready_queue(view, head.version) \
                 or not any(e.version == "" for e in view.current.values()):
+            if just_switched and head is not None and head.service == self.svc and \
+                    decisions.only_switching_left(view, head.version, self.ctx.host):
+                self.switched = True
             self.queue_empty_since = None
             return False
         now = time.monotonic()

@@ -223,6 +223,7 @@ class Agent:
                 self.log.error("store.not_authorized", error=str(exc))
                 self._denied, online = True, False
                 self._was_denied = True
+        self.ctx.states = self._program_states()
         for svc, reconciler in self.reconcilers.items():
             try:
                 reconciler.reconcile(queue if online else None, queue_invalid,
@@ -262,6 +263,20 @@ class Agent:
             except Exception as exc:  # noqa: BLE001 - seeding upkeep must not stop the cycle
                 self.log.warning("swarm.maintain_failed", error=str(exc))
         self.write_status()
+
+    def _program_states(self) -> dict[str, str] | None:
+        """Every program's state in one XML-RPC call, for this cycle's services: one call
+        a cycle instead of one per service (bench/waves.py: the agents' cycles during a
+        deploy were most of supervisord's CPU). None when the call fails (each service
+        then asks for its own program and reports what went wrong) or the client has no
+        such call (a test's stand-in)."""
+        states = getattr(self.sup, "states", None)
+        if states is None:
+            return None
+        try:
+            return states()
+        except SupervisorError:
+            return None
 
     def _store_state(self) -> str:
         """The store as a service's status shows it when the cycle cannot use it."""
