@@ -6,8 +6,9 @@ on one bridge, each capped at B (default 100 Mbit/s) both ways with tc tbf. An a
 bytes (default 256 MiB, random) is distributed by ``--engine``:
 
 - transmission / libtorrent: staged as a private torrent, seeded by the origin's daemon of
-  that engine (libtorrent: super-seeding), fetched by every host at once through its own
-  daemon (the Engine interface: add, wait, sha256 verify);
+  that engine (libtorrent super-seeds only with ``--origin-tuning '{"super_seed": true}'``),
+  fetched by every host at once through its own daemon (the Engine interface: add, wait,
+  sha256 verify);
 - http: every host downloads it at once with curl from a Python HTTP server on the origin.
 
 It prints the time until the last host is complete (from the moment all fetches are
@@ -18,6 +19,14 @@ included) over S, and the machine's CPU use during the distribution (all cores, 
 
     sudo python bench/distribute.py --engine libtorrent [--hosts 8] [--size-mib 256] \
         [--mbit 100] [--json]
+
+``--timeline FILE`` (both engines) samples every daemon twice a second: pieces held, peers
+with flags, rates and request queues (libtorrent: through the daemon's read-only ``detail``
+operation), and notes when the first peer and block arrived and when every piece first
+existed on some host.
+
+The ideal is S/B with B the shaped link rate; TCP/IP headers (tbf counts whole packets)
+and BitTorrent framing take ~4-5 % of B, so even a perfect transfer measures ~1.05 x S/B.
 
 ``--json`` prints one object: {"engine", "hosts", "size_bytes", "bandwidth_bps",
 "last_complete_s", "ideal_s", "ratio", "origin_egress_ratio", "p50_complete_s", "cpu_util"},

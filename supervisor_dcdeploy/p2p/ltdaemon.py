@@ -70,7 +70,11 @@ LT_SETTINGS: dict[str, Any] = {
     "out_enc_policy": 2, "in_enc_policy": 1, "prefer_rc4": False,
     # Never queue: every release starts at once (torrents are added not auto-managed too).
     "active_downloads": -1, "active_seeds": -1, "active_limit": -1, "active_checking": 4,
-    # Choking: a fixed number of upload slots, re-evaluated every 5 s (default 15 s).
+    # Choking: a fixed number of upload slots, re-evaluated every 5 s (default 15 s). Note:
+    # libtorrent's "local" peer class (private and loopback addresses) ignores unchoke slots,
+    # so on a data-center network every interested peer is unchoked whatever these say
+    # (seen in the timelines; making LAN peers obey 4 slots at the origin measured no
+    # better, docs/distribution.md). They matter for peers on public addresses only.
     "choking_algorithm": 0, "unchoke_slots_limit": 8, "unchoke_interval": 5,
     "optimistic_unchoke_interval": 10,
     # Request pipeline: one second of data per peer (libtorrent: 3 s), at most 16 blocks
