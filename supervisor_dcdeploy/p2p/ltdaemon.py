@@ -241,12 +241,15 @@ class LtDaemon:
             f = p.flags
             peers.append({
                 "address": p.ip[0], "seed": bool(f & pi.seed),
-                # i: we want its pieces, c: we choke it, I: it wants ours, C: it chokes us
+                # i: we want its pieces, c: we choke it, I: it wants ours, C: it chokes us,
+                # S: snubbed (slow to answer), E: end game
                 "flags": "".join(ch for ch, bit in (("i", pi.interesting), ("c", pi.choked),
                                                     ("I", pi.remote_interested),
                                                     ("C", pi.remote_choked),
                                                     ("O", pi.optimistic_unchoke),
-                                                    ("o", pi.outgoing_connection)) if f & bit),
+                                                    ("o", pi.outgoing_connection),
+                                                    ("S", pi.snubbed),
+                                                    ("E", pi.endgame_mode)) if f & bit),
                 "down": int(p.payload_down_speed), "up": int(p.payload_up_speed),
                 "progress": round(float(p.progress), 4),
                 "total_down": int(p.total_download), "total_up": int(p.total_upload),
