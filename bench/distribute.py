@@ -119,10 +119,9 @@ class Timeline:
     """Polls every daemon twice a second while the swarm runs; writes JSON lines
     ``{"t", "host", "done", "rate_down", "rate_up", "pieces", "peers": [{"host", "flags",
     "down", "up", "progress"}]}`` (libtorrent: ``pieces`` is a string of 0/1, and
-    ``uploaded`` is added) and notes when the first peer and the first block arrived
-    anywhere, when every piece first existed on some host (after that the origin only sends
-    duplicates) and how much the origin had sent by then. Used to find where the time goes
-    (docs/distribution.md)."""
+    ``uploaded``, ``redundant`` and per-peer request queues are added) and notes when the first peer and the first block arrived
+    anywhere and when every piece first existed on some host (after that the origin only
+    sends duplicates). Used to find where the time goes (docs/distribution.md)."""
 
     def __init__(self, lab: SwarmLab, infohash: str, piece_count: int, path: Path,
                  start: float) -> None:
@@ -132,7 +131,6 @@ class Timeline:
         self.first_peer: float | None = None
         self.first_data: float | None = None
         self.all_pieces_out: float | None = None
-        self.origin_sent_then: int | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
