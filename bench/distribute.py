@@ -6,8 +6,9 @@ on one bridge, each capped at B (default 100 Mbit/s) both ways with tc tbf. An a
 bytes (default 256 MiB, random) is distributed by ``--engine``:
 
 - transmission / libtorrent: staged as a private torrent, seeded by the origin's daemon of
-  that engine (libtorrent: super-seeding), fetched by every host at once through its own
-  daemon (the Engine interface: add, wait, sha256 verify);
+  that engine (libtorrent super-seeds only with ``--origin-tuning '{"super_seed": true}'``),
+  fetched by every host at once through its own daemon (the Engine interface: add, wait,
+  sha256 verify);
 - http: every host downloads it at once with curl from a Python HTTP server on the origin.
 
 It prints the time until the last host is complete (from the moment all fetches are
@@ -18,6 +19,14 @@ included) over S, and the machine's CPU use during the distribution (all cores, 
 
     sudo python bench/distribute.py --engine libtorrent [--hosts 8] [--size-mib 256] \
         [--mbit 100] [--json]
+
+``--timeline FILE`` (both engines) samples every daemon twice a second: pieces held, peers
+with flags, rates and request queues (libtorrent: through the daemon's read-only ``detail``
+operation), and notes when the first peer and block arrived and when every piece first
+existed on some host.
+
+The ideal is S/B with B the shaped link rate; TCP/IP headers (tbf counts whole packets)
+and BitTorrent framing take ~4-5 % of B, so even a perfect transfer measures ~1.05 x S/B.
 
 ``--json`` prints one object: {"engine", "hosts", "size_bytes", "bandwidth_bps",
 "last_complete_s", "ideal_s", "ratio", "origin_egress_ratio", "p50_complete_s", "cpu_util"},
@@ -106,73 +115,100 @@ def lab_cpu_ticks(lab: SwarmLab) -> int:
     return total
 
 
-def pieces_held(bitfields: list[str], piece_count: int) -> int:
-    """How many pieces at least one of the hosts holds (Transmission's base64 ``pieces``)."""
-    union = 0
-    for b64 in bitfields:
-        union |= int.from_bytes(base64.b64decode(b64), "big")
-    raw_bits = len(base64.b64decode(bitfields[0])) * 8 if bitfields else 0
-    return bin(union >> (raw_bits - piece_count)).count("1") if raw_bits else 0
-
-
 class Timeline:
     """Polls every daemon twice a second while the swarm runs; writes JSON lines
     ``{"t", "host", "done", "rate_down", "rate_up", "pieces", "peers": [{"host", "flags",
-    "down", "up", "progress"}]}`` and notes when the first block arrived anywhere and when
-    every piece first existed on some host (after that the origin only sends duplicates).
-    Used to find where the time goes (docs/distribution.md)."""
+    "down", "up", "progress"}]}`` (libtorrent: ``pieces`` is a string of 0/1, and
+    ``uploaded``, ``redundant`` and per-peer request queues are added) and notes when the first peer and the first block arrived
+    anywhere and when every piece first existed on some host (after that the origin only
+    sends duplicates). Used to find where the time goes (docs/distribution.md)."""
 
     def __init__(self, lab: SwarmLab, infohash: str, piece_count: int, path: Path,
                  start: float) -> None:
-        from transmission_rpc import Client
         self.infohash, self.piece_count, self.path, self.start = infohash, piece_count, path, start
         self.by_addr = {h.address: n for n, h in lab.hosts.items()}
-        from supervisor_dcdeploy.p2p.daemon import RPC_USER, read_secret
-
-        def client(h):  # made inside the host's namespace: its RPC is on that loopback
-            return h.runner(lambda: Client(host="127.0.0.1",
-                                           port=int(urlsplit(h.rpc_url).port or 9091),
-                                           username=RPC_USER,
-                                           password=read_secret(h.secret_file), timeout=5))
-        self.clients = {n: (h.runner, client(h)) for n, h in lab.hosts.items()}
+        self.samplers = {n: self._sampler(h) for n, h in lab.hosts.items()}
+        self.first_peer: float | None = None
         self.first_data: float | None = None
         self.all_pieces_out: float | None = None
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self.run, daemon=True)
 
-    def run(self) -> None:
+    def _sampler(self, h):
+        if h.engine == "libtorrent":
+            eng = h.fetcher()
+
+            def sample():
+                d = eng.detail(self.infohash)
+                st = eng.state(self.infohash)
+                if d is None or st is None:
+                    return None
+                return {"done": st.done_bytes / max(st.total_bytes, 1),
+                        "rate_down": st.rate_down, "rate_up": st.rate_up,
+                        "uploaded": d["uploaded"], "pieces": d["pieces"],
+                        "redundant": d.get("redundant"),
+                        "peers": [{"host": self.by_addr.get(p["address"], p["address"]),
+                                   "flags": p["flags"], "down": p["down"], "up": p["up"],
+                                   "progress": p["progress"], "queue_down": p["queue_down"],
+                                   "total_down": p["total_down"], "piece": p.get("piece"),
+                                   "queue_up": p["queue_up"]} for p in d["peers"]]}
+            return sample
+        from transmission_rpc import Client
+        from supervisor_dcdeploy.p2p.daemon import RPC_USER, read_secret
         fields = ["percentDone", "rateDownload", "rateUpload", "peers", "pieces"]
-        bitfields: dict[str, str] = {}
+        # made inside the host's namespace: its RPC is on that loopback
+        c = h.runner(lambda: Client(host="127.0.0.1", port=int(urlsplit(h.rpc_url).port or 9091),
+                                    username=RPC_USER, password=read_secret(h.secret_file),
+                                    timeout=5))
+
+        def sample():
+            f = h.runner(lambda: c.get_torrent(self.infohash, arguments=fields).fields)
+            raw = base64.b64decode(f.get("pieces", "")) if f.get("pieces") else b""
+            bits = bin(int.from_bytes(raw, "big"))[2:].zfill(len(raw) * 8)[:self.piece_count]
+            return {"done": f["percentDone"], "rate_down": f["rateDownload"],
+                    "rate_up": f["rateUpload"], "pieces": bits,
+                    "peers": [{"host": self.by_addr.get(p["address"], p["address"]),
+                               "flags": p["flagStr"], "down": p["rateToClient"],
+                               "up": p["rateToPeer"], "progress": round(p["progress"], 3)}
+                              for p in f.get("peers", [])]}
+        return sample
+
+    def run(self) -> None:
+        bitfields: dict[str, int] = {}
         with open(self.path, "w") as out:
             while not self.stop.wait(0.5):
                 t = round(time.monotonic() - self.start, 2)
-                for n, (runner, c) in self.clients.items():
+                for n, sample in self.samplers.items():
                     try:
-                        f = runner(lambda c=c: c.get_torrent(self.infohash,
-                                                             arguments=fields).fields)
+                        rec = sample()
                     except Exception:  # noqa: BLE001 - a diagnostic: skip one sample
                         continue
-                    peers = [{"host": self.by_addr.get(p["address"], p["address"]),
-                              "flags": p["flagStr"], "down": p["rateToClient"],
-                              "up": p["rateToPeer"], "progress": round(p["progress"], 3)}
-                             for p in f.get("peers", [])]
-                    out.write(json.dumps({"t": t, "host": n, "done": f["percentDone"],
-                                          "rate_down": f["rateDownload"],
-                                          "rate_up": f["rateUpload"], "peers": peers,
-                                          "pieces": f.get("pieces", "")}) + "\n")
-                    if n != "origin" and f.get("pieces"):
-                        bitfields[n] = f["pieces"]
-                        if self.first_data is None and f["percentDone"] > 0:
-                            self.first_data = t
-                if self.all_pieces_out is None and bitfields and pieces_held(
-                        list(bitfields.values()), self.piece_count) == self.piece_count:
+                    if rec is None:
+                        continue
+                    out.write(json.dumps({"t": t, "host": n, **rec}) + "\n")
+                    if n == "origin":
+                        continue
+                    if self.first_peer is None and rec["peers"]:
+                        self.first_peer = t
+                    if self.first_data is None and rec["done"] > 0:
+                        self.first_data = t
+                    bitfields[n] = int(rec["pieces"] or "0", 2)
+                if self.all_pieces_out is None and bitfields and bin(
+                        _union(bitfields.values())).count("1") >= self.piece_count:
                     self.all_pieces_out = t
                 out.flush()
 
 
+def _union(values) -> int:
+    u = 0
+    for v in values:
+        u |= v
+    return u
+
+
 def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
               log: list[str], timeline: Path | None = None,
-              parts: int = 1) -> tuple[float, int, dict[str, float]]:
+              parts: int = 1, extra: dict | None = None) -> tuple[float, int, dict[str, float]]:
     build = lab.hosts["origin"]
     lab.publish(staged)  # the trackers answer staged infohashes only
     add_seed(build.dir, build.info.get("rpc_url", ""), staged, wait=600, runner=build.runner)
@@ -211,8 +247,13 @@ def run_swarm(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
     egress = lab.egress_bytes("origin") - before
     log.append("swarm per host (s): " + " ".join(f"{n}={done[n]:.1f}" for n in names))
     if recorder:
-        log.append(f"timeline: first block at {recorder.first_data} s, every piece on some "
-                   f"host at {recorder.all_pieces_out} s ({timeline})")
+        log.append(f"timeline: first peer at {recorder.first_peer} s, first block at "
+                   f"{recorder.first_data} s, every piece on some host at "
+                   f"{recorder.all_pieces_out} s ({timeline})")
+        if extra is not None:
+            extra["timeline"] = {"first_peer_s": recorder.first_peer,
+                                 "first_block_s": recorder.first_data,
+                                 "all_pieces_out_s": recorder.all_pieces_out}
     return last, egress, done
 
 
@@ -278,10 +319,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print one JSON object only")
     ap.add_argument("--workdir", default=None)
     ap.add_argument("--timeline", default=None, metavar="FILE",
-                    help="transmission: write the swarm's per-host timeline (JSON lines)")
+                    help="write the swarm's per-host timeline (JSON lines)")
     args = ap.parse_args(argv)
-    if (args.parts > 1 or args.timeline) and args.engine != "transmission":
-        ap.error("--parts and --timeline use Transmission's RPC: --engine transmission")
+    if args.parts > 1 and args.engine != "transmission":
+        ap.error("--parts uses Transmission's RPC: --engine transmission")
+    if args.timeline and args.engine == "http":
+        ap.error("--timeline needs a swarm engine")
     ok, why = netns.available()
     if not ok:
         print(f"bench/distribute.py: {why}", file=sys.stderr)
@@ -324,10 +367,11 @@ def main(argv: list[str] | None = None) -> int:
         staged = Staged(art, meta, ih, artifact_sha256(art), size)
         notes.append(f"torrent: {ih}, hashed in {hash_s:.1f} s")
         cpu0, lab0, wall0 = cpu_times(), lab_cpu_ticks(lab), time.monotonic()
+        extra: dict = {}
         if swarm:
             _, egress, done = run_swarm(lab, names, staged, timeout, notes,
                                         Path(args.timeline) if args.timeline else None,
-                                        parts=args.parts)
+                                        parts=args.parts, extra=extra)
         else:
             _, egress, done = run_http(lab, names, staged, timeout, notes)
         cpu = cpu_util(cpu0, cpu_times())
@@ -336,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
             (time.monotonic() - wall0) * (os.cpu_count() or 1))
         result = {"engine": args.engine, "hosts": args.hosts, "size_bytes": size,
                   "bandwidth_bps": bps, **summary(done, ideal, egress, size), "cpu_util": cpu,
-                  "lab_cpu_util": round(lab_cpu, 3), "load_avg": os.getloadavg()[0]}
+                  "lab_cpu_util": round(lab_cpu, 3), "load_avg": os.getloadavg()[0], **extra}
     finally:
         lab.down()
         shutil.rmtree(work, ignore_errors=True)

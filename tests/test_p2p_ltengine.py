@@ -55,6 +55,8 @@ def test_settings_close_the_swarm_and_keep_the_tuning():
                                   "enable_outgoing_utp", "enable_incoming_utp"))
     assert s["unchoke_slots_limit"] == 4 and LT_SETTINGS["unchoke_slots_limit"] == 8
     assert s["min_announce_interval"] <= 5  # our tracker's active interval is honoured
+    # Short request queues: a host's picks stay visible to the others (docs/distribution.md).
+    assert LT_SETTINGS["request_queue_time"] == 1 and LT_SETTINGS["max_out_request_queue"] <= 16
     with pytest.raises(ValueError, match="listen_interfaces"):
         settings("10.0.0.5", 51413, {"listen_interfaces": "0.0.0.0:1"})
 
@@ -88,6 +90,13 @@ def test_seeds_from_disk_refuses_outside_paths_and_survives_a_restart(tmp_path, 
     st = engine.wait_seeding(staged.infohash, timeout=30)
     assert st.done_bytes == st.total_bytes == staged.size and st.error == 0
     assert engine.fetch(staged.metainfo_b64, staged.sha256, timeout=30) == art
+    # The read-only diagnostics: every piece held, no peer on this lone daemon.
+    d = engine.detail(staged.infohash)
+    assert d["pieces"] == "1" * len(d["pieces"]) and len(d["pieces"]) >= 1
+    assert d["peers"] == [] and d["done_bytes"] == staged.size
+    assert engine.detail("0" * 40) is None
+    with pytest.raises(DownloadError, match="infohash"):
+        engine._call("detail", infohash="../etc")
     # A restarted daemon adds its recorded torrents back and checks them again.
     old_pid = daemon.proc.pid
     daemon.kill()

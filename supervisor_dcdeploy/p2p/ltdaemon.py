@@ -11,8 +11,9 @@ The agent (``engine = libtorrent`` in agent.conf) talks to it through
 - the socket is made mode 0600 inside a 0700 directory, and every connection's peer uid
   (``SO_PEERCRED``) must be the daemon's own or root's: nothing on the network reaches it;
 - one JSON object per line in, one per line out; the operations are a fixed set (``ping``,
-  ``add``, ``state``, ``states``, ``start``, ``verify``, ``reannounce``, ``flush``,
-  ``remove``), each with checked arguments (an infohash is 40 hex digits, a metainfo passes
+  ``add``, ``state``, ``states``, ``detail``, ``start``, ``verify``, ``reannounce``,
+  ``flush``, ``remove``), each with checked arguments (an infohash is 40 hex digits, a
+  metainfo passes
   :func:`.torrent.check_metainfo`); nothing in a request or in a torrent names a command;
 - a download directory must resolve (symlinks followed) inside one of the ``--data-root``
   directories (default: ``<state-dir>/releases``); anything else is refused.
@@ -70,12 +71,20 @@ LT_SETTINGS: dict[str, Any] = {
     "out_enc_policy": 2, "in_enc_policy": 1, "prefer_rc4": False,
     # Never queue: every release starts at once (torrents are added not auto-managed too).
     "active_downloads": -1, "active_seeds": -1, "active_limit": -1, "active_checking": 4,
-    # Choking: a fixed number of upload slots, re-evaluated every 5 s (default 15 s).
+    # Choking: a fixed number of upload slots, re-evaluated every 5 s (default 15 s). Note:
+    # libtorrent's "local" peer class (private and loopback addresses) ignores unchoke slots,
+    # so on a data-center network every interested peer is unchoked whatever these say
+    # (seen in the timelines; making LAN peers obey 4 slots at the origin measured no
+    # better, docs/distribution.md). They matter for peers on public addresses only.
     "choking_algorithm": 0, "unchoke_slots_limit": 8, "unchoke_interval": 5,
     "optimistic_unchoke_interval": 10,
-    # Request pipeline: sized from the measured rate (request_queue_time seconds of data),
-    # capped higher than the default; a lost request is re-asked after 10 s, not 60 s.
-    "request_queue_time": 3, "max_out_request_queue": 1500,
+    # Request pipeline: one second of data per peer (libtorrent: 3 s), at most 16 blocks
+    # (256 KiB; libtorrent: 500). Measured (docs/distribution.md, "libtorrent tuning"): with
+    # the 3 s default a host kept 50-110 blocks queued at the origin, 4-9 s of its share of
+    # the origin's link; the pieces it had asked for stayed invisible to the other hosts all
+    # that time, so they asked the origin for the same ones. 16 blocks still fill a LAN link
+    # from one peer (256 KiB per round trip). A lost request is re-asked after 10 s, not 60.
+    "request_queue_time": 1, "max_out_request_queue": 16,
     "request_timeout": 10, "piece_timeout": 10,
     # Our tracker answers every 5 s during a deploy: let libtorrent announce that often
     # (its default floor is 300 s), and reconnect to a peer that went away after 2 s, not 60.
@@ -219,6 +228,41 @@ class LtDaemon:
                 "corrupt": int(s.total_failed_bytes), "super_seeding":
                 bool(s.flags & lt.torrent_flags.super_seeding)}
 
+    def detail(self, ih: str) -> dict[str, Any] | None:
+        """Read-only diagnostics for one torrent: the pieces held (a string of 0/1), the
+        peers with their flags, rates, request queues and the piece each is sending us, the
+        bytes uploaded and received twice (for the benchmark's timeline and a look at a
+        slow fetch; docs/distribution.md). None when the daemon does not have it."""
+        h = self._handle(ih)
+        if h is None:
+            return None
+        lt = self.lt
+        s = h.status(lt.status_flags_t.query_pieces)
+        pi = lt.peer_info
+        peers = []
+        for p in h.get_peer_info():
+            f = p.flags
+            peers.append({
+                "address": p.ip[0], "seed": bool(f & pi.seed),
+                # i: we want its pieces, c: we choke it, I: it wants ours, C: it chokes us,
+                # S: snubbed (slow to answer), E: end game
+                "flags": "".join(ch for ch, bit in (("i", pi.interesting), ("c", pi.choked),
+                                                    ("I", pi.remote_interested),
+                                                    ("C", pi.remote_choked),
+                                                    ("O", pi.optimistic_unchoke),
+                                                    ("o", pi.outgoing_connection),
+                                                    ("S", pi.snubbed),
+                                                    ("E", pi.endgame_mode)) if f & bit),
+                "down": int(p.payload_down_speed), "up": int(p.payload_up_speed),
+                "progress": round(float(p.progress), 4),
+                "total_down": int(p.total_download), "total_up": int(p.total_upload),
+                "queue_down": int(p.download_queue_length),
+                "queue_up": int(p.upload_queue_length),
+                "piece": int(p.downloading_piece_index)})
+        return {"pieces": "".join("1" if b else "0" for b in s.pieces), "peers": peers,
+                "uploaded": int(s.total_payload_upload), "done_bytes": int(s.total_wanted_done),
+                "redundant": int(s.total_redundant_bytes)}
+
     def start(self, ih: str) -> None:
         h = self._handle(ih)
         if h is not None:
@@ -336,6 +380,8 @@ class LtDaemon:
             raise RequestError("infohash: 40 lowercase hex digits required")
         if op == "state":
             return self.state(ih)
+        if op == "detail":
+            return self.detail(ih)
         if op == "start":
             return self.start(ih)
         if op == "verify":

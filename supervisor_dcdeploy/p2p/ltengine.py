@@ -117,6 +117,11 @@ class LtEngine(Engine):
                  origin=origin)
         return ih
 
+    def detail(self, infohash_: str) -> dict[str, Any] | None:
+        """Diagnostics for one torrent (pieces held, peers with flags and rates); None when
+        the daemon does not have it. Read-only; see ``LtDaemon.detail``."""
+        return self._call("detail", infohash=infohash_)
+
     def start(self, infohash_: str) -> None:
         self._call("start", infohash=infohash_)
 
