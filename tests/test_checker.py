@@ -655,6 +655,26 @@ def test_l3_reboot_long_after_a_switch_must_start_the_new_version():
     assert "last known v2" in only(status(sc.history()), "L3").counterexample
 
 
+def test_l3_an_agent_stopped_during_the_hold_restarts_the_hold():
+    """Chaos seed 1614 trial 6: v2 was served 10 s before the crash, but h2's agent was
+    stopped for most of it, so v2 was not verified yet and v1 is what the agent starts."""
+    sc = _rebooted_mid_switch(20.0)
+    sc.add(20.1, "fault", fault="agent_stop", phase="start", id="s", hosts=["h2"],
+           effects=["process"], detail={})
+    sc.add(28.0, "fault", fault="agent_stop", phase="end", id="s", hosts=["h2"],
+           detail={"took_effect": True})
+    assert status(sc.history())["L3"].status == "held"
+
+
+def test_l3_an_agent_stopped_before_the_switch_lends_it_no_time():
+    sc = _rebooted_mid_switch(20.0)  # the agent was stopped and back before v2 was served
+    sc.add(10.0, "fault", fault="agent_stop", phase="start", id="s", hosts=["h2"],
+           effects=["process"], detail={})
+    sc.add(15.0, "fault", fault="agent_stop", phase="end", id="s", hosts=["h2"],
+           detail={"took_effect": True})
+    assert "last known v2" in only(status(sc.history()), "L3").counterexample
+
+
 def test_table_and_metrics():
     sc = clean()
     sc.add(12.5, "fault", fault="zk_leader_kill", phase="start", id="z", hosts=[],

@@ -1018,7 +1018,15 @@ def check_l3(tl: Timeline, p: Params) -> tuple[Found, str] | None:
                             if s.version != last:
                                 break
                             run_start = s.t
-                        if f.start - run_start < p.probation:
+                        # The hold runs only while the host's agent does: an agent stopped
+                        # or killed during the run starts its hold again when it is back
+                        # (chaos seed 1614 trial 6: agent_stop mid-switch for 6.6 s, then
+                        # a reboot 1.75 s after it resumed, with 8 served for 8.2 s).
+                        held_from = max([run_start] + [
+                            a.end for a in tl.faults.values()
+                            if a.kind in ("agent_stop", "agent_kill") and host in a.hosts
+                            and a.start < f.start and a.end > run_start])
+                        if f.start - held_from < p.probation:
                             earlier = [s.version for s in before if s.t < run_start]
                             if earlier:
                                 allowed.add(earlier[-1])
