@@ -350,7 +350,7 @@ class ServiceReconciler:
         transport = fetch_transport(staged, hosts, ctx.dist.link_bps if ctx.dist else 0,
                                     ctx.dist is not None)
         ctx.log.info("fetch.start", svc=svc, version=staged.version, urls=list(staged.urls),
-                     via=transport)
+                     via=transport, hosts=hosts)
         preload = bool(view.spec and view.spec.preload)
         fetches.start(svc, staged, self.rd, preload, transport)
         self.set(fetch=FetchStatus(staged.version, "downloading", **last_error))
