@@ -52,6 +52,7 @@ from supervisor_dcdeploy.p2p.warm import drop_cache, residency
 from supervisor_dcdeploy.store import NoNode, layout, open_store
 from supervisor_dcdeploy.waiting import wait_for
 
+from supervisor_dcdeploy.lab import sample
 from supervisor_dcdeploy.lab.hostenv import descendants, host_rpc
 from supervisor_dcdeploy.lab.localdc import Cluster
 from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port
@@ -59,6 +60,7 @@ from supervisor_dcdeploy.lab.zkserver import ZooKeeperServer, free_port
 MiB = 1 << 20
 SVC = "data"
 APP = Path(__file__).with_name("preload_app.py")
+SAMPLE_APP = Path(sample.__file__).with_name("app.py")  # preload_app.py imports it
 BLOB_BYTES = 32 * MiB  # the blobs are files of at most this size
 ARMS = ("cold", "preload")
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -202,6 +204,7 @@ def pack(out_dir: Path, version: str, src: Path, madvise: str = "normal") -> tup
     meta.write_text(json.dumps({"service": SVC, "version": version, "madvise": madvise}))
     with tarfile.open(path, "w") as tar:
         tar.add(APP, arcname="app.py")
+        tar.add(SAMPLE_APP, arcname="sample_app.py")
         tar.add(meta, arcname="release.json")
         tar.add(src / "data", arcname="data")
     meta.unlink()

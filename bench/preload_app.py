@@ -18,7 +18,9 @@ GET /read?seed=S&pages=P -> 200 {"sum", "pages"}: one byte of each of P pages ch
 a fault reads its own page only); by default the kernel reads around each fault
 (the device's read_ahead_kb).
 
-Standard library only: the release must run with any Python 3.
+Standard library only: the release must run with any Python 3. The release ships the
+sample app (supervisor_dcdeploy/lab/sample/app.py) beside this file as ``sample_app.py``:
+its JSON handler and server are used here.
 """
 
 import argparse
@@ -26,10 +28,10 @@ import json
 import mmap
 import os
 import random
-import socketserver
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlsplit
+
+from sample_app import JsonHandler, Server
 
 HERE = os.path.dirname(os.path.realpath(__file__))
 DATA = os.path.join(HERE, "data")
@@ -77,7 +79,7 @@ class Data:
         return total
 
 
-class Handler(BaseHTTPRequestHandler):
+class Handler(JsonHandler):
     data: Data
 
     def do_GET(self):  # noqa: N802 (http.server's naming)
@@ -95,25 +97,7 @@ class Handler(BaseHTTPRequestHandler):
         else:
             body = {"service": RELEASE["service"], "version": RELEASE["version"],
                     "pid": os.getpid()}
-        data = json.dumps(body).encode()
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
-
-
-class Server(ThreadingHTTPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-
-    def server_bind(self):
-        # http.server resolves its own name at bind (getfqdn): seconds without DNS.
-        socketserver.TCPServer.server_bind(self)
-        self.server_name, self.server_port = self.server_address[:2]
+        self.send_json(200, body)
 
 
 def main():

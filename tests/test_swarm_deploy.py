@@ -119,12 +119,17 @@ def test_stage_path_and_deploy_through_the_swarm(tmp_path, engine):
             finally:
                 runner.close()
     finally:
-        try:
-            seed.stop(seed_dir)
-        finally:
-            bed.down()
-    assert not [ns for ns in netns.namespaces() if ns.startswith(bed.net.prefix)]
+        _tear_down(bed, seed_dir)
     assert Path(seed_dir / "node.json").exists() is False
+
+
+def _tear_down(bed: Testbed, seed_dir: Path) -> None:
+    """Stop the build host's seeder, then the bed; no namespace of the bed may remain."""
+    try:
+        seed.stop(seed_dir)
+    finally:
+        bed.down()
+    assert not [ns for ns in netns.namespaces() if ns.startswith(bed.net.prefix)]
 
 
 def _set_agent_keys(host, **keys: str) -> None:
@@ -249,8 +254,4 @@ def test_a_failed_swarm_download_falls_back_to_the_url(tmp_path, engine):
         assert current == {h: {"version": "2", "state": "serving"} for h in bed.hosts}
         assert not store.children("staging/a")  # nobody queued for 3
     finally:
-        try:
-            seed.stop(seed_dir)
-        finally:
-            bed.down()
-    assert not [ns for ns in netns.namespaces() if ns.startswith(bed.net.prefix)]
+        _tear_down(bed, seed_dir)

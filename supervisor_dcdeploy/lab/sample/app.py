@@ -6,7 +6,8 @@ GET /health  -> 200, or 500 when the release is marked broken (a failing health 
                or from ``broken_after`` seconds after start (a release that fails later)
 The version is read once, at start, from release.json next to this file, so a host serves
 exactly the release that was started, whatever the ``current`` symlink says later.
-Standard library only: the release must run with any Python 3.
+Standard library only: the release must run with any Python 3. Other releases' apps
+(bench/preload_app.py) ship this file beside theirs and reuse ``JsonHandler`` and ``Server``.
 """
 
 import argparse
@@ -22,7 +23,22 @@ with open(os.path.join(HERE, "release.json")) as fh:
 STARTED = time.monotonic()
 
 
-class Handler(BaseHTTPRequestHandler):
+class JsonHandler(BaseHTTPRequestHandler):
+    """Answers in JSON and logs nothing."""
+
+    def send_json(self, code: int, body: dict) -> None:
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+class Handler(JsonHandler):
     def do_GET(self):  # noqa: N802 (http.server's naming)
         if self.path.startswith("/health"):
             after = RELEASE.get("broken_after")  # seconds after start: fails from then on
@@ -34,15 +50,7 @@ class Handler(BaseHTTPRequestHandler):
             body = {"service": RELEASE["service"], "version": RELEASE["version"],
                     "host": os.environ.get("DCDEPLOY_HOST", socket.gethostname()),
                     "pid": os.getpid()}
-        data = json.dumps(body).encode()
-        self.send_response(code)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
-
-    def log_message(self, *args):
-        pass
+        self.send_json(code, body)
 
 
 class Server(ThreadingHTTPServer):
