@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from .decisions import ServiceView, needs_racks
 from dataclasses import replace
@@ -189,18 +189,26 @@ class Coordinator:
         for node in self._own_entries(svc):
             self.drop_entry(svc, node)
 
-    def make_way(self, switching: str) -> list[str]:
+    def make_way(self, switching: str, in_progress: Collection[str]) -> list[str]:
         """After passing ``switching``'s gate: leave the ready queues of this host's other
         services, so that it does not hold a place at their front while it has no room for
         another switch (``host_parallel``; the agent calls it only then); their next host in
         line goes instead, and this one joins again, at the back, once a switch is over.
         The services whose queue it left.
 
+        ``in_progress``: the services this host is switching already (their switch not
+        taken back yet). Their entries stay: such an entry is no place in line but what
+        shows the host as switching that service (entry, no presence) until it is back.
+        Without it the host looked offline to the others, who completed the item while it
+        was still down (its switch timing left out of the history record) and counted
+        its slot of ``max_parallel`` and its rack's budget as free.
+
         One transaction for all of them: this runs between the gate and the stop, so
         each round trip (and the server's fsync) here delays the switch (bench/waves.py
         measured one delete per service, 7 in a row, at up to 0.7 s on a loaded machine).
         When it fails (an entry went meanwhile), one at a time, as before."""
-        entries = {svc: self._own_entries(svc) for svc in self.services if svc != switching}
+        entries = {svc: self._own_entries(svc) for svc in self.services
+                   if svc != switching and svc not in in_progress}
         entries = {svc: nodes for svc, nodes in entries.items() if nodes}
         paths = [(svc, layout.ready_entry(svc, node))
                  for svc, nodes in entries.items() for node in nodes]

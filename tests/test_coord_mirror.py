@@ -224,7 +224,7 @@ def _queued_for_three() -> tuple[WritingDouble, MirrorCoordinator]:
 def test_making_way_leaves_the_other_queues_in_one_commit():
     from supervisor_dcdeploy.store import Delete
     store, coord = _queued_for_three()
-    assert sorted(coord.make_way("A")) == ["B", "C"]
+    assert sorted(coord.make_way("A", in_progress=())) == ["B", "C"]
     (ops,) = store.commits
     assert all(isinstance(op, Delete) for op in ops)
     assert sorted(op.path for op in ops) == ["staging/B/h1-0000000007",
@@ -240,12 +240,23 @@ def test_making_way_leaves_the_other_queues_in_one_commit():
 def test_making_way_falls_back_to_one_delete_each_when_an_entry_went():
     store, coord = _queued_for_three()
     del store.nodes["staging/C/h1-0000000001"]  # gone meanwhile, not in the mirror yet
-    assert sorted(coord.make_way("A")) == ["B", "C"]
+    assert sorted(coord.make_way("A", in_progress=())) == ["B", "C"]
     assert len(store.commits) == 1  # tried, refused whole
     assert sorted(store.calls) == ["delete staging/B/h1-0000000007",
                                    "delete staging/C/h1-0000000001"]
     assert "staging/B/h1-0000000007" not in store.nodes
     assert "staging/A/h1-0000000003" in store.nodes
+
+
+def test_making_way_keeps_the_entries_of_switches_in_progress():
+    """--host-parallel 2: h1 switches C, then passes A's gate, which leaves it no room.
+    C's entry is what shows h1 as switching C (no presence): leaving it made h1 look
+    offline, and another host completed C's item while h1 was still down."""
+    store, coord = _queued_for_three()
+    assert coord.make_way("A", in_progress={"C": 2}) == ["B"]
+    assert "staging/C/h1-0000000001" in store.nodes
+    assert "staging/B/h1-0000000007" not in store.nodes
+    assert coord._mirror.children("staging/C") == ["h1-0000000001"]
 
 
 def test_a_cycle_with_nothing_new_reuses_the_view_and_any_change_renews_it():
@@ -406,3 +417,4 @@ def test_the_view_kept_in_parts_equals_the_view_read_whole():
             assert coord.view("A", queue, invalid) is got  # nothing new: kept
 
     check()
+
