@@ -42,6 +42,9 @@ from .store import layout
 
 Waker = Callable[[], None]
 MAX_TIMINGS = 50  # switch timings kept in one history record
+# How often the mirror catches up while reading the values a decision needs, when one of
+# them went meanwhile (MirrorCoordinator._read_unread).
+RESOLVE_ROUNDS = 3
 
 
 class Coordinator:
@@ -1003,28 +1006,60 @@ class MirrorCoordinator(Coordinator):
                        staging=queued, invalid=[*view.invalid, *problems])
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
-        unread = [h for h, e in view.current.items() if e.version == ""]
-        if not unread:
+        """The presences not read yet, read; the presences and the ready queue from the
+        mirror then (see :meth:`_read_unread`: one instant, also when one went)."""
+        if not any(e.version == "" for e in view.current.values()):
             return view
-        for host in unread:
-            self._read_into(self._mirror, layout.presence(svc, host))
-        self._changes += 1
-        return replace(view, current=self.view(svc, list(view.queue), []).current)
+        queue = list(view.queue)
+
+        def unread() -> list[str]:
+            return [layout.presence(svc, h)
+                    for h, e in self.view(svc, queue, []).current.items() if e.version == ""]
+        self._read_unread(unread)
+        fresh = self.view(svc, queue, [])
+        return replace(view, current=fresh.current, staging=fresh.staging)
 
     def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
         """Reads the ready-queue entries and presences of ``svc`` not read yet (each once:
         an entry never changes, a presence is read again only after it changed). Called
         after the gate's sync too: a value read later than the cut can only show a host
-        back (fewer down) or gone (offline); a take-down after the cut fails the commit."""
-        unread = [layout.ready_entry(svc, n) for n in self._mirror.children(layout.staged(svc))]
-        unread += [layout.presence(svc, h)
-                   for h in self._mirror.children(layout.presence_dir(svc))]
-        for path in unread:
-            if self._mirror.nodes.get(path, (b"",))[0] is None:
-                self._read_into(self._mirror, path)
-                self._changes += 1  # the mirror holds more now: no cached view stands
+        back (fewer down) or gone; a take-down after the cut fails the commit. One that
+        went is not taken for offline (:meth:`_read_unread`)."""
+        def unread() -> list[str]:
+            paths = [layout.ready_entry(svc, n)
+                     for n in self._mirror.children(layout.staged(svc))]
+            paths += [layout.presence(svc, h)
+                      for h in self._mirror.children(layout.presence_dir(svc))]
+            return [p for p in paths if self._mirror.nodes.get(p, (b"",))[0] is None]
+        self._read_unread(unread)
         fresh = read_view(self._reader, svc, list(view.queue), [])  # type: ignore[arg-type]
         return replace(view, staging=fresh.staging, current=fresh.current)
+
+    def _read_unread(self, unread: Callable[[], list[str]]) -> None:
+        """Read the values of the nodes ``unread()`` names (known to exist, not read).
+
+        Those values are later than the mirror's last cut, while the rest of the view is
+        that cut's. A node found gone breaks the view: a host whose presence went after
+        the cut passed its gate after it, so its ready entry, made before that, may not
+        be in the mirror yet; with its presence gone and no entry it looked offline, and
+        a completion check on that view called the item done while it was mid-switch
+        (its switch timing left out of the history record, tests/test_host_parallel.py).
+        Every notification of a change before a read's reply has arrived by the reply
+        (ZooKeeper sends them in order, kazoo hands them over on its reader thread):
+        after one went, they are applied, so that the view is one instant again, and the
+        presences that changed meanwhile (unread again) are read, up to RESOLVE_ROUNDS
+        times; what is still unread after that counts as an unknown version, which
+        never completes an item."""
+        for _ in range(RESOLVE_ROUNDS):
+            paths = unread()
+            if not paths:
+                return
+            for path in paths:
+                self._read_into(self._mirror, path)
+            self._changes += 1  # the mirror holds more now: no cached view stands
+            if all(path in self._mirror.nodes for path in paths):
+                return
+            self._apply()
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))

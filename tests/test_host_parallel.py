@@ -67,7 +67,8 @@ def deploy_and_judge(dc: Cluster, services, quorum: int, **deploy_args):
         assert worst >= quorum, f"S1 {svc}: only {worst} serving"
     nodes = {i.service: i.node for i in items}
     win = windows(dc, nodes)
-    assert {h for h, _ in win} == set(dc.hosts), f"switch timings missing: {sorted(win)}"
+    want = {(h, svc) for h in dc.hosts for svc in services}
+    assert set(win) == want, f"switch timings missing: {sorted(want - set(win))}"
     return nodes, win, judged
 
 
