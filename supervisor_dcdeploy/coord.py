@@ -910,15 +910,26 @@ class MirrorCoordinator(Coordinator):
         nodes, me = self._mirror.nodes, self.host
         return lambda h: h == me or f"{layout.HOSTS}/{h}/session" in nodes
 
+    def _kept(self, area: str, build: Callable[[], Any]) -> Any:
+        """The part of the view made of the nodes below ``area``: the one built last
+        while no node of the area (nor a session) changed since, else ``build()``."""
+        key = self._part_key(area)  # before building: a change meanwhile renews it
+        known = self._parts.get(area)
+        if known is not None and known[0] == key:
+            return known[1]
+        part = build()
+        self._parts[area] = (key, part)
+        return part
+
     def _current_part(self, svc: str) -> tuple[dict[str, CurrentEntry], list[str], list[str]]:
         """The presences as read_view, view() and _live_only make them: those read (each
         value parsed once), then those not read (version ""), less those without a live
         session; the problems; the hosts left out for that (sorted)."""
         area = layout.presence_dir(svc)
-        key = self._part_key(area)
-        known = self._parts.get(area)
-        if known is not None and known[0] == key:
-            return known[1]
+        return self._kept(area, lambda: self._build_current(svc, area))
+
+    def _build_current(self, svc: str, area: str) -> tuple[dict[str, CurrentEntry], list[str],
+                                                           list[str]]:
         nodes = self._mirror.nodes
         prefix = area + "/"
         current: dict[str, CurrentEntry] = {}
@@ -944,9 +955,7 @@ class MirrorCoordinator(Coordinator):
         dead = sorted(h for h in current if not live(h))
         if dead:
             current = {h: e for h, e in current.items() if live(h)}
-        part = (current, problems, dead)
-        self._parts[area] = (key, part)
-        return part
+        return current, problems, dead
 
     def _staging_part(self, svc: str) -> tuple[list[StagingEntry], list[str],
                                                list[StagingEntry]]:
@@ -954,10 +963,10 @@ class MirrorCoordinator(Coordinator):
         less the entries of hosts without a live session; the problems; the entries left
         out for that."""
         area = layout.staged(svc)
-        key = self._part_key(area)
-        known = self._parts.get(area)
-        if known is not None and known[0] == key:
-            return known[1]
+        return self._kept(area, lambda: self._build_staging(svc, area))
+
+    def _build_staging(self, svc: str, area: str) -> tuple[list[StagingEntry], list[str],
+                                                           list[StagingEntry]]:
         nodes = self._mirror.nodes
         prefix = area + "/"
         staged = nodes.get(area)
@@ -982,9 +991,7 @@ class MirrorCoordinator(Coordinator):
         dead = [e for e in entries if not live(e.host)]
         if dead:
             entries = [e for e in entries if live(e.host)]
-        part = (entries, problems, dead)
-        self._parts[area] = (key, part)
-        return part
+        return entries, problems, dead
 
     def _live_only(self, svc: str, view: ServiceView) -> ServiceView:
         if not self._sessions_followed:
