@@ -1013,8 +1013,10 @@ class MirrorCoordinator(Coordinator):
                        staging=queued, invalid=[*view.invalid, *problems])
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
-        """The presences not read yet, read; the presences and the ready queue from the
-        mirror then (see :meth:`_read_unread`: one instant, also when one went)."""
+        """The presences not read yet, read. When one had gone the mirror caught up
+        (:meth:`_read_unread`) and the ready queue is the mirror's too, so that both
+        describe one instant; else the caller's (a canary hold passes one narrowed to
+        the canaries)."""
         if not any(e.version == "" for e in view.current.values()):
             return view
         queue = list(view.queue)
@@ -1022,9 +1024,10 @@ class MirrorCoordinator(Coordinator):
         def unread() -> list[str]:
             return [layout.presence(svc, h)
                     for h, e in self.view(svc, queue, []).current.items() if e.version == ""]
-        self._read_unread(unread)
+        caught_up = self._read_unread(unread)
         fresh = self.view(svc, queue, [])
-        return replace(view, current=fresh.current, staging=fresh.staging)
+        return replace(view, current=fresh.current,
+                       staging=fresh.staging if caught_up else view.staging)
 
     def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
         """Reads the ready-queue entries and presences of ``svc`` not read yet (each once:
@@ -1042,8 +1045,9 @@ class MirrorCoordinator(Coordinator):
         fresh = read_view(self._reader, svc, list(view.queue), [])  # type: ignore[arg-type]
         return replace(view, staging=fresh.staging, current=fresh.current)
 
-    def _read_unread(self, unread: Callable[[], list[str]]) -> None:
-        """Read the values of the nodes ``unread()`` names (known to exist, not read).
+    def _read_unread(self, unread: Callable[[], list[str]]) -> bool:
+        """Read the values of the nodes ``unread()`` names (known to exist, not read);
+        True when the mirror caught up meanwhile (applied notifications).
 
         Those values are later than the mirror's last cut, while the rest of the view is
         that cut's. A node found gone breaks the view: a host whose presence went after
@@ -1057,16 +1061,19 @@ class MirrorCoordinator(Coordinator):
         presences that changed meanwhile (unread again) are read, up to RESOLVE_ROUNDS
         times; what is still unread after that counts as an unknown version, which
         never completes an item."""
+        caught_up = False
         for _ in range(RESOLVE_ROUNDS):
             paths = unread()
             if not paths:
-                return
+                break
             for path in paths:
                 self._read_into(self._mirror, path)
             self._changes += 1  # the mirror holds more now: no cached view stands
             if all(path in self._mirror.nodes for path in paths):
-                return
+                break
             self._apply()
+            caught_up = True
+        return caught_up
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))

@@ -502,3 +502,19 @@ def test_a_presence_still_flapping_after_the_rounds_stays_unknown():
     assert resolved.current["h1"].version == ""
     assert resolved.current["h2"].version == "2"
     assert not _complete(resolved)
+
+
+def test_resolving_keeps_the_callers_ready_queue_while_nothing_went():
+    """A canary hold narrows the ready queue to the canaries before resolving (peers):
+    with every unread presence still there, resolve only fills in the presences."""
+    from dataclasses import replace
+    store, coord = _rolling_to_2()
+    for node in ("h1-0000000001", "h2-0000000002"):
+        store.nodes[f"staging/A/{node}"] = (dumps({"version": "2"}), 0)
+        coord._notified("created", f"staging/A/{node}")
+    coord.follow()
+    view = coord.view("A", [], [])
+    narrowed = replace(view, staging=[e for e in view.staging if e.host == "h2"])
+    resolved = coord.resolve("A", narrowed)
+    assert [e.host for e in resolved.staging] == ["h2"]
+    assert resolved.current["h2"].version == "2"
