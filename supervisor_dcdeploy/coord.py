@@ -28,7 +28,7 @@ import threading
 import time
 from collections import deque
 from functools import lru_cache
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 from .decisions import ServiceView, needs_racks
 from dataclasses import replace
@@ -42,6 +42,9 @@ from .store import layout
 
 Waker = Callable[[], None]
 MAX_TIMINGS = 50  # switch timings kept in one history record
+# How often the mirror catches up while reading the values a decision needs, when one of
+# them went meanwhile (MirrorCoordinator._read_unread).
+RESOLVE_ROUNDS = 3
 
 
 class Coordinator:
@@ -189,18 +192,26 @@ class Coordinator:
         for node in self._own_entries(svc):
             self.drop_entry(svc, node)
 
-    def make_way(self, switching: str) -> list[str]:
+    def make_way(self, switching: str, in_progress: Collection[str]) -> list[str]:
         """After passing ``switching``'s gate: leave the ready queues of this host's other
         services, so that it does not hold a place at their front while it has no room for
         another switch (``host_parallel``; the agent calls it only then); their next host in
         line goes instead, and this one joins again, at the back, once a switch is over.
         The services whose queue it left.
 
+        ``in_progress``: the services this host is switching already (their switch not
+        taken back yet). Their entries stay: such an entry is no place in line but what
+        shows the host as switching that service (entry, no presence) until it is back.
+        Without it the host looked offline to the others, who completed the item while it
+        was still down (its switch timing left out of the history record) and counted
+        its slot of ``max_parallel`` and its rack's budget as free.
+
         One transaction for all of them: this runs between the gate and the stop, so
         each round trip (and the server's fsync) here delays the switch (bench/waves.py
         measured one delete per service, 7 in a row, at up to 0.7 s on a loaded machine).
         When it fails (an entry went meanwhile), one at a time, as before."""
-        entries = {svc: self._own_entries(svc) for svc in self.services if svc != switching}
+        entries = {svc: self._own_entries(svc) for svc in self.services
+                   if svc != switching and svc not in in_progress}
         entries = {svc: nodes for svc, nodes in entries.items() if nodes}
         paths = [(svc, layout.ready_entry(svc, node))
                  for svc, nodes in entries.items() for node in nodes]
@@ -899,15 +910,26 @@ class MirrorCoordinator(Coordinator):
         nodes, me = self._mirror.nodes, self.host
         return lambda h: h == me or f"{layout.HOSTS}/{h}/session" in nodes
 
+    def _kept(self, area: str, build: Callable[[], Any]) -> Any:
+        """The part of the view made of the nodes below ``area``: the one built last
+        while no node of the area (nor a session) changed since, else ``build()``."""
+        key = self._part_key(area)  # before building: a change meanwhile renews it
+        known = self._parts.get(area)
+        if known is not None and known[0] == key:
+            return known[1]
+        part = build()
+        self._parts[area] = (key, part)
+        return part
+
     def _current_part(self, svc: str) -> tuple[dict[str, CurrentEntry], list[str], list[str]]:
         """The presences as read_view, view() and _live_only make them: those read (each
         value parsed once), then those not read (version ""), less those without a live
         session; the problems; the hosts left out for that (sorted)."""
         area = layout.presence_dir(svc)
-        key = self._part_key(area)
-        known = self._parts.get(area)
-        if known is not None and known[0] == key:
-            return known[1]
+        return self._kept(area, lambda: self._build_current(svc, area))
+
+    def _build_current(self, svc: str, area: str) -> tuple[dict[str, CurrentEntry], list[str],
+                                                           list[str]]:
         nodes = self._mirror.nodes
         prefix = area + "/"
         current: dict[str, CurrentEntry] = {}
@@ -933,9 +955,7 @@ class MirrorCoordinator(Coordinator):
         dead = sorted(h for h in current if not live(h))
         if dead:
             current = {h: e for h, e in current.items() if live(h)}
-        part = (current, problems, dead)
-        self._parts[area] = (key, part)
-        return part
+        return current, problems, dead
 
     def _staging_part(self, svc: str) -> tuple[list[StagingEntry], list[str],
                                                list[StagingEntry]]:
@@ -943,10 +963,10 @@ class MirrorCoordinator(Coordinator):
         less the entries of hosts without a live session; the problems; the entries left
         out for that."""
         area = layout.staged(svc)
-        key = self._part_key(area)
-        known = self._parts.get(area)
-        if known is not None and known[0] == key:
-            return known[1]
+        return self._kept(area, lambda: self._build_staging(svc, area))
+
+    def _build_staging(self, svc: str, area: str) -> tuple[list[StagingEntry], list[str],
+                                                           list[StagingEntry]]:
         nodes = self._mirror.nodes
         prefix = area + "/"
         staged = nodes.get(area)
@@ -971,9 +991,7 @@ class MirrorCoordinator(Coordinator):
         dead = [e for e in entries if not live(e.host)]
         if dead:
             entries = [e for e in entries if live(e.host)]
-        part = (entries, problems, dead)
-        self._parts[area] = (key, part)
-        return part
+        return entries, problems, dead
 
     def _live_only(self, svc: str, view: ServiceView) -> ServiceView:
         if not self._sessions_followed:
@@ -995,28 +1013,67 @@ class MirrorCoordinator(Coordinator):
                        staging=queued, invalid=[*view.invalid, *problems])
 
     def resolve(self, svc: str, view: ServiceView) -> ServiceView:
-        unread = [h for h, e in view.current.items() if e.version == ""]
-        if not unread:
+        """The presences not read yet, read. When one had gone the mirror caught up
+        (:meth:`_read_unread`) and the ready queue is the mirror's too, so that both
+        describe one instant; else the caller's (a canary hold passes one narrowed to
+        the canaries)."""
+        if not any(e.version == "" for e in view.current.values()):
             return view
-        for host in unread:
-            self._read_into(self._mirror, layout.presence(svc, host))
-        self._changes += 1
-        return replace(view, current=self.view(svc, list(view.queue), []).current)
+        queue = list(view.queue)
+
+        def unread() -> list[str]:
+            return [layout.presence(svc, h)
+                    for h, e in self.view(svc, queue, []).current.items() if e.version == ""]
+        caught_up = self._read_unread(unread)
+        fresh = self.view(svc, queue, [])
+        return replace(view, current=fresh.current,
+                       staging=fresh.staging if caught_up else view.staging)
 
     def resolve_racks(self, svc: str, view: ServiceView) -> ServiceView:
         """Reads the ready-queue entries and presences of ``svc`` not read yet (each once:
         an entry never changes, a presence is read again only after it changed). Called
         after the gate's sync too: a value read later than the cut can only show a host
-        back (fewer down) or gone (offline); a take-down after the cut fails the commit."""
-        unread = [layout.ready_entry(svc, n) for n in self._mirror.children(layout.staged(svc))]
-        unread += [layout.presence(svc, h)
-                   for h in self._mirror.children(layout.presence_dir(svc))]
-        for path in unread:
-            if self._mirror.nodes.get(path, (b"",))[0] is None:
-                self._read_into(self._mirror, path)
-                self._changes += 1  # the mirror holds more now: no cached view stands
+        back (fewer down) or gone; a take-down after the cut fails the commit. One that
+        went is not taken for offline (:meth:`_read_unread`)."""
+        def unread() -> list[str]:
+            paths = [layout.ready_entry(svc, n)
+                     for n in self._mirror.children(layout.staged(svc))]
+            paths += [layout.presence(svc, h)
+                      for h in self._mirror.children(layout.presence_dir(svc))]
+            return [p for p in paths if self._mirror.nodes.get(p, (b"",))[0] is None]
+        self._read_unread(unread)
         fresh = read_view(self._reader, svc, list(view.queue), [])  # type: ignore[arg-type]
         return replace(view, staging=fresh.staging, current=fresh.current)
+
+    def _read_unread(self, unread: Callable[[], list[str]]) -> bool:
+        """Read the values of the nodes ``unread()`` names (known to exist, not read);
+        True when the mirror caught up meanwhile (applied notifications).
+
+        Those values are later than the mirror's last cut, while the rest of the view is
+        that cut's. A node found gone breaks the view: a host whose presence went after
+        the cut passed its gate after it, so its ready entry, made before that, may not
+        be in the mirror yet; with its presence gone and no entry it looked offline, and
+        a completion check on that view called the item done while it was mid-switch
+        (its switch timing left out of the history record, tests/test_host_parallel.py).
+        Every notification of a change before a read's reply has arrived by the reply
+        (ZooKeeper sends them in order, kazoo hands them over on its reader thread):
+        after one went, they are applied, so that the view is one instant again, and the
+        presences that changed meanwhile (unread again) are read, up to RESOLVE_ROUNDS
+        times; what is still unread after that counts as an unknown version, which
+        never completes an item."""
+        caught_up = False
+        for _ in range(RESOLVE_ROUNDS):
+            paths = unread()
+            if not paths:
+                break
+            for path in paths:
+                self._read_into(self._mirror, path)
+            self._changes += 1  # the mirror holds more now: no cached view stands
+            if all(path in self._mirror.nodes for path in paths):
+                break
+            self._apply()
+            caught_up = True
+        return caught_up
 
     def _own_entries(self, svc: str) -> list[str]:
         return [node for node in self._mirror.children(layout.staged(svc))

@@ -224,7 +224,7 @@ def _queued_for_three() -> tuple[WritingDouble, MirrorCoordinator]:
 def test_making_way_leaves_the_other_queues_in_one_commit():
     from supervisor_dcdeploy.store import Delete
     store, coord = _queued_for_three()
-    assert sorted(coord.make_way("A")) == ["B", "C"]
+    assert sorted(coord.make_way("A", in_progress=())) == ["B", "C"]
     (ops,) = store.commits
     assert all(isinstance(op, Delete) for op in ops)
     assert sorted(op.path for op in ops) == ["staging/B/h1-0000000007",
@@ -240,12 +240,23 @@ def test_making_way_leaves_the_other_queues_in_one_commit():
 def test_making_way_falls_back_to_one_delete_each_when_an_entry_went():
     store, coord = _queued_for_three()
     del store.nodes["staging/C/h1-0000000001"]  # gone meanwhile, not in the mirror yet
-    assert sorted(coord.make_way("A")) == ["B", "C"]
+    assert sorted(coord.make_way("A", in_progress=())) == ["B", "C"]
     assert len(store.commits) == 1  # tried, refused whole
     assert sorted(store.calls) == ["delete staging/B/h1-0000000007",
                                    "delete staging/C/h1-0000000001"]
     assert "staging/B/h1-0000000007" not in store.nodes
     assert "staging/A/h1-0000000003" in store.nodes
+
+
+def test_making_way_keeps_the_entries_of_switches_in_progress():
+    """--host-parallel 2: h1 switches C, then passes A's gate, which leaves it no room.
+    C's entry is what shows h1 as switching C (no presence): leaving it made h1 look
+    offline, and another host completed C's item while h1 was still down."""
+    store, coord = _queued_for_three()
+    assert coord.make_way("A", in_progress={"C": 2}) == ["B"]
+    assert "staging/C/h1-0000000001" in store.nodes
+    assert "staging/B/h1-0000000007" not in store.nodes
+    assert coord._mirror.children("staging/C") == ["h1-0000000001"]
 
 
 def test_a_cycle_with_nothing_new_reuses_the_view_and_any_change_renews_it():
@@ -406,3 +417,104 @@ def test_the_view_kept_in_parts_equals_the_view_read_whole():
             assert coord.view("A", queue, invalid) is got  # nothing new: kept
 
     check()
+
+
+# -- reading the presences a decision needs ------------------------------------------------
+
+STAGED_2 = dumps({"version": "2", "sha256": "a" * 64, "urls": ["file:///x"], "size": 1})
+
+
+def _rolling_to_2() -> tuple[Double, MirrorCoordinator]:
+    """h0, h2, h3 and h4 on 2; h1 on 1, not queued yet (it left A's queue for another
+    service's switch); h0 follows, the others' presences unread."""
+    store = Double()
+    store.nodes["staging/A"] = (STAGED_2, 0)
+    for host in ("h0", "h2", "h3", "h4"):
+        store.nodes[f"current/A/{host}"] = (dumps({"version": "2"}), 0)
+    coord = MirrorCoordinator(store, "h0", ["A"], lambda: None)  # type: ignore[arg-type]
+    coord.follow()
+    return store, coord
+
+
+def _complete(view) -> bool:
+    from dataclasses import replace
+    from supervisor_dcdeploy.decisions import item_complete
+    from supervisor_dcdeploy.model import DeployItem, ServiceSpec
+    item = DeployItem(node="item-0000000001", seq=1, service="A", version="2", after=(),
+                      state="rolling")
+    return item_complete(replace(view, spec=ServiceSpec(name="A", program="A", quorum=1),
+                                 queue=[item])).ok
+
+
+def test_a_presence_gone_by_its_read_does_not_leave_its_host_offline():
+    """Seen in tests/test_host_parallel.py: h1 joined A's ready queue and passed the gate
+    after the mirror's last cut; the completing host then read h1's presence (gone) but
+    kept the older ready queue (no h1 entry), took h1 for offline and called the item
+    done while h1 was mid-switch, h1's switch timing left out of the history record."""
+    store, coord = _rolling_to_2()
+    view = coord.view("A", [], [])
+    assert {h: e.version for h, e in view.current.items()} == {
+        "h0": "2", "h1": "", "h2": "", "h3": "", "h4": ""}
+    # h1 enters the queue and passes the gate: both notifications arrive (before the
+    # reply of any later read), the cycle has not applied them.
+    store.nodes["staging/A/h1-0000000007"] = (dumps({"version": "2"}), 0)
+    del store.nodes["current/A/h1"]
+    coord._notified("created", "staging/A/h1-0000000007")
+    coord._notified("deleted", "current/A/h1")
+    resolved = coord.resolve("A", view)
+    assert "h1" not in resolved.current
+    assert [e.host for e in resolved.staging] == ["h1"]  # switching, not offline
+    assert not _complete(resolved)
+    # h1 back: one commit makes its presence and deletes its entry; now it is done.
+    store.nodes["current/A/h1"] = (dumps({"version": "2", "switch": {
+        "version": "2", "stop_s": 0.1, "start_s": 1.0, "healthy_s": 1.0, "at": 1.0}}), 0)
+    del store.nodes["staging/A/h1-0000000007"]
+    coord._notified("created", "current/A/h1")
+    coord._notified("deleted", "staging/A/h1-0000000007")
+    coord.follow()
+    resolved = coord.resolve("A", coord.view("A", [], []))
+    assert _complete(resolved) and resolved.current["h1"].switch["version"] == "2"
+
+
+def test_a_presence_still_flapping_after_the_rounds_stays_unknown():
+    """Each read finds h1's presence gone while its next one is already notified: after
+    RESOLVE_ROUNDS reads h1 is left with an unknown version, which never completes an
+    item (and is never taken for offline)."""
+    from supervisor_dcdeploy.coord import RESOLVE_ROUNDS
+    store, coord = _rolling_to_2()
+    store.nodes["current/A/h1"] = (dumps({"version": "2"}), 0)
+    coord._notified("created", "current/A/h1")
+    coord.follow()
+    view = coord.view("A", [], [])
+    reads = []
+    get = store.get
+
+    def flapping(path, watch=None):
+        if path == "current/A/h1":
+            reads.append(path)
+            coord._notified("deleted", path)
+            coord._notified("created", path)  # made again: notified before the reply
+            raise NoNode(path)
+        return get(path, watch)
+    store.get = flapping  # type: ignore[method-assign]
+    resolved = coord.resolve("A", view)
+    assert len(reads) == RESOLVE_ROUNDS
+    assert resolved.current["h1"].version == ""
+    assert resolved.current["h2"].version == "2"
+    assert not _complete(resolved)
+
+
+def test_resolving_keeps_the_callers_ready_queue_while_nothing_went():
+    """A canary hold narrows the ready queue to the canaries before resolving (peers):
+    with every unread presence still there, resolve only fills in the presences."""
+    from dataclasses import replace
+    store, coord = _rolling_to_2()
+    for node in ("h1-0000000001", "h2-0000000002"):
+        store.nodes[f"staging/A/{node}"] = (dumps({"version": "2"}), 0)
+        coord._notified("created", f"staging/A/{node}")
+    coord.follow()
+    view = coord.view("A", [], [])
+    narrowed = replace(view, staging=[e for e in view.staging if e.host == "h2"])
+    resolved = coord.resolve("A", narrowed)
+    assert [e.host for e in resolved.staging] == ["h2"]
+    assert resolved.current["h2"].version == "2"

@@ -67,7 +67,8 @@ def deploy_and_judge(dc: Cluster, services, quorum: int, **deploy_args):
         assert worst >= quorum, f"S1 {svc}: only {worst} serving"
     nodes = {i.service: i.node for i in items}
     win = windows(dc, nodes)
-    assert {h for h, _ in win} == set(dc.hosts), f"switch timings missing: {sorted(win)}"
+    want = {(h, svc) for h in dc.hosts for svc in services}
+    assert set(win) == want, f"switch timings missing: {sorted(want - set(win))}"
     return nodes, win, judged
 
 
@@ -268,6 +269,13 @@ def test_host_parallel_2_both_switches_in_progress_at_once(pair):
     for svc in ("A", "B"):
         assert pair.sup.in_start[svc].wait(30), f"{svc}'s switch never reached its start"
     assert pair.sup.stops == {"A": 1, "B": 1}
+    # Both shown as switching (ready entry, no presence): the second gate, which left h0
+    # no room, must not have made way in the first one's queue, else h0 looked offline
+    # for it and its item could be completed while h0 was still down.
+    for svc in ("A", "B"):
+        assert [e.host for e in ops.read_staging(pair.store, svc, [])] == ["h0"], \
+            f"h0's ready entry for {svc} went while its switch was in progress"
+        assert "h0" not in pair.store.children(layout.presence_dir(svc))
     for svc in ("A", "B"):
         pair.sup.finish[svc].set()
     wait_for(lambda: all(pair.h0.local.get(s).active == "2" and

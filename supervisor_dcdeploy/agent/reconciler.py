@@ -455,7 +455,7 @@ class ServiceReconciler:
         limit = decisions.host_parallel(fresh)
         if len(busy) + 1 >= min([limit, *busy.values()]):
             try:  # no room left until a switch is over: give up its places in other queues
-                ctx.coord.make_way(svc)
+                ctx.coord.make_way(svc, in_progress=busy)
             except StoreError as exc:  # only a courtesy to the next host in line
                 ctx.log.warning("queue.make_way_failed", svc=svc, error=str(exc))
         self._launch(program, fresh.spec, target, head.node if head else None, limit)
