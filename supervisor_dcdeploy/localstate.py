@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from .files import atomic_write, fsync_dir
-from .model import version_key
+from .model import VERSION_RE, version_key
 
 STATE_FILE = "state.slots"
 LEGACY_STATE_FILE = "state.json"  # read once, migrated into STATE_FILE, then removed
@@ -294,11 +294,14 @@ class ReleaseDir:
         return self.releases / version
 
     def installed(self) -> list[str]:
-        """Versions with a complete, verified release dir (its marker is written last)."""
+        """Versions with a complete, verified release dir (its marker is written last).
+        Only names that are versions: an unpack's ``.tmp-<version>-*`` directory holds the
+        marker for a moment before its rename, and one left by a crash keeps it."""
         if not self.releases.is_dir():
             return []
         return sorted((p.name for p in self.releases.iterdir()
-                       if (p / ".dcdeploy-release.json").is_file()), key=version_key)
+                       if VERSION_RE.fullmatch(p.name)
+                       and (p / ".dcdeploy-release.json").is_file()), key=version_key)
 
     def active(self) -> str | None:
         """The version ``current`` points at, or None."""

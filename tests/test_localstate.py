@@ -222,3 +222,15 @@ def test_slot_file_writes_go_to_the_other_slot(tmp_path):
     assert slots.seq == 3 and slots.index == 0
     assert read_slots(tmp_path / "s").payload == b"three"
     assert _slot(tmp_path / "s", 1) == (2, b"two")
+
+
+def test_installed_ignores_an_unpack_in_progress_or_left_by_a_crash(tmp_path: Path) -> None:
+    """An unpack writes its marker in ``.tmp-<version>-*`` and then renames the directory:
+    an agent recovering in between (or after a crash left it) must not take the temporary
+    directory for a version (seen: recovery started ``.tmp-1-3mclofsb``, SPAWN_ERROR)."""
+    rd = ReleaseDir(tmp_path, "a")
+    for name in ("1", "2", ".tmp-3-3mclofsb"):
+        (rd.releases / name).mkdir(parents=True)
+        (rd.releases / name / ".dcdeploy-release.json").write_text("{}")
+    (rd.releases / "4").mkdir()  # no marker: not complete
+    assert rd.installed() == ["1", "2"]
