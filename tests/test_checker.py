@@ -804,3 +804,53 @@ def test_s1_timeouts_under_injected_loss_are_the_faults():
     sc.serve("a", "h3", 29.0, None)
     sc.serve("a", "h3", 30.0, "v2")
     assert "h2, h3" in only(status(sc.history()), "S1").counterexample
+
+
+def test_s1_a_finished_switch_lends_its_gate_to_no_later_timeout():
+    """Chaos seed 1705, trial 4 (4 hosts there, 3 here): h3's switch began on the prober's
+    clock 0.05 s before the recorder saw its gate commit, so no down-run of h3 started
+    between the commit and a later one, and the finished switch's gate was lent to a
+    timeout under netem 5 s later (after h3 had registered again): the netem allowance
+    was refused while h2 was down through the gate. h3 registered again after its switch,
+    so that take-down was over: held. Counted still: the same timeout while h3 was not
+    back in current/ yet (its take-down), or back only by an entry written before the
+    commit (recorded late), and a refusal instead of the timeout."""
+    def shape(rejoin: bool = True) -> Scenario:
+        sc = clean()
+        sc.switch("a", "h3", 29.0, "v2", item="", gate=4, lag=-0.1)
+        if not rejoin:
+            sc.events.pop()  # h3's serving entry at 30.02
+            sc.store(36.0, "current/a/h3", {"version": "v2"})
+        sc.add(33.0, "fault", fault="netem", phase="start", id="n", hosts=["h3"],
+               effects=["network"], detail={})
+        sc.add(36.0, "fault", fault="netem", phase="end", id="n", hosts=["h3"], detail={})
+        sc.switch("a", "h2", 33.9, "v2", item="", gate=5)
+        return sc
+
+    sc = shape()
+    sc.timeouts[("a", "h3")] = (34.0, 34.3)
+    tl = checker.Timeline(sc.history())
+    h3_runs = tl.down_runs("a", "h3")
+    gate = [e for e, svc, data in tl.gates() if svc == "a" and data["host"] == "h3"][-1]
+    assert gate["t"] == 29.0 and 28.9 < h3_runs[-2][0] < gate["t"]  # the trial's shape
+    assert status(sc.history())["S1"].status == "held"
+
+    sc = shape(rejoin=False)
+    sc.timeouts[("a", "h3")] = (34.0, 34.3)
+    found, _ = checker.check_s1(checker.Timeline(sc.history()), checker.Params())
+    assert any("prober saw 2 of 3 hosts down (h2, h3)" in detail for _, detail in found)
+    only(status(sc.history()), "S1")
+
+    sc = shape()
+    sc.timeouts[("a", "h3")] = (34.0, 34.3)
+    for e in sc.events:  # h3's entry was written before its gate (lower zxid)
+        if e["kind"] == "store" and (e["path"], e["t"]) == ("gate/a", 29.0):
+            e["mzxid"] = 100
+        elif e["kind"] == "store" and (e["path"], e["t"]) == ("current/a/h3", 30.02):
+            e["mzxid"] = 99
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample
+
+    sc = shape()
+    sc.serve("a", "h3", 34.0, None)
+    sc.serve("a", "h3", 34.3, "v2")
+    assert "h2, h3" in only(status(sc.history()), "S1").counterexample

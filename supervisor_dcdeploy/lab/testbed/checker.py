@@ -364,7 +364,15 @@ class Timeline:
         other down-run of the host starting between the two (else it belongs to an earlier
         switch). The host may well be seen serving between the commit and the run: it
         stops its program only after the commit (chaos seed 1501, trial 4: 0.14 s of
-        answers between h4's commit and its stop made the checker miss the take-down)."""
+        answers between h4's commit and its stop made the checker miss the take-down).
+
+        Nor when the host was back in ``current/<svc>`` (a serving entry written after the
+        commit) before the run began: that take-down was over, every later gate counts the
+        host as online again, so a later outage is not the commit's. The check above cannot
+        see that when the switch's own run began a little before the recorder saw the
+        commit (chaos seed 1705, trial 4: h4's switch run began 33 ms before its gate was
+        recorded, so that gate was lent to a timeout under ``netem`` 11 s later, after h4
+        had switched and registered again, and the netem allowance was refused)."""
         best = None
         for e, gsvc, data in self.gates():
             if gsvc != svc or not data or data.get("host") != host:
@@ -374,7 +382,26 @@ class Timeline:
         if best is not None and any(best["t"] < start < run_start
                                     for start, _ in self.down_runs(svc, host)):
             return None
+        if best is not None and self.rejoined(svc, host, best, run_start):
+            return None
         return best
+
+    def rejoined(self, svc: str, host: str, gate: dict[str, Any], before: float) -> bool:
+        """Was a serving ``current/<svc>/<host>`` entry written after ``gate`` (a recorded
+        gate value: later in record order, and by zxid when both are known) recorded
+        before ``before``? That is the host registering again after the take-down."""
+        path = f"current/{svc}/{host}"
+        zxid = gate.get("mzxid")
+        for e in self.store[self.store_index()[id(gate)] + 1:]:
+            if e["t"] >= before:
+                break
+            if e["path"] != path or not _serving(e):
+                continue
+            mz = e.get("mzxid")
+            if isinstance(zxid, int) and isinstance(mz, int) and mz < zxid:
+                continue  # written before the commit, recorded late: not a return
+            return True
+        return False
 
     def staged_sha(self, svc: str, version: str, t: float) -> str | None:
         sha = None
