@@ -47,6 +47,15 @@ def trial_seed(seed: int, trial: int) -> int:
     return seed * 1_000_003 + trial
 
 
+def _target(p) -> str:
+    """The host a planned fault names. A mid-switch fault hits whichever host is switching
+    when it fires (trial.py; its fault record names it), except disk_full, which waits for
+    its own host: printing the planned host there would name the wrong one."""
+    if p.mid_switch and p.kind != "disk_full":
+        return "/(a switching host) mid-switch"
+    return ("/" + p.host if p.host else "") + (" mid-switch" if p.mid_switch else "")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--trials", type=int, default=3)
@@ -110,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                             orders[trial] if orders else None)
             history = keep / f"trial-{args.seed}-{trial}.jsonl"
             print(f"trial {trial} (seed {args.seed}): "
-                  + ", ".join(f"{p.kind}@{p.at:.1f}s{'/' + p.host if p.host else ''}"
-                              f"{' mid-switch' if p.mid_switch else ''} {p.duration:.0f}s"
+                  + ", ".join(f"{p.kind}@{p.at:.1f}s{_target(p)} {p.duration:.0f}s"
                               for p in schedule), file=out, flush=True)
             try:
                 result = run_deploy(bed, str(n + 2), schedule, history)
