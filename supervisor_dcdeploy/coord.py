@@ -277,42 +277,33 @@ class Coordinator:
     def mark_failed(self, node: str, reason: str, rollback: bool = False) -> bool:
         """Mark the deploy item failed (CAS); False when there is nothing to mark.
         ``rollback``: a canary failed during the hold, the canaries go back."""
-        for _ in range(5):
-            try:
-                raw, version = self.store.get(layout.item(node))
-            except NoNode:
-                return False  # aborted meanwhile
-            try:
-                item = DeployItem.parse(node, raw, version)
-            except InvalidData:
-                return False
-            if item.state not in ("waiting", "rolling", "paused"):
-                return False
-            data = replace(item, state="failed", reason=reason, host=self.host,
-                           updated=time.time(), rollback=rollback).to_json()
-            try:
-                self.store.set(layout.item(node), data, version)
-                return True
-            except StoreUnavailable:
-                raise
-            except StoreError:
-                continue
-        return False
+        return self._update_item(node, lambda item: replace(
+            item, state="failed", reason=reason, host=self.host, updated=time.time(),
+            rollback=rollback) if item.state in ("waiting", "rolling", "paused") else None)
 
     def stamp_canaries_done(self, node: str, version: str) -> bool:
         """Set the item's ``canaries_done_at`` (CAS, once): the soak starts now."""
+        return self._update_item(node, lambda item: replace(
+            item, canaries_done_at=time.time())
+            if item.canaries_done_at is None and item.version == version
+            and item.state in ("waiting", "rolling") else None)
+
+    def _update_item(self, node: str,
+                     change: Callable[[DeployItem], DeployItem | None]) -> bool:
+        """Write ``change(item)`` over the deploy item by check-and-set, re-reading on a
+        conflict (5 tries). False when the item is gone or garbage, when ``change`` says
+        there is nothing to do (None), or when every try lost the race."""
         for _ in range(5):
             try:
                 raw, data_version = self.store.get(layout.item(node))
                 item = DeployItem.parse(node, raw, data_version)
             except (NoNode, InvalidData):
                 return False
-            if item.canaries_done_at is not None or item.version != version \
-                    or item.state not in ("waiting", "rolling"):
+            changed = change(item)
+            if changed is None:
                 return False
             try:
-                self.store.set(layout.item(node), replace(
-                    item, canaries_done_at=time.time()).to_json(), data_version)
+                self.store.set(layout.item(node), changed.to_json(), data_version)
                 return True
             except StoreUnavailable:
                 raise
