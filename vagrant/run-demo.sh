@@ -33,17 +33,21 @@ step() {  # step NAME COMMAND...: run it, record its wall-clock time
 }
 report() { echo; echo "run-demo: wall-clock time per step"; cat "$times"; rm -f "$times"; }
 
-kill_tree() {  # a process and its descendants, children first
+tree() {  # a process and its descendants, parents first
     local c
-    for c in $(pgrep -P "$1"); do kill_tree "$c"; done
-    kill "$1" 2>/dev/null
+    echo "$1"
+    for c in $(pgrep -P "$1"); do tree "$c"; done
 }
 cleanup() {
-    local rc=$? c
+    local rc=$? pids
     trap - EXIT INT TERM
     set +e
-    # the step that was running (vagrant up, the demo) and whatever it started
-    for c in $(pgrep -P $$); do kill_tree "$c"; done
+    # the step that was running (vagrant up, the demo) and whatever it started: the list
+    # first, then one kill, parents first; a step killed after its children would go on
+    # (up_all started a second `vagrant up` when the first one died)
+    pids=$(for c in $(pgrep -P $$); do tree "$c"; done)
+    # shellcheck disable=SC2086
+    [ -n "$pids" ] && kill $pids 2>/dev/null
     wait
     if [ "${DCVM_KEEP:-0}" = 1 ] && [ $rc = 0 ]; then report; exit 0; fi
     if ip netns list | grep -q "^$ns\b" && [ -d "$here/.vagrant/machines" ]; then
