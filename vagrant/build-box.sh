@@ -10,7 +10,7 @@
 #
 # usage: vagrant/build-box.sh            (as root; prints the .box path)
 # env:   DCVM_CACHE   cache directory (default ~/.cache/dcdeploy); the box is kept there and
-#                     rebuilt only when this script changes (its sha256 names the box)
+#                     built again only when BOX_VERSION (in its name) changes
 #        DCVM_MIRROR  Debian mirror (default http://deb.debian.org/debian)
 #        DCVM_DISK_GB virtual disk size (default 8)
 # On a workstation any Debian 12 box works instead (VAGRANT_BOX=debian/bookworm64).
