@@ -56,7 +56,7 @@ start() {
         # time it looks up the emulator's capabilities; qemu probed as root found KVM. With
         # /dev/kvm root-only (no udev here: 0600 root:root), every lookup judged the cached
         # capabilities stale and probed qemu again (~2 s each; minutes at nice 19 on a busy
-        # machine): `vagrant up` spent 7 min before the first domain started. So libvirtd
+        # machine): `vagrant up` spent about 7.5 min before the first domain started. So libvirtd
         # gets, in a mount namespace of its own, the node Debian's udev rule would make:
         # 0660 root:kvm. Nothing outside that namespace changes; the domains still run
         # under DCVM_DRIVER (qemu: TCG).
