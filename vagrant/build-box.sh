@@ -3,11 +3,14 @@
 # debootstrap into a partitioned raw image, a kernel booted by GRUB, openssh-server, the
 # vagrant user with Vagrant's published insecure key (copied from the vagrant package at
 # build time) and password-less sudo, the packages the provisioning scripts need already
-# installed (so the VMs need no network of their own), qemu-img to qcow2, metadata.json, tar.
+# installed (so the VMs need no network of their own), the virtualenv /opt/dcdeploy with the
+# project's dependencies from vagrant/wheels.sh already in it (so provisioning installs only
+# the project itself: no ensurepip, no dependency installs under emulation), qemu-img to
+# qcow2, metadata.json, tar.
 #
 # usage: vagrant/build-box.sh            (as root; prints the .box path)
 # env:   DCVM_CACHE   cache directory (default ~/.cache/dcdeploy); the box is kept there and
-#                     rebuilt only when this script changes (its sha256 names the box)
+#                     built again only when BOX_VERSION (in its name) changes
 #        DCVM_MIRROR  Debian mirror (default http://deb.debian.org/debian)
 #        DCVM_DISK_GB virtual disk size (default 8)
 # On a workstation any Debian 12 box works instead (VAGRANT_BOX=debian/bookworm64).
@@ -15,7 +18,7 @@ set -euo pipefail
 cache=${DCVM_CACHE:-$HOME/.cache/dcdeploy}
 mirror=${DCVM_MIRROR:-http://deb.debian.org/debian}
 size=${DCVM_DISK_GB:-8}
-BOX_VERSION=2
+BOX_VERSION=3
 box=$cache/dcdeploy-bookworm-v$BOX_VERSION.box
 if [ -s "$box" ]; then echo "$box"; exit 0; fi
 [ "$(id -u)" = 0 ] || { echo "build-box.sh: needs root (debootstrap, loop devices)" >&2; exit 2; }
@@ -79,6 +82,18 @@ chroot "$mnt" env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-inst
     default-jre-headless >>"$work/apt.log" 2>&1 || { tail -20 "$work/apt.log" >&2; exit 1; }
 chroot "$mnt" apt-get clean
 rm -f "$mnt/usr/sbin/policy-rc.d"
+
+step "virtualenv /opt/dcdeploy with the project's dependencies (vagrant/wheels.sh)"
+wheels=$(bash "$(dirname "$0")/wheels.sh" | tail -1)
+mkdir -p "$mnt/tmp/dcdeploy-wheels" && cp "$wheels"/*.whl "$mnt/tmp/dcdeploy-wheels/"
+# every wheel there: the dependencies, and setuptools and wheel, so provisioning builds the
+# project with --no-build-isolation instead of installing a build environment first
+chroot "$mnt" sh -c 'python3 -m venv /opt/dcdeploy && /opt/dcdeploy/bin/pip install -q --no-cache-dir \
+    --no-index --find-links /tmp/dcdeploy-wheels /tmp/dcdeploy-wheels/*.whl' >"$work/venv.log" 2>&1 \
+    || { tail -20 "$work/venv.log" >&2; exit 1; }
+rm -rf "$mnt/tmp/dcdeploy-wheels"
+# provision/{host,zk}.sh see this file and install only the project into this venv
+chroot "$mnt" /opt/dcdeploy/bin/pip freeze > "$mnt/opt/dcdeploy/box-dependencies.txt"
 
 step "system: fstab, network, vagrant user, grub"
 echo "UUID=$uuid / ext4 errors=remount-ro 0 1" > "$mnt/etc/fstab"

@@ -17,24 +17,38 @@ export DCVM_NS=$ns VAGRANT_CWD=$here
 export HOSTS=${HOSTS:-3} ZK_NODES=${ZK_NODES:-1}
 py=$repo/.venv/bin/python
 [ -x "$py" ] || { echo "run-demo: run scripts/setup.sh first (the operator's side uses .venv)" >&2; exit 2; }
-times=$(mktemp) demo_pid=""  # a file: steps run in $(...) subshells too
+times=$(mktemp)  # a file: steps run in $(...) subshells too
 inns() { ip netns exec "$ns" "$@"; }
 step() {  # step NAME COMMAND...: run it, record its wall-clock time
     local name=$1 t0 rc=0; shift
     echo "run-demo: $(date -u +%T) $name" >&2
     t0=$(date +%s.%N)
-    "$@" || rc=$?
+    # in the background: bash runs the INT/TERM trap only once a foreground command is done,
+    # so `kill -TERM` of this script waited for all of `vagrant up`; `wait` is interrupted
+    "$@" &
+    wait $! || rc=$?
     printf '  %7.1f s  %s%s\n' "$(echo "$(date +%s.%N) - $t0" | bc)" "$name" \
         "$([ $rc = 0 ] || echo " (FAILED, exit $rc)")" >> "$times"
     return $rc
 }
 report() { echo; echo "run-demo: wall-clock time per step"; cat "$times"; rm -f "$times"; }
 
+tree() {  # a process and its descendants, parents first
+    local c
+    echo "$1"
+    for c in $(pgrep -P "$1"); do tree "$c"; done
+}
 cleanup() {
-    local rc=$?
+    local rc=$? pids
     trap - EXIT INT TERM
     set +e
-    [ -n "$demo_pid" ] && kill "$demo_pid" 2>/dev/null
+    # the step that was running (vagrant up, the demo) and whatever it started: the list
+    # first, then one kill, parents first; a step killed after its children would go on
+    # (up_all started a second `vagrant up` when the first one died)
+    pids=$(for c in $(pgrep -P $$); do tree "$c"; done)
+    # shellcheck disable=SC2086
+    [ -n "$pids" ] && kill $pids 2>/dev/null
+    wait
     if [ "${DCVM_KEEP:-0}" = 1 ] && [ $rc = 0 ]; then report; exit 0; fi
     if ip netns list | grep -q "^$ns\b" && [ -d "$here/.vagrant/machines" ]; then
         step "vagrant destroy" timeout 600 ip netns exec "$ns" vagrant destroy -f
@@ -80,18 +94,26 @@ hosts=(); for i in $(seq "$HOSTS"); do hosts+=("h$i"); done
 # stamp, so every VM's milestones (domain started, booted, provisioned) can be read off
 uplog=${DCVM_UPLOG:-/tmp/dcvm-up.log}
 stamp() { while IFS= read -r line; do printf '%s %s\n' "$(date -u +%T)" "$line"; done; }
-# (through `script`: on a pipe vagrant's output is block-buffered and the stamps would lie)
+# (through `script`: on a pipe vagrant's output is block-buffered and the stamps would lie;
+# tr's too, hence stdbuf)
+up_once() {
+    inns script -qefc "vagrant up ${stores[*]} ${hosts[*]}" /dev/null 2>&1 | stdbuf -oL tr '\r' '\n' \
+        | stamp | tee -a "$uplog"
+}
+# Vagrant 2.3.4's parallel up can lose a machine to a race in its machine index ("No such
+# file or directory @ apply2files - ~/.vagrant.d/data/machine-index/<id>.lock": h3, with 6
+# VMs); it then destroys that one and finishes the others. A second `vagrant up` creates
+# and provisions only what is missing (running, provisioned VMs are left as they are).
 up_all() {
-    inns script -qefc "vagrant up ${stores[*]} ${hosts[*]}" /dev/null 2>&1 | tr '\r' '\n' \
-        | stamp | tee "$uplog"
+    : > "$uplog"
+    up_once && return
+    echo "run-demo: $(date -u +%T) vagrant up failed; once more for the VMs it left down" >&2
+    up_once
 }
 step "vagrant up ${stores[*]} ${hosts[*]} (in parallel)" up_all
 grep -E ': (Starting domain|Machine booted and ready|Running provisioner)' "$uplog" >&2 || true
 store_url=zk://$(for i in $(seq "$ZK_NODES"); do printf '10.216.1.%s:2181,' $((i + 1)); done | sed 's/,$//')/dc
 args=(--store "$store_url" --serve-on 10.216.1.1)
 for i in $(seq "$HOSTS"); do args+=(--host "h$i=10.216.1.$((10 + i))"); done
-inns "$py" -m supervisor_dcdeploy.lab.vmdemo "${args[@]}" &
-demo_pid=$!
-step "the demo (supervisor_dcdeploy/lab/vmdemo.py)" wait "$demo_pid"
-demo_pid=""
+step "the demo (supervisor_dcdeploy/lab/vmdemo.py)" inns "$py" -m supervisor_dcdeploy.lab.vmdemo "${args[@]}"
 inns "$repo/.venv/bin/dcdeploy" --store "$store_url" status

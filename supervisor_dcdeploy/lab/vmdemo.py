@@ -55,10 +55,17 @@ class Steps:
         return "\n".join(f"  {secs:7.1f} s  {name}" for name, secs in self.times)
 
 
+class _QuietHandler(http.server.SimpleHTTPRequestHandler):
+    """No access log: a line per fetch buried the demo's progress (setting log_message on
+    the functools.partial did not reach the handler class)."""
+
+    def log_message(self, format: str, *args) -> None:  # noqa: A002 (the base's signature)
+        pass
+
+
 def serve(directory: Path, address: str, port: int) -> http.server.ThreadingHTTPServer:
     """Serve ``directory`` on ``address:port`` in a thread (the release URLs)."""
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(directory))
-    handler.log_message = lambda *a, **k: None  # type: ignore[method-assign]
+    handler = functools.partial(_QuietHandler, directory=str(directory))
     server = http.server.ThreadingHTTPServer((address, port), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server

@@ -14,11 +14,19 @@ if [ "${DCDT_INSTALL:-0}" = 1 ]; then
         apt-get update -q
         apt-get install -y -q zookeeper python3-venv
     fi
-    python3 -m venv /opt/dcdeploy
-    if [ -n "${DCDT_WHEELS:-}" ]; then  # the dependencies as wheels, no index
-        /opt/dcdeploy/bin/pip install -q --no-index --find-links "$DCDT_WHEELS" "${DCDT_SRC:-/vagrant}"
+    if [ -f /opt/dcdeploy/box-dependencies.txt ]; then
+        # the box (vagrant/build-box.sh) carries the venv with the dependencies, setuptools
+        # and wheel: only the project is built and installed (dependencies the box lacks
+        # come from the wheels, so a box older than setup.cfg still gets them)
+        /opt/dcdeploy/bin/pip install -q --no-index --no-build-isolation \
+            ${DCDT_WHEELS:+--find-links "$DCDT_WHEELS"} "${DCDT_SRC:-/vagrant}"
     else
-        /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
+        python3 -m venv /opt/dcdeploy
+        if [ -n "${DCDT_WHEELS:-}" ]; then  # the dependencies as wheels, no index
+            /opt/dcdeploy/bin/pip install -q --no-index --find-links "$DCDT_WHEELS" "${DCDT_SRC:-/vagrant}"
+        else
+            /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
+        fi
     fi
     py=/opt/dcdeploy/bin/python
 fi
