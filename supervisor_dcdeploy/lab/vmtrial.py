@@ -177,7 +177,7 @@ class VmNet:
         self.ssh.run(name, f"sudo tc qdisc del dev {self.devs[name]} root", check=False)
 
     def qdisc(self, name: str) -> str:
-        return self.ssh.text(name, f"tc -s qdisc show dev {self.devs[name]}")
+        return self.ssh.text(name, f"sudo tc -s qdisc show dev {self.devs[name]}")
 
 
 class VmNetem(Netem):
@@ -332,10 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     workdir = Path(tempfile.mkdtemp(prefix="dcdeploy-vmtrial-"))
     first = next(iter(hosts))
-    conf = ssh.text(first, f"sudo cat {STATE_ROOT}/supervisord.conf")
+    conf = ssh.text(first, f"sudo cat {STATE_ROOT}/agent.conf")
     session = float(conf_value(conf, "session_timeout") or "nan")
     if session != session:  # NaN: not in the config
-        print(f"vmtrial: no session_timeout in {first}:{STATE_ROOT}/supervisord.conf",
+        print(f"vmtrial: no session_timeout in {first}:{STATE_ROOT}/agent.conf",
               file=sys.stderr)
         return 2
     devs = {h: private_dev(ssh, h, addr) for h, addr in hosts.items()}
