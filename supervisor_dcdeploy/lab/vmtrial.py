@@ -189,6 +189,9 @@ class VmNetem(Netem):
         net: VmNet = bed.net
         self.detail["connect_ms_before"] = connect_ms(bed.hosts[self.name].addr)
         net.shape(self.name, 0, spec)
+        # ssh into a VM under emulation can take seconds (20 s seen): the moments the
+        # qdisc was really there, on the history's clock, besides the fault's start and end
+        self.detail["applied_at"] = time.monotonic()
         self.detail["mechanism"] = (f"tc netem on {net.devs[self.name]} inside the VM "
                                     "(egress: everything the host sends)")
         self.detail["loss"] = None
@@ -209,6 +212,7 @@ class VmNetem(Netem):
     def heal(self) -> None:
         bed: VmBed = self.bed  # type: ignore[assignment]
         bed.net.unshape(self.name)
+        self.detail["removed_at"] = time.monotonic()
         left = qdisc_counters(bed.net.qdisc(self.name))["netem"]
         self.detail["healed"] = not left
         self.detail["connect_ms_after"] = connect_ms(bed.hosts[self.name].addr)
