@@ -19,7 +19,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import structlog
 
@@ -27,7 +27,7 @@ from ... import ops
 from ...snapshot import read_queue
 from . import checker
 from .bed import Testbed
-from .faults import KINDS, FaultRunner
+from .faults import KINDS, Fault, FaultRunner
 from .history import HistoryWriter
 from .recorder import Endpoint, Prober, StoreRecorder, snapshot_state
 
@@ -170,7 +170,8 @@ def wait_switch(bed: Testbed, host: str | None, timeout: float
 
 def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history: Path,
                timeout: float = 180.0, max_resumes: int = 3, broken: Sequence[str] = (),
-               corrupt: Sequence[str] = (), give_up_after: float = 25.0) -> TrialResult:
+               corrupt: Sequence[str] = (), give_up_after: float = 25.0,
+               kinds: Mapping[str, type[Fault]] | None = None) -> TrialResult:
     """Deploy ``version`` of every service with ``schedule`` injected; block until healed
     and converged (or ``timeout`` after the last heal); check the history.
 
@@ -181,7 +182,10 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
     serving bytes other than the staged sha256 (the ``artifact`` event records their real
     digest). With either, the operator aborts the deploy (a failed broken item at once, a
     deploy that cannot start after ``give_up_after`` seconds), and convergence means every
-    host still serving the version it had."""
+    host still serving the version it had.
+
+    ``kinds`` replaces fault classes by kind (the Vagrant VMs' ``netem``, done over ssh:
+    :mod:`..vmtrial`); by default :data:`.faults.KINDS`."""
     assert bed.store is not None
     writer = HistoryWriter(history)
     services = list(bed.services)
@@ -240,7 +244,7 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
                 if hit is not None:
                     host = hit[0]
                     detail["mid_switch"].update(service=hit[1], gate_version=hit[2])
-            fault = KINDS[planned.kind](bed, host, detail)
+            fault = {**KINDS, **(kinds or {})}[planned.kind](bed, host, detail)
             active = _deploy_active(bed)
             if planned.mid_switch and "service" in detail["mid_switch"]:
                 svc = detail["mid_switch"]["service"]
