@@ -5,7 +5,11 @@ defines services ``a`` and ``b`` (``b`` depends on ``a``), builds releases 1.0 a
 sample app, serves them over HTTP on the host's side of the VMs' network, stages 1.0 by URL
 and waits until every host serves it, then starts a prober against the VMs' addresses,
 stages 2.0 and deploys both, prints the deploy's progress, and checks convergence and the
-quorum on what the prober saw. Every step's wall-clock time is printed at the end.
+quorum on what the prober saw. With ``--swarm VERSION`` it then stages that version (a few
+MiB) through the BitTorrent swarm only: a seeder for the build host runs here (at
+``--serve-on``), ``dcdeploy stage --path --seed-dir`` stages it with no URL, and after the
+deploy each host's status.json (read with ``--status-cmd``) must name the fetch's ``via`` as
+"swarm". Every step's wall-clock time is printed at the end.
 
 ``python -m supervisor_dcdeploy.lab.vmdemo --store zk://10.216.1.2:2181/dc
 --host h1=10.216.1.11 --host h2=10.216.1.12 --host h3=10.216.1.13 --serve-on 10.216.1.1``
@@ -16,6 +20,9 @@ from __future__ import annotations
 import argparse
 import functools
 import http.server
+import json
+import shlex
+import subprocess
 import sys
 import tempfile
 import threading
@@ -24,6 +31,8 @@ from pathlib import Path
 
 from .. import ops
 from ..model import HealthCheck
+from ..p2p import seed
+from ..snapshot import read_view
 from ..store import layout, open_store
 from .demo import timeline
 from ..waiting import wait_for
@@ -31,6 +40,8 @@ from .localdc import Prober, get_version
 from .sample import build_release
 
 SERVICES = {"a": 8001, "b": 8002}  # the ports vagrant/Vagrantfile gives the hosts
+# a host's status.json (the agent's root is /var/lib/dcdeploy in vagrant/Vagrantfile)
+STATUS_CMD = "vagrant ssh {host} -c 'sudo cat /var/lib/dcdeploy/status.json'"
 
 
 def _say(text: str) -> None:
@@ -89,6 +100,31 @@ def progress(store, hosts: dict[str, str]) -> str:
     return " | ".join(parts) + f" | queue: {head}"
 
 
+def ready(store, svc: str, version: str) -> int:
+    """How many hosts are in ``svc``'s ready-to-roll queue for ``version`` (entries for the
+    version just deployed may linger a cycle)."""
+    return sum(e.version == version for e in read_view(store, svc).staging)
+
+
+def swarm_fetches(hosts: dict[str, str], status_cmd: str) -> dict[str, dict[str, str]]:
+    """Each host's fetch ``via`` per service, from its status.json (``status_cmd`` with
+    ``{host}`` replaced by the host's name prints it)."""
+    out: dict[str, dict[str, str]] = {}
+    for host in hosts:
+        cmd = [part.replace("{host}", host) for part in shlex.split(status_cmd)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if done.returncode != 0:
+            raise ops.OpError(f"{host}: {status_cmd!r} exited {done.returncode}: "
+                              f"{done.stderr.strip()[-300:]}")
+        try:
+            status = json.loads(done.stdout)
+        except ValueError as exc:
+            raise ops.OpError(f"{host}: status.json is not JSON: {exc}") from None
+        out[host] = {svc: (status.get("services", {}).get(svc, {}).get("fetch") or {})
+                     .get("via") or "none" for svc in SERVICES}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vmdemo")
     parser.add_argument("--store", required=True)
@@ -98,7 +134,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=900.0,
                         help="seconds for each wait (software emulation is slow)")
     parser.add_argument("--hz", type=float, default=5.0, help="prober rounds per second")
+    parser.add_argument("--swarm", metavar="VERSION", default="3.0",
+                        help="then stage VERSION through the swarm only, deploy it, and check "
+                             "every host fetched it via the swarm (default 3.0; '': skip)")
+    parser.add_argument("--status-cmd", default=STATUS_CMD,
+                        help="with --swarm: a command printing host {host}'s status.json "
+                             "(default: vagrant ssh, VAGRANT_CWD set as run-demo.sh sets it)")
     args = parser.parse_args(argv)
+    if args.swarm and not args.status_cmd.strip():
+        parser.error("--swarm needs --status-cmd (how to read a host's status.json)")
     hosts = dict(item.partition("=")[::2] for item in args.host)
     quorum = max(1, len(hosts) - 1)
     steps = Steps()
@@ -106,6 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     server = serve(workdir, args.serve_on, args.port)
     store = open_store(args.store)
     prober: Prober | None = None
+    seed_dir = workdir / "seed"
     try:
         steps.run("connect to the store", store.start, timeout=120.0)
 
@@ -137,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                           ops.deploy, store, ["b", "a"])
         _say("queued: " + ", ".join(f"{i.node} {i.service} -> {i.version}" for i in items))
 
-        def watch() -> None:
+        def watch(version: str) -> None:
             last = ""
             deadline = time.monotonic() + args.timeout
             while True:
@@ -145,12 +190,41 @@ def main(argv: list[str] | None = None) -> int:
                 if line != last:
                     _say(line)
                     last = line
-                if not ops.status(store)["deploy"] and all_serve(hosts, "2.0"):
+                if not ops.status(store)["deploy"] and all_serve(hosts, version):
                     return
                 if time.monotonic() > deadline:
                     raise TimeoutError(f"the deploy did not converge in {args.timeout:.0f} s")
                 time.sleep(2.0)
-        steps.run("deploy until every host serves 2.0", watch)
+        steps.run("deploy until every host serves 2.0", watch, "2.0")
+        final, vias = "2.0", {}
+        if args.swarm:
+            final = args.swarm
+            steps.run(f"start the build host's seeder ({args.serve_on})", seed.start,
+                      seed.SeedConfig(dir=seed_dir, store_url=args.store, host="build",
+                                      address=args.serve_on, rack="build",
+                                      engine="transmission"))
+
+            def stage_swarm() -> None:
+                for svc in SERVICES:
+                    path, _ = build_release(workdir / "swarm", svc, final, padding=4 << 20)
+                    done = subprocess.run(
+                        [sys.executable, "-m", "supervisor_dcdeploy.cli", "--store", args.store,
+                         "stage", svc, final, "--path", str(path), "--seed-dir", str(seed_dir)],
+                        capture_output=True, text=True, timeout=300)
+                    if done.returncode != 0:
+                        raise ops.OpError(f"dcdeploy stage {svc} {final}: "
+                                          f"{done.stderr.strip()[-500:]}")
+            steps.run(f"stage {final} of a and b (4 MiB each) through the swarm only, no URL",
+                      stage_swarm)
+            steps.run(f"every host fetches {final} through the swarm, ready to roll", wait_for,
+                      lambda: all(ready(store, s, final) == len(hosts) for s in SERVICES),
+                      args.timeout, f"every host ready to roll {final}", 1.0)
+            items = steps.run("deploy b a", ops.deploy, store, ["b", "a"])
+            _say("queued: " + ", ".join(f"{i.node} {i.service} -> {i.version}" for i in items))
+            steps.run(f"deploy until every host serves {final}", watch, final)
+            vias = steps.run("read each host's status.json (fetch via)", swarm_fetches,
+                             hosts, args.status_cmd)
+            steps.run("stop the seeder", seed.stop, seed_dir)
         prober.stop()
         worst = {s: min(prober.serving(x, s) for x in prober.samples) for s in SERVICES}
         history = {h["service"]: h["state"] for h in ops.history(store)}
@@ -160,19 +234,28 @@ def main(argv: list[str] | None = None) -> int:
         print("\nfewest serving: " + ", ".join(f"{s} {n} of {len(hosts)}"
                                                for s, n in worst.items())
               + f" (quorum {quorum}); history: {history}")
+        if vias:
+            print(f"fetch of {final} via: " + "; ".join(
+                f"{h} " + ", ".join(f"{s} {v}" for s, v in per.items())
+                for h, per in vias.items()))
         print("\nsteps:\n" + steps.table())
         if min(worst.values()) < quorum or set(history.values()) != {"done"}:
             _say("FAILED: went below quorum, or an item is not done")
             return 1
-        _say(f"converged: all {len(hosts)} hosts on a 2.0 and b 2.0, never below quorum")
+        if any(v != "swarm" for per in vias.values() for v in per.values()):
+            _say(f"FAILED: a host did not fetch {final} through the swarm")
+            return 1
+        _say(f"converged: all {len(hosts)} hosts on a {final} and b {final}, never below "
+             f"quorum" + (f"; {final} came through the swarm" if vias else ""))
         return 0
-    except (TimeoutError, ops.OpError) as exc:
+    except (TimeoutError, ops.OpError, RuntimeError, subprocess.SubprocessError) as exc:
         print("\nsteps:\n" + steps.table())
         _say(f"FAILED: {exc}")
         return 1
     finally:
         if prober is not None:
             prober.stop()
+        seed.stop(seed_dir)
         server.shutdown()
         store.stop()
 

@@ -1,0 +1,34 @@
+"""vmdemo's check of how each VM fetched the swarm-staged release: every host's status.json,
+printed by ``--status-cmd`` (vagrant ssh in run-demo.sh; ``cat`` of a file here)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from supervisor_dcdeploy import ops
+from supervisor_dcdeploy.lab.vmdemo import swarm_fetches
+
+
+def _status(path, vias):
+    path.write_text(json.dumps({"services": {
+        svc: {"fetch": {"version": "3.0", "state": "installed", "via": via}}
+        for svc, via in vias.items()}}))
+
+
+def test_reads_each_hosts_fetch_via(tmp_path):
+    _status(tmp_path / "h1.json", {"a": "swarm", "b": "swarm"})
+    _status(tmp_path / "h2.json", {"a": "swarm", "b": "http"})
+    (tmp_path / "h3.json").write_text(json.dumps({"services": {"a": {}}}))
+    got = swarm_fetches({"h1": "x", "h2": "y", "h3": "z"}, f"cat {tmp_path}/{{host}}.json")
+    assert got == {"h1": {"a": "swarm", "b": "swarm"}, "h2": {"a": "swarm", "b": "http"},
+                   "h3": {"a": "none", "b": "none"}}
+
+
+def test_a_failing_command_or_bad_json_names_the_host(tmp_path):
+    (tmp_path / "h1.json").write_text("not json")
+    with pytest.raises(ops.OpError, match="h1: status.json is not JSON"):
+        swarm_fetches({"h1": "x"}, f"cat {tmp_path}/{{host}}.json")
+    with pytest.raises(ops.OpError, match="h2: .* exited 1"):
+        swarm_fetches({"h2": "x"}, f"cat {tmp_path}/{{host}}.json")
