@@ -22,8 +22,10 @@ What it uses that Transmission 3.00 lacks (docs/distribution.md, "Engines"): sup
 (BEP 16) for a torrent added as the origin (``--super-seed``; off by default), HAVE messages sent when a piece passes its
 check (libtorrent does not batch them), a 5 s unchoke interval instead of 10-15 s, a
 request queue sized from the measured rate with a cap above the default, and fast
-reconnects after a peer or the daemon restarts. Peers still come only from the host's own
-tracker (the torrents are private; DHT, LSD, UPnP, NAT-PMP, uTP are off).
+reconnects after a peer or the daemon restarts; with ``--share-pieces`` (off by default)
+each downloading host asks first for its own 1/N of the pieces (:func:`share_of`). Peers
+still come only from the host's own tracker (the torrents are private; DHT, LSD, UPnP,
+NAT-PMP, uTP are off).
 
 Torrents are recorded under ``<state-dir>/torrents/<infohash>.json`` and added again when
 the daemon restarts; libtorrent then checks what is on disk, nothing intact is downloaded
@@ -351,8 +353,9 @@ class LtDaemon:
                 self._shares[ih] = share
                 log.info("ltdaemon.share", infohash=ih, rank=share and share[0],
                          hosts=share and share[1])
-            except RuntimeError as exc:  # the torrent went away meanwhile
-                log.warning("ltdaemon.share_failed", error=str(exc))
+            except Exception as exc:  # noqa: BLE001 - e.g. the torrent went away meanwhile;
+                # ordering pieces is an optimisation and must never stop the alert loop
+                log.warning("ltdaemon.share_failed", error=f"{type(exc).__name__}: {exc}")
 
     def start(self, ih: str) -> None:
         h = self._handle(ih)
