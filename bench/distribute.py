@@ -119,7 +119,8 @@ class Timeline:
     """Polls every daemon twice a second while the swarm runs; writes JSON lines
     ``{"t", "host", "done", "rate_down", "rate_up", "pieces", "peers": [{"host", "flags",
     "down", "up", "progress"}]}`` (libtorrent: ``pieces`` is a string of 0/1, and
-    ``uploaded``, ``redundant`` and per-peer request queues are added) and notes when the first peer and the first block arrived
+    ``uploaded``, ``redundant``, ``share`` (``[rank, hosts]`` with ``--share-pieces``) and
+    per-peer request queues are added) and notes when the first peer and the first block arrived
     anywhere and when every piece first existed on some host (after that the origin only
     sends duplicates). Used to find where the time goes (docs/distribution.md)."""
 
@@ -146,7 +147,7 @@ class Timeline:
                 return {"done": st.done_bytes / max(st.total_bytes, 1),
                         "rate_down": st.rate_down, "rate_up": st.rate_up,
                         "uploaded": d["uploaded"], "pieces": d["pieces"],
-                        "redundant": d.get("redundant"),
+                        "redundant": d.get("redundant"), "share": d.get("share"),
                         "peers": [{"host": self.by_addr.get(p["address"], p["address"]),
                                    "flags": p["flags"], "down": p["down"], "up": p["up"],
                                    "progress": p["progress"], "queue_down": p["queue_down"],

@@ -15,7 +15,8 @@ import pytest
 
 from supervisor_dcdeploy.p2p.engine import Engine
 from supervisor_dcdeploy.p2p.errors import DownloadError
-from supervisor_dcdeploy.p2p.ltdaemon import LT_SETTINGS, inside, settings
+from supervisor_dcdeploy.p2p.ltdaemon import (LT_SETTINGS, LtDaemon, inside, settings,
+                                              share_priorities)
 from supervisor_dcdeploy.p2p.ltengine import LtDaemonProcess, LtEngine
 from supervisor_dcdeploy.p2p.seed import stage
 from supervisor_dcdeploy.p2p.swarm import SwarmFetcher
@@ -107,6 +108,52 @@ def test_seeds_from_disk_refuses_outside_paths_and_survives_a_restart(tmp_path, 
     assert engine.prune(set()) == [staged.infohash]
     assert engine.state(staged.infohash) is None and not art.exists()
     assert not list((daemon.state_dir / "torrents").glob("*.json"))
+
+
+def test_downloading_hosts_give_their_share_of_the_pieces_the_top_priority(tmp_path):
+    """--share-pieces on two daemons in this process (127.0.0.2 and .3) that download the
+    same torrent from nobody: each sees the other downloading and gives its share (every
+    second piece) priority 7; once the other is gone, its priorities go back to the
+    default. (Whether libtorrent then asks for those pieces first was measured, not
+    tested: docs/distribution.md.)"""
+    art = tmp_path / "src" / "a.bin"
+    art.parent.mkdir()
+    art.write_bytes(os.urandom(20 * 64 * 1024))
+    staged = stage(art)
+    daemons = []
+    for k in range(2):
+        addr = f"127.0.0.{k + 2}"
+        daemons.append(LtDaemon(tmp_path / f"state{k}", [tmp_path / f"rel{k}"], addr,
+                                free_port(), {"outgoing_interfaces": addr}, share_pieces=True))
+    try:
+        for k, d in enumerate(daemons):
+            d.add(staged.metainfo, tmp_path / f"rel{k}", origin=False)
+        ih = staged.infohash
+        listen = daemons[0].ses.listen_port()
+        daemons[1]._handle(ih).connect_peer(("127.0.0.2", listen))
+
+        def handshaken(d):
+            import libtorrent as lt
+            busy = lt.peer_info.connecting | lt.peer_info.handshake
+            return [p for p in d._handle(ih).get_peer_info() if not p.flags & busy]
+
+        for d in daemons:
+            wait_for(lambda d=d: handshaken(d), 30, "the two daemons connected")
+            d.share_tick()
+        assert [d.detail(ih)["share"] for d in daemons] == [[0, 2], [1, 2]]
+        n = daemons[0]._handle(ih).torrent_file().num_pieces()
+        assert n == 20
+        for rank, d in enumerate(daemons):
+            assert list(d._handle(ih).get_piece_priorities()) == share_priorities(rank, 2, n)
+        daemons[1].remove(ih, delete_data=True)
+        wait_for(lambda: not daemons[0]._handle(ih).get_peer_info(), 30, "the peer gone")
+        daemons[0].share_tick()
+        assert daemons[0].detail(ih)["share"] is None
+        assert set(daemons[0]._handle(ih).get_piece_priorities()) == {4}
+    finally:
+        for d in daemons:
+            d.stopping.set()
+        del daemons
 
 
 def test_what_the_daemon_reports_complete_is_in_the_file_once_flushed(tmp_path, daemon):
