@@ -1,4 +1,4 @@
-"""The libtorrent daemon's piece shares (``--share-pieces``, off by default): which share
+"""The libtorrent daemon's piece shares (``--share-pieces``, on by default): which share
 each downloading host takes, the priorities that make libtorrent ask for it first, and the
 settings and command line that switch it on. Pure; the daemon applying it on loopback is in
 test_p2p_ltengine.py."""
@@ -48,11 +48,15 @@ def test_sharing_turns_off_whole_piece_runs_which_ignore_priorities():
                     share_pieces=True)["whole_pieces_threshold"] == 20
 
 
-def test_share_pieces_is_a_switch_of_the_daemon_off_by_default(tmp_path):
+def test_share_pieces_is_a_switch_of_the_daemon_on_by_default(tmp_path):
     cmd = daemon_command(tmp_path, [tmp_path], "10.0.0.5", 51413,
-                         {"share_pieces": True, "request_timeout": 5})
-    assert "--share-pieces" in cmd
+                         {"share_pieces": False, "request_timeout": 5})
+    assert "--no-share-pieces" in cmd
     assert json.loads(cmd[cmd.index("--tuning") + 1]) == {"request_timeout": 5}
-    assert "--share-pieces" not in daemon_command(tmp_path, [tmp_path], "10.0.0.5", 51413)
+    default = daemon_command(tmp_path, [tmp_path], "10.0.0.5", 51413)
+    assert "--no-share-pieces" not in default and "--tuning" not in default
     args = parser().parse_args(["--state-dir", "/x", "--address", "10.0.0.5"])
+    assert args.share_pieces is True
+    args = parser().parse_args(["--state-dir", "/x", "--address", "10.0.0.5",
+                                "--no-share-pieces"])
     assert args.share_pieces is False

@@ -165,12 +165,12 @@ __all__ = ["LtEngine", "infohash", "state_from_json"]
 def daemon_command(state_dir: Path, data_roots: list[Path], address: str, port: int,
                    tuning: dict[str, Any] | None = None, python: str = "") -> list[str]:
     """The ltdaemon's command line (for supervisord or Popen). ``tuning``: libtorrent
-    settings, plus ``"super_seed": true`` for ``--super-seed`` and ``"share_pieces": true``
-    for ``--share-pieces``."""
+    settings, plus ``"super_seed": true`` for ``--super-seed`` and ``"share_pieces": false``
+    for ``--no-share-pieces`` (the shares are on by default)."""
     import sys
     tuning = dict(tuning or {})
     super_seed = bool(tuning.pop("super_seed", False))
-    share_pieces = bool(tuning.pop("share_pieces", False))
+    share_pieces = bool(tuning.pop("share_pieces", True))
     cmd = [python or sys.executable, "-m", "supervisor_dcdeploy.p2p.ltdaemon", "--state-dir",
            str(state_dir), "--address", address, "--port", str(port)]
     for root in data_roots:
@@ -179,8 +179,8 @@ def daemon_command(state_dir: Path, data_roots: list[Path], address: str, port: 
         cmd += ["--tuning", json.dumps(tuning)]
     if super_seed:
         cmd.append("--super-seed")
-    if share_pieces:
-        cmd.append("--share-pieces")
+    if not share_pieces:
+        cmd.append("--no-share-pieces")
     return cmd
 
 
