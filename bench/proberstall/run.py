@@ -133,7 +133,7 @@ def main():
                 pr = None
                 sev = [json.loads(l) for f in files for l in f.read_text().splitlines()]
                 sev = [x for x in sev if "late" in x]
-                res = analyse(w.events, pr.period, sev, w0, w1)
+                res = analyse(w.events, 1.0 / a.rate, sev, w0, w1)
                 res.update(variant=v, round=r, secs=a.secs, rate=a.rate, stall=a.stall,
                            prober_cpu_s_per_min=round((c1 - c0) / a.secs * 60, 2),
                            parent_cpu_s_per_min=round(((s1.user + s1.system) - (s0.user + s0.system)) / a.secs * 60, 2),
