@@ -28,7 +28,8 @@ NETNS_MODULES = {"test_p2p_swarm", "test_swarm_deploy", "test_testbed", "test_te
 INTEGRATION_FIXTURES = {"zk_server", "secure_zk", "store_url", "store", "cluster", "any_cluster",
                         "serial_cluster", "backend", "st", "consul", "trackers"}
 # Modules that start processes themselves (supervisord, a demo data center).
-INTEGRATION_MODULES = {"test_demo", "test_supervisor_plugin", "test_p2p_ltengine"}
+INTEGRATION_MODULES = {"test_demo", "test_supervisor_plugin", "test_p2p_ltengine",
+                       "test_prober_process"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -100,7 +100,7 @@ class Prober:
         self._proc = ctx.Process(target=_probe_process, name="dcdt-prober", daemon=True,
                                  args=([tuple(vars(ep).values()) for ep in endpoints],
                                        self.period, health_every, timeout, self._queue,
-                                       self._stop))
+                                       self._stop, os.getpid()))
         self._reader = threading.Thread(target=self._read, daemon=True, name="prober-reader")
         self._first: set[tuple[str, str]] = set()
         self._all_in = threading.Event()
@@ -139,8 +139,11 @@ class Prober:
 
 
 def _probe_process(endpoints: list[tuple[str, str, str, int]], period: float,
-                   health_every: int, timeout: float, queue: Any, stop: Any) -> None:
-    """The prober process: one thread per endpoint; ``None`` on the queue when done."""
+                   health_every: int, timeout: float, queue: Any, stop: Any,
+                   parent: int | None = None) -> None:
+    """The prober process: one thread per endpoint; ``None`` on the queue when done. It
+    also ends when ``parent`` is no longer its parent: a harness killed with SIGKILL never
+    sets ``stop``, and a real-time process sampling forever is what it would leave."""
     # An instrument: it should be the last thing a loaded machine starves. Real-time
     # priority where allowed (root; it sleeps between samples, and the kernel's RT
     # throttling bounds it anyway), else a better nice value.
@@ -153,7 +156,7 @@ def _probe_process(endpoints: list[tuple[str, str, str, int]], period: float,
             pass
     threads = [threading.Thread(target=_probe_loop, daemon=True,
                                 args=(Endpoint(*ep), period, health_every, timeout, queue,
-                                      stop)) for ep in endpoints]
+                                      stop, parent)) for ep in endpoints]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -162,9 +165,9 @@ def _probe_process(endpoints: list[tuple[str, str, str, int]], period: float,
 
 
 def _probe_loop(ep: Endpoint, period: float, health_every: int, timeout: float, queue: Any,
-                stop: Any) -> None:
+                stop: Any, parent: int | None = None) -> None:
     n = 0
-    while not stop.is_set():
+    while not stop.is_set() and (parent is None or os.getppid() == parent):
         t = time.monotonic()
         ok, body = probe_once(ep.address, ep.port, "/", timeout)
         healthy = None
