@@ -60,6 +60,14 @@ S4_HOLD = 10.5  # the operator waits this long after a failure (S4 is judged ove
 # still counts after a second.
 PROBE_TIMEOUT = 1.0
 
+# Samples per second per endpoint. A machine stall of S seconds leaves a gap of about
+# period + S - dt, and P allows 0.1 s. This machine stalls real-time threads for up to ~75 ms
+# at times (kernel side, no steal; docs/testbed.md, "Prober coverage under machine stalls"):
+# at 25 Hz (40 ms) such a stall fails P, as one CI run did (0.110 s); at 50 Hz (20 ms) the
+# same injected 75 ms stalls left gaps of at most 94 ms. The cost is ~5 s more prober CPU a
+# minute.
+PROBE_RATE = 50.0
+
 
 @dataclass(frozen=True)
 class Planned:
@@ -197,7 +205,7 @@ def run_deploy(bed: Testbed, version: str, schedule: Sequence[Planned], history:
     recorder = StoreRecorder(writer, bed.ensemble.connect_string).start()
     prober = Prober(writer, [Endpoint(h, s, host.addr, bed.services[s].port)
                              for h, host in bed.hosts.items() for s in services],
-                    timeout=PROBE_TIMEOUT).start()
+                    rate=PROBE_RATE, timeout=PROBE_TIMEOUT).start()
     runner = FaultRunner(bed, writer)
     injected: Counter = Counter()
     during: Counter = Counter()
