@@ -2,23 +2,10 @@
 import os, subprocess, sys, tempfile, time
 end = time.monotonic() + float(sys.argv[1])
 
-def _reap_on_term(kids):
-    """SIGTERM (or the bench dying: SIGKILL via PR_SET_PDEATHSIG) ends the children too."""
-    import ctypes, signal
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    def term(*_):
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        os._exit(0)
-    signal.signal(signal.SIGTERM, term)
-
+from kids import reap_on_term  # noqa: E402 (this directory is on sys.path)
 
 kids = []
-_reap_on_term(kids)
+reap_on_term(kids)
 for kind in ("busy", "busy", "exec", "exec", "io"):
     pid = os.fork()
     if pid == 0:

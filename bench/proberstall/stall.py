@@ -7,23 +7,10 @@ every, cpus, secs = float(sys.argv[1]), sys.argv[3], float(sys.argv[4])
 mss = [float(m) / 1e3 for m in sys.argv[2].split("+")]
 end = time.monotonic() + secs
 
-def _reap_on_term(kids):
-    """SIGTERM (or the bench dying: SIGKILL via PR_SET_PDEATHSIG) ends the children too."""
-    import ctypes, signal
-    ctypes.CDLL(None).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-    def term(*_):
-        for pid in kids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        os._exit(0)
-    signal.signal(signal.SIGTERM, term)
-
+from kids import reap_on_term  # noqa: E402 (this directory is on sys.path)
 
 kids = []
-_reap_on_term(kids)
+reap_on_term(kids)
 for i, cpu in enumerate(map(int, cpus.split(","))):
     ms = mss[min(i, len(mss) - 1)]
     pid = os.fork()

@@ -22,17 +22,8 @@ import select
 import threading
 import time
 
-from supervisor_dcdeploy.lab.testbed.recorder import Endpoint, Prober, probe_once
-
-
-def _rt() -> None:
-    try:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
-    except (OSError, AttributeError):
-        try:
-            os.nice(-10)
-        except OSError:
-            pass
+from supervisor_dcdeploy.lab.testbed.recorder import Endpoint, Prober, sample
+from supervisor_dcdeploy.lab.testbed.recorder import realtime as _rt
 
 
 # ---- (a) threads, time.sleep on the monotonic clock, stop via a local threading.Event
@@ -54,14 +45,9 @@ def _proc_a(endpoints, period, health_every, timeout, queue, stop):
 def _loop_a(ep, period, health_every, timeout, queue, done):
     n = 0
     while not done.is_set():
-        t = time.monotonic()
-        ok, body = probe_once(ep.address, ep.port, "/", timeout)
-        healthy = None
-        if ok and n % health_every == 0:
-            healthy, _ = probe_once(ep.address, ep.port, "/health", timeout)
-        dt = time.monotonic() - t
-        version = body.get("version") if body else None
-        queue.put((t, ep.host, ep.service, ok, version, healthy, round(dt, 4)))
+        item = sample(ep, n % health_every == 0, timeout)
+        t = item[0]
+        queue.put(item)
         n += 1
         delay = t + period - time.monotonic()
         if delay > 0:
@@ -87,14 +73,9 @@ def _proc_b(ep, period, health_every, timeout, out, stop_fd):
     ep = Endpoint(*ep)
     n = 0
     while True:
-        t = time.monotonic()
-        ok, body = probe_once(ep.address, ep.port, "/", timeout)
-        healthy = None
-        if ok and n % health_every == 0:
-            healthy, _ = probe_once(ep.address, ep.port, "/health", timeout)
-        dt = time.monotonic() - t
-        version = body.get("version") if body else None
-        out.send((t, ep.host, ep.service, ok, version, healthy, round(dt, 4)))
+        item = sample(ep, n % health_every == 0, timeout)
+        t = item[0]
+        out.send(item)
         n += 1
         delay = max(0.0, t + period - time.monotonic())
         if select.select([stop_fd.fileno()], [], [], delay)[0]:
@@ -139,16 +120,6 @@ class ProberB(Prober):
                     conns.remove(c)
                     continue
                 self._emit(item)
-
-    def _emit(self, item):
-        t, host, service, ok, version, healthy, dt = item
-        self.writer.emit("probe", t=t, host=host, service=service, ok=ok,
-                         version=version, healthy=healthy, dt=dt)
-        self.samples += 1
-        if not self._all_in.is_set():
-            self._first.add((host, service))
-            if len(self._first) == len(self.endpoints):
-                self._all_in.set()
 
     def stop(self):
         self._stop_w.close()

@@ -120,14 +120,18 @@ class Prober:
                 return
             if item is None:
                 return
-            t, host, service, ok, version, healthy, dt = item
-            self.writer.emit("probe", t=t, host=host, service=service, ok=ok,
-                             version=version, healthy=healthy, dt=dt)
-            self.samples += 1
-            if not self._all_in.is_set():
-                self._first.add((host, service))
-                if len(self._first) == len(self.endpoints):
-                    self._all_in.set()
+            self._emit(item)
+
+    def _emit(self, item: tuple) -> None:
+        """Write one sample (:func:`sample`'s tuple) into the history."""
+        t, host, service, ok, version, healthy, dt = item
+        self.writer.emit("probe", t=t, host=host, service=service, ok=ok,
+                         version=version, healthy=healthy, dt=dt)
+        self.samples += 1
+        if not self._all_in.is_set():
+            self._first.add((host, service))
+            if len(self._first) == len(self.endpoints):
+                self._all_in.set()
 
     def stop(self) -> None:
         self._stop.set()
@@ -138,15 +142,10 @@ class Prober:
         self._reader.join(timeout=10)
 
 
-def _probe_process(endpoints: list[tuple[str, str, str, int]], period: float,
-                   health_every: int, timeout: float, queue: Any, stop: Any,
-                   parent: int | None = None) -> None:
-    """The prober process: one thread per endpoint; ``None`` on the queue when done. It
-    also ends when ``parent`` is no longer its parent: a harness killed with SIGKILL never
-    sets ``stop``, and a real-time process sampling forever is what it would leave."""
-    # An instrument: it should be the last thing a loaded machine starves. Real-time
-    # priority where allowed (root; it sleeps between samples, and the kernel's RT
-    # throttling bounds it anyway), else a better nice value.
+def realtime() -> None:
+    """Real-time priority (SCHED_FIFO 10) for this process where allowed (root), else a
+    better nice value. The prober is an instrument: it should be the last thing a loaded
+    machine starves; it sleeps between samples, and the kernel's RT throttling bounds it."""
     try:
         os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(10))
     except (OSError, AttributeError):
@@ -154,6 +153,15 @@ def _probe_process(endpoints: list[tuple[str, str, str, int]], period: float,
             os.nice(-10)
         except OSError:
             pass
+
+
+def _probe_process(endpoints: list[tuple[str, str, str, int]], period: float,
+                   health_every: int, timeout: float, queue: Any, stop: Any,
+                   parent: int | None = None) -> None:
+    """The prober process: one thread per endpoint; ``None`` on the queue when done. It
+    also ends when ``parent`` is no longer its parent: a harness killed with SIGKILL never
+    sets ``stop``, and a real-time process sampling forever is what it would leave."""
+    realtime()
     threads = [threading.Thread(target=_probe_loop, daemon=True,
                                 args=(Endpoint(*ep), period, health_every, timeout, queue,
                                       stop, parent)) for ep in endpoints]
@@ -164,18 +172,27 @@ def _probe_process(endpoints: list[tuple[str, str, str, int]], period: float,
     queue.put(None)
 
 
+def sample(ep: Endpoint, health: bool, timeout: float) -> tuple:
+    """One sample of ``ep``: ``GET /``, then ``GET /health`` when ``health`` and the first
+    answered. Returns ``(t, host, service, ok, version, healthy, dt)``, ``t`` taken right
+    before the first request and ``dt`` covering both (the sample covers [t, t + dt])."""
+    t = time.monotonic()
+    ok, body = probe_once(ep.address, ep.port, "/", timeout)
+    healthy = None
+    if ok and health:
+        healthy, _ = probe_once(ep.address, ep.port, "/health", timeout)
+    dt = time.monotonic() - t
+    version = body.get("version") if body else None
+    return (t, ep.host, ep.service, ok, version, healthy, round(dt, 4))
+
+
 def _probe_loop(ep: Endpoint, period: float, health_every: int, timeout: float, queue: Any,
                 stop: Any, parent: int | None = None) -> None:
     n = 0
     while not stop.is_set() and (parent is None or os.getppid() == parent):
-        t = time.monotonic()
-        ok, body = probe_once(ep.address, ep.port, "/", timeout)
-        healthy = None
-        if ok and n % health_every == 0:
-            healthy, _ = probe_once(ep.address, ep.port, "/health", timeout)
-        dt = time.monotonic() - t  # both requests: the sample covers [t, t + dt]
-        version = body.get("version") if body else None
-        queue.put((t, ep.host, ep.service, ok, version, healthy, round(dt, 4)))
+        item = sample(ep, n % health_every == 0, timeout)
+        t = item[0]
+        queue.put(item)
         n += 1
         # One period after this sample began, or at once when that moment has passed.
         # Never several samples back to back to "catch up": a burst would make the count
