@@ -408,6 +408,24 @@ def recovery_version(current: Iterable[CurrentEntry], installed: Iterable[str],
     return None, "no release installed"
 
 
+def resumed_hold(since: float | None, healthy: bool, now: float,
+                 healthy_secs: float) -> tuple[float | None, bool]:
+    """The hold of a version this host runs but never recorded verified: its agent was
+    killed or stopped during the switch's hold (docs/design.md §4.4, §4.7). The hold starts
+    again when the agent is back and first sees the version healthy, starts over at any
+    failed check, and verifies the version once it has lasted ``healthy_secs``. Returns
+    (when the hold began, or None; whether the version is now verified).
+
+    Without this a version that went on serving (registered, counted by the rollout) stayed
+    unverified for good, and an isolated reboot later started the version before it (chaos
+    seed 1806 trial 6: b 6 on h2, with the fleet on 7 and 8)."""
+    if not healthy:
+        return None, False
+    if since is None:
+        since = now
+    return since, now - since >= healthy_secs
+
+
 def deploy_status(view: ServiceView, item: DeployItem) -> tuple[str, str | None]:
     """How ``dcdeploy status`` shows a queue item: its stored state, or ``blocked`` with the
     reason when it is the active head and nothing can move."""

@@ -323,3 +323,28 @@ def test_a_failed_swarm_download_goes_on_from_the_urls_and_the_status_says_so(
             assert "stalled" in published["error"] and art.name in published["error"]
     finally:
         r.ctx.fetches.shutdown()
+
+
+@pytest.mark.parametrize("healthy_secs", [0.0, 3600.0], ids=["held", "still-holding"])
+def test_an_agent_back_in_its_switch_hold_records_the_version_verified_once_it_held(
+        tmp_path, healthy_secs):
+    """Chaos seed 1806: h2's agent was killed in the hold of b 7; its successor found 7
+    running and served it, but nothing recorded it verified, so an isolated reboot later
+    started 6. The hold runs again when the agent is back (with the store unreachable too,
+    as here) and 7 is recorded verified once it has lasted ``healthy_secs``."""
+    r, _ = _reconciler(tmp_path, fetch=None)
+    try:
+        for version in ("6", "7"):
+            r.rd.path(version).mkdir(parents=True)
+            write_marker(r.rd.path(version), version=version, sha256=SHA)
+        r.rd.point_current("7")
+        spec = ServiceSpec(name="A", program="A", quorum=1, health=HealthCheck(kind="none"),
+                           healthy_secs=healthy_secs)
+        r.ctx.local.update("A", active="7", previous="6", verified=False,
+                           spec=spec.to_json().decode())
+        r.ctx.sup = SimpleNamespace(state=lambda program: "RUNNING")
+        r.reconcile(None, [], "disconnected")
+        st = LocalState(tmp_path).get("A")  # as read after a reboot
+        assert (st.active, st.verified) == ("7", healthy_secs == 0.0)
+    finally:
+        r.ctx.fetches.shutdown()

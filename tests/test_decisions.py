@@ -194,3 +194,18 @@ def test_deploy_order_is_topological(data):
     for name in names:
         for dep in deps[name]:
             assert order.index(dep) < order.index(name)
+
+
+def test_resumed_hold_verifies_a_version_left_in_its_hold_once_it_held_again():
+    # Chaos seed 1806: h2's agent was killed in the hold of b 7; b 7 went on serving, but
+    # nothing ever recorded it verified, so an isolated reboot 30 s later started b 6.
+    since, ok = d.resumed_hold(None, True, 100.0, 2.0)
+    assert (since, ok) == (100.0, False)  # the hold starts when the agent first sees it
+    assert d.resumed_hold(since, True, 101.0, 2.0) == (100.0, False)
+    assert d.resumed_hold(since, True, 102.0, 2.0) == (100.0, True)
+
+
+def test_resumed_hold_starts_over_at_a_failed_check():
+    assert d.resumed_hold(100.0, False, 103.0, 2.0) == (None, False)
+    assert d.resumed_hold(None, True, 104.0, 2.0) == (104.0, False)
+    assert d.resumed_hold(None, True, 104.0, 0.0) == (104.0, True)  # no hold configured

@@ -108,6 +108,7 @@ class ServiceReconciler:
         self.switched = False  # this host just switched: it completes the item
         self.queue_empty_since: float | None = None
         self.switch_timing: dict[str, Any] | None = None  # the last switch's, for presence
+        self.hold_since: tuple[str, float] | None = None  # (version, start) of a resumed hold
         self.start_mark: float | None = None  # time.monotonic() of the last program start
         self._status_lock = threading.Lock()
 
@@ -188,6 +189,9 @@ class ServiceReconciler:
             # Adopt what runs (first start of the agent on a host set up by hand).
             self._record(active=rd.active(), verified=True)
             st = ctx.local.get(svc)
+        if not st.verified:
+            self._resume_hold(st.active, spec)
+            st = ctx.local.get(svc)
         if view is None:
             self.set(phase="serving", reason="store unreachable: serving the last "
                                              "known version, starting nothing")
@@ -235,6 +239,25 @@ class ServiceReconciler:
             self.pass_gate_and_switch(program, view.spec)
         else:
             self.maybe_complete(view)
+
+    def _resume_hold(self, version: str | None, spec: ServiceSpec | None) -> None:
+        """The active version runs but was never recorded verified: this agent was killed or
+        stopped in its switch's hold. Hold it again, one check a cycle, and record it
+        verified once it has stayed healthy for ``healthy_secs`` (decisions.resumed_hold)."""
+        if version is None or spec is None:
+            return
+        problem = health.probe(spec.health, self.ctx.cfg.health(self.svc))
+        since = self.hold_since[1] if self.hold_since and self.hold_since[0] == version \
+            else None
+        since, verified = decisions.resumed_hold(since, problem is None, time.monotonic(),
+                                                 spec.healthy_secs)
+        self.hold_since = (version, since) if since is not None else None
+        if verified:
+            self._record(verified=True)
+            self.hold_since = None
+            self.ctx.log.info("hold.resumed_done", svc=self.svc, version=version)
+        else:
+            self.ctx.wake_by(time.time() + max(0.2, spec.healthy_secs / 4))
 
     def _trusted(self, view: decisions.ServiceView) -> decisions.ServiceView:
         """The view with only the operator data this host trusts (trust.check_all):

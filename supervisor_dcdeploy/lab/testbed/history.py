@@ -6,8 +6,9 @@ writer of one history) and a ``kind``. The kinds and their fields:
 ``topology``  {hosts: {host: {rack, address, services: {svc: port}}}, session_timeout,
               services: {svc: {quorum, depends_on: [svc]}}, initial: {svc: version},
               present: {svc: [version]}, installed: {svc: [version]}} (the majority
-              version, every version served, and every version in a host's local state,
-              when recording began)
+              version, every version served, and every version a host could start from
+              its disk: its local state's active and previous, and its release
+              directories, when recording began)
               written once, first.
 ``probe``     {host, service, ok, version, healthy, dt}: one sample of ``GET /`` on the
               host's service endpoint, begun at ``t`` and taking ``dt`` seconds. ``ok`` is

@@ -345,18 +345,33 @@ def _failed_head(bed: Testbed):
 
 
 def _installed(bed: Testbed) -> dict[str, list[str]]:
-    """Versions in some host's local state when recording begins (staged by an earlier run:
-    a host recovering onto one of them is not starting something never staged)."""
-    from ...localstate import read_state
+    """Versions some host may start from its own disk when recording begins (staged by an
+    earlier run: a host recovering onto one of them is not starting something never staged):
+    its local state's ``active`` and ``previous`` (design §4.7 step 2: the last verified
+    version, or the one before an unverified switch), the state's ``installed`` keys, and
+    every complete release directory (step 3: the newest installed release).
+
+    The agent does not fill the state's ``installed`` map, so reading only it listed
+    nothing, and chaos seed 1806 trial 6 reported b 6, staged in trial 5 and h2's
+    ``previous``, as "never staged"."""
+    from ...localstate import ReleaseDir, read_state
     out: dict[str, set[str]] = {svc: set() for svc in bed.services}
     for host in bed.hosts.values():
+        root = host.layout.root
+        for svc in out:
+            try:
+                out[svc] |= set(ReleaseDir(root, svc).installed())
+            except OSError:
+                pass
         try:
-            data = read_state(host.layout.root) or {}
+            data = read_state(root) or {}
         except (OSError, ValueError):
             continue
         for svc, st in (data.get("services") or {}).items():
             if svc in out and isinstance(st, dict):
                 out[svc] |= set((st.get("installed") or {}))
+                out[svc] |= {v for v in (st.get("active"), st.get("previous"))
+                             if isinstance(v, str) and v}
     return {svc: sorted(v) for svc, v in out.items()}
 
 
