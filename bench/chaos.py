@@ -11,6 +11,9 @@ machine's; the plan is not.
     python bench/chaos.py --trials 5 --seed 42            # tables and a summary
     python bench/chaos.py --trials 2 --seed 7 --json      # one JSON object on stdout
 
+The hosts run the testbed's default swarm engine, libtorrent; ``--engine transmission``
+runs transmission-daemon instead.
+
 With --json stdout holds exactly {"trials", "seed", "faults", "during_deploy", "mid_switch",
 "violations", "interrupted"} (trials counts the trials that finished; faults by kind: injected, injected while the deploy queue was not empty,
 landed inside a switch); the summary (leader election and deploy-resume times) goes to
@@ -74,6 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cover", action="store_true",
                         help="every kind at least once over the run (needs trials x faults "
                              ">= kinds)")
+    parser.add_argument("--engine", choices=["libtorrent", "transmission"],
+                        default=BedConfig.swarm_engine,
+                        help=f"the hosts' BitTorrent engine (default {BedConfig.swarm_engine}, "
+                             "the testbed's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
@@ -95,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
                 ServiceDef("b", 8002, 2, ("a",), healthy_secs=args.healthy_secs))
     bed = Testbed(BedConfig(hosts=args.hosts, racks=2, services=services,
                             base=Path(tempfile.mkdtemp(prefix="dcdt-chaos-bed-")),
-                            disk_host="h1"))
+                            disk_host="h1", swarm_engine=args.engine))
     faults: Counter = Counter()
     during: Counter = Counter()
     mid: Counter = Counter()

@@ -41,7 +41,8 @@ def test_cli_up_status_down_leaves_nothing(tmp_path, capsys):
         assert {h: s["services"] for h, s in info["hosts"].items()} == \
             {"h1": {"a": "1", "b": "1"}, "h2": {"a": "1", "b": "1"}}
         assert {h["rack"] for h in info["hosts"].values()} == {"r1", "r2"}
-        # every host runs supervisord, the agent, transmission and both services
+        # every host runs supervisord, the agent, its swarm engine (the libtorrent
+        # daemon by default) and both services
         assert all(h["processes"] >= 5 for h in info["hosts"].values()), info["hosts"]
         assert _nothing_left(base) != {}
     finally:
@@ -71,10 +72,16 @@ def test_down_after_a_killed_up_leaves_nothing(tmp_path):
     assert _nothing_left(base) == {}
 
 
-def test_provision_scripts_write_a_host_and_a_zookeeper(tmp_path):
-    """What a Vagrant VM runs (without installing), checked on its output files."""
+@pytest.mark.parametrize("engine", ["", "libtorrent", "transmission"])
+def test_provision_scripts_write_a_host_and_a_zookeeper(tmp_path, engine):
+    """What a Vagrant VM runs (without installing), checked on its output files; with
+    DCDT_ENGINE unset ("") a host gets the libtorrent daemon, with transmission
+    transmission-daemon."""
     env = {**os.environ, "DCDT_PYTHON": sys.executable, "DCDT_INSTALL": "0",
            "DCDT_START": "0", "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    env.pop("DCDT_ENGINE", None)
+    if engine:
+        env["DCDT_ENGINE"] = engine
     root = tmp_path / "host"
     subprocess.run(["sh", str(tb.SCRIPTS / "host.sh"), "web-1", "r3", "10.9.0.5", str(root),
                     "zk://10.9.0.2:2181/dc", "api=8080", "db=8081"],
@@ -85,15 +92,32 @@ def test_provision_scripts_write_a_host_and_a_zookeeper(tmp_path):
     assert "store = zk://10.9.0.2:2181/dc" in agent
     dropin = (root / "conf.d" / "dcdeploy.conf").read_text()
     assert "[eventlistener:dcdeploy-agent]" in dropin and str(root / "agent.conf") in dropin
-    assert "[program:transmission]" in (root / "conf.d" / "services.conf").read_text()
-    settings = json.loads((root / "transmission" / "settings.json").read_text())
-    assert settings["bind-address-ipv4"] == "10.9.0.5"
-    # The RPC only on loopback, with the password the agent reads (issue 8).
-    assert settings["rpc-bind-address"] == "127.0.0.1"
-    assert settings["rpc-authentication-required"] is True
-    assert settings["rpc-password"] == (root / "transmission" / "rpc-secret").read_text().strip()
-    assert "transmission_rpc = http://127.0.0.1:9091/transmission/rpc" in agent
+    programs = (root / "conf.d" / "services.conf").read_text()
     assert "address = 10.9.0.5" in agent
+    if engine == "transmission":
+        assert "[program:transmission]" in programs and "[program:ltdaemon]" not in programs
+        settings = json.loads((root / "transmission" / "settings.json").read_text())
+        assert settings["bind-address-ipv4"] == "10.9.0.5"
+        # The RPC only on loopback, with the password the agent reads (issue 8).
+        assert settings["rpc-bind-address"] == "127.0.0.1"
+        assert settings["rpc-authentication-required"] is True
+        assert settings["rpc-password"] == \
+            (root / "transmission" / "rpc-secret").read_text().strip()
+        assert "transmission_rpc = http://127.0.0.1:9091/transmission/rpc" in agent
+        assert "swarm_engine" not in agent
+    else:
+        # the libtorrent daemon: peers on the host's address, releases only in the agent's
+        # swarm_dir (root/downloads), its control socket where the agent looks for it
+        assert "[program:ltdaemon]" in programs and "[program:transmission]" not in programs
+        section = programs.split("[program:ltdaemon]", 1)[1]
+        command = next(line for line in section.splitlines() if line.startswith("command"))
+        assert "supervisor_dcdeploy.p2p.ltdaemon" in command
+        assert "--address 10.9.0.5" in command
+        assert f"--data-root {root / 'downloads'}" in command
+        assert "swarm_engine = libtorrent" in agent
+        assert f"ltdaemon_socket = {root / 'ltdaemon' / 'control.sock'}" in agent
+        assert "transmission_rpc" not in agent
+        assert not (root / "transmission").exists()
     out = subprocess.run(["sh", str(tb.SCRIPTS / "zk.sh"), "2", "10.9.0.3", str(tmp_path / "zk"),
                           "1=10.9.0.2", "2=10.9.0.3", "3=10.9.0.4"],
                          check=True, env=env, capture_output=True, text=True).stdout

@@ -41,15 +41,17 @@ def _validate(exe: str, **env: str) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("env", [{}, {"ZK_NODES": "3", "HOSTS": "4"},
-                                 {"DCVM_DRIVER": "kvm", "VAGRANT_BOX": "debian/bookworm64"}],
-                         ids=["default", "ensemble", "kvm-cloud-box"])
+                                 {"DCVM_DRIVER": "kvm", "VAGRANT_BOX": "debian/bookworm64"},
+                                 {"DCVM_ENGINE": "transmission"}],
+                         ids=["default", "ensemble", "kvm-cloud-box", "transmission"])
 def test_vagrantfile_validates(env):
     proc = _validate(_vagrant(), **env)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-@pytest.mark.parametrize("env", [{"DCVM_DRIVER": "xen"}, {"ZK_NODES": "2"}, {"HOSTS": "0"}],
-                         ids=["driver", "zk-nodes", "hosts"])
+@pytest.mark.parametrize("env", [{"DCVM_DRIVER": "xen"}, {"ZK_NODES": "2"}, {"HOSTS": "0"},
+                                 {"DCVM_ENGINE": "rtorrent"}],
+                         ids=["driver", "zk-nodes", "hosts", "engine"])
 def test_vagrantfile_refuses_a_bad_setting_naming_it(env):
     proc = _validate(_vagrant(), **env)
     assert proc.returncode != 0

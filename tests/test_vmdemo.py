@@ -8,7 +8,7 @@ import json
 import pytest
 
 from supervisor_dcdeploy import ops
-from supervisor_dcdeploy.lab.vmdemo import swarm_fetches
+from supervisor_dcdeploy.lab.vmdemo import fetch_vias, swarm_engines, swarm_fetches
 
 
 def _status(path, vias):
@@ -32,3 +32,12 @@ def test_a_failing_command_or_bad_json_names_the_host(tmp_path):
         swarm_fetches({"h1": "x"}, f"cat {tmp_path}/{{host}}.json")
     with pytest.raises(ops.OpError, match="h2: .* exited 1"):
         swarm_fetches({"h2": "x"}, f"cat {tmp_path}/{{host}}.json")
+
+
+def test_reads_each_hosts_swarm_engine():
+    """run-demo.sh's VMs must run the engine the demo was told (its --engine): the agent's
+    own report in status.json, "none" for a host without a swarm."""
+    statuses = {"h1": {"swarm": {"engine": "libtorrent", "tracker_port": 6969}},
+                "h2": {"swarm": {"engine": "transmission"}}, "h3": {"services": {}}}
+    assert swarm_engines(statuses) == {"h1": "libtorrent", "h2": "transmission", "h3": "none"}
+    assert fetch_vias(statuses)["h3"] == {"a": "none", "b": "none"}

@@ -4,14 +4,17 @@
 #   vagrant up of the store VM and the host VMs, the operator's demo (define a and b, stage
 #   1.0 and 2.0 by URL, deploy with dependencies, watch, a prober on the host side checking
 #   convergence and quorum; then 3.0 staged through the swarm only, from a seeder on the
-#   host side, deployed, each VM's fetch checked to have come via the swarm:
+#   host side, deployed, each VM's fetch checked to have come via the swarm and its agent to
+#   run the chosen engine (libtorrent unless DCVM_ENGINE=transmission):
 #   supervisor_dcdeploy/lab/vmdemo.py), dcdeploy status, and
 #   vagrant destroy. On exit, Ctrl-C or TERM it leaves no VM, libvirt network, namespace or
 #   process of its own behind. Prints the wall-clock time of every step.
 #
 # env: DCVM_DRIVER (kvm|qemu, default: vagrant/driver.sh), HOSTS (3), ZK_NODES (1),
 #      VAGRANT_BOX (default: the box vagrant/build-box.sh makes), DCVM_KEEP=1 (leave it up),
-#      DCVM_SWARM (the version staged through the swarm, default 3.0; empty: no swarm step)
+#      DCVM_SWARM (the version staged through the swarm, default 3.0; empty: no swarm step),
+#      DCVM_ENGINE (the VMs' and the seeder's BitTorrent engine: libtorrent, the default, or
+#      transmission)
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
@@ -19,6 +22,7 @@ ns=${DCVM_NS:-dcvm}
 export DCVM_NS=$ns VAGRANT_CWD=$here
 export HOSTS=${HOSTS:-3} ZK_NODES=${ZK_NODES:-1}
 swarm=${DCVM_SWARM-3.0}
+export DCVM_ENGINE=${DCVM_ENGINE:-libtorrent}  # the Vagrantfile's DCDT_ENGINE too
 py=$repo/.venv/bin/python
 [ -x "$py" ] || { echo "run-demo: run scripts/setup.sh first (the operator's side uses .venv)" >&2; exit 2; }
 times=$(mktemp)  # a file: steps run in $(...) subshells too
@@ -120,6 +124,6 @@ store_url=zk://$(for i in $(seq "$ZK_NODES"); do printf '10.216.1.%s:2181,' $((i
 args=(--store "$store_url" --serve-on 10.216.1.1)
 for i in $(seq "$HOSTS"); do args+=(--host "h$i=10.216.1.$((10 + i))"); done
 # then $swarm through the swarm only; vmdemo reads each VM's status.json with vagrant ssh
-args+=(--swarm "$swarm")
+args+=(--swarm "$swarm" --engine "$DCVM_ENGINE")
 step "the demo (supervisor_dcdeploy/lab/vmdemo.py)" inns "$py" -m supervisor_dcdeploy.lab.vmdemo "${args[@]}"
 inns "$repo/.venv/bin/dcdeploy" --store "$store_url" status

@@ -106,10 +106,11 @@ def ready(store, svc: str, version: str) -> int:
     return sum(e.version == version for e in read_view(store, svc).staging)
 
 
-def swarm_fetches(hosts: dict[str, str], status_cmd: str) -> dict[str, dict[str, str]]:
-    """Each host's fetch ``via`` per service, from its status.json (``status_cmd`` with
-    ``{host}`` replaced by the host's name prints it)."""
-    out: dict[str, dict[str, str]] = {}
+def read_statuses(hosts: dict[str, str], status_cmd: str) -> dict[str, dict]:
+    """Each host's status.json (``status_cmd`` with ``{host}`` replaced by the host's name
+    prints it), parsed; :class:`ops.OpError` naming the host if the command fails or the
+    output is not JSON."""
+    out: dict[str, dict] = {}
     for host in hosts:
         cmd = [part.replace("{host}", host) for part in shlex.split(status_cmd)]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
@@ -117,12 +118,28 @@ def swarm_fetches(hosts: dict[str, str], status_cmd: str) -> dict[str, dict[str,
             raise ops.OpError(f"{host}: {status_cmd!r} exited {done.returncode}: "
                               f"{done.stderr.strip()[-300:]}")
         try:
-            status = json.loads(done.stdout)
+            out[host] = json.loads(done.stdout)
         except ValueError as exc:
             raise ops.OpError(f"{host}: status.json is not JSON: {exc}") from None
-        out[host] = {svc: (status.get("services", {}).get(svc, {}).get("fetch") or {})
-                     .get("via") or "none" for svc in SERVICES}
     return out
+
+
+def fetch_vias(statuses: dict[str, dict]) -> dict[str, dict[str, str]]:
+    """Each host's fetch ``via`` per service ("none" if its status has no fetch). Pure."""
+    return {host: {svc: (status.get("services", {}).get(svc, {}).get("fetch") or {})
+                   .get("via") or "none" for svc in SERVICES}
+            for host, status in statuses.items()}
+
+
+def swarm_engines(statuses: dict[str, dict]) -> dict[str, str]:
+    """Each host's swarm engine as its agent reports it ("none": no swarm). Pure."""
+    return {host: (status.get("swarm") or {}).get("engine") or "none"
+            for host, status in statuses.items()}
+
+
+def swarm_fetches(hosts: dict[str, str], status_cmd: str) -> dict[str, dict[str, str]]:
+    """Each host's fetch ``via`` per service, from its status.json (:func:`read_statuses`)."""
+    return fetch_vias(read_statuses(hosts, status_cmd))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,6 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swarm", metavar="VERSION", default="3.0",
                         help="then stage VERSION through the swarm only, deploy it, and check "
                              "every host fetched it via the swarm (default 3.0; '': skip)")
+    parser.add_argument("--engine", choices=["libtorrent", "transmission"], default="libtorrent",
+                        help="with --swarm: the seeder's BitTorrent engine, and the engine "
+                             "every host's agent must report (the VMs' DCDT_ENGINE; default "
+                             "libtorrent)")
     parser.add_argument("--status-cmd", default=STATUS_CMD,
                         help="with --swarm: a command printing host {host}'s status.json "
                              "(default: vagrant ssh, VAGRANT_CWD set as run-demo.sh sets it)")
@@ -196,13 +217,13 @@ def main(argv: list[str] | None = None) -> int:
                     raise TimeoutError(f"the deploy did not converge in {args.timeout:.0f} s")
                 time.sleep(2.0)
         steps.run("deploy until every host serves 2.0", watch, "2.0")
-        final, vias = "2.0", {}
+        final, vias, engines = "2.0", {}, {}
         if args.swarm:
             final = args.swarm
             steps.run(f"start the build host's seeder ({args.serve_on})", seed.start,
                       seed.SeedConfig(dir=seed_dir, store_url=args.store, host="build",
                                       address=args.serve_on, rack="build",
-                                      engine="transmission"))
+                                      engine=args.engine))
 
             def stage_swarm() -> None:
                 for svc in SERVICES:
@@ -222,8 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             items = steps.run("deploy b a", ops.deploy, store, ["b", "a"])
             _say("queued: " + ", ".join(f"{i.node} {i.service} -> {i.version}" for i in items))
             steps.run(f"deploy until every host serves {final}", watch, final)
-            vias = steps.run("read each host's status.json (fetch via)", swarm_fetches,
-                             hosts, args.status_cmd)
+            statuses = steps.run("read each host's status.json (fetch via, engine)",
+                                 read_statuses, hosts, args.status_cmd)
+            vias, engines = fetch_vias(statuses), swarm_engines(statuses)
             steps.run("stop the seeder", seed.stop, seed_dir)
         prober.stop()
         worst = {s: min(prober.serving(x, s) for x in prober.samples) for s in SERVICES}
@@ -238,12 +260,17 @@ def main(argv: list[str] | None = None) -> int:
             print(f"fetch of {final} via: " + "; ".join(
                 f"{h} " + ", ".join(f"{s} {v}" for s, v in per.items())
                 for h, per in vias.items()))
+            print("swarm engine: " + "; ".join(f"{h} {e}" for h, e in engines.items())
+                  + f" (seeder {args.engine})")
         print("\nsteps:\n" + steps.table())
         if min(worst.values()) < quorum or set(history.values()) != {"done"}:
             _say("FAILED: went below quorum, or an item is not done")
             return 1
         if any(v != "swarm" for per in vias.values() for v in per.values()):
             _say(f"FAILED: a host did not fetch {final} through the swarm")
+            return 1
+        if any(e != args.engine for e in engines.values()):
+            _say(f"FAILED: a host's agent does not run the {args.engine} engine")
             return 1
         _say(f"converged: all {len(hosts)} hosts on a {final} and b {final}, never below "
              f"quorum" + (f"; {final} came through the swarm" if vias else ""))

@@ -47,6 +47,7 @@ import socketserver
 import struct
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -389,7 +390,6 @@ class LtDaemon:
 
     def _wait_removed(self, ih: str, timeout: float = 10.0) -> None:
         """remove_torrent is asynchronous; adding the same infohash before it is gone fails."""
-        import time
         deadline = time.monotonic() + timeout
         while self._handle(ih) is not None and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -493,7 +493,6 @@ class LtDaemon:
     def pump_alerts(self) -> None:
         """Drain libtorrent's alerts (it keeps them until popped); log the errors. Also
         updates the piece shares about once a second (:meth:`share_tick`)."""
-        import time
         next_share = 0.0
         while not self.stopping.is_set():
             if self.share_pieces and time.monotonic() >= next_share:

@@ -1,6 +1,8 @@
 """The namespace testbed: K hosts in network namespaces on one bridge, grouped in racks,
-each running supervisord + the agent + transmission-daemon (the shipped conf/ drop-in,
-written by ``provision/host.sh``), and a 3-node ZooKeeper ensemble in its own namespaces.
+each running supervisord + the agent + a BitTorrent engine (the libtorrent daemon by default,
+transmission-daemon with ``BedConfig(swarm_engine="transmission")``; the shipped conf/
+drop-in, written by ``provision/host.sh``), and a 3-node ZooKeeper ensemble in its own
+namespaces.
 
 Everything carries the prefix ``dcdt`` (namespaces ``dcdt-h1``, bridge ``dcdtbr``, veths
 ``dcdtvN``) on 10.216.0.0/16, and the testbed's state lives in ``<base>/testbed.json``, so
@@ -64,8 +66,10 @@ class BedConfig:
     services: tuple[ServiceDef, ...] = DEFAULT_SERVICES
     base: Path = DEFAULT_BASE
     session_timeout: float = 4.0
-    transmission: bool = True
-    swarm_engine: str = "transmission"  # or "libtorrent" (the ltdaemon program)
+    transmission: bool = True  # run a swarm engine at all (the name is historical)
+    # "libtorrent" (the ltdaemon program; docs/distribution.md recommends it) or
+    # "transmission" (transmission-daemon, the agent's own default engine)
+    swarm_engine: str = "libtorrent"
     disk_host: str | None = "h1"  # this host's root is a small tmpfs (the disk-full fault)
     disk_mb: int = 48
     initial_version: str = "1"

@@ -28,7 +28,10 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="build the testbed and leave it running")
     up.add_argument("--hosts", type=int, default=4)
     up.add_argument("--racks", type=int, default=2)
-    up.add_argument("--no-transmission", action="store_true")
+    up.add_argument("--engine", choices=["libtorrent", "transmission"], default="libtorrent",
+                    help="the hosts' BitTorrent engine (default libtorrent)")
+    up.add_argument("--no-transmission", action="store_true",
+                    help="no BitTorrent engine on the hosts (the name is historical)")
     sub.add_parser("down", help="tear down everything (also after a failed run)")
     st = sub.add_parser("status", help="what runs, ZooKeeper modes, versions served")
     st.add_argument("--json", action="store_true")
@@ -41,7 +44,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.hosts < 1 or args.racks < 1:
             parser.error(f"--hosts and --racks must be >= 1, got {args.hosts}, {args.racks}")
         bed = Testbed(BedConfig(hosts=args.hosts, racks=args.racks, base=args.base,
-                                transmission=not args.no_transmission))
+                                transmission=not args.no_transmission,
+                                swarm_engine=args.engine))
         try:
             bed.up()
         except Exception as exc:  # noqa: BLE001 - up() tore down; say what failed

@@ -213,7 +213,7 @@ class SupervisordKill(Fault):
 
 class HostKill(Fault):
     """A whole host crashes: every process killed at once, its link down while it is off;
-    on heal the link comes back and it boots (supervisord, agent, transmission)."""
+    on heal the link comes back and it boots (supervisord, agent, swarm engine)."""
 
     kind = "host_kill"
     effects = ("process", "unobservable")

@@ -4,7 +4,8 @@ this module, so CI exercises exactly what a VM would run).
 
 ``python -m supervisor_dcdeploy.lab.testbed.provision host --name h1 --rack r1 --address ADDR
 --root DIR --store zk://.../dc --service a=8001 [--service b=8002] [--transmission
-[--engine libtorrent]]``
+[--engine libtorrent|transmission]]`` (``--transmission`` runs a swarm engine, libtorrent
+unless ``--engine transmission``; the flag's name is historical)
 ``python -m supervisor_dcdeploy.lab.testbed.provision zk --id 1 --address ADDR --data-dir DIR
 --peer 1=ADDR --peer 2=ADDR --peer 3=ADDR``
 """
@@ -79,7 +80,7 @@ def host_layout(args: argparse.Namespace) -> HostLayout:
     root.mkdir(parents=True, exist_ok=True)
     (root / "logs").mkdir(exist_ok=True)
     programs = ""
-    if args.transmission and getattr(args, "engine", "transmission") == "libtorrent":
+    if args.transmission and getattr(args, "engine", "libtorrent") == "libtorrent":
         programs = ltdaemon_program(root, args.address, args.python)
         extra["swarm_engine"] = "libtorrent"
         extra["ltdaemon_socket"] = str(root / "ltdaemon" / "control.sock")
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     host.add_argument("--transmission", action="store_true",
                       help="run a BitTorrent engine (the agent's swarm)")
     host.add_argument("--engine", choices=["transmission", "libtorrent"],
-                      default="transmission", help="which engine --transmission runs")
+                      default="libtorrent", help="which engine --transmission runs")
     zk = sub.add_parser("zk")
     zk.add_argument("--id", type=int, required=True)
     zk.add_argument("--address", required=True)

@@ -6,8 +6,9 @@
 #        DCDT_START=1    run supervisord as a systemd service (VMs only)
 #        DCDT_PYTHON     the Python with supervisor_dcdeploy importable (default python3)
 #        DCDT_SRC        the project source (VMs: /vagrant)
-#        DCDT_TRANSMISSION=0  no transmission-daemon program
-#        DCDT_ENGINE=libtorrent  the libtorrent daemon instead of transmission-daemon
+#        DCDT_TRANSMISSION=0  no swarm engine program at all (the name is historical)
+#        DCDT_ENGINE     the swarm engine: libtorrent (default: the ltdaemon program) or
+#                        transmission (transmission-daemon)
 #        DCDT_FILE_ROOT  the directory file:// release URLs may read (default: none)
 set -eu
 name=$1 rack=$2 address=$3 root=$4 store=$5
@@ -37,7 +38,7 @@ if [ "${DCDT_INSTALL:-0}" = 1 ]; then
     fi
     py=/opt/dcdeploy/bin/python
 fi
-tm="--transmission --engine ${DCDT_ENGINE:-transmission}"
+tm="--transmission --engine ${DCDT_ENGINE:-libtorrent}"
 [ "${DCDT_TRANSMISSION:-1}" = 1 ] || tm=""
 services=""
 for svc in "$@"; do services="$services --service $svc"; done
