@@ -42,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from supervisor_dcdeploy.lab.testbed import checker  # noqa: E402
 from supervisor_dcdeploy.lab.testbed.bed import BedConfig, ServiceDef, Testbed  # noqa: E402
 from supervisor_dcdeploy.lab.testbed.faults import KINDS  # noqa: E402
+from supervisor_dcdeploy.p2p.engine import ENGINES  # noqa: E402
 from supervisor_dcdeploy.lab.testbed.trial import (  # noqa: E402
     abort_if_stuck, cover, plan, run_deploy)
 
@@ -77,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cover", action="store_true",
                         help="every kind at least once over the run (needs trials x faults "
                              ">= kinds)")
-    parser.add_argument("--engine", choices=["libtorrent", "transmission"],
+    parser.add_argument("--engine", choices=ENGINES,
                         default=BedConfig.swarm_engine,
                         help=f"the hosts' BitTorrent engine (default {BedConfig.swarm_engine}, "
                              "the testbed's)")

@@ -56,6 +56,7 @@ import structlog
 
 from supervisor_dcdeploy.lab import netns
 from supervisor_dcdeploy.lab.swarmlab import SwarmLab
+from supervisor_dcdeploy.p2p.engine import ENGINES
 from supervisor_dcdeploy.p2p.seed import Staged, add_seed
 from supervisor_dcdeploy.p2p.torrent import artifact_sha256, make_torrent, piece_count
 
@@ -304,7 +305,7 @@ def run_http(lab: SwarmLab, names: list[str], staged: Staged, timeout: float,
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--engine", choices=["transmission", "libtorrent", "http"],
+    ap.add_argument("--engine", choices=[*ENGINES, "http"],
                     default="transmission")
     ap.add_argument("--hosts", type=int, default=8)
     ap.add_argument("--racks", type=int, default=2)

@@ -14,6 +14,7 @@ from typing import Any, Iterator
 
 from . import logs, ops, trust
 from .model import MAX_SIZE_BYTES, HealthCheck, InvalidData
+from .p2p.engine import ENGINES
 from .snapshot import read_spec
 from .store import Store, StoreError, StoreURLError, open_store, store_url_from
 
@@ -682,7 +683,7 @@ def build_parser() -> argparse.ArgumentParser:
     sd.add_argument("--rpc-port", type=int, default=9091)
     sd.add_argument("--peer-port", type=int, default=51413)
     sd.add_argument("--tracker-port", type=int, default=6969)
-    sd.add_argument("--engine", choices=["transmission", "libtorrent"], default="transmission",
+    sd.add_argument("--engine", choices=ENGINES, default="transmission",
                     help="the BitTorrent engine (docs/distribution.md, Engines)")
     sd.set_defaults(func=cmd_seed)
 

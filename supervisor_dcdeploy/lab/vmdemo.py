@@ -22,6 +22,7 @@ import functools
 import http.server
 import json
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 from .. import ops
 from ..model import HealthCheck
 from ..p2p import seed
+from ..p2p.engine import ENGINES
 from ..snapshot import read_view
 from ..store import layout, open_store
 from .demo import timeline
@@ -137,9 +139,13 @@ def swarm_engines(statuses: dict[str, dict]) -> dict[str, str]:
             for host, status in statuses.items()}
 
 
-def swarm_fetches(hosts: dict[str, str], status_cmd: str) -> dict[str, dict[str, str]]:
-    """Each host's fetch ``via`` per service, from its status.json (:func:`read_statuses`)."""
-    return fetch_vias(read_statuses(hosts, status_cmd))
+def tidy(workdir: Path, ok: bool) -> str:
+    """Remove the demo's work directory (the releases it built and served, the seeder's data)
+    after a run that converged; keep it after a failure, for a look. Says which."""
+    if ok:
+        shutil.rmtree(workdir, ignore_errors=True)
+        return f"removed {workdir}"
+    return f"kept {workdir} (releases, seeder data) for a look"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--swarm", metavar="VERSION", default="3.0",
                         help="then stage VERSION through the swarm only, deploy it, and check "
                              "every host fetched it via the swarm (default 3.0; '': skip)")
-    parser.add_argument("--engine", choices=["libtorrent", "transmission"], default="libtorrent",
+    parser.add_argument("--engine", choices=ENGINES, default="libtorrent",
                         help="with --swarm: the seeder's BitTorrent engine, and the engine "
                              "every host's agent must report (the VMs' DCDT_ENGINE; default "
                              "libtorrent)")
@@ -171,6 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     server = serve(workdir, args.serve_on, args.port)
     store = open_store(args.store)
     prober: Prober | None = None
+    converged = False
     seed_dir = workdir / "seed"
     try:
         steps.run("connect to the store", store.start, timeout=120.0)
@@ -274,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         _say(f"converged: all {len(hosts)} hosts on a {final} and b {final}, never below "
              f"quorum" + (f"; {final} came through the swarm" if vias else ""))
+        converged = True
         return 0
     except (TimeoutError, ops.OpError, RuntimeError, subprocess.SubprocessError) as exc:
         print("\nsteps:\n" + steps.table())
@@ -285,6 +293,7 @@ def main(argv: list[str] | None = None) -> int:
         seed.stop(seed_dir)
         server.shutdown()
         store.stop()
+        _say(tidy(workdir, converged))
 
 
 if __name__ == "__main__":

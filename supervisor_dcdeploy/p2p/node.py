@@ -42,7 +42,7 @@ import structlog
 from ..files import atomic_write
 from ..store import StoreError, open_store
 from .daemon import DaemonProcess, check_loopback, write_settings
-from .engine import Engine
+from .engine import ENGINES, Engine
 from .errors import FetchError
 from .ltengine import LtDaemonProcess, LtEngine
 from .swarm import Kicker, SwarmFetcher
@@ -207,7 +207,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", required=True, help="this host's name in the store")
     p.add_argument("--address", required=True, help="address peers dial (data network)")
     p.add_argument("--rack", default="")
-    p.add_argument("--engine", choices=["transmission", "libtorrent"], default="transmission")
+    p.add_argument("--engine", choices=ENGINES, default="transmission")
     p.add_argument("--data-root", action="append", default=[],
                    help="libtorrent: another directory releases may be saved in (repeatable; "
                         "<dir>/releases always is)")

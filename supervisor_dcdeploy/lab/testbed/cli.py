@@ -15,6 +15,7 @@ from pathlib import Path
 
 from . import checker
 from .bed import DEFAULT_BASE, BedConfig, Testbed, leftovers, status, teardown
+from ...p2p.engine import ENGINES
 from .history import load
 
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="build the testbed and leave it running")
     up.add_argument("--hosts", type=int, default=4)
     up.add_argument("--racks", type=int, default=2)
-    up.add_argument("--engine", choices=["libtorrent", "transmission"], default="libtorrent",
+    up.add_argument("--engine", choices=ENGINES, default="libtorrent",
                     help="the hosts' BitTorrent engine (default libtorrent)")
     up.add_argument("--no-transmission", action="store_true",
                     help="no BitTorrent engine on the hosts (the name is historical)")

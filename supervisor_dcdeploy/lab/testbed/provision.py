@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..hostenv import HostLayout, write_host
 from ..zkserver import ZooKeeperServer
+from ...p2p.engine import ENGINES
 
 SCRIPTS = Path(__file__).resolve().parent / "provision"
 TRANSMISSION_RPC_PORT = 9091
@@ -113,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="the directory file:// release URLs may read (default: none)")
     host.add_argument("--transmission", action="store_true",
                       help="run a BitTorrent engine (the agent's swarm)")
-    host.add_argument("--engine", choices=["transmission", "libtorrent"],
+    host.add_argument("--engine", choices=ENGINES,
                       default="libtorrent", help="which engine --transmission runs")
     zk = sub.add_parser("zk")
     zk.add_argument("--id", type=int, required=True)
