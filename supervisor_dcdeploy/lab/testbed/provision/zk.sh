@@ -1,34 +1,16 @@
 #!/bin/sh
 # Provision one ZooKeeper server: the same script for the Vagrant store VM and the testbed.
 # usage: zk.sh ID ADDRESS DATA_DIR ID=ADDRESS [ID=ADDRESS...]
-# env:   DCDT_INSTALL=1 install ZooKeeper; DCDT_START=1 run it as a systemd service;
-#        DCDT_WHEELS a directory of wheels to install the project from instead of an index
+# env:   DCDT_INSTALL=1 install ZooKeeper and the project (install.sh: DCDT_WHEELS, DCDT_SRC,
+#        DCDT_VENV); DCDT_START=1 run it as a systemd service
 set -eu
 sid=$1 address=$2 data=$3
 shift 3
 py=${DCDT_PYTHON:-python3}
+# shellcheck source=/dev/null
+. "$(dirname "$0")/install.sh"
 if [ "${DCDT_INSTALL:-0}" = 1 ]; then
-    export DEBIAN_FRONTEND=noninteractive
-    # a box with the packages already in it (vagrant/build-box.sh) needs no network here
-    if ! dpkg -s zookeeper python3-venv >/dev/null 2>&1; then
-        apt-get update -q
-        apt-get install -y -q zookeeper python3-venv
-    fi
-    if [ -f /opt/dcdeploy/box-dependencies.txt ]; then
-        # the box (vagrant/build-box.sh) carries the venv with the dependencies, setuptools
-        # and wheel: only the project is built and installed (dependencies the box lacks
-        # come from the wheels, so a box older than setup.cfg still gets them)
-        /opt/dcdeploy/bin/pip install -q --no-index --no-build-isolation \
-            ${DCDT_WHEELS:+--find-links "$DCDT_WHEELS"} "${DCDT_SRC:-/vagrant}"
-    else
-        python3 -m venv /opt/dcdeploy
-        if [ -n "${DCDT_WHEELS:-}" ]; then  # the dependencies as wheels, no index
-            /opt/dcdeploy/bin/pip install -q --no-index --find-links "$DCDT_WHEELS" "${DCDT_SRC:-/vagrant}"
-        else
-            /opt/dcdeploy/bin/pip install -q "${DCDT_SRC:-/vagrant}"
-        fi
-    fi
-    py=/opt/dcdeploy/bin/python
+    dcdt_install zookeeper
 fi
 peers=""
 for peer in "$@"; do peers="$peers --peer $peer"; done
